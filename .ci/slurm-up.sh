@@ -92,12 +92,6 @@ if [ -f "$CONF" ] && ! grep -qF "$MARKER" "$CONF"; then
   die 4 "existing $CONF but no ready node in sinfo"
 fi
 
-# --- already up? --------------------------------------------------------------
-if node_ready && sacct -n -X -S now-1minutes >/dev/null 2>&1 && scontrol show config 2>/dev/null | grep -q "ClusterName *= *$CLUSTER"; then
-  log "cluster '$CLUSTER' already up: node $(hostname -s) $(node_state), sacct ok"
-  exit 0
-fi
-
 # --- 2. configuration -----------------------------------------------------------
 NODE=$(hostname -s)
 read_hw() { slurmd -C 2>/dev/null | sed -n "s/.*\b$1=\([0-9]*\).*/\1/p" | head -1; }
@@ -109,8 +103,8 @@ MEM=$(read_hw RealMemory)
 MEM=$((MEM * 9 / 10))
 
 mkdir -p "$STATE"/{ctld,spool,log} /run/slurm /run/munge /run/mysqld
-if [ ! -f "$CONF" ] || [ "${LOKI_SLURM_REWRITE:-1}" = 1 ]; then
-cat >"$CONF" <<EOF
+NEW_CONF=$STATE/slurm.conf.new
+cat >"$NEW_CONF" <<EOF
 $MARKER
 # Single-node test cluster on $NODE; regenerate with .ci/slurm-up.sh.
 ClusterName=$CLUSTER
@@ -136,6 +130,8 @@ AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort=6819
 AccountingStorageTRES=gres/gpu
+# keep sbatch --comment (Snakemake writes rule_<name>_wildcards_<...>) in sacct
+AccountingStoreFlags=job_comment
 JobCompType=jobcomp/none
 # short timers: this is a test cluster
 SlurmctldTimeout=30
@@ -155,7 +151,18 @@ SlurmdPort=6818
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM State=UNKNOWN
 PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
+CONF_CHANGED=0
+if ! cmp -s "$NEW_CONF" "$CONF"; then
+  mv "$NEW_CONF" "$CONF"; CONF_CHANGED=1
   log "wrote $CONF (node $NODE: CPUs=$CPUS RealMemory=${MEM}MB, partition $PARTITION)"
+else
+  rm -f "$NEW_CONF"
+fi
+
+# --- already up with this configuration? ----------------------------------------
+if [ "$CONF_CHANGED" = 0 ] && node_ready && sacct -n -X -S now-1minutes >/dev/null 2>&1; then
+  log "cluster '$CLUSTER' already up: node $NODE $(node_state), sacct ok"
+  exit 0
 fi
 
 cat >"$DBD_CONF" <<EOF
@@ -240,14 +247,17 @@ log "accounting: cluster $CLUSTER, account $ACCOUNT, users root $USER_NAME"
 
 # slurmctld + slurmd: (re)start so they read the configuration written above
 stop_pid() { [ -f "$1" ] && kill "$(cat "$1")" 2>/dev/null; rm -f "$1"; return 0; }
+if [ "$CONF_CHANGED" = 1 ] && { [ -f /run/slurm/slurmctld.pid ] || [ -f /run/slurm/slurmd.pid ]; }; then
+  log "configuration changed: restarting slurmctld and slurmd"
+  stop_pid /run/slurm/slurmd.pid; stop_pid /run/slurm/slurmctld.pid; sleep 1
+fi
 if ! scontrol ping 2>/dev/null | grep -q UP; then
   stop_pid /run/slurm/slurmctld.pid
   log "starting slurmctld"
   slurmctld || die 4 "slurmctld failed ($STATE/log/slurmctld.log)"
   wait_for 60 "slurmctld" sh -c 'scontrol ping | grep -q UP' || die 4 "slurmctld does not answer ($STATE/log/slurmctld.log)"
 else
-  log "slurmctld already running; reconfiguring"
-  scontrol reconfigure >/dev/null 2>&1 || true
+  log "slurmctld already running"
 fi
 if [ ! -f /run/slurm/slurmd.pid ] || ! kill -0 "$(cat /run/slurm/slurmd.pid)" 2>/dev/null; then
   log "starting slurmd"
