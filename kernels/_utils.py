@@ -1,0 +1,93 @@
+"""Small shared helpers for the Loki Triton kernels (no project dependencies)."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+class LokiInputError(ValueError):
+    """Raised (before any launch) when an op gets inputs it does not support."""
+
+
+def check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise LokiInputError(msg)
+
+
+def is_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def next_pow2(x: int) -> int:
+    return triton.next_power_of_2(max(int(x), 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
+
+
+def check_float(t: torch.Tensor, name: str) -> None:
+    check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check(t.dtype in FLOAT_DTYPES, f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def check_last_contiguous(t: torch.Tensor, name: str) -> None:
+    check(t.stride(-1) == 1 or t.shape[-1] == 1,
+          f"{name} must be contiguous in its last dimension (stride {tuple(t.stride())}); call .contiguous()")
+
+
+def check_same_device(name_tensors) -> None:
+    devs = {(n, t.device) for n, t in name_tensors if t is not None}
+    first = None
+    for n, d in devs:
+        if first is None:
+            first = (n, d)
+        check(d == first[1], f"{n} is on {d} but {first[0]} is on {first[1]}; all inputs must share a device")
+
+
+def check_cache(k_lr: torch.Tensor, k_rest: torch.Tensor, v: torch.Tensor):
+    """Validate the rotated KV cache layout; returns (B, KVH, S_max, D, d)."""
+    for n, t in (("k_lr", k_lr), ("k_rest", k_rest), ("v", v)):
+        check_float(t, n)
+        check(t.dim() == 4, f"{n} must be 4-D (B, KVH, S_max, dim), got shape {tuple(t.shape)}")
+        check_last_contiguous(t, n)
+    check(k_lr.dtype == k_rest.dtype == v.dtype,
+          f"k_lr, k_rest and v must share a dtype, got {k_lr.dtype}, {k_rest.dtype}, {v.dtype}")
+    B, KVH, S, d = k_lr.shape
+    D = v.shape[-1]
+    check(tuple(v.shape[:3]) == (B, KVH, S), f"v shape {tuple(v.shape)} does not match k_lr {tuple(k_lr.shape)}")
+    check(tuple(k_rest.shape) == (B, KVH, S, D - d),
+          f"k_rest must have shape {(B, KVH, S, D - d)} (D - d = {D} - {d}), got {tuple(k_rest.shape)}")
+    check(1 <= d <= D, f"low-rank dim d={d} must be in 1..D={D}")
+    check_same_device([("k_lr", k_lr), ("k_rest", k_rest), ("v", v)])
+    return B, KVH, S, D, d
+
+
+def check_lengths(lengths: torch.Tensor, B: int, device) -> None:
+    check(isinstance(lengths, torch.Tensor), "lengths must be a tensor of shape (B,)")
+    check(lengths.dtype in INDEX_DTYPES, f"lengths must be int32 or int64, got {lengths.dtype}")
+    check(tuple(lengths.shape) == (B,), f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
+    check(lengths.device == device, f"lengths is on {lengths.device}, expected {device}")
+    check(lengths.is_contiguous(), "lengths must be contiguous")
+
+
+def default_scaling(D: int, scaling):
+    return float(D) ** -0.5 if scaling is None else float(scaling)
+
+
+def tl_dtype(dtype: torch.dtype):
+    import triton.language as tl
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]

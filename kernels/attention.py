@@ -1,0 +1,274 @@
+"""Flash-decoding over the rotated cache: sparse (selected rows only) and dense (all valid rows).
+
+One kernel serves both.  A program owns one (sequence, score row) pair and a contiguous chunk of its tokens
+(split-K, "flash-decoding"); it loads the g query heads that share the row's selection (padded to 16 rows for
+tensor-core dots), gathers BLOCK_N selected K rows (k_lr | k_rest) and V rows once for all of them, and keeps
+an fp32 online softmax.  With more than one split, partial (max, sum, acc) go to an fp32 workspace and a
+combine kernel reduces them.  q . k is computed as q'[:d] . k_lr + q'[d:] . k_rest (q' = q @ P, exact).
+
+16-bit caches: q' and the probabilities are split into two 16-bit halves (x = hi + lo), so both dots keep
+~fp32 accuracy on tensor cores; fp32 caches use IEEE fp32 dots.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import (check, check_cache, check_float, check_last_contiguous, check_lengths, default_scaling,
+                     is_interpreter, next_pow2, num_sms, INDEX_DTYPES)
+from .scores import _split_hi_lo
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _flash_decode_kernel(q_ptr, sq_b, sq_h,
+                         klr_ptr, slr_b, slr_h, slr_s, krs_ptr, srs_b, srs_h, srs_s, v_ptr, sv_b, sv_h, sv_s,
+                         idx_ptr, si_b, si_r, len_ptr,
+                         o_ptr, so_b, so_h, mp_ptr, lp_ptr, op_ptr,
+                         qk_scale, R, G, N_ITEMS, TPS, H, NSPLIT,
+                         DENSE: tl.constexpr, SPLIT: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr,
+                         D: tl.constexpr, D_LR: tl.constexpr, BLOCK_DL: tl.constexpr, BLOCK_DR: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K_FP32: tl.constexpr,
+                         HAS_REST: tl.constexpr):
+    pid = tl.program_id(0)
+    sp = tl.program_id(1)
+    b = (pid // R).to(tl.int64)
+    r = (pid % R).to(tl.int64)
+    h0 = r * HPR
+    kvh = h0 // G
+    if DENSE:
+        n = tl.minimum(tl.load(len_ptr + b).to(tl.int32), N_ITEMS)
+    else:
+        n = N_ITEMS
+    tile_lo = sp * TPS
+    tile_hi = tl.minimum(tile_lo + TPS, tl.cdiv(n, BLOCK_N))
+
+    hh = tl.arange(0, G_PAD)
+    hv = hh < HPR
+    dl = tl.arange(0, BLOCK_DL)
+    dr = tl.arange(0, BLOCK_DR)
+    dd = tl.arange(0, BLOCK_D)
+    q_rows = q_ptr + b * sq_b + (h0 + hh) * sq_h
+    q_lr = tl.load(q_rows[:, None] + dl[None, :], mask=hv[:, None] & (dl < D_LR)[None, :], other=0.0)
+    q_lr = q_lr.to(tl.float32) * qk_scale
+    q_lr_hi, q_lr_lo = _split_hi_lo(q_lr, klr_ptr.dtype.element_ty)
+    if HAS_REST:
+        q_rs = tl.load(q_rows[:, None] + D_LR + dr[None, :], mask=hv[:, None] & (dr < D - D_LR)[None, :], other=0.0)
+        q_rs = q_rs.to(tl.float32) * qk_scale
+        q_rs_hi, q_rs_lo = _split_hi_lo(q_rs, krs_ptr.dtype.element_ty)
+
+    kl_base = klr_ptr + b * slr_b + kvh * slr_h
+    kr_base = krs_ptr + b * srs_b + kvh * srs_h
+    v_base = v_ptr + b * sv_b + kvh * sv_h
+    i_base = idx_ptr + b * si_b + r * si_r
+
+    m_i = tl.full([G_PAD], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([G_PAD], dtype=tl.float32)
+    acc = tl.zeros([G_PAD, BLOCK_D], dtype=tl.float32)
+    for t in range(tile_lo, tile_hi):
+        offs = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        if DENSE:
+            valid = offs < n
+            tok = offs.to(tl.int64)
+        else:
+            tok = tl.load(i_base + offs, mask=offs < n, other=-1)
+            valid = tok >= 0
+            tok = tl.where(valid, tok, 0).to(tl.int64)
+        kl = tl.load(kl_base + tok[:, None] * slr_s + dl[None, :], mask=valid[:, None] & (dl < D_LR)[None, :],
+                     other=0.0)
+        if HAS_REST:
+            kr = tl.load(kr_base + tok[:, None] * srs_s + dr[None, :],
+                         mask=valid[:, None] & (dr < D - D_LR)[None, :], other=0.0)
+        vv = tl.load(v_base + tok[:, None] * sv_s + dd[None, :], mask=valid[:, None] & (dd < D)[None, :], other=0.0)
+        if K_FP32:
+            s = tl.dot(q_lr, tl.trans(kl.to(tl.float32)), input_precision="ieee")
+            if HAS_REST:
+                s = tl.dot(q_rs, tl.trans(kr.to(tl.float32)), s, input_precision="ieee")
+        else:
+            klt = tl.trans(kl)
+            s = tl.dot(q_lr_hi, klt)
+            s = tl.dot(q_lr_lo, klt, s)
+            if HAS_REST:
+                krt = tl.trans(kr)
+                s = tl.dot(q_rs_hi, krt, s)
+                s = tl.dot(q_rs_lo, krt, s)
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        if K_FP32:
+            acc = tl.dot(p, vv.to(tl.float32), acc, input_precision="ieee")
+        else:
+            p_hi, p_lo = _split_hi_lo(p, v_ptr.dtype.element_ty)
+            acc = tl.dot(p_hi, vv, acc)
+            acc = tl.dot(p_lo, vv, acc)
+        m_i = m_new
+
+    heads = b * H + h0 + hh
+    if SPLIT:
+        tl.store(mp_ptr + heads * NSPLIT + sp, m_i, mask=hv)
+        tl.store(lp_ptr + heads * NSPLIT + sp, l_i, mask=hv)
+        tl.store(op_ptr + (heads * NSPLIT + sp)[:, None] * D + dd[None, :], acc, mask=hv[:, None] & (dd < D)[None, :])
+    else:
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(o_ptr + b * so_b + (h0 + hh)[:, None] * so_h + dd[None, :], o.to(o_ptr.dtype.element_ty),
+                 mask=hv[:, None] & (dd < D)[None, :])
+
+
+@triton.jit
+def _combine_kernel(mp_ptr, lp_ptr, op_ptr, o_ptr, so_b, so_h, H, NSPLIT,
+                    NS_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    s = tl.arange(0, NS_PAD)
+    sm = s < NSPLIT
+    m = tl.load(mp_ptr + pid * NSPLIT + s, mask=sm, other=-1.0e30)
+    l = tl.load(lp_ptr + pid * NSPLIT + s, mask=sm, other=0.0)
+    mx = tl.max(m, axis=0)
+    w = tl.where(sm, tl.exp2(m - mx), 0.0)
+    L = tl.sum(w * l, axis=0)
+    dd = tl.arange(0, BLOCK_D)
+    acc = tl.load(op_ptr + (pid * NSPLIT + s)[:, None] * D + dd[None, :], mask=sm[:, None] & (dd < D)[None, :],
+                  other=0.0)
+    o = tl.sum(w[:, None] * acc, axis=0) / tl.where(L > 0, L, 1.0)
+    tl.store(o_ptr + b * so_b + h * so_h + dd, o.to(o_ptr.dtype.element_ty), mask=dd < D)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------------
+# GPU defaults (H200-tuned in kernels/NOTES.md); (BLOCK_N, num_warps, num_stages, waves)
+SPARSE_CONFIG = dict(block_n=64, num_warps=4, num_stages=3, waves=4)
+DENSE_CONFIG = dict(block_n=64, num_warps=4, num_stages=3, waves=2)
+
+
+def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_splits, out, config):
+    B, KVH, S, D, d = check_cache(k_lr, k_rest, v)
+    check_float(q_rot, "q_rot")
+    check(q_rot.dim() == 3 and q_rot.shape[0] == B and q_rot.shape[2] == D,
+          f"q_rot must be (B, H, D) with B={B}, D={D}, got {tuple(q_rot.shape)}")
+    check_last_contiguous(q_rot, "q_rot")
+    check(q_rot.device == k_lr.device, f"q_rot is on {q_rot.device}, cache on {k_lr.device}")
+    H = q_rot.shape[1]
+    check(H % KVH == 0, f"H={H} must be a multiple of KVH={KVH}")
+    g = H // KVH
+    if dense:
+        check_lengths(lengths, B, k_lr.device)
+        R, HPR, n_items = KVH, g, S
+    else:
+        check(isinstance(idx, torch.Tensor) and idx.dtype in INDEX_DTYPES,
+              f"idx must be an int32/int64 tensor, got {getattr(idx, 'dtype', type(idx))}")
+        check(idx.dim() == 3 and idx.shape[0] == B and idx.shape[1] in (KVH, H),
+              f"idx must be (B, KVH, k) (group mode) or (B, H, k) (head mode), got {tuple(idx.shape)}")
+        check_last_contiguous(idx, "idx")
+        check(idx.device == k_lr.device, f"idx is on {idx.device}, cache on {k_lr.device}")
+        R = idx.shape[1]
+        HPR = g if R == KVH else 1
+        n_items = idx.shape[2]
+    scale = default_scaling(D, scaling) * LOG2E
+    if out is None:
+        out = torch.empty(B, H, D, dtype=v.dtype, device=v.device)
+    else:
+        check(out.shape == (B, H, D) and out.stride(-1) == 1, f"out must be ({B}, {H}, {D}) with a contiguous last dim")
+    interp = is_interpreter()
+    cfg = dict(SPARSE_CONFIG if not dense else DENSE_CONFIG)
+    if config:
+        cfg.update(config)
+    BLOCK_N = 16 if interp else cfg["block_n"]
+    n_tiles = max(1, triton.cdiv(n_items, BLOCK_N))
+    if num_splits is None:
+        target = cfg["waves"] * num_sms(k_lr.device)
+        num_splits = min(n_tiles, max(1, triton.cdiv(target, B * R)))
+    num_splits = max(1, min(int(num_splits), n_tiles))
+    tps = triton.cdiv(n_tiles, num_splits)
+    num_splits = triton.cdiv(n_tiles, tps)
+    split = num_splits > 1
+    if split:
+        mp = torch.empty(B * H * num_splits, dtype=torch.float32, device=v.device)
+        lp = torch.empty_like(mp)
+        op = torch.empty(B * H * num_splits * D, dtype=torch.float32, device=v.device)
+    else:
+        mp = lp = op = out
+    idx_t = idx if not dense else lengths
+    has_rest = D > d
+    _flash_decode_kernel[(B * R, num_splits)](
+        q_rot, q_rot.stride(0), q_rot.stride(1),
+        k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2),
+        k_rest if has_rest else k_lr, k_rest.stride(0) if has_rest else 0, k_rest.stride(1) if has_rest else 0,
+        k_rest.stride(2) if has_rest else 0,
+        v, v.stride(0), v.stride(1), v.stride(2),
+        idx_t, idx_t.stride(0) if not dense else 0, idx_t.stride(1) if not dense else 0,
+        lengths if lengths is not None else idx_t,
+        out, out.stride(0), out.stride(1), mp, lp, op,
+        scale, R, g, n_items, tps, H, num_splits,
+        DENSE=dense, SPLIT=split, HPR=HPR, G_PAD=max(16, next_pow2(HPR)), D=D, D_LR=d,
+        BLOCK_DL=max(16, next_pow2(d)), BLOCK_DR=max(16, next_pow2(max(D - d, 1))), BLOCK_D=max(16, next_pow2(D)),
+        BLOCK_N=BLOCK_N, K_FP32=v.dtype == torch.float32, HAS_REST=has_rest,
+        num_warps=4 if interp else cfg["num_warps"], num_stages=1 if interp else cfg["num_stages"])
+    if split:
+        _combine_kernel[(B * H,)](mp, lp, op, out, out.stride(0), out.stride(1), H, num_splits,
+                                  NS_PAD=max(2, next_pow2(num_splits)), D=D, BLOCK_D=max(16, next_pow2(D)),
+                                  num_warps=4)
+    return out
+
+
+def sparse_decode_attention(q_rot: torch.Tensor, k_lr: torch.Tensor, k_rest: torch.Tensor, v: torch.Tensor,
+                            idx: torch.Tensor, scaling: float | None = None, num_splits: int | None = None,
+                            out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """Exact softmax attention of the rotated queries over the selected cache rows only.
+
+    q_rot: (B, H, D) (q' = q @ P, any float dtype).  idx: (B, KVH, k) in group mode (one selection per KV head,
+    shared by its g query heads; each selected K/V row is read once for the group) or (B, H, k) in head mode;
+    entries < 0 are padding.  Indices must be < S_max and should be < lengths[b] (not checked on the device).
+    scaling defaults to 1/sqrt(D).  Returns (B, H, D) in the cache dtype.  Rows without any selected token
+    give zeros.
+    """
+    return _launch(q_rot, k_lr, k_rest, v, idx, None, scaling, False, num_splits, out, config)
+
+
+def dense_decode_attention(q_rot: torch.Tensor, k_lr: torch.Tensor, k_rest: torch.Tensor, v: torch.Tensor,
+                           lengths: torch.Tensor, scaling: float | None = None, num_splits: int | None = None,
+                           out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """Flash-decoding over all valid tokens (positions < lengths[b]) of the rotated cache; (B, H, D)."""
+    return _launch(q_rot, k_lr, k_rest, v, None, lengths, scaling, True, num_splits, out, config)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# references (float64)
+# ----------------------------------------------------------------------------------------------------------
+def sparse_attention_ref(q_rot, k_lr, k_rest, v, idx, scaling=None):
+    B, H, D = q_rot.shape
+    KVH = k_lr.shape[1]
+    g = H // KVH
+    scale = default_scaling(D, scaling)
+    K = torch.cat([k_lr, k_rest], dim=-1).double()
+    V = v.double()
+    out = torch.zeros(B, H, D, dtype=torch.float64, device=q_rot.device)
+    for b in range(B):
+        for h in range(H):
+            row = h // g if idx.shape[1] == KVH else h
+            sel = idx[b, row]
+            sel = sel[sel >= 0].long()
+            if sel.numel() == 0:
+                continue
+            kk = K[b, h // g, sel]
+            s = scale * (kk @ q_rot[b, h].double())
+            out[b, h] = torch.softmax(s, dim=0) @ V[b, h // g, sel]
+    return out
+
+
+def dense_attention_ref(q_rot, k_lr, k_rest, v, lengths, scaling=None):
+    B = q_rot.shape[0]
+    KVH = k_lr.shape[1]
+    idx = torch.full((B, KVH, k_lr.shape[2]), -1, dtype=torch.int64, device=k_lr.device)
+    for b in range(B):
+        n = int(lengths[b])
+        idx[b, :, :n] = torch.arange(n, device=k_lr.device)
+    return sparse_attention_ref(q_rot, k_lr, k_rest, v, idx, scaling)

@@ -1,0 +1,65 @@
+"""The whole Loki decode step: rotate q, approximate scores, top-k, sparse flash-decoding.
+
+    out = loki_decode(q, P, k_lr, k_rest, v, lengths, k_budget, mode="group", reduce="max", scaling=None)
+
+path="fused" (default when there are enough score rows to fill the GPU): one kernel rotates q, scores each
+row and selects its top-k (one program per row), then the sparse attention kernel (+ split combine).
+path="split": rotate_q, loki_scores (many programs per row), topk_select, sparse attention: better when there
+are few rows (batch 1).  path="torch_topk": split path with torch.topk instead of the Triton selection.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._utils import check, check_cache, check_float, check_lengths, num_sms
+from .attention import sparse_decode_attention
+from .scores import loki_scores, rotate_q
+from .topk import _budget_args, loki_select, topk_select
+
+
+def choose_path(B: int, rows: int, device) -> str:
+    return "fused" if B * rows >= num_sms(device) // 2 else "split"
+
+
+def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: torch.Tensor, v: torch.Tensor,
+                lengths: torch.Tensor, k_budget, mode: str = "group", reduce: str = "max",
+                scaling: float | None = None, strict: bool = True, path: str = "auto", k_max: int | None = None,
+                return_indices: bool = False, num_splits: int | None = None):
+    """One Loki decode step for one layer.
+
+    q: (B, H, D) queries (not rotated; q' = q @ P[kvh] is computed inside, in fp32).
+    P: (KVH, D, D) orthonormal PCA bases (columns sorted by variance).  Cache: see kv_cache.py.
+    k_budget: int or (B,) int tensor: number of tokens kept per sequence (clipped to 1..lengths[b]; with
+    strict=True a budget above a length raises, which costs one device->host sync).
+    mode / reduce: see `loki_scores`.  scaling: defaults to 1/sqrt(D).
+    Returns out (B, H, D) in the cache dtype, or (out, idx) with return_indices=True.
+    """
+    B, KVH, S, D, d = check_cache(k_lr, k_rest, v)
+    check_float(q, "q")
+    check(q.dim() == 3 and q.shape[0] == B and q.shape[2] == D,
+          f"q must be (B, H, D) with B={B}, D={D}, got {tuple(q.shape)}")
+    check(q.shape[1] % KVH == 0, f"H={q.shape[1]} must be a multiple of KVH={KVH}")
+    check_lengths(lengths, B, k_lr.device)
+    check(mode in ("group", "head"), f"mode must be 'group' or 'head', got {mode!r}")
+    check(path in ("auto", "fused", "split", "torch_topk"), f"unknown path {path!r}")
+    if strict:
+        check(bool((lengths <= S).all()), f"lengths exceed S_max={S}")
+        _budget_args(k_budget, lengths, B, True, k_max)
+    rows = KVH if mode == "group" else q.shape[1]
+    if path == "auto":
+        path = choose_path(B, rows, q.device)
+    if path == "fused":
+        idx, q_rot = loki_select(q, k_lr, lengths, k_budget, P=P, mode=mode, reduce=reduce, scaling=scaling,
+                                 strict=False, k_max=k_max)
+    else:
+        q_rot = rotate_q(q, P)
+        scores = loki_scores(q_rot, k_lr, lengths, d=d, mode=mode, reduce=reduce, scaling=scaling)
+        if path == "split":
+            idx = topk_select(scores, lengths, k_budget, strict=False, k_max=k_max)
+        else:
+            check(isinstance(k_budget, int), "path='torch_topk' needs an int budget")
+            kk = min(k_budget, S)
+            vals, idx = torch.topk(scores, kk, dim=-1, sorted=False)
+            idx = torch.where(torch.isinf(vals), torch.full_like(idx, -1), idx)
+    out = sparse_decode_attention(q_rot, k_lr, k_rest, v, idx, scaling=scaling, num_splits=num_splits)
+    return (out, idx) if return_indices else out

@@ -1,0 +1,239 @@
+"""Loki approximate scores: q'[:d] . k'[:d] against the low-rank key slab, and the query rotation q' = q @ P.
+
+Score of token j for query head h:  s[h, j] = scaling * sum_{i<d} q'_h[i] * k_lr[j, i]   (fp32).
+mode="group": one score row per KV head, combining its g = H / KVH query heads (reduce="max": max over heads of
+the scaled scores, reduce="sum": their sum), so that one selection serves the whole group.
+mode="head": one row per query head (the paper's per-head selection).
+Positions j >= lengths[b] get -inf.
+
+16-bit caches: the dot runs on tensor cores with q split in two 16-bit halves (q = q_hi + q_lo), which keeps the
+scores within ~1e-5 relative of fp32 for about the cost of one more MMA; fp32 caches use an IEEE fp32 dot.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import (check, check_cache, check_float, check_last_contiguous, check_lengths, default_scaling,
+                     is_interpreter, next_pow2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# shared jit helpers (also used by the fused select kernel in topk.py)
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _rotate_heads(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, out_ptr, so_b, so_h, b, h0, kvh,
+                  HPR: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_C: tl.constexpr):
+    """Write out[b, h0 + i] = q[b, h0 + i] @ P[kvh] (fp32) for i < HPR; returns the raw q tile (G_PAD, BLOCK_D)."""
+    hh = tl.arange(0, G_PAD)
+    hv = hh < HPR
+    dd = tl.arange(0, BLOCK_D)
+    dm = dd < D
+    q = tl.load(q_ptr + b * sq_b + (h0 + hh)[:, None] * sq_h + dd[None, :], mask=hv[:, None] & dm[None, :],
+                other=0.0).to(tl.float32)
+    for c0 in tl.static_range(0, BLOCK_D, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        cm = cols < D
+        pc = tl.load(P_ptr + kvh * sp_h + dd[:, None] * sp_r + cols[None, :], mask=dm[:, None] & cm[None, :],
+                     other=0.0).to(tl.float32)
+        qc = tl.dot(q, pc, input_precision="ieee")
+        tl.store(out_ptr + b * so_b + (h0 + hh)[:, None] * so_h + cols[None, :], qc, mask=hv[:, None] & cm[None, :])
+    return q
+
+
+@triton.jit
+def _q_lr_from_raw(q, P_ptr, sp_h, sp_r, kvh, D: tl.constexpr, D_LR: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_DL: tl.constexpr):
+    """(q @ P[kvh][:, :d])^T as a (BLOCK_DL, G_PAD) fp32 tile (zero beyond d)."""
+    dd = tl.arange(0, BLOCK_D)
+    dl = tl.arange(0, BLOCK_DL)
+    pc = tl.load(P_ptr + kvh * sp_h + dd[:, None] * sp_r + dl[None, :], mask=(dd < D)[:, None] & (dl < D_LR)[None, :],
+                 other=0.0).to(tl.float32)
+    return tl.trans(tl.dot(q, pc, input_precision="ieee"))
+
+
+@triton.jit
+def _load_q_lr_T(q_ptr, sq_b, sq_h, b, h0, HPR: tl.constexpr, G_PAD: tl.constexpr, D_LR: tl.constexpr,
+                 BLOCK_DL: tl.constexpr):
+    hh = tl.arange(0, G_PAD)
+    dl = tl.arange(0, BLOCK_DL)
+    return tl.load(q_ptr + b * sq_b + (h0 + hh)[None, :] * sq_h + dl[:, None],
+                   mask=(dl < D_LR)[:, None] & (hh < HPR)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _score_tile(k_base, s_tok, offs, valid, qT, qT_hi, qT_lo, D_LR: tl.constexpr, BLOCK_DL: tl.constexpr,
+                HPR: tl.constexpr, G_PAD: tl.constexpr, K_FP32: tl.constexpr, REDUCE_MAX: tl.constexpr):
+    """Scores of BLOCK_N tokens (rows `offs`) against the HPR (scaled) query heads; reduced over heads -> (BLOCK_N,)."""
+    dl = tl.arange(0, BLOCK_DL)
+    kt = tl.load(k_base + offs.to(tl.int64)[:, None] * s_tok + dl[None, :],
+                 mask=valid[:, None] & (dl < D_LR)[None, :], other=0.0)
+    if K_FP32:
+        s = tl.dot(kt.to(tl.float32), qT, input_precision="ieee")
+    else:
+        s = tl.dot(kt, qT_hi)
+        s = tl.dot(kt, qT_lo, s)
+    if HPR == 1:
+        sc = tl.sum(s, axis=1)  # padded head columns are exactly 0
+    elif REDUCE_MAX:
+        hh = tl.arange(0, G_PAD)
+        sc = tl.max(tl.where((hh < HPR)[None, :], s, float("-inf")), axis=1)
+    else:
+        sc = tl.sum(s, axis=1)
+    return sc
+
+
+@triton.jit
+def _split_hi_lo(x, dtype: tl.constexpr):
+    hi = x.to(dtype)
+    lo = (x - hi.to(tl.float32)).to(dtype)
+    return hi, lo
+
+
+# ----------------------------------------------------------------------------------------------------------
+# rotate q
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _rotate_q_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, out_ptr, so_b, so_h, KVH,
+                     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0)
+    b = (pid // KVH).to(tl.int64)
+    kvh = (pid % KVH).to(tl.int64)
+    _rotate_heads(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, out_ptr, so_b, so_h, b, kvh * G, kvh,
+                  G, G_PAD, D, BLOCK_D, BLOCK_C)
+
+
+def _check_q(q: torch.Tensor, name: str, B: int, D: int, KVH: int, device):
+    check_float(q, name)
+    check(q.dim() == 3 and q.shape[0] == B and q.shape[2] == D,
+          f"{name} must have shape (B, H, D) with B={B}, D={D}, got {tuple(q.shape)}")
+    H = q.shape[1]
+    check(H % KVH == 0, f"number of query heads H={H} must be a multiple of KV heads KVH={KVH}")
+    check_last_contiguous(q, name)
+    check(q.device == device, f"{name} is on {q.device}, expected {device}")
+    return H
+
+
+def rotate_q(q: torch.Tensor, P: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """q' = q @ P[h // g] for every query head; q (B, H, D), P (KVH, D, D) -> fp32 (B, H, D)."""
+    check_float(P, "P")
+    check(P.dim() == 3 and P.shape[1] == P.shape[2], f"P must be (KVH, D, D), got {tuple(P.shape)}")
+    KVH, D = P.shape[0], P.shape[1]
+    check_last_contiguous(P, "P")
+    check(q.dim() == 3, f"q must be (B, H, D), got {tuple(q.shape)}")
+    H = _check_q(q, "q", q.shape[0], D, KVH, P.device)
+    B = q.shape[0]
+    if out is None:
+        out = torch.empty(B, H, D, dtype=torch.float32, device=q.device)
+    g = H // KVH
+    BLOCK_D = next_pow2(D)
+    _rotate_q_kernel[(B * KVH,)](q, q.stride(0), q.stride(1), P, P.stride(0), P.stride(1), out, out.stride(0),
+                                 out.stride(1), KVH, G=g, G_PAD=max(16, next_pow2(g)), D=D, BLOCK_D=BLOCK_D,
+                                 BLOCK_C=min(32, max(16, BLOCK_D)), num_warps=4)
+    return out
+
+
+def rotate_q_ref(q: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+    B, H, D = q.shape
+    KVH = P.shape[0]
+    g = H // KVH
+    return torch.einsum("bkgd,kde->bkge", q.double().view(B, KVH, g, D), P.double()).reshape(B, H, D)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# scores
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _scores_kernel(q_ptr, sq_b, sq_h, klr_ptr, slr_b, slr_h, slr_s, out_ptr, so_b, so_r, len_ptr,
+                   scale, R, G, S_MAX,
+                   HPR: tl.constexpr, G_PAD: tl.constexpr, D_LR: tl.constexpr, BLOCK_DL: tl.constexpr,
+                   BLOCK_N: tl.constexpr, TILES: tl.constexpr, K_FP32: tl.constexpr, REDUCE_MAX: tl.constexpr):
+    pid = tl.program_id(0)
+    tb = tl.program_id(1)
+    b = (pid // R).to(tl.int64)
+    r = pid % R
+    h0 = r * HPR
+    kvh = (h0 // G).to(tl.int64)
+    n = tl.minimum(tl.load(len_ptr + b).to(tl.int32), S_MAX)
+    qT = _load_q_lr_T(q_ptr, sq_b, sq_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
+    qT_hi, qT_lo = _split_hi_lo(qT, klr_ptr.dtype.element_ty)
+    k_base = klr_ptr + b * slr_b + kvh * slr_h
+    o_base = out_ptr + b * so_b + r * so_r
+    for i in tl.static_range(TILES):
+        offs = (tb * TILES + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+        valid = offs < n
+        sc = _score_tile(k_base, slr_s, offs, valid, qT, qT_hi, qT_lo, D_LR, BLOCK_DL, HPR, G_PAD, K_FP32,
+                         REDUCE_MAX)
+        sc = tl.where(valid, sc, float("-inf"))
+        tl.store(o_base + offs, sc, mask=offs < S_MAX)
+
+
+def _mode_params(mode: str, reduce: str, H: int, KVH: int):
+    check(mode in ("group", "head"), f"mode must be 'group' or 'head', got {mode!r}")
+    check(reduce in ("max", "sum"), f"reduce must be 'max' or 'sum', got {reduce!r}")
+    g = H // KVH
+    if mode == "group":
+        return KVH, g  # rows, heads per row
+    return H, 1
+
+
+def loki_scores(q_rot: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tensor, d: int | None = None,
+                mode: str = "group", reduce: str = "max", scaling: float | None = None, head_dim: int | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Approximate Loki scores.
+
+    q_rot: (B, H, D') rotated queries (any float dtype; only the first d dims are read, D' >= d).
+    k_lr: (B, KVH, S_max, d) low-rank key slab.  lengths: (B,) int.  d: must equal k_lr.shape[-1] if given.
+    scaling: defaults to 1/sqrt(head_dim) with head_dim = q_rot.shape[-1] unless given.
+    Returns fp32 scores (B, KVH, S_max) for mode="group" or (B, H, S_max) for mode="head", -inf beyond lengths.
+    """
+    check_float(k_lr, "k_lr")
+    check(k_lr.dim() == 4, f"k_lr must be (B, KVH, S_max, d), got {tuple(k_lr.shape)}")
+    check_last_contiguous(k_lr, "k_lr")
+    B, KVH, S, dd = k_lr.shape
+    if d is not None:
+        check(int(d) == dd, f"d={d} does not match the low-rank slab k_lr (last dim {dd})")
+    check_float(q_rot, "q_rot")
+    check(q_rot.dim() == 3 and q_rot.shape[0] == B and q_rot.shape[2] >= dd,
+          f"q_rot must be (B, H, D) with B={B} and D >= d={dd}, got {tuple(q_rot.shape)}")
+    check_last_contiguous(q_rot, "q_rot")
+    check(q_rot.device == k_lr.device, f"q_rot is on {q_rot.device}, k_lr on {k_lr.device}")
+    H = q_rot.shape[1]
+    check(H % KVH == 0, f"H={H} must be a multiple of KVH={KVH}")
+    check_lengths(lengths, B, k_lr.device)
+    R, HPR = _mode_params(mode, reduce, H, KVH)
+    scale = default_scaling(head_dim if head_dim is not None else q_rot.shape[2], scaling)
+    if out is None:
+        out = torch.empty(B, R, S, dtype=torch.float32, device=k_lr.device)
+    else:
+        check(out.shape == (B, R, S) and out.dtype == torch.float32 and out.stride(-1) == 1,
+              f"out must be a float32 ({B}, {R}, {S}) tensor")
+    if is_interpreter():
+        BLOCK_N, TILES, nw = 32, 1, 4
+    else:
+        BLOCK_N, TILES, nw = 256, 2, 4
+    grid = (B * R, triton.cdiv(S, BLOCK_N * TILES))
+    _scores_kernel[grid](q_rot, q_rot.stride(0), q_rot.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1),
+                         k_lr.stride(2), out, out.stride(0), out.stride(1), lengths, scale, R, H // KVH, S,
+                         HPR=HPR, G_PAD=max(16, next_pow2(HPR)), D_LR=dd, BLOCK_DL=max(16, next_pow2(dd)),
+                         BLOCK_N=BLOCK_N, TILES=TILES, K_FP32=k_lr.dtype == torch.float32,
+                         REDUCE_MAX=reduce == "max", num_warps=nw)
+    return out
+
+
+def loki_scores_ref(q_rot, k_lr, lengths, mode="group", reduce="max", scaling=None, head_dim=None):
+    """float64 reference of `loki_scores`."""
+    B, KVH, S, d = k_lr.shape
+    H = q_rot.shape[1]
+    g = H // KVH
+    scale = default_scaling(head_dim if head_dim is not None else q_rot.shape[2], scaling)
+    kk = k_lr.double().repeat_interleave(g, dim=1)  # (B, H, S, d)
+    s = scale * torch.einsum("bhd,bhsd->bhs", q_rot[..., :d].double(), kk)
+    if mode == "group":
+        s = s.view(B, KVH, g, S)
+        s = s.amax(2) if reduce == "max" else s.sum(2)
+    pos = torch.arange(S, device=k_lr.device)
+    return s.masked_fill(pos[None, None, :] >= lengths.to(k_lr.device)[:, None, None], float("-inf"))

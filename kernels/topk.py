@@ -1,0 +1,314 @@
+"""Exact top-k selection per (sequence, score row) with per-sequence lengths and budgets.
+
+Algorithm (one program per row, Triton): MSD radix select on the order-preserving 32-bit key of the fp32 score
+(4 digits of 8 bits, 256-bin `tl.histogram` per pass over the row, early exit as soon as the boundary bin holds
+exactly the number of elements still needed), then one compaction pass (a packed prefix sum gives each selected
+element its output slot).  Ties at the k-th value are broken towards lower positions.  The output indices of a
+row are in ascending order, padded with -1 beyond the row's budget.
+
+`loki_select` fuses the whole front half of a Loki step in one kernel, one program per (sequence, row): rotate q,
+score the row against the low-rank slab (the first radix histogram is computed while scoring), select, compact.
+The row's keys go through a scratch buffer that stays in L2.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import (check, check_float, check_last_contiguous, check_lengths, default_scaling, is_interpreter,
+                     next_pow2, INDEX_DTYPES)
+from .scores import (_check_q, _load_q_lr_T, _mode_params, _q_lr_from_raw, _rotate_heads, _score_tile,
+                     _split_hi_lo)
+
+NBINS = 256
+
+
+@triton.jit
+def _key_of(s):
+    """fp32 -> uint32 key with the same order (for non-NaN values)."""
+    u = s.to(tl.uint32, bitcast=True)
+    return tl.where((u >> 31) != 0, ~u, u | 0x80000000)
+
+
+@triton.jit
+def _load_key(src_ptr, offs, valid, SRC_KEYS: tl.constexpr):
+    if SRC_KEYS:
+        key = tl.load(src_ptr + offs, mask=valid, other=0).to(tl.uint32, bitcast=True)
+    else:
+        key = _key_of(tl.load(src_ptr + offs, mask=valid, other=0.0))
+    return key
+
+
+@triton.jit
+def _pick_bin(h, r, NB: tl.constexpr):
+    """Largest bin t whose suffix count (bins >= t) reaches r; returns (t, count in t, count above t)."""
+    bins = tl.arange(0, NB)
+    suffix = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h
+    t = tl.max(tl.where(suffix >= r, bins, -1), axis=0)
+    cnt = tl.sum(tl.where(bins == t, h, 0), axis=0)
+    above = tl.sum(tl.where(bins > t, h, 0), axis=0)
+    return t, cnt, above
+
+
+@triton.jit
+def _select_row(src_ptr, n, kb, out_ptr, KMAX, h1, HAVE_H1: tl.constexpr, SRC_KEYS: tl.constexpr,
+                BLOCK_S: tl.constexpr):
+    """Write the indices of the kb largest of src[0:n] to out[0:kb] (ascending), -1 in out[kb:KMAX]."""
+    NB: tl.constexpr = 256
+    ar = tl.arange(0, BLOCK_S)
+    take_all = (kb >= n).to(tl.int32)
+    if HAVE_H1:
+        h = h1
+    else:
+        h = tl.zeros([NB], dtype=tl.int32)
+        for start in range(0, n, BLOCK_S):
+            offs = start + ar
+            valid = offs < n
+            key = _load_key(src_ptr, offs, valid, SRC_KEYS)
+            h += tl.histogram((key >> 24).to(tl.int32), NB, mask=valid)
+    t, cnt, above = _pick_bin(h, kb, NB)
+    r = kb - above
+    prefix = t.to(tl.uint32)
+    sh = tl.full([], 24, tl.int32)
+    done = ((cnt == r) | (take_all != 0)).to(tl.int32)
+    while (done == 0) & (sh > 0):
+        sh = sh - 8
+        shu = sh.to(tl.uint32)
+        h = tl.zeros([NB], dtype=tl.int32)
+        for start in range(0, n, BLOCK_S):
+            offs = start + ar
+            valid = offs < n
+            key = _load_key(src_ptr, offs, valid, SRC_KEYS)
+            cand = valid & ((key >> (shu + 8)) == prefix)
+            h += tl.histogram(((key >> shu) & 255).to(tl.int32), NB, mask=cand)
+        t, cnt, above = _pick_bin(h, r, NB)
+        r = r - above
+        prefix = (prefix << 8) | t.to(tl.uint32)
+        done = (cnt == r).to(tl.int32)
+    # compaction: keys whose digits-so-far exceed the prefix are in; r of those equal to it are in.
+    shu = sh.to(tl.uint32)
+    base = tl.zeros([], dtype=tl.int32)
+    eq_seen = tl.zeros([], dtype=tl.int32)
+    for start in range(0, n, BLOCK_S):
+        offs = start + ar
+        valid = offs < n
+        key = _load_key(src_ptr, offs, valid, SRC_KEYS)
+        hi = key >> shu
+        # (block-bool op scalar-bool promotes to int32 in the interpreter: combine through integers)
+        gt = valid & (((hi > prefix).to(tl.int32) + take_all) > 0)
+        eq = valid & (((hi == prefix).to(tl.int32) * (1 - take_all)) > 0)
+        packed = gt.to(tl.int32) + (eq.to(tl.int32) << 16)
+        c_ex = tl.cumsum(packed, axis=0) - packed
+        gt_ex = c_ex & 0xFFFF
+        eq_ex = c_ex >> 16
+        r_left = tl.maximum(r - eq_seen, 0)
+        take = gt | (eq & (eq_ex < r_left))
+        pos = base + gt_ex + tl.minimum(eq_ex, r_left)
+        tl.store(out_ptr + pos, offs.to(out_ptr.dtype.element_ty), mask=take)
+        tot = tl.sum(packed, axis=0)
+        n_eq = tot >> 16
+        base += (tot & 0xFFFF) + tl.minimum(n_eq, r_left)
+        eq_seen += n_eq
+    for start in range(kb, KMAX, BLOCK_S):
+        offs = start + ar
+        tl.store(out_ptr + offs, tl.full([BLOCK_S], -1, out_ptr.dtype.element_ty), mask=offs < KMAX)
+
+
+@triton.jit
+def _row_budget(len_ptr, kb_ptr, b, K_INT, S_MAX, KMAX, HAS_KB: tl.constexpr):
+    n = tl.minimum(tl.load(len_ptr + b).to(tl.int32), S_MAX)
+    n = tl.maximum(n, 0)
+    if HAS_KB:
+        K = tl.load(kb_ptr + b).to(tl.int32)
+    else:
+        K = K_INT
+    kb = tl.minimum(tl.minimum(tl.maximum(K, 1), n), KMAX)
+    return n, kb
+
+
+@triton.jit
+def _topk_kernel(s_ptr, ss_b, ss_r, out_ptr, so_b, so_r, len_ptr, kb_ptr, K_INT, R, S_MAX, KMAX,
+                 HAS_KB: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid = tl.program_id(0)
+    b = (pid // R).to(tl.int64)
+    r = (pid % R).to(tl.int64)
+    n, kb = _row_budget(len_ptr, kb_ptr, b, K_INT, S_MAX, KMAX, HAS_KB)
+    h1 = tl.zeros([256], dtype=tl.int32)
+    _select_row(s_ptr + b * ss_b + r * ss_r, n, kb, out_ptr + b * so_b + r * so_r, KMAX, h1,
+                HAVE_H1=False, SRC_KEYS=False, BLOCK_S=BLOCK_S)
+
+
+@triton.jit
+def _loki_select_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h,
+                        klr_ptr, slr_b, slr_h, slr_s, keys_ptr, sk_b, sk_r, out_ptr, so_b, so_r,
+                        len_ptr, kb_ptr, K_INT, scale, R, G, S_MAX, KMAX,
+                        ROTATE: tl.constexpr, HAS_KB: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr,
+                        D: tl.constexpr, D_LR: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DL: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, K_FP32: tl.constexpr,
+                        REDUCE_MAX: tl.constexpr):
+    pid = tl.program_id(0)
+    b = (pid // R).to(tl.int64)
+    r = (pid % R).to(tl.int64)
+    h0 = r * HPR
+    kvh = h0 // G
+    n, kb = _row_budget(len_ptr, kb_ptr, b, K_INT, S_MAX, KMAX, HAS_KB)
+    if ROTATE:
+        qraw = _rotate_heads(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h, b, h0, kvh,
+                             HPR, G_PAD, D, BLOCK_D, 32)
+        qT = _q_lr_from_raw(qraw, P_ptr, sp_h, sp_r, kvh, D, D_LR, BLOCK_D, BLOCK_DL)
+    else:
+        qT = _load_q_lr_T(q_ptr, sq_b, sq_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL)
+    qT = qT * scale
+    qT_hi, qT_lo = _split_hi_lo(qT, klr_ptr.dtype.element_ty)
+    k_base = klr_ptr + b * slr_b + kvh * slr_h
+    key_base = keys_ptr + b * sk_b + r * sk_r
+    h1 = tl.zeros([256], dtype=tl.int32)
+    for start in range(0, n, BLOCK_N):
+        offs = start + tl.arange(0, BLOCK_N)
+        valid = offs < n
+        sc = _score_tile(k_base, slr_s, offs, valid, qT, qT_hi, qT_lo, D_LR, BLOCK_DL, HPR, G_PAD, K_FP32,
+                         REDUCE_MAX)
+        key = _key_of(sc)
+        tl.store(key_base + offs, key.to(tl.int32, bitcast=True), mask=valid)
+        h1 += tl.histogram((key >> 24).to(tl.int32), 256, mask=valid)
+    tl.debug_barrier()  # keys written by all threads of the program are read back below
+    _select_row(key_base, n, kb, out_ptr + b * so_b + r * so_r, KMAX, h1,
+                HAVE_H1=True, SRC_KEYS=True, BLOCK_S=BLOCK_S)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------------
+def _budget_args(k, lengths, B: int, strict: bool, k_max: int | None):
+    """Returns (K_INT, kb_tensor or None, KMAX)."""
+    if isinstance(k, torch.Tensor):
+        check(k.dtype in INDEX_DTYPES, f"k as a tensor must be int32/int64, got {k.dtype}")
+        check(tuple(k.shape) == (B,), f"k as a tensor must have shape ({B},), got {tuple(k.shape)}")
+        check(k.device == lengths.device, f"k is on {k.device}, lengths on {lengths.device}")
+        k = k.contiguous()
+        if strict:
+            check(bool((k >= 1).all()), "every budget in k must be >= 1")
+            bad = k > lengths.to(k.dtype)
+            check(not bool(bad.any()), f"k larger than the sequence length for sequences "
+                                       f"{bad.nonzero().flatten().tolist()} (pass strict=False to clip)")
+        if k_max is None:
+            k_max = int(k.max().item()) if k.numel() else 1
+        check(k_max >= 1, "k_max must be >= 1")
+        return 0, k, int(k_max)
+    check(isinstance(k, int) and not isinstance(k, bool), f"k must be an int or a (B,) int tensor, got {type(k)}")
+    check(k >= 1, f"k must be >= 1, got {k}")
+    if strict:
+        bad = lengths < k
+        check(not bool(bad.any()), f"k={k} is larger than the length of sequences "
+                                   f"{bad.nonzero().flatten().tolist()} (pass strict=False to clip)")
+    return int(k), None, int(k if k_max is None else k_max)
+
+
+def _select_block():
+    return 64 if is_interpreter() else 2048
+
+
+def topk_select(scores: torch.Tensor, lengths: torch.Tensor, k, strict: bool = True, k_max: int | None = None,
+                index_dtype: torch.dtype = torch.int32, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact top-k of fp32 ``scores`` (B, G, S_max) over the first lengths[b] positions of each row.
+
+    k: int, or (B,) int tensor of per-sequence budgets.  Each budget is clipped to 1..lengths[b]; with
+    ``strict=True`` a budget larger than its sequence's length raises instead (reads lengths on the host: one
+    device sync; use strict=False inside CUDA graphs).  Returns indices (B, G, k_max) of ``index_dtype``,
+    ascending within a row, padded with -1 beyond each row's budget (k_max = k, or max(k) for a tensor).
+    """
+    check(isinstance(scores, torch.Tensor) and scores.dtype == torch.float32,
+          f"scores must be a float32 tensor, got {getattr(scores, 'dtype', type(scores))}")
+    check(scores.dim() == 3, f"scores must be (B, G, S_max), got {tuple(scores.shape)}")
+    check_last_contiguous(scores, "scores")
+    B, G, S = scores.shape
+    check_lengths(lengths, B, scores.device)
+    check(index_dtype in INDEX_DTYPES, f"index_dtype must be int32 or int64, got {index_dtype}")
+    if strict:
+        check(bool((lengths <= S).all()), f"lengths exceed the scores' S_max={S}")
+    K_INT, kb, KMAX = _budget_args(k, lengths, B, strict, k_max)
+    if out is None:
+        out = torch.empty(B, G, KMAX, dtype=index_dtype, device=scores.device)
+    else:
+        check(out.shape == (B, G, KMAX) and out.dtype in INDEX_DTYPES and out.stride(-1) == 1,
+              f"out must be an int ({B}, {G}, {KMAX}) tensor")
+    _topk_kernel[(B * G,)](scores, scores.stride(0), scores.stride(1), out, out.stride(0), out.stride(1),
+                           lengths, kb if kb is not None else lengths, K_INT, G, S, KMAX,
+                           HAS_KB=kb is not None, BLOCK_S=_select_block(), num_warps=8 if not is_interpreter() else 4)
+    return out
+
+
+def loki_select(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tensor, k, P: torch.Tensor | None = None,
+                mode: str = "group", reduce: str = "max", scaling: float | None = None, strict: bool = True,
+                k_max: int | None = None, q_rot_out: torch.Tensor | None = None, block_n: int | None = None,
+                num_warps: int | None = None):
+    """Fused front half of a Loki step: (rotate q) + scores + top-k, one program per (sequence, score row).
+
+    q: (B, H, D) raw queries if P is given (then q' = q @ P[kvh] is computed here and returned), else already
+    rotated queries.  Returns (idx, q_rot): idx (B, G, k_max) int32 as `topk_select`; q_rot (B, H, D) fp32
+    (None when P is None).  scaling defaults to 1/sqrt(D).
+    """
+    check_float(k_lr, "k_lr")
+    check(k_lr.dim() == 4, f"k_lr must be (B, KVH, S_max, d), got {tuple(k_lr.shape)}")
+    check_last_contiguous(k_lr, "k_lr")
+    B, KVH, S, d = k_lr.shape
+    check_float(q, "q")
+    check(q.dim() == 3 and q.shape[0] == B, f"q must be (B, H, D) with B={B}, got {tuple(q.shape)}")
+    D = q.shape[2]
+    check(D >= d, f"q head dim {D} is smaller than d={d}")
+    H = _check_q(q, "q", B, D, KVH, k_lr.device)
+    check_lengths(lengths, B, k_lr.device)
+    R, HPR = _mode_params(mode, reduce, H, KVH)
+    if strict:
+        check(bool((lengths <= S).all()), f"lengths exceed S_max={S}")
+    K_INT, kb, KMAX = _budget_args(k, lengths, B, strict, k_max)
+    rotate = P is not None
+    if rotate:
+        check_float(P, "P")
+        check(tuple(P.shape) == (KVH, D, D), f"P must have shape {(KVH, D, D)}, got {tuple(P.shape)}")
+        check_last_contiguous(P, "P")
+        check(P.device == k_lr.device, f"P is on {P.device}, expected {k_lr.device}")
+        if q_rot_out is None:
+            q_rot_out = torch.empty(B, H, D, dtype=torch.float32, device=q.device)
+    scale = default_scaling(D, scaling)
+    keys = torch.empty(B, R, S, dtype=torch.int32, device=k_lr.device)
+    idx = torch.empty(B, R, KMAX, dtype=torch.int32, device=k_lr.device)
+    interp = is_interpreter()
+    BLOCK_N = block_n or (32 if interp else 256)
+    nw = num_warps or (4 if interp else 8)
+    qr = q_rot_out if rotate else q
+    Pt = P if rotate else q
+    _loki_select_kernel[(B * R,)](
+        q, q.stride(0), q.stride(1), Pt, Pt.stride(0), Pt.stride(1), qr, qr.stride(0), qr.stride(1),
+        k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), keys, keys.stride(0), keys.stride(1),
+        idx, idx.stride(0), idx.stride(1), lengths, kb if kb is not None else lengths, K_INT, scale,
+        R, H // KVH, S, KMAX,
+        ROTATE=rotate, HAS_KB=kb is not None, HPR=HPR, G_PAD=max(16, next_pow2(HPR)), D=D, D_LR=d,
+        BLOCK_D=max(32, next_pow2(D)), BLOCK_DL=max(16, next_pow2(d)), BLOCK_N=BLOCK_N, BLOCK_S=_select_block(),
+        K_FP32=k_lr.dtype == torch.float32, REDUCE_MAX=reduce == "max", num_warps=nw)
+    return idx, (q_rot_out if rotate else None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# references
+# ----------------------------------------------------------------------------------------------------------
+def budgets_ref(k, lengths) -> list:
+    B = lengths.shape[0]
+    ks = [int(k[b]) if isinstance(k, torch.Tensor) else int(k) for b in range(B)]
+    return [min(max(ks[b], 1), int(lengths[b])) for b in range(B)]
+
+
+def topk_select_ref(scores: torch.Tensor, lengths: torch.Tensor, k, k_max: int | None = None) -> torch.Tensor:
+    """torch.topk per row (clipped budgets), sorted ascending, padded with -1; int64, on scores' device."""
+    B, G, S = scores.shape
+    kbs = budgets_ref(k, lengths)
+    KMAX = k_max if k_max is not None else (int(k.max()) if isinstance(k, torch.Tensor) else int(k))
+    out = torch.full((B, G, KMAX), -1, dtype=torch.int64, device=scores.device)
+    for b in range(B):
+        n, kb = int(lengths[b]), kbs[b]
+        if kb <= 0:
+            continue
+        idx = torch.topk(scores[b, :, :n], kb, dim=-1).indices.sort(dim=-1).values
+        out[b, :, :kb] = idx
+    return out

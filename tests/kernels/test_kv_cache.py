@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from kernels import LokiInputError, allocate_cache, append_kv, prefill_kv
+from kernels.kv_cache import append_kv_ref, prefill_kv_ref
+from kernels.testing import random_orthonormal
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _poisoned_cache(B, KVH, S, D, d, dtype):
+    k_lr, k_rest, v, lengths = allocate_cache(B, KVH, S, D, d, dtype=dtype, device=DEV)
+    for t in (k_lr, k_rest, v):
+        t.fill_(float("nan"))
+    return k_lr, k_rest, v
+
+
+def _same(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    both_nan = torch.isnan(a) & torch.isnan(b)
+    return torch.where(both_nan, torch.zeros_like(a), (a - b).abs())
+
+
+@pytest.mark.parametrize("D,d", [(64, 8), (128, 32)])
+def test_append_kv(dtype, D, d):
+    B, KVH, S = 3, 2, 12
+    k_lr, k_rest, v = _poisoned_cache(B, KVH, S, D, d, dtype)
+    lengths = torch.tensor([0, 5, 11], dtype=torch.int32, device=DEV)
+    P = random_orthonormal(KVH, D, DEV)
+    kn = torch.randn(B, KVH, D, device=DEV).to(dtype)
+    vn = torch.randn(B, KVH, D, device=DEV).to(dtype)
+    ref = append_kv_ref(kn.cpu(), vn.cpu(), P.cpu(), k_lr.cpu(), k_rest.cpu(), v.cpu(), lengths.cpu())
+    append_kv(kn, vn, P, k_lr, k_rest, v, lengths, advance=True)
+    assert lengths.tolist() == [1, 6, 12]
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for got, want in zip((k_lr, k_rest, v), ref):
+        assert _same(got, want).max().item() <= tol
+    # the cache is full for sequence 2 now
+    with pytest.raises(LokiInputError, match="full"):
+        append_kv(kn, vn, P, k_lr, k_rest, v, lengths)
+    # strict=False drops the write silently
+    append_kv(kn, vn, P, k_lr, k_rest, v, lengths, strict=False)
+
+
+def test_prefill_kv(dtype):
+    B, KVH, S, D, d, T = 2, 3, 40, 64, 16, 21
+    k_lr, k_rest, v = _poisoned_cache(B, KVH, S, D, d, dtype)
+    lengths = torch.tensor([0, 7], dtype=torch.int32, device=DEV)
+    n_new = torch.tensor([21, 13], dtype=torch.int32, device=DEV)
+    P = random_orthonormal(KVH, D, DEV)
+    k = torch.randn(B, KVH, T, D, device=DEV).to(dtype)
+    vn = torch.randn(B, KVH, T, D, device=DEV).to(dtype)
+    ref = prefill_kv_ref(k.cpu(), vn.cpu(), P.cpu(), k_lr.cpu(), k_rest.cpu(), v.cpu(), lengths.cpu(), n_new.cpu())
+    prefill_kv(k, vn, P, k_lr, k_rest, v, lengths, n_new=n_new, advance=True)
+    assert lengths.tolist() == [21, 20]
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for got, want in zip((k_lr, k_rest, v), ref):
+        assert _same(got, want).max().item() <= tol
+
+
+def test_cache_bad_inputs():
+    B, KVH, S, D, d = 2, 2, 8, 64, 16
+    k_lr, k_rest, v, lengths = allocate_cache(B, KVH, S, D, d, dtype=torch.float32, device=DEV)
+    P = random_orthonormal(KVH, D, DEV)
+    kn = torch.randn(B, KVH, D, device=DEV)
+    with pytest.raises(LokiInputError, match="k_new"):
+        append_kv(kn[:, :1], kn, P, k_lr, k_rest, v, lengths)
+    with pytest.raises(LokiInputError, match="dtype"):
+        append_kv(kn, kn, P, k_lr.half(), k_rest, v, lengths)
+    with pytest.raises(LokiInputError, match="P must have shape"):
+        append_kv(kn, kn, P[:, :32, :32].contiguous(), k_lr, k_rest, v, lengths)
+    with pytest.raises(LokiInputError, match="k_rest"):
+        append_kv(kn, kn, P, k_lr, k_rest[..., :-1], v, lengths)
+    with pytest.raises(LokiInputError, match="contiguous"):
+        append_kv(torch.randn(B, KVH, 2 * D, device=DEV)[..., ::2], kn, P, k_lr, k_rest, v, lengths)
+    with pytest.raises(LokiInputError, match="lengths"):
+        append_kv(kn, kn, P, k_lr, k_rest, v, lengths.float())
+    with pytest.raises(LokiInputError, match="exceed"):
+        prefill_kv(torch.randn(B, KVH, 9, D, device=DEV), torch.randn(B, KVH, 9, D, device=DEV), P,
+                   k_lr, k_rest, v, lengths)
