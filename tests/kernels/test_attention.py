@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from kernels import LokiInputError, dense_decode_attention, sparse_decode_attention
+from kernels.attention import dense_attention_ref, sparse_attention_ref
+from kernels.testing import random_cache, rel_err
+from kernels.topk import topk_select_ref
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
+
+
+def _random_idx(B, R, S, lengths, k, generator_seed):
+    torch.manual_seed(generator_seed)
+    sc = torch.randn(B, R, S)
+    sc = sc.masked_fill(torch.arange(S)[None, None] >= lengths.cpu()[:, None, None], float("-inf"))
+    return topk_select_ref(sc, lengths.cpu(), k)
+
+
+@pytest.mark.parametrize("D,d,g,mode", [(64, 8, 3, "group"), (64, 16, 1, "group"), (128, 32, 4, "group"),
+                                        (128, 32, 4, "head"), (64, 64, 2, "group")])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_sparse_attention(dtype, D, d, g, mode, splits):
+    torch.manual_seed(D + d + g)
+    B, KVH, S = 3, 2, 60
+    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, dtype, DEV, lengths=[60, 25, 1])
+    H = KVH * g
+    q = torch.randn(B, H, D, device=DEV)
+    R = KVH if mode == "group" else H
+    idx = _random_idx(B, R, S, lengths, 21, D * g).to(torch.int32).to(DEV)  # ragged: -1 padded rows
+    out = torch.full((B, H, D), float("nan"), dtype=dtype, device=DEV)  # poisoned
+    o = sparse_decode_attention(q, k_lr, k_rest, v, idx, num_splits=splits, out=out)
+    ref = sparse_attention_ref(q.cpu(), k_lr.cpu(), k_rest.cpu(), v.cpu(), idx.cpu())
+    assert o.dtype == dtype
+    assert rel_err(o, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("D,d,g", [(64, 8, 3), (128, 32, 4)])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_dense_attention(dtype, D, d, g, splits):
+    torch.manual_seed(D + g)
+    B, KVH, S = 3, 2, 70
+    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, dtype, DEV, lengths=[70, 31, 0])
+    q = torch.randn(B, KVH * g, D, device=DEV)
+    out = torch.full((B, KVH * g, D), float("nan"), dtype=dtype, device=DEV)
+    o = dense_decode_attention(q, k_lr, k_rest, v, lengths, num_splits=splits, out=out)
+    ref = dense_attention_ref(q.cpu(), k_lr.cpu(), k_rest.cpu(), v.cpu(), lengths.cpu())
+    assert rel_err(o, ref) <= TOL[dtype]
+    assert (o[2].float() == 0).all()  # empty sequence -> zeros
+
+
+def test_attention_bad_inputs():
+    B, KVH, S, D, d = 2, 2, 16, 64, 16
+    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.float32, DEV)
+    q = torch.randn(B, 4, D, device=DEV)
+    idx = torch.zeros(B, KVH, 4, dtype=torch.int32, device=DEV)
+    with pytest.raises(LokiInputError, match="idx must be"):
+        sparse_decode_attention(q, k_lr, k_rest, v, idx[:, :1].float())
+    with pytest.raises(LokiInputError, match="idx must be"):
+        sparse_decode_attention(q, k_lr, k_rest, v, torch.zeros(B, 3, 4, dtype=torch.int32, device=DEV))
+    with pytest.raises(LokiInputError, match="q_rot"):
+        sparse_decode_attention(q[..., :32], k_lr, k_rest, v, idx)
+    with pytest.raises(LokiInputError, match="share a dtype"):
+        dense_decode_attention(q, k_lr, k_rest, v.half(), lengths)
+    with pytest.raises(LokiInputError, match="v shape"):
+        dense_decode_attention(q, k_lr, k_rest, v[:, :, :8], lengths)
+    with pytest.raises(LokiInputError, match="contiguous"):
+        dense_decode_attention(q, k_lr, k_rest, torch.randn(B, KVH, S, 2 * D, device=DEV)[..., ::2], lengths)
