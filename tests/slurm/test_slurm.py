@@ -1,0 +1,465 @@
+"""The pipeline on a real SLURM cluster (issue 8).
+
+A single-node cluster on this machine (.ci/slurm-up.sh, see conftest.py) runs
+
+1. the smoke DAG through Snakemake's SLURM executor (workflow/profiles/slurm), once
+   with its final stage forced to fail -- Snakemake must name the failed job's log --
+   and once more, which must resume: only the failed job is run again;
+2. the same smoke DAG locally (workflow/profiles/local); the outputs must be equal;
+3. a two-point Hydra sweep through submitit (conf/hydra/launcher/slurm_local_test.yaml),
+   compared with the same sweep run locally;
+
+and checks with ``sacct`` that the jobs went through SLURM.
+
+The profile/launcher checks at the top need no cluster.
+
+Knobs (environment): LOKI_SLURM_TEST_CONFIGFILE (conf/sweep/smoke.yaml),
+LOKI_SLURM_TEST_SUMMARY (results/smoke/summary.csv), LOKI_SLURM_TEST_FAIL_RULE (report;
+the rule made to fail, running ``python -m loki.<rule>``), LOKI_SLURM_TEST_SWEEP_APP
+(loki.evaluate), LOKI_SLURM_TEST_SWEEP_ARGS ("experiment=smoke method=loki method.d=8,16").
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+CONFIGFILE = os.environ.get("LOKI_SLURM_TEST_CONFIGFILE", "conf/sweep/smoke.yaml")
+SUMMARY = os.environ.get("LOKI_SLURM_TEST_SUMMARY", "results/smoke/summary.csv")
+FAIL_RULE = os.environ.get("LOKI_SLURM_TEST_FAIL_RULE", "report")
+SWEEP_APP = os.environ.get("LOKI_SLURM_TEST_SWEEP_APP", "loki.evaluate")
+SWEEP_ARGS = shlex.split(os.environ.get("LOKI_SLURM_TEST_SWEEP_ARGS", "experiment=smoke method=loki method.d=8,16"))
+# values that legitimately differ between two runs of the same config (wall time, host...)
+VOLATILE = re.compile(os.environ.get("LOKI_SLURM_TEST_VOLATILE",
+                                     r"(^|_)(seconds|secs|time|elapsed|duration|timestamp|date|host|hostname|"
+                                     r"git_commit|tokens_per_s|throughput|latency\w*|wandb\w*)$"), re.I)
+GPU_RULES = ("extract_keys", "evaluate", "bench_decode")
+CPU_RULES = ("prepare_model", "prepare_corpus", "fit_pca", "report")
+TIMEOUT_DAG = int(os.environ.get("LOKI_SLURM_TEST_TIMEOUT", "900"))
+
+# Resources of the single-node test cluster (2 CPUs, no GPU): the profiles read
+# these (workflow/profiles/slurm, conf/hydra/launcher/slurm*.yaml).
+CLUSTER_ENV = {
+    "LOKI_SLURM_PARTITION": "debug",
+    "LOKI_SLURM_ACCOUNT": "loki",
+    "LOKI_SLURM_GRES": "",            # no GPUs on the test cluster: GPU stages run on CPU
+    "LOKI_SLURM_MEM_MB": "3000",
+    "LOKI_SLURM_PREPARE_MEM_MB": "4000",
+    "LOKI_SLURM_RUNTIME": "30",
+    "LOKI_SLURM_GPU_MEM_MB": "4000",
+    "LOKI_SLURM_GPU_RUNTIME": "30",
+    "LOKI_SLURM_GPU_CPUS": "1",
+}
+
+
+
+HERE = Path(__file__).resolve().parent
+CHECKOUT = HERE.parents[1]                       # profiles and launcher configs under test
+REPO = Path(os.environ.get("LOKI_SLURM_TEST_REPO") or CHECKOUT).resolve()   # pipeline whose DAG runs
+PROFILES = CHECKOUT / "workflow" / "profiles"
+_IGNORE = {".git", ".venv", "venv", "results", "resources", ".snakemake", "outputs", "multirun", "wandb",
+           "__pycache__", ".pytest_cache", "logs", ".ipynb_checkpoints", "build", "dist", ".whl", ".gl"}
+
+
+def clean_env(**extra: str) -> dict:
+    """Environment for pipeline commands: the venv's python first on PATH, no SLURM_* from an
+    enclosing job, the test cluster's resources."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update(CLUSTER_ENV)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(extra)
+    return env
+
+
+def copy_pipeline(src: Path, dst: Path) -> Path:
+    """Copy the pipeline's sources (not its outputs, caches or venv) into ``dst``: in a git
+    checkout the tracked and untracked-but-not-ignored files, else all but generated folders."""
+    dst.mkdir(parents=True, exist_ok=True)
+    files = None
+    if (src / ".git").exists() and shutil.which("git"):
+        r = subprocess.run(["git", "-C", str(src), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                           capture_output=True)
+        if r.returncode == 0:
+            files = [f for f in r.stdout.decode().split("\0") if f]
+    if files is None:
+        shutil.copytree(src, dst, dirs_exist_ok=True, symlinks=True,
+                        ignore=lambda d, names: [n for n in names if n in _IGNORE or n.endswith(".egg-info")])
+        return dst
+    for rel in files:
+        s = src / rel
+        if s.is_file() and rel.split("/", 1)[0] not in _IGNORE:
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(s, dst / rel)
+    return dst
+
+# Makes `python -m loki.<stage>` exit non-zero when LOKI_TEST_FAIL_STAGE=<stage>: the job of
+# that stage fails on the cluster while everything else runs normally. Put on PYTHONPATH
+# for the first SLURM run only; the sbatch/srun environment carries it into the jobs.
+SITECUSTOMIZE = '''\
+import os, sys
+_stage = os.environ.get("LOKI_TEST_FAIL_STAGE")
+if _stage:
+    _argv = [str(a).replace(os.sep, "/") for a in getattr(sys, "orig_argv", sys.argv)]
+    if f"loki.{_stage}" in _argv or any(a.endswith(f"loki/{_stage}.py") for a in _argv):
+        sys.stderr.write(f"LOKI_TEST_FAIL_STAGE: forced failure of loki.{_stage} (tests/slurm)\\n")
+        sys.stderr.flush()
+        os._exit(17)
+'''
+FAIL_TEXT = "LOKI_TEST_FAIL_STAGE: forced failure"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+@dataclass
+class Run:
+    cmd: list
+    returncode: int
+    output: str = field(repr=False)
+    seconds: float
+    log: Path
+    workdir: Path | None = None
+
+    def tail(self, n: int = 6000) -> str:
+        return f"$ {shlex.join(map(str, self.cmd))}\n(exit {self.returncode}, {self.seconds:.0f}s, log {self.log})\n" \
+               + self.output[-n:]
+
+    @property
+    def slurm_run_id(self) -> str | None:
+        m = re.search(r"SLURM run ID: (\S+)", self.output)
+        return m.group(1) if m else None
+
+    @property
+    def submitted(self) -> dict:
+        """snakemake jobid -> SLURM job id, from 'Job N has been submitted with SLURM jobid M'."""
+        return dict(re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+)", self.output))
+
+    @property
+    def job_stats(self) -> dict:
+        """The 'Job stats' table Snakemake prints before running: rule -> count."""
+        m = re.search(r"Job stats:\n(?:.*\n){2}((?:\S+\s+\d+\n)+)", self.output)
+        if not m:
+            return {}
+        rows = dict(line.split() for line in m.group(1).strip().splitlines())
+        rows.pop("total", None)
+        return {k: int(v) for k, v in rows.items()}
+
+
+def run(cmd, cwd: Path, env: dict, log: Path, timeout: int = TIMEOUT_DAG) -> Run:
+    t0 = time.monotonic()
+    with open(log, "w") as fh:
+        try:
+            p = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL, timeout=timeout)
+            rc = p.returncode
+        except subprocess.TimeoutExpired:
+            rc = -9
+    out = log.read_text(errors="replace")
+    if rc == -9:
+        out += f"\n[test] TIMEOUT after {timeout}s"
+    return Run(list(cmd), rc, out, time.monotonic() - t0, log, Path(cwd))
+
+
+def snakemake(workdir: Path, profile: str, log: Path, *extra, env=None) -> Run:
+    cmd = [sys.executable, "-m", "snakemake", "--workflow-profile", PROFILES / profile, "--configfile", CONFIGFILE,
+           *extra]
+    return run(cmd, workdir, env or clean_env(), log)
+
+
+def sacct(*args: str) -> list[dict]:
+    fields = ["JobID", "JobName", "State", "ExitCode", "Comment", "Account", "Partition", "ReqTRES"]
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-S", "now-2hours", "-o", ",".join(fields), *args],
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    return [dict(zip(fields, line.split("|"))) for line in out.splitlines() if line.strip()]
+
+
+def output_files(workdir: Path) -> dict:
+    """Every pipeline output (results/, resources/) -> mtime_ns."""
+    files = {}
+    for top in ("results", "resources"):
+        for p in (workdir / top).rglob("*"):
+            if p.is_file():
+                files[str(p.relative_to(workdir))] = p.stat().st_mtime_ns
+    return files
+
+
+def _num(x):
+    if isinstance(x, bool) or x is None:
+        return x
+    if isinstance(x, (int, float)):
+        return float(x)
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return x
+
+
+def diff_values(a, b, path="") -> list[str]:
+    """Differences between two JSON-like values, ignoring VOLATILE keys; numbers must be equal
+    (to 1e-9 relative: the same computation on the same machine)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            if VOLATILE.search(str(k)):
+                continue
+            if k not in a or k not in b:
+                out.append(f"{path}/{k}: only in {'second' if k not in a else 'first'}")
+            else:
+                out += diff_values(a[k], b[k], f"{path}/{k}")
+        return out
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{path}: lengths {len(a)} != {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in diff_values(x, y, f"{path}[{i}]")]
+    x, y = _num(a), _num(b)
+    if isinstance(x, float) and isinstance(y, float):
+        if math.isnan(x) and math.isnan(y):
+            return []
+        return [] if math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12) else [f"{path}: {a!r} != {b!r}"]
+    return [] if x == y else [f"{path}: {a!r} != {b!r}"]
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def render_profile(name: str, **env) -> dict:
+    import yte
+
+    old = dict(os.environ)
+    try:
+        for k in [k for k in os.environ if k.startswith(("LOKI_SLURM_", "LOKI_LOCAL_"))]:
+            del os.environ[k]
+        os.environ.update(env)
+        with open(PROFILES / name / "config.yaml") as fh:
+            return yte.process_yaml(fh, require_use_yte=True)
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+
+# ------------------------------------------------------------- configuration (no cluster)
+
+def test_slurm_profile_requests_gpus_for_gpu_rules_only():
+    prof = render_profile("slurm")
+    assert prof["executor"] == "slurm"
+    res = prof["set-resources"]
+    for rule in GPU_RULES:
+        assert res[rule]["gres"] == "gpu:1", rule
+        assert res[rule]["mem_mb"] >= 16000 and res[rule]["runtime"] >= 60, rule
+    for rule in CPU_RULES:
+        assert "gres" not in res.get(rule, {}) and "gpu" not in res.get(rule, {}), rule
+    assert {"mem_mb", "runtime"} <= set(prof["default-resources"])
+    # nothing cluster-specific unless the user sets it
+    assert "slurm_account" not in prof["default-resources"]
+    assert "slurm_partition" not in prof["default-resources"]
+
+
+def test_slurm_profile_takes_cluster_values_from_environment():
+    prof = render_profile("slurm", LOKI_SLURM_ACCOUNT="lab", LOKI_SLURM_PARTITION="cpu",
+                          LOKI_SLURM_GPU_PARTITION="gpu", LOKI_SLURM_GRES="gpu:a100:2",
+                          LOKI_SLURM_GPU_MEM_MB="120000", LOKI_SLURM_GPU_RUNTIME="600")
+    assert prof["default-resources"]["slurm_account"] == "lab"
+    assert prof["default-resources"]["slurm_partition"] == "cpu"
+    ev = prof["set-resources"]["evaluate"]
+    assert (ev["gres"], ev["slurm_partition"], ev["mem_mb"], ev["runtime"]) == ("gpu:a100:2", "gpu", 120000, 600)
+    # CPU-only cluster (the test cluster): no GPU request at all
+    cpu_only = render_profile("slurm", LOKI_SLURM_GRES="")
+    assert all("gres" not in cpu_only["set-resources"][r] for r in GPU_RULES)
+
+
+def test_local_profile_limits_gpu_stages_to_the_gpus_present():
+    assert "resources" not in render_profile("local", LOKI_LOCAL_GPUS="0")
+    two = render_profile("local", LOKI_LOCAL_GPUS="2")
+    assert two["resources"] == {"gpu": 2}
+    assert all(two["set-resources"][r] == {"gpu": 1} for r in GPU_RULES)
+
+
+def test_hydra_slurm_launchers_compose():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher not installed")
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    conf_dir = REPO / "conf"
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        cfg = compose(config_name=None, overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+        launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
+        assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
+        test = compose(config_name=None, overrides=["hydra/launcher=slurm_local_test"], return_hydra_config=True)
+        assert test.hydra.launcher.gres is None
+        assert test.hydra.launcher._target_ == launcher["_target_"]
+
+
+# --------------------------------------------------------------------- on the cluster
+
+@dataclass
+class DagRuns:
+    workdir: Path
+    failed: Run
+    resumed: Run
+    after_failure: dict = field(default_factory=dict, repr=False)   # output file -> mtime after run 1
+    after_resume: dict = field(default_factory=dict, repr=False)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("slurm")
+
+
+@pytest.fixture(scope="module")
+def slurm_dag(slurm_cluster, pipeline_repo, work) -> DagRuns:
+    """The smoke DAG through SLURM: first with FAIL_RULE failing, then resumed."""
+    wd = copy_pipeline(pipeline_repo, work / "slurm")
+    hook = work / "failhook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    pp = os.pathsep.join(p for p in [str(hook), os.environ.get("PYTHONPATH", "")] if p)
+    fast = ["--slurm-init-seconds-before-status-checks", "2"]
+
+    failed = snakemake(wd, "slurm", work / "slurm-run1.log", *fast,
+                       env=clean_env(PYTHONPATH=pp, LOKI_TEST_FAIL_STAGE=FAIL_RULE))
+    after_failure = output_files(wd)
+    resumed = snakemake(wd, "slurm", work / "slurm-run2.log", *fast, env=clean_env())
+    return DagRuns(wd, failed, resumed, after_failure, output_files(wd))
+
+
+@pytest.fixture(scope="module")
+def local_dag(pipeline_repo, work, slurm_dag) -> Run:
+    wd = copy_pipeline(pipeline_repo, work / "local")
+    r = snakemake(wd, "local", work / "local.log")
+    assert r.returncode == 0, r.tail()
+    return r
+
+
+@pytest.mark.slurm
+def test_cluster_is_up_with_accounting(slurm_cluster):
+    info = subprocess.run(["sinfo", "-h", "-o", "%P %a %t %D"], capture_output=True, text=True, check=True).stdout
+    assert CLUSTER_ENV["LOKI_SLURM_PARTITION"] in info and "up" in info, info
+    jid = subprocess.run(["sbatch", "--parsable", "-n1", "--mem=100", "-t", "2", "-o", "/dev/null",
+                          "-J", "loki-slurm-probe", "--wrap", "true"],
+                         capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+    for _ in range(120):
+        rows = sacct("-j", jid)
+        if rows and rows[0]["State"] in ("COMPLETED", "FAILED", "CANCELLED"):
+            break
+        time.sleep(0.5)
+    assert rows and rows[0]["State"] == "COMPLETED", rows
+
+
+@pytest.mark.slurm
+def test_failed_cluster_job_is_reported_with_its_log(slurm_dag):
+    r = slurm_dag.failed
+    assert r.returncode != 0, "the forced failure did not happen\n" + r.tail()
+    assert r.slurm_run_id, "no 'SLURM run ID' -- did the SLURM executor run?\n" + r.tail()
+    assert r.submitted, "no job was submitted to SLURM\n" + r.tail()
+    assert re.search(rf"Error in rule {FAIL_RULE}\b", r.output), r.tail()
+    # the executor's SLURM log of the failed job, printed by Snakemake
+    logs = re.findall(rf"(/\S*\.snakemake/slurm_logs/rule_{FAIL_RULE}/\S*?\d+\.log)", r.output)
+    assert logs, f"no SLURM log path of rule {FAIL_RULE} in Snakemake's output\n" + r.tail()
+    assert all(Path(p).is_file() for p in logs), logs
+    # the reason is in one of the logs Snakemake points at (SLURM log or the rule's log:)
+    named = set(logs) | {str(slurm_dag.workdir / m) for m in re.findall(r"\blog: (\S+?),? ", r.output)}
+    texts = [Path(p).read_text(errors="replace") for p in named if Path(p).is_file()]
+    assert any(FAIL_TEXT in t for t in texts) or FAIL_TEXT in r.output, \
+        f"the failure's message is in none of the logs {sorted(named)}\n" + r.tail()
+    # everything upstream completed despite the failure (keep-going)
+    assert len(r.submitted) >= 2, r.tail()
+    assert SUMMARY not in slurm_dag.after_failure, f"{SUMMARY} was written although {FAIL_RULE} failed"
+
+
+@pytest.mark.slurm
+def test_rerun_resumes_from_what_completed(slurm_dag):
+    r = slurm_dag.resumed
+    assert r.returncode == 0, r.tail()
+    assert (slurm_dag.workdir / SUMMARY).is_file()
+    ran = {rule for rule in r.job_stats if rule != "all"}
+    assert ran == {FAIL_RULE}, f"the rerun ran {r.job_stats}, expected only {FAIL_RULE}\n" + r.tail()
+    changed = [f for f, t in slurm_dag.after_failure.items() if slurm_dag.after_resume.get(f) != t]
+    assert not changed, f"completed outputs were recomputed: {changed[:20]}"
+    rows = sacct("--name", r.slurm_run_id)
+    assert rows and all(row["Comment"].startswith(f"rule_{FAIL_RULE}") for row in rows), rows
+    assert all(row["State"] == "COMPLETED" for row in rows), rows
+
+
+@pytest.mark.slurm
+def test_dag_jobs_went_through_slurm(slurm_dag):
+    first, second = slurm_dag.failed, slurm_dag.resumed
+    rows = {row["JobID"]: row for row in sacct("--name", first.slurm_run_id)}
+    assert set(first.submitted.values()) == set(rows), (first.submitted, rows)
+    rules = {re.sub(r"_wildcards_.*", "", row["Comment"]).removeprefix("rule_") for row in rows.values()}
+    scheduled = set(first.job_stats) - {"all"}
+    stages = scheduled & set(GPU_RULES + CPU_RULES)        # the pipeline's stages must run as SLURM jobs
+    assert stages and stages <= rules <= scheduled, f"rules in sacct {rules}, scheduled {scheduled}"
+    for row in rows.values():
+        want = "FAILED" if row["Comment"].startswith(f"rule_{FAIL_RULE}") else "COMPLETED"
+        assert row["State"] == want, row
+        assert row["Account"] == CLUSTER_ENV["LOKI_SLURM_ACCOUNT"], row
+        assert row["Partition"] == CLUSTER_ENV["LOKI_SLURM_PARTITION"], row
+    assert second.slurm_run_id and second.slurm_run_id != first.slurm_run_id
+
+
+@pytest.mark.slurm
+def test_slurm_outputs_equal_local_outputs(slurm_dag, local_dag):
+    s_sum, l_sum = slurm_dag.workdir / SUMMARY, local_dag.workdir / SUMMARY
+    assert s_sum.is_file() and l_sum.is_file()
+    s_rows, l_rows = read_csv(s_sum), read_csv(l_sum)
+    assert s_rows, f"{SUMMARY} is empty"
+    diffs = diff_values(s_rows, l_rows, SUMMARY)
+    assert not diffs, "SLURM and local summaries differ:\n" + "\n".join(diffs[:40])
+    # every per-job metrics.json too
+    s_metrics = {p.relative_to(slurm_dag.workdir): p for p in (slurm_dag.workdir / "results").rglob("metrics.json")}
+    l_metrics = {p.relative_to(local_dag.workdir): p for p in (local_dag.workdir / "results").rglob("metrics.json")}
+    assert set(s_metrics) == set(l_metrics)
+    for rel in sorted(s_metrics):
+        d = diff_values(json.loads(s_metrics[rel].read_text()), json.loads(l_metrics[rel].read_text()), str(rel))
+        assert not d, "\n".join(d[:40])
+    # the same set of outputs
+    s_files, l_files = set(slurm_dag.after_resume), set(output_files(local_dag.workdir))
+    assert s_files == l_files, sorted(s_files ^ l_files)[:40]
+
+
+@pytest.mark.slurm
+def test_hydra_sweep_through_submitit(slurm_dag, work):
+    assert slurm_dag.resumed.returncode == 0, "the smoke DAG (resources for the sweep) did not complete"
+    wd = slurm_dag.workdir
+    name = f"loki-sweep-{uuid.uuid4().hex[:8]}"
+    # same torch threads in both sweeps (the SLURM job and this process see the same cores)
+    env = clean_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    s_dir, l_dir = work / "sweep-slurm", work / "sweep-local"
+    r = run([sys.executable, "-m", SWEEP_APP, "-m", *SWEEP_ARGS, "hydra/launcher=slurm_local_test",
+             f"hydra.sweep.dir={s_dir}", f"hydra.launcher.name={name}"], wd, env, work / "sweep-slurm.log", timeout=600)
+    assert r.returncode == 0, r.tail()
+    s_metrics = sorted(s_dir.rglob("metrics.json"))
+    assert len(s_metrics) == 2, (s_metrics, r.tail())
+    assert len(list(s_dir.glob(".submitit/*"))) >= 1, "no submitit job folders"
+    # submitit returns once the results are pickled; SLURM marks the jobs done a moment later
+    for _ in range(120):
+        rows = sacct("--name", name)
+        if len(rows) == 2 and all(row["State"] not in ("PENDING", "RUNNING", "COMPLETING") for row in rows):
+            break
+        time.sleep(0.5)
+    assert len(rows) == 2 and all(row["State"] == "COMPLETED" for row in rows), rows
+    assert all(row["JobID"].split("_")[0] == rows[0]["JobID"].split("_")[0] for row in rows), rows  # one job array
+    # the same sweep locally (Hydra's basic launcher): the same numbers
+    loc = run([sys.executable, "-m", SWEEP_APP, "-m", *SWEEP_ARGS, "hydra/launcher=basic",
+               f"hydra.sweep.dir={l_dir}"], wd, env, work / "sweep-local.log", timeout=600)
+    assert loc.returncode == 0, loc.tail()
+    l_metrics = sorted(l_dir.rglob("metrics.json"))
+    assert [p.relative_to(l_dir) for p in l_metrics] == [p.relative_to(s_dir) for p in s_metrics]
+    for s, l in zip(s_metrics, l_metrics):
+        d = diff_values(json.loads(s.read_text()), json.loads(l.read_text()), str(s.relative_to(s_dir)))
+        assert not d, "\n".join(d[:40])
