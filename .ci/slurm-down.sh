@@ -15,17 +15,17 @@ if [ -f /etc/slurm/slurm.conf ] && ! grep -qF "$MARKER" /etc/slurm/slurm.conf; t
   exit 0
 fi
 
-stop() {  # stop NAME PIDFILE
+stop() {  # stop NAME PIDFILE -- only if the pid file still names that daemon
   local name=$1 pidfile=$2 pid
   [ -f "$pidfile" ] || { log "$name: not running (no $pidfile)"; return 0; }
-  pid=$(cat "$pidfile")
-  if kill -0 "$pid" 2>/dev/null; then
+  pid=$(cat "$pidfile" 2>/dev/null)
+  if [ -n "$pid" ] && [ "$(cat /proc/"$pid"/comm 2>/dev/null)" = "$name" ]; then
     kill "$pid"
     for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
     kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null
     log "$name: stopped (pid $pid)"
   else
-    log "$name: not running (stale pid $pid)"
+    log "$name: not running (stale pid file)"
   fi
   rm -f "$pidfile"
 }

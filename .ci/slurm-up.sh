@@ -56,6 +56,24 @@ wait_for() {  # wait_for SECONDS DESCRIPTION CMD...
   log "$what: ok"
 }
 
+# pid from a pid file, only if that process is still the named daemon (a stale
+# file may name a pid reused by something else: never signal that)
+daemon_pid() {  # daemon_pid PIDFILE NAME
+  local pid
+  [ -f "$1" ] || return 1
+  pid=$(cat "$1" 2>/dev/null)
+  [ -n "$pid" ] && [ "$(cat /proc/"$pid"/comm 2>/dev/null)" = "$2" ] && echo "$pid"
+}
+stop_pid() {  # stop_pid PIDFILE NAME
+  local pid
+  if pid=$(daemon_pid "$1" "$2"); then
+    kill "$pid" 2>/dev/null
+    for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+  fi
+  rm -f "$1"
+  return 0
+}
+
 node_state() { sinfo -h -N -o '%t' 2>/dev/null | head -1; }
 node_ready() { case "$(node_state)" in idle|mix|alloc|comp) return 0;; *) return 1;; esac; }
 
@@ -224,8 +242,7 @@ EOF
 
 # slurmdbd
 if ! sacctmgr -n show cluster >/dev/null 2>&1; then
-  pkill_pidfile() { [ -f "$1" ] && kill "$(cat "$1")" 2>/dev/null; rm -f "$1"; return 0; }
-  pkill_pidfile /run/slurm/slurmdbd.pid
+  stop_pid /run/slurm/slurmdbd.pid slurmdbd
   log "starting slurmdbd"
   slurmdbd || die 4 "slurmdbd failed ($STATE/log/slurmdbd.log)"
   wait_for 60 "slurmdbd" sacctmgr -n show cluster || die 4 "slurmdbd does not answer ($STATE/log/slurmdbd.log)"
@@ -246,20 +263,19 @@ done
 log "accounting: cluster $CLUSTER, account $ACCOUNT, users root $USER_NAME"
 
 # slurmctld + slurmd: (re)start so they read the configuration written above
-stop_pid() { [ -f "$1" ] && kill "$(cat "$1")" 2>/dev/null; rm -f "$1"; return 0; }
 if [ "$CONF_CHANGED" = 1 ] && { [ -f /run/slurm/slurmctld.pid ] || [ -f /run/slurm/slurmd.pid ]; }; then
   log "configuration changed: restarting slurmctld and slurmd"
-  stop_pid /run/slurm/slurmd.pid; stop_pid /run/slurm/slurmctld.pid; sleep 1
+  stop_pid /run/slurm/slurmd.pid slurmd; stop_pid /run/slurm/slurmctld.pid slurmctld
 fi
 if ! scontrol ping 2>/dev/null | grep -q UP; then
-  stop_pid /run/slurm/slurmctld.pid
+  stop_pid /run/slurm/slurmctld.pid slurmctld
   log "starting slurmctld"
   slurmctld || die 4 "slurmctld failed ($STATE/log/slurmctld.log)"
   wait_for 60 "slurmctld" sh -c 'scontrol ping | grep -q UP' || die 4 "slurmctld does not answer ($STATE/log/slurmctld.log)"
 else
   log "slurmctld already running"
 fi
-if [ ! -f /run/slurm/slurmd.pid ] || ! kill -0 "$(cat /run/slurm/slurmd.pid)" 2>/dev/null; then
+if ! daemon_pid /run/slurm/slurmd.pid slurmd >/dev/null; then
   log "starting slurmd"
   slurmd || die 4 "slurmd failed ($STATE/log/slurmd.log)"
 else
