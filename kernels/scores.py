@@ -171,6 +171,10 @@ def _scores_kernel(q_ptr, sq_b, sq_h, klr_ptr, slr_b, slr_h, slr_s, out_ptr, so_
         tl.store(o_base + offs, sc, mask=offs < S_MAX)
 
 
+# GPU defaults (see kernels/NOTES.md)
+SCORES_CONFIG = dict(block_n=256, tiles=2, num_warps=4)
+
+
 def _mode_params(mode: str, reduce: str, H: int, KVH: int):
     check(mode in ("group", "head"), f"mode must be 'group' or 'head', got {mode!r}")
     check(reduce in ("max", "sum"), f"reduce must be 'max' or 'sum', got {reduce!r}")
@@ -182,7 +186,7 @@ def _mode_params(mode: str, reduce: str, H: int, KVH: int):
 
 def loki_scores(q_rot: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tensor, d: int | None = None,
                 mode: str = "group", reduce: str = "max", scaling: float | None = None, head_dim: int | None = None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """Approximate Loki scores.
 
     q_rot: (B, H, D') rotated queries (any float dtype; only the first d dims are read, D' >= d).
@@ -214,7 +218,8 @@ def loki_scores(q_rot: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tensor, 
     if is_interpreter():
         BLOCK_N, TILES, nw = 32, 1, 4
     else:
-        BLOCK_N, TILES, nw = 256, 2, 4
+        cfg = dict(SCORES_CONFIG, **(config or {}))
+        BLOCK_N, TILES, nw = cfg["block_n"], cfg["tiles"], cfg["num_warps"]
     grid = (B * R, triton.cdiv(S, BLOCK_N * TILES))
     _scores_kernel[grid](q_rot, q_rot.stride(0), q_rot.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1),
                          k_lr.stride(2), out, out.stride(0), out.stride(1), lengths, scale, R, H // KVH, S,

@@ -205,12 +205,20 @@ def _budget_args(k, lengths, B: int, strict: bool, k_max: int | None):
     return int(k), None, int(k if k_max is None else k_max)
 
 
-def _select_block():
-    return 64 if is_interpreter() else 2048
+# GPU defaults (see kernels/NOTES.md)
+SELECT_BLOCK_S = 2048  # elements per tile of a radix / compaction pass
+SELECT_WARPS = 8
+FUSED_BLOCK_N = 256  # tokens per scoring tile in the fused kernel
+FUSED_WARPS = 8
+
+
+def _select_block(block_s=None):
+    return 64 if is_interpreter() else (block_s or SELECT_BLOCK_S)
 
 
 def topk_select(scores: torch.Tensor, lengths: torch.Tensor, k, strict: bool = True, k_max: int | None = None,
-                index_dtype: torch.dtype = torch.int32, out: torch.Tensor | None = None) -> torch.Tensor:
+                index_dtype: torch.dtype = torch.int32, out: torch.Tensor | None = None, block_s: int | None = None,
+                num_warps: int | None = None) -> torch.Tensor:
     """Exact top-k of fp32 ``scores`` (B, G, S_max) over the first lengths[b] positions of each row.
 
     k: int, or (B,) int tensor of per-sequence budgets.  Each budget is clipped to 1..lengths[b]; with
@@ -235,14 +243,15 @@ def topk_select(scores: torch.Tensor, lengths: torch.Tensor, k, strict: bool = T
               f"out must be an int ({B}, {G}, {KMAX}) tensor")
     _topk_kernel[(B * G,)](scores, scores.stride(0), scores.stride(1), out, out.stride(0), out.stride(1),
                            lengths, kb if kb is not None else lengths, K_INT, G, S, KMAX,
-                           HAS_KB=kb is not None, BLOCK_S=_select_block(), num_warps=8 if not is_interpreter() else 4)
+                           HAS_KB=kb is not None, BLOCK_S=_select_block(block_s),
+                           num_warps=4 if is_interpreter() else (num_warps or SELECT_WARPS))
     return out
 
 
 def loki_select(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tensor, k, P: torch.Tensor | None = None,
                 mode: str = "group", reduce: str = "max", scaling: float | None = None, strict: bool = True,
                 k_max: int | None = None, q_rot_out: torch.Tensor | None = None, block_n: int | None = None,
-                num_warps: int | None = None):
+                num_warps: int | None = None, block_s: int | None = None):
     """Fused front half of a Loki step: (rotate q) + scores + top-k, one program per (sequence, score row).
 
     q: (B, H, D) raw queries if P is given (then q' = q @ P[kvh] is computed here and returned), else already
@@ -275,8 +284,8 @@ def loki_select(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tensor, k, P
     keys = torch.empty(B, R, S, dtype=torch.int32, device=k_lr.device)
     idx = torch.empty(B, R, KMAX, dtype=torch.int32, device=k_lr.device)
     interp = is_interpreter()
-    BLOCK_N = block_n or (32 if interp else 256)
-    nw = num_warps or (4 if interp else 8)
+    BLOCK_N = 32 if interp else (block_n or FUSED_BLOCK_N)
+    nw = 4 if interp else (num_warps or FUSED_WARPS)
     qr = q_rot_out if rotate else q
     Pt = P if rotate else q
     _loki_select_kernel[(B * R,)](
@@ -285,7 +294,7 @@ def loki_select(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tensor, k, P
         idx, idx.stride(0), idx.stride(1), lengths, kb if kb is not None else lengths, K_INT, scale,
         R, H // KVH, S, KMAX,
         ROTATE=rotate, HAS_KB=kb is not None, HPR=HPR, G_PAD=max(16, next_pow2(HPR)), D=D, D_LR=d,
-        BLOCK_D=max(32, next_pow2(D)), BLOCK_DL=max(16, next_pow2(d)), BLOCK_N=BLOCK_N, BLOCK_S=_select_block(),
+        BLOCK_D=max(32, next_pow2(D)), BLOCK_DL=max(16, next_pow2(d)), BLOCK_N=BLOCK_N, BLOCK_S=_select_block(block_s),
         K_FP32=k_lr.dtype == torch.float32, REDUCE_MAX=reduce == "max", num_warps=nw)
     return idx, (q_rot_out if rotate else None)
 

@@ -1,0 +1,353 @@
+"""Benchmark of the Loki decode kernels against dense SDPA and a naive torch Loki pipeline.
+
+    python -m kernels.bench                  # full grid (batch {1,16} x context {4K,16K,64K} (+128K at batch 1)
+                                             #            x (d, k) in {(D/4,1/4), (D/4,1/8), (D/8,1/16)})
+    python -m kernels.bench --quick          # batch 16, contexts 16K and 64K only
+    python -m kernels.bench --tune           # sweep kernel configs first (on batch 16, 16K), use the best
+    python -m kernels.bench --json out.json  # also write every number as JSON; --wandb logs to W&B if installed
+
+Llama-3-8B attention shapes: 32 query heads, 8 KV heads, head dim 128, bf16.  Every time is the median of
+`triton.testing.do_bench` over replays of a CUDA graph holding several calls (launch gaps as in a captured
+decode step); where one cache is smaller than ~3x L2 the calls rotate over several caches.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import triton
+
+from . import attention as attn_mod
+from . import scores as scores_mod
+from . import topk as topk_mod
+from .attention import dense_decode_attention, sparse_decode_attention
+from .loki import loki_decode
+from .reference import dense_sdpa, naive_loki_torch
+from .scores import loki_scores, rotate_q
+from .testing import random_orthonormal
+from .topk import loki_select, topk_select
+
+H, KVH, D = 32, 8, 128
+DTYPE = torch.bfloat16
+DEV = "cuda"
+SMOKE = False  # --smoke: CPU interpreter run of every code path on tiny shapes (no timing meaning)
+TARGETS = {(4, 4): 2.0, (4, 8): 3.0, (8, 16): 5.0}  # (D/d, 1/k) -> speedup over SDPA at batch 16, 16K & 64K
+
+
+def bench_graph(fn, n_calls_target_ms=8.0, rep=100):
+    """Median ms per call of fn, timed as replays of a CUDA graph that holds many calls."""
+    if SMOKE:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    est = max((time.perf_counter() - t0) * 1e3, 1e-3)
+    n_inner = int(min(200, max(1, n_calls_target_ms / est)))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(n_inner):
+            fn()
+    torch.cuda.synchronize()
+    ms = triton.testing.do_bench(g.replay, warmup=10, rep=rep, return_mode="median")
+    del g
+    return ms / n_inner
+
+
+def copy_bandwidth():
+    if SMOKE:
+        return 1.0
+    x = torch.randn(2 ** 30 // 2, device=DEV, dtype=torch.bfloat16)  # 1 GiB
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=25, rep=200, return_mode="median")
+    return 2 * x.numel() * 2 / (ms * 1e-3) / 1e9  # GB/s, bytes read + written
+
+
+class Case:
+    """One cache (or a few, rotated) of a given batch / context, with q, P."""
+
+    def __init__(self, B, S, d, n_copies):
+        self.B, self.S, self.d = B, S, d
+        self.copies = []
+        for _ in range(n_copies):
+            k_lr = torch.randn(B, KVH, S, d, device=DEV, dtype=DTYPE)
+            k_rest = torch.randn(B, KVH, S, D - d, device=DEV, dtype=DTYPE)
+            v = torch.randn(B, KVH, S, D, device=DEV, dtype=DTYPE)
+            self.copies.append((k_lr, k_rest, v))
+        self.lengths = torch.full((B,), S, dtype=torch.int32, device=DEV)
+        self.q = torch.randn(B, H, D, device=DEV, dtype=DTYPE)
+        self.P = random_orthonormal(KVH, D, DEV)
+        self.q_rot = rotate_q(self.q, self.P)
+
+
+def rot(case, f):
+    """Callable running f(k_lr, k_rest, v) over every cache copy; returns (fn, n_copies)."""
+    cps = case.copies
+
+    def fn():
+        for c in cps:
+            f(*c)
+    return fn, len(cps)
+
+
+def timed(case, f, rep=100):
+    fn, n = rot(case, f)
+    return bench_graph(fn, rep=rep) / n
+
+
+def n_copies_for(B, S, d):
+    l2x3 = 180e6
+    bytes_one = B * KVH * S * 2 * D * 2
+    return max(1, min(16, math.ceil(l2x3 / bytes_one)))
+
+
+def run_case(B, S, dfrac, kfrac, rep, stage_times=True):
+    d = D // dfrac
+    k = S // kfrac
+    case = Case(B, S, d, n_copies_for(B, S, d))
+    L = case.lengths
+    res = dict(batch=B, context=S, d=d, k=k, d_frac=f"D/{dfrac}", k_frac=f"1/{kfrac}")
+    q, P, q_rot = case.q, case.P, case.q_rot
+    # correctness spot check of the fused path against the split path and the naive pipeline
+    k_lr, k_rest, v = case.copies[0]
+    o_f = loki_decode(q, P, k_lr, k_rest, v, L, k, path="fused", strict=False)
+    o_s = loki_decode(q, P, k_lr, k_rest, v, L, k, path="split", strict=False)
+    o_n = naive_loki_torch(q, P, k_lr, k_rest, v, k)
+    res["check_fused_vs_split"] = ((o_f.float() - o_s.float()).norm() / o_s.float().norm()).item()
+    res["check_fused_vs_naive"] = ((o_f.float() - o_n.float()).norm() / o_n.float().norm()).item()
+    if stage_times:
+        scores = loki_scores(q_rot, k_lr, L, d=d)
+        res["rotate_ms"] = bench_graph(lambda: rotate_q(q, P), rep=rep)
+        res["scores_ms"] = timed(case, lambda a, b_, c: loki_scores(q_rot, a, L, d=d), rep)
+        res["topk_triton_ms"] = bench_graph(lambda: topk_select(scores, L, k, strict=False), rep=rep)
+        res["topk_torch_ms"] = bench_graph(lambda: torch.topk(scores, k, dim=-1, sorted=False), rep=rep)
+        res["select_fused_ms"] = timed(case, lambda a, b_, c: loki_select(q, a, L, k, P=P, strict=False), rep)
+        idx = topk_select(scores, L, k, strict=False)
+        res["attention_ms"] = timed(case, lambda a, b_, c: sparse_decode_attention(q_rot, a, b_, c, idx), rep)
+    res["total_fused_ms"] = timed(case, lambda a, b_, c: loki_decode(q, P, a, b_, c, L, k, path="fused",
+                                                                     strict=False), rep)
+    res["total_split_ms"] = timed(case, lambda a, b_, c: loki_decode(q, P, a, b_, c, L, k, path="split",
+                                                                     strict=False), rep)
+    res["total_torch_topk_ms"] = timed(case, lambda a, b_, c: loki_decode(q, P, a, b_, c, L, k, path="torch_topk",
+                                                                          strict=False), rep)
+    res["naive_torch_ms"] = timed(case, lambda a, b_, c: naive_loki_torch(q, P, a, b_, c, k), rep)
+    best = min(("fused", res["total_fused_ms"]), ("split", res["total_split_ms"]), key=lambda x: x[1])
+    res["total_ms"], res["best_path"] = best[1], best[0]
+    del case
+    if not SMOKE:
+        torch.cuda.empty_cache()
+    return res
+
+
+def run_dense(B, S, rep):
+    case = Case(B, S, 32, n_copies_for(B, S, 32))
+    L = case.lengths
+    kfull = [torch.cat([a, b], dim=-1) for a, b, _ in case.copies]
+    vs = [c[2] for c in case.copies]
+    q = case.q
+    q_rot_b = case.q_rot.to(DTYPE)
+
+    def sdpa():
+        for kk, vv in zip(kfull, vs):
+            dense_sdpa(q_rot_b, kk, vv)
+    n = len(kfull)
+    res = dict(batch=B, context=S)
+    res["sdpa_ms"] = bench_graph(sdpa, rep=rep) / n
+    res["dense_triton_ms"] = timed(case, lambda a, b_, c: dense_decode_attention(case.q_rot, a, b_, c, L), rep)
+    o1 = dense_decode_attention(case.q_rot, *case.copies[0], L).float()
+    o2 = dense_sdpa(q_rot_b, kfull[0], vs[0]).float()
+    res["check_dense_vs_sdpa"] = ((o1 - o2).norm() / o2.norm()).item()
+    res["dense_bytes"] = B * KVH * S * 2 * D * 2
+    del case, kfull, vs
+    if not SMOKE:
+        torch.cuda.empty_cache()
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------
+def tune(rep, log):
+    """Sweep a few configs of each kernel on batch 16, 16K context, (D/4, 1/8); set the module defaults."""
+    B, S, d, k = (16, 16384, 32, 2048) if not SMOKE else (2, 256, D // 4, 32)
+    case = Case(B, S, d, 1)
+    k_lr, k_rest, v = case.copies[0]
+    L, q, P, q_rot = case.lengths, case.q, case.P, case.q_rot
+    scores = loki_scores(q_rot, k_lr, L, d=d)
+    idx = topk_select(scores, L, k, strict=False)
+    out = {}
+
+    def sweep(name, cands, mk):
+        rows = []
+        if SMOKE:
+            cands = cands[:2]
+        for c in cands:
+            try:
+                ms = bench_graph(mk(c), rep=rep)
+            except Exception as e:  # noqa: BLE001 (a config that does not compile is skipped)
+                log(f"  {name} {c}: failed {type(e).__name__}: {str(e)[:120]}")
+                continue
+            rows.append((ms, c))
+            log(f"  {name} {c}: {ms * 1e3:.1f} us")
+        rows.sort(key=lambda x: x[0])
+        out[name] = [dict(ms=m, config=c) for m, c in rows]
+        return rows[0][1] if rows else None
+
+    best = sweep("sparse_attention", [dict(block_n=bn, num_warps=nw, num_stages=ns, waves=wv)
+                                      for bn in (32, 64) for nw in (4,) for ns in (2, 3, 4) for wv in (2, 4, 8)],
+                 lambda c: (lambda: sparse_decode_attention(q_rot, k_lr, k_rest, v, idx, config=c)))
+    if best:
+        attn_mod.SPARSE_CONFIG.update(best)
+    best = sweep("dense_attention", [dict(block_n=bn, num_warps=nw, num_stages=ns, waves=wv)
+                                     for bn in (64, 128) for nw in (4, 8) for ns in (3, 4) for wv in (1, 2)],
+                 lambda c: (lambda: dense_decode_attention(q_rot, k_lr, k_rest, v, L, config=c)))
+    if best:
+        attn_mod.DENSE_CONFIG.update(best)
+    best = sweep("fused_select", [dict(block_n=bn, num_warps=nw) for bn, nw in ((128, 4), (128, 8), (256, 4), (256, 8), (256, 16),
+                                                                (512, 8), (512, 16))],
+                 lambda c: (lambda: loki_select(q, k_lr, L, k, P=P, strict=False, **c)))
+    if best:
+        topk_mod.FUSED_BLOCK_N, topk_mod.FUSED_WARPS = best["block_n"], best["num_warps"]
+    best = sweep("topk_select", [dict(block_s=bs, num_warps=nw) for bs in (1024, 2048, 4096) for nw in (4, 8, 16)],
+                 lambda c: (lambda: topk_select(scores, L, k, strict=False, **c)))
+    if best:
+        topk_mod.SELECT_BLOCK_S, topk_mod.SELECT_WARPS = best["block_s"], best["num_warps"]
+    best = sweep("scores", [dict(block_n=bn, tiles=t, num_warps=nw) for bn in (128, 256, 512) for t in (1, 2, 4)
+                            for nw in (4, 8)],
+                 lambda c: (lambda: loki_scores(q_rot, k_lr, L, d=d, config=c)))
+    if best:
+        scores_mod.SCORES_CONFIG.update(best)
+    del case
+    return out
+
+
+def fmt_table(rows, dense, copy_bw):
+    lines = []
+    hdr = (f"{'B':>3} {'ctx':>6} {'d':>3} {'k':>6} | {'rot':>6} {'score':>6} {'topk':>6} {'tk_trch':>7} "
+           f"{'fsel':>6} {'attn':>6} | {'fused':>6} {'split':>6} {'naive':>6} {'sdpa':>6} | {'x_sdpa':>6} "
+           f"{'x_naive':>7} {'ideal':>5} {'GB/s':>6} {'target':>6}")
+    lines.append("times in us (median, CUDA-graph replay); x_* = speedup of the best Loki total")
+    lines.append(hdr)
+    lines.append("-" * len(hdr))
+    for r in rows:
+        dn = dense[(r["batch"], r["context"])]
+        def us(key):
+            return f"{r[key] * 1e3:6.1f}" if key in r else f"{'-':>6}"
+        tgt = r.get("target")
+        lines.append(
+            f"{r['batch']:>3} {r['context']:>6} {r['d']:>3} {r['k']:>6} | {us('rotate_ms')} {us('scores_ms')} "
+            f"{us('topk_triton_ms')} {us('topk_torch_ms'):>7} {us('select_fused_ms')} {us('attention_ms')} | "
+            f"{us('total_fused_ms')} {us('total_split_ms')} {us('naive_torch_ms')} {dn['sdpa_ms'] * 1e3:6.1f} | "
+            f"{r['speedup_vs_sdpa']:6.2f} {r['speedup_vs_naive']:7.2f} {r['ideal_ratio']:5.2f} "
+            f"{r['achieved_GBps']:6.0f} {('%.1fx' % tgt + (' ok' if r['target_met'] else ' NO')) if tgt else '':>6}")
+    lines.append("")
+    lines.append(f"copy bandwidth (read+write): {copy_bw:.0f} GB/s")
+    lines.append(f"{'B':>3} {'ctx':>6} | {'sdpa us':>8} {'%copy':>6} | {'triton us':>9} {'%copy':>6}")
+    for (B, S), dn in sorted(dense.items()):
+        lines.append(f"{B:>3} {S:>6} | {dn['sdpa_ms'] * 1e3:8.1f} {dn['sdpa_pct_copy']:6.1f} | "
+                     f"{dn['dense_triton_ms'] * 1e3:9.1f} {dn['dense_triton_pct_copy']:6.1f}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="batch 16, contexts 16K and 64K only")
+    ap.add_argument("--tune", action="store_true", help="sweep kernel configs first and use the best")
+    ap.add_argument("--json", default=None, help="write all results to this JSON file")
+    ap.add_argument("--wandb", action="store_true", help="log to Weights & Biases when installed")
+    ap.add_argument("--rep", type=int, default=100, help="do_bench rep (ms) per measurement")
+    ap.add_argument("--configs", default=None, help="comma list of B:S (e.g. 16:16384,1:131072)")
+    ap.add_argument("--no-stages", action="store_true", help="time only the totals")
+    ap.add_argument("--smoke", action="store_true", help="CPU interpreter smoke run (tiny shapes, no timing)")
+    args = ap.parse_args(argv)
+    global SMOKE, DEV, H, KVH, D, DTYPE
+    if args.smoke:
+        SMOKE, DEV, H, KVH, D, DTYPE = True, "cpu", 8, 2, 64, torch.float16
+    else:
+        assert torch.cuda.is_available(), "the benchmark needs a CUDA device (or --smoke)"
+    torch.manual_seed(0)
+
+    def log(*a):
+        print(*a, flush=True)
+
+    t_start = time.time()
+    info = dict(device=torch.cuda.get_device_name() if not SMOKE else "cpu-interpreter", torch=torch.__version__,
+                triton=triton.__version__,
+                sms=torch.cuda.get_device_properties(0).multi_processor_count if not SMOKE else 0, heads=H, kv_heads=KVH, head_dim=D,
+                dtype=str(DTYPE), command="python -m kernels.bench " + " ".join(argv if argv is not None else sys.argv[1:]))
+    log(json.dumps(info))
+    copy_bw = copy_bandwidth()
+    log(f"copy bandwidth {copy_bw:.0f} GB/s")
+    tuning = tune(args.rep, log) if args.tune else None
+    cfgs = dict(sparse=dict(attn_mod.SPARSE_CONFIG), dense=dict(attn_mod.DENSE_CONFIG),
+                fused=(topk_mod.FUSED_BLOCK_N, topk_mod.FUSED_WARPS),
+                topk=(topk_mod.SELECT_BLOCK_S, topk_mod.SELECT_WARPS), scores=dict(scores_mod.SCORES_CONFIG))
+    log("configs", cfgs)
+    if SMOKE:
+        grid = [(2, 256)]
+    elif args.configs:
+        grid = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")]
+    elif args.quick:
+        grid = [(16, 16384), (16, 65536)]
+    else:
+        grid = [(16, 4096), (16, 16384), (16, 65536), (1, 4096), (1, 16384), (1, 65536), (1, 131072)]
+    dense, rows = {}, []
+    for B, S in grid:
+        dn = run_dense(B, S, args.rep)
+        for key in ("sdpa", "dense_triton"):
+            dn[f"{key}_pct_copy"] = 100 * dn["dense_bytes"] / (dn[f"{key}_ms"] * 1e-3) / 1e9 / copy_bw
+        dense[(B, S)] = dn
+        log(f"dense B={B} S={S}: sdpa {dn['sdpa_ms'] * 1e3:.1f} us ({dn['sdpa_pct_copy']:.0f}% copy), "
+            f"triton {dn['dense_triton_ms'] * 1e3:.1f} us ({dn['dense_triton_pct_copy']:.0f}% copy)")
+        for dfrac, kfrac in ((4, 4), (4, 8), (8, 16)):
+            r = run_case(B, S, dfrac, kfrac, args.rep, stage_times=not args.no_stages)
+            loki_bytes = B * KVH * (S * r["d"] + r["k"] * 2 * D) * 2
+            r["loki_bytes"] = loki_bytes
+            r["ideal_ratio"] = dn["dense_bytes"] / loki_bytes
+            r["achieved_GBps"] = loki_bytes / (r["total_ms"] * 1e-3) / 1e9
+            r["sdpa_ms"] = dn["sdpa_ms"]
+            r["speedup_vs_sdpa"] = dn["sdpa_ms"] / r["total_ms"]
+            r["speedup_vs_naive"] = r["naive_torch_ms"] / r["total_ms"]
+            if B == 16 and S >= 16384 or SMOKE:
+                r["target"] = TARGETS[(dfrac, kfrac)]
+                r["target_met"] = r["speedup_vs_sdpa"] >= r["target"]
+            elif B == 16:
+                r["target"] = 1.0
+                r["target_met"] = r["speedup_vs_sdpa"] >= 1.0
+            rows.append(r)
+            log(json.dumps({k_: (round(v_, 5) if isinstance(v_, float) else v_) for k_, v_ in r.items()}))
+    table = fmt_table(rows, dense, copy_bw)
+    result = dict(info=info, copy_bandwidth_GBps=copy_bw, configs=cfgs, tuning=tuning, loki=rows,
+                  dense=[dict(v_, batch=b_, context=s_) for (b_, s_), v_ in dense.items()],
+                  wall_s=time.time() - t_start)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+    if args.wandb:
+        try:
+            import wandb
+            run = wandb.init(project=os.environ.get("WANDB_PROJECT", "loki-kernels"), job_type="bench", config=info)
+            run.log({"loki": wandb.Table(dataframe=__import__("pandas").DataFrame(rows)),
+                     "copy_bandwidth_GBps": copy_bw})
+            run.finish()
+        except Exception as e:  # noqa: BLE001 (W&B is optional)
+            log(f"wandb logging skipped: {type(e).__name__}: {e}")
+    print("\n" + table, flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
