@@ -1,0 +1,23 @@
+# Loki pipeline: prepare -> extract_keys -> fit_pca -> evaluate (grid over methods and (d, k)) -> report.
+# Thin on purpose: the rules live in workflow/rules/, the grid in conf/sweep/<name>.yaml.
+#   snakemake --cores 2                                   # default experiment on the embedded model
+#   snakemake --cores 2 --configfile conf/sweep/smoke.yaml  # tiny smoke run (CI)
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "conf/sweep/default.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/resources.smk"
+include: "workflow/rules/pca.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        final_targets(),
+    default_target: True

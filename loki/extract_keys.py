@@ -1,0 +1,204 @@
+"""Stage 1: run the model over a calibration corpus and write its keys as safetensors shards.
+
+Keys per layer and KV head, pre- and post-RoPE, in fixed-size shards (``shard_00000.safetensors``:
+tensors ``pre`` / ``post`` of shape (layers, kv_heads, tokens, head_dim)) with a ``manifest.json``.
+Memory is bounded by one shard whatever the token count. Each shard is written under a temporary name
+and renamed when complete; an interrupted run resumes after the last complete shard.
+
+    python -m loki.extract_keys model=smollm2-135m corpus@calib=lee_news extract.num_tokens=16384
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from loki.app import stage
+from loki.common import atomic_path, fail, read_json, sha256_file, write_json
+
+FORMAT = "loki-keys/1"
+
+
+def expected_manifest(cfg, model, fp: dict, total_tokens: int) -> dict:
+    from omegaconf import OmegaConf
+
+    ex = cfg.extract
+    return {
+        "format": FORMAT,
+        "model": {**fp, "id": cfg.model.get("id"), "path": cfg.model.get("path"), "revision": cfg.model.get("revision")},
+        "corpus": OmegaConf.to_container(cfg.calib, resolve=True),
+        "seq_len": int(ex.seq_len),
+        "shard_tokens": int(ex.shard_tokens),
+        "num_tokens": total_tokens,
+        "sides": list(ex.sides),
+        "dtype": str(ex.dtype),
+        "shards": [],
+        "complete": False,
+    }
+
+
+def _same_job(a: dict, b: dict) -> bool:
+    keys = ("format", "seq_len", "shard_tokens", "num_tokens", "sides", "dtype")
+    return all(a.get(k) == b.get(k) for k in keys) and a["model"].get("num_layers") == b["model"].get("num_layers") \
+        and a["model"].get("name") == b["model"].get("name") and a["corpus"].get("name") == b["corpus"].get("name")
+
+
+def extract(cfg, out_dir: Path, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    from loki.attention import attach
+    from loki.capture import KeyCapture
+    from loki.common import resolve_device
+    from loki.data import load_tokens, windows
+    from loki.modeling import fingerprint, load_model, load_tokenizer, max_positions, torch_dtype
+
+    ex = cfg.extract
+    seq_len, shard_tokens = int(ex.seq_len), int(ex.shard_tokens)
+    sides = tuple(ex.sides)
+    if not sides or any(s not in ("pre", "post") for s in sides):
+        raise fail(f"extract.sides must be a non-empty subset of [pre, post], got {list(sides)}.", "e.g. extract.sides=[pre,post].")
+    if shard_tokens % seq_len:
+        raise fail(f"extract.shard_tokens={shard_tokens} is not a multiple of extract.seq_len={seq_len}.",
+                   "pick shard_tokens = n * seq_len so shards hold whole sequences.")
+    device = resolve_device(cfg.device)
+    model = load_model(cfg.model, device=device, attn_implementation="sdpa")
+    fp = fingerprint(model, cfg.model.name)
+    limit = max_positions(model)
+    if limit and seq_len > limit:
+        raise fail(f"extract.seq_len={seq_len} is above the model's limit of {limit} positions.", f"use extract.seq_len <= {limit}.")
+    tok = load_tokenizer(cfg.model)
+    tokens = load_tokens(cfg.calib, tok, max_tokens=int(ex.num_tokens))
+    seqs = windows(tokens, seq_len, None, f"extract_keys on corpus '{cfg.calib.name}'")
+    total = seqs.shape[0] * seq_len
+    if total < int(ex.num_tokens):
+        print(f"[extract_keys] corpus '{cfg.calib.name}' gives {total} tokens (< {ex.num_tokens} asked): using all of them")
+
+    want = expected_manifest(cfg, model, fp, total)
+    man_path = out_dir / "manifest.json"
+    manifest = want
+    if man_path.exists():
+        old = read_json(man_path, "key manifest")
+        if _same_job(old, want):
+            manifest = old
+            for sh in manifest["shards"]:
+                if not (out_dir / sh["file"]).exists():
+                    raise fail(f"shard {out_dir / sh['file']} is listed in {man_path} but missing.",
+                               f"delete {out_dir} and rerun extract_keys.")
+            if manifest.get("complete"):
+                print(f"[extract_keys] {out_dir} is complete ({manifest['num_tokens']} tokens); nothing to do")
+                return manifest
+            print(f"[extract_keys] resuming after {len(manifest['shards'])} complete shard(s)")
+        else:
+            raise fail(f"{man_path} was written for another extraction (model, corpus, lengths or sides differ).",
+                       f"delete {out_dir} or choose another keys_dir.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    capture = KeyCapture(sides)
+    attach(model, capture)
+    dtype = torch_dtype(str(ex.dtype))
+    seqs_per_shard = shard_tokens // seq_len
+    done_tokens = sum(sh["tokens"] for sh in manifest["shards"])
+    start = done_tokens // seq_len
+    buf: dict[str, list[torch.Tensor]] = {s: [] for s in sides}
+    L = fp["num_layers"]
+    bs = int(ex.batch_size)
+    bar = tqdm(total=total, initial=done_tokens, unit="tok", desc="extract_keys", disable=not progress)
+
+    def flush():
+        from safetensors.torch import save_file
+
+        i = len(manifest["shards"])
+        name = f"shard_{i:05d}.safetensors"
+        tensors = {s: torch.cat(buf[s], dim=2).to(dtype).contiguous() for s in sides}  # (L, KVH, N, D)
+        n = tensors[sides[0]].shape[2]
+        with atomic_path(out_dir / name) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": FORMAT, "model": fp["name"], "index": str(i)})
+        manifest["shards"].append({"file": name, "tokens": n, "sha256": sha256_file(out_dir / name)})
+        write_json(man_path, manifest)
+        for s in sides:
+            buf[s].clear()
+
+    t0 = time.time()
+    with torch.inference_mode():
+        for b0 in range(start, seqs.shape[0], bs):
+            # never let a batch straddle a shard boundary
+            b1 = min(b0 + bs, seqs.shape[0], (b0 // seqs_per_shard + 1) * seqs_per_shard)
+            batch = seqs[b0:b1].to(device)
+            model(input_ids=batch, use_cache=False)
+            for s in sides:
+                k = capture.pop(s, L)  # (L, B, KVH, T, D)
+                buf[s].append(k.permute(0, 2, 1, 3, 4).reshape(L, k.shape[2], -1, k.shape[-1]).cpu())
+            bar.update(batch.numel())
+            if b1 % seqs_per_shard == 0 or b1 == seqs.shape[0]:
+                flush()
+            if ex.get("stop_after_shards") and len(manifest["shards"]) >= int(ex.stop_after_shards):
+                bar.close()
+                raise KeyboardInterrupt("stop_after_shards reached (test hook)")
+    bar.close()
+    capture.remove()
+    manifest["complete"] = True
+    manifest["seconds"] = round(time.time() - t0, 2)
+    write_json(man_path, manifest)
+    return manifest
+
+
+def verify_shards(keys_dir: Path, model_info: dict | None = None, check_hash: bool = True) -> dict:
+    """Read and check a key folder's manifest (and the shards' checksums); return the manifest."""
+    from loki.modeling import check_fingerprint
+
+    keys_dir = Path(keys_dir)
+    man_path = keys_dir / "manifest.json"
+    if not man_path.exists():
+        raise fail(f"no key manifest at {man_path}.", "run extract_keys first (or set keys_dir).")
+    man = read_json(man_path, "key manifest")
+    if man.get("format") != FORMAT:
+        raise fail(f"{man_path} is not a Loki key manifest.", "point keys_dir at an extract_keys output folder.")
+    if not man.get("complete"):
+        raise fail(f"key extraction in {keys_dir} is incomplete ({len(man['shards'])} shard(s)).",
+                   "rerun extract_keys with the same settings: it resumes after the last complete shard.")
+    if model_info is not None:
+        check_fingerprint(man["model"], model_info, "key manifest", str(man_path), "extract keys with the model you fit for.")
+    if check_hash:
+        for sh in man["shards"]:
+            p = keys_dir / sh["file"]
+            if not p.exists() or sha256_file(p) != sh["sha256"]:
+                raise fail(f"key shard {p} is missing, corrupt or truncated (checksum does not match {man_path}).",
+                           f"delete {p} and its entry, or the whole folder {keys_dir}, and rerun extract_keys.")
+    return man
+
+
+def iter_shards(keys_dir: Path, man: dict, side: str):
+    """Yield each shard's (L, KVH, N, D) keys for one side; a shard is read only when needed."""
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    for sh in man["shards"]:
+        p = Path(keys_dir) / sh["file"]
+        try:
+            with safe_open(str(p), "pt") as f:
+                if side not in f.keys():
+                    raise fail(f"shard {p} has no '{side}' keys (it has {list(f.keys())}).",
+                               f"extract with extract.sides including {side}.")
+                yield f.get_tensor(side)
+        except (SafetensorError, OSError) as e:
+            raise fail(f"key shard {p} is corrupt or truncated ({e}).",
+                       f"delete {keys_dir} (or the shard and its manifest entry) and rerun extract_keys.") from e
+
+
+@stage
+def main(cfg) -> None:
+    from loki.tracking import wandb_run
+
+    out_dir = Path(cfg.keys_dir)
+    with wandb_run(cfg, "extract_keys", name=f"extract_keys-{cfg.model.name}-{cfg.calib.name}") as run:
+        man = extract(cfg, out_dir)
+        if run is not None:
+            run.summary.update({"tokens": man["num_tokens"], "shards": len(man["shards"]),
+                                "seconds": man.get("seconds", 0.0)})
+    print(f"[extract_keys] {man['num_tokens']} tokens in {len(man['shards'])} shard(s) -> {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""What every method shares: option validation, the token budget, top-k selection, exact attention.
+
+Shapes: q (B, H, T, D); k, v (B, KVH, S, D); ``visible`` bool (B|1, 1, T, S). Scores are fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+
+from loki.common import fail
+
+K_MODES = ("prefix", "window", "tokens")
+
+
+class Method:
+    """Base class. Subclasses set ``name`` and ``options`` (option -> default) and implement ``attend``."""
+
+    name: ClassVar[str] = "base"
+    options: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, opts: dict | None = None, **resources):
+        opts = dict(opts or {})
+        unknown = sorted(set(opts) - set(self.options))
+        if unknown:
+            raise fail(f"option(s) {unknown} do not apply to method '{self.name}'.",
+                       f"'{self.name}' takes: {', '.join(sorted(self.options)) or 'no options'}.")
+        self.opts = {**self.options, **opts}
+        self.calls = 0
+        self.resources = resources
+        self.validate()
+
+    def __getattr__(self, item):  # options read as attributes
+        opts = self.__dict__.get("opts", {})
+        if item in opts:
+            return opts[item]
+        raise AttributeError(item)
+
+    def validate(self) -> None:
+        pass
+
+    def bind(self, model) -> None:
+        """Called once the method is attached to a model (shape checks, loading bases)."""
+        from loki.modeling import fingerprint
+
+        self.model_info = fingerprint(model)
+
+    def attend(self, module, q, k, v, visible, scaling) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"method": self.name, **self.opts}
+
+
+# ------------------------------------------------------------------------------ shared helpers
+
+
+def validate_budget(name: str, k: Any, k_mode: str) -> None:
+    if k_mode not in K_MODES:
+        raise fail(f"{name}: unknown k_mode '{k_mode}'.", f"use one of {K_MODES}.")
+    if k is None or isinstance(k, bool) or not isinstance(k, (int, float)):
+        raise fail(f"{name}: k must be a number, got {k!r}.", "set method.k to a fraction in (0, 1] or a token count.")
+    if k <= 0:
+        raise fail(f"{name}: k must be > 0, got {k}.", "set method.k to a fraction in (0, 1] or, with k_mode=tokens, a count >= 1.")
+    if k_mode in ("prefix", "window") and k > 1:
+        raise fail(f"{name}: with k_mode={k_mode}, k is a fraction and must be <= 1, got {k}.",
+                   "use k in (0, 1], or k_mode=tokens for an absolute budget.")
+    if k_mode == "tokens" and int(k) != k:
+        raise fail(f"{name}: with k_mode=tokens, k must be a whole number of tokens, got {k}.", "use an integer k.")
+
+
+def token_budget(visible: torch.Tensor, k: float, k_mode: str) -> torch.Tensor:
+    """Tokens to keep per query row, (B|1, 1, T) int64, each within [1, visible count] (0 if none visible).
+
+    prefix: ceil(k * n_i) of the row's own visible prefix (what a decoder sees);
+    window: ceil(k * S) of the whole window, as in the paper's evaluation code (early rows keep all);
+    tokens: an absolute count.
+    """
+    n = visible.sum(-1)
+    S = visible.shape[-1]
+    if k_mode == "prefix":
+        want = torch.ceil(n.to(torch.float64) * k).to(torch.long)
+    elif k_mode == "window":
+        want = torch.full_like(n, math.ceil(k * S))
+    else:
+        if k > S:
+            raise fail(f"token budget k={int(k)} is larger than the context ({S} tokens).",
+                       "lower method.k or use a fractional budget (k_mode=prefix).")
+        want = torch.full_like(n, int(k))
+    return torch.minimum(want.clamp(min=1), n)
+
+
+def forced_mask(visible: torch.Tensor, sink_tokens: int, local_window: int) -> torch.Tensor | None:
+    """Keys always kept: the first ``sink_tokens`` and the last ``local_window`` visible keys of each row."""
+    if not sink_tokens and not local_window:
+        return None
+    S = visible.shape[-1]
+    pos = torch.arange(S, device=visible.device)
+    forced = torch.zeros_like(visible)
+    if sink_tokens:
+        forced |= pos < sink_tokens
+    if local_window:
+        last = torch.where(visible, pos, -1).amax(-1, keepdim=True)  # last visible key per row
+        forced |= (pos > last - local_window) & (pos <= last)
+    return forced & visible
+
+
+def select_topk(scores: torch.Tensor, visible: torch.Tensor, budget: torch.Tensor,
+                forced: torch.Tensor | None = None, row_chunk: int = 128) -> torch.Tensor:
+    """Boolean selection (same shape as scores) of each row's ``budget`` highest visible scores.
+
+    Forced keys are taken first and always kept. Ties are broken by ``torch.topk``. Rows are processed
+    in chunks, each over the columns any of its rows can see and with the chunk's largest budget, which
+    halves the work for causal masks.
+    """
+    s = scores.float().masked_fill(~visible, float("-inf"))
+    if forced is not None:
+        s = s.masked_fill(forced, float("inf"))
+    T, S = s.shape[-2], s.shape[-1]
+    sel = torch.zeros(s.shape, dtype=torch.bool, device=s.device)
+    budget = budget.expand(*s.shape[:1], *budget.shape[1:]) if budget.shape[0] == 1 else budget
+    cols = torch.arange(S, device=s.device)
+    vis_rows = visible.any(1) if visible.dim() == 4 else visible  # (B|1, T, S)
+    last_col = torch.where(vis_rows, cols, -1).amax(-1)  # (B|1, T)
+    for r0 in range(0, T, row_chunk):
+        r1 = min(T, r0 + row_chunk)
+        b = budget[..., r0:r1]  # (B, 1, rows)
+        kmax = int(b.max().item()) if b.numel() else 0
+        if kmax == 0:
+            continue
+        c1 = max(int(last_col[:, r0:r1].max().item()) + 1, kmax)
+        part = s[..., r0:r1, :c1]
+        idx = part.topk(kmax, dim=-1, sorted=True).indices
+        keep = torch.arange(kmax, device=s.device) < b.unsqueeze(-1)
+        sel[..., r0:r1, :c1].scatter_(-1, idx, keep.expand(idx.shape))
+    sel &= visible
+    if forced is not None:
+        sel |= forced
+    return sel
+
+
+def expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, KVH, S, D) -> (B, KVH*groups, S, D): query head h uses KV head h // groups."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def group_reduce(x: torch.Tensor, groups: int, how: str) -> torch.Tensor:
+    """(B, H, T, S) per query head -> (B, KVH, T, S) per KV group."""
+    B, H, T, S = x.shape
+    x = x.view(B, H // groups, groups, T, S)
+    if how == "max":
+        return x.amax(2)
+    if how == "sum":
+        return x.sum(2)
+    if how == "mean":
+        return x.mean(2)
+    raise fail(f"unknown group_reduce '{how}'.", "use max, sum or mean.")
+
+
+def exact_scores(q, k, scaling) -> torch.Tensor:
+    groups = q.shape[1] // k.shape[1]
+    return torch.matmul(q.float(), expand_kv(k, groups).float().transpose(-1, -2)) * scaling
+
+
+def masked_attention(scores: torch.Tensor, keep: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax over the kept scores, times V. Rows that keep nothing give zeros. Returns v's dtype."""
+    groups = scores.shape[1] // v.shape[1]
+    s = scores.float().masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    p = torch.nan_to_num(p, nan=0.0)
+    return torch.matmul(p, expand_kv(v, groups).float()).to(v.dtype)
+
+
+def sparse_attention(q, k, v, keep, scaling) -> torch.Tensor:
+    """Exact attention restricted to the kept keys (reference: computes all scores, masks the rest)."""
+    return masked_attention(exact_scores(q, k, scaling), keep, v)

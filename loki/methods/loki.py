@@ -1,0 +1,133 @@
+"""Loki: rotate q and k into a PCA basis of the keys, score with the first d dims, keep the top k,
+exact attention over those (Singhania et al., NeurIPS 2024).
+
+The basis is applied to the post-RoPE q and k that the attention layer (and a KV cache) holds:
+``rope=post`` uses the basis fitted on post-RoPE keys, ``rope=pre`` the one fitted on pre-RoPE keys.
+Because each basis is orthonormal, q'.k' over all D dims equals q.k: with d = D, Loki selects exactly
+what exact top-k selects.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loki.common import fail
+from loki.methods.base import (Method, exact_scores, forced_mask, group_reduce, masked_attention, select_topk,
+                               token_budget, validate_budget)
+from loki.methods.exact_topk import SELECTION_OPTIONS, is_dense_here
+
+
+def online_basis(k: torch.Tensor) -> torch.Tensor:
+    """PCA basis of the keys at hand (uncentered), (B, KVH, D, D), columns by decreasing variance."""
+    k = k.double()
+    cov = k.transpose(-1, -2) @ k
+    _, vecs = torch.linalg.eigh(cov)  # ascending
+    return vecs.flip(-1).float()
+
+
+class Loki(Method):
+    name = "loki"
+    options = {
+        "d": 16,               # int: dims; float in (0, 1): fraction of the head dim
+        "d_variance": None,    # float in (0, 1]: per (layer, KV head) d reaching this explained variance
+        **SELECTION_OPTIONS,
+        "rope": "post",        # which basis: fitted on post-RoPE (default) or pre-RoPE keys
+        "basis": "offline",    # offline (pca_path) | online (fitted on the current keys)
+        "selection": "head",   # head: top-k per query head (paper) | group: one set per KV group
+        "group_reduce": "max",  # how group selection combines the heads' scores: max | sum | mean
+    }
+
+    def validate(self):
+        validate_budget(self.name, self.k, self.k_mode)
+        if self.rope not in ("pre", "post"):
+            raise fail(f"loki: rope must be 'pre' or 'post', got {self.rope!r}.", "set method.rope=post or pre.")
+        if self.basis not in ("offline", "online"):
+            raise fail(f"loki: basis must be offline or online, got {self.basis!r}.", "set method.basis.")
+        if self.selection not in ("head", "group"):
+            raise fail(f"loki: selection must be head or group, got {self.selection!r}.", "set method.selection.")
+        if self.group_reduce not in ("max", "sum", "mean"):
+            raise fail(f"loki: unknown group_reduce {self.group_reduce!r}.", "use max, sum or mean.")
+        dv = self.d_variance
+        if dv is not None and not (0 < float(dv) <= 1):
+            raise fail(f"loki: d_variance must be in (0, 1], got {dv}.", "e.g. method.d_variance=0.9.")
+        d = self.d
+        if dv is None and (d is None or isinstance(d, bool) or not isinstance(d, (int, float)) or d <= 0):
+            raise fail(f"loki: d must be a positive int (dims) or a fraction in (0, 1), got {d!r}.", "set method.d.")
+        if isinstance(d, float) and d >= 1 and int(d) != d:
+            raise fail(f"loki: d={d} is neither a whole number of dims nor a fraction < 1.", "set method.d.")
+
+    def bind(self, model):
+        super().bind(model)
+        D = self.model_info["head_dim"]
+        d = self.d
+        if self.d_variance is None:
+            dims = int(round(d * D)) if isinstance(d, float) and d < 1 else int(d)
+            if dims > D:
+                raise fail(f"loki: d={dims} is larger than the head dim {D} of this model.",
+                           f"set method.d to at most {D} (or a fraction such as 0.25).")
+            self.dims = max(1, dims)
+        self.basis_obj = None
+        if self.basis == "offline":
+            basis = self.resources.get("basis")
+            if basis is None:
+                from loki.pca import load_basis
+
+                path = self.resources.get("pca_path")
+                if not path:
+                    raise fail("loki with basis=offline needs a PCA file.", "set pca_path (run the fit_pca stage) or method.basis=online.")
+                basis = load_basis(path, self.model_info)
+            basis.check(self.model_info, self.resources.get("pca_path", "<basis>"))
+            self.basis_obj = basis
+            self.P = basis.components(self.rope)  # (L, KVH, D, D)
+            if self.d_variance is not None:
+                self.dim_counts = basis.dims_for_variance(self.rope, float(self.d_variance))  # (L, KVH)
+        elif self.d_variance is not None:
+            raise fail("loki: d_variance needs an offline basis (its explained variance).", "use basis=offline or a fixed d.")
+        self._dim_mask_cache = {}
+
+    def _dim_mask(self, layer: int, D: int, device) -> torch.Tensor | None:
+        """(KVH, D) 0/1 mask of the scored dims, for per-(layer, head) d; None for a fixed d."""
+        if self.d_variance is None:
+            return None
+        key = (layer, str(device))
+        if key not in self._dim_mask_cache:
+            counts = self.dim_counts[layer].to(device)
+            self._dim_mask_cache[key] = (torch.arange(D, device=device)[None, :] < counts[:, None]).float()
+        return self._dim_mask_cache[key]
+
+    def approx_scores(self, module, q, k, scaling) -> torch.Tensor:
+        """Scores of every query head against every key from the first d rotated dims, (B, H, T, S) fp32."""
+        B, H, T, D = q.shape
+        KVH = k.shape[1]
+        g = H // KVH
+        layer = module.layer_idx
+        if self.basis == "online":
+            P = online_basis(k)  # (B, KVH, D, D)
+        else:
+            P = self.P[layer].to(q.device)[None]  # (1, KVH, D, D)
+        qf = q.float().view(B, KVH, g, T, D)
+        qr = torch.matmul(qf, P.unsqueeze(2))  # (B, KVH, g, T, D)
+        kr = torch.matmul(k.float(), P)  # (B, KVH, S, D)
+        mask = self._dim_mask(layer, D, q.device)
+        if mask is None:
+            qr, kr = qr[..., : self.dims], kr[..., : self.dims]
+        else:
+            qr = qr * mask[None, :, None, None, :]
+        s = torch.matmul(qr, kr.unsqueeze(2).transpose(-1, -2)) * scaling  # (B, KVH, g, T, S)
+        return s.view(B, H, T, -1)
+
+    def attend(self, module, q, k, v, visible, scaling):
+        scores = exact_scores(q, k, scaling)
+        if is_dense_here(self, module, q):
+            return masked_attention(scores, visible.expand_as(scores), v)
+        approx = self.approx_scores(module, q, k, scaling)
+        budget = token_budget(visible, self.k, self.k_mode)
+        forced = forced_mask(visible, self.sink_tokens, self.local_window)
+        g = q.shape[1] // k.shape[1]
+        if self.selection == "group" and g > 1:
+            keep = select_topk(group_reduce(approx, g, self.group_reduce), visible, budget, forced)
+            keep = keep.repeat_interleave(g, dim=1)
+        else:
+            keep = select_topk(approx, visible, budget, forced)
+        self.last_selection = keep
+        return masked_attention(scores, keep, v)

@@ -1,0 +1,51 @@
+"""Stage 0: produce an embedded resource (the model folder or a corpus file), checksummed.
+
+    python -m loki.prepare prepare_target=model  model=smollm2-135m
+    python -m loki.prepare prepare_target=data   corpus@data=enwiki_sample
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loki.app import stage
+from loki.common import fail
+
+
+@stage
+def main(cfg) -> None:
+    from loki.tracking import wandb_run
+
+    target = cfg.prepare_target
+    with wandb_run(cfg, "prepare", name=f"prepare-{target}") as run:
+        out = prepare(cfg, target)
+        if run is not None:
+            run.summary.update({"output": str(out)})
+    print(f"[prepare] wrote {out}")
+
+
+def prepare(cfg, target: str) -> Path:
+    import logging
+
+    from loki.resources import prepare_corpus, prepare_gguf_model
+
+    logging.getLogger("gensim").setLevel(logging.WARNING)
+    if target == "model":
+        m = cfg.model
+        if not m.get("source"):
+            raise fail(f"model '{m.name}' has no embedded source to prepare.", "hub models need no preparation: set model.id.")
+        if m.source.kind != "gguf_wheel":
+            raise fail(f"unknown model source kind '{m.source.kind}'.", "use kind: gguf_wheel.")
+        out = prepare_gguf_model(dict(m.source), Path(m.path), Path(cfg.resources_dir) / "downloads")
+    elif target in ("data", "calib"):
+        c = cfg[target]
+        if not c.get("source"):
+            raise fail(f"corpus '{c.name}' has no embedded source to prepare.", "hub or local corpora need no preparation.")
+        out = prepare_corpus(dict(c.source), Path(c.path))
+    else:
+        raise fail(f"unknown prepare_target '{target}'.", "use prepare_target=model, data or calib.")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+import itertools
+import sys
+from pathlib import Path
+
+import yaml
+from snakemake.utils import validate
+
+validate(config, "../schemas/config.schema.yaml")
+
+PY = sys.executable
+CONF = Path(workflow.basedir) / "conf" if (Path(workflow.basedir) / "conf").exists() else Path("conf")
+SHARED_WIKITEXT = Path("../shared/data/wikitext-2-raw/wiki.test.raw")
+
+
+def _conf(group, name):
+    p = CONF / group / f"{name}.yaml"
+    if not p.exists():
+        choices = sorted(q.stem for q in (CONF / group).glob("*.yaml"))
+        raise ValueError(f"config: no {group} '{name}' (conf/{group}/{name}.yaml); choose one of {choices}")
+    return yaml.safe_load(p.read_text())
+
+
+EXP = config["experiment"]
+_exp = _conf("experiment", EXP)
+if _exp.get("experiment_name", EXP) != EXP:
+    raise ValueError(f"conf/experiment/{EXP}.yaml sets experiment_name={_exp.get('experiment_name')}; it must be {EXP}")
+MODEL = config["model"]
+CALIB = config["calib_corpus"]
+DATA = config["eval_corpus"]
+if DATA == "auto":
+    DATA = "wikitext2_local" if SHARED_WIKITEXT.exists() else "enwiki_sample"
+_conf("model", MODEL)
+THREADS = int(config.get("threads", 2))
+RES = f"results/{EXP}"
+LOGS = f"{RES}/logs"
+KEYS = f"{RES}/keys/{MODEL}/{CALIB}"
+PCA = f"{RES}/pca/{MODEL}/{CALIB}"
+HYDRA_COMMON = f"experiment={EXP} model={MODEL} corpus@calib={CALIB} corpus@data={DATA}"
+
+
+def _fmt(v):
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def grid_points():
+    """[(tag, method, {option: value})] from config['grid']; list-valued options are crossed."""
+    points = {}
+    for method, blocks in config["grid"].items():
+        _conf("method", method)
+        for block in blocks:
+            keys = sorted(block)
+            values = [v if isinstance(v, list) else [v] for v in (block[k] for k in keys)]
+            for combo in itertools.product(*values):
+                opts = dict(zip(keys, combo))
+                tag = "-".join([method] + [f"{k}{_fmt(v)}" for k, v in opts.items()])
+                points[tag] = (method, opts)
+    return points
+
+
+POINTS = grid_points()
+
+
+def point_overrides(wildcards):
+    method, opts = POINTS[wildcards.tag]
+    return " ".join([f"method={method}"] + [f"method.{k}={_fmt(v)}" for k, v in opts.items()])
+
+
+def resource_for_corpus(name):
+    """The prepared file a corpus needs, if it is an embedded one ([] otherwise)."""
+    c = _conf("corpus", name)
+    return [f"resources/corpora/{name}.txt"] if c.get("source") else []
+
+
+def resource_for_model(name):
+    m = _conf("model", name)
+    return [f"resources/models/{name}/loki_resource.json"] if m.get("source") else []
+
+
+def final_targets():
+    return [f"{RES}/summary.csv", f"{RES}/heatmap.png", f"{PCA}/rank.csv"]
