@@ -1,6 +1,5 @@
-"""Stage 3: evaluate one attention method at one setting (perplexity on non-overlapping windows).
+"""Stage 3: evaluate one attention method at one setting with one eval (``conf/eval/``, ``loki/evals/``).
 
-NLL is summed over tokens and divided by the token count (token-weighted, not window-weighted).
 Writes ``metrics.json`` into the job's output folder (``hydra.run.dir``, set by the Snakemake rule).
 
     python -m loki.evaluate method=loki method.d=16 method.k=0.25
@@ -9,7 +8,6 @@ Writes ``metrics.json`` into the job's output folder (``hydra.run.dir``, set by 
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -33,40 +31,16 @@ def build_model_and_method(cfg):
     return model, method, device
 
 
-def perplexity(model, seqs: torch.Tensor, device: str, batch_size: int = 1, progress: bool = True) -> dict:
-    from tqdm import tqdm
-
-    nll, count = 0.0, 0
-    with torch.inference_mode():
-        for i in tqdm(range(0, seqs.shape[0], batch_size), desc="perplexity", disable=not progress):
-            x = seqs[i: i + batch_size].to(device)
-            logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
-            tgt = x[:, 1:]
-            nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                                     reduction="sum").item()
-            count += tgt.numel()
-    return {"nll": nll / count, "ppl": math.exp(nll / count), "tokens": count}
-
-
 def run_eval(cfg) -> dict:
+    """Build the model with the configured method attached, run the configured eval, add provenance."""
     from omegaconf import OmegaConf
 
-    from loki.data import load_tokens, windows
-    from loki.modeling import load_tokenizer, max_positions
+    from loki.evals import get_eval
 
-    ev = cfg.eval
-    if ev.name != "perplexity":
-        raise fail(f"unknown eval '{ev.name}'.", "use eval=perplexity.")
+    eval_fn = get_eval(cfg.eval.name)
     model, method, device = build_model_and_method(cfg)
-    limit = max_positions(model)
-    if limit and int(ev.window) > limit:
-        raise fail(f"eval.window={ev.window} is above the model's limit of {limit} positions.", f"use eval.window <= {limit}.")
-    tok = load_tokenizer(cfg.model)
-    n_tok = int(ev.window) * int(ev.num_windows) if ev.num_windows else None
-    seqs = windows(load_tokens(cfg.data, tok, max_tokens=n_tok), int(ev.window), ev.num_windows,
-                   f"perplexity on corpus '{cfg.data.name}'")
     t0 = time.time()
-    res = perplexity(model, seqs, device, int(ev.batch_size))
+    res = eval_fn(cfg, model, method, device)
     if method.name != "dense" and method.calls == 0:
         raise fail(f"method '{method.name}' never ran (attention fell back to another implementation).",
                    "report this as a bug: the model's attention does not dispatch through transformers' AttentionInterface.")
@@ -75,13 +49,11 @@ def run_eval(cfg) -> dict:
         "experiment": cfg.experiment_name,
         "model": cfg.model.name,
         "corpus": cfg.data.name,
-        "eval": ev.name,
+        "eval": cfg.eval.name,
         "method": method.name,
         "options": {k: v for k, v in opts.items() if k != "name"},
         "d": opts.get("d"),
         "k": opts.get("k"),
-        "window": int(ev.window),
-        "num_windows": int(seqs.shape[0]),
         **res,
         "attention_calls": method.calls,
         "seconds": round(time.time() - t0, 2),
@@ -107,8 +79,9 @@ def main(cfg) -> None:
         metrics = run_eval(cfg)
         write_json(out / "metrics.json", metrics)
         if run is not None:
-            run.summary.update({k: metrics[k] for k in ("ppl", "nll", "tokens", "seconds")})
-    print(f"[evaluate] {tag} on {metrics['corpus']}: ppl={metrics['ppl']:.3f} ({metrics['tokens']} tokens) -> {out / 'metrics.json'}")
+            run.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    headline = ", ".join(f"{k}={metrics[k]:.4g}" for k in ("ppl", "accuracy", "recall") if k in metrics)
+    print(f"[evaluate] {tag} {metrics['eval']} on {metrics['corpus']}: {headline} -> {out / 'metrics.json'}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,48 @@
+# Two commands set up a fresh machine and do the work:
+#   make run    # virtualenv + pinned deps, then the default DAG on the embedded model (snakemake)
+#   make test   # virtualenv + pinned deps, then the test suite (what .ci/run calls)
+# Both are idempotent: setup reruns only when pyproject.toml or requirements.lock change.
+PYTHON     ?= python3
+VENV       ?= .venv
+BIN        := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+CORES      ?= 2
+SNAKEMAKE_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup run smoke test test-fast lint report clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	@echo "==> setup: virtualenv $(VENV) with $(TORCH_SPEC) and requirements.lock"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $@
+	@echo "==> setup done"
+
+run: setup
+	@echo "==> snakemake --cores $(CORES): the default DAG on the embedded model (results/default/)"
+	$(BIN)/snakemake --cores $(CORES) $(SNAKEMAKE_ARGS)
+
+smoke: setup
+	$(BIN)/snakemake --cores $(CORES) --configfile conf/sweep/smoke.yaml $(SNAKEMAKE_ARGS)
+
+report: setup
+	$(BIN)/snakemake --cores $(CORES) $(SNAKEMAKE_ARGS) --report report.html
+
+test: setup
+	@echo "==> pytest (CPU; Triton kernels under TRITON_INTERPRET=1)"
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow and not slurm" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/snakemake --lint
+	$(BIN)/snakemake -n --quiet
+
+clean:
+	rm -rf results outputs multirun .snakemake
