@@ -18,9 +18,9 @@ COLUMNS = ["experiment", "model", "corpus", "eval", "method", "d", "k", "k_mode"
 def collect(results_dir: Path):
     import pandas as pd
 
-    files = sorted(Path(results_dir).glob("evaluate/*/metrics.json"))
+    files = sorted(Path(results_dir).glob("evaluate/*/*/metrics.json"))
     if not files:
-        raise fail(f"no evaluation results under {results_dir}/evaluate/*/metrics.json.", "run the evaluate stage first.")
+        raise fail(f"no evaluation results under {results_dir}/evaluate/<eval>/<tag>/metrics.json.", "run the evaluate stage first.")
     rows = []
     for f in files:
         try:

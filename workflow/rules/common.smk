@@ -1,4 +1,6 @@
 import itertools
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -43,26 +45,42 @@ def _fmt(v):
 
 
 def grid_points():
-    """[(tag, method, {option: value})] from config['grid']; list-valued options are crossed."""
+    """{(eval, tag): (method, {option: value})} from config['grid'].
+
+    Each block's list-valued options are crossed; a block's ``evals`` (default: config['evals']) says
+    which evals (conf/eval/<name>.yaml) run at its points.
+    """
     points = {}
+    default_evals = config.get("evals", ["perplexity"])
     for method, blocks in config["grid"].items():
         _conf("method", method)
         for block in blocks:
+            block = dict(block)
+            evals = block.pop("evals", default_evals)
+            for ev in evals:
+                _conf("eval", ev)
             keys = sorted(block)
             values = [v if isinstance(v, list) else [v] for v in (block[k] for k in keys)]
             for combo in itertools.product(*values):
                 opts = dict(zip(keys, combo))
                 tag = "-".join([method] + [f"{k}{_fmt(v)}" for k, v in opts.items()])
-                points[tag] = (method, opts)
+                for ev in evals:
+                    points[(ev, tag)] = (method, opts)
     return points
 
 
 POINTS = grid_points()
+EVALS = sorted({ev for ev, _ in POINTS})
+TAGS = sorted({tag for _, tag in POINTS})
 
 
 def point_overrides(wildcards):
-    method, opts = POINTS[wildcards.tag]
-    return " ".join([f"method={method}"] + [f"method.{k}={_fmt(v)}" for k, v in opts.items()])
+    method, opts = POINTS[(wildcards.eval, wildcards.tag)]
+    return " ".join([f"eval={wildcards.eval}", f"method={method}"] + [f"method.{k}={_fmt(v)}" for k, v in opts.items()])
+
+
+def all_metrics():
+    return [f"{RES}/evaluate/{ev}/{tag}/metrics.json" for ev, tag in sorted(POINTS)]
 
 
 def resource_for_corpus(name):

@@ -1,22 +1,26 @@
 rule evaluate:
-    """One method at one grid point: perplexity on the evaluation corpus."""
+    """One method at one grid point, one eval (conf/eval/<eval>.yaml)."""
     input:
         resource_for_model(MODEL),
         resource_for_corpus(DATA),
         pca=f"{PCA}/pca.safetensors",
     output:
-        f"{RES}/evaluate/{{tag}}/metrics.json",
+        f"{RES}/evaluate/{{eval}}/{{tag}}/metrics.json",
     log:
-        f"{LOGS}/evaluate/{{tag}}.log",
+        f"{LOGS}/evaluate/{{eval}}/{{tag}}.log",
     params:
+        py=PY,
+        hydra_common=HYDRA_COMMON,
+        run_dir=lambda wildcards, output: os.path.dirname(output[0]),
         point=point_overrides,
     wildcard_constraints:
-        tag="|".join(sorted(POINTS)),
+        eval="|".join(EVALS),
+        tag="|".join(re.escape(t) for t in TAGS),
     conda:
         "../../environment.yml"
     threads: 1
     resources:
         gpu=1,
     shell:
-        "{PY} -m loki.evaluate {HYDRA_COMMON} {params.point} threads={threads} "
-        "'hydra.run.dir={RES}/evaluate/{wildcards.tag}' > {log} 2>&1"
+        "{params.py} -m loki.evaluate {params.hydra_common} {params.point} threads={threads} "
+        "'hydra.run.dir={params.run_dir}' > {log} 2>&1"

@@ -5,6 +5,10 @@ rule extract_keys:
         resource_for_corpus(CALIB),
     output:
         f"{KEYS}/manifest.json",
+    params:
+        py=PY,
+        hydra_common=HYDRA_COMMON,
+        logs=LOGS,
     log:
         f"{LOGS}/extract_keys.log",
     conda:
@@ -13,8 +17,8 @@ rule extract_keys:
     resources:
         gpu=1,
     shell:
-        "{PY} -m loki.extract_keys {HYDRA_COMMON} threads={threads} "
-        "'hydra.run.dir={LOGS}/hydra/extract_keys' > {log} 2>&1"
+        "{params.py} -m loki.extract_keys {params.hydra_common} threads={threads} "
+        "'hydra.run.dir={params.logs}/hydra/extract_keys' > {log} 2>&1"
 
 
 rule fit_pca:
@@ -26,11 +30,15 @@ rule fit_pca:
         rank=f"{PCA}/rank.csv",
         curves=f"{PCA}/explained_variance.csv",
         plot=report(f"{PCA}/rank.png", category="Key rank", caption="../report/rank.rst"),
+    params:
+        py=PY,
+        hydra_common=HYDRA_COMMON,
+        logs=LOGS,
     log:
         f"{LOGS}/fit_pca.log",
     conda:
         "../../environment.yml"
     threads: THREADS
     shell:
-        "{PY} -m loki.fit_pca {HYDRA_COMMON} threads={threads} "
-        "'hydra.run.dir={LOGS}/hydra/fit_pca' > {log} 2>&1"
+        "{params.py} -m loki.fit_pca {params.hydra_common} threads={threads} "
+        "'hydra.run.dir={params.logs}/hydra/fit_pca' > {log} 2>&1"

