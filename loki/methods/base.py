@@ -15,6 +15,11 @@ from loki.common import fail
 K_MODES = ("prefix", "window", "tokens")
 
 
+def acc(x: torch.Tensor) -> torch.Tensor:
+    """Accumulation dtype: float64 stays float64 (tests against references), anything else -> float32."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 class Method:
     """Base class. Subclasses set ``name`` and ``options`` (option -> default) and implement ``attend``."""
 
@@ -115,12 +120,11 @@ def select_topk(scores: torch.Tensor, visible: torch.Tensor, budget: torch.Tenso
     in chunks, each over the columns any of its rows can see and with the chunk's largest budget, which
     halves the work for causal masks.
     """
-    s = scores.float().masked_fill(~visible, float("-inf"))
+    s = acc(scores).masked_fill(~visible, float("-inf"))
     if forced is not None:
         s = s.masked_fill(forced, float("inf"))
     T, S = s.shape[-2], s.shape[-1]
     sel = torch.zeros(s.shape, dtype=torch.bool, device=s.device)
-    budget = budget.expand(*s.shape[:1], *budget.shape[1:]) if budget.shape[0] == 1 else budget
     cols = torch.arange(S, device=s.device)
     vis_rows = visible.any(1) if visible.dim() == 4 else visible  # (B|1, T, S)
     last_col = torch.where(vis_rows, cols, -1).amax(-1)  # (B|1, T)
@@ -161,16 +165,16 @@ def group_reduce(x: torch.Tensor, groups: int, how: str) -> torch.Tensor:
 
 def exact_scores(q, k, scaling) -> torch.Tensor:
     groups = q.shape[1] // k.shape[1]
-    return torch.matmul(q.float(), expand_kv(k, groups).float().transpose(-1, -2)) * scaling
+    return torch.matmul(acc(q), acc(expand_kv(k, groups)).transpose(-1, -2)) * scaling
 
 
 def masked_attention(scores: torch.Tensor, keep: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax over the kept scores, times V. Rows that keep nothing give zeros. Returns v's dtype."""
     groups = scores.shape[1] // v.shape[1]
-    s = scores.float().masked_fill(~keep, float("-inf"))
+    s = acc(scores).masked_fill(~keep, float("-inf"))
     p = torch.softmax(s, dim=-1)
     p = torch.nan_to_num(p, nan=0.0)
-    return torch.matmul(p, expand_kv(v, groups).float()).to(v.dtype)
+    return torch.matmul(p, acc(expand_kv(v, groups)).to(p.dtype)).to(v.dtype)
 
 
 def sparse_attention(q, k, v, keep, scaling) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from loki.common import fail
-from loki.methods.base import (Method, exact_scores, forced_mask, group_reduce, masked_attention, select_topk,
+from loki.methods.base import (Method, acc, exact_scores, forced_mask, group_reduce, masked_attention, select_topk,
                                token_budget, validate_budget)
 from loki.methods.exact_topk import SELECTION_OPTIONS, is_dense_here
 
@@ -22,7 +22,7 @@ def online_basis(k: torch.Tensor) -> torch.Tensor:
     k = k.double()
     cov = k.transpose(-1, -2) @ k
     _, vecs = torch.linalg.eigh(cov)  # ascending
-    return vecs.flip(-1).float()
+    return vecs.flip(-1)
 
 
 class Loki(Method):
@@ -105,14 +105,15 @@ class Loki(Method):
             P = online_basis(k)  # (B, KVH, D, D)
         else:
             P = self.P[layer].to(q.device)[None]  # (1, KVH, D, D)
-        qf = q.float().view(B, KVH, g, T, D)
+        P = P.to(acc(q).dtype)
+        qf = acc(q).view(B, KVH, g, T, D)
         qr = torch.matmul(qf, P.unsqueeze(2))  # (B, KVH, g, T, D)
-        kr = torch.matmul(k.float(), P)  # (B, KVH, S, D)
+        kr = torch.matmul(acc(k), P)  # (B, KVH, S, D)
         mask = self._dim_mask(layer, D, q.device)
         if mask is None:
             qr, kr = qr[..., : self.dims], kr[..., : self.dims]
         else:
-            qr = qr * mask[None, :, None, None, :]
+            qr = qr * mask.to(qr.dtype)[None, :, None, None, :]
         s = torch.matmul(qr, kr.unsqueeze(2).transpose(-1, -2)) * scaling  # (B, KVH, g, T, S)
         return s.view(B, H, T, -1)
 
