@@ -1,99 +1,734 @@
-"""Stage 4: gather every evaluation of an experiment into ``summary.csv`` and draw the (d, k) heatmap.
+"""Stage 5: gather every result of an experiment into one tidy table and draw the report's figures.
 
     python -m loki.report experiment=smoke
+    python -m loki.report experiment=default ++report.kernels_dir=kernels/results
+
+Reads (``results/<exp>/`` = ``cfg.results_dir``):
+
+* ``evaluate/<eval>/<tag>/metrics.json`` (required; one row each),
+* ``pca/<model>/<calib>/rank.csv`` and ``pca.json`` (key rank per layer; head dim),
+* ``transfer/transfer.csv`` (calibration-transfer matrix),
+* ``bench/decode.json`` (decode speed) and ``<kernels_dir>/*.json`` (``python -m kernels.bench --json``),
+
+the last three optional: a figure is drawn only when its data exists, and ``report/tables/contents.html``
+says which figures were drawn and which are missing (and why). A result file that is missing (a job folder
+without ``metrics.json``, or a path in ``report.expect`` that does not exist) or malformed stops the stage
+with an error naming it.
+
+Writes:
+
+* ``summary.csv`` / ``summary.parquet``: the tidy table, one row per (model, corpus, eval, method, options),
+  with d, k, every metric, the ideal byte ratio, the git commit and the resolved config (JSON) of each row;
+* ``heatmap.png``: the perplexity heatmap over (d, k) (a copy of ``report/quality/heatmap_perplexity.png``);
+* ``report/<category>/<name>.png`` (+ ``<name>.csv``, the data drawn) and ``report/<category>/<name>.html``
+  tables, one folder per category of ``snakemake --report`` (see ``workflow/rules/report.smk``).
+
+Outputs are deterministic: rerunning on unchanged results rewrites nothing (files are replaced only when
+their bytes change; PNGs carry no date or software version).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from loki.app import stage
-from loki.common import atomic_path, fail
+from loki.common import CONF_DIR, atomic_path, fail
 
-COLUMNS = ["experiment", "model", "corpus", "eval", "method", "d", "k", "k_mode", "ppl", "nll", "tokens",
-           "window", "num_windows", "seconds", "git_commit", "result", "options"]
+CATEGORIES = {  # folder under report/ -> category name in the HTML report
+    "tables": "Results",
+    "rank": "Key rank",
+    "quality": "Quality over (d, k)",
+    "frontier": "Accuracy vs speed",
+    "selection": "Selection quality",
+    "transfer": "Calibration transfer",
+    "speed": "Speed",
+}
+ID_COLS = ["experiment", "model", "calib", "corpus", "eval", "method", "variant", "d", "k", "k_mode", "tag"]
+METRIC_COLS = ["ppl", "nll", "tokens", "recall", "attention_mass", "output_rel_error", "accuracy"]
+TAIL_COLS = ["head_dim", "byte_ratio", "seconds", "git_commit", "options", "per_layer", "per_case", "config", "result"]
+REQUIRED = {"experiment": str, "model": str, "corpus": str, "eval": str, "method": str, "options": dict,
+            "git_commit": str, "config": dict}
+EVAL_REQUIRED = {"perplexity": ("ppl", "nll", "tokens"),
+                 "selection": ("recall", "attention_mass", "output_rel_error", "per_layer"),
+                 "passkey": ("accuracy",), "needle": ("accuracy",)}
+RANK_COLS = ["side", "layer", "head", "threshold", "rank", "head_dim"]
+TRANSFER_COLS = ["fit_corpus", "eval_corpus", "side", "d", "explained_variance"]
+DECODE_KEYS = ["method", "d", "k", "batch", "context", "tokens_per_s", "speedup"]
+KERNEL_KEYS = ["batch", "context", "d", "k", "speedup_vs_sdpa", "ideal_ratio"]
 
 
-def collect(results_dir: Path):
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _bad(path, problem: str, producer: str):
+    return fail(f"result file {path} is malformed: {problem}.", f"delete it and rerun {producer}.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluation results -> tidy table
+
+def load_metrics(path: Path) -> dict:
+    """One metrics.json, checked: provenance keys, the eval's own metrics, per-layer entries."""
+    producer = "its evaluate job (snakemake reruns it)"
+    try:
+        m = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _bad(path, f"not readable JSON ({type(e).__name__}: {e})", producer) from e
+    if not isinstance(m, dict):
+        raise _bad(path, f"top level is a {type(m).__name__}, not an object", producer)
+    for key, typ in REQUIRED.items():
+        if key not in m:
+            raise _bad(path, f"key '{key}' is missing", producer)
+        if not isinstance(m[key], typ):
+            raise _bad(path, f"'{key}' is a {type(m[key]).__name__}, expected {typ.__name__}", producer)
+    for key in ("d", "k"):
+        if key not in m:
+            raise _bad(path, f"key '{key}' is missing (null for methods without it)", producer)
+        if m[key] is not None and not _is_num(m[key]):
+            raise _bad(path, f"'{key}' = {m[key]!r} is not a number", producer)
+    for key in EVAL_REQUIRED.get(m["eval"], ()):
+        if key not in m:
+            raise _bad(path, f"eval '{m['eval']}' result has no '{key}'", producer)
+        if key != "per_layer" and not _is_num(m[key]):
+            raise _bad(path, f"'{key}' = {m[key]!r} is not a number", producer)
+    if "per_layer" in m:
+        pl = m["per_layer"]
+        if not isinstance(pl, list) or not all(isinstance(e, dict) and _is_num(e.get("layer")) and
+                                                _is_num(e.get("recall")) for e in pl):
+            raise _bad(path, "'per_layer' must be a list of {layer, recall, attention_mass, output_rel_error}", producer)
+    if "per_case" in m and not isinstance(m["per_case"], list):
+        raise _bad(path, "'per_case' must be a list", producer)
+    return m
+
+
+def _method_defaults(method: str) -> dict | None:
+    import yaml
+
+    p = CONF_DIR / "method" / f"{method}.yaml"
+    if not p.exists():
+        return None
+    d = yaml.safe_load(p.read_text()) or {}
+    d.pop("name", None)
+    return d
+
+
+def _jv(v) -> str:
+    return json.dumps(v) if not isinstance(v, str) else v
+
+
+def _variants(rows: list[dict]) -> None:
+    """``variant``: the options (besides d, k) that differ from conf/method/<method>.yaml, e.g. 'rope=pre'."""
+    by_method: dict[str, list[dict]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r)
+    for method, rs in by_method.items():
+        defaults = _method_defaults(method)
+        if defaults is None:  # unknown method: the options that vary between its rows
+            keys = sorted({k for r in rs for k in r["_options"]})
+            keys = [k for k in keys if len({_jv(r["_options"].get(k)) for r in rs}) > 1]
+            defaults = {}
+        else:
+            keys = sorted({k for r in rs for k in r["_options"]})
+        for r in rs:
+            opts = r["_options"]
+            diff = [k for k in keys if k not in ("d", "k", "name") and k in opts
+                    and (k not in defaults or _jv(opts[k]) != _jv(defaults[k]))]
+            r["variant"] = ",".join(f"{k}={_jv(opts[k])}" for k in diff)
+
+
+def _head_dim(cfg: dict, results_dir: Path, cache: dict):
+    """Head dim of the row's model: pca.json fingerprint, else rank.csv, else the model's config.json."""
+    pca = cfg.get("pca_path")
+    model = cfg.get("model") or {}
+    key = (pca, model.get("path"))
+    if key in cache:
+        return cache[key]
+    hd = None
+    if pca:
+        p = Path(pca)
+        if not p.is_absolute() and not p.exists() and (results_dir / "pca").exists():
+            # results moved: resolve results/<exp>/pca/<model>/<calib>/ under the given results_dir
+            parts = p.parts
+            if "pca" in parts:
+                p = results_dir.joinpath(*parts[parts.index("pca"):])
+        meta, rank = p.with_name("pca.json"), p.with_name("rank.csv")
+        try:
+            if meta.exists():
+                hd = json.loads(meta.read_text()).get("fingerprint", {}).get("head_dim")
+            if hd is None and rank.exists():
+                import pandas as pd
+
+                hd = int(pd.read_csv(rank, usecols=["head_dim"]).head_dim.max())
+        except (OSError, ValueError, KeyError):
+            hd = None
+    if hd is None and model.get("path"):
+        c = Path(model["path"]) / "config.json"
+        try:
+            mc = json.loads(c.read_text())
+            hd = mc.get("head_dim") or mc["hidden_size"] // mc["num_attention_heads"]
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+            hd = None
+    cache[key] = float(hd) if hd else float("nan")
+    return cache[key]
+
+
+def _kept_fraction(m: dict) -> float | None:
+    k, opts = m.get("k"), m["options"]
+    if k is None:
+        return None
+    if opts.get("k_mode") == "tokens":
+        window = m.get("window") or (m["config"].get("eval") or {}).get("window")
+        return float(k) / float(window) if window else None
+    return float(k)
+
+
+def collect(results_dir, expect=None):
+    """The tidy table of every ``evaluate/<eval>/<tag>/metrics.json`` (or exactly ``expect``).
+
+    Returns the table; ``table.attrs['ignored']`` lists result folders that were not expected.
+    """
     import pandas as pd
 
-    files = sorted(Path(results_dir).glob("evaluate/*/*/metrics.json"))
-    if not files:
-        raise fail(f"no evaluation results under {results_dir}/evaluate/<eval>/<tag>/metrics.json.", "run the evaluate stage first.")
-    rows = []
-    for f in files:
-        try:
-            m = json.loads(f.read_text())
-            row = {c: m.get(c) for c in COLUMNS}
-            row["k_mode"] = m.get("options", {}).get("k_mode")
-            row["options"] = json.dumps(m.get("options", {}), sort_keys=True)
-            row["result"] = str(f)
-            if row["ppl"] is None or row["method"] is None:
-                raise KeyError("ppl/method")
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise fail(f"result file {f} is malformed ({type(e).__name__}: {e}).",
-                       f"delete {f.parent} and rerun its evaluate job (snakemake reruns it).") from e
-        rows.append(row)
-    df = pd.DataFrame(rows, columns=COLUMNS).astype({"d": object, "k": object})
-    order = df.assign(_d=pd.to_numeric(df.d), _k=pd.to_numeric(df.k))
-    order = order.sort_values(["method", "_d", "_k", "result"], na_position="first", kind="stable")
-    return df.loc[order.index].reset_index(drop=True)
+    from loki.figures import byte_ratio
 
-
-def heatmap_table(df):
-    loki = df[df.method == "loki"]
-    if loki.empty:
-        return None
-    return loki.pivot_table(index="d", columns="k", values="ppl", aggfunc="first").sort_index().sort_index(axis=1)
-
-
-def plot_heatmap(df, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    tab = heatmap_table(df)
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    if tab is None:
-        ax.text(0.5, 0.5, "no loki results", ha="center")
+    results_dir = Path(results_dir)
+    found = sorted(results_dir.glob("evaluate/*/*/metrics.json"))
+    job_dirs = sorted(p for p in results_dir.glob("evaluate/*/*") if p.is_dir())
+    ignored = []
+    if expect is not None:
+        files = [Path(p) for p in expect]
+        files = [p if p.is_absolute() or p.exists() else results_dir / p for p in files]
+        missing = [p for p in files if not p.is_file()]
+        if missing:
+            raise fail(f"expected result file(s) missing: {', '.join(map(str, missing[:5]))}"
+                       + (f" and {len(missing) - 5} more" if len(missing) > 5 else "") + ".",
+                       "run their evaluate jobs first (snakemake --cores 2 runs what is missing).")
+        want = {p.resolve() for p in files}
+        ignored = [str(p.parent.relative_to(results_dir)) for p in job_dirs if (p / "metrics.json").resolve() not in want]
     else:
-        im = ax.imshow(np.log(tab.values), cmap="viridis_r", aspect="auto")
-        ax.set_xticks(range(tab.shape[1]), [f"{k:g}" for k in tab.columns])
-        ax.set_yticks(range(tab.shape[0]), [str(int(d)) if float(d).is_integer() else f"{d:g}" for d in tab.index])
-        for i in range(tab.shape[0]):
-            for j in range(tab.shape[1]):
-                ax.text(j, i, f"{tab.values[i, j]:.2f}", ha="center", va="center", color="w", fontsize=9)
-        ax.set(xlabel="k (fraction of the causal prefix)", ylabel="d (PCA dims scored)")
-        fig.colorbar(im, ax=ax, label="log perplexity")
-    dense = df[df.method == "dense"].ppl
-    sub = f"dense ppl {dense.iloc[0]:.2f}" if len(dense) else ""
-    ax.set_title(f"{title}\nLoki perplexity over (d, k); {sub}", fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+        files = found
+        incomplete = [p for p in job_dirs if not (p / "metrics.json").is_file()]
+        if incomplete:
+            raise fail(f"result file {incomplete[0] / 'metrics.json'} is missing"
+                       + (f" (and {len(incomplete) - 1} more job folders have none)" if len(incomplete) > 1 else "")
+                       + "; its evaluate job failed or has not finished.",
+                       "rerun it (snakemake --cores 2), or delete the folder if the point is no longer wanted.")
+    if not files:
+        raise fail(f"no evaluation results under {results_dir}/evaluate/<eval>/<tag>/metrics.json.",
+                   "run the evaluate stage first.")
+    rows, hd_cache = [], {}
+    for f in sorted(set(files)):
+        m = load_metrics(f)
+        cfg = m["config"]
+        try:
+            rel = str(f.resolve().relative_to(results_dir.resolve()))
+        except ValueError:
+            rel = str(f)
+        row = {
+            "experiment": m["experiment"], "model": m["model"],
+            "calib": (cfg.get("calib") or {}).get("name"), "corpus": m["corpus"], "eval": m["eval"],
+            "method": m["method"], "d": m["d"], "k": m["k"], "k_mode": m["options"].get("k_mode"),
+            "tag": f.parent.name, "_options": m["options"],
+        }
+        for key, v in m.items():
+            if key in row or key in ("options", "config", "git_commit", "per_layer", "per_case", "k_mode"):
+                continue
+            row[key] = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
+        hd = _head_dim(cfg, results_dir, hd_cache)
+        row.update({
+            "head_dim": hd,
+            "byte_ratio": byte_ratio(m["method"], m["d"], _kept_fraction(m), hd),
+            "git_commit": m["git_commit"],
+            "options": json.dumps(m["options"], sort_keys=True),
+            "per_layer": json.dumps(m["per_layer"], sort_keys=True) if "per_layer" in m else None,
+            "per_case": json.dumps(m["per_case"], sort_keys=True) if "per_case" in m else None,
+            "config": json.dumps(cfg, sort_keys=True, separators=(",", ":")),
+            "result": rel,
+        })
+        rows.append(row)
+    _variants(rows)
+    seen = {}
+    for r in rows:
+        key = (r["model"], r["corpus"], r["eval"], r["method"], r["options"])
+        if key in seen:
+            raise fail(f"two result files for the same point ({r['eval']}, {r['method']}, {r['options']}): "
+                       f"{seen[key]} and {r['result']}.", "delete the stale one.")
+        seen[key] = r["result"]
+        del r["_options"]
+    extra = sorted({k for r in rows for k in r} - set(ID_COLS) - set(METRIC_COLS) - set(TAIL_COLS))
+    cols = ID_COLS + METRIC_COLS + extra + TAIL_COLS
+    df = pd.DataFrame(rows, columns=cols)
+    for c in ["d", "k", "head_dim", "byte_ratio"] + METRIC_COLS:
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
+    for c in extra:
+        if all(v is None or _is_num(v) for v in df[c]):
+            df[c] = pd.to_numeric(df[c]).astype("float64")
+    df["variant"] = df["variant"].fillna("")
+    df = df.sort_values(["eval", "method", "variant", "d", "k", "tag"], na_position="first", kind="stable")
+    df = df.reset_index(drop=True)
+    df.attrs["ignored"] = ignored
+    return df
+
+
+# ----------------------------------------------------------------------------------------------------------
+# optional inputs
+
+def load_ranks(results_dir) -> dict:
+    """{(model, calib): rank table} from every ``pca/<model>/<calib>/rank.csv``."""
+    import pandas as pd
+
+    out = {}
+    for p in sorted(Path(results_dir).glob("pca/*/*/rank.csv")):
+        try:
+            df = pd.read_csv(p)
+        except (OSError, ValueError, pd.errors.ParserError) as e:
+            raise _bad(p, f"not a readable CSV ({type(e).__name__}: {e})", "fit_pca") from e
+        missing = [c for c in RANK_COLS if c not in df.columns]
+        if missing or df.empty:
+            raise _bad(p, f"columns {missing} missing" if missing else "no rows", "fit_pca")
+        if not all(pd.api.types.is_numeric_dtype(df[c]) for c in RANK_COLS[1:]):
+            raise _bad(p, "layer/head/threshold/rank/head_dim must be numbers", "fit_pca")
+        meta = {}
+        if (p.parent / "pca.json").exists():
+            try:
+                meta = json.loads((p.parent / "pca.json").read_text())
+            except json.JSONDecodeError as e:
+                raise _bad(p.parent / "pca.json", f"not valid JSON ({e})", "fit_pca") from e
+        df.attrs["meta"] = meta
+        df.attrs["source"] = str(p)
+        out[(p.parent.parent.name, p.parent.name)] = df
+    return out
+
+
+def load_transfer(results_dir):
+    import pandas as pd
+
+    p = Path(results_dir) / "transfer" / "transfer.csv"
+    if not p.exists():
+        return None
+    try:
+        df = pd.read_csv(p)
+    except (OSError, ValueError, pd.errors.ParserError) as e:
+        raise _bad(p, f"not a readable CSV ({type(e).__name__}: {e})", "the transfer stage") from e
+    missing = [c for c in TRANSFER_COLS if c not in df.columns]
+    if missing or df.empty:
+        raise _bad(p, f"columns {missing} missing" if missing else "no rows", "the transfer stage")
+    if not (pd.api.types.is_numeric_dtype(df.d) and pd.api.types.is_numeric_dtype(df.explained_variance)):
+        raise _bad(p, "d and explained_variance must be numbers", "the transfer stage")
+    df.attrs["source"] = str(p)
+    return df
+
+
+def load_decode(results_dir):
+    import pandas as pd
+
+    p = Path(results_dir) / "bench" / "decode.json"
+    if not p.exists():
+        return None
+    producer = "the decode benchmark"
+    try:
+        rows = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise _bad(p, f"not readable JSON ({type(e).__name__}: {e})", producer) from e
+    if not isinstance(rows, list) or not rows:
+        raise _bad(p, "expected a non-empty list of rows", producer)
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or any(k not in r for k in DECODE_KEYS):
+            raise _bad(p, f"row {i} lacks one of {DECODE_KEYS}", producer)
+        if not all(_is_num(r[k]) for k in ("batch", "context", "tokens_per_s", "speedup")):
+            raise _bad(p, f"row {i}: batch/context/tokens_per_s/speedup must be numbers", producer)
+    df = pd.DataFrame([{k: r[k] for k in DECODE_KEYS} | {"variant": r.get("variant", "") or ""} for r in rows])
+    for c in ("d", "k", "speedup", "tokens_per_s"):
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
+    df.attrs["source"] = str(p)
+    return df
+
+
+def load_kernels(kernels_dir):
+    """Rows of every ``python -m kernels.bench --json`` file; smoke (CPU interpreter) runs are skipped."""
+    import pandas as pd
+
+    if kernels_dir is None or not Path(kernels_dir).is_dir():
+        return None, []
+    rows, notes = [], []
+    for p in sorted(Path(kernels_dir).glob("*.json")):
+        producer = "python -m kernels.bench --json"
+        try:
+            res = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise _bad(p, f"not readable JSON ({type(e).__name__}: {e})", producer) from e
+        if not isinstance(res, dict) or not isinstance(res.get("info"), dict) or not isinstance(res.get("loki"), list):
+            raise _bad(p, "expected an object with 'info' and 'loki' (kernels/bench.py format)", producer)
+        info = res["info"]
+        if not _is_num(info.get("head_dim")):
+            raise _bad(p, "info.head_dim is missing", producer)
+        if info.get("device") == "cpu-interpreter":
+            notes.append(f"{p.name}: CPU-interpreter smoke run (no timing meaning), not used")
+            continue
+        for i, r in enumerate(res["loki"]):
+            if not isinstance(r, dict) or not all(_is_num(r.get(k)) for k in KERNEL_KEYS):
+                raise _bad(p, f"loki row {i} lacks one of {KERNEL_KEYS}", producer)
+            D = float(info["head_dim"])
+            rows.append({"source": p.name, "device": str(info.get("device", "?")), "head_dim": D,
+                         "batch": int(r["batch"]), "context": int(r["context"]),
+                         "d_frac": r.get("d_frac") or f"{r['d'] / D:g}D", "k_frac": r.get("k_frac") or f"{r['k'] / r['context']:g}",
+                         "d_rel": round(r["d"] / D, 6), "k_rel": round(r["k"] / r["context"], 6),
+                         "speedup": float(r["speedup_vs_sdpa"]), "ideal_ratio": float(r["ideal_ratio"]),
+                         "total_ms": r.get("total_ms")})
+    if not rows:
+        return None, notes
+    return pd.DataFrame(rows), notes
+
+
+def speed_table(tidy, decode, kernels):
+    """Measured speedup per (method, d, k) of the tidy table: decode benchmark first, then the kernel benchmark.
+
+    From several rows for one point, the one at the largest context (then the largest batch) is used.
+    """
+    import pandas as pd
+
+    out = []
+    points = tidy[["method", "d", "k", "head_dim"]].drop_duplicates()
+    for _, p in points.iterrows():
+        same = lambda a, b: (pd.isna(a) and pd.isna(b)) or (not pd.isna(a) and not pd.isna(b) and abs(a - b) < 1e-9)
+        if decode is not None:
+            m = decode[(decode.method == p.method) & decode.d.apply(lambda v: same(v, p.d))
+                       & decode.k.apply(lambda v: same(v, p.k))]
+            if len(m):
+                r = m.sort_values(["context", "batch"], kind="stable").iloc[-1]
+                out.append({"method": p.method, "d": p.d, "k": p.k, "speedup": float(r.speedup), "speed_source": "decode",
+                            "speed_detail": f"decode, batch {int(r.batch)}, context {int(r.context)}"})
+                continue
+        if kernels is not None and p.method == "loki" and not pd.isna(p.d) and not pd.isna(p.k) \
+                and not pd.isna(p.head_dim):
+            d_rel = round((p.d if p.d >= 1 else p.d * p.head_dim) / p.head_dim, 6)
+            m = kernels[(kernels.d_rel == d_rel) & (kernels.k_rel == round(p.k, 6))]
+            if len(m):
+                r = m.sort_values(["context", "batch", "source"], ascending=[True, True, False], kind="stable").iloc[-1]
+                out.append({"method": p.method, "d": p.d, "k": p.k, "speedup": float(r.speedup), "speed_source": "kernel",
+                            "speed_detail": f"kernel vs SDPA, {r.device}, batch {r.batch}, context {r.context}"})
+    return pd.DataFrame(out, columns=["method", "d", "k", "speedup", "speed_source", "speed_detail"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the report
+
+@dataclass
+class Figure:
+    category: str      # folder under report/
+    name: str          # file stem
+    title: str
+    data: object       # the DataFrame drawn
+    sources: list
+
+
+@dataclass
+class Report:
+    tidy: object
+    figures: list = field(default_factory=list)
+    tables: dict = field(default_factory=dict)       # (category, name) -> (title, DataFrame)
+    contents: object = None                          # DataFrame: what was drawn, what is missing
+    notes: list = field(default_factory=list)
+    changed: list = field(default_factory=list)
+
+
+def protocol(tidy, eval_name=None) -> str:
+    t = tidy if eval_name is None else tidy[tidy["eval"] == eval_name]
+    if t.empty:
+        return ""
+    r = t.iloc[0]
+    cfg = json.loads(r.config)
+    ev = cfg.get("eval") or {}
+    parts = [f"model {', '.join(sorted(t.model.unique()))}", f"eval corpus {', '.join(sorted(t.corpus.unique()))}"]
+    if ev.get("window"):
+        parts.append(f"window {ev['window']}" + (f" x {ev['num_windows']}" if ev.get("num_windows") else ""))
+    if "tokens" in t and t.tokens.notna().any():
+        parts.append(f"{int(t.tokens.max())} tokens")
+    calib = sorted(c for c in t.calib.dropna().unique())
+    if calib:
+        parts.append(f"PCA on {', '.join(calib)}")
+    commits = sorted({c[:7] + ("-dirty" if c.endswith("-dirty") else "") for c in t.git_commit})
+    parts.append(f"git {', '.join(commits)}")
+    return " | ".join(parts)
+
+
+def _contents_row(category, name, status, sources, note=""):
+    return {"category": CATEGORIES[category], "figure": name, "status": status, "data": "; ".join(sources),
+            "note": note}
+
+
+def build(results_dir, out_dir, expect=None, kernels_dir=None) -> Report:
+    """Read everything, draw every figure whose data exists into ``out_dir/<category>/``."""
+    import pandas as pd
+
+    from loki import figures as F
+
+    pyplot = F.plt()
+    results_dir, out_dir = Path(results_dir), Path(out_dir)
+    tidy = collect(results_dir, expect)
+    rep = Report(tidy=tidy)
+    exp = ", ".join(sorted(tidy.experiment.unique()))
+    contents = []
+    rd = lambda p: str(Path(p).relative_to(results_dir)) if Path(p).is_relative_to(results_dir) else str(p)
+
+    def add(category, name, title, fig_data, sources, note=""):
+        fig, data = fig_data
+        F.save_png(fig, out_dir / category / f"{name}.png", data, title)
+        pyplot.close(fig)
+        rep.figures.append(Figure(category, name, title, data, sources))
+        contents.append(_contents_row(category, f"{name}.png", "drawn", sources, note))
+
+    # key rank per layer
+    ranks = load_ranks(results_dir)
+    for (model, calib), df in ranks.items():
+        fo = df.attrs["meta"].get("fitted_on", {})
+        how = f"IncrementalPCA per (layer, KV head, side) on {fo.get('tokens', '?')} tokens of {calib}" + \
+              (f" (sequences of {fo['seq_len']})" if fo.get("seq_len") else "")
+        add("rank", f"rank_{model}_{calib}", f"{exp}: key rank per layer, {model}, pre- vs post-RoPE",
+            F.draw_rank(df, f"{exp}: rank of the keys per layer, {model} on {calib}, pre- vs post-RoPE",
+                        f"{how}; band = min..max over KV heads"), [rd(df.attrs["source"])])
+    if not ranks:
+        contents.append(_contents_row("rank", "rank_<model>_<calib>.png", "missing", [],
+                                      "no pca/<model>/<calib>/rank.csv (run fit_pca)"))
+
+    # quality over (d, k), per eval
+    evals = sorted(tidy["eval"].unique())
+    for ev in evals:
+        mm = F.main_metric(ev, [c for c in tidy.columns if tidy.loc[tidy["eval"] == ev, c].notna().any()])
+        if mm is None:
+            contents.append(_contents_row("quality", f"heatmap_{ev}.png", "missing", [], f"eval '{ev}' has no known metric"))
+            continue
+        metric, direction, label = mm
+        srcs = [f"summary.csv (eval={ev})"]
+        if F.heatmap_data(tidy, ev, metric).empty:
+            contents.append(_contents_row("quality", f"heatmap_{ev}.png", "missing", srcs, "no sparse (k) results"))
+        else:
+            add("quality", f"heatmap_{ev}", f"{exp}: {label} over (d, k), eval {ev}",
+                F.draw_heatmaps(tidy, ev, metric, direction, label, f"{exp}: {label} over (d, k), eval {ev}",
+                                protocol(tidy, ev)), srcs)
+
+    # accuracy versus speed
+    decode = load_decode(results_dir)
+    kernels, knotes = load_kernels(kernels_dir)
+    rep.notes += knotes
+    speed = speed_table(tidy, decode, kernels)
+    speed_srcs = ([rd(decode.attrs["source"])] if decode is not None else []) + \
+                 (sorted(f"{Path(kernels_dir).as_posix()}/{s}" for s in kernels.source.unique()) if kernels is not None else [])
+    for ev in evals:
+        mm = F.main_metric(ev, [c for c in tidy.columns if tidy.loc[tidy["eval"] == ev, c].notna().any()])
+        if mm is None:
+            continue
+        metric, direction, label = mm
+        data = F.frontier_data(tidy, speed, ev, metric, direction)
+        if data.empty:
+            contents.append(_contents_row("frontier", f"frontier_{ev}.png", "missing", [], "no point has a speed figure"))
+            continue
+        n_ideal = int((data.speed_source == "ideal").sum())
+        note = f"{n_ideal} of {len(data)} points use the ideal byte ratio (no GPU figure)" if n_ideal else "all measured"
+        title = f"{exp}: {label} vs speedup, eval {ev}"
+        add("frontier", f"frontier_{ev}", title, F.draw_frontier(data, direction, label, title, protocol(tidy, ev)),
+            [f"summary.csv (eval={ev})"] + speed_srcs, note)
+        rep.tables[("frontier", f"frontier_{ev}")] = (title, data)
+
+    # selection recall per layer
+    if "selection" in evals and not F.selection_layers(tidy).empty:
+        title = f"{exp}: selection quality per layer (eval selection)"
+        add("selection", "selection_per_layer", title, F.draw_selection(tidy, title, protocol(tidy, "selection")),
+            ["summary.csv (eval=selection, per_layer)"])
+    else:
+        contents.append(_contents_row("selection", "selection_per_layer.png", "missing", [],
+                                      "no eval=selection results with per_layer (add selection to the sweep's evals)"))
+
+    # calibration transfer
+    transfer = load_transfer(results_dir)
+    if transfer is not None:
+        title = f"{exp}: calibration transfer, explained variance of a basis fitted on one corpus, on another"
+        add("transfer", "transfer", title, F.draw_transfer(transfer, title, "diagonal (bold): basis fitted and "
+                                                           "evaluated on the same corpus"), [rd(transfer.attrs["source"])])
+    else:
+        contents.append(_contents_row("transfer", "transfer.png", "missing", [], "no transfer/transfer.csv"))
+
+    # speed
+    if kernels is not None:
+        title = "Loki decode kernels: speedup over SDPA (python -m kernels.bench)"
+        add("speed", "kernel_speedup", title, F.draw_kernel_speed(kernels, title, "dashed: ideal byte ratio; "
+                                                                  "attention only, one decode step"),
+            sorted(f"{Path(kernels_dir).as_posix()}/{s}" for s in kernels.source.unique()))
+    else:
+        contents.append(_contents_row("speed", "kernel_speedup.png", "missing", [],
+                                      f"no GPU kernel benchmark in {kernels_dir}/*.json"
+                                      + (f" ({'; '.join(knotes)})" if knotes else "")))
+    if decode is not None:
+        title = f"{exp}: decode speedup over dense (bench/decode.json)"
+        add("speed", "decode_speedup", title, F.draw_decode_speed(decode, title), [rd(decode.attrs["source"])])
+    else:
+        contents.append(_contents_row("speed", "decode_speedup.png", "missing", [], "no bench/decode.json"))
+
+    for ign in tidy.attrs.get("ignored", []):
+        rep.notes.append(f"ignored {ign}: not among the expected results")
+    rep.contents = pd.DataFrame(contents, columns=["category", "figure", "status", "data", "note"])
+    return rep
+
+
+# ----------------------------------------------------------------------------------------------------------
+# writing
+
+HTML_STYLE = ("body{font-family:system-ui,sans-serif;font-size:13px;margin:12px;color:#222}"
+              "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}"
+              "th{background:#f0f0f0;position:sticky;top:0}td.l,th.l{text-align:left}"
+              "tr:nth-child(even){background:#fafafa}p{color:#555}")
+TABLE_COLS = ["eval", "model", "corpus", "method", "variant", "d", "k", "k_mode"] + METRIC_COLS + \
+             ["byte_ratio", "seconds", "git_commit", "tag"]
+
+
+def html_table(df, title: str, note: str = "") -> str:
+    """A small self-contained HTML page holding one table (read back by the tests with html.parser)."""
+    import html
+
+    import numpy as np
+    import pandas as pd
+
+    def cell(v):
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "<td></td>"
+        if isinstance(v, (bool, np.bool_)):
+            return f"<td>{'yes' if v else 'no'}</td>"
+        if isinstance(v, (float, np.floating)):
+            return f"<td>{float(v):.6g}</td>"
+        if isinstance(v, (int, np.integer)):
+            return f"<td>{int(v)}</td>"
+        return f'<td class="l">{html.escape(str(v))}</td>'
+
+    text = [not pd.api.types.is_numeric_dtype(df[c]) or pd.api.types.is_bool_dtype(df[c]) for c in df.columns]
+    left = ' class="l"'
+    head = "".join(f"<th{left if t else ''}>{html.escape(str(c))}</th>" for c, t in zip(df.columns, text))
+    body = "\n".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in df.itertuples(index=False, name=None))
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{HTML_STYLE}</style></head><body>\n<h3>{html.escape(title)}</h3>\n"
+            + (f"<p>{html.escape(note)}</p>\n" if note else "")
+            + f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>\n</body></html>\n")
+
+
+def _write_if_changed(src: Path, dst: Path) -> bool:
+    data = src.read_bytes()
+    if dst.is_file() and dst.read_bytes() == data:
+        return False
+    with atomic_path(dst) as tmp:
+        tmp.write_bytes(data)
+    return True
+
+
+def write(rep: Report, results_dir, staged: Path) -> list[str]:
+    """Tables into ``staged``, then everything from ``staged`` into ``results_dir``; returns changed files."""
+    import pandas as pd
+
+    results_dir = Path(results_dir)
+    tidy = rep.tidy
+    exp = ", ".join(sorted(tidy.experiment.unique()))
+    shown = [c for c in TABLE_COLS if c in tidy.columns and tidy[c].notna().any()]
+    t = tidy[shown].copy()
+    t["git_commit"] = t.git_commit.str.slice(0, 7) + t.git_commit.str.endswith("-dirty").map({True: "-dirty", False: ""})
+    tables = {("tables", "results"): (f"{exp}: every result ({len(tidy)} rows)",
+                                      t, "One row per (model, corpus, eval, method, options); byte_ratio = ideal "
+                                         "decode speedup 2D/(d+2kD). Full table with options and resolved config: "
+                                         "summary.csv / summary.parquet."),
+              ("tables", "contents"): (f"{exp}: report contents",
+                                       rep.contents, "; ".join(rep.notes) if rep.notes else "")}
+    for (cat, name), (title, df) in rep.tables.items():
+        tables[(cat, name)] = (title, df, "speed_source: decode / kernel = measured on a GPU; ideal = byte ratio "
+                                          "2D/(d+2kD), no GPU figure; reference = dense")
+    for (cat, name), (title, df, note) in tables.items():
+        p = staged / "report" / cat / f"{name}.html"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(html_table(df, title, note))
+    tidy.to_csv(staged / "summary.csv", index=False, lineterminator="\n")
+    tidy.to_parquet(staged / "summary.parquet", index=False)
+    heat = staged / "report" / "quality" / "heatmap_perplexity.png"
+    if heat.exists():
+        shutil.copyfile(heat, staged / "heatmap.png")
+    else:
+        from loki import figures as F
+
+        pyplot = F.plt()
+        fig, ax = pyplot.subplots(figsize=(6.4, 2.4))
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"{exp}: no perplexity results over (d, k)\nsee report/tables/contents.html",
+                ha="center", va="center")
+        F.save_png(fig, staged / "heatmap.png", pd.DataFrame({"note": ["no perplexity results"]}), "no data")
+        (staged / "heatmap.csv").unlink()
+        pyplot.close(fig)
+    for cat in CATEGORIES:
+        (staged / "report" / cat).mkdir(parents=True, exist_ok=True)
+    changed = []
+    for src in sorted(p for p in staged.rglob("*") if p.is_file()):
+        rel = src.relative_to(staged)
+        if _write_if_changed(src, results_dir / rel):
+            changed.append(str(rel))
+    for cat in CATEGORIES:  # stale files of an earlier report (a figure whose data went away)
+        d = results_dir / "report" / cat
+        d.mkdir(parents=True, exist_ok=True)
+        for p in sorted(d.iterdir()):
+            if p.is_file() and not (staged / "report" / cat / p.name).exists():
+                p.unlink()
+                changed.append(f"-{p.relative_to(results_dir)}")
+    return changed
+
+
+def make_report(results_dir, expect=None, kernels_dir="kernels/results") -> Report:
+    """Build and write the whole report for one results folder (what the stage does, without W&B)."""
+    results_dir = Path(results_dir)
+    with tempfile.TemporaryDirectory(prefix=".report.", dir=results_dir) as tmp:
+        staged = Path(tmp)
+        rep = build(results_dir, staged / "report", expect=expect, kernels_dir=kernels_dir)
+        rep.changed = write(rep, results_dir, staged)
+    return rep
+
+
+def log_wandb(run, rep: Report, results_dir) -> None:
+    """The tidy table as a W&B Table, every figure as a W&B Image (key ``figures/<category>/<name>``)."""
+    import wandb
+
+    results_dir = Path(results_dir)
+    payload = {"results": wandb.Table(dataframe=rep.tidy.drop(columns=["config"]))}
+    for (cat, name), (title, df) in rep.tables.items():
+        payload[f"tables/{name}"] = wandb.Table(dataframe=df)
+    for f in rep.figures:
+        payload[f"figures/{f.category}/{f.name}"] = wandb.Image(str(results_dir / "report" / f.category / f"{f.name}.png"),
+                                                                caption=f.title)
+    run.log(payload)
+    run.summary.update({"report/rows": len(rep.tidy), "report/figures": len(rep.figures),
+                        "report/missing": int((rep.contents.status == "missing").sum())})
 
 
 @stage
 def main(cfg) -> None:
+    from omegaconf import OmegaConf
+
     from loki.tracking import wandb_run
 
     res = Path(cfg.results_dir)
-    df = collect(res)
+    rcfg = OmegaConf.to_container(cfg.report, resolve=True) if cfg.get("report") is not None else {}
+    expect = rcfg.get("expect")
+    if isinstance(expect, str):  # the Snakemake rule passes its inputs space-separated
+        expect = expect.replace(",", " ").split()
+    rep = make_report(res, expect=expect, kernels_dir=rcfg.get("kernels_dir", "kernels/results"))
     with wandb_run(cfg, "report", name="report") as run:
-        with atomic_path(res / "summary.csv") as tmp:
-            df.to_csv(tmp, index=False)
-        plot_heatmap(df, res / "heatmap.png", f"{cfg.experiment_name}: {df.model.iloc[0]} on {df.corpus.iloc[0]}")
         if run is not None:
-            import wandb
-
-            run.log({"summary": wandb.Table(dataframe=df.drop(columns=["options"])),
-                     "heatmap": wandb.Image(str(res / "heatmap.png"))})
-    print(df[["method", "d", "k", "ppl", "tokens"]].to_string(index=False))
-    print(f"[report] {len(df)} rows -> {res / 'summary.csv'}, {res / 'heatmap.png'}")
+            log_wandb(run, rep, res)
+    t = rep.tidy
+    print(t[["eval", "method", "variant", "d", "k"] + [c for c in ("ppl", "recall", "accuracy") if t[c].notna().any()]
+            + ["byte_ratio"]].to_string(index=False))
+    print(rep.contents[["category", "figure", "status", "note"]].to_string(index=False))
+    for n in rep.notes:
+        print(f"[report] note: {n}")
+    print(f"[report] {len(t)} rows, {len(rep.figures)} figures -> {res / 'summary.csv'}, {res / 'report'}/ "
+          f"({len(rep.changed)} files changed)")
 
 
 if __name__ == "__main__":

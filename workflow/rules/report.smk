@@ -1,17 +1,94 @@
+# The report stage and what `snakemake --report report.html` shows (docs/results.md).
+# Figures and tables live in one folder per report category under results/<exp>/report/; a figure is drawn
+# only when its data exists (report/tables/contents.html lists what is missing), so each category is a
+# directory output whose files are registered by pattern (one caption per category, workflow/report/*.rst).
+import glob
+
+
+report: "../report/workflow.rst"
+
+
+KERNEL_RESULTS = "kernels/results"  # python -m kernels.bench --json kernels/results/<gpu>.json (on a GPU machine)
+# optional report data: listed as input only where some rule of this DAG produces it or it already exists
+REPORT_OPTIONAL = [
+    f"{PCA}/rank.csv",  # fit_pca: key rank per layer
+    f"{RES}/transfer/transfer.csv",  # calibration-transfer matrix
+    f"{RES}/bench/decode.json",  # decode latency benchmark
+]
+
+
 rule report:
-    """Gather every evaluation into summary.csv and draw the perplexity heatmap over (d, k)."""
+    """Gather every result into the tidy table (summary.csv/.parquet) and draw the report's figures."""
     input:
-        all_metrics(),
+        metrics=all_metrics(),
+        optional=lambda wildcards: [
+            f
+            for f in REPORT_OPTIONAL
+            if os.path.exists(f)
+            or any(r.name != "report" and r.is_producer(f) for r in workflow.rules)
+        ]
+        + sorted(glob.glob(f"{KERNEL_RESULTS}/*.json")),
     output:
-        summary=report(f"{RES}/summary.csv", category="Results", caption="../report/summary.rst"),
-        heatmap=report(f"{RES}/heatmap.png", category="Results", caption="../report/heatmap.rst"),
+        summary=report(
+            f"{RES}/summary.csv", category="Results", caption="../report/summary.rst"
+        ),
+        parquet=f"{RES}/summary.parquet",
+        heatmap=f"{RES}/heatmap.png",
+        tables=report(
+            directory(f"{RES}/report/tables"),
+            patterns=["{name}.html"],
+            category="Results",
+            caption="../report/tables.rst",
+        ),
+        rank=report(
+            directory(f"{RES}/report/rank"),
+            patterns=["{name}.png"],
+            category="Key rank",
+            caption="../report/rank_layers.rst",
+        ),
+        quality=report(
+            directory(f"{RES}/report/quality"),
+            patterns=["{name}.png"],
+            category="Quality over (d, k)",
+            caption="../report/quality.rst",
+        ),
+        frontier=report(
+            directory(f"{RES}/report/frontier"),
+            patterns=["{name}.png", "{name}.html"],
+            category="Accuracy vs speed",
+            caption="../report/frontier.rst",
+        ),
+        selection=report(
+            directory(f"{RES}/report/selection"),
+            patterns=["{name}.png"],
+            category="Selection quality",
+            caption="../report/selection.rst",
+        ),
+        transfer=report(
+            directory(f"{RES}/report/transfer"),
+            patterns=["{name}.png"],
+            category="Calibration transfer",
+            caption="../report/transfer.rst",
+        ),
+        speed=report(
+            directory(f"{RES}/report/speed"),
+            patterns=["{name}.png"],
+            category="Speed",
+            caption="../report/speed.rst",
+        ),
     params:
         py=PY,
         hydra_common=HYDRA_COMMON,
         logs=LOGS,
+        kernels=KERNEL_RESULTS,
+        experiment=EXP,
+        model=MODEL,
+        calib=CALIB,
+        data=DATA,
     log:
         f"{LOGS}/report.log",
     conda:
         "../../environment.yml"
     shell:
-        "{params.py} -m loki.report {params.hydra_common} 'hydra.run.dir={params.logs}/hydra/report' > {log} 2>&1"
+        "{params.py} -m loki.report {params.hydra_common} '++report.expect={input.metrics}' "
+        "'++report.kernels_dir={params.kernels}' 'hydra.run.dir={params.logs}/hydra/report' > {log} 2>&1"
