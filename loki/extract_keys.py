@@ -10,6 +10,7 @@ and renamed when complete; an interrupted run resumes after the last complete sh
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -114,7 +115,8 @@ def extract(cfg, out_dir: Path, progress: bool = True) -> dict:
         tensors = {s: torch.cat(buf[s], dim=2).to(dtype).contiguous() for s in sides}  # (L, KVH, N, D)
         n = tensors[sides[0]].shape[2]
         with atomic_path(out_dir / name) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": FORMAT, "model": fp["name"], "index": str(i)})
+            # one metadata key: safetensors writes several in random order (non-reproducible bytes)
+            save_file(tensors, str(tmp), metadata={"loki": json.dumps({"format": FORMAT, "model": fp["name"], "index": i})})
         manifest["shards"].append({"file": name, "tokens": n, "sha256": sha256_file(out_dir / name)})
         write_json(man_path, manifest)
         for s in sides:

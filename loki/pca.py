@@ -74,8 +74,9 @@ def save_basis(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -
     meta = {"format": FORMAT, **meta}
     path = Path(path)
     with atomic_path(path) as tmp:
+        # a single metadata key: safetensors writes several in random order (non-reproducible bytes)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={k: json.dumps(v) for k, v in meta.items()})
+                  metadata={"loki": json.dumps(meta, sort_keys=True)})
     write_json(path.with_suffix(".json"), meta)
 
 
@@ -93,7 +94,10 @@ def load_basis(path: str | Path, model_info: dict | None = None) -> Basis:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise fail(f"PCA file {path} is corrupt or not a safetensors file ({e}).", "delete it and rerun fit_pca.") from e
-    meta = {k: json.loads(v) for k, v in raw_meta.items()}
+    try:
+        meta = json.loads(raw_meta.get("loki", "{}"))
+    except json.JSONDecodeError:
+        meta = {}
     if meta.get("format") != FORMAT:
         raise fail(f"{path} is not a Loki PCA file (format {meta.get('format')!r}, expected {FORMAT!r}).",
                    "point pca_path at a pca.safetensors written by fit_pca.")

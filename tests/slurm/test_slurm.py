@@ -28,6 +28,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -41,7 +42,10 @@ CONFIGFILE = os.environ.get("LOKI_SLURM_TEST_CONFIGFILE", "conf/sweep/smoke.yaml
 SUMMARY = os.environ.get("LOKI_SLURM_TEST_SUMMARY", "results/smoke/summary.csv")
 FAIL_RULE = os.environ.get("LOKI_SLURM_TEST_FAIL_RULE", "report")
 SWEEP_APP = os.environ.get("LOKI_SLURM_TEST_SWEEP_APP", "loki.evaluate")
-SWEEP_ARGS = shlex.split(os.environ.get("LOKI_SLURM_TEST_SWEEP_ARGS", "experiment=smoke method=loki method.d=8,16"))
+# two points of the smoke grid (loki-d8-k0.25, loki-d16-k0.25), with the DAG rule's threads=1, so
+# the sweep's metrics must equal the DAG's
+DEFAULT_SWEEP = "experiment=smoke method=loki method.d=8,16 method.k=0.25 threads=1"
+SWEEP_ARGS = shlex.split(os.environ.get("LOKI_SLURM_TEST_SWEEP_ARGS", DEFAULT_SWEEP))
 # values that legitimately differ between two runs of the same config (wall time, host...)
 VOLATILE = re.compile(os.environ.get("LOKI_SLURM_TEST_VOLATILE",
                                      r"(^|_)(seconds|secs|time|elapsed|duration|timestamp|date|host|hostname|"
@@ -61,7 +65,6 @@ CLUSTER_ENV = {
     "LOKI_SLURM_RUNTIME": "30",
     "LOKI_SLURM_GPU_MEM_MB": "4000",
     "LOKI_SLURM_GPU_RUNTIME": "30",
-    "LOKI_SLURM_GPU_CPUS": "1",
 }
 
 
@@ -70,8 +73,8 @@ HERE = Path(__file__).resolve().parent
 CHECKOUT = HERE.parents[1]                       # profiles and launcher configs under test
 REPO = Path(os.environ.get("LOKI_SLURM_TEST_REPO") or CHECKOUT).resolve()   # pipeline whose DAG runs
 PROFILES = CHECKOUT / "workflow" / "profiles"
-_IGNORE = {".git", ".venv", "venv", "results", "resources", ".snakemake", "outputs", "multirun", "wandb",
-           "__pycache__", ".pytest_cache", "logs", ".ipynb_checkpoints", "build", "dist", ".whl", ".gl"}
+_TOP_IGNORE = {".git", ".venv", "venv", "results", "resources", ".snakemake", "outputs", "multirun", "wandb",
+               "logs", "build", "dist", ".whl", ".gl", "shared"}
 
 
 def clean_env(**extra: str) -> dict:
@@ -86,25 +89,16 @@ def clean_env(**extra: str) -> dict:
 
 
 def copy_pipeline(src: Path, dst: Path) -> Path:
-    """Copy the pipeline's sources (not its outputs, caches or venv) into ``dst``: in a git
-    checkout the tracked and untracked-but-not-ignored files, else all but generated folders."""
-    dst.mkdir(parents=True, exist_ok=True)
-    files = None
-    if (src / ".git").exists() and shutil.which("git"):
-        r = subprocess.run(["git", "-C", str(src), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                           capture_output=True)
-        if r.returncode == 0:
-            files = [f for f in r.stdout.decode().split("\0") if f]
-    if files is None:
-        shutil.copytree(src, dst, dirs_exist_ok=True, symlinks=True,
-                        ignore=lambda d, names: [n for n in names if n in _IGNORE or n.endswith(".egg-info")])
-        return dst
-    for rel in files:
-        s = src / rel
-        if s.is_file() and rel.split("/", 1)[0] not in _IGNORE:
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(s, dst / rel)
+    """Copy the pipeline's sources into ``dst``: everything but the generated top-level folders
+    (outputs, caches, venv) -- what a fresh clone plus the working tree's new files hold."""
+    def ignore(d, names):
+        top = Path(d).resolve() == src.resolve()
+        return [n for n in names if (top and n in _TOP_IGNORE) or n in ("__pycache__", ".pytest_cache")
+                or n.endswith(".egg-info")]
+
+    shutil.copytree(src, dst, dirs_exist_ok=True, symlinks=True, ignore=ignore)
     return dst
+
 
 # Makes `python -m loki.<stage>` exit non-zero when LOKI_TEST_FAIL_STAGE=<stage>: the job of
 # that stage fails on the cluster while everything else runs normally. Put on PYTHONPATH
@@ -158,25 +152,52 @@ class Run:
         return {k: int(v) for k, v in rows.items()}
 
 
-def run(cmd, cwd: Path, env: dict, log: Path, timeout: int = TIMEOUT_DAG) -> Run:
-    t0 = time.monotonic()
-    with open(log, "w") as fh:
+class Background:
+    """A command running in its own process group, output to a log file."""
+
+    def __init__(self, cmd, cwd: Path, env: dict, log: Path):
+        self.cmd, self.cwd, self.log = [str(c) for c in cmd], Path(cwd), log
+        self.t0 = time.monotonic()
+        with open(log, "w") as fh:
+            self.proc = subprocess.Popen(self.cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def stop(self):
+        """End the command and its children (its own process group), if still running."""
+        if self.proc.poll() is None:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):   # SIGINT: snakemake cancels its jobs
+                try:
+                    os.killpg(self.proc.pid, sig)
+                    self.proc.wait(timeout=20)
+                    break
+                except ProcessLookupError:
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+
+    def wait(self, timeout: int = TIMEOUT_DAG) -> Run:
+        left = max(1.0, timeout - (time.monotonic() - self.t0))
         try:
-            p = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL, timeout=timeout)
-            rc = p.returncode
+            rc = self.proc.wait(timeout=left)
+            note = ""
         except subprocess.TimeoutExpired:
-            rc = -9
-    out = log.read_text(errors="replace")
-    if rc == -9:
-        out += f"\n[test] TIMEOUT after {timeout}s"
-    return Run(list(cmd), rc, out, time.monotonic() - t0, log, Path(cwd))
+            self.stop()
+            rc, note = -9, f"\n[test] TIMEOUT after {timeout}s"
+        out = self.log.read_text(errors="replace") + note
+        return Run(self.cmd, rc, out, time.monotonic() - self.t0, self.log, self.cwd)
+
+
+def run(cmd, cwd: Path, env: dict, log: Path, timeout: int = TIMEOUT_DAG) -> Run:
+    return Background(cmd, cwd, env, log).wait(timeout)
+
+
+def snakemake_cmd(profile: str, *extra) -> list:
+    return [sys.executable, "-m", "snakemake", "--workflow-profile", PROFILES / profile, "--configfile", CONFIGFILE,
+            *extra]
 
 
 def snakemake(workdir: Path, profile: str, log: Path, *extra, env=None) -> Run:
-    cmd = [sys.executable, "-m", "snakemake", "--workflow-profile", PROFILES / profile, "--configfile", CONFIGFILE,
-           *extra]
-    return run(cmd, workdir, env or clean_env(), log)
+    return run(snakemake_cmd(profile, *extra), workdir, env or clean_env(), log)
 
 
 def sacct(*args: str) -> list[dict]:
@@ -187,12 +208,14 @@ def sacct(*args: str) -> list[dict]:
 
 
 def output_files(workdir: Path) -> dict:
-    """Every pipeline output (results/, resources/) -> mtime_ns."""
+    """Every pipeline output (results/, resources/) -> mtime_ns; not wandb's run folders (random
+    names, appended to by every stage that logs)."""
     files = {}
     for top in ("results", "resources"):
         for p in (workdir / top).rglob("*"):
-            if p.is_file():
-                files[str(p.relative_to(workdir))] = p.stat().st_mtime_ns
+            rel = p.relative_to(workdir)
+            if p.is_file() and "wandb" not in rel.parts:
+                files[str(rel)] = p.stat().st_mtime_ns
     return files
 
 
@@ -260,6 +283,8 @@ def test_slurm_profile_requests_gpus_for_gpu_rules_only():
     res = prof["set-resources"]
     for rule in GPU_RULES:
         assert res[rule]["gres"] == "gpu:1", rule
+        assert res[rule]["gpu"] == 0, rule        # the rules' own gpu=1 must not add --gpus on top
+        assert "cpus_per_task" not in res[rule], rule   # default: the rule's threads
         assert res[rule]["mem_mb"] >= 16000 and res[rule]["runtime"] >= 60, rule
     for rule in CPU_RULES:
         assert "gres" not in res.get(rule, {}) and "gpu" not in res.get(rule, {}), rule
@@ -279,7 +304,8 @@ def test_slurm_profile_takes_cluster_values_from_environment():
     assert (ev["gres"], ev["slurm_partition"], ev["mem_mb"], ev["runtime"]) == ("gpu:a100:2", "gpu", 120000, 600)
     # CPU-only cluster (the test cluster): no GPU request at all
     cpu_only = render_profile("slurm", LOKI_SLURM_GRES="")
-    assert all("gres" not in cpu_only["set-resources"][r] for r in GPU_RULES)
+    assert all("gres" not in cpu_only["set-resources"][r] and cpu_only["set-resources"][r]["gpu"] == 0
+               for r in GPU_RULES)
 
 
 def test_local_profile_limits_gpu_stages_to_the_gpus_present():
@@ -321,7 +347,17 @@ def work(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def slurm_dag(slurm_cluster, pipeline_repo, work) -> DagRuns:
+def local_dag_started(pipeline_repo, work):
+    """The same smoke DAG locally (workflow/profiles/local), started in the background so that it
+    runs while the SLURM jobs do (each DAG alone keeps ~1 of the 2 cores busy on average)."""
+    wd = copy_pipeline(pipeline_repo, work / "local")
+    bg = Background(snakemake_cmd("local"), wd, clean_env(), work / "local.log")
+    yield bg
+    bg.stop()
+
+
+@pytest.fixture(scope="module")
+def slurm_dag(slurm_cluster, pipeline_repo, work, local_dag_started) -> DagRuns:
     """The smoke DAG through SLURM: first with FAIL_RULE failing, then resumed."""
     wd = copy_pipeline(pipeline_repo, work / "slurm")
     hook = work / "failhook"
@@ -338,9 +374,8 @@ def slurm_dag(slurm_cluster, pipeline_repo, work) -> DagRuns:
 
 
 @pytest.fixture(scope="module")
-def local_dag(pipeline_repo, work, slurm_dag) -> Run:
-    wd = copy_pipeline(pipeline_repo, work / "local")
-    r = snakemake(wd, "local", work / "local.log")
+def local_dag(local_dag_started) -> Run:
+    r = local_dag_started.wait()
     assert r.returncode == 0, r.tail()
     return r
 
@@ -434,17 +469,18 @@ def test_slurm_outputs_equal_local_outputs(slurm_dag, local_dag):
 
 @pytest.mark.slurm
 def test_hydra_sweep_through_submitit(slurm_dag, work):
+    """A two-point `-m` sweep, one SLURM job per point; its points equal the DAG's."""
     assert slurm_dag.resumed.returncode == 0, "the smoke DAG (resources for the sweep) did not complete"
     wd = slurm_dag.workdir
     name = f"loki-sweep-{uuid.uuid4().hex[:8]}"
-    # same torch threads in both sweeps (the SLURM job and this process see the same cores)
-    env = clean_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    s_dir, l_dir = work / "sweep-slurm", work / "sweep-local"
+    s_dir = work / "sweep-slurm"
     r = run([sys.executable, "-m", SWEEP_APP, "-m", *SWEEP_ARGS, "hydra/launcher=slurm_local_test",
-             f"hydra.sweep.dir={s_dir}", f"hydra.launcher.name={name}"], wd, env, work / "sweep-slurm.log", timeout=600)
+             f"hydra.sweep.dir={s_dir}", f"hydra.launcher.name={name}"], wd, clean_env(), work / "sweep.log",
+            timeout=600)
     assert r.returncode == 0, r.tail()
-    s_metrics = sorted(s_dir.rglob("metrics.json"))
-    assert len(s_metrics) == 2, (s_metrics, r.tail())
+    assert "Submitit 'slurm' sweep" in r.output, r.tail()
+    metrics = sorted(s_dir.rglob("metrics.json"))
+    assert len(metrics) == 2, (metrics, r.tail())
     assert len(list(s_dir.glob(".submitit/*"))) >= 1, "no submitit job folders"
     # submitit returns once the results are pickled; SLURM marks the jobs done a moment later
     for _ in range(120):
@@ -453,13 +489,24 @@ def test_hydra_sweep_through_submitit(slurm_dag, work):
             break
         time.sleep(0.5)
     assert len(rows) == 2 and all(row["State"] == "COMPLETED" for row in rows), rows
-    assert all(row["JobID"].split("_")[0] == rows[0]["JobID"].split("_")[0] for row in rows), rows  # one job array
-    # the same sweep locally (Hydra's basic launcher): the same numbers
-    loc = run([sys.executable, "-m", SWEEP_APP, "-m", *SWEEP_ARGS, "hydra/launcher=basic",
-               f"hydra.sweep.dir={l_dir}"], wd, env, work / "sweep-local.log", timeout=600)
-    assert loc.returncode == 0, loc.tail()
-    l_metrics = sorted(l_dir.rglob("metrics.json"))
-    assert [p.relative_to(l_dir) for p in l_metrics] == [p.relative_to(s_dir) for p in s_metrics]
-    for s, l in zip(s_metrics, l_metrics):
-        d = diff_values(json.loads(s.read_text()), json.loads(l.read_text()), str(s.relative_to(s_dir)))
-        assert not d, "\n".join(d[:40])
+    assert len({row["JobID"].split("_")[0] for row in rows}) == 1, rows          # one job array
+    assert all(row["Account"] == CLUSTER_ENV["LOKI_SLURM_ACCOUNT"] for row in rows), rows
+    # the same configuration computed by the DAG (SLURM run): the same numbers
+    dag = {}
+    for p in (wd / "results").rglob("metrics.json"):
+        m = json.loads(p.read_text())
+        dag[(m.get("method"), str(m.get("d")), str(m.get("k")))] = (p, m)
+    matched = 0
+    for p in metrics:
+        m = json.loads(p.read_text())
+        key = (m.get("method"), str(m.get("d")), str(m.get("k")))
+        if key not in dag:
+            continue
+        matched += 1
+        other = dag[key][1]
+        drop = ("config", "result")      # the sweep's own paths and overrides
+        d = diff_values({k: v for k, v in m.items() if k not in drop}, {k: v for k, v in other.items() if k not in drop},
+                        f"{p.relative_to(s_dir)} vs {dag[key][0].relative_to(wd)}")
+        assert not d, "the sweep and the DAG disagree on the same configuration:\n" + "\n".join(d[:40])
+    if os.environ.get("LOKI_SLURM_TEST_SWEEP_ARGS") is None:
+        assert matched == 2, f"sweep points {[json.loads(p.read_text()).get('d') for p in metrics]} not in the DAG"

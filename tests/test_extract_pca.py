@@ -1,0 +1,226 @@
+"""Key extraction (families, RoPE sides, resume, corrupt shards, bounded memory) and PCA fitting."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, TEXT, run_py, save_tiny_model
+
+from loki.common import LokiError, CONF_DIR
+
+
+def compose(overrides):
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hcompose(config_name="config", overrides=overrides)
+
+
+def extract_cfg(model_dir, text_file, keys_dir, **ex):
+    ov = [f"model.path={model_dir}", "model.name=tiny", "model.source=null", f"calib.path={text_file}", "calib.name=text",
+          "calib.source=null", f"keys_dir={keys_dir}", "device=cpu", "extract.num_tokens=256", "extract.seq_len=64",
+          "extract.shard_tokens=128"]
+    ov += [f"extract.{k}={v}" for k, v in ex.items()]
+    return compose(ov)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_extract_families_and_recompute_keys(family, tmp_path, text_file):
+    from transformers import AutoModelForCausalLM
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from loki.data import load_tokens, windows
+    from loki.extract_keys import extract, iter_shards, verify_shards
+    from loki.modeling import load_tokenizer
+
+    mdir = save_tiny_model(tmp_path / "m", family)
+    cfg = extract_cfg(mdir, text_file, tmp_path / "keys")
+    man = extract(cfg, tmp_path / "keys", progress=False)
+    man = verify_shards(tmp_path / "keys")
+    L, KVH, D = man["model"]["num_layers"], man["model"]["num_kv_heads"], man["model"]["head_dim"]
+    assert (L, KVH, D) == (2, 2, 16) and man["num_tokens"] == 256 and len(man["shards"]) == 2
+    pre = torch.cat(list(iter_shards(tmp_path / "keys", man, "pre")), dim=2)
+    post = torch.cat(list(iter_shards(tmp_path / "keys", man, "post")), dim=2)
+    assert pre.shape == post.shape == (L, KVH, 256, D)
+
+    # recompute layer 1's keys of the first sequence independently of the capture code
+    model = AutoModelForCausalLM.from_pretrained(mdir, dtype=torch.float32).eval()
+    tok = load_tokenizer(cfg.model)
+    x = windows(load_tokens(cfg.calib, tok, max_tokens=256), 64, None, "t")[:1]
+    layer = 1
+    with torch.inference_mode():
+        hs = model(input_ids=x, output_hidden_states=True).hidden_states[layer]
+        attn = model.model.layers[layer].self_attn
+        h = model.model.layers[layer].input_layernorm(hs)
+        k = attn.k_proj(h).view(1, 64, KVH, D)
+        if hasattr(attn, "k_norm"):
+            k = attn.k_norm(k)
+        k = k.transpose(1, 2)
+        cos, sin = model.model.rotary_emb(h, torch.arange(64)[None])
+        _, k_rot = apply_rotary_pos_emb(k, k, cos, sin)
+    torch.testing.assert_close(pre[layer, :, :64], k[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(post[layer, :, :64], k_rot[0], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(pre[layer, :, 1:64], post[layer, :, 1:64]), "RoPE must change the keys"
+
+
+def test_resume_after_interruption_equals_uninterrupted(tmp_path, tiny_model_dir, text_file):
+    from loki.extract_keys import extract, iter_shards
+
+    full = tmp_path / "full"
+    extract(extract_cfg(tiny_model_dir, text_file, full), full, progress=False)
+    part = tmp_path / "part"
+    with pytest.raises(KeyboardInterrupt):
+        extract(extract_cfg(tiny_model_dir, text_file, part, stop_after_shards=1), part, progress=False)
+    man = json.loads((part / "manifest.json").read_text())
+    assert len(man["shards"]) == 1 and not man["complete"]
+    first = (part / "shard_00000.safetensors").stat().st_mtime_ns
+    assert not list(part.glob(".*tmp")), "no half-written files left"
+    extract(extract_cfg(tiny_model_dir, text_file, part), part, progress=False)
+    assert (part / "shard_00000.safetensors").stat().st_mtime_ns == first, "complete shard was redone"
+    m1, m2 = json.loads((full / "manifest.json").read_text()), json.loads((part / "manifest.json").read_text())
+    assert [s["sha256"] for s in m1["shards"]] == [s["sha256"] for s in m2["shards"]]
+    for side in ("pre", "post"):
+        for a, b in zip(iter_shards(full, m1, side), iter_shards(part, m2, side)):
+            assert torch.equal(a, b)
+
+
+def test_kill_midway_and_rerun_subprocess(tmp_path, tiny_model_dir, text_file):
+    """A real interruption (the process dies after one shard), then a plain rerun."""
+    ov = [f"model.path={tiny_model_dir}", "model.name=tiny", "model.source=null", f"calib.path={text_file}",
+          "calib.name=text", "calib.source=null", f"keys_dir={tmp_path / 'k'}", "extract.num_tokens=256",
+          "extract.seq_len=64", "extract.shard_tokens=128", f"hydra.run.dir={tmp_path / 'h'}", "device=cpu"]
+    res = run_py(["-m", "loki.extract_keys", *ov, "extract.stop_after_shards=1"], check=False)
+    assert res.returncode != 0
+    run_py(["-m", "loki.extract_keys", *ov])
+    man = json.loads((tmp_path / "k" / "manifest.json").read_text())
+    assert man["complete"] and len(man["shards"]) == 2
+
+
+def test_corrupt_shard_and_wrong_model_are_named(tmp_path, tiny_model_dir, text_file):
+    from loki.extract_keys import extract, verify_shards
+
+    keys = tmp_path / "keys"
+    extract(extract_cfg(tiny_model_dir, text_file, keys), keys, progress=False)
+    shard = keys / "shard_00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(LokiError, match="shard_00001.safetensors.*(corrupt|truncated)"):
+        verify_shards(keys)
+    other = {"name": "other", "model_type": "llama", "num_layers": 5, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16,
+             "hidden_size": 64, "vocab_size": 300}
+    keys2 = tmp_path / "keys2"
+    extract(extract_cfg(tiny_model_dir, text_file, keys2), keys2, progress=False)
+    with pytest.raises(LokiError, match="num_layers"):
+        verify_shards(keys2, other)
+
+
+def test_extract_bad_inputs(tmp_path, tiny_model_dir, text_file):
+    from loki.extract_keys import extract
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    with pytest.raises(LokiError, match="empty"):
+        extract(extract_cfg(tiny_model_dir, empty, tmp_path / "a"), tmp_path / "a", progress=False)
+    with pytest.raises(LokiError, match="above the model's limit"):
+        extract(extract_cfg(tiny_model_dir, text_file, tmp_path / "b", seq_len=1024, shard_tokens=1024), tmp_path / "b",
+                progress=False)
+    assert not (tmp_path / "a" / "manifest.json").exists() and not (tmp_path / "b").exists()
+
+
+def test_incremental_pca_matches_full_pca():
+    from scipy.linalg import subspace_angles
+    from sklearn.decomposition import PCA
+
+    from loki.pca import fit_incremental
+
+    rng = np.random.default_rng(0)
+    L, H, N, D = 2, 2, 3000, 16
+    scales = np.linspace(3, 0.05, D)
+    X = rng.normal(size=(L, H, N, D)) * scales @ np.linalg.qr(rng.normal(size=(D, D)))[0] + rng.normal(size=D)
+    chunks = [torch.from_numpy(X[:, :, i: i + 700]) for i in range(0, N, 700)]  # last chunk 200 rows
+    out = fit_incremental(chunks, L, H, D, center=True)
+    for layer in range(L):
+        for h in range(H):
+            full = PCA().fit(X[layer, h])
+            np.testing.assert_allclose(out["explained_variance_ratio"][layer, h].numpy(), full.explained_variance_ratio_,
+                                       atol=1e-3)
+            for d in (1, 4, 8):
+                ang = subspace_angles(out["components"][layer, h, :, :d].double().numpy(), full.components_[:d].T)
+                assert ang.max() < 1e-2, (layer, h, d, ang.max())
+    # uncentered: eigenvectors of X^T X
+    unc = fit_incremental(chunks, L, H, D, center=False)
+    w, v = np.linalg.eigh(X[0, 0].T @ X[0, 0])
+    ang = subspace_angles(unc["components"][0, 0, :, :3].double().numpy(), v[:, ::-1][:, :3])
+    assert ang.max() < 1e-2
+
+
+def test_basis_roundtrip_and_checks(tmp_path):
+    from loki.pca import load_basis, save_basis
+
+    fp = {"name": "m", "model_type": "llama", "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8,
+          "hidden_size": 32, "vocab_size": 10}
+    P = torch.linalg.qr(torch.randn(2, 2, 8, 8))[0]
+    t = {"post.components": P, "post.explained_variance_ratio": torch.full((2, 2, 8), 1 / 8, dtype=torch.float64)}
+    save_basis(tmp_path / "pca.safetensors", t, {"fingerprint": fp})
+    b = load_basis(tmp_path / "pca.safetensors", fp)
+    assert torch.equal(b.components("post"), P)
+    with pytest.raises(LokiError, match="no 'pre' basis"):
+        b.components("pre")
+    with pytest.raises(LokiError, match="(?s)num_kv_heads.*fit a basis for this model"):
+        load_basis(tmp_path / "pca.safetensors", {**fp, "name": "other", "num_kv_heads": 4})
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(LokiError, match="corrupt"):
+        load_basis(tmp_path / "bad.safetensors")
+    with pytest.raises(LokiError, match="(?s)does not exist.*fit_pca"):
+        load_basis(tmp_path / "missing.safetensors")
+
+
+PEAK_SCRIPT = r"""
+import json, resource, sys
+from hydra import compose, initialize_config_dir
+from loki.common import CONF_DIR
+stage, n, model, text, keys, pca = sys.argv[1:7]
+ov = [f"model.path={model}", "model.name=wide", "model.source=null", f"calib.path={text}", "calib.name=text",
+      "calib.source=null", f"keys_dir={keys}", f"pca_path={pca}", f"extract.num_tokens={n}", "extract.seq_len=256",
+      "extract.shard_tokens=2048", "extract.batch_size=8", "device=cpu", "threads=1"]
+with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    cfg = compose(config_name="config", overrides=ov)
+import torch
+torch.set_num_threads(1)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if stage == "extract":
+    from loki.extract_keys import extract
+    extract(cfg, __import__("pathlib").Path(keys), progress=False)
+else:
+    from loki.fit_pca import fit
+    fit(cfg, __import__("pathlib").Path(keys), __import__("pathlib").Path(pca), progress=False)
+print(json.dumps({"peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "base_kb": base}))
+"""
+
+
+def test_peak_memory_flat_in_token_count(tmp_path):
+    """4x the tokens must not raise peak memory: one shard is held at a time (extract and fit)."""
+    mdir = save_tiny_model(tmp_path / "wide", "llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=4,
+                           num_hidden_layers=4, intermediate_size=256, max_position_embeddings=1024)
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT * 40)
+    script = tmp_path / "peak.py"
+    script.write_text(PEAK_SCRIPT)
+    peaks = {}
+    for n in (8192, 32768):
+        for stage in ("extract", "fit"):
+            res = run_py([str(script), stage, str(n), str(mdir), str(text), str(tmp_path / f"k{n}"),
+                          str(tmp_path / f"p{n}" / "pca.safetensors")], timeout=600)
+            peaks[(stage, n)] = json.loads(res.stdout.strip().splitlines()[-1])["peak_kb"] / 1024
+    # keys of 4 layers x 4 heads x 64 dims x 2 sides in fp32 = 8 KiB/token: holding 32K tokens would need 256 MiB more
+    per_token_mb = 4 * 4 * 64 * 2 * 4 / 2**20
+    for stage in ("extract", "fit"):
+        growth = peaks[(stage, 32768)] - peaks[(stage, 8192)]
+        assert growth < 0.25 * per_token_mb * (32768 - 8192), (stage, peaks)
+    (REPO / "results").mkdir(exist_ok=True)
+    print("peak MiB:", {f"{s}@{n}": round(v) for (s, n), v in peaks.items()})

@@ -1,0 +1,222 @@
+"""Core invariants of dense / exact_topk / loki on random float64 inputs, against naive references."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from loki.common import LokiError
+from loki.methods import build_method
+from loki.pca import Basis
+
+B, H, KVH, T, D = 2, 6, 2, 12, 16
+G = H // KVH
+
+
+def fake_model(layers=1):
+    cfg = SimpleNamespace(model_type="llama", num_hidden_layers=layers, num_attention_heads=H, num_key_value_heads=KVH,
+                          head_dim=D, hidden_size=H * D, vocab_size=100, _name_or_path="fake")
+    return SimpleNamespace(config=cfg)
+
+
+def random_basis(layers=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    P = torch.linalg.qr(torch.randn(layers, KVH, D, D, generator=g, dtype=torch.float64))[0]
+    evr = torch.softmax(torch.randn(layers, KVH, D, generator=g, dtype=torch.float64), -1).sort(-1, descending=True).values
+    from loki.modeling import fingerprint
+
+    return Basis({"post.components": P, "post.explained_variance_ratio": evr},
+                 {"fingerprint": fingerprint(fake_model(layers), "fake")})
+
+
+def make(name, **opts):
+    basis = random_basis()
+    m = build_method({"name": name, **opts}, basis=basis)
+    m.bind(fake_model())
+    return m, basis
+
+
+def qkv(seed=1, T=T, S=None):
+    g = torch.Generator().manual_seed(seed)
+    S = S or T
+    q = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, KVH, S, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, KVH, S, D, generator=g, dtype=torch.float64)
+    return q, k, v
+
+
+def causal(T, S=None):
+    S = S or T
+    return (torch.arange(S)[None, :] <= torch.arange(S - T, S)[:, None])[None, None]
+
+
+MOD = SimpleNamespace(layer_idx=0)
+SCALE = D ** -0.5
+
+
+def naive_attention(q, k, v, keep):
+    """Loop-based float64 reference: softmax over kept keys of each (b, h, i)."""
+    out = torch.zeros_like(q)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            for i in range(q.shape[2]):
+                idx = keep[b, h, i].nonzero().flatten()
+                s = torch.stack([q[b, h, i] @ k[b, h // G, j] * SCALE for j in idx])
+                p = torch.softmax(s, 0)
+                out[b, h, i] = sum(p[n] * v[b, h // G, j] for n, j in enumerate(idx))
+    return out
+
+
+def naive_topk_keep(scores, k_frac, vis):
+    keep = torch.zeros(scores.shape, dtype=torch.bool)
+    for b in range(scores.shape[0]):
+        for h in range(scores.shape[1]):
+            for i in range(scores.shape[2]):
+                idx = vis[0, 0, i].nonzero().flatten()
+                n = math.ceil(k_frac * len(idx))
+                top = sorted(idx.tolist(), key=lambda j: -float(scores[b, h, i, j]))[:n]
+                keep[b, h, i, top] = True
+    return keep
+
+
+def test_dense_matches_naive():
+    q, k, v = qkv()
+    m, _ = make("dense")
+    vis = causal(T)
+    out = m.attend(MOD, q, k, v, vis, SCALE)
+    ref = naive_attention(q, k, v, vis.expand(B, H, T, T))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_exact_topk_matches_naive_definition():
+    q, k, v = qkv(2)
+    m, _ = make("exact_topk", k=0.25)
+    vis = causal(T)
+    out = m.attend(MOD, q, k, v, vis, SCALE)
+    scores = torch.einsum("bhtd,bhsd->bhts", q, k.repeat_interleave(G, 1)) * SCALE
+    keep = naive_topk_keep(scores, 0.25, vis)
+    assert torch.equal(m.last_selection, keep)
+    torch.testing.assert_close(out, naive_attention(q, k, v, keep), rtol=1e-10, atol=1e-10)
+
+
+def test_loki_matches_naive_definition():
+    q, k, v = qkv(3)
+    m, basis = make("loki", d=4, k=0.25)
+    vis = causal(T)
+    out = m.attend(MOD, q, k, v, vis, SCALE)
+    P = basis.t["post.components"][0]  # (KVH, D, D)
+    approx = torch.zeros(B, H, T, T, dtype=torch.float64)
+    for h in range(H):
+        qr = q[:, h] @ P[h // G]
+        kr = k[:, h // G] @ P[h // G]
+        approx[:, h] = qr[..., :4] @ kr[..., :4].transpose(-1, -2) * SCALE
+    keep = naive_topk_keep(approx, 0.25, vis)
+    assert torch.equal(m.last_selection, keep)
+    torch.testing.assert_close(out, naive_attention(q, k, v, keep), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_loki_full_dim_selects_exactly_exact_topk(seed):
+    q, k, v = qkv(10 + seed, T=20)
+    vis = causal(20)
+    ex, _ = make("exact_topk", k=0.3)
+    lk, _ = make("loki", d=D, k=0.3)
+    o1, o2 = ex.attend(MOD, q, k, v, vis, SCALE), lk.attend(MOD, q, k, v, vis, SCALE)
+    assert torch.equal(ex.last_selection, lk.last_selection)
+    torch.testing.assert_close(o1, o2, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,opts", [("exact_topk", {"k": 1.0}), ("loki", {"d": 4, "k": 1.0}),
+                                       ("loki", {"d": 4, "k": 1.0, "selection": "group"}),
+                                       ("exact_topk", {"k": T, "k_mode": "tokens"})])
+def test_full_budget_equals_dense(name, opts):
+    q, k, v = qkv(4)
+    vis = causal(T)
+    dense, _ = make("dense")
+    m, _ = make(name, **opts)
+    torch.testing.assert_close(m.attend(MOD, q, k, v, vis, SCALE), dense.attend(MOD, q, k, v, vis, SCALE),
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_loki_small_k_differs_from_dense():
+    q, k, v = qkv(5, T=32)
+    vis = causal(32)
+    dense, _ = make("dense")
+    m, _ = make("loki", d=2, k=0.1)
+    diff = (m.attend(MOD, q, k, v, vis, SCALE) - dense.attend(MOD, q, k, v, vis, SCALE)).abs().max()
+    assert diff > 1e-2
+
+
+def test_budget_modes_count_selected():
+    q, k, v = qkv(6, T=16)
+    vis = causal(16)
+    for mode, kk, expect in [("prefix", 0.25, lambda n: math.ceil(0.25 * n)),
+                             ("window", 0.25, lambda n: min(n, 4)), ("tokens", 3, lambda n: min(n, 3))]:
+        m, _ = make("exact_topk", k=kk, k_mode=mode)
+        m.attend(MOD, q, k, v, vis, SCALE)
+        counts = m.last_selection.sum(-1)
+        want = torch.tensor([expect(i + 1) for i in range(16)])
+        assert torch.equal(counts, want.expand_as(counts)), mode
+
+
+def test_group_selection_shared_and_forced_tokens_kept():
+    q, k, v = qkv(7, T=24)
+    vis = causal(24)
+    m, _ = make("loki", d=4, k=0.2, selection="group", sink_tokens=2, local_window=3)
+    m.attend(MOD, q, k, v, vis, SCALE)
+    sel = m.last_selection.view(B, KVH, G, 24, 24)
+    assert (sel == sel[:, :, :1]).all(), "heads of a group must share one selection"
+    for i in range(24):
+        assert sel[..., i, : min(2, i + 1)].all(), "sinks always kept"
+        assert sel[..., i, max(0, i - 2): i + 1].all(), "local window always kept"
+    assert not (m.last_selection & ~vis).any(), "never selects the future"
+
+
+def test_decode_step_with_cache_offset():
+    """One query at the end of a longer key sequence (decode): visible = all keys."""
+    q, k, v = qkv(8, T=1, S=10)
+    vis = causal(1, 10)
+    assert vis.all()
+    m, _ = make("loki", d=D, k=0.5)
+    ex, _ = make("exact_topk", k=0.5)
+    torch.testing.assert_close(m.attend(MOD, q, k, v, vis, SCALE), ex.attend(MOD, q, k, v, vis, SCALE))
+    assert int(m.last_selection[0, 0, 0].sum()) == 5
+
+
+@pytest.mark.parametrize("opts,msg", [
+    ({"name": "nope"}, "unknown attention method"),
+    ({"name": "loki", "k": 0}, "k must be > 0"),
+    ({"name": "loki", "k": -0.5}, "k must be > 0"),
+    ({"name": "loki", "k": 2.0}, "must be <= 1"),
+    ({"name": "exact_topk", "d": 8}, "do not apply"),
+    ({"name": "loki", "rope": "sideways"}, "rope must be"),
+])
+def test_bad_options_are_clear_errors(opts, msg):
+    with pytest.raises(LokiError, match=msg):
+        build_method(opts, basis=random_basis())
+
+
+def test_d_larger_than_head_dim_is_an_error():
+    m = build_method({"name": "loki", "d": D + 1}, basis=random_basis())
+    with pytest.raises(LokiError, match="larger than the head dim"):
+        m.bind(fake_model())
+
+
+def test_budget_larger_than_context_is_an_error():
+    q, k, v = qkv(9, T=8)
+    m, _ = make("exact_topk", k=9, k_mode="tokens")
+    with pytest.raises(LokiError, match="larger than the context"):
+        m.attend(MOD, q, k, v, causal(8), SCALE)
+
+
+def test_d_variance_picks_per_head_dims():
+    basis = random_basis()
+    m = build_method({"name": "loki", "d_variance": 0.5, "k": 0.5}, basis=basis)
+    m.bind(fake_model())
+    evr = basis.t["post.explained_variance_ratio"][0]
+    for h in range(KVH):
+        d = int(m.dim_counts[0, h])
+        assert evr[h, :d].sum() >= 0.5 - 1e-12 and (d == 1 or evr[h, : d - 1].sum() < 0.5)

@@ -1,0 +1,82 @@
+"""The methods inside a real transformers model (tiny, random weights), through AttentionInterface."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from loki.attention import attach
+from loki.methods import build_method
+from loki.modeling import load_model
+
+
+@pytest.fixture()
+def model(tiny_model_dir):
+    return load_model(OmegaConf.create({"name": "tiny", "path": str(tiny_model_dir), "dtype": "float64"}))
+
+
+def logits(model, x):
+    with torch.inference_mode():
+        return model(input_ids=x, use_cache=False).logits
+
+
+def test_loki_registered_and_really_runs(model):
+    from transformers import AttentionInterface
+
+    assert "loki" in AttentionInterface._global_mapping
+    x = torch.randint(3, 300, (2, 48), generator=torch.Generator().manual_seed(0))
+    dense = build_method({"name": "dense"})
+    attach(model, dense)
+    ref = logits(model, x)
+    sdpa = load_model(OmegaConf.create({"name": "tiny", "path": str(model.name_or_path), "dtype": "float64"}))
+    torch.testing.assert_close(ref, logits(sdpa, x), rtol=1e-9, atol=1e-9)  # our dense == transformers' sdpa
+    assert dense.calls == model.config.num_hidden_layers
+
+    m = build_method({"name": "loki", "d": 4, "k": 0.1, "basis": "online"})
+    attach(model, m)
+    assert model.config._attn_implementation == "loki"
+    out = logits(model, x)
+    assert m.calls == model.config.num_hidden_layers, "every layer must go through the loki method"
+    assert (out - ref).abs().max() > 1e-3, "loki at small k must differ from dense (else it silently fell back)"
+
+    full = build_method({"name": "loki", "d": 4, "k": 1.0, "basis": "online"})
+    attach(model, full)
+    torch.testing.assert_close(logits(model, x), ref, rtol=1e-9, atol=1e-9)
+
+
+def test_dense_layers_and_decode_only_options(model):
+    x = torch.randint(3, 300, (1, 40), generator=torch.Generator().manual_seed(1))
+    attach(model, build_method({"name": "dense"}))
+    ref = logits(model, x)
+    for opts in ({"dense_layers": 2}, {"sparse_prefill": False}):
+        attach(model, build_method({"name": "exact_topk", "k": 0.1, **opts}))
+        torch.testing.assert_close(logits(model, x), ref, rtol=1e-9, atol=1e-9)
+
+
+def test_generate_with_cache_uses_method(model):
+    x = torch.randint(3, 300, (1, 16), generator=torch.Generator().manual_seed(2))
+    m = build_method({"name": "exact_topk", "k": 1.0})
+    attach(model, m)
+    with torch.inference_mode():
+        out = model.generate(x, max_new_tokens=5, do_sample=False, pad_token_id=2)
+    attach(model, build_method({"name": "dense"}))
+    with torch.inference_mode():
+        ref = model.generate(x, max_new_tokens=5, do_sample=False, pad_token_id=2)
+    assert torch.equal(out, ref)
+    assert m.calls == 2 * 5, "prefill + 4 decode steps, 2 layers each"
+
+
+def test_hf_kernels_package_not_confused_with_ours():
+    """Our top-level `kernels` package must not be taken for Hugging Face's `kernels` hub package."""
+    import transformers.utils.import_utils as iu
+
+    ours = importlib.import_module("kernels")
+    assert not hasattr(ours, "__version__")
+    assert iu.is_kernels_available() is False
+    import transformers.integrations.hub_kernels as hk
+
+    importlib.reload(hk)
+    assert not hasattr(hk, "_kernels_kernelize"), "transformers imported our kernels/ as HF's kernels package"
