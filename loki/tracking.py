@@ -69,3 +69,73 @@ def wandb_run(cfg, stage: str, name: str | None = None, extra_config: dict | Non
         yield run
     finally:
         wandb.finish()
+
+
+# ----------------------------------------------------------------------- reading offline runs back
+
+_BLOCK = 32768
+_HEADER = 7  # ":W&B" + magic 0xBEE1 + version byte; records use LevelDB's log format
+
+
+def _records(path: Path):
+    """Protobuf payloads of a ``run-*.wandb`` file (LevelDB log format, 32 KiB blocks)."""
+    data = Path(path).read_bytes()
+    if data[:4] != b":W&B":
+        from loki.common import fail
+
+        raise fail(f"{path} is not a W&B run file.", "point at offline-run-*/run-*.wandb.")
+    pos, buf = _HEADER, b""
+    while pos + 7 <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        length = int.from_bytes(data[pos + 4: pos + 6], "little")
+        kind = data[pos + 6]
+        chunk = data[pos + 7: pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            continue
+        if kind == 1:  # FULL
+            yield chunk
+        elif kind == 2:  # FIRST
+            buf = chunk
+        elif kind == 3:  # MIDDLE
+            buf += chunk
+        elif kind == 4:  # LAST
+            yield buf + chunk
+            buf = b""
+
+
+def read_offline_run(run_dir: str | Path) -> dict:
+    """What an offline run recorded: run info, config, summary and history (values JSON-decoded)."""
+    import json
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    run_dir = Path(run_dir)
+    files = sorted(run_dir.glob("run-*.wandb"))
+    if not files:
+        from loki.common import fail
+
+        raise fail(f"no run-*.wandb file in {run_dir}.", "point at a wandb/offline-run-* folder.")
+    out: dict = {"run": {}, "config": {}, "summary": {}, "history": []}
+    for payload in _records(files[0]):
+        rec = pb.Record()
+        rec.ParseFromString(payload)
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            out["run"] = {"id": rec.run.run_id, "group": rec.run.run_group, "job_type": rec.run.job_type,
+                          "name": rec.run.display_name, "project": rec.run.project}
+            for item in rec.run.config.update:
+                out["config"][item.key] = json.loads(item.value_json)
+        elif kind == "config":
+            for item in rec.config.update:
+                out["config"][item.key] = json.loads(item.value_json)
+        elif kind == "summary":
+            for item in rec.summary.update:
+                key = item.key or "/".join(item.nested_key)
+                out["summary"][key] = json.loads(item.value_json)
+        elif kind == "history":
+            out["history"].append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
+    return out

@@ -1,0 +1,290 @@
+"""The report stage on the synthetic fixture: the tidy table, every figure's data against the table it was drawn
+from (and against the fixture's closed formulas), missing and malformed inputs, determinism."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import fixture as fx
+from loki import figures as F
+from loki.common import LokiError
+from loki.report import collect, make_report
+
+KERNELS = Path("kernels/results")
+
+
+def expected_ppl(method, d, k, variant):
+    return fx.ppl_of(method, None if pd.isna(d) else d, None if pd.isna(k) else k,
+                     "pre" if variant == "rope=pre" else "post")
+
+
+def hashes(res: Path) -> dict:
+    return {str(p.relative_to(res)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(res.rglob("*")) if p.is_file() and (p.name.startswith("summary") or p.name == "heatmap.png"
+                                                                 or p.relative_to(res).parts[0] == "report")}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tidy table
+
+def test_tidy_table_one_row_per_result_with_provenance(results):
+    t = collect(results)
+    assert len(t) == len(fx.POINTS)
+    assert not t.duplicated(["model", "corpus", "eval", "method", "options"]).any()
+    assert list(t.columns[:11]) == ["experiment", "model", "calib", "corpus", "eval", "method", "variant", "d", "k",
+                                    "k_mode", "tag"]
+    keys = list(zip(t["eval"], t.method, t.variant, t.d.fillna(-1), t.k.fillna(-1), t.tag))
+    assert keys == sorted(keys), "rows are sorted by eval, method, variant, d, k"
+    for ev, tag, method, opts in fx.POINTS:
+        row = t[(t["eval"] == ev) & (t.tag == tag)]
+        assert len(row) == 1, (ev, tag)
+        r = row.iloc[0]
+        m = fx.metrics_for(ev, method, opts)
+        assert r.git_commit == fx.COMMIT and r.calib == fx.CALIB and r.corpus == fx.CORPUS
+        assert json.loads(r.config) == m["config"], "the resolved config of each row"
+        assert json.loads(r.options) == m["options"]
+        assert r.result == f"evaluate/{ev}/{tag}/metrics.json"
+        assert r.variant == ("rope=pre" if opts.get("rope") == "pre" else "")
+        if ev == "perplexity":
+            assert r.ppl == pytest.approx(expected_ppl(method, r.d, r.k, r.variant), rel=1e-12)
+            assert r.nll == pytest.approx(math.log(r.ppl)) and r.tokens == 254
+            assert np.isnan(r.recall) and np.isnan(r.accuracy)
+        elif ev == "selection":
+            assert r.recall == pytest.approx(np.mean([fx.recall_of(method, r.d, r.k, i) for i in range(fx.LAYERS)]))
+            assert [e["layer"] for e in json.loads(r.per_layer)] == list(range(fx.LAYERS))
+        else:
+            assert r.accuracy == fx.accuracy_of(method, r.d, r.k) and np.isnan(r.ppl)
+        assert r.head_dim == fx.HEAD_DIM
+
+
+def test_byte_ratio_is_2D_over_d_plus_2kD():
+    D = 128
+    # by hand: dense reads 2D per cached token; Loki d + 2kD
+    assert F.byte_ratio("loki", 32, 0.25, D) == pytest.approx(256 / (32 + 64))
+    assert F.byte_ratio("loki", 0.25, 0.25, D) == pytest.approx(256 / (32 + 64)), "d as a fraction of D"
+    assert F.byte_ratio("exact_topk", None, 0.25, D) == pytest.approx(2 / 1.5)
+    assert F.byte_ratio("dense", None, None, D) == 1.0
+    assert F.byte_ratio("sparq", None, 0.25, D, {"r": 32}) == pytest.approx(256 / 96)
+    assert F.byte_ratio("quest", None, 0.25, D, {"page_size": 16}) == pytest.approx(256 / (16 + 64))
+    assert math.isnan(F.byte_ratio("loki", 32, 0.25, float("nan")))
+    assert math.isnan(F.byte_ratio("some_new_method", 32, 0.25, D))
+    # the same number as kernels/bench.py's ideal_ratio = dense_bytes / loki_bytes at any batch and context
+    for B, S, d, kfrac in ((16, 16384, 32, 4), (1, 4096, 16, 16)):
+        KVH, k_tokens = 8, S // kfrac
+        dense_bytes = B * KVH * S * 2 * D * 2
+        loki_bytes = B * KVH * (S * d + k_tokens * 2 * D) * 2
+        assert F.byte_ratio("loki", d, k_tokens / S, D) == pytest.approx(dense_bytes / loki_bytes)
+
+
+def test_tidy_table_files_csv_and_parquet_agree(built):
+    report, results = built, built.root / built.results
+    csv = pd.read_csv(results / "summary.csv", keep_default_na=True)
+    pq = pd.read_parquet(results / "summary.parquet")
+    assert list(csv.columns) == list(pq.columns) == list(report.tidy.columns)
+    for c in ("ppl", "recall", "accuracy", "byte_ratio", "d", "k"):
+        np.testing.assert_allclose(csv[c].to_numpy(float), report.tidy[c].to_numpy(float), equal_nan=True)
+        np.testing.assert_allclose(pq[c].to_numpy(float), report.tidy[c].to_numpy(float), equal_nan=True)
+    assert (pq.config == report.tidy.config).all() and (csv.git_commit == fx.COMMIT).all()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# figures against their tables
+
+def test_every_figure_drawn_and_listed(built):
+    report, results = built, built.root / built.results
+    names = {f"{f.category}/{f.name}" for f in report.figures}
+    assert names == {"rank/rank_smollm2-135m_lee_news", "quality/heatmap_perplexity", "quality/heatmap_selection",
+                     "quality/heatmap_passkey", "frontier/frontier_perplexity", "frontier/frontier_selection",
+                     "frontier/frontier_passkey", "selection/selection_per_layer", "transfer/transfer",
+                     "speed/kernel_speedup", "speed/decode_speedup"}
+    assert (report.contents.status == "drawn").all()
+    assert any("smoke.json" in n and "not used" in n for n in report.notes), "the CPU smoke benchmark is skipped"
+    for f in report.figures:
+        png = results / "report" / f.category / f"{f.name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        embedded = F.png_data(png)  # the data carried in the PNG is the frame the plot function returned
+        pd.testing.assert_frame_equal(embedded, pd.read_csv(png.with_suffix(".csv")))
+        assert len(embedded) == len(f.data) and list(embedded.columns) == list(f.data.columns)
+    assert (results / "heatmap.png").read_bytes() == (results / "report/quality/heatmap_perplexity.png").read_bytes()
+
+
+def fig(report, name):
+    return next(f for f in report.figures if f.name == name).data
+
+
+def test_heatmap_cells_are_the_table_values(built):
+    report = built
+    tidy = report.tidy
+    for ev, metric in (("perplexity", "ppl"), ("selection", "recall"), ("passkey", "accuracy")):
+        data = fig(report, f"heatmap_{ev}")
+        sparse = tidy[(tidy["eval"] == ev) & tidy.k.notna()]
+        assert len(data) == len(sparse) and set(data.tag) == set(sparse.tag)
+        merged = data.merge(sparse, on=["method", "variant", "tag"], suffixes=("", "_t"))
+        np.testing.assert_allclose(merged.value, merged[metric])
+        np.testing.assert_allclose(merged.d, merged.d_t, equal_nan=True)
+    ppl = fig(report, "heatmap_perplexity")
+    for r in ppl.itertuples():
+        assert r.value == pytest.approx(expected_ppl(r.method, r.d, r.k, r.variant))
+
+
+def test_frontier_speed_sources_and_pareto(built):
+    report = built
+    data = fig(report, "frontier_perplexity")
+    by = {(r.method, r.variant, None if pd.isna(r.d) else r.d, None if pd.isna(r.k) else r.k): r
+          for r in data.itertuples()}
+    assert by[("dense", "", None, None)].speed_source == "decode" and by[("dense", "", None, None)].speedup == 1.0
+    r = by[("loki", "", 8, 0.5)]  # decode benchmark: the largest context (4096), then the largest batch (4)
+    assert (r.speed_source, r.speedup) == ("decode", fx.decode_speedup(4, 4096))
+    for variant in ("", "rope=pre"):  # kernel benchmark, matched by d/D = 16/64 = 32/128 and k = 1/4
+        r = by[("loki", variant, 16, 0.25)]
+        assert (r.speed_source, r.speedup) == ("kernel", fx.kernel_speedup(16384, 4, 4))
+    for key in (("loki", "", 8, 0.25), ("loki", "", 16, 0.5), ("exact_topk", "", None, 0.25)):
+        r = by[key]  # no GPU figure: the ideal byte ratio 2D/(d+2kD)
+        D, d = 64.0, (key[2] if key[2] is not None else 64.0)
+        assert r.speed_source == "ideal" and r.speedup == pytest.approx(2 * D / (d + 2 * key[3] * D))
+    for r in data.itertuples():
+        assert r.value == pytest.approx(expected_ppl(r.method, r.d, r.k, r.variant))
+    x, y = data.speedup.to_numpy(), data.value.to_numpy()
+    for i in range(len(data)):  # Pareto: not dominated by a faster-and-better point
+        dominated = any(x[j] >= x[i] and y[j] <= y[i] and (x[j] > x[i] or y[j] < y[i]) for j in range(len(data)))
+        assert data.pareto.iloc[i] == (not dominated)
+    note = report.contents.set_index("figure").loc["frontier_perplexity.png", "note"]
+    assert note.startswith(f"{(data.speed_source == 'ideal').sum()} of {len(data)} points use the ideal byte ratio")
+
+
+def test_rank_selection_transfer_speed_data(built):
+    report = built
+    rank = fig(report, "rank_smollm2-135m_lee_news")
+    rows = pd.DataFrame(fx.rank_rows(), columns=["side", "layer", "head", "threshold", "rank", "head_dim"])
+    want = rows.groupby(["side", "threshold", "layer"])["rank"].agg(["mean", "min", "max"]).reset_index()
+    got = rank.merge(want, on=["side", "threshold", "layer"])
+    assert len(got) == len(want) == 2 * 3 * fx.LAYERS
+    np.testing.assert_allclose(got.rank_mean, got["mean"])
+    np.testing.assert_allclose(got.rank_min, got["min"])
+    np.testing.assert_allclose(got.rank_max, got["max"])
+
+    sel = fig(report, "selection_per_layer")
+    assert len(sel) == 5 * fx.LAYERS
+    for r in sel.itertuples():
+        assert r.recall == pytest.approx(fx.recall_of(r.method, r.d, r.k, r.layer))
+        assert r.attention_mass == pytest.approx(0.9 - 0.01 * r.layer)
+
+    tr = fig(report, "transfer")
+    assert len(tr) == 2 * 2 * 2 * 2
+    for r in tr.itertuples():
+        assert r.explained_variance == pytest.approx(fx.transfer_ev(r.fit_corpus, r.eval_corpus, r.side, r.d))
+
+    kern = fig(report, "kernel_speedup")
+    assert set(kern.source) == {"h200.json"} and len(kern) == 6
+    dec = fig(report, "decode_speedup")
+    assert len(dec) == 6 and set(dec.method) == {"dense", "loki"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# missing and malformed inputs
+
+def test_missing_optional_data_is_reported_not_drawn(built, tmp_path, monkeypatch):
+    shutil.copytree(built.root, tmp_path / "copy")
+    monkeypatch.chdir(tmp_path / "copy")
+    res = built.results
+    for p in ("transfer/transfer.csv", "bench/decode.json", "../../kernels/results/h200.json"):
+        (res / p).unlink()
+    shutil.rmtree(res / "evaluate" / "selection")
+    rep = make_report(res, kernels_dir=KERNELS)
+    status = rep.contents.set_index("figure").status
+    for missing in ("selection_per_layer.png", "transfer.png", "kernel_speedup.png", "decode_speedup.png"):
+        assert status[missing] == "missing"
+    # the figures of the earlier report whose data went away are removed, not left stale
+    for gone in ("transfer/transfer.png", "speed/kernel_speedup.png", "speed/decode_speedup.png",
+                 "selection/selection_per_layer.png", "quality/heatmap_selection.png"):
+        assert f"-report/{gone}" in rep.changed and not (res / "report" / gone).exists()
+    front = fig(rep, "frontier_perplexity")
+    assert (front[front.method != "dense"].speed_source == "ideal").all()
+    html = (res / "report" / "tables" / "contents.html").read_text()
+    assert "no transfer/transfer.csv" in html and "smoke.json: CPU-interpreter smoke run" in html
+
+
+def test_missing_result_file_is_named(results):
+    job = results / "evaluate" / "perplexity" / "loki-d32-k0.25"
+    job.mkdir()
+    with pytest.raises(LokiError, match=r"loki-d32-k0\.25/metrics\.json is missing"):
+        collect(results)
+    expect = [results / "evaluate/perplexity/dense/metrics.json", job / "metrics.json"]
+    with pytest.raises(LokiError, match=r"expected result file\(s\) missing: .*loki-d32-k0\.25/metrics\.json"):
+        collect(results, expect=expect)
+    t = collect(results, expect=expect[:1])  # with an expectation: exactly those, the rest listed as ignored
+    assert len(t) == 1 and "evaluate/perplexity/loki-d32-k0.25" in t.attrs["ignored"]
+
+
+BAD = {
+    "invalid JSON": ("evaluate/perplexity/dense/metrics.json", lambda s: s[:-20], "not readable JSON"),
+    "no ppl": ("evaluate/perplexity/dense/metrics.json",
+               lambda s: json.dumps({k: v for k, v in json.loads(s).items() if k != "ppl"}), "has no 'ppl'"),
+    "ppl not a number": ("evaluate/perplexity/dense/metrics.json",
+                         lambda s: json.dumps({**json.loads(s), "ppl": "high"}), "'ppl' = 'high' is not a number"),
+    "no config": ("evaluate/passkey/dense/metrics.json",
+                  lambda s: json.dumps({k: v for k, v in json.loads(s).items() if k != "config"}), "'config' is missing"),
+    "bad per_layer": ("evaluate/selection/loki-d8-k0.25/metrics.json",
+                      lambda s: json.dumps({**json.loads(s), "per_layer": [{"layer": 0}]}), "'per_layer' must be"),
+    "rank.csv column": ("pca/smollm2-135m/lee_news/rank.csv", lambda s: s.replace("threshold", "thr"), "columns ['threshold']"),
+    "transfer.csv column": ("transfer/transfer.csv", lambda s: s.replace("explained_variance", "ev"),
+                            "columns ['explained_variance']"),
+    "decode.json": ("bench/decode.json", lambda s: json.dumps({"rows": []}), "expected a non-empty list"),
+    "kernel json": ("../../kernels/results/h200.json", lambda s: json.dumps({"loki": []}), "expected an object with 'info'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_malformed_file_is_named(results, case):
+    rel, change, problem = BAD[case]
+    p = (results / rel).resolve()
+    p.write_text(change(p.read_text()))
+    with pytest.raises(LokiError) as e:
+        make_report(results, kernels_dir=KERNELS)
+    msg = str(e.value)
+    assert p.name in msg and "is malformed" in msg and problem in msg and "How to fix" in msg
+    assert not (results / "summary.csv").exists(), "nothing is written when an input is bad"
+
+
+def test_duplicate_point_is_an_error(results):
+    src = results / "evaluate/perplexity/loki-d8-k0.25"
+    dst = results / "evaluate/perplexity/loki-d8-k0.25-again"
+    dst.mkdir()
+    (dst / "metrics.json").write_text((src / "metrics.json").read_text())
+    with pytest.raises(LokiError, match="two result files for the same point"):
+        collect(results)
+
+
+def test_stage_exits_with_one_clear_message(results, tmp_path):
+    p = results / "evaluate/perplexity/dense/metrics.json"
+    p.write_text("{")
+    r = subprocess.run([sys.executable, "-m", "loki.report", "experiment=smoke", f"results_dir={results}",
+                        "wandb.mode=disabled", f"hydra.run.dir={tmp_path / 'hydra'}"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_MODE": "disabled"})
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"result file {p} is malformed" in r.stderr and "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# determinism
+
+def test_rerun_changes_nothing(built):
+    res = built.root / built.results
+    first = hashes(res)
+    assert len(first) > 25 and built.changed
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(built.root)
+        again = make_report(built.results, kernels_dir=KERNELS)
+    assert again.changed == [] and hashes(res) == first
+    # the Snakemake run of the same fixture in another folder gives the same bytes: test_snakemake_report.py

@@ -1,0 +1,94 @@
+"""The stages as a user runs them (subprocesses): Hydra multirun, W&B offline runs, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_py, save_tiny_model
+
+
+def tiny_overrides(model_dir, text_file, **extra):
+    ov = [f"model.path={model_dir}", "model.name=tiny", "model.source=null", f"data.path={text_file}", "data.name=text",
+          "data.source=null", "eval.window=64", "eval.num_windows=2", "device=cpu", "threads=1"]
+    return ov + [f"{k}={v}" for k, v in extra.items()]
+
+
+def test_hydra_multirun_two_d_values_writes_two_results(tmp_path, tiny_model_dir, text_file):
+    sweep = tmp_path / "sweep"
+    run_py(["-m", "loki.evaluate", "-m", *tiny_overrides(tiny_model_dir, text_file), "method=loki", "method.basis=online",
+            "method.d=2,8", "method.k=0.25", f"hydra.sweep.dir={sweep}"])
+    results = sorted(sweep.glob("*/metrics.json"))
+    assert len(results) == 2
+    ms = [json.loads(p.read_text()) for p in results]
+    assert sorted(m["d"] for m in ms) == [2, 8]
+    assert all(m["method"] == "loki" and m["tokens"] == 2 * 63 and m["attention_calls"] > 0 for m in ms)
+    assert ms[0]["ppl"] != ms[1]["ppl"]
+
+
+def test_wandb_offline_run_read_back(tmp_path, tiny_model_dir, text_file):
+    from loki.tracking import read_offline_run
+
+    out = tmp_path / "run"
+    run_py(["-m", "loki.evaluate", *tiny_overrides(tiny_model_dir, text_file), "method=exact_topk", "method.k=0.5",
+            f"hydra.run.dir={out}", f"wandb.dir={tmp_path}", "experiment_name=wbtest"], env={"WANDB_MODE": "offline"})
+    metrics = json.loads((out / "metrics.json").read_text())
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, "one offline run per job"
+    rec = read_offline_run(runs[0])
+    assert rec["run"]["group"] == "wbtest" and rec["run"]["job_type"] == "evaluate"
+    assert rec["summary"]["ppl"] == pytest.approx(metrics["ppl"], rel=1e-12)
+    assert rec["config"]["method.name"] == "exact_topk" and rec["config"]["method.k"] == 0.5
+
+
+def _fails(args, tmp_path, *needles):
+    out = tmp_path / "err"
+    res = run_py(["-m", "loki.evaluate", *args, f"hydra.run.dir={out}"], check=False)
+    assert res.returncode != 0
+    msg = res.stderr + res.stdout
+    for n in needles:
+        assert n in msg, f"{n!r} not in:\n{msg[-2000:]}"
+    assert "Traceback" not in res.stderr, "a clear message, not a traceback"
+    assert not (out / "metrics.json").exists(), "nothing half-written"
+    return msg
+
+
+def test_errors_are_clear_cli(tmp_path, tiny_model_dir, text_file):
+    base = tiny_overrides(tiny_model_dir, text_file)
+    _fails([*base, "method=nope"], tmp_path, "method/nope", "loki")  # Hydra lists the available methods
+    _fails([*base, "method=loki", "method.basis=online", "method.d=17"], tmp_path, "larger than the head dim 16",
+           "How to fix")
+    _fails([*base, "model.path=/nonexistent/model"], tmp_path, "/nonexistent/model", "How to fix")
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["method=loki", "method.basis=online", "method.k=0"], "k must be > 0"),
+    (["method=exact_topk", "method.k=-1"], "k must be > 0"),
+    (["data.path=/nonexistent/corpus.txt"], "/nonexistent/corpus.txt"),
+    (["eval.window=4096"], "above the model's limit"),
+    (["eval.num_windows=1000"], "lower the number of windows"),
+])
+def test_errors_are_clear_in_process(extra, needle, tiny_model_dir, text_file):
+    from test_extract_pca import compose
+
+    from loki.common import LokiError
+    from loki.evaluate import run_eval
+
+    cfg = compose([*tiny_overrides(tiny_model_dir, text_file), *extra])
+    with pytest.raises(LokiError, match=needle) as e:
+        run_eval(cfg)
+    assert "How to fix" in str(e.value)
+
+
+def test_pca_from_another_model_is_rejected(tmp_path, tiny_model_dir, text_file):
+    other = save_tiny_model(tmp_path / "other", "llama", num_hidden_layers=3)
+    keys, pca = tmp_path / "keys", tmp_path / "pca" / "pca.safetensors"
+    common = [f"calib.path={text_file}", "calib.name=text", "calib.source=null", f"keys_dir={keys}", f"pca_path={pca}",
+              "extract.num_tokens=256", "extract.seq_len=64", "extract.shard_tokens=128", "device=cpu",
+              f"hydra.run.dir={tmp_path / 'h'}"]
+    run_py(["-m", "loki.extract_keys", f"model.path={other}", "model.name=other", "model.source=null", *common])
+    run_py(["-m", "loki.fit_pca", f"model.path={other}", "model.name=other", "model.source=null", *common])
+    assert pca.exists() and (pca.parent / "rank.csv").exists() and (pca.parent / "rank.png").exists()
+    _fails([*tiny_overrides(tiny_model_dir, text_file), "method=loki", f"pca_path={pca}"], tmp_path,
+           "was made for model 'other'", "num_layers", "How to fix")
