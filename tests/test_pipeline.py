@@ -1,0 +1,85 @@
+"""The whole DAG on the embedded model: lint, dry run, the smoke DAG end to end, rerun is a no-op,
+and a Hydra run of the same point reproduces the DAG's number."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pandas as pd
+import pytest
+from conftest import REPO, run_py
+
+SNAKEMAKE = ["-m", "snakemake"]
+
+
+def test_snakemake_lint_and_dry_run():
+    res = run_py([*SNAKEMAKE, "--lint"], check=False)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for extra in ([], ["--configfile", "conf/sweep/smoke.yaml"]):
+        res = run_py([*SNAKEMAKE, "-n", "--quiet", *extra], check=False)
+        assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_config_schema_rejects_bad_config(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experiment: smoke\nmodel: smollm2-135m\ncalib_corpus: lee_news\neval_corpus: enwiki_sample\ngrid: {}\n")
+    res = run_py([*SNAKEMAKE, "-n", "--configfile", str(bad)], check=False)
+    assert res.returncode != 0 and "grid" in (res.stdout + res.stderr)
+
+
+@pytest.fixture(scope="module")
+def smoke_repo(tmp_path_factory, embedded_model_dir):
+    """A copy of the tracked tree (resources/ shared with the checkout, so the model is prepared once)."""
+    dst = tmp_path_factory.mktemp("clone") / "repo"
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for f in filter(None, files):
+        src = REPO / f
+        if src.is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / f)
+    os.symlink(REPO / "resources", dst / "resources")
+    return dst
+
+
+@pytest.mark.slow
+def test_smoke_dag_end_to_end(smoke_repo):
+    env = {"WANDB_MODE": "offline"}
+    run_py([*SNAKEMAKE, "--cores", "2", "--configfile", "conf/sweep/smoke.yaml"], cwd=smoke_repo, env=env, timeout=1800)
+    res_dir = smoke_repo / "results" / "smoke"
+    df = pd.read_csv(res_dir / "summary.csv")
+    ppl = df[df["eval"] == "perplexity"]
+    assert set(ppl.method) >= {"dense", "exact_topk", "loki"}
+    loki = ppl[ppl.method == "loki"]
+    assert len(loki) >= 4 and loki.ppl.notna().all()
+    dense = float(ppl[ppl.method == "dense"].ppl.iloc[0])
+    assert 1 < dense < 1000
+    assert (loki.ppl > dense).all(), "sparse attention should not beat dense here"
+    assert (res_dir / "heatmap.png").stat().st_size > 1000
+    assert (res_dir / "pca" / "smollm2-135m" / "lee_news" / "rank.csv").exists()
+
+    # one offline W&B run per job, grouped by experiment, named by stage
+    from loki.tracking import read_offline_run
+
+    runs = [read_offline_run(d) for d in sorted((res_dir / "wandb").glob("offline-run-*"))]
+    stages = sorted(r["run"]["job_type"] for r in runs)
+    n_eval = len(list(res_dir.glob("evaluate/*/*/metrics.json")))
+    assert stages.count("evaluate") == n_eval and {"extract_keys", "fit_pca", "report"} <= set(stages)
+    assert all(r["run"]["group"] == "smoke" for r in runs)
+    by_name = {r["run"]["name"]: r for r in runs}
+    m = json.loads((res_dir / "evaluate" / "perplexity" / "loki-d8-k0.25" / "metrics.json").read_text())
+    assert by_name["evaluate-loki-d8-k0.25"]["summary"]["ppl"] == pytest.approx(m["ppl"], rel=1e-12)
+
+    # rerunning does nothing
+    again = run_py([*SNAKEMAKE, "--cores", "2", "--configfile", "conf/sweep/smoke.yaml"], cwd=smoke_repo, env=env)
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+    # the same point by hand through a Hydra multirun gives the same number
+    sweep = smoke_repo / "multirun-check"
+    run_py(["-m", "loki.evaluate", "-m", "experiment=smoke", "corpus@data=enwiki_sample", "method=loki", "method.d=8",
+            "method.k=0.25", "threads=1", f"hydra.sweep.dir={sweep}"], cwd=smoke_repo, env={"WANDB_MODE": "disabled"})
+    m2 = json.loads(next(sweep.glob("*/metrics.json")).read_text())
+    assert m2["ppl"] == m["ppl"]
