@@ -8,9 +8,14 @@ from loki.common import fail
 from loki.methods.base import Method
 from loki.methods.dense import Dense
 from loki.methods.exact_topk import ExactTopK
+from loki.methods.h2o import H2O
 from loki.methods.loki import Loki
+from loki.methods.loki_h2o import LokiH2O
+from loki.methods.pca_attn import PcaAttn
+from loki.methods.quest import Quest
+from loki.methods.sparq import SparQ
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Dense, ExactTopK, Loki)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Dense, ExactTopK, Loki, PcaAttn, H2O, SparQ, Quest, LokiH2O)}
 
 
 def register(cls: type[Method]) -> type[Method]:

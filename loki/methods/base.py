@@ -35,6 +35,7 @@ class Method:
         self.opts = {**self.options, **opts}
         self.calls = 0
         self.resources = resources
+        self.reset_stats()
         self.validate()
 
     def __getattr__(self, item):  # options read as attributes
@@ -57,6 +58,53 @@ class Method:
 
     def describe(self) -> dict:
         return {"method": self.name, **self.opts}
+
+    # -------------------------------------------------------------- what the method kept (for honest reporting)
+
+    def reset_stats(self) -> None:
+        self._stats = {"kept": 0.0, "visible": 0.0, "cache": 0.0, "cache_visible": 0.0, "cache_last": 0.0,
+                       "cache_last_visible": 0.0, "cache_peak": 0, "context_peak": 0}
+
+    def record(self, keep: torch.Tensor | None, visible: torch.Tensor, heads: int,
+               cache: torch.Tensor | None = None) -> None:
+        """Count attended keys (``keep`` (B, H, T, S) bool; None = every visible key) against the visible ones,
+        and, for methods that evict, the keys held in the cache (``cache`` (B, Hc, T, S) bool, one per cache)."""
+        st = self._stats
+        B = keep.shape[0] if keep is not None else visible.shape[0]
+        rep = B // visible.shape[0]
+        n_vis = float(visible.count_nonzero()) * rep
+        st["visible"] += n_vis * heads
+        st["kept"] += float(keep.count_nonzero()) if keep is not None else n_vis * heads
+        last_vis = visible[..., -1, :].sum(-1)  # (B|1, 1): keys visible to the last row
+        st["context_peak"] = max(st["context_peak"], int(last_vis.max()))
+        if cache is not None:
+            hc = cache.shape[1]
+            st["cache"] += float(cache.count_nonzero())
+            st["cache_visible"] += n_vis * hc
+            held_last = cache[..., -1, :].sum(-1)  # (B, Hc): the cache after the call's last row
+            st["cache_last"] += float(held_last.sum())
+            st["cache_last_visible"] += float(last_vis.sum()) * rep * hc
+            st["cache_peak"] = max(st["cache_peak"], int(cache.sum(-1).max()))
+
+    def stats(self) -> dict:
+        """JSON-ready summary of what the method attended to (and cached) since the last ``reset_stats``.
+
+        ``kept_fraction``: attended keys / visible keys over every call, row and head (forced tokens beyond
+        the budget, page rounding and dense layers all show up here). Evicting methods add
+        ``cache_fraction_mean`` (cached / visible keys, averaged over rows), ``cache_fraction`` (the cache
+        after the last row of each call / the keys seen by then: the memory a decoder holds at the end, over
+        layers and KV heads), ``cache_saved`` = 1 - ``cache_fraction``, and the peak cache / context sizes."""
+        st = self._stats
+        out = {}
+        if st["visible"]:
+            out["kept_fraction"] = st["kept"] / st["visible"]
+        if st["cache_visible"]:
+            out["cache_fraction_mean"] = st["cache"] / st["cache_visible"]
+            out["cache_fraction"] = st["cache_last"] / st["cache_last_visible"]
+            out["cache_saved"] = 1.0 - out["cache_fraction"]
+            out["cache_peak_tokens"] = st["cache_peak"]
+            out["context_peak_tokens"] = st["context_peak"]
+        return out
 
 
 # ------------------------------------------------------------------------------ shared helpers

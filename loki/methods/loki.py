@@ -39,14 +39,18 @@ class Loki(Method):
 
     def validate(self):
         validate_budget(self.name, self.k, self.k_mode)
-        if self.rope not in ("pre", "post"):
-            raise fail(f"loki: rope must be 'pre' or 'post', got {self.rope!r}.", "set method.rope=post or pre.")
-        if self.basis not in ("offline", "online"):
-            raise fail(f"loki: basis must be offline or online, got {self.basis!r}.", "set method.basis.")
         if self.selection not in ("head", "group"):
             raise fail(f"loki: selection must be head or group, got {self.selection!r}.", "set method.selection.")
         if self.group_reduce not in ("max", "sum", "mean"):
             raise fail(f"loki: unknown group_reduce {self.group_reduce!r}.", "use max, sum or mean.")
+        self.validate_basis()
+
+    def validate_basis(self):
+        """The options of the d-dim approximate scores (shared with pca_attn and loki_h2o)."""
+        if self.rope not in ("pre", "post"):
+            raise fail(f"loki: rope must be 'pre' or 'post', got {self.rope!r}.", "set method.rope=post or pre.")
+        if self.basis not in ("offline", "online"):
+            raise fail(f"loki: basis must be offline or online, got {self.basis!r}.", "set method.basis.")
         dv = self.d_variance
         if dv is not None and not (0 < float(dv) <= 1):
             raise fail(f"loki: d_variance must be in (0, 1], got {dv}.", "e.g. method.d_variance=0.9.")
@@ -120,6 +124,7 @@ class Loki(Method):
     def attend(self, module, q, k, v, visible, scaling):
         scores = exact_scores(q, k, scaling)
         if is_dense_here(self, module, q):
+            self.record(None, visible, q.shape[1])
             return masked_attention(scores, visible.expand_as(scores), v)
         approx = self.approx_scores(module, q, k, scaling)
         budget = token_budget(visible, self.k, self.k_mode)
@@ -131,4 +136,5 @@ class Loki(Method):
         else:
             keep = select_topk(approx, visible, budget, forced)
         self.last_selection = keep
+        self.record(keep, visible, q.shape[1])
         return masked_attention(scores, keep, v)
