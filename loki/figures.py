@@ -144,21 +144,42 @@ def _integer_x(ax) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # byte ratio
 
-def byte_ratio(method: str, d, k, head_dim) -> float:
-    """Ideal decode-step speedup over dense from bytes read (see the module docstring)."""
+def _dims(v, D: float) -> float:
+    """An option that is an int of dims or a fraction of the head dim, as dims."""
+    v = float(v)
+    return v * D if 0 < v < 1 else v
+
+
+def byte_ratio(method: str, d, k, head_dim, options: dict | None = None) -> float:
+    """Ideal decode-step speedup over dense from bytes read (see the module docstring); nan where unknown.
+
+    Elements read per cached token, dense = 2D: exact_topk D + 2kD; loki d + 2kD; sparq r + 2kD;
+    quest 2D/page_size + 2kD (page min/max keys); pca_attn d + D (every value); h2o 2kD (the cache is k);
+    loki_h2o cache*d + 2kD (Loki scores the cached keys only). k (and cache) as fractions of the context.
+    """
+    opts = options or {}
     if method == "dense":
         return 1.0
-    if k is None or pd.isna(k) or head_dim is None or pd.isna(head_dim):
+    if head_dim is None or pd.isna(head_dim):
         return float("nan")
-    D, k = float(head_dim), float(k)
-    if method == "exact_topk":
-        return 2 * D / (D + 2 * k * D)
-    if method == "loki":
-        if d is None or pd.isna(d):
+    D = float(head_dim)
+    try:
+        if method == "pca_attn":
+            return 2 * D / (_dims(d, D) + D)
+        if k is None or pd.isna(k):
             return float("nan")
-        d = float(d) * D if 0 < float(d) < 1 else float(d)
-        return 2 * D / (d + 2 * k * D)
-    return float("nan")
+        k = float(k)
+        read = {
+            "exact_topk": lambda: D + 2 * k * D,
+            "loki": lambda: _dims(d, D) + 2 * k * D,
+            "sparq": lambda: _dims(opts["r"], D) + 2 * k * D,
+            "quest": lambda: 2 * D / float(opts["page_size"]) + 2 * k * D,
+            "h2o": lambda: 2 * k * D,
+            "loki_h2o": lambda: float(opts["cache"]) * _dims(d, D) + 2 * k * D,
+        }.get(method)
+        return 2 * D / read() if read else float("nan")
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return float("nan")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,7 +256,8 @@ def draw_heatmaps(tidy: pd.DataFrame, eval_name: str, metric: str, direction: st
         shown = np.log(grid) if log else grid
         im = ax.imshow(np.ma.masked_invalid(shown), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
         ax.set_xticks(range(len(ks)), [fmt_num(k) for k in ks])
-        ax.set_yticks(range(len(rows)), [fmt_num(d) if not pd.isna(d) else "full D" for d in rows])
+        ax.set_yticks(range(len(rows)), [fmt_num(d) if not pd.isna(d) else ("full D" if method == "exact_topk" else "-")
+                                         for d in rows])
         mid = (vmin + vmax) / 2
         for i in range(len(rows)):
             for j in range(len(ks)):
@@ -286,7 +308,8 @@ def frontier_data(tidy: pd.DataFrame, speed: pd.DataFrame, eval_name: str, metri
     return out.sort_values(["method", "variant", "d", "k", "tag"], na_position="first").reset_index(drop=True)
 
 
-def draw_frontier(data: pd.DataFrame, direction: str, label: str, title: str, footer: str = ""):
+def draw_frontier(data: pd.DataFrame, direction: str, label: str, title: str, footer: str = "",
+                  omitted: list | None = None):
     pyplot = plt()
     fig, ax = subplots(pyplot, figsize=(7.6, 5.0))
     colors = method_colors(pyplot, data.method.unique())
@@ -324,9 +347,14 @@ def draw_frontier(data: pd.DataFrame, direction: str, label: str, title: str, fo
     ax.set(xlabel=xlab, ylabel=label + (" (lower is better)" if direction == "lower" else " (higher is better)"))
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7.5, loc="best")
+    warn = []
     if n_ideal:
-        ax.set_title(f"{n_ideal} of {len(data)} points have no GPU measurement: their x is the ideal byte ratio "
-                     "of one decode step", fontsize=8.5, color="firebrick")
+        warn.append(f"{n_ideal} of {len(data)} points have no GPU measurement: their x is the ideal byte ratio "
+                    "of one decode step")
+    if omitted:
+        warn.append(f"not shown (no speed figure, no byte-ratio model): {', '.join(omitted)}")
+    if warn:
+        ax.set_title("\n".join(warn), fontsize=8.5, color="firebrick")
     _title(fig, title, footer)
     return fig, data
 

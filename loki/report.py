@@ -108,8 +108,16 @@ def load_metrics(path: Path) -> dict:
 
 
 def _method_defaults(method: str) -> dict | None:
+    """The method's default options: its class in the registry, else conf/method/<method>.yaml."""
     import yaml
 
+    try:
+        from loki.methods import METHODS
+
+        if method in METHODS and isinstance(getattr(METHODS[method], "options", None), dict):
+            return dict(METHODS[method].options)
+    except ImportError:
+        pass
     p = CONF_DIR / "method" / f"{method}.yaml"
     if not p.exists():
         return None
@@ -178,14 +186,21 @@ def _head_dim(cfg: dict, results_dir: Path, cache: dict):
     return cache[key]
 
 
-def _kept_fraction(m: dict) -> float | None:
-    k, opts = m.get("k"), m["options"]
-    if k is None:
+def _as_fraction(v, m: dict) -> float | None:
+    """A budget option (k, cache) as a fraction of the context: k_mode=tokens divides by the eval window."""
+    if v is None or not _is_num(v):
         return None
-    if opts.get("k_mode") == "tokens":
+    if m["options"].get("k_mode") == "tokens":
         window = m.get("window") or (m["config"].get("eval") or {}).get("window")
-        return float(k) / float(window) if window else None
-    return float(k)
+        return float(v) / float(window) if window else None
+    return float(v)
+
+
+def _ratio_options(m: dict) -> dict:
+    opts = dict(m["options"])
+    if "cache" in opts:
+        opts["cache"] = _as_fraction(opts["cache"], m)
+    return opts
 
 
 def collect(results_dir, expect=None):
@@ -210,7 +225,7 @@ def collect(results_dir, expect=None):
                        + (f" and {len(missing) - 5} more" if len(missing) > 5 else "") + ".",
                        "run their evaluate jobs first (snakemake --cores 2 runs what is missing).")
         want = {p.resolve() for p in files}
-        ignored = [str(p.parent.relative_to(results_dir)) for p in job_dirs if (p / "metrics.json").resolve() not in want]
+        ignored = [str(p.relative_to(results_dir)) for p in job_dirs if (p / "metrics.json").resolve() not in want]
     else:
         files = found
         incomplete = [p for p in job_dirs if not (p / "metrics.json").is_file()]
@@ -243,7 +258,7 @@ def collect(results_dir, expect=None):
         hd = _head_dim(cfg, results_dir, hd_cache)
         row.update({
             "head_dim": hd,
-            "byte_ratio": byte_ratio(m["method"], m["d"], _kept_fraction(m), hd),
+            "byte_ratio": byte_ratio(m["method"], m["d"], _as_fraction(m["k"], m), hd, _ratio_options(m)),
             "git_commit": m["git_commit"],
             "options": json.dumps(m["options"], sort_keys=True),
             "per_layer": json.dumps(m["per_layer"], sort_keys=True) if "per_layer" in m else None,
@@ -471,7 +486,11 @@ def build(results_dir, out_dir, expect=None, kernels_dir=None) -> Report:
 
     pyplot = F.plt()
     results_dir, out_dir = Path(results_dir), Path(out_dir)
-    tidy = collect(results_dir, expect)
+    tidy = collect(results_dir, expect)  # read and check every input before drawing anything
+    ranks = load_ranks(results_dir)
+    transfer = load_transfer(results_dir)
+    decode = load_decode(results_dir)
+    kernels, knotes = load_kernels(kernels_dir)
     rep = Report(tidy=tidy)
     exp = ", ".join(sorted(tidy.experiment.unique()))
     contents = []
@@ -485,7 +504,6 @@ def build(results_dir, out_dir, expect=None, kernels_dir=None) -> Report:
         contents.append(_contents_row(category, f"{name}.png", "drawn", sources, note))
 
     # key rank per layer
-    ranks = load_ranks(results_dir)
     for (model, calib), df in ranks.items():
         fo = df.attrs["meta"].get("fitted_on", {})
         how = f"IncrementalPCA per (layer, KV head, side) on {fo.get('tokens', '?')} tokens of {calib}" + \
@@ -514,8 +532,6 @@ def build(results_dir, out_dir, expect=None, kernels_dir=None) -> Report:
                                 protocol(tidy, ev)), srcs)
 
     # accuracy versus speed
-    decode = load_decode(results_dir)
-    kernels, knotes = load_kernels(kernels_dir)
     rep.notes += knotes
     speed = speed_table(tidy, decode, kernels)
     speed_srcs = ([rd(decode.attrs["source"])] if decode is not None else []) + \
@@ -531,9 +547,13 @@ def build(results_dir, out_dir, expect=None, kernels_dir=None) -> Report:
             continue
         n_ideal = int((data.speed_source == "ideal").sum())
         note = f"{n_ideal} of {len(data)} points use the ideal byte ratio (no GPU figure)" if n_ideal else "all measured"
+        rows = tidy[(tidy["eval"] == ev) & tidy[metric].notna()]
+        omitted = sorted(set(rows.tag) - set(data.tag))
+        if omitted:
+            note += f"; omitted (no speed figure, no byte-ratio model): {', '.join(omitted)}"
         title = f"{exp}: {label} vs speedup, eval {ev}"
-        add("frontier", f"frontier_{ev}", title, F.draw_frontier(data, direction, label, title, protocol(tidy, ev)),
-            [f"summary.csv (eval={ev})"] + speed_srcs, note)
+        add("frontier", f"frontier_{ev}", title, F.draw_frontier(data, direction, label, title, protocol(tidy, ev),
+                                                                 omitted), [f"summary.csv (eval={ev})"] + speed_srcs, note)
         rep.tables[("frontier", f"frontier_{ev}")] = (title, data)
 
     # selection recall per layer
@@ -546,7 +566,6 @@ def build(results_dir, out_dir, expect=None, kernels_dir=None) -> Report:
                                       "no eval=selection results with per_layer (add selection to the sweep's evals)"))
 
     # calibration transfer
-    transfer = load_transfer(results_dir)
     if transfer is not None:
         title = f"{exp}: calibration transfer, explained variance of a basis fitted on one corpus, on another"
         add("transfer", "transfer", title, F.draw_transfer(transfer, title, "diagonal (bold): basis fitted and "
@@ -674,7 +693,7 @@ def write(rep: Report, results_dir, staged: Path) -> list[str]:
         d = results_dir / "report" / cat
         d.mkdir(parents=True, exist_ok=True)
         for p in sorted(d.iterdir()):
-            if p.is_file() and not (staged / "report" / cat / p.name).exists():
+            if p.is_file() and not p.name.startswith(".") and not (staged / "report" / cat / p.name).exists():
                 p.unlink()
                 changed.append(f"-{p.relative_to(results_dir)}")
     return changed

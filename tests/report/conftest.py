@@ -1,4 +1,4 @@
-"""Fixtures of the report tests: a synthetic results folder (tests/report/fixture.py), and one Snakemake run of
+"""Fixtures of the report tests: a synthetic results folder (tests/report/report_fixture.py), and one Snakemake run of
 the ``report`` rule on it followed by ``snakemake --report`` (shared by the HTML and W&B tests)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-import fixture as fx  # noqa: E402
+import report_fixture as fx  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import fixture as fx
+import report_fixture as fx
 from loki import figures as F
 from loki.common import LokiError
 from loki.report import collect, make_report

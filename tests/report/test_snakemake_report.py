@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import fixture as fx
+import report_fixture as fx
 from loki import figures as F
 from loki.report import CATEGORIES
 
@@ -56,7 +56,7 @@ def html_table(text: str) -> pd.DataFrame:
     head, *rows = p.tables[0]
     df = pd.DataFrame(rows, columns=head).replace("", np.nan)
     for c in df.columns:
-        if c not in ("tag", "variant"):
+        if c not in ("tag", "variant", "git_commit"):
             try:
                 df[c] = pd.to_numeric(df[c])
             except (ValueError, TypeError):
@@ -162,7 +162,7 @@ def test_snakemake_outputs_equal_the_in_process_report(report_html, built):
     """Determinism across processes and folders: the same fixture gives the same bytes."""
     def digest(res: Path) -> dict:
         return {str(p.relative_to(res)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(res.rglob("*"))
-                if p.is_file() and (p.name.startswith("summary") or p.name == "heatmap.png"
+                if p.is_file() and not p.name.startswith(".") and (p.name.startswith("summary") or p.name == "heatmap.png"
                                     or p.relative_to(res).parts[0] == "report")}
 
     a = digest(report_html["work"] / "results" / fx.EXP)

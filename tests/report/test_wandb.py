@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import fixture as fx
+import report_fixture as fx
 from loki import figures as F
 
 BLOCK = 32768

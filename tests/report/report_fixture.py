@@ -160,7 +160,7 @@ def kernel_speedup(context, dfrac, kfrac):
 
 
 SWEEP = """\
-# the report fixture's grid (tests/report/fixture.py POINTS)
+# the report fixture's grid (tests/report/report_fixture.py POINTS)
 experiment: smoke
 model: smollm2-135m
 calib_corpus: lee_news
