@@ -1,0 +1,66 @@
+"""Fixtures for the generation tests: a tiny random Llama, a basis fitted on its keys, the embedded model."""
+import os
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():  # the kernel-path test runs Triton in its interpreter (before triton is imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+EMBEDDED = REPO / "resources" / "models" / "smollm2-135m"
+CORPUS = REPO / "resources" / "corpora" / "lee_news.txt"
+
+TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=2,
+            intermediate_size=128, vocab_size=300, max_position_embeddings=512)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_llama(seed: int = 0, **over):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import loki.attention  # noqa: F401
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**{**TINY, **over}), attn_implementation="sdpa")
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def tiny_basis(tiny):
+    from loki.generation import fit_basis
+
+    g = torch.Generator().manual_seed(1)
+    return fit_basis(tiny, torch.randint(0, TINY["vocab_size"], (2, 96), generator=g))
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    """(model, tokenizer, basis) of the embedded SmolLM2-135M, fp32; skipped when it is not prepared."""
+    if not (EMBEDDED / "config.json").exists():
+        pytest.skip(f"embedded model not prepared at {EMBEDDED} (run `python -m loki.prepare`)")
+    from omegaconf import OmegaConf
+
+    from loki.generation import fit_basis
+    from loki.modeling import load_model, load_tokenizer
+
+    mc = OmegaConf.create({"name": "smollm2-135m", "path": str(EMBEDDED), "dtype": "float32"})
+    model, tok = load_model(mc), load_tokenizer(mc)
+    text = CORPUS.read_text()[:20000] if CORPUS.exists() else " ".join(["The quick brown fox jumps over the lazy dog."] * 200)
+    calib = tok(text[4000:], return_tensors="pt").input_ids[:, :256]
+    return model, tok, fit_basis(model, calib), text

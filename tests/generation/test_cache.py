@@ -1,0 +1,209 @@
+"""LokiCache + the cached Loki method on a tiny random Llama (CPU, torch reference path)."""
+import pytest
+import torch
+
+from gen_helpers import dense_generate, eval_time_generate, left_pad, selection_mismatch
+from loki.cache import LokiCache, decode_budget, max_budget
+from loki.common import LokiError
+from loki.generation import attach_cached_loki, cache_kwarg, generate
+
+V = 300
+
+
+def _ids(B, T, seed=0):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_keys_are_stored_in_pca_coordinates(tiny, tiny_basis):
+    """After the prefill the cache holds K' = K @ P (k_lr | k_rest), V as is; bytes = dense + bases + lengths."""
+    from transformers import DynamicCache
+
+    ids = _ids(2, 24)
+    tiny.set_attn_implementation("sdpa")
+    dyn = DynamicCache(config=tiny.config)
+    with torch.no_grad():
+        tiny(input_ids=ids, use_cache=True, **{cache_kwarg(tiny): dyn})
+    m = attach_cached_loki(tiny, {"d": 5, "k": 0.25}, basis=tiny_basis)
+    cache = LokiCache(tiny, batch_size=2, max_cache_len=32)
+    with torch.no_grad():
+        tiny(input_ids=ids, use_cache=True, **{cache_kwarg(tiny): cache})
+    for i, layer in enumerate(cache.layers):
+        K, Vv = dyn.layers[i].keys, dyn.layers[i].values
+        P = m.P[i]
+        assert layer.k_lr.shape == (2, 2, 32, 5) and layer.k_rest.shape == (2, 2, 32, 11)
+        rot = torch.cat([layer.k_lr[:, :, :24], layer.k_rest[:, :, :24]], -1)
+        torch.testing.assert_close(rot, torch.matmul(K.double(), P.double()).float(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.matmul(rot.double(), P.double().transpose(-1, -2)).float(), K,
+                                   rtol=1e-5, atol=1e-5)  # orthonormal: the keys come back
+        torch.testing.assert_close(layer.v[:, :, :24], Vv, rtol=1e-5, atol=1e-6)
+        if i == 0:  # same input, same projection: identical
+            assert torch.equal(layer.v[:, :, :24], Vv)
+        assert layer.lengths.tolist() == [24, 24]
+    dense = 2 * 2 * (2 * 2 * 32 * 16) * 4  # layers x (K + V) x (B KVH S D) x fp32
+    assert cache.nbytes() == dense + 2 * (2 * 16 * 16 * 4) + 2 * (2 * 4)  # + bases + lengths
+    assert cache.get_seq_length() == 24 and cache.get_max_length() == 32
+
+
+OPTIONS = [
+    {"d": 4, "k": 0.25},                                                        # paper: per-head selection
+    {"d": 0.5, "k": 0.3, "selection": "group", "group_reduce": "max"},
+    {"d": 6, "k": 7, "k_mode": "tokens", "selection": "group", "group_reduce": "mean",
+     "sink_tokens": 2, "local_window": 3},
+    {"d": 4, "k": 0.2, "k_mode": "window", "dense_layers": 1, "rope": "post"},
+]
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(f"{k}{v}" for k, v in o.items()))
+def test_matches_evaluation_time_method(tiny, tiny_basis, opts):
+    """Same selections at every decode step and layer, same greedy tokens as the evaluation-time loki."""
+    ids = _ids(1, 40, seed=3)
+    ref, ev, ref_sel = eval_time_generate(tiny, opts, tiny_basis, ids, n=12, record=True)
+    m = attach_cached_loki(tiny, opts, basis=tiny_basis)
+    m.record_selections = True
+    out = generate(tiny, ids, max_new_tokens=12)
+    assert torch.equal(out, ref)
+    bad, tot = selection_mismatch(ref_sel, m.selections)
+    assert tot > 0 and bad == 0
+    L = 2
+    assert m.prefill_calls == L and m.decode_calls == L * 11 and m.kernel_calls == 0  # the Loki path ran
+    assert len(m.selections) == L - int(opts.get("dense_layers", 0))
+
+
+def test_selection_actually_sparse(tiny, tiny_basis):
+    """At k < 1 the decode steps keep ceil(k n) keys, not all of them (no silent dense fallback)."""
+    ids = _ids(1, 40, seed=4)
+    m = attach_cached_loki(tiny, {"d": 4, "k": 0.25}, basis=tiny_basis)
+    m.record_selections = True
+    generate(tiny, ids, max_new_tokens=4)
+    for layer, steps in m.selections.items():
+        for t, keep in enumerate(steps):
+            n = 41 + t
+            assert keep.shape[-1] == n
+            assert (keep.sum(-1) == -(-n // 4)).all()  # ceil(n / 4) per head
+
+
+def test_equals_dense_when_k_covers_the_context(tiny, tiny_basis):
+    ids = _ids(2, 30, seed=5)
+    ref = dense_generate(tiny, ids, n=10)
+    attach_cached_loki(tiny, {"d": 4, "k": 1.0}, basis=tiny_basis)
+    assert torch.equal(generate(tiny, ids, max_new_tokens=10), ref)
+
+
+def test_ragged_batch_equals_per_sequence_runs(tiny, tiny_basis):
+    seqs = [_ids(1, n, seed=10 + n)[0] for n in (37, 21, 30)]
+    ids, am = left_pad(seqs)
+    opts = {"d": 4, "k": 0.25, "selection": "group", "sink_tokens": 1, "local_window": 2}
+    m = attach_cached_loki(tiny, opts, basis=tiny_basis)
+    out = generate(tiny, ids, am, max_new_tokens=10)
+    for i, s in enumerate(seqs):
+        single = generate(tiny, s[None], max_new_tokens=10)
+        assert torch.equal(out[i], single[0]), i
+    # per-sequence lengths after the prefill: padding dropped
+    cache = LokiCache(tiny, batch_size=3, max_cache_len=50)
+    generate(tiny, ids, am, max_new_tokens=2, cache=cache)
+    assert cache.lengths.tolist() == [37 + 1, 21 + 1, 30 + 1]
+    assert cache.get_seq_length() == 37 + 1  # positions seen, padding included (what generate tracks)
+    assert m.decode_calls > 0
+
+
+def test_budget_helpers():
+    n = torch.tensor([1, 8, 9, 0])
+    assert decode_budget(n, 0.25, "prefix").tolist() == [1, 2, 3, 0]
+    assert decode_budget(n, 0.25, "window").tolist() == [1, 2, 3, 0]
+    assert decode_budget(n, 5, "tokens").tolist() == [1, 5, 5, 0]
+    assert max_budget(100, 0.125, "prefix", 2, 3) == 13 + 5
+    assert max_budget(10, 50, "tokens", 0, 0) == 10
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def test_prompt_longer_than_the_cache(tiny, tiny_basis):
+    attach_cached_loki(tiny, {"d": 4, "k": 0.25}, basis=tiny_basis)
+    cache = LokiCache(tiny, batch_size=1, max_cache_len=16)
+    with pytest.raises(LokiError, match="prompt has 20 tokens but the LokiCache holds 16"):
+        generate(tiny, _ids(1, 20), max_new_tokens=2, cache=cache)
+
+
+def test_cache_full_while_decoding(tiny, tiny_basis):
+    attach_cached_loki(tiny, {"d": 4, "k": 0.25}, basis=tiny_basis)
+    cache = LokiCache(tiny, batch_size=1, max_cache_len=22)
+    with pytest.raises(LokiError, match="LokiCache is full"):
+        generate(tiny, _ids(1, 20), max_new_tokens=8, cache=cache)
+
+
+def test_basis_for_another_model(tiny):
+    from conftest import tiny_llama
+    from loki.generation import fit_basis
+
+    other = tiny_llama(seed=1, num_key_value_heads=4)
+    basis = fit_basis(other, _ids(1, 32))
+    with pytest.raises(LokiError, match="PCA file .* was made for model"):
+        attach_cached_loki(tiny, {"d": 4, "k": 0.25}, basis=basis)
+
+
+def test_cache_reused_across_incompatible_configs(tiny, tiny_basis):
+    attach_cached_loki(tiny, {"d": 4, "k": 0.25}, basis=tiny_basis)
+    cache = LokiCache(tiny, batch_size=1, max_cache_len=40)
+    generate(tiny, _ids(1, 12), max_new_tokens=2, cache=cache)
+    attach_cached_loki(tiny, {"d": 8, "k": 0.5}, basis=tiny_basis)  # another configuration
+    cache.reset()
+    with pytest.raises(LokiError, match="this LokiCache was made for .*'d': 4.* but the model now runs .*'d': 8"):
+        generate(tiny, _ids(1, 12), max_new_tokens=2, cache=cache)
+    # a cache of one batch size used with another
+    m = attach_cached_loki(tiny, {"d": 4, "k": 0.25}, basis=tiny_basis)
+    cache = LokiCache(tiny, batch_size=2, max_cache_len=40)
+    with pytest.raises(LokiError, match="holds batch=2"):
+        generate(tiny, _ids(1, 12), max_new_tokens=2, cache=cache)
+    # the model switched back to dense attention: the cache refuses rather than decode densely
+    cache = LokiCache(tiny, batch_size=1, max_cache_len=40)
+    tiny.set_attn_implementation("sdpa")
+    with pytest.raises(LokiError, match="now runs .*sdpa"):
+        generate(tiny, _ids(1, 12), max_new_tokens=2, cache=cache)
+    assert m.decode_calls == 0
+    # a used cache without reset: one prefill per cache
+    attach_cached_loki(tiny, {"d": 4, "k": 0.25}, basis=tiny_basis)
+    cache = LokiCache(tiny, batch_size=1, max_cache_len=40)
+    generate(tiny, _ids(1, 12), max_new_tokens=2, cache=cache)
+    with pytest.raises(LokiError, match="-token forward after its prefill"):
+        generate(tiny, _ids(1, 12), max_new_tokens=2, cache=cache)
+
+
+def test_method_without_its_cache(tiny, tiny_basis):
+    attach_cached_loki(tiny, {"d": 4, "k": 0.25}, basis=tiny_basis)
+    with pytest.raises(LokiError, match="ran without a LokiCache"), torch.no_grad():
+        tiny.generate(input_ids=_ids(1, 12), attention_mask=torch.ones(1, 12, dtype=torch.long), max_new_tokens=2,
+                      do_sample=False, pad_token_id=0)
+    tiny.set_attn_implementation("sdpa")
+    with pytest.raises(LokiError, match="needs the model to run the cached Loki method"):
+        LokiCache(tiny, batch_size=1, max_cache_len=8)
+
+
+@pytest.mark.parametrize("opts,msg", [
+    ({"basis": "online"}, "needs an offline basis"),
+    ({"d_variance": 0.9}, "d_variance"),
+    ({"backend": "cuda"}, "unknown backend"),
+    ({"k": 0}, "k must be > 0"),
+    ({"colour": 1}, "do not apply"),
+])
+def test_bad_options(tiny, tiny_basis, opts, msg):
+    with pytest.raises(LokiError, match=msg):
+        attach_cached_loki(tiny, {"d": 4, "k": 0.25, **opts}, basis=tiny_basis)
+
+
+def test_unsupported_decoding_modes(tiny, tiny_basis):
+    attach_cached_loki(tiny, {"d": 4, "k": 0.25}, basis=tiny_basis)
+    with pytest.raises(LokiError, match="holds batch=1"):  # beams widen the batch before the prefill
+        generate(tiny, _ids(1, 12), max_new_tokens=2, num_beams=2, max_cache_len=40)
+    cache = LokiCache(tiny, batch_size=1, max_cache_len=40)
+    for call in (lambda: cache.reorder_cache(torch.tensor([0])), lambda: cache.crop(-1),
+                 lambda: cache.batch_repeat_interleave(2)):
+        with pytest.raises(LokiError, match="LokiCache does not support"):
+            call()
+
+
+def test_kernels_backend_needs_cuda_or_interpreter(tiny, tiny_basis, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    attach_cached_loki(tiny, {"d": 4, "k": 0.25, "backend": "kernels"}, basis=tiny_basis)
+    with pytest.raises(LokiError, match="needs the Triton interpreter"):
+        LokiCache(tiny, batch_size=1, max_cache_len=8)
