@@ -2,12 +2,15 @@
 # Thin on purpose: the rules live in workflow/rules/, the grid in conf/sweep/<name>.yaml.
 #   snakemake --cores 2                                   # default experiment on the embedded model
 #   snakemake --cores 2 --configfile conf/sweep/smoke.yaml  # tiny smoke run (CI)
+from snakemake.common.configfile import load_configfile
 from snakemake.utils import min_version
 
 min_version("9.0")
 
-
-configfile: "conf/sweep/default.yaml"
+# The default sweep, unless --configfile/--config names another: a `configfile:` directive would be
+# deep-merged with the user's file (its grid entries would leak into, e.g., the smoke grid).
+if not config:
+    config.update(load_configfile("conf/sweep/default.yaml"))
 
 
 include: "workflow/rules/common.smk"

@@ -33,6 +33,9 @@ if DATA == "auto":
     DATA = "wikitext2_local" if SHARED_WIKITEXT.exists() else "enwiki_sample"
 _conf("model", MODEL)
 THREADS = int(config.get("threads", 2))
+TRANSFER_CORPORA = list(config.get("transfer_corpora") or [])
+for _c in TRANSFER_CORPORA:
+    _conf("corpus", _c)
 RES = f"results/{EXP}"
 LOGS = f"{RES}/logs"
 KEYS = f"{RES}/keys/{MODEL}/{CALIB}"
@@ -95,4 +98,7 @@ def resource_for_model(name):
 
 
 def final_targets():
-    return [f"{RES}/summary.csv", f"{RES}/heatmap.png", f"{PCA}/rank.csv"]
+    out = [f"{RES}/summary.csv", f"{RES}/heatmap.png", f"{PCA}/rank.csv"]
+    if len(TRANSFER_CORPORA) >= 2:
+        out.append(f"{RES}/transfer/transfer.csv")
+    return out

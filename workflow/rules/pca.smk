@@ -1,44 +1,67 @@
 rule extract_keys:
     """Keys per layer and KV head, pre- and post-RoPE, as safetensors shards + manifest."""
     input:
-        resource_for_model(MODEL),
-        resource_for_corpus(CALIB),
+        lambda wc: resource_for_model(wc.model) + resource_for_corpus(wc.calib),
     output:
-        f"{KEYS}/manifest.json",
+        f"{RES}/keys/{{model}}/{{calib}}/manifest.json",
     params:
         py=PY,
-        hydra_common=HYDRA_COMMON,
-        logs=LOGS,
+        exp=EXP,
+        run_dir=lambda wc: f"{LOGS}/hydra/extract_keys/{wc.model}/{wc.calib}",
     log:
-        f"{LOGS}/extract_keys.log",
+        f"{LOGS}/extract_keys/{{model}}/{{calib}}.log",
     conda:
         "../../environment.yml"
     threads: THREADS
     resources:
         gpu=1,
     shell:
-        "{params.py} -m loki.extract_keys {params.hydra_common} threads={threads} "
-        "'hydra.run.dir={params.logs}/hydra/extract_keys' > {log} 2>&1"
+        "{params.py} -m loki.extract_keys experiment={params.exp} model={wildcards.model} corpus@calib={wildcards.calib} "
+        "threads={threads} 'hydra.run.dir={params.run_dir}' > {log} 2>&1"
 
 
 rule fit_pca:
     """IncrementalPCA per (layer, KV head, RoPE side), plus the rank analysis."""
     input:
-        f"{KEYS}/manifest.json",
+        f"{RES}/keys/{{model}}/{{calib}}/manifest.json",
     output:
-        pca=f"{PCA}/pca.safetensors",
-        rank=f"{PCA}/rank.csv",
-        curves=f"{PCA}/explained_variance.csv",
-        plot=report(f"{PCA}/rank.png", category="Key rank", caption="../report/rank.rst"),
+        pca=f"{RES}/pca/{{model}}/{{calib}}/pca.safetensors",
+        rank=f"{RES}/pca/{{model}}/{{calib}}/rank.csv",
+        curves=f"{RES}/pca/{{model}}/{{calib}}/explained_variance.csv",
+        plot=report(f"{RES}/pca/{{model}}/{{calib}}/rank.png", category="Key rank", caption="../report/rank.rst"),
     params:
         py=PY,
-        hydra_common=HYDRA_COMMON,
-        logs=LOGS,
+        exp=EXP,
+        run_dir=lambda wc: f"{LOGS}/hydra/fit_pca/{wc.model}/{wc.calib}",
     log:
-        f"{LOGS}/fit_pca.log",
+        f"{LOGS}/fit_pca/{{model}}/{{calib}}.log",
     conda:
         "../../environment.yml"
     threads: THREADS
     shell:
-        "{params.py} -m loki.fit_pca {params.hydra_common} threads={threads} "
-        "'hydra.run.dir={params.logs}/hydra/fit_pca' > {log} 2>&1"
+        "{params.py} -m loki.fit_pca experiment={params.exp} model={wildcards.model} corpus@calib={wildcards.calib} "
+        "threads={threads} 'hydra.run.dir={params.run_dir}' > {log} 2>&1"
+
+
+rule transfer:
+    """Calibration transfer: each corpus's keys in every other corpus's top-d PCA basis."""
+    input:
+        expand(f"{RES}/pca/{MODEL}/{{c}}/pca.safetensors", c=TRANSFER_CORPORA),
+        expand(f"{RES}/keys/{MODEL}/{{c}}/manifest.json", c=TRANSFER_CORPORA),
+    output:
+        csv=f"{RES}/transfer/transfer.csv",
+        per_layer=f"{RES}/transfer/transfer_per_layer.csv",
+        plot=report(f"{RES}/transfer/transfer.png", category="Calibration transfer", caption="../report/transfer.rst"),
+    params:
+        py=PY,
+        exp=EXP,
+        model=MODEL,
+        corpora=",".join(TRANSFER_CORPORA),
+        run_dir=f"{LOGS}/hydra/transfer",
+    log:
+        f"{LOGS}/transfer.log",
+    conda:
+        "../../environment.yml"
+    shell:
+        "{params.py} -m loki.transfer experiment={params.exp} model={params.model} "
+        "'transfer.corpora=[{params.corpora}]' 'hydra.run.dir={params.run_dir}' > {log} 2>&1"
