@@ -325,6 +325,11 @@ def draw_frontier(data: pd.DataFrame, direction: str, label: str, title: str, fo
                                            f"k{fmt_num(r.k)}", r.variant) if p)
                 ax.annotate(txt, (r.speedup, r.value), textcoords="offset points", xytext=(4, 3), fontsize=7,
                             color="0.3")
+    meas = data[data.speed_source.isin(["decode", "kernel"]) & data.byte_ratio.notna()]
+    for i, (_, r) in enumerate(meas.iterrows()):  # where a measured point would sit at its ideal byte ratio
+        ax.plot([r.speedup, r.byte_ratio], [r.value, r.value], color="0.6", ls=":", lw=1, zorder=1,
+                label="measured -> its ideal byte ratio" if i == 0 else None)
+        ax.scatter([r.byte_ratio], [r.value], s=18, marker="|", color="0.5", zorder=1)
     p = data[data.pareto].sort_values("speedup")
     if len(p) > 1:
         ax.plot(p.speedup, p.value, color="0.4", ls="--", lw=1, zorder=2, label="Pareto frontier")
@@ -475,7 +480,8 @@ def draw_kernel_speed(kern: pd.DataFrame, title: str, footer: str = ""):
 
 
 def draw_decode_speed(dec: pd.DataFrame, title: str, footer: str = ""):
-    data = dec.sort_values(["batch", "method", "variant", "d", "k", "context"], na_position="first").reset_index(drop=True)
+    data = dec[dec.speedup.notna()]  # rows without a dense reference at their (batch, context) have no speedup
+    data = data.sort_values(["batch", "method", "variant", "d", "k", "context"], na_position="first").reset_index(drop=True)
     pyplot = plt()
     panels = list(data.groupby("batch", sort=True))
     fig, axes = subplots(pyplot, 1, len(panels), figsize=(5.0 * len(panels) + 0.6, 4.2), squeeze=False, sharey=True)

@@ -341,12 +341,14 @@ def load_transfer(results_dir):
 
 
 def load_decode(results_dir):
+    """Rows of ``bench/decode.json`` (python -m loki.bench): method, d (dims), k, batch, context, tokens_per_s,
+    speedup over dense at the same batch and context (null where dense was not run: kept, not plotted)."""
     import pandas as pd
 
     p = Path(results_dir) / "bench" / "decode.json"
     if not p.exists():
         return None
-    producer = "the decode benchmark"
+    producer = "the decode benchmark (python -m loki.bench)"
     try:
         rows = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -356,10 +358,13 @@ def load_decode(results_dir):
     for i, r in enumerate(rows):
         if not isinstance(r, dict) or any(k not in r for k in DECODE_KEYS):
             raise _bad(p, f"row {i} lacks one of {DECODE_KEYS}", producer)
-        if not all(_is_num(r[k]) for k in ("batch", "context", "tokens_per_s", "speedup")):
-            raise _bad(p, f"row {i}: batch/context/tokens_per_s/speedup must be numbers", producer)
-    df = pd.DataFrame([{k: r[k] for k in DECODE_KEYS} | {"variant": r.get("variant", "") or ""} for r in rows])
-    for c in ("d", "k", "speedup", "tokens_per_s"):
+        if not all(_is_num(r[k]) for k in ("batch", "context", "tokens_per_s")):
+            raise _bad(p, f"row {i}: batch/context/tokens_per_s must be numbers", producer)
+        if not all(r[k] is None or _is_num(r[k]) for k in ("d", "k", "speedup", "head_dim") if k in r):
+            raise _bad(p, f"row {i}: d/k/speedup must be numbers or null", producer)
+    df = pd.DataFrame([{k: r[k] for k in DECODE_KEYS} | {"variant": r.get("variant", "") or "",
+                                                         "head_dim": r.get("head_dim")} for r in rows])
+    for c in ("d", "k", "speedup", "tokens_per_s", "head_dim"):
         df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
     df.attrs["source"] = str(p)
     return df
@@ -410,11 +415,22 @@ def speed_table(tidy, decode, kernels):
 
     out = []
     points = tidy[["method", "d", "k", "head_dim"]].drop_duplicates()
+    same = lambda a, b: (pd.isna(a) and pd.isna(b)) or (not pd.isna(a) and not pd.isna(b) and abs(a - b) < 1e-9)
+    dims = lambda d, D: d * D if (not pd.isna(d) and 0 < d < 1 and not pd.isna(D)) else d
+    dec = decode[decode.speedup.notna()] if decode is not None else None
     for _, p in points.iterrows():
-        same = lambda a, b: (pd.isna(a) and pd.isna(b)) or (not pd.isna(a) and not pd.isna(b) and abs(a - b) < 1e-9)
-        if decode is not None:
-            m = decode[(decode.method == p.method) & decode.d.apply(lambda v: same(v, p.d))
-                       & decode.k.apply(lambda v: same(v, p.k))]
+        if dec is not None:
+            d_t = dims(p.d, p.head_dim)
+
+            def d_match(r):  # by d/D where the row has its head dim (another model's shape), else by dims
+                if pd.isna(r.d) or pd.isna(d_t):
+                    return pd.isna(r.d) and pd.isna(d_t)
+                if not pd.isna(r.head_dim) and not pd.isna(p.head_dim):
+                    return abs(r.d / r.head_dim - d_t / p.head_dim) < 1e-9
+                return abs(r.d - d_t) < 1e-9
+
+            m = dec[(dec.method == p.method) & dec.k.apply(lambda v: same(v, p.k))]
+            m = m[[d_match(r) for r in m.itertuples()]] if len(m) else m
             if len(m):
                 r = m.sort_values(["context", "batch"], kind="stable").iloc[-1]
                 out.append({"method": p.method, "d": p.d, "k": p.k, "speedup": float(r.speedup), "speed_source": "decode",
@@ -422,7 +438,7 @@ def speed_table(tidy, decode, kernels):
                 continue
         if kernels is not None and p.method == "loki" and not pd.isna(p.d) and not pd.isna(p.k) \
                 and not pd.isna(p.head_dim):
-            d_rel = round((p.d if p.d >= 1 else p.d * p.head_dim) / p.head_dim, 6)
+            d_rel = round(dims(p.d, p.head_dim) / p.head_dim, 6)
             m = kernels[(kernels.d_rel == d_rel) & (kernels.k_rel == round(p.k, 6))]
             if len(m):
                 r = m.sort_values(["context", "batch", "source"], ascending=[True, True, False], kind="stable").iloc[-1]
@@ -585,7 +601,9 @@ def build(results_dir, out_dir, expect=None, kernels_dir=None) -> Report:
                                       + (f" ({'; '.join(knotes)})" if knotes else "")))
     if decode is not None:
         title = f"{exp}: decode speedup over dense (bench/decode.json)"
-        add("speed", "decode_speedup", title, F.draw_decode_speed(decode, title), [rd(decode.attrs["source"])])
+        n_null = int(decode.speedup.isna().sum())
+        add("speed", "decode_speedup", title, F.draw_decode_speed(decode, title), [rd(decode.attrs["source"])],
+            f"{n_null} rows without a dense reference (speedup null) not shown" if n_null else "")
     else:
         contents.append(_contents_row("speed", "decode_speedup.png", "missing", [], "no bench/decode.json"))
 

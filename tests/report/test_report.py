@@ -188,7 +188,9 @@ def test_rank_selection_transfer_speed_data(built):
     kern = fig(report, "kernel_speedup")
     assert set(kern.source) == {"h200.json"} and len(kern) == 6
     dec = fig(report, "decode_speedup")
-    assert len(dec) == 6 and set(dec.method) == {"dense", "loki"}
+    assert len(dec) == 8 and set(dec.method) == {"dense", "dense_flash", "loki"} and dec.speedup.notna().all()
+    note = report.contents.set_index("figure").loc["decode_speedup.png", "note"]
+    assert note == "1 rows without a dense reference (speedup null) not shown"
 
 
 # ----------------------------------------------------------------------------------------------------------
