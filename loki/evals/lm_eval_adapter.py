@@ -34,8 +34,13 @@ def lm_eval_eval(cfg, model, method, device) -> dict:
     if not tasks:
         raise fail("eval=lm_eval: no tasks given.", "set eval.tasks, e.g. eval.tasks=[loki_demo] or [hellaswag].")
     include = [str(TASKS_DIR)] + [str(Path(p).resolve()) for p in (ev.get("include_path") or [])]
-    tm = TaskManager(include_path=include)
-    unknown = [t for t in tasks if t not in tm.all_subtasks and t not in tm.all_groups and t not in tm.all_tags]
+    def missing(tm):
+        return [t for t in tasks if t not in tm.all_subtasks and t not in tm.all_groups and t not in tm.all_tags]
+
+    tm = TaskManager(include_path=include, include_defaults=False)  # local tasks only: fast (no index of lm-eval's)
+    if missing(tm):
+        tm = TaskManager(include_path=include)
+    unknown = missing(tm)
     if unknown:
         raise fail(f"eval=lm_eval: unknown task(s) {unknown}.",
                    "use lm-eval task names (`lm_eval ls tasks`), loki_demo, or add a folder of task YAMLs with eval.include_path.")

@@ -66,7 +66,7 @@ class Method:
                        "cache_last_visible": 0.0, "cache_peak": 0, "context_peak": 0}
 
     def record(self, keep: torch.Tensor | None, visible: torch.Tensor, heads: int,
-               cache: torch.Tensor | None = None) -> None:
+               cache: torch.Tensor | None = None, cache_peak: int | None = None) -> None:
         """Count attended keys (``keep`` (B, H, T, S) bool; None = every visible key) against the visible ones,
         and, for methods that evict, the keys held in the cache (``cache`` (B, Hc, T, S) bool, one per cache)."""
         st = self._stats
@@ -84,7 +84,7 @@ class Method:
             held_last = cache[..., -1, :].sum(-1)  # (B, Hc): the cache after the call's last row
             st["cache_last"] += float(held_last.sum())
             st["cache_last_visible"] += float(last_vis.sum()) * rep * hc
-            st["cache_peak"] = max(st["cache_peak"], int(cache.sum(-1).max()))
+            st["cache_peak"] = max(st["cache_peak"], int(cache.sum(-1).max()), cache_peak or 0)
 
     def stats(self) -> dict:
         """JSON-ready summary of what the method attended to (and cached) since the last ``reset_stats``.

@@ -168,6 +168,7 @@ class EvictingMethod(Method):
         layer = getattr(module, "layer_idx", 0)
         B = q.shape[0]
         held = visible.expand(B, q.shape[1] // groups, *visible.shape[2:])  # a dense call holds every visible key
+        peak = int(visible[..., -1, :].sum(-1).max())
         if layer >= int(self.dense_layers):
             if q.shape[2] == k.shape[2]:  # a dense prompt (sparse_prefill=false): start the cache policy from it
                 self._state[layer] = dense_prefill_state(scores, visible, cache_budget, float(self.recent), forced, groups)
@@ -175,7 +176,7 @@ class EvictingMethod(Method):
                 held[:, :, -1, :] = self._state[layer]["cache"]  # ... and is cut to the budget after it
             else:  # a dense chunk after earlier keys: no policy state to continue from
                 self._state.pop(layer, None)
-        self.record(None, visible, q.shape[1], cache=held)
+        self.record(None, visible, q.shape[1], cache=held, cache_peak=peak)
         return masked_attention(scores, visible.expand_as(scores), v)
 
 

@@ -1,0 +1,140 @@
+"""Invariants shared by all methods: a full budget is dense, d = head dim is exact top-k, group selection is
+shared by the heads of a group, sinks and the local window are always selected, the future never is."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from method_refs import B, D, G, KVH, MOD, SCALE, causal, make, qkv
+
+TOL = dict(rtol=1e-10, atol=1e-10)
+T = 20
+
+FULL = [
+    ("exact_topk", dict(k=1.0)),
+    ("loki", dict(d=4, k=1.0)),
+    ("loki", dict(d=4, k=1.0, selection="group", group_reduce="sum")),
+    ("loki", dict(d=4, k=T, k_mode="tokens")),
+    ("pca_attn", dict(d=D, basis="online")),  # float64 basis: exactly orthonormal
+    ("h2o", dict(k=1.0)),
+    ("h2o", dict(k=1.0, selection="group")),
+    ("sparq", dict(r=3, k=1.0)),
+    ("quest", dict(k=1.0, page_size=4)),
+    ("loki_h2o", dict(d=4, k=1.0, cache=1.0)),
+]
+
+
+@pytest.mark.parametrize("name,opts", FULL, ids=[f"{n}-{i}" for i, (n, _) in enumerate(FULL)])
+def test_full_budget_equals_dense(name, opts):
+    q, k, v = qkv(21, T=T)
+    vis = causal(T)
+    dense, _ = make("dense")
+    m, _ = make(name, **opts)
+    torch.testing.assert_close(m.attend(MOD, q, k, v, vis, SCALE), dense.attend(MOD, q, k, v, vis, SCALE), **TOL)
+    if m.stats():
+        assert m.stats()["kept_fraction"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", ["exact_topk", "loki", "h2o", "sparq", "quest", "loki_h2o"])
+def test_full_budget_over_the_window_equals_dense(name):
+    """k_mode=window with k=1: every row keeps its whole prefix."""
+    q, k, v = qkv(22, T=T)
+    vis = causal(T)
+    dense, _ = make("dense")
+    opts = dict(k=1.0, k_mode="window", **({"cache": 1.0} if name == "loki_h2o" else {}))
+    m, _ = make(name, **opts)
+    torch.testing.assert_close(m.attend(MOD, q, k, v, vis, SCALE), dense.attend(MOD, q, k, v, vis, SCALE), **TOL)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("selection", ["head", "group"])
+def test_loki_with_full_head_dim_selects_what_exact_topk_selects(seed, selection):
+    q, k, v = qkv(30 + seed, T=T)
+    vis = causal(T)
+    lk, _ = make("loki", d=D, k=0.3, selection=selection)
+    o_lk = lk.attend(MOD, q, k, v, vis, SCALE)
+    if selection == "head":
+        ex, _ = make("exact_topk", k=0.3)
+        o_ex = ex.attend(MOD, q, k, v, vis, SCALE)
+        assert torch.equal(lk.last_selection, ex.last_selection)
+        torch.testing.assert_close(o_lk, o_ex, **TOL)
+    else:  # group: the exact scores, max over the group's heads
+        from loki.methods.base import exact_scores, group_reduce, select_topk, token_budget
+
+        s = group_reduce(exact_scores(q, k, SCALE), G, "max")
+        want = select_topk(s, vis, token_budget(vis, 0.3, "prefix")).repeat_interleave(G, 1)
+        assert torch.equal(lk.last_selection, want)
+
+
+@pytest.mark.parametrize("name,opts", [("loki", dict(d=4, k=0.2, selection="group")),
+                                       ("loki", dict(d=4, k=0.2, selection="group", group_reduce="mean")),
+                                       ("h2o", dict(k=0.3, selection="group")),
+                                       ("loki_h2o", dict(d=4, k=0.2, cache=0.4, selection="group"))])
+def test_group_selection_is_shared_by_the_heads_of_a_group(name, opts):
+    q, k, v = qkv(23, T=T)
+    m, _ = make(name, **opts)
+    m.attend(MOD, q, k, v, causal(T), SCALE)
+    sel = m.last_selection.view(B, KVH, G, T, T)
+    assert (sel == sel[:, :, :1]).all()
+    assert not (sel[:, :, 0] == sel[:, :1, 0]).all(), "different KV groups should select differently"
+
+
+SPARSE = [("exact_topk", dict(k=0.15)), ("loki", dict(d=2, k=0.15)), ("loki", dict(d=2, k=0.15, selection="group")),
+          ("h2o", dict(k=0.2)), ("sparq", dict(r=2, k=0.15)), ("quest", dict(k=0.2, page_size=4)),
+          ("loki_h2o", dict(d=2, k=0.15, cache=0.3))]
+
+
+@pytest.mark.parametrize("name,opts", SPARSE, ids=[f"{n}-{i}" for i, (n, _) in enumerate(SPARSE)])
+def test_sinks_and_local_window_always_selected_and_no_future(name, opts):
+    q, k, v = qkv(24, T=32)
+    vis = causal(32)
+    m, _ = make(name, sink_tokens=2, local_window=3, **opts)
+    m.attend(MOD, q, k, v, vis, SCALE)
+    sel = m.last_selection
+    for i in range(32):
+        assert sel[..., i, : min(2, i + 1)].all(), f"row {i}: sinks"
+        assert sel[..., i, max(0, i - 2): i + 1].all(), f"row {i}: local window"
+    assert not (sel & ~vis).any()
+    # and the budget is really sparse: far fewer keys than the prefix at the end
+    assert int(sel[..., -1, :].sum(-1).max()) < 16
+
+
+@pytest.mark.parametrize("name,opts", SPARSE, ids=[f"{n}-{i}" for i, (n, _) in enumerate(SPARSE)])
+def test_small_budget_differs_from_dense_and_keeps_the_budget(name, opts):
+    q, k, v = qkv(25, T=32)
+    vis = causal(32)
+    dense, _ = make("dense")
+    m, _ = make(name, **opts)
+    out = m.attend(MOD, q, k, v, vis, SCALE)
+    assert (out - dense.attend(MOD, q, k, v, vis, SCALE)).abs().max() > 1e-2
+    n = torch.arange(1, 33)
+    kept = m.last_selection.sum(-1)  # (B, H, T)
+    bud = torch.ceil(n * opts["k"]).long()
+    slack = opts.get("page_size", 1) - 1  # quest rounds up to whole pages
+    assert (kept <= bud + slack).all() and (kept >= 1).all()
+
+
+@pytest.mark.parametrize("name,opts", [("exact_topk", dict(k=0.2)), ("sparq", dict(r=2, k=0.2)),
+                                       ("quest", dict(k=0.2, page_size=4)), ("h2o", dict(k=0.2)),
+                                       ("loki_h2o", dict(d=2, k=0.2, cache=0.4)), ("pca_attn", dict(d=2))])
+def test_dense_layers_are_dense(name, opts):
+    q, k, v = qkv(26, T=T)
+    vis = causal(T)
+    dense, _ = make("dense")
+    m, _ = make(name, dense_layers=1, **opts)
+    torch.testing.assert_close(m.attend(MOD, q, k, v, vis, SCALE), dense.attend(MOD, q, k, v, vis, SCALE), **TOL)
+
+
+def test_float32_inputs_match_float64_selection():
+    """The fp32 path (what models run) selects what the fp64 path selects on well-separated scores."""
+    q, k, v = qkv(27, T=T)
+    vis = causal(T)
+    for name, opts in [("sparq", dict(r=8, k=0.3)), ("quest", dict(k=0.3, page_size=4)), ("h2o", dict(k=0.3))]:
+        a, _ = make(name, **opts)
+        b, _ = make(name, **opts)
+        oa = a.attend(MOD, q, k, v, vis, SCALE)
+        ob = b.attend(MOD, q.float(), k.float(), v.float(), vis, SCALE)
+        assert ob.dtype == torch.float32
+        assert torch.equal(a.last_selection, b.last_selection), name
+        torch.testing.assert_close(ob.double(), oa, rtol=1e-4, atol=1e-5)
