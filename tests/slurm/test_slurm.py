@@ -347,19 +347,25 @@ def work(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def local_dag_started(pipeline_repo, work):
+def snapshot(pipeline_repo, work) -> Path:
+    """One copy of the pipeline's sources, from which both DAG runs are copied (same code)."""
+    return copy_pipeline(pipeline_repo, work / "src")
+
+
+@pytest.fixture(scope="module")
+def local_dag_started(snapshot, work):
     """The same smoke DAG locally (workflow/profiles/local), started in the background so that it
     runs while the SLURM jobs do (each DAG alone keeps ~1 of the 2 cores busy on average)."""
-    wd = copy_pipeline(pipeline_repo, work / "local")
+    wd = copy_pipeline(snapshot, work / "local")
     bg = Background(snakemake_cmd("local"), wd, clean_env(), work / "local.log")
     yield bg
     bg.stop()
 
 
 @pytest.fixture(scope="module")
-def slurm_dag(slurm_cluster, pipeline_repo, work, local_dag_started) -> DagRuns:
+def slurm_dag(slurm_cluster, snapshot, work, local_dag_started) -> DagRuns:
     """The smoke DAG through SLURM: first with FAIL_RULE failing, then resumed."""
-    wd = copy_pipeline(pipeline_repo, work / "slurm")
+    wd = copy_pipeline(snapshot, work / "slurm")
     hook = work / "failhook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
