@@ -170,6 +170,7 @@ experiment: smoke
 model: smollm2-135m
 calib_corpus: lee_news
 eval_corpus: enwiki_sample
+transfer_corpora: [lee_news, enwiki_sample]
 threads: 1
 evals: [perplexity]
 grid:
@@ -183,48 +184,26 @@ grid:
     - {d: 16, k: 0.25, rope: pre}
     - {d: 16, k: 0.25, evals: [passkey]}
 """
+# run Snakemake with these: only the report (and `all`) may run; every other input is the fixture's
+ALLOWED_RULES = ["--allowed-rules", "report", "all"]
 
 
 def make_workdir(root: Path, repo: Path) -> Path:
-    """A copy of the workflow (Snakefile, workflow/, conf/) holding the fixture as if the DAG had run up to the
-    report: every upstream output exists and is older than its consumers, so Snakemake schedules only ``report``.
-    Returns the sweep config file to pass with ``--configfile``."""
-    import os
+    """A copy of the workflow (Snakefile, workflow/, conf/) next to the fixture results, for Snakemake with
+    ``ALLOWED_RULES``: the upstream rules are not run, their outputs are the fixture's files. Returns the sweep
+    config file to pass with ``--configfile``."""
     import shutil
-    import time
 
     root, repo = Path(root), Path(repo)
     for f in ("Snakefile", "environment.yml"):
         shutil.copy(repo / f, root / f)
     for d in ("workflow", "conf"):
         shutil.copytree(repo / d, root / d, ignore=shutil.ignore_patterns("__pycache__", ".snakemake*"))
-    for ev in ("selection", "passkey"):  # evals of the fixture another stage may not have configured yet
+    for ev in ("selection", "passkey"):  # evals of the fixture, in case conf/eval does not have them
         p = root / "conf" / "eval" / f"{ev}.yaml"
         if not p.exists():
             p.write_text(f"name: {ev}\n")
     sweep = root / "fixture_sweep.yaml"
     sweep.write_text(SWEEP)
-    t0 = time.time() - 3600
-    upstream = [f"resources/models/{MODEL}/loki_resource.json", f"resources/corpora/{CALIB}.txt",
-                f"resources/corpora/{CORPUS}.txt", f"results/{EXP}/keys/{MODEL}/{CALIB}/manifest.json"]
-    for i, rel in enumerate(upstream):
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text("{}\n")
-        os.utime(p, (t0 + i, t0 + i))
-    res = make_results(root)
-    pca = res / "pca" / MODEL / CALIB
-    (pca / "pca.safetensors").write_bytes(b"placeholder")
-    (pca / "explained_variance.csv").write_text("side,layer,head,d,cum_explained_variance\n")
-    _tiny_png(pca / "rank.png")
-    for p in sorted(pca.iterdir()):
-        os.utime(p, (t0 + 100, t0 + 100))
-    for p in sorted((res / "evaluate").rglob("metrics.json")):
-        os.utime(p, (t0 + 200, t0 + 200))
+    make_results(root)
     return sweep
-
-
-def _tiny_png(path: Path) -> None:
-    from PIL import Image
-
-    Image.new("RGB", (8, 8), (200, 200, 200)).save(path, format="PNG")

@@ -9,7 +9,9 @@ report: "../report/workflow.rst"
 
 
 KERNEL_RESULTS = "kernels/results"  # python -m kernels.bench --json kernels/results/<gpu>.json (on a GPU machine)
-# optional report data: listed as input only where some rule of this DAG produces it or it already exists
+# Optional report data: an input where this DAG makes it (a final target, e.g. transfer.csv when
+# transfer_corpora is set), or where it exists and no rule makes it (bench/decode.json copied from a GPU machine).
+# A file that exists but whose rule is not configured is not an input (that would schedule the rule).
 REPORT_OPTIONAL = [
     f"{PCA}/rank.csv",  # fit_pca: key rank per layer
     f"{RES}/transfer/transfer.csv",  # calibration-transfer matrix
@@ -24,8 +26,11 @@ rule report:
         optional=lambda wildcards: [
             f
             for f in REPORT_OPTIONAL
-            if os.path.exists(f)
-            or any(r.name != "report" and r.is_producer(f) for r in workflow.rules)
+            if f in final_targets()
+            or (
+                os.path.exists(f)
+                and not any(r.name != "report" and r.is_producer(f) for r in workflow.rules)
+            )
         ]
         + sorted(glob.glob(f"{KERNEL_RESULTS}/*.json")),
     output:
