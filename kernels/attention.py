@@ -145,8 +145,8 @@ def _combine_kernel(mp_ptr, lp_ptr, op_ptr, o_ptr, so_b, so_h, H, NSPLIT,
 # launchers
 # ----------------------------------------------------------------------------------------------------------
 # GPU defaults (H200-tuned in kernels/NOTES.md); (BLOCK_N, num_warps, num_stages, waves)
-SPARSE_CONFIG = dict(block_n=64, num_warps=4, num_stages=3, waves=4)
-DENSE_CONFIG = dict(block_n=64, num_warps=4, num_stages=3, waves=2)
+SPARSE_CONFIG = dict(block_n=64, num_warps=4, num_stages=4, waves=2)
+DENSE_CONFIG = dict(block_n=128, num_warps=4, num_stages=3, waves=1)
 
 
 def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_splits, out, config):
@@ -183,9 +183,11 @@ def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_spli
         cfg.update(config)
     BLOCK_N = 16 if interp else cfg["block_n"]
     n_tiles = max(1, triton.cdiv(n_items, BLOCK_N))
-    if num_splits is None:
-        target = cfg["waves"] * num_sms(k_lr.device)
+    if num_splits is None:  # waves = 0: no split-K when the rows alone fill the GPU
+        target = max(cfg["waves"], 1) * num_sms(k_lr.device)
         num_splits = min(n_tiles, max(1, triton.cdiv(target, B * R)))
+        if cfg["waves"] == 0 and B * R >= num_sms(k_lr.device) * 0.9:
+            num_splits = 1
     num_splits = max(1, min(int(num_splits), n_tiles))
     tps = triton.cdiv(n_tiles, num_splits)
     num_splits = triton.cdiv(n_tiles, tps)

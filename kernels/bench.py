@@ -132,7 +132,7 @@ def run_case(B, S, dfrac, kfrac, rep, stage_times=True):
     if stage_times:
         scores = loki_scores(q_rot, k_lr, L, d=d)
         res["rotate_ms"] = bench_graph(lambda: rotate_q(q, P), rep=rep)
-        res["scores_ms"] = timed(case, lambda a, b_, c: loki_scores(q_rot, a, L, d=d), rep)
+        res["scores_ms"] = timed(case, lambda a, b_, c: loki_scores(q, a, L, d=d, P=P), rep)
         res["topk_triton_ms"] = bench_graph(lambda: topk_select(scores, L, k, strict=False), rep=rep)
         res["topk_torch_ms"] = bench_graph(lambda: torch.topk(scores, k, dim=-1, sorted=False), rep=rep)
         res["select_fused_ms"] = timed(case, lambda a, b_, c: loki_select(q, a, L, k, P=P, strict=False), rep)
@@ -180,56 +180,75 @@ def run_dense(B, S, rep):
 
 # ----------------------------------------------------------------------------------------------------------
 def tune(rep, log):
-    """Sweep a few configs of each kernel on batch 16, 16K context, (D/4, 1/8); set the module defaults."""
-    B, S, d, k = (16, 16384, 32, 2048) if not SMOKE else (2, 256, D // 4, 32)
-    case = Case(B, S, d, 1)
-    k_lr, k_rest, v = case.copies[0]
-    L, q, P, q_rot = case.lengths, case.q, case.P, case.q_rot
-    scores = loki_scores(q_rot, k_lr, L, d=d)
-    idx = topk_select(scores, L, k, strict=False)
+    """Sweep configs of each kernel on batch 16, 16K context; set the module defaults to the best.
+
+    Attention / selection configs are scored by the geometric mean of their times over the three (d, k) cases
+    at 16K; the scores kernel is tuned separately for d = 32 and d = 16."""
+    B, S = (16, 16384) if not SMOKE else (2, 256)
+    cases = []
+    for dfrac, kfrac in ((4, 4), (4, 8), (8, 16)):
+        d, k = D // dfrac, S // kfrac
+        case = Case(B, S, d, 1)
+        k_lr, k_rest, v = case.copies[0]
+        scores = loki_scores(case.q_rot, k_lr, case.lengths, d=d)
+        idx = topk_select(scores, case.lengths, k, strict=False)
+        cases.append(dict(case=case, d=d, k=k, scores=scores, idx=idx))
     out = {}
 
-    def sweep(name, cands, mk):
+    def sweep(name, cands, mk, case_list):
         rows = []
         if SMOKE:
             cands = cands[:2]
         for c in cands:
             try:
-                ms = bench_graph(mk(c), rep=rep)
+                ts = [bench_graph(mk(c, cs), rep=rep) for cs in case_list]
             except Exception as e:  # noqa: BLE001 (a config that does not compile is skipped)
-                log(f"  {name} {c}: failed {type(e).__name__}: {str(e)[:120]}")
+                log(f"  {name} {c}: failed {type(e).__name__}: {str(e)[:160]}")
                 continue
-            rows.append((ms, c))
-            log(f"  {name} {c}: {ms * 1e3:.1f} us")
+            gm = math.exp(sum(math.log(t) for t in ts) / len(ts))
+            rows.append((gm, c, ts))
+            log(f"  {name} {c}: " + " ".join(f"{t * 1e3:.1f}" for t in ts) + f" us (geo-mean {gm * 1e3:.1f})")
         rows.sort(key=lambda x: x[0])
-        out[name] = [dict(ms=m, config=c) for m, c in rows]
+        out[name] = [dict(geo_ms=g, config=c, ms=ts) for g, c, ts in rows]
         return rows[0][1] if rows else None
 
-    best = sweep("sparse_attention", [dict(block_n=bn, num_warps=nw, num_stages=ns, waves=wv)
-                                      for bn in (32, 64) for nw in (4,) for ns in (2, 3, 4) for wv in (2, 4, 8)],
-                 lambda c: (lambda: sparse_decode_attention(q_rot, k_lr, k_rest, v, idx, config=c)))
+    def attn(c, cs):
+        cc = cs["case"]
+        k_lr, k_rest, v = cc.copies[0]
+        return lambda: sparse_decode_attention(cc.q_rot, k_lr, k_rest, v, cs["idx"], config=c)
+    best = sweep("sparse_attention", [dict(block_n=bn, num_warps=4, num_stages=ns, waves=wv)
+                                      for bn in (32, 64) for ns in (3, 4) for wv in (0, 2, 4)], attn, cases)
     if best:
         attn_mod.SPARSE_CONFIG.update(best)
-    best = sweep("dense_attention", [dict(block_n=bn, num_warps=nw, num_stages=ns, waves=wv)
-                                     for bn in (64, 128) for nw in (4, 8) for ns in (3, 4) for wv in (1, 2)],
-                 lambda c: (lambda: dense_decode_attention(q_rot, k_lr, k_rest, v, L, config=c)))
-    if best:
-        attn_mod.DENSE_CONFIG.update(best)
-    best = sweep("fused_select", [dict(block_n=bn, num_warps=nw) for bn, nw in ((128, 4), (128, 8), (256, 4), (256, 8), (256, 16),
-                                                                (512, 8), (512, 16))],
-                 lambda c: (lambda: loki_select(q, k_lr, L, k, P=P, strict=False, **c)))
+
+    def fsel(c, cs):
+        cc = cs["case"]
+        return lambda: loki_select(cc.q, cc.copies[0][0], cc.lengths, cs["k"], P=cc.P, strict=False, **c)
+    best = sweep("fused_select", [dict(block_n=bn, num_warps=nw, sample=sm) for bn, nw in ((256, 8), (512, 8), (512, 4))
+                                  for sm in (1024, 2048, 4096)], fsel, cases)
     if best:
         topk_mod.FUSED_BLOCK_N, topk_mod.FUSED_WARPS = best["block_n"], best["num_warps"]
-    best = sweep("topk_select", [dict(block_s=bs, num_warps=nw) for bs in (1024, 2048, 4096) for nw in (4, 8, 16)],
-                 lambda c: (lambda: topk_select(scores, L, k, strict=False, **c)))
+        topk_mod.SELECT_SAMPLE = best["sample"]
+
+    def tsel(c, cs):
+        return lambda: topk_select(cs["scores"], cs["case"].lengths, cs["k"], strict=False, **c)
+    best = sweep("topk_select", [dict(block_s=bs, num_warps=nw, sample=sm) for bs in (2048, 4096) for nw in (4, 8)
+                                 for sm in (1024, 2048, 4096)], tsel, cases)
     if best:
         topk_mod.SELECT_BLOCK_S, topk_mod.SELECT_WARPS = best["block_s"], best["num_warps"]
-    best = sweep("scores", [dict(block_n=bn, tiles=t, num_warps=nw) for bn in (128, 256, 512) for t in (1, 2, 4)
-                            for nw in (4, 8)],
-                 lambda c: (lambda: loki_scores(q_rot, k_lr, L, d=d, config=c)))
-    if best:
-        scores_mod.SCORES_CONFIG.update(best)
-    del case
+        out["topk_select_sample_best"] = best["sample"]
+
+    for cs in (cases[1], cases[2]):
+        def sc(c, cs_):
+            cc = cs_["case"]
+            return lambda: loki_scores(cc.q, cc.copies[0][0], cc.lengths, d=cs_["d"], config=c, P=cc.P)
+        best = sweep(f"scores_d{cs['d']}", [dict(block_n=bn, tiles=t, num_warps=4) for bn in (128, 256, 512)
+                                             for t in (2, 4, 8)], sc, [cs])
+        if best:
+            scores_mod.SCORES_CONFIG[cs["d"] if cs["d"] < 32 else 32] = best
+            if cs["d"] < 32:
+                scores_mod.SCORES_CONFIG[0] = best
+    del cases
     return out
 
 
@@ -238,7 +257,12 @@ def fmt_table(rows, dense, copy_bw):
     hdr = (f"{'B':>3} {'ctx':>6} {'d':>3} {'k':>6} | {'rot':>6} {'score':>6} {'topk':>6} {'tk_trch':>7} "
            f"{'fsel':>6} {'attn':>6} | {'fused':>6} {'split':>6} {'naive':>6} {'sdpa':>6} | {'x_sdpa':>6} "
            f"{'x_naive':>7} {'ideal':>5} {'GB/s':>6} {'target':>6}")
-    lines.append("times in us (median, CUDA-graph replay); x_* = speedup of the best Loki total")
+    lines.append("times in us (median of do_bench over CUDA-graph replays); x_* = speedup of the best Loki total "
+                 "(min of fused, split) over SDPA / the naive torch pipeline")
+    lines.append("rot: rotate_q alone (not on the pipeline's path); score: Loki scores with q rotation fused (split "
+                 "path); topk: Triton selection on those scores; tk_trch: torch.topk(sorted=False) on the same; fsel: "
+                 "fused rotate+score+select kernel; attn: sparse flash-decoding incl. split combine; ideal: dense bytes / "
+                 "Loki bytes; GB/s: Loki bytes / best total")
     lines.append(hdr)
     lines.append("-" * len(hdr))
     for r in rows:
@@ -293,7 +317,8 @@ def main(argv=None):
     tuning = tune(args.rep, log) if args.tune else None
     cfgs = dict(sparse=dict(attn_mod.SPARSE_CONFIG), dense=dict(attn_mod.DENSE_CONFIG),
                 fused=(topk_mod.FUSED_BLOCK_N, topk_mod.FUSED_WARPS),
-                topk=(topk_mod.SELECT_BLOCK_S, topk_mod.SELECT_WARPS), scores=dict(scores_mod.SCORES_CONFIG))
+                topk=(topk_mod.SELECT_BLOCK_S, topk_mod.SELECT_WARPS), sample=topk_mod.SELECT_SAMPLE,
+                nsig=topk_mod.SELECT_NSIG, scores={str(k_): v_ for k_, v_ in scores_mod.SCORES_CONFIG.items()})
     log("configs", cfgs)
     if SMOKE:
         grid = [(2, 256)]

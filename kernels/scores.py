@@ -24,34 +24,46 @@ from ._utils import (check, check_cache, check_float, check_last_contiguous, che
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _rotate_heads(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, out_ptr, so_b, so_h, b, h0, kvh,
-                  HPR: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_C: tl.constexpr):
-    """Write out[b, h0 + i] = q[b, h0 + i] @ P[kvh] (fp32) for i < HPR; returns the raw q tile (G_PAD, BLOCK_D)."""
-    hh = tl.arange(0, G_PAD)
+                  HPR: tl.constexpr, G_ROT: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr):
+    """out[b, h0 + i] = q[b, h0 + i] @ P[kvh] in fp32 FMAs (i < HPR).
+
+    (An IEEE fp32 tl.dot with these tiny shapes took ~60 us on an H200; broadcast-multiply-reduce takes ~2.)"""
+    hh = tl.arange(0, G_ROT)
     hv = hh < HPR
-    dd = tl.arange(0, BLOCK_D)
-    dm = dd < D
-    q = tl.load(q_ptr + b * sq_b + (h0 + hh)[:, None] * sq_h + dd[None, :], mask=hv[:, None] & dm[None, :],
-                other=0.0).to(tl.float32)
+    q_rows = q_ptr + b * sq_b + (h0 + hh) * sq_h
     for c0 in tl.static_range(0, BLOCK_D, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         cm = cols < D
-        pc = tl.load(P_ptr + kvh * sp_h + dd[:, None] * sp_r + cols[None, :], mask=dm[:, None] & cm[None, :],
-                     other=0.0).to(tl.float32)
-        qc = tl.dot(q, pc, input_precision="ieee")
-        tl.store(out_ptr + b * so_b + (h0 + hh)[:, None] * so_h + cols[None, :], qc, mask=hv[:, None] & cm[None, :])
-    return q
+        acc = tl.zeros([G_ROT, BLOCK_C], dtype=tl.float32)
+        for i0 in tl.static_range(0, BLOCK_D, BLOCK_I):
+            ii = i0 + tl.arange(0, BLOCK_I)
+            im = ii < D
+            qc = tl.load(q_rows[:, None] + ii[None, :], mask=hv[:, None] & im[None, :], other=0.0).to(tl.float32)
+            pc = tl.load(P_ptr + kvh * sp_h + ii[:, None] * sp_r + cols[None, :], mask=im[:, None] & cm[None, :],
+                         other=0.0).to(tl.float32)
+            acc += tl.sum(qc[:, :, None] * pc[None, :, :], axis=1)
+        tl.store(out_ptr + b * so_b + (h0 + hh)[:, None] * so_h + cols[None, :], acc, mask=hv[:, None] & cm[None, :])
 
 
 @triton.jit
-def _q_lr_from_raw(q, P_ptr, sp_h, sp_r, kvh, D: tl.constexpr, D_LR: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_DL: tl.constexpr):
-    """(q @ P[kvh][:, :d])^T as a (BLOCK_DL, G_PAD) fp32 tile (zero beyond d)."""
-    dd = tl.arange(0, BLOCK_D)
+def _q_lr_T_from_raw(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, b, h0, kvh, HPR: tl.constexpr, G_PAD: tl.constexpr,
+                     D: tl.constexpr, D_LR: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DL: tl.constexpr,
+                     BLOCK_I: tl.constexpr):
+    """(q[b, h0:h0+HPR] @ P[kvh][:, :d])^T as a (BLOCK_DL, G_PAD) fp32 tile (zero beyond d / HPR)."""
+    hh = tl.arange(0, G_PAD)
+    hv = hh < HPR
     dl = tl.arange(0, BLOCK_DL)
-    pc = tl.load(P_ptr + kvh * sp_h + dd[:, None] * sp_r + dl[None, :], mask=(dd < D)[:, None] & (dl < D_LR)[None, :],
-                 other=0.0).to(tl.float32)
-    return tl.trans(tl.dot(q, pc, input_precision="ieee"))
+    q_rows = q_ptr + b * sq_b + (h0 + hh) * sq_h
+    acc = tl.zeros([G_PAD, BLOCK_DL], dtype=tl.float32)
+    for i0 in tl.static_range(0, BLOCK_D, BLOCK_I):
+        ii = i0 + tl.arange(0, BLOCK_I)
+        im = ii < D
+        qc = tl.load(q_rows[:, None] + ii[None, :], mask=hv[:, None] & im[None, :], other=0.0).to(tl.float32)
+        pc = tl.load(P_ptr + kvh * sp_h + ii[:, None] * sp_r + dl[None, :], mask=im[:, None] & (dl < D_LR)[None, :],
+                     other=0.0).to(tl.float32)
+        acc += tl.sum(qc[:, :, None] * pc[None, :, :], axis=1)
+    return tl.trans(acc)
 
 
 @triton.jit
@@ -92,18 +104,25 @@ def _split_hi_lo(x, dtype: tl.constexpr):
     return hi, lo
 
 
+def rot_chunks(block_d: int) -> dict:
+    """Chunking of the FMA rotation (GPU: small chunks, few registers; interpreter: one big chunk, few steps)."""
+    if is_interpreter():
+        return dict(ROT_C=block_d, ROT_I=block_d)
+    return dict(ROT_C=32, ROT_I=8)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # rotate q
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _rotate_q_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, out_ptr, so_b, so_h, KVH,
-                     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
+                     G: tl.constexpr, G_ROT: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                     ROT_C: tl.constexpr, ROT_I: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // KVH).to(tl.int64)
     kvh = (pid % KVH).to(tl.int64)
     _rotate_heads(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, out_ptr, so_b, so_h, b, kvh * G, kvh,
-                  G, G_PAD, D, BLOCK_D, BLOCK_C)
+                  G, G_ROT, D, BLOCK_D, ROT_C, ROT_I)
 
 
 def _check_q(q: torch.Tensor, name: str, B: int, D: int, KVH: int, device):
@@ -131,8 +150,8 @@ def rotate_q(q: torch.Tensor, P: torch.Tensor, out: torch.Tensor | None = None) 
     g = H // KVH
     BLOCK_D = next_pow2(D)
     _rotate_q_kernel[(B * KVH,)](q, q.stride(0), q.stride(1), P, P.stride(0), P.stride(1), out, out.stride(0),
-                                 out.stride(1), KVH, G=g, G_PAD=max(16, next_pow2(g)), D=D, BLOCK_D=BLOCK_D,
-                                 BLOCK_C=min(32, max(16, BLOCK_D)), num_warps=4)
+                                 out.stride(1), KVH, G=g, G_ROT=next_pow2(g), D=D, BLOCK_D=max(32, BLOCK_D),
+                                 **rot_chunks(max(32, BLOCK_D)), num_warps=4)
     return out
 
 
@@ -147,10 +166,13 @@ def rotate_q_ref(q: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
 # scores
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _scores_kernel(q_ptr, sq_b, sq_h, klr_ptr, slr_b, slr_h, slr_s, out_ptr, so_b, so_r, len_ptr,
+def _scores_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h,
+                   klr_ptr, slr_b, slr_h, slr_s, out_ptr, so_b, so_r, len_ptr,
                    scale, R, G, S_MAX,
-                   HPR: tl.constexpr, G_PAD: tl.constexpr, D_LR: tl.constexpr, BLOCK_DL: tl.constexpr,
-                   BLOCK_N: tl.constexpr, TILES: tl.constexpr, K_FP32: tl.constexpr, REDUCE_MAX: tl.constexpr):
+                   ROTATE: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr, G_ROT: tl.constexpr,
+                   D: tl.constexpr, BLOCK_D: tl.constexpr, D_LR: tl.constexpr, BLOCK_DL: tl.constexpr,
+                   BLOCK_N: tl.constexpr, TILES: tl.constexpr, K_FP32: tl.constexpr, REDUCE_MAX: tl.constexpr,
+                   ROT_C: tl.constexpr, ROT_I: tl.constexpr):
     pid = tl.program_id(0)
     tb = tl.program_id(1)
     b = (pid // R).to(tl.int64)
@@ -158,7 +180,14 @@ def _scores_kernel(q_ptr, sq_b, sq_h, klr_ptr, slr_b, slr_h, slr_s, out_ptr, so_
     h0 = r * HPR
     kvh = (h0 // G).to(tl.int64)
     n = tl.minimum(tl.load(len_ptr + b).to(tl.int32), S_MAX)
-    qT = _load_q_lr_T(q_ptr, sq_b, sq_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
+    if ROTATE:  # q is raw: every program rotates its (few) heads' first d dims; tile 0 also writes q' in full
+        qT = _q_lr_T_from_raw(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, b, h0, kvh, HPR, G_PAD, D, D_LR, BLOCK_D,
+                              BLOCK_DL, ROT_I) * scale
+        if tb == 0:
+            _rotate_heads(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h, b, h0, kvh,
+                          HPR, G_ROT, D, BLOCK_D, ROT_C, ROT_I)
+    else:
+        qT = _load_q_lr_T(q_ptr, sq_b, sq_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
     qT_hi, qT_lo = _split_hi_lo(qT, klr_ptr.dtype.element_ty)
     k_base = klr_ptr + b * slr_b + kvh * slr_h
     o_base = out_ptr + b * so_b + r * so_r
@@ -171,8 +200,12 @@ def _scores_kernel(q_ptr, sq_b, sq_h, klr_ptr, slr_b, slr_h, slr_s, out_ptr, so_
         tl.store(o_base + offs, sc, mask=offs < S_MAX)
 
 
-# GPU defaults (see kernels/NOTES.md)
-SCORES_CONFIG = dict(block_n=256, tiles=2, num_warps=4)
+# GPU defaults (see kernels/NOTES.md), by low-rank dim d (the entry of the largest key <= d is used)
+SCORES_CONFIG = {0: dict(block_n=256, tiles=4, num_warps=4), 32: dict(block_n=128, tiles=2, num_warps=4)}
+
+
+def scores_config(d: int) -> dict:
+    return dict(SCORES_CONFIG[max(k for k in SCORES_CONFIG if k <= d)])
 
 
 def _mode_params(mode: str, reduce: str, H: int, KVH: int):
@@ -186,10 +219,13 @@ def _mode_params(mode: str, reduce: str, H: int, KVH: int):
 
 def loki_scores(q_rot: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tensor, d: int | None = None,
                 mode: str = "group", reduce: str = "max", scaling: float | None = None, head_dim: int | None = None,
-                out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, config: dict | None = None, P: torch.Tensor | None = None,
+                q_rot_out: torch.Tensor | None = None) -> torch.Tensor:
     """Approximate Loki scores.
 
     q_rot: (B, H, D') rotated queries (any float dtype; only the first d dims are read, D' >= d).
+    If P (KVH, D, D) is given, q_rot is the *raw* q instead: it is rotated inside the kernel, and the full
+    q' = q @ P (fp32) is written to ``q_rot_out`` (allocated if None; returned as the second value).
     k_lr: (B, KVH, S_max, d) low-rank key slab.  lengths: (B,) int.  d: must equal k_lr.shape[-1] if given.
     scaling: defaults to 1/sqrt(head_dim) with head_dim = q_rot.shape[-1] unless given.
     Returns fp32 scores (B, KVH, S_max) for mode="group" or (B, H, S_max) for mode="head", -inf beyond lengths.
@@ -210,6 +246,15 @@ def loki_scores(q_rot: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tensor, 
     check_lengths(lengths, B, k_lr.device)
     R, HPR = _mode_params(mode, reduce, H, KVH)
     scale = default_scaling(head_dim if head_dim is not None else q_rot.shape[2], scaling)
+    Dq = q_rot.shape[2]
+    rotate = P is not None
+    if rotate:
+        check_float(P, "P")
+        check(tuple(P.shape) == (KVH, Dq, Dq), f"P must have shape {(KVH, Dq, Dq)}, got {tuple(P.shape)}")
+        check_last_contiguous(P, "P")
+        check(P.device == k_lr.device, f"P is on {P.device}, expected {k_lr.device}")
+        if q_rot_out is None:
+            q_rot_out = torch.empty(B, H, Dq, dtype=torch.float32, device=k_lr.device)
     if out is None:
         out = torch.empty(B, R, S, dtype=torch.float32, device=k_lr.device)
     else:
@@ -218,15 +263,19 @@ def loki_scores(q_rot: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tensor, 
     if is_interpreter():
         BLOCK_N, TILES, nw = 32, 1, 4
     else:
-        cfg = dict(SCORES_CONFIG, **(config or {}))
+        cfg = dict(scores_config(dd), **(config or {}))
         BLOCK_N, TILES, nw = cfg["block_n"], cfg["tiles"], cfg["num_warps"]
     grid = (B * R, triton.cdiv(S, BLOCK_N * TILES))
-    _scores_kernel[grid](q_rot, q_rot.stride(0), q_rot.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1),
+    Pt = P if rotate else q_rot
+    qr = q_rot_out if rotate else q_rot
+    _scores_kernel[grid](q_rot, q_rot.stride(0), q_rot.stride(1), Pt, Pt.stride(0), Pt.stride(1),
+                         qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1),
                          k_lr.stride(2), out, out.stride(0), out.stride(1), lengths, scale, R, H // KVH, S,
-                         HPR=HPR, G_PAD=max(16, next_pow2(HPR)), D_LR=dd, BLOCK_DL=max(16, next_pow2(dd)),
+                         ROTATE=rotate, HPR=HPR, G_PAD=max(16, next_pow2(HPR)), G_ROT=next_pow2(HPR), D=Dq,
+                         BLOCK_D=max(32, next_pow2(Dq)), D_LR=dd, BLOCK_DL=max(16, next_pow2(dd)),
                          BLOCK_N=BLOCK_N, TILES=TILES, K_FP32=k_lr.dtype == torch.float32,
-                         REDUCE_MAX=reduce == "max", num_warps=nw)
-    return out
+                         REDUCE_MAX=reduce == "max", **rot_chunks(max(32, next_pow2(Dq))), num_warps=nw)
+    return (out, q_rot_out) if rotate else out
 
 
 def loki_scores_ref(q_rot, k_lr, lengths, mode="group", reduce="max", scaling=None, head_dim=None):

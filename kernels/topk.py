@@ -1,14 +1,24 @@
 """Exact top-k selection per (sequence, score row) with per-sequence lengths and budgets.
 
-Algorithm (one program per row, Triton): MSD radix select on the order-preserving 32-bit key of the fp32 score
-(4 digits of 8 bits, 256-bin `tl.histogram` per pass over the row, early exit as soon as the boundary bin holds
-exactly the number of elements still needed), then one compaction pass (a packed prefix sum gives each selected
-element its output slot).  Ties at the k-th value are broken towards lower positions.  The output indices of a
-row are in ascending order, padded with -1 beyond the row's budget.
+Algorithm (one program per row, Triton; scores are mapped to order-preserving uint32 keys):
+
+1. Bracket: SAMPLE scores at evenly spaced positions are sorted in registers (`tl.sort`); the sample order
+   statistics around rank k*SAMPLE/n (+- NSIG binomial standard deviations) give keys lo <= hi that bracket the
+   k-th largest key with high probability.
+2. One pass over the row: keys > hi are selected outright (written to the output through a packed prefix sum),
+   keys in [lo, hi] (the "band", a few % of the row) are compacted with their positions into a workspace.
+3. Exact MSD radix select (8-bit digits, 256-bin `tl.histogram`, starting below the common prefix of lo and hi,
+   early exit once the boundary bin holds exactly the number still needed) on the band only, for the
+   remaining k - #(> hi); ties at the k-th value are broken towards lower positions.
+   If the bracket missed (or the row is short), the same radix select runs on the whole row instead: the result
+   is exact either way, only the time differs.
+
+Histogram passes cost ~3 warp-instructions per element (warp-ballot histogram), which is why they only touch
+the band.  Output indices are padded with -1 beyond each row's budget; their order within a row is
+unspecified (selected-above-the-band first, then the band's picks, each in ascending position order).
 
 `loki_select` fuses the whole front half of a Loki step in one kernel, one program per (sequence, row): rotate q,
-score the row against the low-rank slab (the first radix histogram is computed while scoring), select, compact.
-The row's keys go through a scratch buffer that stays in L2.
+score the row against the low-rank slab, select.  The row's keys go through a scratch buffer that stays in L2.
 """
 from __future__ import annotations
 
@@ -18,10 +28,8 @@ import triton.language as tl
 
 from ._utils import (check, check_float, check_last_contiguous, check_lengths, default_scaling, is_interpreter,
                      next_pow2, INDEX_DTYPES)
-from .scores import (_check_q, _load_q_lr_T, _mode_params, _q_lr_from_raw, _rotate_heads, _score_tile,
-                     _split_hi_lo)
-
-NBINS = 256
+from .scores import (_check_q, _load_q_lr_T, _mode_params, _q_lr_T_from_raw, _rotate_heads, _score_tile,
+                     _split_hi_lo, rot_chunks)
 
 
 @triton.jit
@@ -52,49 +60,60 @@ def _pick_bin(h, r, NB: tl.constexpr):
 
 
 @triton.jit
-def _select_row(src_ptr, n, kb, out_ptr, KMAX, h1, HAVE_H1: tl.constexpr, SRC_KEYS: tl.constexpr,
-                BLOCK_S: tl.constexpr):
-    """Write the indices of the kb largest of src[0:n] to out[0:kb] (ascending), -1 in out[kb:KMAX]."""
+def _bit_length(x):
+    hb = tl.zeros([], dtype=tl.int32)
+    while x != 0:
+        x = x >> 1
+        hb += 1
+    return hb
+
+
+@triton.jit
+def _radix_select(key_ptr, idx_ptr, n, r, out_ptr, hb0, prefix0, HAS_IDX: tl.constexpr, SRC_KEYS: tl.constexpr,
+                  BLOCK_S: tl.constexpr):
+    """out[0:r] = positions (or idx[position] with HAS_IDX) of the r largest keys of key[0:n], in position order.
+
+    Every key must satisfy key >> hb0 == prefix0 (hb0 = 32: no constraint).  r >= n takes everything."""
     NB: tl.constexpr = 256
     ar = tl.arange(0, BLOCK_S)
-    take_all = (kb >= n).to(tl.int32)
-    if HAVE_H1:
-        h = h1
-    else:
+    take_all = (r >= n).to(tl.int32)
+    hb = hb0
+    prefix = prefix0
+    done = take_all
+    while (done == 0) & (hb > 0):
+        lb = tl.maximum(hb - 8, 0)
+        lbu = lb.to(tl.uint32)
+        wu = (hb - lb).to(tl.uint32)
+        dmask = (tl.full([], 1, tl.uint32) << wu) - 1
         h = tl.zeros([NB], dtype=tl.int32)
         for start in range(0, n, BLOCK_S):
             offs = start + ar
             valid = offs < n
-            key = _load_key(src_ptr, offs, valid, SRC_KEYS)
-            h += tl.histogram((key >> 24).to(tl.int32), NB, mask=valid)
-    t, cnt, above = _pick_bin(h, kb, NB)
-    r = kb - above
-    prefix = t.to(tl.uint32)
-    sh = tl.full([], 24, tl.int32)
-    done = ((cnt == r) | (take_all != 0)).to(tl.int32)
-    while (done == 0) & (sh > 0):
-        sh = sh - 8
-        shu = sh.to(tl.uint32)
-        h = tl.zeros([NB], dtype=tl.int32)
-        for start in range(0, n, BLOCK_S):
-            offs = start + ar
-            valid = offs < n
-            key = _load_key(src_ptr, offs, valid, SRC_KEYS)
-            cand = valid & ((key >> (shu + 8)) == prefix)
-            h += tl.histogram(((key >> shu) & 255).to(tl.int32), NB, mask=cand)
+            if SRC_KEYS:
+                kl = tl.load(key_ptr + offs, mask=valid, other=0).to(tl.uint32, bitcast=True) >> lbu
+            else:
+                kl = tl.load(key_ptr + offs, mask=valid, other=0.0).to(tl.uint32, bitcast=True)
+                kl = tl.where((kl >> 31) != 0, ~kl, kl | 0x80000000) >> lbu
+            cand = valid & ((kl >> wu) == prefix)
+            h += tl.histogram((kl & dmask).to(tl.int32), NB, mask=cand)
         t, cnt, above = _pick_bin(h, r, NB)
         r = r - above
-        prefix = (prefix << 8) | t.to(tl.uint32)
+        prefix = (prefix << wu) | t.to(tl.uint32)
+        hb = lb
         done = (cnt == r).to(tl.int32)
-    # compaction: keys whose digits-so-far exceed the prefix are in; r of those equal to it are in.
-    shu = sh.to(tl.uint32)
+    # keys whose top (32 - hb) bits exceed prefix are in; the first r of those equal to it are in.
+    hb = tl.where(take_all != 0, 0, hb)
+    hbu = hb.to(tl.uint32)
     base = tl.zeros([], dtype=tl.int32)
     eq_seen = tl.zeros([], dtype=tl.int32)
     for start in range(0, n, BLOCK_S):
         offs = start + ar
         valid = offs < n
-        key = _load_key(src_ptr, offs, valid, SRC_KEYS)
-        hi = key >> shu
+        if SRC_KEYS:
+            hi = tl.load(key_ptr + offs, mask=valid, other=0).to(tl.uint32, bitcast=True) >> hbu
+        else:
+            hi = tl.load(key_ptr + offs, mask=valid, other=0.0).to(tl.uint32, bitcast=True)
+            hi = tl.where((hi >> 31) != 0, ~hi, hi | 0x80000000) >> hbu
         # (block-bool op scalar-bool promotes to int32 in the interpreter: combine through integers)
         gt = valid & (((hi > prefix).to(tl.int32) + take_all) > 0)
         eq = valid & (((hi == prefix).to(tl.int32) * (1 - take_all)) > 0)
@@ -105,11 +124,73 @@ def _select_row(src_ptr, n, kb, out_ptr, KMAX, h1, HAVE_H1: tl.constexpr, SRC_KE
         r_left = tl.maximum(r - eq_seen, 0)
         take = gt | (eq & (eq_ex < r_left))
         pos = base + gt_ex + tl.minimum(eq_ex, r_left)
-        tl.store(out_ptr + pos, offs.to(out_ptr.dtype.element_ty), mask=take)
+        if HAS_IDX:
+            val = tl.load(idx_ptr + offs, mask=take, other=0)
+        else:
+            val = offs
+        tl.store(out_ptr + pos, val.to(out_ptr.dtype.element_ty), mask=take)
         tot = tl.sum(packed, axis=0)
         n_eq = tot >> 16
         base += (tot & 0xFFFF) + tl.minimum(n_eq, r_left)
         eq_seen += n_eq
+
+
+@triton.jit
+def _select_row(src_ptr, n, kb, out_ptr, bkey_ptr, bidx_ptr, KMAX, nsig, SRC_KEYS: tl.constexpr,
+                BLOCK_S: tl.constexpr, SAMPLE: tl.constexpr):
+    """Write the indices of the kb largest of src[0:n] to out[0:kb], -1 to out[kb:KMAX] (see module doc)."""
+    ar = tl.arange(0, BLOCK_S)
+    use_band = tl.zeros([], dtype=tl.int32)
+    c_gt = tl.zeros([], dtype=tl.int32)
+    c_band = tl.zeros([], dtype=tl.int32)
+    lo_key = tl.zeros([], dtype=tl.uint32)
+    hi_key = tl.full([], 0xFFFFFFFF, tl.uint32)
+    if kb < n:
+        if n >= 4 * SAMPLE:
+            i = tl.arange(0, SAMPLE)
+            spos = ((i.to(tl.int64) * n) // SAMPLE).to(tl.int32)
+            sk = _load_key(src_ptr, spos, i < SAMPLE, SRC_KEYS)
+            srt = tl.sort((sk ^ 0x80000000).to(tl.int32, bitcast=True), descending=True)
+            frac = kb.to(tl.float32) / n.to(tl.float32)
+            pm = frac * SAMPLE
+            dlt = nsig * tl.sqrt(pm * (1.0 - frac)) + 4.0
+            r_hi = tl.floor(pm - dlt).to(tl.int32)
+            r_lo = tl.ceil(pm + dlt).to(tl.int32)
+            v_hi = (tl.sum(tl.where(i == r_hi, srt, 0), axis=0).to(tl.uint32, bitcast=True)) ^ 0x80000000
+            v_lo = (tl.sum(tl.where(i == r_lo, srt, 0), axis=0).to(tl.uint32, bitcast=True)) ^ 0x80000000
+            hi_key = tl.where(r_hi >= 0, v_hi, hi_key)
+            lo_key = tl.where(r_lo < SAMPLE, v_lo, lo_key)
+        for start in range(0, n, BLOCK_S):
+            offs = start + ar
+            valid = offs < n
+            if SRC_KEYS:
+                key = tl.load(src_ptr + offs, mask=valid, other=0).to(tl.uint32, bitcast=True)
+            else:
+                key = tl.load(src_ptr + offs, mask=valid, other=0.0).to(tl.uint32, bitcast=True)
+                key = tl.where((key >> 31) != 0, ~key, key | 0x80000000)
+            gt = valid & (key > hi_key)
+            bd = valid & (key >= lo_key) & (key <= hi_key)
+            packed = gt.to(tl.int32) + (bd.to(tl.int32) << 16)
+            c_ex = tl.cumsum(packed, axis=0) - packed
+            gpos = c_gt + (c_ex & 0xFFFF)
+            bpos = c_band + (c_ex >> 16)
+            tl.store(out_ptr + gpos, offs.to(out_ptr.dtype.element_ty), mask=gt & (gpos < KMAX))
+            tl.store(bkey_ptr + bpos, key.to(tl.int32, bitcast=True), mask=bd)
+            tl.store(bidx_ptr + bpos, offs, mask=bd)
+            tot = tl.sum(packed, axis=0)
+            c_gt += tot & 0xFFFF
+            c_band += tot >> 16
+        use_band = ((c_gt <= kb) & (kb <= c_gt + c_band)).to(tl.int32)
+    if use_band != 0:
+        r = kb - c_gt
+        if r > 0:
+            hb = _bit_length(lo_key ^ hi_key)
+            prefix = tl.where(hb >= 32, 0, hi_key >> tl.minimum(hb, 31).to(tl.uint32))
+            _radix_select(bkey_ptr, bidx_ptr, c_band, r, out_ptr + c_gt, hb, prefix, HAS_IDX=True, SRC_KEYS=True,
+                          BLOCK_S=BLOCK_S)
+    else:  # short row, k = whole row, or the bracket missed: exact radix select on the whole row
+        _radix_select(src_ptr, src_ptr, n, kb, out_ptr, tl.full([], 32, tl.int32), tl.zeros([], dtype=tl.uint32),
+                      HAS_IDX=False, SRC_KEYS=SRC_KEYS, BLOCK_S=BLOCK_S)
     for start in range(kb, KMAX, BLOCK_S):
         offs = start + ar
         tl.store(out_ptr + offs, tl.full([BLOCK_S], -1, out_ptr.dtype.element_ty), mask=offs < KMAX)
@@ -128,25 +209,26 @@ def _row_budget(len_ptr, kb_ptr, b, K_INT, S_MAX, KMAX, HAS_KB: tl.constexpr):
 
 
 @triton.jit
-def _topk_kernel(s_ptr, ss_b, ss_r, out_ptr, so_b, so_r, len_ptr, kb_ptr, K_INT, R, S_MAX, KMAX,
-                 HAS_KB: tl.constexpr, BLOCK_S: tl.constexpr):
+def _topk_kernel(s_ptr, ss_b, ss_r, out_ptr, so_b, so_r, ws_ptr, len_ptr, kb_ptr, K_INT, R, S_MAX, KMAX, nsig,
+                 HAS_KB: tl.constexpr, BLOCK_S: tl.constexpr, SAMPLE: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // R).to(tl.int64)
     r = (pid % R).to(tl.int64)
     n, kb = _row_budget(len_ptr, kb_ptr, b, K_INT, S_MAX, KMAX, HAS_KB)
-    h1 = tl.zeros([256], dtype=tl.int32)
-    _select_row(s_ptr + b * ss_b + r * ss_r, n, kb, out_ptr + b * so_b + r * so_r, KMAX, h1,
-                HAVE_H1=False, SRC_KEYS=False, BLOCK_S=BLOCK_S)
+    ws = ws_ptr + pid.to(tl.int64) * (2 * S_MAX)
+    _select_row(s_ptr + b * ss_b + r * ss_r, n, kb, out_ptr + b * so_b + r * so_r, ws, ws + S_MAX, KMAX, nsig,
+                SRC_KEYS=False, BLOCK_S=BLOCK_S, SAMPLE=SAMPLE)
 
 
 @triton.jit
 def _loki_select_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h,
-                        klr_ptr, slr_b, slr_h, slr_s, keys_ptr, sk_b, sk_r, out_ptr, so_b, so_r,
-                        len_ptr, kb_ptr, K_INT, scale, R, G, S_MAX, KMAX,
+                        klr_ptr, slr_b, slr_h, slr_s, ws_ptr, out_ptr, so_b, so_r,
+                        len_ptr, kb_ptr, K_INT, scale, R, G, S_MAX, KMAX, nsig,
                         ROTATE: tl.constexpr, HAS_KB: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr,
-                        D: tl.constexpr, D_LR: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DL: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, K_FP32: tl.constexpr,
-                        REDUCE_MAX: tl.constexpr):
+                        G_ROT: tl.constexpr, D: tl.constexpr, D_LR: tl.constexpr, BLOCK_D: tl.constexpr,
+                        BLOCK_DL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+                        SAMPLE: tl.constexpr, K_FP32: tl.constexpr, REDUCE_MAX: tl.constexpr,
+                        ROT_C: tl.constexpr, ROT_I: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // R).to(tl.int64)
     r = (pid % R).to(tl.int64)
@@ -154,16 +236,16 @@ def _loki_select_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, s
     kvh = h0 // G
     n, kb = _row_budget(len_ptr, kb_ptr, b, K_INT, S_MAX, KMAX, HAS_KB)
     if ROTATE:
-        qraw = _rotate_heads(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h, b, h0, kvh,
-                             HPR, G_PAD, D, BLOCK_D, 32)
-        qT = _q_lr_from_raw(qraw, P_ptr, sp_h, sp_r, kvh, D, D_LR, BLOCK_D, BLOCK_DL)
+        _rotate_heads(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h, b, h0, kvh,
+                      HPR, G_ROT, D, BLOCK_D, ROT_C, ROT_I)
+        qT = _q_lr_T_from_raw(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, b, h0, kvh, HPR, G_PAD, D, D_LR, BLOCK_D,
+                              BLOCK_DL, ROT_I)
     else:
         qT = _load_q_lr_T(q_ptr, sq_b, sq_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL)
     qT = qT * scale
     qT_hi, qT_lo = _split_hi_lo(qT, klr_ptr.dtype.element_ty)
     k_base = klr_ptr + b * slr_b + kvh * slr_h
-    key_base = keys_ptr + b * sk_b + r * sk_r
-    h1 = tl.zeros([256], dtype=tl.int32)
+    key_base = ws_ptr + pid.to(tl.int64) * (3 * S_MAX)
     for start in range(0, n, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         valid = offs < n
@@ -171,10 +253,9 @@ def _loki_select_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, s
                          REDUCE_MAX)
         key = _key_of(sc)
         tl.store(key_base + offs, key.to(tl.int32, bitcast=True), mask=valid)
-        h1 += tl.histogram((key >> 24).to(tl.int32), 256, mask=valid)
     tl.debug_barrier()  # keys written by all threads of the program are read back below
-    _select_row(key_base, n, kb, out_ptr + b * so_b + r * so_r, KMAX, h1,
-                HAVE_H1=True, SRC_KEYS=True, BLOCK_S=BLOCK_S)
+    _select_row(key_base, n, kb, out_ptr + b * so_b + r * so_r, key_base + S_MAX, key_base + 2 * S_MAX, KMAX, nsig,
+                SRC_KEYS=True, BLOCK_S=BLOCK_S, SAMPLE=SAMPLE)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -208,6 +289,8 @@ def _budget_args(k, lengths, B: int, strict: bool, k_max: int | None):
 # GPU defaults (see kernels/NOTES.md)
 SELECT_BLOCK_S = 2048  # elements per tile of a radix / compaction pass
 SELECT_WARPS = 8
+SELECT_SAMPLE = 2048  # sample size of the bracketing step (rows shorter than 4x this are selected directly)
+SELECT_NSIG = 4.0  # bracket half-width in binomial standard deviations
 FUSED_BLOCK_N = 256  # tokens per scoring tile in the fused kernel
 FUSED_WARPS = 8
 
@@ -216,15 +299,30 @@ def _select_block(block_s=None):
     return 64 if is_interpreter() else (block_s or SELECT_BLOCK_S)
 
 
+def _select_sample(sample=None):
+    return sample or (64 if is_interpreter() else SELECT_SAMPLE)
+
+
+def _workspace(ws, numel: int, device):
+    if ws is None:
+        return torch.empty(max(numel, 1), dtype=torch.int32, device=device)
+    check(ws.dtype == torch.int32 and ws.is_contiguous() and ws.numel() >= numel and ws.device == device,
+          f"workspace must be a contiguous int32 tensor of >= {numel} elements on {device}")
+    return ws
+
+
 def topk_select(scores: torch.Tensor, lengths: torch.Tensor, k, strict: bool = True, k_max: int | None = None,
                 index_dtype: torch.dtype = torch.int32, out: torch.Tensor | None = None, block_s: int | None = None,
-                num_warps: int | None = None) -> torch.Tensor:
+                num_warps: int | None = None, sample: int | None = None, nsig: float | None = None,
+                workspace: torch.Tensor | None = None) -> torch.Tensor:
     """Exact top-k of fp32 ``scores`` (B, G, S_max) over the first lengths[b] positions of each row.
 
     k: int, or (B,) int tensor of per-sequence budgets.  Each budget is clipped to 1..lengths[b]; with
     ``strict=True`` a budget larger than its sequence's length raises instead (reads lengths on the host: one
-    device sync; use strict=False inside CUDA graphs).  Returns indices (B, G, k_max) of ``index_dtype``,
-    ascending within a row, padded with -1 beyond each row's budget (k_max = k, or max(k) for a tensor).
+    device sync; use strict=False inside CUDA graphs).  Returns indices (B, G, k_max) of ``index_dtype``, in
+    unspecified order within a row, padded with -1 beyond each row's budget (k_max = k, or max(k) for a
+    tensor).  ``sample``/``nsig`` tune the bracketing step (power-of-2 sample size; the result is exact for
+    any values).  ``workspace``: optional int32 buffer of >= B*G*2*S_max elements.
     """
     check(isinstance(scores, torch.Tensor) and scores.dtype == torch.float32,
           f"scores must be a float32 tensor, got {getattr(scores, 'dtype', type(scores))}")
@@ -241,9 +339,11 @@ def topk_select(scores: torch.Tensor, lengths: torch.Tensor, k, strict: bool = T
     else:
         check(out.shape == (B, G, KMAX) and out.dtype in INDEX_DTYPES and out.stride(-1) == 1,
               f"out must be an int ({B}, {G}, {KMAX}) tensor")
-    _topk_kernel[(B * G,)](scores, scores.stride(0), scores.stride(1), out, out.stride(0), out.stride(1),
+    ws = _workspace(workspace, B * G * 2 * S, scores.device)
+    _topk_kernel[(B * G,)](scores, scores.stride(0), scores.stride(1), out, out.stride(0), out.stride(1), ws,
                            lengths, kb if kb is not None else lengths, K_INT, G, S, KMAX,
-                           HAS_KB=kb is not None, BLOCK_S=_select_block(block_s),
+                           float(SELECT_NSIG if nsig is None else nsig),
+                           HAS_KB=kb is not None, BLOCK_S=_select_block(block_s), SAMPLE=_select_sample(sample),
                            num_warps=4 if is_interpreter() else (num_warps or SELECT_WARPS))
     return out
 
@@ -251,7 +351,8 @@ def topk_select(scores: torch.Tensor, lengths: torch.Tensor, k, strict: bool = T
 def loki_select(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tensor, k, P: torch.Tensor | None = None,
                 mode: str = "group", reduce: str = "max", scaling: float | None = None, strict: bool = True,
                 k_max: int | None = None, q_rot_out: torch.Tensor | None = None, block_n: int | None = None,
-                num_warps: int | None = None, block_s: int | None = None):
+                num_warps: int | None = None, block_s: int | None = None, sample: int | None = None,
+                nsig: float | None = None, workspace: torch.Tensor | None = None):
     """Fused front half of a Loki step: (rotate q) + scores + top-k, one program per (sequence, score row).
 
     q: (B, H, D) raw queries if P is given (then q' = q @ P[kvh] is computed here and returned), else already
@@ -281,7 +382,7 @@ def loki_select(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tensor, k, P
         if q_rot_out is None:
             q_rot_out = torch.empty(B, H, D, dtype=torch.float32, device=q.device)
     scale = default_scaling(D, scaling)
-    keys = torch.empty(B, R, S, dtype=torch.int32, device=k_lr.device)
+    ws = _workspace(workspace, B * R * 3 * S, k_lr.device)
     idx = torch.empty(B, R, KMAX, dtype=torch.int32, device=k_lr.device)
     interp = is_interpreter()
     BLOCK_N = 32 if interp else (block_n or FUSED_BLOCK_N)
@@ -290,12 +391,14 @@ def loki_select(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tensor, k, P
     Pt = P if rotate else q
     _loki_select_kernel[(B * R,)](
         q, q.stride(0), q.stride(1), Pt, Pt.stride(0), Pt.stride(1), qr, qr.stride(0), qr.stride(1),
-        k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), keys, keys.stride(0), keys.stride(1),
+        k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws,
         idx, idx.stride(0), idx.stride(1), lengths, kb if kb is not None else lengths, K_INT, scale,
-        R, H // KVH, S, KMAX,
-        ROTATE=rotate, HAS_KB=kb is not None, HPR=HPR, G_PAD=max(16, next_pow2(HPR)), D=D, D_LR=d,
-        BLOCK_D=max(32, next_pow2(D)), BLOCK_DL=max(16, next_pow2(d)), BLOCK_N=BLOCK_N, BLOCK_S=_select_block(block_s),
-        K_FP32=k_lr.dtype == torch.float32, REDUCE_MAX=reduce == "max", num_warps=nw)
+        R, H // KVH, S, KMAX, float(SELECT_NSIG if nsig is None else nsig),
+        ROTATE=rotate, HAS_KB=kb is not None, HPR=HPR, G_PAD=max(16, next_pow2(HPR)), G_ROT=next_pow2(HPR), D=D,
+        D_LR=d, BLOCK_D=max(32, next_pow2(D)), BLOCK_DL=max(16, next_pow2(d)), BLOCK_N=BLOCK_N,
+        BLOCK_S=_select_block(block_s), SAMPLE=_select_sample(sample),
+        K_FP32=k_lr.dtype == torch.float32, REDUCE_MAX=reduce == "max", **rot_chunks(max(32, next_pow2(D))),
+        num_warps=nw)
     return idx, (q_rot_out if rotate else None)
 
 

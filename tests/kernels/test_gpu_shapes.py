@@ -16,8 +16,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("d,frac,mode", [(32, 8, "group"), (16, 16, "group"), (32, 4, "head")])
 def test_loki_decode_gpu(path, d, frac, mode):
     torch.manual_seed(d + frac)
-    B, KVH, g, S, D = 2, 8, 4, 6000, 128
-    lens = [6000, 4321]
+    B, KVH, g, S, D = 2, 8, 4, 12000, 128
+    lens = [12000, 4321]  # the long row takes the sampled-bracket path, the short one the direct radix select
     k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.bfloat16, "cuda", lengths=lens)
     q = torch.randn(B, KVH * g, D, device="cuda", dtype=torch.bfloat16)
     P = random_orthonormal(KVH, D, "cuda")
