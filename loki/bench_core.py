@@ -229,6 +229,7 @@ def bench_point(model, method: str, B: int, ctx: int, cfg: dict, loki_opts: dict
         "k": None if method == "dense" else float(loki_opts.get("k")),
         "k_mode": None if method == "dense" else loki_opts.get("k_mode", "prefix"),
         "selection": None if method == "dense" else loki_opts.get("selection", "head"),
+        "head_dim": info["head_dim"],
         "batch": B,
         "context": ctx,
         "prefill_s": None if prefill_s is None else round(prefill_s, 5),
@@ -342,8 +343,8 @@ def acceptance(device="cuda", steps: int = 32, seed: int = 0, shape: dict | None
 
     The kernel path decodes greedily; the reference path is teacher-forced on the same tokens, so each
     step compares the two paths on identical inputs: argmax equality wherever the reference's top-2
-    logit margin exceeds ``tie`` (= 4 x the largest logit difference seen), and logits within bf16
-    tolerance (relative L2 error per step). A CUDA-graph replay of the kernel path must give the same
+    logits are not tied (margin above 4x the 99.9th percentile of the two paths' logit differences), and
+    logits within bf16 tolerance (relative L2 error per step below 2e-2). A CUDA-graph replay of the kernel path must give the same
     tokens as the eager kernel path.
     """
     from loki.cache import LokiCache
@@ -363,10 +364,10 @@ def acceptance(device="cuda", steps: int = 32, seed: int = 0, shape: dict | None
     # at B=4 with 8 KV / 32 query heads: group mode takes the split kernels, head mode the fused select,
     # forced (sink / local) tokens the split path with +inf scores
     variants = {
-        "group_d32_k0.125": dict(d=32, k=0.125, selection="group", group_reduce="max"),
-        "head_d32_k0.125": dict(d=32, k=0.125, selection="head"),
-        "group_d32_k0.125_sink4_local16_dense1": dict(d=32, k=0.125, selection="group", sink_tokens=4,
-                                                       local_window=16, dense_layers=1),
+        "group_dD/4_k1/8": dict(d=0.25, k=0.125, selection="group", group_reduce="max"),
+        "head_dD/4_k1/8": dict(d=0.25, k=0.125, selection="head"),
+        "group_dD/4_k1/8_sink4_local16_dense1": dict(d=0.25, k=0.125, selection="group", sink_tokens=4,
+                                                     local_window=16, dense_layers=1),
     }
     report = {"device": torch.cuda.get_device_name() if on_gpu else str(device),
               "model": shape, "batch": B, "prompt_lengths": am.sum(-1).tolist(), "steps": steps, "variants": {}}
@@ -395,14 +396,20 @@ def acceptance(device="cuda", steps: int = 32, seed: int = 0, shape: dict | None
         rel = ((log_k - log_r).norm(dim=-1) / log_r.norm(dim=-1)).max().item()
         top2 = log_r.topk(2, dim=-1).values
         margin = top2[..., 0] - top2[..., 1]
-        tie = 4 * diff.max().item()
+        # tied: the reference's top-2 logits closer than 4x the paths' logit noise (99.9th percentile of
+        # |kernel - reference| over all logits of all steps), so one rounding could reorder them
+        noise = torch.quantile(diff.flatten()[:: max(1, diff.numel() // 1_000_000)].float(), 0.999).item()
+        tie = 4 * noise
         untied = margin > tie
-        agree = (tok_k == tok_r)
+        agree = tok_k == tok_r
+        first_bad = (~agree & untied).nonzero().tolist()[:3]
         res.update({
             "tokens_equal_all": bool(agree.all()),
             "untied_steps": int(untied.sum()), "untied_agree": int((agree & untied).sum()),
             "tied_steps": int((~untied).sum()), "tied_disagree": int((~agree & ~untied).sum()),
+            "first_untied_disagreements": first_bad,
             "max_logit_rel_err": rel, "max_logit_abs_diff": diff.max().item(), "tie_threshold": tie,
+            "median_top2_margin": margin.median().item(),
             "graph_tokens_equal_eager": graph_ok,
             "passed": bool((agree | ~untied).all()) and rel < 2e-2 and graph_ok is not False,
         })
@@ -479,7 +486,13 @@ def main(argv=None) -> int:
         import transformers
 
         meta["transformers"] = transformers.__version__
-        result = {"meta": meta, "rows": rows}
+        for r in rows:
+            r["model"] = "random_llama" if not args.model_path else Path(args.model_path).name
+            r["device"] = meta["device"]
+        result = rows  # the format loki.bench writes (results/<exp>/bench/decode.json); meta beside it
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).with_suffix(".meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -157,7 +157,14 @@ class LokiLayer(CacheLayerMixin):
                        "build the cache after moving the model (LokiCache(model, ...) takes the model's device).")
 
     def _rotate(self, k: torch.Tensor) -> torch.Tensor:
-        """K' = K @ P in fp32, exactly as loki.methods.loki.Loki.approx_scores computes it."""
+        """K' = K @ P in fp32, as loki.methods.loki.Loki.approx_scores computes it (torch reference path).
+
+        A single row is rotated inside an 8-row GEMM: CPU BLAS takes another kernel (gemv) for one row,
+        whose last-bit rounding differs from the rows of the evaluation-time method's one big product;
+        with the same kernel every stored row is bitwise the value the evaluation-time method scores
+        with, so near-ties at the top-k boundary break the same way."""
+        if k.shape[2] == 1:
+            return torch.matmul(k.float().expand(-1, -1, 8, -1), self.P[None])[:, :, :1]
         return torch.matmul(k.float(), self.P[None])
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):

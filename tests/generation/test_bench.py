@@ -1,0 +1,74 @@
+"""The decode benchmark: rows, speedups, bytes (tiny model on the CPU), the configs, the Hydra stage."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from loki.bench_core import _add_speedups, load_bench_config, loki_options, run_bench, table
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_run_bench_rows(tiny):
+    cfg = {"batch": [2], "context": [24], "methods": ["dense", "dense_flash", "loki"], "new_tokens": 2,
+           "warmup": 1, "graphs": False, "fill": "prefill", "prefill_max_tokens": 4096, "calib_tokens": 32}
+    rows = run_bench(tiny, cfg, {"d": 4, "k": 0.25, "selection": "group"}, "cpu", log=lambda s: None)
+    assert [r["method"] for r in rows] == ["dense", "dense_flash", "loki"]
+    for r in rows:
+        assert r["batch"] == 2 and r["context"] == 24 and r["prefill_s"] > 0 and r["ms_per_token"] > 0
+        assert r["tokens_per_s"] == pytest.approx(2e3 / r["ms_per_token"], rel=1e-3)
+        assert 0 < r["attention_share"] <= 1 and r["attention_ms"] > 0
+    dense, flash, lk = rows
+    assert dense["speedup"] == 1.0 and lk["speedup"] == pytest.approx(lk["tokens_per_s"] / dense["tokens_per_s"],
+                                                                      rel=1e-2)
+    assert lk["d"] == 4 and lk["k"] == 0.25 and dense["d"] is None and lk["backend"] == "reference"
+    S = 24 + 2 + 1 + 8
+    kv = 2 * (2 * 2 * S * 16) * 4 * 2  # layers x (B KVH S D) x fp32 x (K, V)
+    assert dense["cache_bytes"] == kv
+    assert lk["cache_bytes"] == kv + 2 * (2 * 16 * 16 * 4 + 2 * 4)  # + per-layer basis and lengths
+    assert "ms_per_token" in table(rows)
+
+
+def test_speedups():
+    rows = [{"batch": 1, "context": 8, "method": m, "tokens_per_s": t} for m, t in
+            (("dense", 10.0), ("dense_flash", 20.0), ("loki", 30.0))]
+    _add_speedups(rows)
+    assert [r["speedup"] for r in rows] == [1.0, 2.0, 3.0]
+    assert rows[2]["speedup_vs_flash"] == 1.5
+
+
+@pytest.mark.parametrize("name", ["cpu", "h200"])
+def test_bench_configs(name):
+    cfg = load_bench_config(REPO / "conf" / "bench" / f"{name}.yaml")
+    assert cfg["name"] == name and cfg["batch"] and cfg["context"]
+    opts = loki_options(cfg)
+    assert opts["d"] == 0.25 and opts["k"] == 0.125 and opts["selection"] == "group"
+    if name == "h200":
+        shape = cfg["random_llama"]
+        assert (shape["num_hidden_layers"], shape["hidden_size"], shape["num_attention_heads"],
+                shape["num_key_value_heads"], shape["head_dim"], shape["intermediate_size"]) == \
+            (32, 4096, 32, 8, 128, 14336)
+        assert cfg["batch"] == [1, 16] and cfg["context"] == [4096, 16384, 32768] and cfg["dtype"] == "bfloat16"
+
+
+def test_stage_writes_json(tmp_path):
+    """python -m loki.bench on the embedded model at a tiny size (skipped if the model is not prepared)."""
+    if not (REPO / "resources" / "models" / "smollm2-135m" / "config.json").exists():
+        pytest.skip("embedded model not prepared")
+    defaults = yaml.safe_load((REPO / "conf" / "config.yaml").read_text())["defaults"]
+    group = "bench" if any(isinstance(d, dict) and "bench" in d for d in defaults) else "+bench"
+    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "loki.bench", f"{group}=cpu", "bench.batch=[2]", "bench.context=[32]",
+           "bench.new_tokens=2", "bench.calib_tokens=64", f"bench.out={tmp_path}/decode.json",
+           f"results_dir={tmp_path}", f"hydra.run.dir={tmp_path}/run", "threads=1"]
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads((tmp_path / "decode.json").read_text())
+    assert [r["method"] for r in rows] == ["dense", "loki"]
+    assert all(r["model"] == "smollm2-135m" and r["context"] == 32 for r in rows)
+    assert "tokens_per_s" in res.stdout
