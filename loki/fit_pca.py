@@ -1,8 +1,9 @@
 """Stage 2: fit one IncrementalPCA per (layer, KV head, RoPE side), streaming over the key shards.
 
 Writes ``pca.safetensors`` (+ ``pca.json``) and the rank analysis beside it: ``rank.csv`` (rank at the
-configured explained-variance thresholds per layer, head and side), ``explained_variance.csv`` (the
-cumulative curves) and ``rank.png``.
+configured explained-variance thresholds per layer, head and side, of the fitted PCA), ``rank_uncentered.csv``
+(the same from the uncentered second moment, the convention of rank analyses that keep the mean),
+``rank_summary.json``, ``explained_variance.csv`` (the cumulative curves) and ``rank.png``.
 
     python -m loki.fit_pca model=smollm2-135m corpus@calib=lee_news
 """
@@ -72,6 +73,33 @@ def rank_tables(tensors: dict, sides: list[str], thresholds=(0.8, 0.9, 0.95)):
     return pd.DataFrame(rows), pd.DataFrame(curves)
 
 
+def second_moment_ranks(keys_dir: Path, sides: list[str], thresholds=(0.8, 0.9, 0.95)):
+    """Rank at each threshold from the uncentered second moment E[k k^T] (the convention of rank analyses
+    that do not subtract the mean), streamed over the shards; same columns as ``rank_tables``."""
+    import pandas as pd
+
+    from loki.extract_keys import iter_shards, verify_shards
+    from loki.pca import rank_at
+
+    man = verify_shards(keys_dir, check_hash=False)
+    rows = []
+    for side in sides:
+        m2, n = None, 0
+        for x in iter_shards(keys_dir, man, side):
+            x = x.double()
+            xx = x.transpose(-1, -2) @ x
+            m2 = xx if m2 is None else m2 + xx
+            n += x.shape[2]
+        ev = torch.linalg.eigvalsh(m2 / n).flip(-1).clamp_min(0)
+        evr = ev / ev.sum(-1, keepdim=True)
+        L, H, D = evr.shape
+        for t in thresholds:
+            r = rank_at(evr, t)
+            rows += [{"side": side, "layer": layer, "head": h, "threshold": t, "rank": int(r[layer, h]), "head_dim": D}
+                     for layer in range(L) for h in range(H)]
+    return pd.DataFrame(rows)
+
+
 def plot_rank(ranks, curves, path: Path, threshold: float = 0.9, title: str = "") -> None:
     import matplotlib
 
@@ -117,8 +145,15 @@ def main(cfg) -> None:
         with atomic_path(out / "explained_variance.csv") as tmp:
             curves.to_csv(tmp, index=False)
         plot_rank(ranks, curves, out / "rank.png", 0.9, f"{cfg.model.name} keys on {cfg.calib.name}")
-        summary = {f"rank90_{side}_mean": float(ranks[(ranks.side == side) & (ranks.threshold == 0.9)]["rank"].mean())
-                   for side in res["sides"]}
+        unc = second_moment_ranks(keys_dir, res["sides"], tuple(cfg.pca.thresholds))
+        with atomic_path(out / "rank_uncentered.csv") as tmp:
+            unc.to_csv(tmp, index=False)
+        centered = "centered" if cfg.pca.center else "uncentered"
+        summary = {}
+        for side in res["sides"]:
+            summary[f"rank90_{side}_mean"] = float(ranks[(ranks.side == side) & (ranks.threshold == 0.9)]["rank"].mean())
+            summary[f"rank90_{side}_uncentered_mean"] = float(unc[(unc.side == side) & (unc.threshold == 0.9)]["rank"].mean())
+        summary["pca"] = centered
         write_json(out / "rank_summary.json", summary)
         if run is not None:
             import wandb
@@ -126,7 +161,8 @@ def main(cfg) -> None:
             run.summary.update(summary)
             run.log({"rank_table": wandb.Table(dataframe=ranks[ranks.threshold == 0.9]),
                      "rank_plot": wandb.Image(str(out / "rank.png"))})
-    print(f"[fit_pca] {pca_path}: " + ", ".join(f"{k}={v:.1f}" for k, v in summary.items()))
+    print(f"[fit_pca] {pca_path}: " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
+                                                for k, v in summary.items()))
 
 
 if __name__ == "__main__":
