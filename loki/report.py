@@ -108,9 +108,15 @@ def load_metrics(path: Path) -> dict:
 
 
 def _method_defaults(method: str) -> dict | None:
-    """The method's default options: its class in the registry, else conf/method/<method>.yaml."""
+    """The method's default options: conf/method/<method>.yaml (what a run of ``method=<name>`` gets), else the
+    class defaults in the registry (imports torch), else None."""
     import yaml
 
+    p = CONF_DIR / "method" / f"{method}.yaml"
+    if p.exists():
+        d = yaml.safe_load(p.read_text()) or {}
+        d.pop("name", None)
+        return d
     try:
         from loki.methods import METHODS
 
@@ -118,12 +124,7 @@ def _method_defaults(method: str) -> dict | None:
             return dict(METHODS[method].options)
     except ImportError:
         pass
-    p = CONF_DIR / "method" / f"{method}.yaml"
-    if not p.exists():
-        return None
-    d = yaml.safe_load(p.read_text()) or {}
-    d.pop("name", None)
-    return d
+    return None
 
 
 def _jv(v) -> str:
