@@ -278,8 +278,12 @@ def resolve_basis(model, cfg: dict, device, pca_path: str | None = None, log=pri
     return fit_basis(model, ids), f"fit_basis({n} random tokens)"
 
 
-def run_bench(model, cfg: dict, loki_opts: dict, device, pca_path: str | None = None, log=print) -> list[dict]:
-    """Every (method, batch, context) of ``cfg``; returns the rows (with speedups)."""
+def run_bench(model, cfg: dict, loki_opts: dict, device, pca_path: str | None = None, log=print,
+              on_row=None, errors: list | None = None) -> list[dict]:
+    """Every (method, batch, context) of ``cfg``; returns the rows (with speedups).
+
+    With ``errors`` (a list), a point that fails on the device (e.g. out of memory) is recorded there and
+    skipped instead of ending the run; ``on_row(row)`` is called after each point."""
     methods = list(cfg.get("methods", METHODS))
     bad = sorted(set(methods) - set(METHODS))
     if bad:
@@ -289,9 +293,20 @@ def run_bench(model, cfg: dict, loki_opts: dict, device, pca_path: str | None = 
     for B in cfg["batch"]:
         for ctx in cfg["context"]:
             for m in methods:
-                r = bench_point(model, m, int(B), int(ctx), cfg, loki_opts, basis, device, log)
+                try:
+                    r = bench_point(model, m, int(B), int(ctx), cfg, loki_opts, basis, device, log)
+                except (torch.OutOfMemoryError, RuntimeError) as e:
+                    if errors is None:
+                        raise
+                    errors.append({"method": m, "batch": int(B), "context": int(ctx), "error": repr(e)[:500]})
+                    log(f"[bench] {m} B={B} ctx={ctx} FAILED: {e!r}"[:600])
+                    if torch.device(device).type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
                 r["basis"] = basis_src
                 rows.append(r)
+                if on_row is not None:
+                    on_row(r)
     _add_speedups(rows)
     return rows
 
@@ -479,10 +494,13 @@ def main(argv=None) -> int:
         else:
             model = random_llama(dict(cfg["random_llama"]), dtype, device, seed=int(cfg.get("seed", 0)))
         t0 = time.time()
-        rows = run_bench(model, cfg, loki_options(cfg), device, log=log)
+        errors: list = []
+        rows = run_bench(model, cfg, loki_options(cfg), device, log=log, errors=errors,
+                         on_row=lambda r: print("[row] " + json.dumps(r), flush=True))
         print(table(rows))
         meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-                "seconds": round(time.time() - t0, 1), "config": cfg}
+                "seconds": round(time.time() - t0, 1), "config": cfg, "errors": errors,
+                "command": "python -m loki.bench_core " + " ".join(argv if argv is not None else sys.argv[1:])}
         import transformers
 
         meta["transformers"] = transformers.__version__
