@@ -145,7 +145,7 @@ def _combine_kernel(mp_ptr, lp_ptr, op_ptr, o_ptr, so_b, so_h, H, NSPLIT,
 # launchers
 # ----------------------------------------------------------------------------------------------------------
 # GPU defaults (H200-tuned in kernels/NOTES.md); (BLOCK_N, num_warps, num_stages, waves)
-SPARSE_CONFIG = dict(block_n=64, num_warps=4, num_stages=4, waves=2)
+SPARSE_CONFIG = dict(block_n=64, num_warps=4, num_stages=3, waves=2)
 DENSE_CONFIG = dict(block_n=128, num_warps=4, num_stages=3, waves=1)
 
 

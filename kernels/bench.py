@@ -132,7 +132,7 @@ def run_case(B, S, dfrac, kfrac, rep, stage_times=True):
     if stage_times:
         scores = loki_scores(q_rot, k_lr, L, d=d)
         res["rotate_ms"] = bench_graph(lambda: rotate_q(q, P), rep=rep)
-        res["scores_ms"] = timed(case, lambda a, b_, c: loki_scores(q, a, L, d=d, P=P), rep)
+        res["scores_ms"] = timed(case, lambda a, b_, c: loki_scores(q_rot, a, L, d=d), rep)
         res["topk_triton_ms"] = bench_graph(lambda: topk_select(scores, L, k, strict=False), rep=rep)
         res["topk_torch_ms"] = bench_graph(lambda: torch.topk(scores, k, dim=-1, sorted=False), rep=rep)
         res["select_fused_ms"] = timed(case, lambda a, b_, c: loki_select(q, a, L, k, P=P, strict=False), rep)
@@ -179,7 +179,7 @@ def run_dense(B, S, rep):
 
 
 # ----------------------------------------------------------------------------------------------------------
-def tune(rep, log):
+def tune(rep, log, light=False):
     """Sweep configs of each kernel on batch 16, 16K context; set the module defaults to the best.
 
     Attention / selection configs are scored by the geometric mean of their times over the three (d, k) cases
@@ -212,6 +212,20 @@ def tune(rep, log):
         out[name] = [dict(geo_ms=g, config=c, ms=ts) for g, c, ts in rows]
         return rows[0][1] if rows else None
 
+    if light:  # only the selection's sample size (incl. "direct": no bracket, full-row radix select)
+        def fsel_l(c, cs):
+            cc = cs["case"]
+            return lambda: loki_select(cc.q, cc.copies[0][0], cc.lengths, cs["k"], P=cc.P, strict=False, **c)
+        best = sweep("fused_select_sample", [dict(sample=sm) for sm in (1024, 2048, 0)], fsel_l, cases)
+        if best:
+            topk_mod.SELECT_SAMPLE = best["sample"]
+
+        def tsel_l(c, cs):
+            return lambda: topk_select(cs["scores"], cs["case"].lengths, cs["k"], strict=False, **c)
+        sweep("topk_select_sample", [dict(sample=sm) for sm in (1024, 2048, 0)], tsel_l, cases)
+        del cases
+        return out
+
     def attn(c, cs):
         cc = cs["case"]
         k_lr, k_rest, v = cc.copies[0]
@@ -241,7 +255,7 @@ def tune(rep, log):
     for cs in (cases[1], cases[2]):
         def sc(c, cs_):
             cc = cs_["case"]
-            return lambda: loki_scores(cc.q, cc.copies[0][0], cc.lengths, d=cs_["d"], config=c, P=cc.P)
+            return lambda: loki_scores(cc.q_rot, cc.copies[0][0], cc.lengths, d=cs_["d"], config=c)
         best = sweep(f"scores_d{cs['d']}", [dict(block_n=bn, tiles=t, num_warps=4) for bn in (128, 256, 512)
                                              for t in (2, 4, 8)], sc, [cs])
         if best:
@@ -289,6 +303,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="batch 16, contexts 16K and 64K only")
     ap.add_argument("--tune", action="store_true", help="sweep kernel configs first and use the best")
+    ap.add_argument("--tune-select", action="store_true", help="only pick the selection's sample size first")
     ap.add_argument("--json", default=None, help="write all results to this JSON file")
     ap.add_argument("--wandb", action="store_true", help="log to Weights & Biases when installed")
     ap.add_argument("--rep", type=int, default=100, help="do_bench rep (ms) per measurement")
@@ -314,7 +329,7 @@ def main(argv=None):
     log(json.dumps(info))
     copy_bw = copy_bandwidth()
     log(f"copy bandwidth {copy_bw:.0f} GB/s")
-    tuning = tune(args.rep, log) if args.tune else None
+    tuning = tune(args.rep, log) if args.tune else (tune(args.rep, log, light=True) if args.tune_select else None)
     cfgs = dict(sparse=dict(attn_mod.SPARSE_CONFIG), dense=dict(attn_mod.DENSE_CONFIG),
                 fused=(topk_mod.FUSED_BLOCK_N, topk_mod.FUSED_WARPS),
                 topk=(topk_mod.SELECT_BLOCK_S, topk_mod.SELECT_WARPS), sample=topk_mod.SELECT_SAMPLE,

@@ -4,8 +4,8 @@
 
 path="fused" (default when there are enough score rows to fill the GPU): one kernel rotates q, scores each
 row and selects its top-k (one program per row), then the sparse attention kernel (+ split combine).
-path="split": loki_scores (many programs per row, q rotated inside), topk_select, sparse attention: better
-when there are few rows (batch 1).  path="torch_topk": split path with torch.topk instead of the Triton selection.
+path="split": rotate_q, loki_scores (many programs per row), topk_select, sparse attention: better when there
+are few rows (batch 1).  path="torch_topk": split path with torch.topk instead of the Triton selection.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 from ._utils import check, check_cache, check_float, check_lengths, num_sms
 from .attention import sparse_decode_attention
-from .scores import loki_scores
+from .scores import loki_scores, rotate_q
 from .topk import _budget_args, loki_select, topk_select
 
 
@@ -52,7 +52,8 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
         idx, q_rot = loki_select(q, k_lr, lengths, k_budget, P=P, mode=mode, reduce=reduce, scaling=scaling,
                                  strict=False, k_max=k_max)
     else:
-        scores, q_rot = loki_scores(q, k_lr, lengths, d=d, mode=mode, reduce=reduce, scaling=scaling, P=P)
+        q_rot = rotate_q(q, P)
+        scores = loki_scores(q_rot, k_lr, lengths, d=d, mode=mode, reduce=reduce, scaling=scaling)
         if path == "split":
             idx = topk_select(scores, lengths, k_budget, strict=False, k_max=k_max)
         else:

@@ -104,11 +104,12 @@ def _split_hi_lo(x, dtype: tl.constexpr):
     return hi, lo
 
 
-def rot_chunks(block_d: int) -> dict:
-    """Chunking of the FMA rotation (GPU: small chunks, few registers; interpreter: one big chunk, few steps)."""
+def rot_chunks(block_d: int, whole_rows: bool = False) -> dict:
+    """Chunking of the FMA rotation (interpreter: one chunk).  On the GPU each chunk is one load round trip, so
+    few chunks are better: whole input rows (ROT_I = D) for the per-row rotations of rotate_q / loki_select."""
     if is_interpreter():
         return dict(ROT_C=block_d, ROT_I=block_d)
-    return dict(ROT_C=32, ROT_I=8)
+    return dict(ROT_C=32, ROT_I=block_d if whole_rows else 32)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -151,7 +152,7 @@ def rotate_q(q: torch.Tensor, P: torch.Tensor, out: torch.Tensor | None = None) 
     BLOCK_D = next_pow2(D)
     _rotate_q_kernel[(B * KVH,)](q, q.stride(0), q.stride(1), P, P.stride(0), P.stride(1), out, out.stride(0),
                                  out.stride(1), KVH, G=g, G_ROT=next_pow2(g), D=D, BLOCK_D=max(32, BLOCK_D),
-                                 **rot_chunks(max(32, BLOCK_D)), num_warps=4)
+                                 **rot_chunks(max(32, BLOCK_D), True), num_warps=8)
     return out
 
 

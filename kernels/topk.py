@@ -145,8 +145,8 @@ def _select_row(src_ptr, n, kb, out_ptr, bkey_ptr, bidx_ptr, KMAX, nsig, SRC_KEY
     c_band = tl.zeros([], dtype=tl.int32)
     lo_key = tl.zeros([], dtype=tl.uint32)
     hi_key = tl.full([], 0xFFFFFFFF, tl.uint32)
-    if kb < n:
-        if n >= 4 * SAMPLE:
+    if SAMPLE > 0:  # (compile-time) SAMPLE = 0: always the direct full-row radix select
+        if (kb < n) & (n >= 4 * SAMPLE):
             i = tl.arange(0, SAMPLE)
             spos = ((i.to(tl.int64) * n) // SAMPLE).to(tl.int32)
             sk = _load_key(src_ptr, spos, i < SAMPLE, SRC_KEYS)
@@ -160,27 +160,28 @@ def _select_row(src_ptr, n, kb, out_ptr, bkey_ptr, bidx_ptr, KMAX, nsig, SRC_KEY
             v_lo = (tl.sum(tl.where(i == r_lo, srt, 0), axis=0).to(tl.uint32, bitcast=True)) ^ 0x80000000
             hi_key = tl.where(r_hi >= 0, v_hi, hi_key)
             lo_key = tl.where(r_lo < SAMPLE, v_lo, lo_key)
-        for start in range(0, n, BLOCK_S):
-            offs = start + ar
-            valid = offs < n
-            if SRC_KEYS:
-                key = tl.load(src_ptr + offs, mask=valid, other=0).to(tl.uint32, bitcast=True)
-            else:
-                key = tl.load(src_ptr + offs, mask=valid, other=0.0).to(tl.uint32, bitcast=True)
-                key = tl.where((key >> 31) != 0, ~key, key | 0x80000000)
-            gt = valid & (key > hi_key)
-            bd = valid & (key >= lo_key) & (key <= hi_key)
-            packed = gt.to(tl.int32) + (bd.to(tl.int32) << 16)
-            c_ex = tl.cumsum(packed, axis=0) - packed
-            gpos = c_gt + (c_ex & 0xFFFF)
-            bpos = c_band + (c_ex >> 16)
-            tl.store(out_ptr + gpos, offs.to(out_ptr.dtype.element_ty), mask=gt & (gpos < KMAX))
-            tl.store(bkey_ptr + bpos, key.to(tl.int32, bitcast=True), mask=bd)
-            tl.store(bidx_ptr + bpos, offs, mask=bd)
-            tot = tl.sum(packed, axis=0)
-            c_gt += tot & 0xFFFF
-            c_band += tot >> 16
-        use_band = ((c_gt <= kb) & (kb <= c_gt + c_band)).to(tl.int32)
+            for start in range(0, n, BLOCK_S):
+                offs = start + ar
+                valid = offs < n
+                if SRC_KEYS:
+                    key = tl.load(src_ptr + offs, mask=valid, other=0).to(tl.uint32, bitcast=True)
+                else:
+                    key = tl.load(src_ptr + offs, mask=valid, other=0.0).to(tl.uint32, bitcast=True)
+                    key = tl.where((key >> 31) != 0, ~key, key | 0x80000000)
+                gt = valid & (key > hi_key)
+                bd = valid & (key >= lo_key) & (key <= hi_key)
+                packed = gt.to(tl.int32) + (bd.to(tl.int32) << 16)
+                c_ex = tl.cumsum(packed, axis=0) - packed
+                gpos = c_gt + (c_ex & 0xFFFF)
+                bpos = c_band + (c_ex >> 16)
+                tl.store(out_ptr + gpos, offs.to(out_ptr.dtype.element_ty), mask=gt & (gpos < KMAX))
+                tl.store(bkey_ptr + bpos, key.to(tl.int32, bitcast=True), mask=bd)
+                tl.store(bidx_ptr + bpos, offs, mask=bd)
+                tot = tl.sum(packed, axis=0)
+                c_gt += tot & 0xFFFF
+                c_band += tot >> 16
+            use_band = ((c_gt <= kb) & (kb <= c_gt + c_band)).to(tl.int32)
+            tl.debug_barrier()  # the band written by all threads is read back by all threads below
     if use_band != 0:
         r = kb - c_gt
         if r > 0:
@@ -238,8 +239,8 @@ def _loki_select_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, s
     if ROTATE:
         _rotate_heads(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h, b, h0, kvh,
                       HPR, G_ROT, D, BLOCK_D, ROT_C, ROT_I)
-        qT = _q_lr_T_from_raw(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, b, h0, kvh, HPR, G_PAD, D, D_LR, BLOCK_D,
-                              BLOCK_DL, ROT_I)
+        tl.debug_barrier()  # q' written by all threads of the program is read back below
+        qT = _load_q_lr_T(qrot_ptr, sqr_b, sqr_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL)
     else:
         qT = _load_q_lr_T(q_ptr, sq_b, sq_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL)
     qT = qT * scale
@@ -289,9 +290,9 @@ def _budget_args(k, lengths, B: int, strict: bool, k_max: int | None):
 # GPU defaults (see kernels/NOTES.md)
 SELECT_BLOCK_S = 2048  # elements per tile of a radix / compaction pass
 SELECT_WARPS = 8
-SELECT_SAMPLE = 2048  # sample size of the bracketing step (rows shorter than 4x this are selected directly)
+SELECT_SAMPLE = 1024  # sample size of the bracketing step (rows shorter than 4x this are selected directly)
 SELECT_NSIG = 4.0  # bracket half-width in binomial standard deviations
-FUSED_BLOCK_N = 256  # tokens per scoring tile in the fused kernel
+FUSED_BLOCK_N = 512  # tokens per scoring tile in the fused kernel
 FUSED_WARPS = 8
 
 
@@ -300,7 +301,10 @@ def _select_block(block_s=None):
 
 
 def _select_sample(sample=None):
-    return sample or (64 if is_interpreter() else SELECT_SAMPLE)
+    """Sample size of the bracketing step; 0 = no bracket (direct radix select on the whole row)."""
+    if sample is not None:
+        return int(sample)
+    return 64 if is_interpreter() else SELECT_SAMPLE
 
 
 def _workspace(ws, numel: int, device):
@@ -397,7 +401,7 @@ def loki_select(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tensor, k, P
         ROTATE=rotate, HAS_KB=kb is not None, HPR=HPR, G_PAD=max(16, next_pow2(HPR)), G_ROT=next_pow2(HPR), D=D,
         D_LR=d, BLOCK_D=max(32, next_pow2(D)), BLOCK_DL=max(16, next_pow2(d)), BLOCK_N=BLOCK_N,
         BLOCK_S=_select_block(block_s), SAMPLE=_select_sample(sample),
-        K_FP32=k_lr.dtype == torch.float32, REDUCE_MAX=reduce == "max", **rot_chunks(max(32, next_pow2(D))),
+        K_FP32=k_lr.dtype == torch.float32, REDUCE_MAX=reduce == "max", **rot_chunks(max(32, next_pow2(D)), True),
         num_warps=nw)
     return idx, (q_rot_out if rotate else None)
 

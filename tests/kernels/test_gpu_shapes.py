@@ -29,8 +29,8 @@ def test_loki_decode_gpu(path, d, frac, mode):
                                              mode=mode)
     fin = torch.isfinite(ref_scores)
     tol = 2e-5 * ref_scores[fin].abs().max().item()
-    n, exact = check_selection(idx, ref_scores, lengths.cpu(), budgets_ref(k, lengths.cpu()), tol)
-    assert exact >= n - 2
+    # exact set equality wherever the boundary gap exceeds 2*tol, top-k up to tol elsewhere (long rows: near-ties)
+    check_selection(idx, ref_scores, lengths.cpu(), budgets_ref(k, lengths.cpu()), tol)
     ref_own = sparse_attention_ref(rotate_q_ref(q.cpu(), P.cpu()), k_lr.cpu(), k_rest.cpu(), v.cpu(), idx.cpu())
     assert rel_err(out, ref_own) <= 1e-2
     assert rel_err(out, ref_out) <= 1e-2
@@ -46,7 +46,7 @@ def test_topk_gpu_long_rows():
         idx = topk_select(scores, lengths, k, strict=False)
         n, exact = check_selection(idx, scores.cpu(), lengths.cpu(), budgets_ref(k, lengths.cpu()), tol=0.0)
         ref = topk_select_ref(scores[:2].cpu(), lengths[:2].cpu(), k)
-        assert torch.equal(idx[:2].long().cpu(), ref)
+        assert torch.equal(idx[:2].long().cpu().sort(-1).values, ref.sort(-1).values)
 
 
 def test_dense_gpu():

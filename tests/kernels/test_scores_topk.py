@@ -75,8 +75,10 @@ def test_topk_large_row():
     B, G, S = 1, 1, 3000
     scores = torch.randn(B, G, S, device=DEV)
     lengths = torch.tensor([2999], dtype=torch.int32, device=DEV)
-    idx = topk_select(scores, lengths, 375)
-    assert torch.equal(idx.long().cpu().sort(-1).values, topk_select_ref(scores.cpu(), lengths.cpu(), 375))
+    ref = topk_select_ref(scores.cpu(), lengths.cpu(), 375)
+    for sample in (None, 0):  # sampled bracket + band, and the direct full-row radix select
+        idx = topk_select(scores, lengths, 375, sample=sample)
+        assert torch.equal(idx.long().cpu().sort(-1).values, ref)
 
 
 @pytest.mark.parametrize("nsig", [0.0, 4.0])
