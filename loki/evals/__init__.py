@@ -71,6 +71,8 @@ EVALS: dict[str, Callable] = {
         "selection": selection_eval,
         "passkey": passkey_eval,
         "needle": needle_eval,
+        "passkey_decode": passkey_eval,  # the same evals, configured with decode_only: true (conf/eval/*_decode.yaml)
+        "needle_decode": needle_eval,
         "lm_eval": _lm_eval,
     }.items()
 }

@@ -7,8 +7,8 @@ q and k (so errors of earlier layers do not hide or inflate a layer's own select
 - ``output_rel_error``: ||out_method - out_dense|| / ||out_dense|| over the call (Frobenius);
 - ``kept_fraction``: selected keys / visible keys.
 
-The forward passes run over ``eval.num_windows`` windows of ``eval.window`` tokens of the eval corpus (the
-same windows as perplexity). Metrics: the means over layers at the top level, and ``per_layer``.
+The forward passes run over the first ``eval.max_windows`` (default: all ``eval.num_windows``) windows of
+``eval.window`` tokens of the eval corpus (the same windows as perplexity). Metrics: the means over layers at the top level, and ``per_layer``.
 """
 
 from __future__ import annotations
@@ -97,6 +97,9 @@ def selection_eval(cfg, model, method, device) -> dict:
     from loki.evals.perplexity import eval_windows
 
     seqs = eval_windows(cfg, model)
+    cap = cfg.eval.get("max_windows")
+    if cap:  # the experiment's num_windows is for perplexity; selection measures on fewer (it costs more per window)
+        seqs = seqs[: int(cap)]
     bs = int(cfg.eval.get("batch_size", 1))
     with SelectionProbe(method) as probe, torch.inference_mode():
         for i in tqdm(range(0, seqs.shape[0], bs), desc="selection"):
