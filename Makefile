@@ -10,7 +10,7 @@ CORES      ?= 2
 SNAKEMAKE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run smoke test test-fast lint report clean
+.PHONY: setup run smoke test test-fast lint report screenshot clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements.lock
@@ -32,6 +32,9 @@ smoke: setup
 
 report: setup
 	$(BIN)/snakemake --cores $(CORES) $(SNAKEMAKE_ARGS) --report report.html
+
+screenshot: report
+	$(BIN)/python workflow/scripts/screenshot_report.py report.html --out report_screenshots --view all
 
 test: setup
 	@echo "==> pytest (CPU; Triton kernels under TRITON_INTERPRET=1)"

@@ -28,7 +28,7 @@ rule fit_pca:
         pca=f"{RES}/pca/{{model}}/{{calib}}/pca.safetensors",
         rank=f"{RES}/pca/{{model}}/{{calib}}/rank.csv",
         curves=f"{RES}/pca/{{model}}/{{calib}}/explained_variance.csv",
-        plot=report(f"{RES}/pca/{{model}}/{{calib}}/rank.png", category="Key rank", caption="../report/rank.rst"),
+        plot=f"{RES}/pca/{{model}}/{{calib}}/rank.png",
     params:
         py=PY,
         exp=EXP,
@@ -51,7 +51,7 @@ rule transfer:
     output:
         csv=f"{RES}/transfer/transfer.csv",
         per_layer=f"{RES}/transfer/transfer_per_layer.csv",
-        plot=report(f"{RES}/transfer/transfer.png", category="Calibration transfer", caption="../report/transfer.rst"),
+        plot=f"{RES}/transfer/transfer.png",
     params:
         py=PY,
         exp=EXP,
