@@ -8,7 +8,7 @@ import pytest
 
 from eval_helpers import run
 
-WIN = ["eval=selection", "eval.window=48", "eval.num_windows=2"]
+WIN = ["eval=selection", "eval.window=48", "eval.num_windows=2", "eval.max_windows=2"]
 
 
 def test_exact_topk_has_perfect_recall_and_its_own_mass(tiny_model_dir, text_file):
@@ -27,7 +27,8 @@ def test_exact_topk_has_perfect_recall_and_its_own_mass(tiny_model_dir, text_fil
 
 def test_dense_and_full_budget_are_exact(tiny_model_dir, text_file):
     for method in (["method=dense"], ["method=loki", "method.k=1.0", "method.basis=online", "method.d=2"]):
-        m = run(tiny_model_dir, text_file, WIN + method)
+        m = run(tiny_model_dir, text_file, WIN[:-1] + method)  # max_windows=1 (the default) caps num_windows=2
+        assert m["num_windows"] == 1 and all(r["calls"] == 1 for r in m["per_layer"])
         assert m["recall"] == 1.0 and m["attention_mass"] == pytest.approx(1.0)
         assert m["output_rel_error"] < 1e-6
 
