@@ -10,14 +10,17 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
 
 
-@pytest.mark.parametrize("D,d,g,mode,reduce,path", [
-    (64, 16, 3, "group", "max", "fused"),
-    (64, 8, 1, "group", "sum", "split"),
-    (128, 32, 4, "group", "max", "split"),
-    (128, 32, 4, "head", "max", "fused"),
-    (64, 16, 4, "group", "sum", "torch_topk"),
+@pytest.mark.parametrize("D,d,g,mode,reduce,path,k", [
+    (64, 16, 3, "group", "max", "fused", 12),
+    (64, 16, 3, "group", "max", "fused", 1),
+    (64, 16, 3, "group", "max", "fused", "whole"),
+    (64, 8, 1, "group", "sum", "split", 12),
+    (64, 8, 1, "group", "sum", "split", "whole"),
+    (128, 32, 4, "group", "max", "split", 12),
+    (128, 32, 4, "group", "max", "split", 1),
+    (128, 32, 4, "head", "max", "fused", 12),
+    (64, 16, 4, "group", "sum", "torch_topk", 12),
 ])
-@pytest.mark.parametrize("k", [1, 12, "whole"])
 def test_loki_decode(dtype, D, d, g, mode, reduce, path, k):
     torch.manual_seed(D + d + g)
     B, KVH, S = 3, 2, 45
