@@ -23,6 +23,7 @@ a stronger dense baseline), ``loki`` (the configured (d, k)).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import statistics
@@ -243,6 +244,7 @@ def bench_point(model, method: str, B: int, ctx: int, cfg: dict, loki_opts: dict
         "dtype": str(dtype).replace("torch.", ""),
     }
     del cache
+    gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
     log(f"[bench] {method:11s} B={B:<3d} ctx={ctx:<6d} prefill={row['prefill_s']}s  "
@@ -300,6 +302,7 @@ def run_bench(model, cfg: dict, loki_opts: dict, device, pca_path: str | None = 
                         raise
                     errors.append({"method": m, "batch": int(B), "context": int(ctx), "error": repr(e)[:500]})
                     log(f"[bench] {m} B={B} ctx={ctx} FAILED: {e!r}"[:600])
+                    gc.collect()
                     if torch.device(device).type == "cuda":
                         torch.cuda.empty_cache()
                     continue

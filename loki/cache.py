@@ -75,6 +75,19 @@ def max_budget(S_max: int, k, k_mode: str, sink: int, local: int) -> int:
 # ------------------------------------------------------------------------------------------- layers
 
 
+def _check_attention(method, config: dict, layer_idx: int) -> None:
+    """Refuse to run unless the cache's method is the one the model's attention will call."""
+    mod = method.modules[layer_idx]
+    impl = getattr(getattr(mod, "config", None), "_attn_implementation", "loki")
+    attached = getattr(mod, "_loki_method", None)
+    if impl != "loki" or attached is not method:
+        now = attached.describe() if attached is not None and impl == "loki" else {"attention": impl}
+        raise fail(f"this LokiCache was made for {config}, but the model now runs {now}; a cache is "
+                   "tied to the configuration and the method object it was made for.",
+                   "make a new LokiCache(model, ...) after attaching the method you want "
+                   "(and keep the model on the 'loki' attention implementation).")
+
+
 class LokiLayer(CacheLayerMixin):
     """One layer of a :class:`LokiCache` (preallocated; see the module docstring for the layout)."""
 
@@ -87,7 +100,8 @@ class LokiLayer(CacheLayerMixin):
                  max_cache_len: int, dtype: torch.dtype, device, use_kernels: bool):
         super().__init__()
         KVH, D = P.shape[0], P.shape[-1]
-        self.cache, self.layer_idx = cache, layer_idx
+        self.method, self.layer_idx = cache.method, layer_idx  # no reference to the cache itself (no cycle)
+        self.cache_config, self.k_max = cache.config, cache.k_max
         self.batch_size, self.kv_heads, self.head_dim, self.d = batch_size, KVH, D, d
         self.max_cache_len, self.dtype, self.device = max_cache_len, dtype, torch.device(device)
         self.use_kernels = use_kernels
@@ -169,7 +183,7 @@ class LokiLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         self._check_states(key_states, value_states)
-        self.cache._check_attention(self.layer_idx)
+        _check_attention(self.method, self.cache_config, self.layer_idx)
         T = key_states.shape[2]
         if self.state == "empty":  # prefill: write the whole (possibly left-padded) prompt
             if T > self.max_cache_len:
@@ -212,7 +226,7 @@ class LokiLayer(CacheLayerMixin):
                 self.v[rows, :, pos] = value_states[:, :, 0].to(self.dtype)
                 self.lengths += 1
             self.seen += 1
-        self.cache.method._fresh[self.layer_idx] = self
+        self.method._fresh[self.layer_idx] = self
         return key_states, value_states
 
     def commit_prefill(self, valid: torch.Tensor) -> None:
@@ -278,23 +292,11 @@ class LokiCache(Cache):
         self.dtype = dtype or param.dtype
         self.device = torch.device(device) if device is not None else param.device
         self.use_kernels = method.use_kernels(self.device)
-        self.batch_size_, self.max_cache_len = int(batch_size), int(max_cache_len)
-        self.k_max = max_budget(self.max_cache_len, method.k, method.k_mode, method.sink_tokens, method.local_window)
-        layers = [LokiLayer(self, i, method.P[i], method.dims, self.batch_size_, self.max_cache_len, self.dtype,
+        self.batch_size_, self.max_len = int(batch_size), int(max_cache_len)
+        self.k_max = max_budget(self.max_len, method.k, method.k_mode, method.sink_tokens, method.local_window)
+        layers = [LokiLayer(self, i, method.P[i], method.dims, self.batch_size_, self.max_len, self.dtype,
                             self.device, self.use_kernels) for i in range(method.model_info["num_layers"])]
         super().__init__(layers=layers)
-
-    def _check_attention(self, layer_idx: int) -> None:
-        """Refuse to run unless this cache's method is the one the model's attention will call."""
-        mod = self.method.modules[layer_idx]
-        impl = getattr(getattr(mod, "config", None), "_attn_implementation", "loki")
-        attached = getattr(mod, "_loki_method", None)
-        if impl != "loki" or attached is not self.method:
-            now = attached.describe() if attached is not None and impl == "loki" else {"attention": impl}
-            raise fail(f"this LokiCache was made for {self.config}, but the model now runs {now}; a cache is "
-                       "tied to the configuration and the method object it was made for.",
-                       "make a new LokiCache(model, ...) after attaching the method you want "
-                       "(and keep the model on the 'loki' attention implementation).")
 
     def nbytes(self) -> int:
         """Bytes held: keys (both slabs), values, lengths and the per-layer bases."""
@@ -363,7 +365,7 @@ def kernel_decode(method: "CachedLoki", layer: LokiLayer, q: torch.Tensor, scali
     mode = "group" if method.selection == "group" and g > 1 else "head"
     reduce = "max" if method.group_reduce == "max" else "sum"  # mean ranks as sum
     budget = decode_budget(layer.lengths, method.k, method.k_mode)
-    k_max = layer.cache.k_max
+    k_max = layer.k_max
     forced_any = method.sink_tokens or method.local_window
     if not forced_any:
         out, idx = K.loki_decode(q, layer.P, layer.k_lr, layer.k_rest, layer.v, layer.lengths, budget.to(torch.int32),
