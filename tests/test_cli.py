@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_py, save_tiny_model
+from loki_testutils import run_py, save_tiny_model
 
 
 def tiny_overrides(model_dir, text_file, **extra):

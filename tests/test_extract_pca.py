@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TEXT, run_py, save_tiny_model
+from loki_testutils import REPO, TEXT, run_py, save_tiny_model
 
 from loki.common import LokiError, CONF_DIR
 

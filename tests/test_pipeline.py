@@ -10,7 +10,7 @@ import subprocess
 
 import pandas as pd
 import pytest
-from conftest import REPO, run_py
+from loki_testutils import REPO, run_py
 
 SNAKEMAKE = ["-m", "snakemake"]
 
