@@ -5,6 +5,11 @@
 # Llama-3-8B shape on a GPU, see docs/generation.md).
 BENCH = config.get("bench", "cpu")
 _bench = _conf("bench", BENCH)
+# `bench=<name>` once conf/config.yaml lists the group in its defaults, `+bench=<name>` before
+_BENCH_IN_DEFAULTS = any(
+    isinstance(d, dict) and "bench" in d
+    for d in yaml.safe_load((CONF / "config.yaml").read_text()).get("defaults", [])
+)
 
 
 rule bench_decode:
@@ -19,7 +24,7 @@ rule bench_decode:
     params:
         py=PY,
         hydra_common=HYDRA_COMMON,
-        bench=BENCH,
+        bench=("bench=" if _BENCH_IN_DEFAULTS else "+bench=") + BENCH,
         run_dir=lambda wildcards, output: os.path.join(os.path.dirname(output[0]), "run"),
     conda:
         "../../environment.yml"
@@ -27,5 +32,5 @@ rule bench_decode:
     resources:
         gpu=1,
     shell:
-        "{params.py} -m loki.bench {params.hydra_common} bench={params.bench} threads={threads} "
+        "{params.py} -m loki.bench {params.hydra_common} {params.bench} threads={threads} "
         "'bench.out={output}' 'hydra.run.dir={params.run_dir}' > {log} 2>&1"
