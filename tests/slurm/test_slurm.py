@@ -2,21 +2,23 @@
 
 A single-node cluster on this machine (.ci/slurm-up.sh, see conftest.py) runs
 
-1. the smoke DAG through Snakemake's SLURM executor (workflow/profiles/slurm), once
+1. the smoke DAG (conf/sweep/smoke.yaml on a 3-point grid, see TEST_GRID) through
+   Snakemake's SLURM executor (workflow/profiles/slurm), once
    with its final stage forced to fail -- Snakemake must name the failed job's log --
    and once more, which must resume: only the failed job is run again;
 2. the same smoke DAG locally (workflow/profiles/local); the outputs must be equal;
-3. a two-point Hydra sweep through submitit (conf/hydra/launcher/slurm_local_test.yaml),
-   compared with the same sweep run locally;
+3. a two-point Hydra sweep through submitit (conf/hydra/launcher/slurm_local_test.yaml) of
+   two points the DAG also computed, whose metrics must equal the DAG's;
 
 and checks with ``sacct`` that the jobs went through SLURM.
 
 The profile/launcher checks at the top need no cluster.
 
-Knobs (environment): LOKI_SLURM_TEST_CONFIGFILE (conf/sweep/smoke.yaml),
+Knobs (environment): LOKI_SLURM_TEST_FULL_SMOKE=1 (the full smoke grid; slower),
+LOKI_SLURM_TEST_CONFIGFILE (conf/sweep/smoke.yaml),
 LOKI_SLURM_TEST_SUMMARY (results/smoke/summary.csv), LOKI_SLURM_TEST_FAIL_RULE (report;
 the rule made to fail, running ``python -m loki.<rule>``), LOKI_SLURM_TEST_SWEEP_APP
-(loki.evaluate), LOKI_SLURM_TEST_SWEEP_ARGS ("experiment=smoke method=loki method.d=8,16").
+(loki.evaluate), LOKI_SLURM_TEST_SWEEP_ARGS (DEFAULT_SWEEP below).
 """
 
 from __future__ import annotations
@@ -38,7 +40,13 @@ from pathlib import Path
 
 import pytest
 
-CONFIGFILE = os.environ.get("LOKI_SLURM_TEST_CONFIGFILE", "conf/sweep/smoke.yaml")
+SMOKE = os.environ.get("LOKI_SLURM_TEST_CONFIGFILE", "conf/sweep/smoke.yaml")
+# The smoke DAG with a smaller grid (written next to it in the test's copy): every stage of the
+# smoke DAG, fewer evaluate points, no calibration transfer, so that the SLURM run, the local
+# reference and the sweep fit in a few minutes on 2 cores. LOKI_SLURM_TEST_FULL_SMOKE=1: as is.
+FULL_SMOKE = os.environ.get("LOKI_SLURM_TEST_FULL_SMOKE") == "1"
+TEST_GRID = {"dense": [{}], "loki": [{"d": [8, 16], "k": [0.25]}]}
+CONFIGFILE = SMOKE if FULL_SMOKE else str(Path(SMOKE).with_name("slurm_test.yaml"))
 SUMMARY = os.environ.get("LOKI_SLURM_TEST_SUMMARY", "results/smoke/summary.csv")
 FAIL_RULE = os.environ.get("LOKI_SLURM_TEST_FAIL_RULE", "report")
 SWEEP_APP = os.environ.get("LOKI_SLURM_TEST_SWEEP_APP", "loki.evaluate")
@@ -183,6 +191,9 @@ class Background:
         except subprocess.TimeoutExpired:
             self.stop()
             rc, note = -9, f"\n[test] TIMEOUT after {timeout}s"
+        except BaseException:          # interrupted: leave no snakemake (or its SLURM jobs) behind
+            self.stop()
+            raise
         out = self.log.read_text(errors="replace") + note
         return Run(self.cmd, rc, out, time.monotonic() - self.t0, self.log, self.cwd)
 
@@ -349,7 +360,16 @@ def work(tmp_path_factory):
 @pytest.fixture(scope="module")
 def snapshot(pipeline_repo, work) -> Path:
     """One copy of the pipeline's sources, from which both DAG runs are copied (same code)."""
-    return copy_pipeline(pipeline_repo, work / "src")
+    src = copy_pipeline(pipeline_repo, work / "src")
+    if not FULL_SMOKE:
+        import yaml
+
+        cfg = yaml.safe_load((src / SMOKE).read_text())
+        cfg["grid"] = TEST_GRID
+        if "transfer_corpora" in cfg:
+            cfg["transfer_corpora"] = []
+        (src / CONFIGFILE).write_text("# tests/slurm: the smoke DAG on a smaller grid\n" + yaml.safe_dump(cfg))
+    return src
 
 
 @pytest.fixture(scope="module")
