@@ -175,8 +175,8 @@ class LokiLayer(CacheLayerMixin):
 
         A single row is rotated inside an 8-row GEMM: CPU BLAS takes another kernel (gemv) for one row,
         whose last-bit rounding differs from the rows of the evaluation-time method's one big product;
-        with the same kernel every stored row is bitwise the value the evaluation-time method scores
-        with, so near-ties at the top-k boundary break the same way."""
+        with the same kernel a key scores bitwise as it does there, so fewer near-ties at the top-k
+        boundary break differently (decoded keys can still differ in the last bit: docs/generation.md)."""
         if k.shape[2] == 1:
             return torch.matmul(k.float().expand(-1, -1, 8, -1), self.P[None])[:, :, :1]
         return torch.matmul(k.float(), self.P[None])

@@ -20,8 +20,10 @@ def test_greedy_64_tokens_equal_evaluation_time_loki(embedded):
     m.record_selections = True
     out = generate(model, ids, max_new_tokens=64)
     assert torch.equal(out, ref), (out, ref)
-    bad, tot = selection_mismatch(ref_sel, m.selections)  # same selections at every step and layer
-    assert tot > 0 and bad == 0
+    # same selections at every step and layer, up to fp32 near-ties at the k-th score (decoded tokens' keys differ
+    # in the last bit between the paths: rotated vs unrotated attention); 0 of 2.7M here, <= 58 on other prompts
+    bad, tot = selection_mismatch(ref_sel, m.selections)
+    assert tot > 0 and bad <= 1e-4 * tot
     assert m.decode_calls == 30 * 63 and m.prefill_calls == 30 and m.kernel_calls == 0
 
 
