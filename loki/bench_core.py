@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import statistics
 import sys
 import time
@@ -45,7 +44,7 @@ def random_llama(shape: dict, dtype: torch.dtype, device, attn: str = "sdpa", se
     """A Llama with random weights from a LlamaConfig (built directly on ``device``)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    import loki.attention  # noqa: F401  (registers "loki")
+    import loki.attention  # noqa: F401  -- registers "loki"
 
     torch.manual_seed(seed)
     config = LlamaConfig(**shape)
@@ -201,11 +200,11 @@ def bench_point(model, method: str, B: int, ctx: int, cfg: dict, loki_opts: dict
         dec.close()
         del dec
     else:
-        state = {"ids": next_ids.view(B, 1), "pos": positions.view(B, 1)}
+        state = {"ids": next_ids.view(B, 1), "pos": positions.view(B, 1), kw: cache}
 
         def eager_step():
             with torch.no_grad():
-                o = model(input_ids=state["ids"], position_ids=state["pos"], use_cache=True, **{kw: cache})
+                o = model(input_ids=state["ids"], position_ids=state["pos"], use_cache=True, **{kw: state[kw]})
             state["ids"] = o.logits[:, -1].argmax(-1, keepdim=True)
             state["pos"] = state["pos"] + 1
             sync(device)

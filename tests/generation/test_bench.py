@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from loki.bench_core import _add_speedups, load_bench_config, loki_options, run_bench, table

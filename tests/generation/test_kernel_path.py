@@ -7,7 +7,7 @@ import torch
 
 from gen_helpers import left_pad, selection_mismatch
 from loki.cache import LokiCache
-from loki.generation import attach_cached_loki, cache_kwarg
+from loki.generation import attach_cached_loki
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="needs CUDA or TRITON_INTERPRET=1")
