@@ -14,8 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 EMBEDDED = REPO / "resources" / "models" / "smollm2-135m"
 CORPUS = REPO / "resources" / "corpora" / "lee_news.txt"
 
-TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=2,
-            intermediate_size=128, vocab_size=300, max_position_embeddings=512)
+from gen_helpers import TINY, tiny_llama  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -24,16 +23,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def tiny_llama(seed: int = 0, **over):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    import loki.attention  # noqa: F401
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**{**TINY, **over}), attn_implementation="sdpa")
-    return model.eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,20 @@
-"""Shared helpers: evaluation-time generation (the reference) and selection recording."""
+"""Shared helpers: a tiny random Llama, evaluation-time generation (the reference), selection recording."""
 import torch
 
 from loki.attention import attach
 from loki.methods.loki import Loki
+
+TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=2,
+            intermediate_size=128, vocab_size=300, max_position_embeddings=512)
+
+
+def tiny_llama(seed: int = 0, **over):
+    """A tiny random-weight Llama (fp32, eval mode) from a LlamaConfig."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**{**TINY, **over}), attn_implementation="sdpa")
+    return model.eval().requires_grad_(False)
 
 
 def eval_time_generate(model, opts: dict, basis, ids, attention_mask=None, n: int = 16, record: bool = False):

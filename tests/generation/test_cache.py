@@ -133,16 +133,8 @@ def test_cache_full_while_decoding(tiny, tiny_basis):
 
 
 def test_basis_for_another_model(tiny):
-    import importlib.util
-    from pathlib import Path
-
+    from gen_helpers import tiny_llama
     from loki.generation import fit_basis
-
-    # this folder's conftest.py (a bare `from conftest import` may pick another folder's conftest)
-    spec = importlib.util.spec_from_file_location("generation_conftest", Path(__file__).with_name("conftest.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    tiny_llama = mod.tiny_llama
 
     other = tiny_llama(seed=1, num_key_value_heads=4)
     basis = fit_basis(other, _ids(1, 32))
