@@ -18,6 +18,7 @@ include: "workflow/rules/resources.smk"
 include: "workflow/rules/pca.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/bench.smk"
 
 
 rule all:
