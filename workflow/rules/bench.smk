@@ -5,11 +5,6 @@
 # Llama-3-8B shape on a GPU, see docs/generation.md).
 BENCH = config.get("bench", "cpu")
 _bench = _conf("bench", BENCH)
-# `bench=<name>` once conf/config.yaml lists the group in its defaults, `+bench=<name>` before
-_BENCH_IN_DEFAULTS = any(
-    isinstance(d, dict) and "bench" in d
-    for d in yaml.safe_load((CONF / "config.yaml").read_text()).get("defaults", [])
-)
 
 
 rule bench_decode:
@@ -24,7 +19,7 @@ rule bench_decode:
     params:
         py=PY,
         hydra_common=HYDRA_COMMON,
-        bench=("bench=" if _BENCH_IN_DEFAULTS else "+bench=") + BENCH,
+        bench=f"bench={BENCH}",
         run_dir=lambda wildcards, output: os.path.join(os.path.dirname(output[0]), "run"),
     conda:
         "../../environment.yml"
