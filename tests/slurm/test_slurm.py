@@ -2,7 +2,7 @@
 
 A single-node cluster on this machine (.ci/slurm-up.sh, see conftest.py) runs
 
-1. the smoke DAG (conf/sweep/smoke.yaml on a 3-point grid, see TEST_GRID) through
+1. the smoke DAG (conf/sweep/smoke.yaml on a 2-point grid, see TEST_GRID) through
    Snakemake's SLURM executor (workflow/profiles/slurm), once
    with its final stage forced to fail -- Snakemake must name the failed job's log --
    and once more, which must resume: only the failed job is run again;
@@ -45,7 +45,7 @@ SMOKE = os.environ.get("LOKI_SLURM_TEST_CONFIGFILE", "conf/sweep/smoke.yaml")
 # smoke DAG, fewer evaluate points, no calibration transfer, so that the SLURM run, the local
 # reference and the sweep fit in a few minutes on 2 cores. LOKI_SLURM_TEST_FULL_SMOKE=1: as is.
 FULL_SMOKE = os.environ.get("LOKI_SLURM_TEST_FULL_SMOKE") == "1"
-TEST_GRID = {"dense": [{}], "loki": [{"d": [8, 16], "k": [0.25]}]}
+TEST_GRID = {"loki": [{"d": [8, 16], "k": [0.25]}]}    # the two points the sweep recomputes
 CONFIGFILE = SMOKE if FULL_SMOKE else str(Path(SMOKE).with_name("slurm_test.yaml"))
 SUMMARY = os.environ.get("LOKI_SLURM_TEST_SUMMARY", "results/smoke/summary.csv")
 FAIL_RULE = os.environ.get("LOKI_SLURM_TEST_FAIL_RULE", "report")
