@@ -225,6 +225,16 @@ def masked_attention(scores: torch.Tensor, keep: torch.Tensor, v: torch.Tensor) 
     return torch.matmul(p, acc(expand_kv(v, groups)).to(p.dtype)).to(v.dtype)
 
 
+def dense_attention(q, k, v, visible, scaling) -> torch.Tensor:
+    """Exact attention over every visible key (torch's sdpa, in the accumulation dtype); rows that see nothing
+    give zeros. What the methods run in their dense layers and dense prefill (no score matrix kept)."""
+    import torch.nn.functional as F
+
+    out = F.scaled_dot_product_attention(acc(q), acc(k), acc(v), attn_mask=visible, scale=scaling,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    return out.nan_to_num_(0.0).to(v.dtype)
+
+
 def sparse_attention(q, k, v, keep, scaling) -> torch.Tensor:
     """Exact attention restricted to the kept keys (reference: computes all scores, masks the rest)."""
     return masked_attention(exact_scores(q, k, scaling), keep, v)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from loki.methods.base import (Method, exact_scores, forced_mask, masked_attention, select_topk,
-                               token_budget, validate_budget)
+from loki.methods.base import (Method, dense_attention, exact_scores, forced_mask, masked_attention,
+                               select_topk, token_budget, validate_budget)
 
 SELECTION_OPTIONS = {
     "k": 0.25,            # fraction (k_mode prefix/window) or token count (k_mode tokens)
@@ -29,10 +29,10 @@ class ExactTopK(Method):
         validate_budget(self.name, self.k, self.k_mode)
 
     def attend(self, module, q, k, v, visible, scaling):
-        scores = exact_scores(q, k, scaling)
         if is_dense_here(self, module, q):
             self.record(None, visible, q.shape[1])
-            return masked_attention(scores, visible.expand_as(scores), v)
+            return dense_attention(q, k, v, visible, scaling)
+        scores = exact_scores(q, k, scaling)
         budget = token_budget(visible, self.k, self.k_mode)
         keep = select_topk(scores, visible, budget, forced_mask(visible, self.sink_tokens, self.local_window))
         self.last_selection = keep

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from loki.common import fail
-from loki.methods.base import (Method, acc, exact_scores, forced_mask, group_reduce, masked_attention, select_topk,
-                               token_budget, validate_budget)
+from loki.methods.base import (Method, acc, dense_attention, exact_scores, forced_mask, group_reduce,
+                               masked_attention, select_topk, token_budget, validate_budget)
 from loki.methods.exact_topk import SELECTION_OPTIONS, is_dense_here
 
 
@@ -122,10 +122,10 @@ class Loki(Method):
         return s.view(B, H, T, -1)
 
     def attend(self, module, q, k, v, visible, scaling):
-        scores = exact_scores(q, k, scaling)
         if is_dense_here(self, module, q):
             self.record(None, visible, q.shape[1])
-            return masked_attention(scores, visible.expand_as(scores), v)
+            return dense_attention(q, k, v, visible, scaling)
+        scores = exact_scores(q, k, scaling)
         approx = self.approx_scores(module, q, k, scaling)
         budget = token_budget(visible, self.k, self.k_mode)
         forced = forced_mask(visible, self.sink_tokens, self.local_window)

@@ -7,7 +7,7 @@ output = softmax(scaling * (q P_d)(k P_d)^T) V, with P_d the first d directions 
 
 from __future__ import annotations
 
-from loki.methods.base import masked_attention
+from loki.methods.base import dense_attention, masked_attention
 from loki.methods.exact_topk import is_dense_here
 from loki.methods.loki import Loki
 
@@ -27,13 +27,9 @@ class PcaAttn(Loki):
         self.validate_basis()
 
     def attend(self, module, q, k, v, visible, scaling):
-        if is_dense_here(self, module, q):
-            from loki.methods.base import exact_scores
-
-            scores = exact_scores(q, k, scaling)
-        else:
-            scores = self.approx_scores(module, q, k, scaling)
-        keep = visible.expand(q.shape[0], q.shape[1], *visible.shape[2:])
         self.last_selection = None  # every visible key (nothing is selected)
         self.record(None, visible, q.shape[1])
-        return masked_attention(scores, keep, v)
+        if is_dense_here(self, module, q):
+            return dense_attention(q, k, v, visible, scaling)
+        scores = self.approx_scores(module, q, k, scaling)
+        return masked_attention(scores, visible.expand(q.shape[0], q.shape[1], *visible.shape[2:]), v)

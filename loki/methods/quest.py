@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from loki.common import fail
-from loki.methods.base import (Method, acc, exact_scores, forced_mask, masked_attention, token_budget,
-                               validate_budget)
+from loki.methods.base import (Method, acc, dense_attention, exact_scores, forced_mask, masked_attention,
+                               token_budget, validate_budget)
 from loki.methods.exact_topk import SELECTION_OPTIONS, is_dense_here
 
 
@@ -105,10 +105,10 @@ class Quest(Method):
             raise fail(f"quest: page_size must be a positive whole number of tokens, got {ps!r}.", "e.g. method.page_size=16.")
 
     def attend(self, module, q, k, v, visible, scaling):
-        scores = exact_scores(q, k, scaling)
         if is_dense_here(self, module, q):
             self.record(None, visible, q.shape[1])
-            return masked_attention(scores, visible.expand_as(scores), v)
+            return dense_attention(q, k, v, visible, scaling)
+        scores = exact_scores(q, k, scaling)
         ub = page_bounds(q, k, visible, int(self.page_size), scaling)
         budget = token_budget(visible, self.k, self.k_mode)
         forced = forced_mask(visible, self.sink_tokens, self.local_window)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from loki.common import fail
-from loki.methods.base import (Method, acc, exact_scores, expand_kv, forced_mask, masked_attention, select_topk,
-                               token_budget, validate_budget)
+from loki.methods.base import (Method, acc, dense_attention, exact_scores, expand_kv, forced_mask, masked_attention,
+                               select_topk, token_budget, validate_budget)
 from loki.methods.exact_topk import SELECTION_OPTIONS, is_dense_here
 
 
@@ -61,10 +61,10 @@ class SparQ(Method):
         self.dims = max(1, dims)
 
     def attend(self, module, q, k, v, visible, scaling):
-        scores = exact_scores(q, k, scaling)
         if is_dense_here(self, module, q):
             self.record(None, visible, q.shape[1])
-            return masked_attention(scores, visible.expand_as(scores), v)
+            return dense_attention(q, k, v, visible, scaling)
+        scores = exact_scores(q, k, scaling)
         approx = sparq_approx_scores(q, k, self.dims, scaling)
         budget = token_budget(visible, self.k, self.k_mode)
         keep = select_topk(approx, visible, budget, forced_mask(visible, self.sink_tokens, self.local_window))
