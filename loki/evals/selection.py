@@ -8,7 +8,11 @@ q and k (so errors of earlier layers do not hide or inflate a layer's own select
 - ``kept_fraction``: selected keys / visible keys.
 
 The forward passes run over the first ``eval.max_windows`` (default: all ``eval.num_windows``) windows of
-``eval.window`` tokens of the eval corpus (the same windows as perplexity). Metrics: the means over layers at the top level, and ``per_layer``.
+``eval.window`` tokens of the eval corpus (the same windows as perplexity). Metrics: the means over layers
+at the top level, and ``per_layer``.
+
+Note: the inputs of layer l come from the method's own outputs at the layers below (the model runs with the
+method); each layer's numbers compare the method with dense attention *on those same inputs*.
 """
 
 from __future__ import annotations
