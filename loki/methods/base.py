@@ -62,8 +62,9 @@ class Method:
     # -------------------------------------------------------------- what the method kept (for honest reporting)
 
     def reset_stats(self) -> None:
-        self._stats = {"kept": 0.0, "visible": 0.0, "cache": 0.0, "cache_visible": 0.0, "cache_last": 0.0,
-                       "cache_last_visible": 0.0, "cache_peak": 0, "context_peak": 0}
+        self._stats = {"kept": 0.0, "visible": 0.0, "kept_decode": 0.0, "visible_decode": 0.0, "cache": 0.0,
+                       "cache_visible": 0.0, "cache_last": 0.0, "cache_last_visible": 0.0, "cache_peak": 0,
+                       "context_peak": 0}
 
     def record(self, keep: torch.Tensor | None, visible: torch.Tensor, heads: int,
                cache: torch.Tensor | None = None, cache_peak: int | None = None) -> None:
@@ -73,8 +74,12 @@ class Method:
         B = keep.shape[0] if keep is not None else visible.shape[0]
         rep = B // visible.shape[0]
         n_vis = float(visible.count_nonzero()) * rep
+        n_kept = float(keep.count_nonzero()) if keep is not None else n_vis * heads
         st["visible"] += n_vis * heads
-        st["kept"] += float(keep.count_nonzero()) if keep is not None else n_vis * heads
+        st["kept"] += n_kept
+        if visible.shape[-2] == 1:  # one query per sequence: a decode step
+            st["visible_decode"] += n_vis * heads
+            st["kept_decode"] += n_kept
         last_vis = visible[..., -1, :].sum(-1)  # (B|1, 1): keys visible to the last row
         st["context_peak"] = max(st["context_peak"], int(last_vis.max()))
         if cache is not None:
@@ -90,7 +95,8 @@ class Method:
         """JSON-ready summary of what the method attended to (and cached) since the last ``reset_stats``.
 
         ``kept_fraction``: attended keys / visible keys over every call, row and head (forced tokens beyond
-        the budget, page rounding and dense layers all show up here). Evicting methods add
+        the budget, page rounding and dense layers all show up here); ``kept_fraction_decode``: the same over
+        single-query calls (decode steps) only. Evicting methods add
         ``cache_fraction_mean`` (cached / visible keys, averaged over rows), ``cache_fraction`` (the cache
         after the last row of each call / the keys seen by then: the memory a decoder holds at the end, over
         layers and KV heads), ``cache_saved`` = 1 - ``cache_fraction``, and the peak cache / context sizes."""
@@ -98,6 +104,8 @@ class Method:
         out = {}
         if st["visible"]:
             out["kept_fraction"] = st["kept"] / st["visible"]
+        if st["visible_decode"]:
+            out["kept_fraction_decode"] = st["kept_decode"] / st["visible_decode"]
         if st["cache_visible"]:
             out["cache_fraction_mean"] = st["cache"] / st["cache_visible"]
             out["cache_fraction"] = st["cache_last"] / st["cache_last_visible"]

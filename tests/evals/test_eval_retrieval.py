@@ -89,6 +89,8 @@ def test_passkey_decode_only_runs_the_decode_path(tiny_model_dir, text_file):
     assert 0.0 <= m["accuracy"] <= 1.0
     assert m["attention_calls"] == 2 * 2 * 3  # 2 cases x 2 layers x (prefill + 2 decode steps)
     assert m["cache_fraction"] < 0.3  # the cache was cut after the dense prompt
+    assert 0.25 <= m["kept_fraction_decode"] < 0.27  # each generated token attended to ceil(n / 4) keys
+    assert m["kept_fraction"] > 0.9  # ... while the dense prompt attended to all of them
 
 
 def test_length_above_the_model_limit_is_an_error(tiny_model_dir, text_file):
