@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 
 from loki.common import fail
-from loki.methods.base import (Method, exact_scores, acc as fdt, forced_mask, masked_attention, token_budget,
+from loki.methods.base import acc as fdt
+from loki.methods.base import (Method, dense_attention, exact_scores, forced_mask, masked_attention, token_budget,
                                validate_budget)
 from loki.methods.exact_topk import SELECTION_OPTIONS, is_dense_here
 
@@ -164,20 +165,20 @@ class EvictingMethod(Method):
                        "e.g. method.recent=0.5 (H2O's even split of heavy hitters and recent tokens).")
 
     def _dense(self, module, q, k, v, visible, scaling, cache_budget, forced, groups):
-        scores = exact_scores(q, k, scaling)
         layer = getattr(module, "layer_idx", 0)
         B = q.shape[0]
         held = visible.expand(B, q.shape[1] // groups, *visible.shape[2:])  # a dense call holds every visible key
         peak = int(visible[..., -1, :].sum(-1).max())
         if layer >= int(self.dense_layers):
             if q.shape[2] == k.shape[2]:  # a dense prompt (sparse_prefill=false): start the cache policy from it
-                self._state[layer] = dense_prefill_state(scores, visible, cache_budget, float(self.recent), forced, groups)
+                self._state[layer] = dense_prefill_state(exact_scores(q, k, scaling), visible, cache_budget,
+                                                         float(self.recent), forced, groups)
                 held = held.clone()
                 held[:, :, -1, :] = self._state[layer]["cache"]  # ... and is cut to the budget after it
             else:  # a dense chunk after earlier keys: no policy state to continue from
                 self._state.pop(layer, None)
         self.record(None, visible, q.shape[1], cache=held, cache_peak=peak)
-        return masked_attention(scores, visible.expand_as(scores), v)
+        return dense_attention(q, k, v, visible, scaling)
 
 
 class H2O(EvictingMethod):
