@@ -4,6 +4,7 @@ Importable with torch and triton alone.  See kernels/README.md for the layout an
 """
 from ._utils import LokiInputError
 from .attention import dense_decode_attention, sparse_decode_attention
+from .bracket import forced_count, loki_select_bracket
 from .kv_cache import allocate_cache, append_kv, prefill_kv
 from .loki import loki_decode
 from .scores import loki_scores, rotate_q
@@ -18,6 +19,8 @@ __all__ = [
     "loki_scores",
     "topk_select",
     "loki_select",
+    "loki_select_bracket",
+    "forced_count",
     "sparse_decode_attention",
     "dense_decode_attention",
     "loki_decode",

@@ -23,9 +23,11 @@ import torch
 import triton
 
 from . import attention as attn_mod
+from . import bracket as bracket_mod
 from . import scores as scores_mod
 from . import topk as topk_mod
 from .attention import dense_decode_attention, sparse_decode_attention
+from .bracket import loki_select_bracket
 from .loki import loki_decode
 from .reference import dense_sdpa, naive_loki_torch
 from .scores import loki_scores, rotate_q
@@ -124,9 +126,11 @@ def run_case(B, S, dfrac, kfrac, rep, stage_times=True):
     q, P, q_rot = case.q, case.P, case.q_rot
     # correctness spot check of the fused path against the split path and the naive pipeline
     k_lr, k_rest, v = case.copies[0]
+    o_b = loki_decode(q, P, k_lr, k_rest, v, L, k, path="bracket", strict=False)
     o_f = loki_decode(q, P, k_lr, k_rest, v, L, k, path="fused", strict=False)
     o_s = loki_decode(q, P, k_lr, k_rest, v, L, k, path="split", strict=False)
     o_n = naive_loki_torch(q, P, k_lr, k_rest, v, k)
+    res["check_bracket_vs_split"] = ((o_b.float() - o_s.float()).norm() / o_s.float().norm()).item()
     res["check_fused_vs_split"] = ((o_f.float() - o_s.float()).norm() / o_s.float().norm()).item()
     res["check_fused_vs_naive"] = ((o_f.float() - o_n.float()).norm() / o_n.float().norm()).item()
     if stage_times:
@@ -136,8 +140,12 @@ def run_case(B, S, dfrac, kfrac, rep, stage_times=True):
         res["topk_triton_ms"] = bench_graph(lambda: topk_select(scores, L, k, strict=False), rep=rep)
         res["topk_torch_ms"] = bench_graph(lambda: torch.topk(scores, k, dim=-1, sorted=False), rep=rep)
         res["select_fused_ms"] = timed(case, lambda a, b_, c: loki_select(q, a, L, k, P=P, strict=False), rep)
+        res["select_bracket_ms"] = timed(case, lambda a, b_, c: loki_select_bracket(q, a, L, k, P=P, strict=False),
+                                         rep)
         idx = topk_select(scores, L, k, strict=False)
         res["attention_ms"] = timed(case, lambda a, b_, c: sparse_decode_attention(q_rot, a, b_, c, idx), rep)
+    res["total_bracket_ms"] = timed(case, lambda a, b_, c: loki_decode(q, P, a, b_, c, L, k, path="bracket",
+                                                                       strict=False), rep)
     res["total_fused_ms"] = timed(case, lambda a, b_, c: loki_decode(q, P, a, b_, c, L, k, path="fused",
                                                                      strict=False), rep)
     res["total_split_ms"] = timed(case, lambda a, b_, c: loki_decode(q, P, a, b_, c, L, k, path="split",
@@ -145,7 +153,8 @@ def run_case(B, S, dfrac, kfrac, rep, stage_times=True):
     res["total_torch_topk_ms"] = timed(case, lambda a, b_, c: loki_decode(q, P, a, b_, c, L, k, path="torch_topk",
                                                                           strict=False), rep)
     res["naive_torch_ms"] = timed(case, lambda a, b_, c: naive_loki_torch(q, P, a, b_, c, k), rep)
-    best = min(("fused", res["total_fused_ms"]), ("split", res["total_split_ms"]), key=lambda x: x[1])
+    best = min(("bracket", res["total_bracket_ms"]), ("fused", res["total_fused_ms"]),
+               ("split", res["total_split_ms"]), key=lambda x: x[1])
     res["total_ms"], res["best_path"] = best[1], best[0]
     del case
     if not SMOKE:
@@ -212,6 +221,25 @@ def tune(rep, log, light=False):
         out[name] = [dict(geo_ms=g, config=c, ms=ts) for g, c, ts in rows]
         return rows[0][1] if rows else None
 
+    def bsel(c, cs):
+        cc = cs["case"]
+        cfg = {k_: c[k_] for k_ in ("block_n", "tiles", "num_warps") if k_ in c}
+        return lambda: loki_select_bracket(cc.q, cc.copies[0][0], cc.lengths, cs["k"], P=cc.P, strict=False,
+                                           config=cfg or None, sample=c.get("sample"))
+    if light == "bracket":  # the bracket path only: sample size, then scoring tiles per d
+        best = sweep("bracket_sample", [dict(sample=sm) for sm in (512, 1024, 2048)], bsel, cases)
+        if best:
+            bracket_mod.BRACKET_SAMPLE = best["sample"]
+        for cs in (cases[1], cases[2]):
+            best = sweep(f"bracket_scores_d{cs['d']}", [dict(block_n=bn, tiles=t, num_warps=nw)
+                                                         for bn, nw in ((64, 4), (128, 4), (256, 4), (256, 8))
+                                                         for t in (1, 2, 4)], bsel, [cs])
+            if best:
+                bracket_mod.BRACKET_SCORE_CONFIG[cs["d"] if cs["d"] < 32 else 32] = best
+                if cs["d"] < 32:
+                    bracket_mod.BRACKET_SCORE_CONFIG[0] = best
+        del cases
+        return out
     if light:  # only the selection's sample size (incl. "direct": no bracket, full-row radix select)
         def fsel_l(c, cs):
             cc = cs["case"]
@@ -269,13 +297,14 @@ def tune(rep, log, light=False):
 def fmt_table(rows, dense, copy_bw):
     lines = []
     hdr = (f"{'B':>3} {'ctx':>6} {'d':>3} {'k':>6} | {'rot':>6} {'score':>6} {'topk':>6} {'tk_trch':>7} "
-           f"{'fsel':>6} {'attn':>6} | {'fused':>6} {'split':>6} {'naive':>6} {'sdpa':>6} | {'x_sdpa':>6} "
+           f"{'fsel':>6} {'bsel':>6} {'attn':>6} | {'brkt':>6} {'fused':>6} {'split':>6} {'naive':>6} {'sdpa':>6} | "
+           f"{'x_sdpa':>6} "
            f"{'x_naive':>7} {'ideal':>5} {'GB/s':>6} {'target':>6}")
     lines.append("times in us (median of do_bench over CUDA-graph replays); x_* = speedup of the best Loki total "
-                 "(min of fused, split) over SDPA / the naive torch pipeline")
+                 "(min of bracket, fused, split) over SDPA / the naive torch pipeline")
     lines.append("rot: rotate_q alone (not on the pipeline's path); score: Loki scores with q rotation fused (split "
                  "path); topk: Triton selection on those scores; tk_trch: torch.topk(sorted=False) on the same; fsel: "
-                 "fused rotate+score+select kernel; attn: sparse flash-decoding incl. split combine; ideal: dense bytes / "
+                 "fused rotate+score+select kernel; bsel: bracket path's rotate+bracket, scores+classify, band select (3 kernels); attn: sparse flash-decoding incl. split combine; ideal: dense bytes / "
                  "Loki bytes; GB/s: Loki bytes / best total")
     lines.append(hdr)
     lines.append("-" * len(hdr))
@@ -286,8 +315,8 @@ def fmt_table(rows, dense, copy_bw):
         tgt = r.get("target")
         lines.append(
             f"{r['batch']:>3} {r['context']:>6} {r['d']:>3} {r['k']:>6} | {us('rotate_ms')} {us('scores_ms')} "
-            f"{us('topk_triton_ms')} {us('topk_torch_ms'):>7} {us('select_fused_ms')} {us('attention_ms')} | "
-            f"{us('total_fused_ms')} {us('total_split_ms')} {us('naive_torch_ms')} {dn['sdpa_ms'] * 1e3:6.1f} | "
+            f"{us('topk_triton_ms')} {us('topk_torch_ms'):>7} {us('select_fused_ms')} {us('select_bracket_ms')} "
+            f"{us('attention_ms')} | {us('total_bracket_ms')} {us('total_fused_ms')} {us('total_split_ms')} {us('naive_torch_ms')} {dn['sdpa_ms'] * 1e3:6.1f} | "
             f"{r['speedup_vs_sdpa']:6.2f} {r['speedup_vs_naive']:7.2f} {r['ideal_ratio']:5.2f} "
             f"{r['achieved_GBps']:6.0f} {('%.1fx' % tgt + (' ok' if r['target_met'] else ' NO')) if tgt else '':>6}")
     lines.append("")
@@ -304,6 +333,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="batch 16, contexts 16K and 64K only")
     ap.add_argument("--tune", action="store_true", help="sweep kernel configs first and use the best")
     ap.add_argument("--tune-select", action="store_true", help="only pick the selection's sample size first")
+    ap.add_argument("--tune-bracket", action="store_true", help="only tune the bracket path first (sample, tiles)")
     ap.add_argument("--json", default=None, help="write all results to this JSON file")
     ap.add_argument("--wandb", action="store_true", help="log to Weights & Biases when installed")
     ap.add_argument("--rep", type=int, default=100, help="do_bench rep (ms) per measurement")
@@ -329,11 +359,18 @@ def main(argv=None):
     log(json.dumps(info))
     copy_bw = copy_bandwidth()
     log(f"copy bandwidth {copy_bw:.0f} GB/s")
-    tuning = tune(args.rep, log) if args.tune else (tune(args.rep, log, light=True) if args.tune_select else None)
+    if args.tune:
+        tuning = tune(args.rep, log)
+    elif args.tune_bracket:
+        tuning = tune(args.rep, log, light="bracket")
+    else:
+        tuning = tune(args.rep, log, light=True) if args.tune_select else None
     cfgs = dict(sparse=dict(attn_mod.SPARSE_CONFIG), dense=dict(attn_mod.DENSE_CONFIG),
                 fused=(topk_mod.FUSED_BLOCK_N, topk_mod.FUSED_WARPS),
                 topk=(topk_mod.SELECT_BLOCK_S, topk_mod.SELECT_WARPS), sample=topk_mod.SELECT_SAMPLE,
-                nsig=topk_mod.SELECT_NSIG, scores={str(k_): v_ for k_, v_ in scores_mod.SCORES_CONFIG.items()})
+                nsig=topk_mod.SELECT_NSIG, scores={str(k_): v_ for k_, v_ in scores_mod.SCORES_CONFIG.items()},
+                bracket=dict(sample=bracket_mod.BRACKET_SAMPLE, nsig=bracket_mod.BRACKET_NSIG,
+                             scores={str(k_): v_ for k_, v_ in bracket_mod.BRACKET_SCORE_CONFIG.items()}))
     log("configs", cfgs)
     if SMOKE:
         grid = [(2, 256)]

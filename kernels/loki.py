@@ -2,29 +2,37 @@
 
     out = loki_decode(q, P, k_lr, k_rest, v, lengths, k_budget, mode="group", reduce="max", scaling=None)
 
-path="fused" (default when there are enough score rows to fill the GPU): one kernel rotates q, scores each
-row and selects its top-k (one program per row), then the sparse attention kernel (+ split combine).
-path="split": rotate_q, loki_scores (many programs per row), topk_select, sparse attention: better when there
-are few rows (batch 1).  path="torch_topk": split path with torch.topk instead of the Triton selection.
+path="bracket" (default): rotate q + sample bracket, scores with the selection pass fused in (many programs
+per row), band select, then the sparse attention kernel (+ split combine); see bracket.py.
+path="fused": one kernel rotates q, scores each row and selects its top-k (one program per row).
+path="split": rotate_q, loki_scores (many programs per row), topk_select, sparse attention.
+path="torch_topk": split path with torch.topk instead of the Triton selection.
+sink_tokens / local_window (always-selected positions) are supported on the bracket path.
 """
 from __future__ import annotations
 
 import torch
 
-from ._utils import check, check_cache, check_float, check_lengths, num_sms
+from ._utils import LokiInputError, check, check_cache, check_float, check_lengths
 from .attention import sparse_decode_attention
+from .bracket import loki_select_bracket
 from .scores import loki_scores, rotate_q
 from .topk import _budget_args, loki_select, topk_select
 
 
+PATHS = ("auto", "bracket", "fused", "split", "torch_topk")
+
+
 def choose_path(B: int, rows: int, device) -> str:
-    return "fused" if B * rows >= num_sms(device) // 2 else "split"
+    """The bracket path wins at every measured shape (kernels/NOTES.md, v4)."""
+    return "bracket"
 
 
 def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: torch.Tensor, v: torch.Tensor,
                 lengths: torch.Tensor, k_budget, mode: str = "group", reduce: str = "max",
                 scaling: float | None = None, strict: bool = True, path: str = "auto", k_max: int | None = None,
-                return_indices: bool = False, num_splits: int | None = None):
+                return_indices: bool = False, num_splits: int | None = None,
+                sink_tokens: int = 0, local_window: int = 0):
     """One Loki decode step for one layer.
 
     q: (B, H, D) queries (not rotated; q' = q @ P[kvh] is computed inside, in fp32).
@@ -41,14 +49,20 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
     check(q.shape[1] % KVH == 0, f"H={q.shape[1]} must be a multiple of KVH={KVH}")
     check_lengths(lengths, B, k_lr.device)
     check(mode in ("group", "head"), f"mode must be 'group' or 'head', got {mode!r}")
-    check(path in ("auto", "fused", "split", "torch_topk"), f"unknown path {path!r}")
+    check(path in PATHS, f"unknown path {path!r} (one of {', '.join(PATHS)})")
     if strict:
         check(bool((lengths <= S).all()), f"lengths exceed S_max={S}")
         _budget_args(k_budget, lengths, B, True, k_max)
     rows = KVH if mode == "group" else q.shape[1]
     if path == "auto":
         path = choose_path(B, rows, q.device)
-    if path == "fused":
+    if (sink_tokens or local_window) and path not in ("auto", "bracket"):
+        raise LokiInputError(f"sink_tokens/local_window need path='bracket' (got path={path!r})")
+    if path == "bracket":
+        idx, q_rot = loki_select_bracket(q, k_lr, lengths, k_budget, P=P, mode=mode, reduce=reduce, scaling=scaling,
+                                         strict=False, k_max=k_max, sink_tokens=sink_tokens,
+                                         local_window=local_window)
+    elif path == "fused":
         idx, q_rot = loki_select(q, k_lr, lengths, k_budget, P=P, mode=mode, reduce=reduce, scaling=scaling,
                                  strict=False, k_max=k_max)
     else:

@@ -366,23 +366,12 @@ def kernel_decode(method: "CachedLoki", layer: LokiLayer, q: torch.Tensor, scali
     reduce = "max" if method.group_reduce == "max" else "sum"  # mean ranks as sum
     budget = decode_budget(layer.lengths, method.k, method.k_mode)
     k_max = layer.k_max
-    forced_any = method.sink_tokens or method.local_window
-    if not forced_any:
-        out, idx = K.loki_decode(q, layer.P, layer.k_lr, layer.k_rest, layer.v, layer.lengths, budget.to(torch.int32),
-                                 mode=mode, reduce=reduce, scaling=scaling, strict=False, k_max=k_max,
-                                 return_indices=True)
-    else:
-        q_rot = K.rotate_q(q, layer.P)
-        scores = K.loki_scores(q_rot, layer.k_lr, layer.lengths, d=layer.d, mode=mode, reduce=reduce,
-                               scaling=scaling)
-        S = scores.shape[-1]
-        pos = torch.arange(S, device=q.device)[None, :]
-        n = layer.lengths.long()[:, None]
-        forced = (pos < n) & ((pos < int(method.sink_tokens)) | (pos >= n - int(method.local_window)))
-        scores.masked_fill_(forced[:, None, :], float("inf"))  # forced keys first, as select_topk does
-        budget = torch.maximum(budget, forced.sum(-1))
-        idx = K.topk_select(scores, layer.lengths, budget.to(torch.int32), strict=False, k_max=k_max)
-        out = K.sparse_decode_attention(q_rot, layer.k_lr, layer.k_rest, layer.v, idx, scaling=scaling)
+    sink, local = int(method.sink_tokens), int(method.local_window)
+    if sink or local:  # forced positions count towards the budget, as select_topk does
+        budget = torch.maximum(budget, K.forced_count(layer.lengths, sink, local))
+    out, idx = K.loki_decode(q, layer.P, layer.k_lr, layer.k_rest, layer.v, layer.lengths, budget.to(torch.int32),
+                             mode=mode, reduce=reduce, scaling=scaling, strict=False, k_max=k_max,
+                             return_indices=True, sink_tokens=sink, local_window=local)
     if method.record_selections:
         keep = torch.zeros(B, idx.shape[1], layer.max_cache_len + 1, dtype=torch.bool, device=q.device)
         keep.scatter_(2, torch.where(idx < 0, layer.max_cache_len, idx).long(), True)

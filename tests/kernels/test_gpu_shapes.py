@@ -12,7 +12,7 @@ from kernels.topk import budgets_ref, topk_select_ref
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("path", ["bracket", "fused", "split"])
 @pytest.mark.parametrize("d,frac,mode", [(32, 8, "group"), (16, 16, "group"), (32, 4, "head")])
 def test_loki_decode_gpu(path, d, frac, mode):
     torch.manual_seed(d + frac)

@@ -1,0 +1,292 @@
+"""Loki's front half (rotate q, approximate scores, exact top-k) with the selection pass fused into scoring.
+
+Three kernels, each parallel where the work is:
+
+1. ``_bracket_kernel`` (one program per score row): rotates q (q' = q @ P[kvh], fp32 FMAs, written in full for
+   the attention kernel), scores SAMPLE evenly spaced tokens of the row, sorts them (``tl.sort``) and keeps two
+   order-preserving uint32 keys lo <= hi whose sample ranks bracket rank k*SAMPLE/n by +- NSIG binomial standard
+   deviations.  Rows shorter than 4*SAMPLE, or whose budget covers the row, get the whole key range as bracket.
+   It also zeroes the row's two counters.
+2. ``_bracket_scores_kernel`` (many programs per row, like ``loki_scores``): every tile of tokens is scored
+   against the low-rank slab, sink / local-window positions are forced to +inf, and each key is classified on
+   the spot: key > hi is selected outright (written to the output through a block prefix sum and one atomic
+   per tile), lo <= key <= hi goes to the row's band workspace (key and position).  The scores themselves are
+   never written: this is the pass that reads the d/D of K, and nothing re-reads a row afterwards.
+3. ``_bracket_finish_kernel`` (one program per row): if #(> hi) <= k <= #(> hi) + #band, an exact MSD radix
+   select (``topk._radix_select``) takes the remaining k - #(> hi) from the band only (a few % of the row).
+   Otherwise the bracket missed (rare: ~6e-5 per row at NSIG = 4): the row's keys are recomputed into the
+   workspace and the whole row is radix-selected.  The result is exact either way; indices beyond a row's
+   budget are -1.
+
+Compared with ``loki_select`` (one program per row does everything) this removes the serial full-row
+compaction pass, which was ~40% of a Loki step (kernels/NOTES.md); compared with the split path it never
+writes or re-reads the score rows.  Index order within a row is unspecified (the atomics interleave tiles),
+and ties at the k-th value are broken by band order, not by position.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import check, check_float, check_last_contiguous, check_lengths, default_scaling, is_interpreter, \
+    next_pow2
+from .scores import _check_q, _load_q_lr_T, _mode_params, _rotate_heads, _score_tile, _split_hi_lo, rot_chunks
+from .topk import _bit_length, _budget_args, _key_of, _radix_select, _row_budget
+
+
+@triton.jit
+def _forced(sc, offs, n, SINK, LOCAL):
+    """Sink tokens (offs < SINK) and the local window (offs >= n - LOCAL) score +inf: always selected."""
+    force = (offs < SINK) | (offs >= n - LOCAL)
+    return tl.where(force, float("inf"), sc)
+
+
+@triton.jit
+def _bracket_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h,
+                    klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, len_ptr, kb_ptr, K_INT, scale, R, G, S_MAX, KMAX,
+                    nsig, SINK, LOCAL,
+                    ROTATE: tl.constexpr, HAS_KB: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr,
+                    G_ROT: tl.constexpr, D: tl.constexpr, D_LR: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_DL: tl.constexpr, SAMPLE: tl.constexpr, SUB: tl.constexpr, K_FP32: tl.constexpr,
+                    REDUCE_MAX: tl.constexpr, ROT_C: tl.constexpr, ROT_I: tl.constexpr):
+    pid = tl.program_id(0)
+    b = (pid // R).to(tl.int64)
+    r = (pid % R).to(tl.int64)
+    h0 = r * HPR
+    kvh = h0 // G
+    n, kb = _row_budget(len_ptr, kb_ptr, b, K_INT, S_MAX, KMAX, HAS_KB)
+    if ROTATE:
+        _rotate_heads(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h, b, h0, kvh,
+                      HPR, G_ROT, D, BLOCK_D, ROT_C, ROT_I)
+    lo_key = tl.zeros([], dtype=tl.uint32)
+    hi_key = tl.full([], 0xFFFFFFFF, tl.uint32)
+    if (kb < n) & (n >= 4 * SAMPLE):
+        tl.debug_barrier()  # q' written by all threads of the program is read back below
+        qT = _load_q_lr_T(qrot_ptr, sqr_b, sqr_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
+        qT_hi, qT_lo = _split_hi_lo(qT, klr_ptr.dtype.element_ty)
+        k_base = klr_ptr + b * slr_b + kvh * slr_h
+        sbuf = ws_ptr + pid.to(tl.int64) * (2 * S_MAX)  # the band's key region: free until the scoring kernel
+        for c in tl.static_range(0, SAMPLE, SUB):
+            i = c + tl.arange(0, SUB)
+            spos = ((i.to(tl.int64) * n) // SAMPLE).to(tl.int32)
+            sc = _score_tile(k_base, slr_s, spos, i < SAMPLE, qT, qT_hi, qT_lo, D_LR, BLOCK_DL, HPR, G_PAD,
+                             K_FP32, REDUCE_MAX)
+            sc = _forced(sc, spos, n, SINK, LOCAL)
+            tl.store(sbuf + i, _key_of(sc).to(tl.int32, bitcast=True))
+        tl.debug_barrier()  # sample keys written by all threads are read back by all threads
+        i = tl.arange(0, SAMPLE)
+        sk = tl.load(sbuf + i).to(tl.uint32, bitcast=True)
+        srt = tl.sort((sk ^ 0x80000000).to(tl.int32, bitcast=True), descending=True)
+        frac = kb.to(tl.float32) / n.to(tl.float32)
+        pm = frac * SAMPLE
+        dlt = nsig * tl.sqrt(pm * (1.0 - frac)) + 4.0
+        r_hi = tl.floor(pm - dlt).to(tl.int32)
+        r_lo = tl.ceil(pm + dlt).to(tl.int32)
+        v_hi = (tl.sum(tl.where(i == r_hi, srt, 0), axis=0).to(tl.uint32, bitcast=True)) ^ 0x80000000
+        v_lo = (tl.sum(tl.where(i == r_lo, srt, 0), axis=0).to(tl.uint32, bitcast=True)) ^ 0x80000000
+        hi_key = tl.where(r_hi >= 0, v_hi, hi_key)
+        lo_key = tl.where(r_lo < SAMPLE, v_lo, lo_key)
+    br = br_ptr + pid * 4
+    tl.store(br, lo_key.to(tl.int32, bitcast=True))
+    tl.store(br + 1, hi_key.to(tl.int32, bitcast=True))
+    tl.store(br + 2, 0)
+    tl.store(br + 3, 0)
+
+
+@triton.jit
+def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, out_ptr, so_b, so_r,
+                           len_ptr, scale, R, G, S_MAX, KMAX, SINK, LOCAL,
+                           HPR: tl.constexpr, G_PAD: tl.constexpr, D_LR: tl.constexpr, BLOCK_DL: tl.constexpr,
+                           BLOCK_N: tl.constexpr, TILES: tl.constexpr, K_FP32: tl.constexpr,
+                           REDUCE_MAX: tl.constexpr):
+    pid = tl.program_id(0)
+    tb = tl.program_id(1)
+    b = (pid // R).to(tl.int64)
+    r = (pid % R).to(tl.int64)
+    h0 = r * HPR
+    kvh = h0 // G
+    n = tl.maximum(tl.minimum(tl.load(len_ptr + b).to(tl.int32), S_MAX), 0)
+    start0 = tb * (TILES * BLOCK_N)
+    if start0 < n:
+        qT = _load_q_lr_T(qrot_ptr, sqr_b, sqr_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
+        qT_hi, qT_lo = _split_hi_lo(qT, klr_ptr.dtype.element_ty)
+        k_base = klr_ptr + b * slr_b + kvh * slr_h
+        br = br_ptr + pid * 4
+        lo_key = tl.load(br).to(tl.uint32, bitcast=True)
+        hi_key = tl.load(br + 1).to(tl.uint32, bitcast=True)
+        bkey = ws_ptr + pid.to(tl.int64) * (2 * S_MAX)
+        bidx = bkey + S_MAX
+        o_row = out_ptr + b * so_b + r * so_r
+        for t in tl.static_range(TILES):
+            offs = start0 + t * BLOCK_N + tl.arange(0, BLOCK_N)
+            valid = offs < n
+            sc = _score_tile(k_base, slr_s, offs, valid, qT, qT_hi, qT_lo, D_LR, BLOCK_DL, HPR, G_PAD, K_FP32,
+                             REDUCE_MAX)
+            key = _key_of(_forced(sc, offs, n, SINK, LOCAL))
+            gt = valid & (key > hi_key)
+            bd = valid & (key >= lo_key) & (key <= hi_key)
+            packed = gt.to(tl.int32) + (bd.to(tl.int32) << 16)
+            c_ex = tl.cumsum(packed, axis=0) - packed
+            tot = tl.sum(packed, axis=0)
+            g0 = tl.atomic_add(br + 2, tot & 0xFFFF)
+            b0 = tl.atomic_add(br + 3, tot >> 16)
+            gpos = g0 + (c_ex & 0xFFFF)
+            bpos = b0 + (c_ex >> 16)
+            tl.store(o_row + gpos, offs.to(out_ptr.dtype.element_ty), mask=gt & (gpos < KMAX))
+            tl.store(bkey + bpos, key.to(tl.int32, bitcast=True), mask=bd)
+            tl.store(bidx + bpos, offs, mask=bd)
+
+
+@triton.jit
+def _bracket_finish_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, out_ptr, so_b,
+                           so_r, len_ptr, kb_ptr, K_INT, scale, R, G, S_MAX, KMAX, SINK, LOCAL,
+                           HAS_KB: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr, D_LR: tl.constexpr,
+                           BLOCK_DL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+                           K_FP32: tl.constexpr, REDUCE_MAX: tl.constexpr):
+    pid = tl.program_id(0)
+    b = (pid // R).to(tl.int64)
+    r = (pid % R).to(tl.int64)
+    n, kb = _row_budget(len_ptr, kb_ptr, b, K_INT, S_MAX, KMAX, HAS_KB)
+    br = br_ptr + pid * 4
+    lo_key = tl.load(br).to(tl.uint32, bitcast=True)
+    hi_key = tl.load(br + 1).to(tl.uint32, bitcast=True)
+    c_gt = tl.load(br + 2)
+    c_band = tl.load(br + 3)
+    bkey = ws_ptr + pid.to(tl.int64) * (2 * S_MAX)
+    bidx = bkey + S_MAX
+    o_row = out_ptr + b * so_b + r * so_r
+    if (c_gt <= kb) & (kb <= c_gt + c_band):
+        rr = kb - c_gt
+        if rr > 0:
+            hb = _bit_length(lo_key ^ hi_key)
+            prefix = tl.where(hb >= 32, 0, hi_key >> tl.minimum(hb, 31).to(tl.uint32))
+            _radix_select(bkey, bidx, c_band, rr, o_row + c_gt, hb, prefix, HAS_IDX=True, SRC_KEYS=True,
+                          BLOCK_S=BLOCK_S)
+    else:  # the bracket missed: recompute the row's keys, exact radix select over the whole row
+        h0 = r * HPR
+        kvh = h0 // G
+        qT = _load_q_lr_T(qrot_ptr, sqr_b, sqr_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
+        qT_hi, qT_lo = _split_hi_lo(qT, klr_ptr.dtype.element_ty)
+        k_base = klr_ptr + b * slr_b + kvh * slr_h
+        for start in range(0, n, BLOCK_N):
+            offs = start + tl.arange(0, BLOCK_N)
+            valid = offs < n
+            sc = _score_tile(k_base, slr_s, offs, valid, qT, qT_hi, qT_lo, D_LR, BLOCK_DL, HPR, G_PAD, K_FP32,
+                             REDUCE_MAX)
+            key = _key_of(_forced(sc, offs, n, SINK, LOCAL))
+            tl.store(bkey + offs, key.to(tl.int32, bitcast=True), mask=valid)
+        tl.debug_barrier()  # keys written by all threads are read back by all threads
+        _radix_select(bkey, bkey, n, kb, o_row, tl.full([], 32, tl.int32), tl.zeros([], dtype=tl.uint32),
+                      HAS_IDX=False, SRC_KEYS=True, BLOCK_S=BLOCK_S)
+    ar = tl.arange(0, BLOCK_S)
+    for start in range(kb, KMAX, BLOCK_S):
+        offs = start + ar
+        tl.store(o_row + offs, tl.full([BLOCK_S], -1, out_ptr.dtype.element_ty), mask=offs < KMAX)
+
+
+# GPU defaults (measured on the H200, kernels/NOTES.md); the scoring kernel takes its tiles from SCORES_CONFIG
+BRACKET_SAMPLE = 1024  # sample size (power of 2); rows shorter than 4x this take the whole key range as bracket
+BRACKET_SUB = 256  # sampled tokens scored per sub-tile of the bracket kernel
+BRACKET_NSIG = 4.0
+BRACKET_BLOCK_S = 2048  # tile of the band radix select
+BRACKET_WARPS = 8
+BRACKET_SCORE_CONFIG = {0: dict(block_n=256, tiles=4, num_warps=4), 32: dict(block_n=128, tiles=2, num_warps=4)}
+
+
+def _score_config(d: int, config: dict | None) -> dict:
+    base = BRACKET_SCORE_CONFIG[max(k for k in BRACKET_SCORE_CONFIG if k <= d)]
+    return dict(base, **(config or {}))
+
+
+def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tensor, k, P: torch.Tensor | None = None,
+                        mode: str = "group", reduce: str = "max", scaling: float | None = None, strict: bool = True,
+                        k_max: int | None = None, sink_tokens: int = 0, local_window: int = 0,
+                        q_rot_out: torch.Tensor | None = None, config: dict | None = None,
+                        sample: int | None = None, nsig: float | None = None,
+                        workspace: torch.Tensor | None = None):
+    """(Rotate q) + scores + exact top-k with the selection fused into the scoring pass (see module doc).
+
+    Same contract as `topk.loki_select`: q (B, H, D) raw queries when P (KVH, D, D) is given (q' = q @ P is
+    computed and returned), else already rotated; k_lr (B, KVH, S_max, d); k an int or (B,) int budget (clipped
+    to 1..lengths[b]; strict=True raises instead, with one host sync).  sink_tokens / local_window: the first /
+    last positions of each sequence are always selected (they count towards the budget).  Returns
+    (idx (B, R, k_max) int32 padded with -1, q_rot (B, H, D) fp32 or None).  ``workspace``: optional int32
+    buffer of >= B*R*(2*S_max + 4) elements (band keys and positions, bracket and counters).
+    """
+    check_float(k_lr, "k_lr")
+    check(k_lr.dim() == 4, f"k_lr must be (B, KVH, S_max, d), got {tuple(k_lr.shape)}")
+    check_last_contiguous(k_lr, "k_lr")
+    B, KVH, S, d = k_lr.shape
+    check_float(q, "q")
+    check(q.dim() == 3 and q.shape[0] == B, f"q must be (B, H, D) with B={B}, got {tuple(q.shape)}")
+    D = q.shape[2]
+    check(D >= d, f"q head dim {D} is smaller than d={d}")
+    H = _check_q(q, "q", B, D, KVH, k_lr.device)
+    check_lengths(lengths, B, k_lr.device)
+    R, HPR = _mode_params(mode, reduce, H, KVH)
+    check(isinstance(sink_tokens, int) and sink_tokens >= 0, f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
+    check(isinstance(local_window, int) and local_window >= 0,
+          f"local_window must be an int >= 0, got {local_window!r}")
+    if strict:
+        check(bool((lengths <= S).all()), f"lengths exceed S_max={S}")
+    K_INT, kb, KMAX = _budget_args(k, lengths, B, strict, k_max)
+    rotate = P is not None
+    if rotate:
+        check_float(P, "P")
+        check(tuple(P.shape) == (KVH, D, D), f"P must have shape {(KVH, D, D)}, got {tuple(P.shape)}")
+        check_last_contiguous(P, "P")
+        check(P.device == k_lr.device, f"P is on {P.device}, expected {k_lr.device}")
+        if q_rot_out is None:
+            q_rot_out = torch.empty(B, H, D, dtype=torch.float32, device=q.device)
+    interp = is_interpreter()
+    sample = int(sample) if sample is not None else (64 if interp else BRACKET_SAMPLE)
+    check(sample >= 16 and sample & (sample - 1) == 0, f"sample must be a power of 2 >= 16, got {sample}")
+    nsig = float(BRACKET_NSIG if nsig is None else nsig)
+    n_ws = B * R * (2 * S + 4)
+    if workspace is None:
+        workspace = torch.empty(n_ws, dtype=torch.int32, device=k_lr.device)
+    check(workspace.dtype == torch.int32 and workspace.is_contiguous() and workspace.numel() >= n_ws
+          and workspace.device == k_lr.device,
+          f"workspace must be a contiguous int32 tensor of >= {n_ws} elements on {k_lr.device}")
+    ws, br = workspace[:B * R * 2 * S], workspace[B * R * 2 * S:n_ws]
+    idx = torch.empty(B, R, KMAX, dtype=torch.int32, device=k_lr.device)
+    scale = default_scaling(D, scaling)
+    qr = q_rot_out if rotate else q
+    Pt = P if rotate else q
+    kbt = kb if kb is not None else lengths
+    G = H // KVH
+    BLOCK_DL = max(16, next_pow2(d))
+    G_PAD = max(16, next_pow2(HPR))
+    common = dict(HPR=HPR, G_PAD=G_PAD, D_LR=d, BLOCK_DL=BLOCK_DL, K_FP32=k_lr.dtype == torch.float32,
+                  REDUCE_MAX=reduce == "max")
+    BLOCK_D = max(32, next_pow2(D))
+    _bracket_kernel[(B * R,)](
+        q, q.stride(0), q.stride(1), Pt, Pt.stride(0), Pt.stride(1), qr, qr.stride(0), qr.stride(1),
+        k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br, lengths, kbt, K_INT, scale, R, G, S, KMAX,
+        nsig, sink_tokens, local_window,
+        ROTATE=rotate, HAS_KB=kb is not None, G_ROT=next_pow2(HPR), D=D, BLOCK_D=BLOCK_D, SAMPLE=sample,
+        SUB=min(sample, 32 if interp else BRACKET_SUB), **rot_chunks(BLOCK_D, True), **common,
+        num_warps=4 if interp else BRACKET_WARPS)
+    if interp:
+        BLOCK_N, TILES, nw = 32, 1, 4
+    else:
+        cfg = _score_config(d, config)
+        BLOCK_N, TILES, nw = cfg["block_n"], cfg["tiles"], cfg["num_warps"]
+    grid = (B * R, triton.cdiv(S, BLOCK_N * TILES))
+    _bracket_scores_kernel[grid](
+        qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br,
+        idx, idx.stride(0), idx.stride(1), lengths, scale, R, G, S, KMAX, sink_tokens, local_window,
+        BLOCK_N=BLOCK_N, TILES=TILES, **common, num_warps=nw)
+    _bracket_finish_kernel[(B * R,)](
+        qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br,
+        idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, scale, R, G, S, KMAX, sink_tokens, local_window,
+        HAS_KB=kb is not None, BLOCK_N=32 if interp else 256, BLOCK_S=64 if interp else BRACKET_BLOCK_S, **common,
+        num_warps=4 if interp else BRACKET_WARPS)
+    return idx, (q_rot_out if rotate else None)
+
+
+def forced_count(lengths: torch.Tensor, sink_tokens: int, local_window: int) -> torch.Tensor:
+    """Number of always-selected positions per sequence (sinks and local window may overlap in short ones)."""
+    n = lengths.long()
+    return torch.clamp(n, max=int(sink_tokens) + int(local_window)) if sink_tokens + local_window else n * 0

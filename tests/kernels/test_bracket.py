@@ -1,0 +1,104 @@
+"""The bracket path (kernels/bracket.py): scores with the selection pass fused in, band select, exact fallback."""
+import pytest
+import torch
+
+from kernels import LokiInputError, forced_count, loki_decode, loki_select_bracket
+from kernels.scores import loki_scores_ref, rotate_q_ref
+from kernels.testing import check_selection, random_cache, random_orthonormal
+from kernels.topk import budgets_ref
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _ref(q, P, k_lr, lengths, mode, reduce, sink=0, local=0):
+    s = loki_scores_ref(rotate_q_ref(q.cpu(), P.cpu()), k_lr.cpu(), lengths.cpu(), mode=mode, reduce=reduce)
+    S = s.shape[-1]
+    pos = torch.arange(S)[None, :]
+    n = lengths.cpu().long()[:, None]
+    forced = (pos < n) & ((pos < sink) | (pos >= n - local))
+    return s.masked_fill(forced[:, None, :], float("inf"))
+
+
+def _tol(ref, dtype=torch.float32):
+    """Score tolerance: IEEE fp32 dots for fp32 caches, split 16-bit tensor-core dots otherwise (scores.py)."""
+    fin = torch.isfinite(ref)
+    return (2e-6 if dtype == torch.float32 else 2e-5) * ref[fin].abs().max().item()
+
+
+@pytest.mark.parametrize("D,d,g,mode,reduce", [(64, 8, 3, "group", "max"), (64, 16, 1, "group", "sum"),
+                                               (128, 32, 4, "group", "max"), (128, 32, 4, "head", "sum")])
+@pytest.mark.parametrize("S,lens", [(50, [50, 33, 2]), (600, [600, 257, 255])])  # short rows / sampled bracket
+def test_bracket_select(dtype, D, d, g, mode, reduce, S, lens):
+    """Against the float64 reference: odd shapes, group sizes 1/3/4, rows below and above 4 x SAMPLE (64 here)."""
+    torch.manual_seed(D * g + d + S)
+    B, KVH = 3, 2
+    k_lr, _, _, lengths = random_cache(B, KVH, S, D, d, dtype, DEV, lengths=lens)
+    q = torch.randn(B, KVH * g, D, device=DEV)
+    P = random_orthonormal(KVH, D, DEV)
+    ref = _ref(q, P, k_lr, lengths, mode, reduce)
+    for k in (1, S // 8, S):
+        idx, q_rot = loki_select_bracket(q, k_lr, lengths, k, P=P, mode=mode, reduce=reduce, strict=False)
+        assert (q_rot.double().cpu() - rotate_q_ref(q.cpu(), P.cpu())).abs().max().item() < 1e-4
+        n, exact = check_selection(idx, ref, lengths.cpu(), budgets_ref(k, lengths.cpu()), tol=_tol(ref, dtype))
+        assert exact >= n // 2  # exact set equality is asserted wherever the boundary gap exceeds 2 * tol
+
+
+@pytest.mark.parametrize("nsig", [0.0, 4.0])
+def test_bracket_fallback_and_structure(nsig):
+    """nsig=0 makes the bracket miss often (the recompute + whole-row fallback runs); rows with a positional trend
+    and with periodic structure defeat an evenly spaced sample; per-sequence budgets."""
+    torch.manual_seed(11)
+    B, KVH, g, S, D, d = 2, 2, 2, 700, 64, 16
+    k_lr, _, _, lengths = random_cache(B, KVH, S, D, d, torch.float32, DEV, lengths=[700, 611])
+    pos = torch.arange(S, dtype=torch.float32, device=DEV)
+    k_lr[0, 1, :, 0] += pos / 100  # trend
+    k_lr[1, 0, :, 0] = torch.sin(pos) * 3  # periodic
+    q = torch.randn(B, KVH * g, D, device=DEV)
+    P = torch.eye(D, device=DEV).expand(KVH, D, D).contiguous()
+    ref = _ref(q, P, k_lr, lengths, "group", "max")
+    kt = torch.tensor([87, 5], dtype=torch.int32, device=DEV)
+    for k in (1, 87, kt):
+        idx, _ = loki_select_bracket(q, k_lr, lengths, k, P=P, strict=False, nsig=nsig)
+        kk = k.cpu() if isinstance(k, torch.Tensor) else k
+        n, exact = check_selection(idx, ref, lengths.cpu(), budgets_ref(kk, lengths.cpu()), tol=_tol(ref))
+        assert exact >= n // 2
+
+
+@pytest.mark.parametrize("sink,local", [(4, 16), (0, 7), (3, 0), (40, 400)])
+def test_bracket_sinks_and_local_window(sink, local):
+    """Sink tokens and the local window are always selected and count towards the budget (as select_topk)."""
+    torch.manual_seed(sink + local)
+    B, KVH, g, S, D, d = 3, 2, 3, 500, 64, 8
+    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.float32, DEV, lengths=[500, 300, 20])
+    q = torch.randn(B, KVH * g, D, device=DEV)
+    P = random_orthonormal(KVH, D, DEV)
+    budget = torch.maximum(torch.full((B,), 60, device=DEV), forced_count(lengths, sink, local)).to(torch.int32)
+    budget = torch.minimum(budget, lengths)
+    idx, _ = loki_select_bracket(q, k_lr, lengths, budget, P=P, strict=False, sink_tokens=sink, local_window=local)
+    ref = _ref(q, P, k_lr, lengths, "group", "max", sink, local)
+    kbs = budgets_ref(budget.cpu(), lengths.cpu())
+    check_selection(idx, ref.clamp(max=1e30), lengths.cpu(), kbs, tol=_tol(ref))
+    for b in range(B):
+        n = int(lengths[b])
+        must = set(range(min(sink, n))) | set(range(max(n - local, 0), n))
+        for r in range(KVH):
+            assert must <= set(idx[b, r, :kbs[b]].tolist())
+    out = loki_decode(q, P, k_lr, k_rest, v, lengths, budget, strict=False, sink_tokens=sink, local_window=local)
+    assert out.shape == (B, KVH * g, D) and torch.isfinite(out).all()
+
+
+def test_bracket_bad_inputs():
+    B, KVH, S, D, d = 2, 2, 16, 64, 16
+    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.float32, DEV, lengths=[16, 5])
+    q = torch.randn(B, 4, D, device=DEV)
+    P = random_orthonormal(KVH, D, DEV)
+    with pytest.raises(LokiInputError, match="larger than the length"):
+        loki_select_bracket(q, k_lr, lengths, 6, P=P)
+    with pytest.raises(LokiInputError, match="sample must be a power of 2"):
+        loki_select_bracket(q, k_lr, lengths, 2, P=P, sample=100)
+    with pytest.raises(LokiInputError, match="sink_tokens"):
+        loki_select_bracket(q, k_lr, lengths, 2, P=P, sink_tokens=-1)
+    with pytest.raises(LokiInputError, match="need path='bracket'"):
+        loki_decode(q, P, k_lr, k_rest, v, lengths, 2, path="fused", sink_tokens=4)
+    with pytest.raises(LokiInputError, match="workspace"):
+        loki_select_bracket(q, k_lr, lengths, 2, P=P, workspace=torch.zeros(3, dtype=torch.int32, device=DEV))
