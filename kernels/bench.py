@@ -142,6 +142,9 @@ def run_case(B, S, dfrac, kfrac, rep, stage_times=True):
         res["select_fused_ms"] = timed(case, lambda a, b_, c: loki_select(q, a, L, k, P=P, strict=False), rep)
         res["select_bracket_ms"] = timed(case, lambda a, b_, c: loki_select_bracket(q, a, L, k, P=P, strict=False),
                                          rep)
+        for st in (1, 2):  # per-kernel split of the bracket path: rotate+bracket, + scores/classify (+ band select)
+            res[f"bracket_stage{st}_ms"] = timed(
+                case, lambda a, b_, c, st=st: loki_select_bracket(q, a, L, k, P=P, strict=False, stages=st), rep)
         idx = topk_select(scores, L, k, strict=False)
         res["attention_ms"] = timed(case, lambda a, b_, c: sparse_decode_attention(q_rot, a, b_, c, idx), rep)
     res["total_bracket_ms"] = timed(case, lambda a, b_, c: loki_decode(q, P, a, b_, c, L, k, path="bracket",

@@ -115,6 +115,7 @@ def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
         br = br_ptr + pid * 4
         lo_key = tl.load(br).to(tl.uint32, bitcast=True)
         hi_key = tl.load(br + 1).to(tl.uint32, bitcast=True)
+        cnt_ptr = (br + 2).to(tl.pointer_type(tl.int64))  # the two int32 counters as one 8-byte-aligned int64
         bkey = ws_ptr + pid.to(tl.int64) * (2 * S_MAX)
         bidx = bkey + S_MAX
         o_row = out_ptr + b * so_b + r * so_r
@@ -129,10 +130,12 @@ def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
             packed = gt.to(tl.int32) + (bd.to(tl.int32) << 16)
             c_ex = tl.cumsum(packed, axis=0) - packed
             tot = tl.sum(packed, axis=0)
-            g0 = tl.atomic_add(br + 2, tot & 0xFFFF)
-            b0 = tl.atomic_add(br + 3, tot >> 16)
-            gpos = g0 + (c_ex & 0xFFFF)
-            bpos = b0 + (c_ex >> 16)
+            # one relaxed 64-bit atomic claims both output ranges (low word: #above, high word: #band); kernel
+            # boundaries order it against the other kernels, so no fence is needed (acq_rel fences cost ~2x here)
+            inc = (tot & 0xFFFF).to(tl.int64) + ((tot >> 16).to(tl.int64) << 32)
+            old = tl.atomic_add(cnt_ptr, inc, sem="relaxed")
+            gpos = (old & 0xFFFFFFFF).to(tl.int32) + (c_ex & 0xFFFF)
+            bpos = (old >> 32).to(tl.int32) + (c_ex >> 16)
             tl.store(o_row + gpos, offs.to(out_ptr.dtype.element_ty), mask=gt & (gpos < KMAX))
             tl.store(bkey + bpos, key.to(tl.int32, bitcast=True), mask=bd)
             tl.store(bidx + bpos, offs, mask=bd)
@@ -186,12 +189,12 @@ def _bracket_finish_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
 
 
 # GPU defaults (measured on the H200, kernels/NOTES.md); the scoring kernel takes its tiles from SCORES_CONFIG
-BRACKET_SAMPLE = 1024  # sample size (power of 2); rows shorter than 4x this take the whole key range as bracket
+BRACKET_SAMPLE = 512  # sample size (power of 2); rows shorter than 4x this take the whole key range as bracket
 BRACKET_SUB = 256  # sampled tokens scored per sub-tile of the bracket kernel
 BRACKET_NSIG = 4.0
 BRACKET_BLOCK_S = 2048  # tile of the band radix select
 BRACKET_WARPS = 8
-BRACKET_SCORE_CONFIG = {0: dict(block_n=256, tiles=4, num_warps=4), 32: dict(block_n=128, tiles=2, num_warps=4)}
+BRACKET_SCORE_CONFIG = {0: dict(block_n=256, tiles=2, num_warps=4), 32: dict(block_n=256, tiles=1, num_warps=4)}
 
 
 def _score_config(d: int, config: dict | None) -> dict:
@@ -204,7 +207,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
                         k_max: int | None = None, sink_tokens: int = 0, local_window: int = 0,
                         q_rot_out: torch.Tensor | None = None, config: dict | None = None,
                         sample: int | None = None, nsig: float | None = None,
-                        workspace: torch.Tensor | None = None):
+                        workspace: torch.Tensor | None = None, stages: int = 3):
     """(Rotate q) + scores + exact top-k with the selection fused into the scoring pass (see module doc).
 
     Same contract as `topk.loki_select`: q (B, H, D) raw queries when P (KVH, D, D) is given (q' = q @ P is
@@ -213,6 +216,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     last positions of each sequence are always selected (they count towards the budget).  Returns
     (idx (B, R, k_max) int32 padded with -1, q_rot (B, H, D) fp32 or None).  ``workspace``: optional int32
     buffer of >= B*R*(2*S_max + 4) elements (band keys and positions, bracket and counters).
+    ``stages`` < 3 launches only the first kernels (for the benchmark's per-kernel times; idx is then garbage).
     """
     check_float(k_lr, "k_lr")
     check(k_lr.dim() == 4, f"k_lr must be (B, KVH, S_max, d), got {tuple(k_lr.shape)}")
@@ -247,8 +251,8 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     if workspace is None:
         workspace = torch.empty(n_ws, dtype=torch.int32, device=k_lr.device)
     check(workspace.dtype == torch.int32 and workspace.is_contiguous() and workspace.numel() >= n_ws
-          and workspace.device == k_lr.device,
-          f"workspace must be a contiguous int32 tensor of >= {n_ws} elements on {k_lr.device}")
+          and workspace.device == k_lr.device and workspace.data_ptr() % 8 == 0,
+          f"workspace must be a contiguous, 8-byte aligned int32 tensor of >= {n_ws} elements on {k_lr.device}")
     ws, br = workspace[:B * R * 2 * S], workspace[B * R * 2 * S:n_ws]
     idx = torch.empty(B, R, KMAX, dtype=torch.int32, device=k_lr.device)
     scale = default_scaling(D, scaling)
@@ -268,6 +272,8 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         ROTATE=rotate, HAS_KB=kb is not None, G_ROT=next_pow2(HPR), D=D, BLOCK_D=BLOCK_D, SAMPLE=sample,
         SUB=min(sample, 32 if interp else BRACKET_SUB), **rot_chunks(BLOCK_D, True), **common,
         num_warps=4 if interp else BRACKET_WARPS)
+    if stages < 2:
+        return idx, (q_rot_out if rotate else None)
     if interp:
         BLOCK_N, TILES, nw = 32, 1, 4
     else:
@@ -278,6 +284,8 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br,
         idx, idx.stride(0), idx.stride(1), lengths, scale, R, G, S, KMAX, sink_tokens, local_window,
         BLOCK_N=BLOCK_N, TILES=TILES, **common, num_warps=nw)
+    if stages < 3:
+        return idx, (q_rot_out if rotate else None)
     _bracket_finish_kernel[(B * R,)](
         qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br,
         idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, scale, R, G, S, KMAX, sink_tokens, local_window,

@@ -2,7 +2,8 @@
 
     out = loki_decode(q, P, k_lr, k_rest, v, lengths, k_budget, mode="group", reduce="max", scaling=None)
 
-path="bracket" (default): rotate q + sample bracket, scores with the selection pass fused in (many programs
+path="auto" picks by the number of score rows (`choose_path`).
+path="bracket": rotate q + sample bracket, scores with the selection pass fused in (many programs
 per row), band select, then the sparse attention kernel (+ split combine); see bracket.py.
 path="fused": one kernel rotates q, scores each row and selects its top-k (one program per row).
 path="split": rotate_q, loki_scores (many programs per row), topk_select, sparse attention.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import LokiInputError, check, check_cache, check_float, check_lengths
+from ._utils import LokiInputError, check, check_cache, check_float, check_lengths, num_sms
 from .attention import sparse_decode_attention
 from .bracket import loki_select_bracket
 from .scores import loki_scores, rotate_q
@@ -23,9 +24,12 @@ from .topk import _budget_args, loki_select, topk_select
 PATHS = ("auto", "bracket", "fused", "split", "torch_topk")
 
 
-def choose_path(B: int, rows: int, device) -> str:
-    """The bracket path wins at every measured shape (kernels/NOTES.md, v4)."""
-    return "bracket"
+def choose_path(B: int, rows: int, device, forced: bool = False) -> str:
+    """Few score rows (batch 1): the bracket path, whose scoring pass spreads each row over many programs; enough
+    rows to fill the GPU: the fused path (kernels/NOTES.md, v4).  Sinks / local window: the bracket path."""
+    if forced:
+        return "bracket"
+    return "fused" if B * rows >= num_sms(device) // 2 else "bracket"
 
 
 def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: torch.Tensor, v: torch.Tensor,
@@ -55,7 +59,7 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
         _budget_args(k_budget, lengths, B, True, k_max)
     rows = KVH if mode == "group" else q.shape[1]
     if path == "auto":
-        path = choose_path(B, rows, q.device)
+        path = choose_path(B, rows, q.device, forced=bool(sink_tokens or local_window))
     if (sink_tokens or local_window) and path not in ("auto", "bracket"):
         raise LokiInputError(f"sink_tokens/local_window need path='bracket' (got path={path!r})")
     if path == "bracket":

@@ -233,6 +233,19 @@ def masked_attention(scores: torch.Tensor, keep: torch.Tensor, v: torch.Tensor) 
     return torch.matmul(p, acc(expand_kv(v, groups)).to(p.dtype)).to(v.dtype)
 
 
+def kept_attention(q, k, v, keep: torch.Tensor, scaling) -> torch.Tensor:
+    """Exact attention of each query over its kept keys only (boolean ``keep`` (B, H, T, S)): the same numbers as
+    ``masked_attention(exact_scores(q, k, scaling), keep, v)`` (to float rounding), through torch's fused sdpa,
+    without materialising the masked score matrix (about 2x faster on the CPU). Rows that keep nothing give
+    zeros. Returns v's dtype."""
+    import torch.nn.functional as F
+
+    groups = q.shape[1] // k.shape[1]
+    out = F.scaled_dot_product_attention(acc(q), acc(expand_kv(k, groups)), acc(expand_kv(v, groups)),
+                                         attn_mask=keep, scale=scaling)
+    return out.nan_to_num_(0.0).to(v.dtype)
+
+
 def dense_attention(q, k, v, visible, scaling) -> torch.Tensor:
     """Exact attention over every visible key (torch's sdpa, in the accumulation dtype); rows that see nothing
     give zeros. What the methods run in their dense layers and dense prefill (no score matrix kept)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loki.methods.base import (Method, dense_attention, exact_scores, forced_mask, masked_attention,
+from loki.methods.base import (Method, dense_attention, exact_scores, forced_mask, kept_attention,
                                select_topk, token_budget, validate_budget)
 
 SELECTION_OPTIONS = {
@@ -37,4 +37,4 @@ class ExactTopK(Method):
         keep = select_topk(scores, visible, budget, forced_mask(visible, self.sink_tokens, self.local_window))
         self.last_selection = keep
         self.record(keep, visible, q.shape[1])
-        return masked_attention(scores, keep, v)
+        return kept_attention(q, k, v, keep, scaling)

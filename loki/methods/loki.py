@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from loki.common import fail
-from loki.methods.base import (Method, acc, dense_attention, exact_scores, forced_mask, group_reduce,
-                               masked_attention, select_topk, token_budget, validate_budget)
+from loki.methods.base import (Method, acc, dense_attention, forced_mask, group_reduce,
+                               kept_attention, select_topk, token_budget, validate_budget)
 from loki.methods.exact_topk import SELECTION_OPTIONS, is_dense_here
 
 
@@ -125,7 +125,6 @@ class Loki(Method):
         if is_dense_here(self, module, q):
             self.record(None, visible, q.shape[1])
             return dense_attention(q, k, v, visible, scaling)
-        scores = exact_scores(q, k, scaling)
         approx = self.approx_scores(module, q, k, scaling)
         budget = token_budget(visible, self.k, self.k_mode)
         forced = forced_mask(visible, self.sink_tokens, self.local_window)
@@ -137,4 +136,4 @@ class Loki(Method):
             keep = select_topk(approx, visible, budget, forced)
         self.last_selection = keep
         self.record(keep, visible, q.shape[1])
-        return masked_attention(scores, keep, v)
+        return kept_attention(q, k, v, keep, scaling)
