@@ -31,7 +31,7 @@ from .bracket import loki_select_bracket
 from .loki import loki_decode
 from .reference import dense_sdpa, naive_loki_torch
 from .scores import loki_scores, rotate_q
-from .testing import random_orthonormal
+from .testing import capture_graph, random_orthonormal
 from .topk import loki_select, topk_select
 
 H, KVH, D = 32, 8, 128
@@ -54,16 +54,7 @@ def bench_graph(fn, n_calls_target_ms=8.0, rep=100):
     torch.cuda.synchronize()
     est = max((time.perf_counter() - t0) * 1e3, 1e-3)
     n_inner = int(min(200, max(1, n_calls_target_ms / est)))
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(n_inner):
-            fn()
+    g = capture_graph(fn, n_inner)
     torch.cuda.synchronize()
     ms = triton.testing.do_bench(g.replay, warmup=10, rep=rep, return_mode="median")
     del g
@@ -224,6 +215,15 @@ def tune(rep, log, light=False):
         out[name] = [dict(geo_ms=g, config=c, ms=ts) for g, c, ts in rows]
         return rows[0][1] if rows else None
 
+    def sweep_per_d(prefix, cands, mk, table):
+        """Sweep on the d = D/4 and d = D/8 cases alone; each best config goes to table[32] / table[16] and [0]."""
+        for cs in (cases[1], cases[2]):
+            best = sweep(f"{prefix}_d{cs['d']}", cands, mk, [cs])
+            if best:
+                table[cs["d"] if cs["d"] < 32 else 32] = best
+                if cs["d"] < 32:
+                    table[0] = best
+
     def bsel(c, cs):
         cc = cs["case"]
         cfg = {k_: c[k_] for k_ in ("block_n", "tiles", "num_warps") if k_ in c}
@@ -233,14 +233,9 @@ def tune(rep, log, light=False):
         best = sweep("bracket_sample", [dict(sample=sm) for sm in (512, 1024, 2048)], bsel, cases)
         if best:
             bracket_mod.BRACKET_SAMPLE = best["sample"]
-        for cs in (cases[1], cases[2]):
-            best = sweep(f"bracket_scores_d{cs['d']}", [dict(block_n=bn, tiles=t, num_warps=nw)
-                                                         for bn, nw in ((64, 4), (128, 4), (256, 4), (256, 8))
-                                                         for t in (1, 2, 4)], bsel, [cs])
-            if best:
-                bracket_mod.BRACKET_SCORE_CONFIG[cs["d"] if cs["d"] < 32 else 32] = best
-                if cs["d"] < 32:
-                    bracket_mod.BRACKET_SCORE_CONFIG[0] = best
+        sweep_per_d("bracket_scores", [dict(block_n=bn, tiles=t, num_warps=nw)
+                                       for bn, nw in ((64, 4), (128, 4), (256, 4), (256, 8)) for t in (1, 2, 4)],
+                    bsel, bracket_mod.BRACKET_SCORE_CONFIG)
         del cases
         return out
     if light:  # only the selection's sample size (incl. "direct": no bracket, full-row radix select)
@@ -283,16 +278,11 @@ def tune(rep, log, light=False):
         topk_mod.SELECT_BLOCK_S, topk_mod.SELECT_WARPS = best["block_s"], best["num_warps"]
         out["topk_select_sample_best"] = best["sample"]
 
-    for cs in (cases[1], cases[2]):
-        def sc(c, cs_):
-            cc = cs_["case"]
-            return lambda: loki_scores(cc.q_rot, cc.copies[0][0], cc.lengths, d=cs_["d"], config=c)
-        best = sweep(f"scores_d{cs['d']}", [dict(block_n=bn, tiles=t, num_warps=4) for bn in (128, 256, 512)
-                                             for t in (2, 4, 8)], sc, [cs])
-        if best:
-            scores_mod.SCORES_CONFIG[cs["d"] if cs["d"] < 32 else 32] = best
-            if cs["d"] < 32:
-                scores_mod.SCORES_CONFIG[0] = best
+    def sc(c, cs_):
+        cc = cs_["case"]
+        return lambda: loki_scores(cc.q_rot, cc.copies[0][0], cc.lengths, d=cs_["d"], config=c)
+    sweep_per_d("scores", [dict(block_n=bn, tiles=t, num_warps=4) for bn in (128, 256, 512) for t in (2, 4, 8)], sc,
+                scores_mod.SCORES_CONFIG)
     del cases
     return out
 

@@ -29,10 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check, check_float, check_last_contiguous, check_lengths, default_scaling, is_interpreter, \
-    next_pow2
-from .scores import _check_q, _load_q_lr_T, _mode_params, _rotate_heads, _score_tile, _split_hi_lo, rot_chunks
-from .topk import _bit_length, _budget_args, _key_of, _radix_select, _row_budget
+from ._utils import check, default_scaling, is_interpreter, next_pow2
+from .scores import _load_q_lr_T, _rotate_heads, _row_of, _score_tile, _split_hi_lo, rot_chunks
+from .topk import _bit_length, _bracket_of_sample, _key_of, _radix_select, _row_budget, check_select_inputs
 
 
 @triton.jit
@@ -51,10 +50,7 @@ def _bracket_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h
                     BLOCK_DL: tl.constexpr, SAMPLE: tl.constexpr, SUB: tl.constexpr, K_FP32: tl.constexpr,
                     REDUCE_MAX: tl.constexpr, ROT_C: tl.constexpr, ROT_I: tl.constexpr):
     pid = tl.program_id(0)
-    b = (pid // R).to(tl.int64)
-    r = (pid % R).to(tl.int64)
-    h0 = r * HPR
-    kvh = h0 // G
+    b, r, h0, kvh = _row_of(pid, R, HPR, G)
     n, kb = _row_budget(len_ptr, kb_ptr, b, K_INT, S_MAX, KMAX, HAS_KB)
     if ROTATE:
         _rotate_heads(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h, b, h0, kvh,
@@ -75,18 +71,8 @@ def _bracket_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h
             sc = _forced(sc, spos, n, SINK, LOCAL)
             tl.store(sbuf + i, _key_of(sc).to(tl.int32, bitcast=True))
         tl.debug_barrier()  # sample keys written by all threads are read back by all threads
-        i = tl.arange(0, SAMPLE)
-        sk = tl.load(sbuf + i).to(tl.uint32, bitcast=True)
-        srt = tl.sort((sk ^ 0x80000000).to(tl.int32, bitcast=True), descending=True)
-        frac = kb.to(tl.float32) / n.to(tl.float32)
-        pm = frac * SAMPLE
-        dlt = nsig * tl.sqrt(pm * (1.0 - frac)) + 4.0
-        r_hi = tl.floor(pm - dlt).to(tl.int32)
-        r_lo = tl.ceil(pm + dlt).to(tl.int32)
-        v_hi = (tl.sum(tl.where(i == r_hi, srt, 0), axis=0).to(tl.uint32, bitcast=True)) ^ 0x80000000
-        v_lo = (tl.sum(tl.where(i == r_lo, srt, 0), axis=0).to(tl.uint32, bitcast=True)) ^ 0x80000000
-        hi_key = tl.where(r_hi >= 0, v_hi, hi_key)
-        lo_key = tl.where(r_lo < SAMPLE, v_lo, lo_key)
+        sk = tl.load(sbuf + tl.arange(0, SAMPLE)).to(tl.uint32, bitcast=True)
+        lo_key, hi_key = _bracket_of_sample(sk, kb, n, nsig, SAMPLE)
     br = br_ptr + pid * 4
     tl.store(br, lo_key.to(tl.int32, bitcast=True))
     tl.store(br + 1, hi_key.to(tl.int32, bitcast=True))
@@ -102,10 +88,7 @@ def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
                            REDUCE_MAX: tl.constexpr):
     pid = tl.program_id(0)
     tb = tl.program_id(1)
-    b = (pid // R).to(tl.int64)
-    r = (pid % R).to(tl.int64)
-    h0 = r * HPR
-    kvh = h0 // G
+    b, r, h0, kvh = _row_of(pid, R, HPR, G)
     n = tl.maximum(tl.minimum(tl.load(len_ptr + b).to(tl.int32), S_MAX), 0)
     start0 = tb * (TILES * BLOCK_N)
     if start0 < n:
@@ -148,8 +131,7 @@ def _bracket_finish_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
                            BLOCK_DL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
                            K_FP32: tl.constexpr, REDUCE_MAX: tl.constexpr):
     pid = tl.program_id(0)
-    b = (pid // R).to(tl.int64)
-    r = (pid % R).to(tl.int64)
+    b, r, h0, kvh = _row_of(pid, R, HPR, G)
     n, kb = _row_budget(len_ptr, kb_ptr, b, K_INT, S_MAX, KMAX, HAS_KB)
     br = br_ptr + pid * 4
     lo_key = tl.load(br).to(tl.uint32, bitcast=True)
@@ -167,8 +149,6 @@ def _bracket_finish_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
             _radix_select(bkey, bidx, c_band, rr, o_row + c_gt, hb, prefix, HAS_IDX=True, SRC_KEYS=True,
                           BLOCK_S=BLOCK_S)
     else:  # the bracket missed: recompute the row's keys, exact radix select over the whole row
-        h0 = r * HPR
-        kvh = h0 // G
         qT = _load_q_lr_T(qrot_ptr, sqr_b, sqr_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
         qT_hi, qT_lo = _split_hi_lo(qT, klr_ptr.dtype.element_ty)
         k_base = klr_ptr + b * slr_b + kvh * slr_h
@@ -218,31 +198,11 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     buffer of >= B*R*(2*S_max + 4) elements (band keys and positions, bracket and counters).
     ``stages`` < 3 launches only the first kernels (for the benchmark's per-kernel times; idx is then garbage).
     """
-    check_float(k_lr, "k_lr")
-    check(k_lr.dim() == 4, f"k_lr must be (B, KVH, S_max, d), got {tuple(k_lr.shape)}")
-    check_last_contiguous(k_lr, "k_lr")
-    B, KVH, S, d = k_lr.shape
-    check_float(q, "q")
-    check(q.dim() == 3 and q.shape[0] == B, f"q must be (B, H, D) with B={B}, got {tuple(q.shape)}")
-    D = q.shape[2]
-    check(D >= d, f"q head dim {D} is smaller than d={d}")
-    H = _check_q(q, "q", B, D, KVH, k_lr.device)
-    check_lengths(lengths, B, k_lr.device)
-    R, HPR = _mode_params(mode, reduce, H, KVH)
     check(isinstance(sink_tokens, int) and sink_tokens >= 0, f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
     check(isinstance(local_window, int) and local_window >= 0,
           f"local_window must be an int >= 0, got {local_window!r}")
-    if strict:
-        check(bool((lengths <= S).all()), f"lengths exceed S_max={S}")
-    K_INT, kb, KMAX = _budget_args(k, lengths, B, strict, k_max)
-    rotate = P is not None
-    if rotate:
-        check_float(P, "P")
-        check(tuple(P.shape) == (KVH, D, D), f"P must have shape {(KVH, D, D)}, got {tuple(P.shape)}")
-        check_last_contiguous(P, "P")
-        check(P.device == k_lr.device, f"P is on {P.device}, expected {k_lr.device}")
-        if q_rot_out is None:
-            q_rot_out = torch.empty(B, H, D, dtype=torch.float32, device=q.device)
+    B, KVH, S, d, D, H, R, HPR, K_INT, kb, KMAX, rotate, q_rot_out = check_select_inputs(
+        q, k_lr, lengths, k, P, mode, reduce, strict, k_max, q_rot_out)
     interp = is_interpreter()
     sample = int(sample) if sample is not None else (64 if interp else BRACKET_SAMPLE)
     check(sample >= 16 and sample & (sample - 1) == 0, f"sample must be a power of 2 >= 16, got {sample}")

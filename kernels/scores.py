@@ -47,6 +47,15 @@ def _rotate_heads(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, out_ptr, so_b, so_h, b, 
 
 
 @triton.jit
+def _row_of(pid, R, HPR: tl.constexpr, G):
+    """(b, r, first query head h0, KV head) of score row pid (rows ordered (sequence, row))."""
+    b = (pid // R).to(tl.int64)
+    r = (pid % R).to(tl.int64)
+    h0 = r * HPR
+    return b, r, h0, h0 // G
+
+
+@triton.jit
 def _q_lr_T_from_raw(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, b, h0, kvh, HPR: tl.constexpr, G_PAD: tl.constexpr,
                      D: tl.constexpr, D_LR: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DL: tl.constexpr,
                      BLOCK_I: tl.constexpr):

@@ -66,3 +66,18 @@ def check_selection(idx: torch.Tensor, ref_scores: torch.Tensor, lengths, budget
             else:
                 exact += 1
     return B * G, exact
+
+
+def capture_graph(fn, n_calls: int = 1) -> "torch.cuda.CUDAGraph":
+    """A CUDA graph of ``n_calls`` calls of fn(), captured after two warm-up calls on a side stream."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(n_calls):
+            fn()
+    return g

@@ -22,14 +22,16 @@ score the row against the low-rank slab, select.  The row's keys go through a sc
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from ._utils import (check, check_float, check_last_contiguous, check_lengths, default_scaling, is_interpreter,
                      next_pow2, INDEX_DTYPES)
-from .scores import (_check_q, _load_q_lr_T, _mode_params, _q_lr_T_from_raw, _rotate_heads, _score_tile,
-                     _split_hi_lo, rot_chunks)
+from .scores import (_check_q, _load_q_lr_T, _mode_params, _q_lr_T_from_raw, _rotate_heads, _row_of,
+                     _score_tile, _split_hi_lo, rot_chunks)
 
 
 @triton.jit
@@ -136,6 +138,24 @@ def _radix_select(key_ptr, idx_ptr, n, r, out_ptr, hb0, prefix0, HAS_IDX: tl.con
 
 
 @triton.jit
+def _bracket_of_sample(sk, kb, n, nsig, SAMPLE: tl.constexpr):
+    """Keys (lo, hi) whose ranks in the sorted sample `sk` (SAMPLE keys of a row of n) bracket rank k*SAMPLE/n by
+    +- nsig binomial standard deviations (+4); the whole key range on a side that runs off the sample."""
+    i = tl.arange(0, SAMPLE)
+    srt = tl.sort((sk ^ 0x80000000).to(tl.int32, bitcast=True), descending=True)
+    frac = kb.to(tl.float32) / n.to(tl.float32)
+    pm = frac * SAMPLE
+    dlt = nsig * tl.sqrt(pm * (1.0 - frac)) + 4.0
+    r_hi = tl.floor(pm - dlt).to(tl.int32)
+    r_lo = tl.ceil(pm + dlt).to(tl.int32)
+    v_hi = (tl.sum(tl.where(i == r_hi, srt, 0), axis=0).to(tl.uint32, bitcast=True)) ^ 0x80000000
+    v_lo = (tl.sum(tl.where(i == r_lo, srt, 0), axis=0).to(tl.uint32, bitcast=True)) ^ 0x80000000
+    hi_key = tl.where(r_hi >= 0, v_hi, tl.full([], 0xFFFFFFFF, tl.uint32))
+    lo_key = tl.where(r_lo < SAMPLE, v_lo, tl.zeros([], dtype=tl.uint32))
+    return lo_key, hi_key
+
+
+@triton.jit
 def _select_row(src_ptr, n, kb, out_ptr, bkey_ptr, bidx_ptr, KMAX, nsig, SRC_KEYS: tl.constexpr,
                 BLOCK_S: tl.constexpr, SAMPLE: tl.constexpr):
     """Write the indices of the kb largest of src[0:n] to out[0:kb], -1 to out[kb:KMAX] (see module doc)."""
@@ -150,16 +170,7 @@ def _select_row(src_ptr, n, kb, out_ptr, bkey_ptr, bidx_ptr, KMAX, nsig, SRC_KEY
             i = tl.arange(0, SAMPLE)
             spos = ((i.to(tl.int64) * n) // SAMPLE).to(tl.int32)
             sk = _load_key(src_ptr, spos, i < SAMPLE, SRC_KEYS)
-            srt = tl.sort((sk ^ 0x80000000).to(tl.int32, bitcast=True), descending=True)
-            frac = kb.to(tl.float32) / n.to(tl.float32)
-            pm = frac * SAMPLE
-            dlt = nsig * tl.sqrt(pm * (1.0 - frac)) + 4.0
-            r_hi = tl.floor(pm - dlt).to(tl.int32)
-            r_lo = tl.ceil(pm + dlt).to(tl.int32)
-            v_hi = (tl.sum(tl.where(i == r_hi, srt, 0), axis=0).to(tl.uint32, bitcast=True)) ^ 0x80000000
-            v_lo = (tl.sum(tl.where(i == r_lo, srt, 0), axis=0).to(tl.uint32, bitcast=True)) ^ 0x80000000
-            hi_key = tl.where(r_hi >= 0, v_hi, hi_key)
-            lo_key = tl.where(r_lo < SAMPLE, v_lo, lo_key)
+            lo_key, hi_key = _bracket_of_sample(sk, kb, n, nsig, SAMPLE)
             for start in range(0, n, BLOCK_S):
                 offs = start + ar
                 valid = offs < n
@@ -231,10 +242,7 @@ def _loki_select_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, s
                         SAMPLE: tl.constexpr, K_FP32: tl.constexpr, REDUCE_MAX: tl.constexpr,
                         ROT_C: tl.constexpr, ROT_I: tl.constexpr):
     pid = tl.program_id(0)
-    b = (pid // R).to(tl.int64)
-    r = (pid % R).to(tl.int64)
-    h0 = r * HPR
-    kvh = h0 // G
+    b, r, h0, kvh = _row_of(pid, R, HPR, G)
     n, kb = _row_budget(len_ptr, kb_ptr, b, K_INT, S_MAX, KMAX, HAS_KB)
     if ROTATE:
         _rotate_heads(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h, b, h0, kvh,
@@ -352,17 +360,25 @@ def topk_select(scores: torch.Tensor, lengths: torch.Tensor, k, strict: bool = T
     return out
 
 
-def loki_select(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tensor, k, P: torch.Tensor | None = None,
-                mode: str = "group", reduce: str = "max", scaling: float | None = None, strict: bool = True,
-                k_max: int | None = None, q_rot_out: torch.Tensor | None = None, block_n: int | None = None,
-                num_warps: int | None = None, block_s: int | None = None, sample: int | None = None,
-                nsig: float | None = None, workspace: torch.Tensor | None = None):
-    """Fused front half of a Loki step: (rotate q) + scores + top-k, one program per (sequence, score row).
+class SelectArgs(NamedTuple):
+    B: int
+    KVH: int
+    S: int
+    d: int
+    D: int
+    H: int
+    R: int
+    HPR: int
+    K_INT: int
+    kb: torch.Tensor | None
+    KMAX: int
+    rotate: bool
+    q_rot_out: torch.Tensor | None
 
-    q: (B, H, D) raw queries if P is given (then q' = q @ P[kvh] is computed here and returned), else already
-    rotated queries.  Returns (idx, q_rot): idx (B, G, k_max) int32 as `topk_select`; q_rot (B, H, D) fp32
-    (None when P is None).  scaling defaults to 1/sqrt(D).
-    """
+
+def check_select_inputs(q, k_lr, lengths, k, P, mode, reduce, strict, k_max, q_rot_out) -> SelectArgs:
+    """Host-side validation shared by the select launchers (`loki_select`, `bracket.loki_select_bracket`);
+    allocates the fp32 q' output when P is given and none was passed."""
     check_float(k_lr, "k_lr")
     check(k_lr.dim() == 4, f"k_lr must be (B, KVH, S_max, d), got {tuple(k_lr.shape)}")
     check_last_contiguous(k_lr, "k_lr")
@@ -385,6 +401,22 @@ def loki_select(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tensor, k, P
         check(P.device == k_lr.device, f"P is on {P.device}, expected {k_lr.device}")
         if q_rot_out is None:
             q_rot_out = torch.empty(B, H, D, dtype=torch.float32, device=q.device)
+    return SelectArgs(B, KVH, S, d, D, H, R, HPR, K_INT, kb, KMAX, rotate, q_rot_out)
+
+
+def loki_select(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tensor, k, P: torch.Tensor | None = None,
+                mode: str = "group", reduce: str = "max", scaling: float | None = None, strict: bool = True,
+                k_max: int | None = None, q_rot_out: torch.Tensor | None = None, block_n: int | None = None,
+                num_warps: int | None = None, block_s: int | None = None, sample: int | None = None,
+                nsig: float | None = None, workspace: torch.Tensor | None = None):
+    """Fused front half of a Loki step: (rotate q) + scores + top-k, one program per (sequence, score row).
+
+    q: (B, H, D) raw queries if P is given (then q' = q @ P[kvh] is computed here and returned), else already
+    rotated queries.  Returns (idx, q_rot): idx (B, G, k_max) int32 as `topk_select`; q_rot (B, H, D) fp32
+    (None when P is None).  scaling defaults to 1/sqrt(D).
+    """
+    B, KVH, S, d, D, H, R, HPR, K_INT, kb, KMAX, rotate, q_rot_out = check_select_inputs(
+        q, k_lr, lengths, k, P, mode, reduce, strict, k_max, q_rot_out)
     scale = default_scaling(D, scaling)
     ws = _workspace(workspace, B * R * 3 * S, k_lr.device)
     idx = torch.empty(B, R, KMAX, dtype=torch.int32, device=k_lr.device)

@@ -81,16 +81,9 @@ def _median_ms(fn, n: int, device, warm: int = 1) -> float:
 
 def _graph(fn, device):
     """Capture fn() in a CUDA graph (after warm-up on a side stream); returns the graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g
+    from kernels.testing import capture_graph  # noqa: PLC0415  (CUDA only; kernels imports triton)
+
+    return capture_graph(fn)
 
 
 # ------------------------------------------------------------------------------------------- one point

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels import LokiInputError, loki_decode
+from kernels import LokiInputError, loki_decode, loki_select_bracket
 from kernels.reference import loki_decode_ref, naive_loki_torch
 from kernels.testing import check_selection, random_cache, random_orthonormal, rel_err
 from kernels.topk import budgets_ref
@@ -88,3 +88,14 @@ def test_loki_decode_bad_inputs():
         loki_decode(q, P[:1], k_lr, k_rest, v, lengths, 2, path="fused")
     with pytest.raises(LokiInputError, match="lengths must be int32"):
         loki_decode(q, P, k_lr, k_rest, v, lengths.float(), 2)
+    # the bracket path's own arguments
+    with pytest.raises(LokiInputError, match="larger than the length"):
+        loki_select_bracket(q, k_lr, lengths, 6, P=P)
+    with pytest.raises(LokiInputError, match="sample must be a power of 2"):
+        loki_select_bracket(q, k_lr, lengths, 2, P=P, sample=100)
+    with pytest.raises(LokiInputError, match="sink_tokens"):
+        loki_select_bracket(q, k_lr, lengths, 2, P=P, sink_tokens=-1)
+    with pytest.raises(LokiInputError, match="need path='bracket'"):
+        loki_decode(q, P, k_lr, k_rest, v, lengths, 2, path="fused", sink_tokens=4)
+    with pytest.raises(LokiInputError, match="workspace"):
+        loki_select_bracket(q, k_lr, lengths, 2, P=P, workspace=torch.zeros(3, dtype=torch.int32, device=DEV))
