@@ -456,6 +456,15 @@ def draw_transfer(transfer: pd.DataFrame, title: str, footer: str = ""):
 # ----------------------------------------------------------------------------------------------------------
 # speed
 
+def _speed_panel(ax, pyplot, title: str) -> None:
+    """Decoration of one speedup-against-context panel: the no-speedup line at 1, log-2 context axis, grid, legend."""
+    ax.axhline(1, color="0.5", lw=0.8)
+    _context_axis(ax, pyplot)
+    ax.set(xlabel="context (tokens)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def draw_kernel_speed(kern: pd.DataFrame, title: str, footer: str = ""):
     """Kernel speedup over SDPA against context, per batch, with the ideal byte ratio dashed."""
     data = kern.sort_values(["device", "batch", "d_frac", "k_frac", "context", "source"]).reset_index(drop=True)
@@ -469,11 +478,7 @@ def draw_kernel_speed(kern: pd.DataFrame, title: str, footer: str = ""):
             c = cmap(configs.index((df_, kf)) % 10)
             ax.plot(h.context, h.speedup, marker="o", color=c, label=f"d={df_}, k={kf} (measured)")
             ax.plot(h.context, h.ideal_ratio, ls="--", color=c, alpha=0.6, label=f"d={df_}, k={kf} (ideal bytes)")
-        ax.axhline(1, color="0.5", lw=0.8)
-        _context_axis(ax, pyplot)
-        ax.set(xlabel="context (tokens)", title=f"{device}, batch {batch}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _speed_panel(ax, pyplot, f"{device}, batch {batch}")
     axes[0][0].set_ylabel("speedup over SDPA (attention only)")
     _title(fig, title, footer)
     return fig, data
@@ -491,11 +496,7 @@ def draw_decode_speed(dec: pd.DataFrame, title: str, footer: str = ""):
         for (method, variant, d, k), h in g.groupby(["method", "variant", "d", "k"], sort=True, dropna=False):
             lab = point_label(method, variant, d, k)
             ax.plot(h.context, h.speedup, marker="o", color=cmap(configs.index(lab) % 10), label=lab)
-        ax.axhline(1, color="0.5", lw=0.8)
-        _context_axis(ax, pyplot)
-        ax.set(xlabel="context (tokens)", title=f"batch {batch}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _speed_panel(ax, pyplot, f"batch {batch}")
     axes[0][0].set_ylabel("decode speedup over dense")
     _title(fig, title, footer)
     return fig, data

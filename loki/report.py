@@ -295,19 +295,27 @@ def collect(results_dir, expect=None):
 # ----------------------------------------------------------------------------------------------------------
 # optional inputs
 
+def _read_csv(path: Path, columns: list[str], producer: str):
+    """``path`` read as a CSV with at least ``columns`` and one row (else a ``_bad`` error naming ``producer``)."""
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path)
+    except (OSError, ValueError, pd.errors.ParserError) as e:
+        raise _bad(path, f"not a readable CSV ({type(e).__name__}: {e})", producer) from e
+    missing = [c for c in columns if c not in df.columns]
+    if missing or df.empty:
+        raise _bad(path, f"columns {missing} missing" if missing else "no rows", producer)
+    return df
+
+
 def load_ranks(results_dir) -> dict:
     """{(model, calib): rank table} from every ``pca/<model>/<calib>/rank.csv``."""
     import pandas as pd
 
     out = {}
     for p in sorted(Path(results_dir).glob("pca/*/*/rank.csv")):
-        try:
-            df = pd.read_csv(p)
-        except (OSError, ValueError, pd.errors.ParserError) as e:
-            raise _bad(p, f"not a readable CSV ({type(e).__name__}: {e})", "fit_pca") from e
-        missing = [c for c in RANK_COLS if c not in df.columns]
-        if missing or df.empty:
-            raise _bad(p, f"columns {missing} missing" if missing else "no rows", "fit_pca")
+        df = _read_csv(p, RANK_COLS, "fit_pca")
         if not all(pd.api.types.is_numeric_dtype(df[c]) for c in RANK_COLS[1:]):
             raise _bad(p, "layer/head/threshold/rank/head_dim must be numbers", "fit_pca")
         meta = {}
@@ -328,13 +336,7 @@ def load_transfer(results_dir):
     p = Path(results_dir) / "transfer" / "transfer.csv"
     if not p.exists():
         return None
-    try:
-        df = pd.read_csv(p)
-    except (OSError, ValueError, pd.errors.ParserError) as e:
-        raise _bad(p, f"not a readable CSV ({type(e).__name__}: {e})", "the transfer stage") from e
-    missing = [c for c in TRANSFER_COLS if c not in df.columns]
-    if missing or df.empty:
-        raise _bad(p, f"columns {missing} missing" if missing else "no rows", "the transfer stage")
+    df = _read_csv(p, TRANSFER_COLS, "the transfer stage")
     if not (pd.api.types.is_numeric_dtype(df.d) and pd.api.types.is_numeric_dtype(df.explained_variance)):
         raise _bad(p, "d and explained_variance must be numbers", "the transfer stage")
     df.attrs["source"] = str(p)

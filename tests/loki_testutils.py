@@ -66,3 +66,62 @@ def save_tiny_model(out_dir: Path, family: str = "llama", seed: int = 0, **kw) -
     return out_dir
 
 
+
+# ----------------------------------------------------------------------------------------------------------
+# attention methods on random inputs (tests/test_methods_core.py, tests/methods/)
+
+
+def fake_model(layers: int = 1, heads: int = 6, kv_heads: int = 2, head_dim: int = 16):
+    """A stand-in for a loaded llama model: only the config a method binds to (no weights)."""
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(model_type="llama", num_hidden_layers=layers, num_attention_heads=heads,
+                          num_key_value_heads=kv_heads, head_dim=head_dim, hidden_size=heads * head_dim,
+                          vocab_size=100, _name_or_path="fake")
+    return SimpleNamespace(config=cfg)
+
+
+def random_basis(layers: int = 1, seed: int = 0, heads: int = 6, kv_heads: int = 2, head_dim: int = 16):
+    """A random orthonormal float64 post-RoPE basis per layer and KV head, fingerprinted for ``fake_model``."""
+    import torch
+
+    from loki.modeling import fingerprint
+    from loki.pca import Basis
+
+    g = torch.Generator().manual_seed(seed)
+    P = torch.linalg.qr(torch.randn(layers, kv_heads, head_dim, head_dim, generator=g, dtype=torch.float64))[0]
+    evr = torch.softmax(torch.randn(layers, kv_heads, head_dim, generator=g, dtype=torch.float64), -1)
+    evr = evr.sort(-1, descending=True).values
+    return Basis({"post.components": P, "post.explained_variance_ratio": evr},
+                 {"fingerprint": fingerprint(fake_model(layers, heads, kv_heads, head_dim), "fake")})
+
+
+def make_method(name: str, basis, model, /, **opts):
+    """The method ``name`` built from ``opts`` on ``basis`` and bound to ``model`` -> (method, basis). Positional
+    arguments only, so that ``opts`` may hold any option (a method's ``basis`` option, ...)."""
+    from loki.methods import build_method
+
+    m = build_method({"name": name, **opts}, basis=basis)
+    m.bind(model)
+    return m, basis
+
+
+def random_qkv(seed: int = 1, T: int = 12, S: int | None = None, batch: int = 2, heads: int = 6, kv_heads: int = 2,
+               head_dim: int = 16):
+    """Random float64 q (batch, heads, T, head_dim) and k, v (batch, kv_heads, S, head_dim); S defaults to T."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    S = S or T
+    q = torch.randn(batch, heads, T, head_dim, generator=g, dtype=torch.float64)
+    k = torch.randn(batch, kv_heads, S, head_dim, generator=g, dtype=torch.float64)
+    v = torch.randn(batch, kv_heads, S, head_dim, generator=g, dtype=torch.float64)
+    return q, k, v
+
+
+def causal(T: int, S: int | None = None):
+    """The causal keep-mask (1, 1, T, S) of the last T queries over S keys."""
+    import torch
+
+    S = S or T
+    return (torch.arange(S)[None, :] <= torch.arange(S - T, S)[:, None])[None, None]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -10,47 +11,24 @@ import torch
 
 from loki.common import LokiError
 from loki.methods import build_method
-from loki.pca import Basis
+from loki_testutils import causal, make_method, random_qkv
+from loki_testutils import fake_model as _fake_model
+from loki_testutils import random_basis as _random_basis
 
 B, H, KVH, T, D = 2, 6, 2, 12, 16
 G = H // KVH
 
 
-def fake_model(layers=1):
-    cfg = SimpleNamespace(model_type="llama", num_hidden_layers=layers, num_attention_heads=H, num_key_value_heads=KVH,
-                          head_dim=D, hidden_size=H * D, vocab_size=100, _name_or_path="fake")
-    return SimpleNamespace(config=cfg)
+# the shared helpers (tests/loki_testutils.py) at this file's shapes
+fake_model = partial(_fake_model, heads=H, kv_heads=KVH, head_dim=D)
+random_basis = partial(_random_basis, heads=H, kv_heads=KVH, head_dim=D)
+qkv = partial(random_qkv, batch=B, heads=H, kv_heads=KVH, head_dim=D, T=T)
 
 
-def random_basis(layers=1, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    P = torch.linalg.qr(torch.randn(layers, KVH, D, D, generator=g, dtype=torch.float64))[0]
-    evr = torch.softmax(torch.randn(layers, KVH, D, generator=g, dtype=torch.float64), -1).sort(-1, descending=True).values
-    from loki.modeling import fingerprint
-
-    return Basis({"post.components": P, "post.explained_variance_ratio": evr},
-                 {"fingerprint": fingerprint(fake_model(layers), "fake")})
-
-
-def make(name, **opts):
-    basis = random_basis()
-    m = build_method({"name": name, **opts}, basis=basis)
-    m.bind(fake_model())
-    return m, basis
-
-
-def qkv(seed=1, T=T, S=None):
-    g = torch.Generator().manual_seed(seed)
-    S = S or T
-    q = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
-    k = torch.randn(B, KVH, S, D, generator=g, dtype=torch.float64)
-    v = torch.randn(B, KVH, S, D, generator=g, dtype=torch.float64)
-    return q, k, v
-
-
-def causal(T, S=None):
-    S = S or T
-    return (torch.arange(S)[None, :] <= torch.arange(S - T, S)[:, None])[None, None]
+def make(name, basis_obj=None, **opts):
+    """The method ``name`` with ``opts`` on ``basis_obj`` (default: a fresh random basis), bound to ``fake_model()``
+    -> (method, basis)."""
+    return make_method(name, basis_obj or random_basis(), fake_model(), **opts)
 
 
 MOD = SimpleNamespace(layer_idx=0)

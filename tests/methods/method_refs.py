@@ -4,12 +4,14 @@ time), and small helpers shared by the method tests."""
 from __future__ import annotations
 
 import math
+from functools import partial
 from types import SimpleNamespace
 
 import torch
 
-from loki.methods import build_method
-from loki.pca import Basis
+from loki_testutils import causal, make_method, random_qkv  # noqa: F401 (causal: for the tests)
+from loki_testutils import fake_model as _fake_model
+from loki_testutils import random_basis as _random_basis
 
 B, H, KVH, D = 2, 6, 2, 16
 G = H // KVH
@@ -17,41 +19,16 @@ SCALE = D ** -0.5
 MOD = SimpleNamespace(layer_idx=0)
 
 
-def fake_model(layers=1):
-    cfg = SimpleNamespace(model_type="llama", num_hidden_layers=layers, num_attention_heads=H, num_key_value_heads=KVH,
-                          head_dim=D, hidden_size=H * D, vocab_size=100, _name_or_path="fake")
-    return SimpleNamespace(config=cfg)
-
-
-def random_basis(layers=1, seed=0):
-    from loki.modeling import fingerprint
-
-    g = torch.Generator().manual_seed(seed)
-    P = torch.linalg.qr(torch.randn(layers, KVH, D, D, generator=g, dtype=torch.float64))[0]
-    evr = torch.softmax(torch.randn(layers, KVH, D, generator=g, dtype=torch.float64), -1).sort(-1, descending=True).values
-    return Basis({"post.components": P, "post.explained_variance_ratio": evr},
-                 {"fingerprint": fingerprint(fake_model(layers), "fake")})
+# the shared helpers (tests/loki_testutils.py) at this file's shapes
+fake_model = partial(_fake_model, heads=H, kv_heads=KVH, head_dim=D)
+random_basis = partial(_random_basis, heads=H, kv_heads=KVH, head_dim=D)
+qkv = partial(random_qkv, batch=B, heads=H, kv_heads=KVH, head_dim=D)
 
 
 def make(name, basis_obj=None, **opts):
-    basis = basis_obj or random_basis()
-    m = build_method({"name": name, **opts}, basis=basis)
-    m.bind(fake_model())
-    return m, basis
-
-
-def qkv(seed=1, T=12, S=None):
-    g = torch.Generator().manual_seed(seed)
-    S = S or T
-    q = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
-    k = torch.randn(B, KVH, S, D, generator=g, dtype=torch.float64)
-    v = torch.randn(B, KVH, S, D, generator=g, dtype=torch.float64)
-    return q, k, v
-
-
-def causal(T, S=None):
-    S = S or T
-    return (torch.arange(S)[None, :] <= torch.arange(S - T, S)[:, None])[None, None]
+    """The method ``name`` with ``opts`` on ``basis_obj`` (default: a fresh random basis), bound to ``fake_model()``
+    -> (method, basis)."""
+    return make_method(name, basis_obj or random_basis(), fake_model(), **opts)
 
 
 # ------------------------------------------------------------------------------------------ row-level pieces
@@ -94,6 +71,22 @@ def top_with_forced(score, cand, b, forced):
 # ------------------------------------------------------------------------------------------ references
 
 
+def blank_outputs(q):
+    """Zero outputs shaped like ``q`` (B, H, T, D) and an all-False keep mask (B, H, T, T)."""
+    Bq, Hq, T, _ = q.shape
+    return torch.zeros_like(q), torch.zeros(Bq, Hq, T, T, dtype=torch.bool)
+
+
+def query_rows(q, k, v):
+    """Every query row, batch by head by position: (b, h, i, the row, keys and values of its KV head), as lists."""
+    Bq, Hq, T, _ = q.shape
+    for b in range(Bq):
+        for h in range(Hq):
+            ks, vs = k[b, h // G].tolist(), v[b, h // G].tolist()
+            for i in range(T):
+                yield b, h, i, q[b, h, i].tolist(), ks, vs
+
+
 def ref_pca_attn(q, k, v, P, d):
     """softmax over (q P_d).(k P_d) of every visible key (causal)."""
     Bq, Hq, T, _ = q.shape
@@ -110,50 +103,40 @@ def ref_pca_attn(q, k, v, P, d):
 
 
 def ref_sparq(q, k, v, r, kfrac, realloc=True, sinks=0, local=0):
-    Bq, Hq, T, Dq = q.shape
-    out = torch.zeros_like(q)
-    keep = torch.zeros(Bq, Hq, T, T, dtype=torch.bool)
-    for b in range(Bq):
-        for h in range(Hq):
-            ks, vs = k[b, h // G].tolist(), v[b, h // G].tolist()
-            for i in range(T):
-                qv = q[b, h, i].tolist()
-                i1 = sorted(range(Dq), key=lambda c: -abs(qv[c]))[:r]
-                ratio = sum(abs(qv[c]) for c in i1) / sum(abs(x) for x in qv)
-                logit = {j: sum(qv[c] * ks[j][c] for c in i1) * SCALE / math.sqrt(ratio) for j in range(i + 1)}
-                sel = top_with_forced(logit, range(i + 1), budget(kfrac, i + 1), forced_set(i, sinks, local))
-                keep[b, h, i, sorted(sel)] = True
-                y, _ = attend_row(qv, ks, vs, sorted(sel))
-                if realloc:
-                    p = softmax([logit[j] for j in range(i + 1)])
-                    alpha = sum(p[j] for j in sel)
-                    vbar = [sum(vs[j][c] for j in range(i + 1)) / (i + 1) for c in range(Dq)]
-                    y = [alpha * y[c] + (1 - alpha) * vbar[c] for c in range(Dq)]
-                out[b, h, i] = torch.tensor(y, dtype=torch.float64)
+    Dq = q.shape[-1]
+    out, keep = blank_outputs(q)
+    for b, h, i, qv, ks, vs in query_rows(q, k, v):
+        i1 = sorted(range(Dq), key=lambda c: -abs(qv[c]))[:r]
+        ratio = sum(abs(qv[c]) for c in i1) / sum(abs(x) for x in qv)
+        logit = {j: sum(qv[c] * ks[j][c] for c in i1) * SCALE / math.sqrt(ratio) for j in range(i + 1)}
+        sel = top_with_forced(logit, range(i + 1), budget(kfrac, i + 1), forced_set(i, sinks, local))
+        keep[b, h, i, sorted(sel)] = True
+        y, _ = attend_row(qv, ks, vs, sorted(sel))
+        if realloc:
+            p = softmax([logit[j] for j in range(i + 1)])
+            alpha = sum(p[j] for j in sel)
+            vbar = [sum(vs[j][c] for j in range(i + 1)) / (i + 1) for c in range(Dq)]
+            y = [alpha * y[c] + (1 - alpha) * vbar[c] for c in range(Dq)]
+        out[b, h, i] = torch.tensor(y, dtype=torch.float64)
     return out, keep
 
 
 def ref_quest(q, k, v, kfrac, page, sinks=0, local=0):
-    Bq, Hq, T, Dq = q.shape
-    out = torch.zeros_like(q)
-    keep = torch.zeros(Bq, Hq, T, T, dtype=torch.bool)
-    for b in range(Bq):
-        for h in range(Hq):
-            ks, vs = k[b, h // G].tolist(), v[b, h // G].tolist()
-            for i in range(T):
-                qv = q[b, h, i].tolist()
-                pages = sorted({j // page for j in range(i + 1)})
-                ub = {}
-                for p in pages:
-                    members = [j for j in range(i + 1) if j // page == p]
-                    ub[p] = sum(max(qv[c] * max(ks[j][c] for j in members), qv[c] * min(ks[j][c] for j in members))
-                                for c in range(Dq)) * SCALE
-                forced = forced_set(i, sinks, local)
-                n_pages = math.ceil(max(budget(kfrac, i + 1) - len(forced), 0) / page)
-                best = sorted(pages, key=lambda p: -ub[p])[:n_pages]
-                sel = {j for j in range(i + 1) if j // page in best} | forced
-                keep[b, h, i, sorted(sel)] = True
-                out[b, h, i] = torch.tensor(attend_row(qv, ks, vs, sorted(sel))[0], dtype=torch.float64)
+    Dq = q.shape[-1]
+    out, keep = blank_outputs(q)
+    for b, h, i, qv, ks, vs in query_rows(q, k, v):
+        pages = sorted({j // page for j in range(i + 1)})
+        ub = {}
+        for p in pages:
+            members = [j for j in range(i + 1) if j // page == p]
+            ub[p] = sum(max(qv[c] * max(ks[j][c] for j in members), qv[c] * min(ks[j][c] for j in members))
+                        for c in range(Dq)) * SCALE
+        forced = forced_set(i, sinks, local)
+        n_pages = math.ceil(max(budget(kfrac, i + 1) - len(forced), 0) / page)
+        best = sorted(pages, key=lambda p: -ub[p])[:n_pages]
+        sel = {j for j in range(i + 1) if j // page in best} | forced
+        keep[b, h, i, sorted(sel)] = True
+        out[b, h, i] = torch.tensor(attend_row(qv, ks, vs, sorted(sel))[0], dtype=torch.float64)
     return out, keep
 
 

@@ -11,10 +11,15 @@ from method_refs import (B, G, H, KVH, MOD, SCALE, causal, loki_rank, make, qkv,
 TOL = dict(rtol=1e-10, atol=1e-10)
 
 
+def run_method(name, opts, seed, T):
+    """Method ``name`` (``opts``) on ``T`` random causal tokens drawn with ``seed`` -> (q, k, v, method, basis, out)."""
+    q, k, v = qkv(seed, T=T)
+    m, basis = make(name, **opts)
+    return q, k, v, m, basis, m.attend(MOD, q, k, v, causal(T), SCALE)
+
+
 def test_pca_attn_matches_definition():
-    q, k, v = qkv(11, T=10)
-    m, basis = make("pca_attn", d=5)
-    out = m.attend(MOD, q, k, v, causal(10), SCALE)
+    q, k, v, m, basis, out = run_method("pca_attn", dict(d=5), 11, T=10)
     P = basis.components("post")[0].double()  # the basis as the method holds it (stored fp32)
     ref = ref_pca_attn(q, k, v, P, 5)
     torch.testing.assert_close(out, ref, **TOL)
@@ -23,10 +28,7 @@ def test_pca_attn_matches_definition():
 @pytest.mark.parametrize("opts", [dict(r=4, k=0.3), dict(r=4, k=0.3, reallocation=False),
                                   dict(r=0.5, k=0.25, sink_tokens=1, local_window=2)])
 def test_sparq_matches_definition(opts):
-    T = 14
-    q, k, v = qkv(12, T=T)
-    m, _ = make("sparq", **opts)
-    out = m.attend(MOD, q, k, v, causal(T), SCALE)
+    q, k, v, m, _, out = run_method("sparq", opts, 12, T=14)
     r = opts["r"] if isinstance(opts["r"], int) else int(opts["r"] * q.shape[-1])
     ref, keep = ref_sparq(q, k, v, r, opts["k"], opts.get("reallocation", True), opts.get("sink_tokens", 0),
                           opts.get("local_window", 0))
@@ -37,10 +39,7 @@ def test_sparq_matches_definition(opts):
 @pytest.mark.parametrize("opts", [dict(k=0.3, page_size=4), dict(k=0.5, page_size=3, sink_tokens=1, local_window=2),
                                   dict(k=0.2, page_size=16)])
 def test_quest_matches_definition(opts):
-    T = 21
-    q, k, v = qkv(13, T=T)
-    m, _ = make("quest", **opts)
-    out = m.attend(MOD, q, k, v, causal(T), SCALE)
+    q, k, v, m, _, out = run_method("quest", opts, 13, T=21)
     ref, keep = ref_quest(q, k, v, opts["k"], opts["page_size"], opts.get("sink_tokens", 0), opts.get("local_window", 0))
     assert torch.equal(m.last_selection, keep)
     torch.testing.assert_close(out, ref, **TOL)
@@ -50,9 +49,7 @@ def test_quest_matches_definition(opts):
                                   dict(k=0.5, recent=0.25, sink_tokens=1, local_window=1)])
 def test_h2o_matches_definition(opts):
     T = 16
-    q, k, v = qkv(14, T=T)
-    m, _ = make("h2o", **opts)
-    out = m.attend(MOD, q, k, v, causal(T), SCALE)
+    q, k, v, m, _, out = run_method("h2o", opts, 14, T=T)
     ref, keep, held = ref_h2o(q, k, v, opts["k"], opts["recent"], opts.get("selection") == "group",
                               opts.get("sink_tokens", 0), opts.get("local_window", 0))
     assert torch.equal(m.last_selection, keep)
@@ -64,9 +61,7 @@ def test_h2o_matches_definition(opts):
 @pytest.mark.parametrize("opts", [dict(d=4, k=0.25, cache=0.5), dict(d=6, k=0.3, cache=0.6, selection="head", sink_tokens=1, local_window=2)])
 def test_loki_h2o_matches_definition(opts):
     T = 18
-    q, k, v = qkv(15, T=T)
-    m, basis = make("loki_h2o", recent=0.5, **opts)
-    out = m.attend(MOD, q, k, v, causal(T), SCALE)
+    q, k, v, m, basis, out = run_method("loki_h2o", dict(recent=0.5, **opts), 15, T=T)
     rank = loki_rank(q, k, basis.components("post")[0].double(), opts["d"])
     ref, keep, held = ref_h2o(q, k, v, opts["cache"], 0.5, True, opts.get("sink_tokens", 0), opts.get("local_window", 0),
                               rank=rank, sel_frac=opts["k"])
