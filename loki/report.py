@@ -1,7 +1,7 @@
 """Stage 5: gather every result of an experiment into one tidy table and draw the report's figures.
 
     python -m loki.report experiment=smoke
-    python -m loki.report experiment=default ++report.kernels_dir=kernels/results
+    python -m loki.report experiment=default ++report.kernels_dir=kernels/measured
 
 Reads (``results/<exp>/`` = ``cfg.results_dir``):
 
@@ -720,7 +720,7 @@ def write(rep: Report, results_dir, staged: Path) -> list[str]:
     return changed
 
 
-def make_report(results_dir, expect=None, kernels_dir="kernels/results") -> Report:
+def make_report(results_dir, expect=None, kernels_dir="kernels/measured") -> Report:
     """Build and write the whole report for one results folder (what the stage does, without W&B)."""
     results_dir = Path(results_dir)
     with tempfile.TemporaryDirectory(prefix=".report.", dir=results_dir) as tmp:
@@ -757,7 +757,7 @@ def main(cfg) -> None:
     expect = rcfg.get("expect")
     if isinstance(expect, str):  # the Snakemake rule passes its inputs space-separated
         expect = expect.replace(",", " ").split()
-    rep = make_report(res, expect=expect, kernels_dir=rcfg.get("kernels_dir", "kernels/results"))
+    rep = make_report(res, expect=expect, kernels_dir=rcfg.get("kernels_dir", "kernels/measured"))
     with wandb_run(cfg, "report", name="report") as run:
         if run is not None:
             log_wandb(run, rep, res)

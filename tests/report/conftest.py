@@ -37,13 +37,13 @@ def cwd(path):
 @pytest.fixture(scope="session")
 def built(tmp_path_factory):
     """The report built once on the fixture (read-only for the tests that use it), from its root folder as the
-    stage runs (kernel results under ./kernels/results)."""
+    stage runs (kernel results under ./kernels/measured)."""
     from loki.report import make_report
 
     root = tmp_path_factory.mktemp("built")
     res = fx.make_results(root)
     with cwd(root):
-        rep = make_report(res.relative_to(root), kernels_dir="kernels/results")
+        rep = make_report(res.relative_to(root), kernels_dir="kernels/measured")
     rep.root, rep.results = root, res.relative_to(root)  # results relative to root
     return rep
 

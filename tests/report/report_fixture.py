@@ -135,7 +135,7 @@ def make_results(root: Path, experiment_dir: str = f"results/{EXP}", kernels: bo
                   "speedup": None, "k_mode": "prefix", "selection": "head"}]
         (res / "bench" / "decode.json").write_text(json.dumps(rows, indent=1))
     if kernels:
-        kd = root / "kernels" / "results"
+        kd = root / "kernels" / "measured"
         kd.mkdir(parents=True, exist_ok=True)
         loki = []
         for S in (4096, 16384):

@@ -21,7 +21,7 @@ def test_notebook_runs_and_shows_figures(path, results_ro, monkeypatch):
     assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), "notebooks are stored without outputs"
     root = results_ro.parent.parent
     monkeypatch.setenv("LOKI_RESULTS", str(results_ro))
-    monkeypatch.setenv("LOKI_KERNELS", str(root / "kernels" / "results"))
+    monkeypatch.setenv("LOKI_KERNELS", str(root / "kernels" / "measured"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     nbclient.NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(root)}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]

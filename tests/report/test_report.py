@@ -21,7 +21,7 @@ from loki import figures as F
 from loki.common import LokiError
 from loki.report import collect, make_report
 
-KERNELS = Path("kernels/results")
+KERNELS = Path("kernels/measured")
 
 
 def expected_ppl(method, d, k, variant):
@@ -200,7 +200,7 @@ def test_missing_optional_data_is_reported_not_drawn(built, tmp_path, monkeypatc
     shutil.copytree(built.root, tmp_path / "copy")
     monkeypatch.chdir(tmp_path / "copy")
     res = built.results
-    for p in ("transfer/transfer.csv", "bench/decode.json", "../../kernels/results/h200.json"):
+    for p in ("transfer/transfer.csv", "bench/decode.json", "../../kernels/measured/h200.json"):
         (res / p).unlink()
     shutil.rmtree(res / "evaluate" / "selection")
     rep = make_report(res, kernels_dir=KERNELS)
@@ -243,7 +243,7 @@ BAD = {
     "transfer.csv column": ("transfer/transfer.csv", lambda s: s.replace("explained_variance", "ev"),
                             "columns ['explained_variance']"),
     "decode.json": ("bench/decode.json", lambda s: json.dumps({"rows": []}), "expected a non-empty list"),
-    "kernel json": ("../../kernels/results/h200.json", lambda s: json.dumps({"loki": []}), "expected an object with 'info'"),
+    "kernel json": ("../../kernels/measured/h200.json", lambda s: json.dumps({"loki": []}), "expected an object with 'info'"),
 }
 
 

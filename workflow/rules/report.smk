@@ -8,7 +8,7 @@ import glob
 report: "../report/workflow.rst"
 
 
-KERNEL_RESULTS = "kernels/results"  # python -m kernels.bench --json kernels/results/<gpu>.json (on a GPU machine)
+KERNEL_RESULTS = "kernels/measured"  # python -m kernels.bench --json kernels/measured/<gpu>.json (on a GPU machine)
 # Optional report data, as inputs: rank.csv and transfer.csv where this DAG makes them (final targets:
 # transfer.csv only when transfer_corpora is set; an unconfigured transfer rule must not be scheduled), and
 # bench/decode.json once it exists (`snakemake bench_decode`, or copied from a GPU machine), so the report is
