@@ -25,12 +25,12 @@ def _tol(ref, dtype=torch.float32):
     return (2e-6 if dtype == torch.float32 else 2e-5) * ref[fin].abs().max().item()
 
 
-SHORT, LONG = (50, [50, 33, 2]), (600, [600, 257, 255])  # rows below / above 4 x SAMPLE (64 under the interpreter)
+SHORT, LONG = (50, [50, 33, 2]), (300, [300, 257, 255])  # rows below / above 4 x SAMPLE (64 under the interpreter)
 
 
 @pytest.mark.parametrize("D,d,g,mode,reduce,S,lens", [
     (64, 8, 3, "group", "max", *SHORT), (64, 16, 1, "group", "sum", *SHORT), (128, 32, 4, "group", "max", *SHORT),
-    (128, 32, 4, "head", "sum", *SHORT), (64, 8, 3, "group", "max", *LONG), (128, 32, 4, "group", "max", *LONG)])
+    (128, 32, 4, "head", "sum", *SHORT), (64, 8, 3, "group", "max", *LONG), (64, 16, 4, "group", "max", *LONG)])
 def test_bracket_select(dtype, D, d, g, mode, reduce, S, lens):
     """Against the float64 reference: odd shapes, group sizes 1/3/4, rows below and above 4 x SAMPLE (64 here)."""
     torch.manual_seed(D * g + d + S)
@@ -51,28 +51,28 @@ def test_bracket_fallback_and_structure(nsig):
     """nsig=0 makes the bracket miss often (the recompute + whole-row fallback runs); rows with a positional trend
     and with periodic structure defeat an evenly spaced sample; per-sequence budgets."""
     torch.manual_seed(11)
-    B, KVH, g, S, D, d = 2, 2, 2, 700, 64, 16
-    k_lr, _, _, lengths = random_cache(B, KVH, S, D, d, torch.float32, DEV, lengths=[700, 611])
+    B, KVH, g, S, D, d = 2, 2, 2, 400, 64, 16
+    k_lr, _, _, lengths = random_cache(B, KVH, S, D, d, torch.float32, DEV, lengths=[400, 333])
     pos = torch.arange(S, dtype=torch.float32, device=DEV)
     k_lr[0, 1, :, 0] += pos / 100  # trend
     k_lr[1, 0, :, 0] = torch.sin(pos) * 3  # periodic
     q = torch.randn(B, KVH * g, D, device=DEV)
     P = torch.eye(D, device=DEV).expand(KVH, D, D).contiguous()
     ref = _ref(q, P, k_lr, lengths, "group", "max")
-    kt = torch.tensor([87, 5], dtype=torch.int32, device=DEV)
-    for k in (1, 87, kt):
+    kt = torch.tensor([50, 5], dtype=torch.int32, device=DEV)
+    for k in (1, 50, kt):
         idx, _ = loki_select_bracket(q, k_lr, lengths, k, P=P, strict=False, nsig=nsig)
         kk = k.cpu() if isinstance(k, torch.Tensor) else k
         n, exact = check_selection(idx, ref, lengths.cpu(), budgets_ref(kk, lengths.cpu()), tol=_tol(ref))
         assert exact >= n // 2
 
 
-@pytest.mark.parametrize("sink,local", [(4, 16), (0, 7), (3, 0), (40, 400)])
+@pytest.mark.parametrize("sink,local", [(4, 16), (0, 7), (40, 200)])
 def test_bracket_sinks_and_local_window(sink, local):
     """Sink tokens and the local window are always selected and count towards the budget (as select_topk)."""
     torch.manual_seed(sink + local)
-    B, KVH, g, S, D, d = 3, 2, 3, 500, 64, 8
-    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.float32, DEV, lengths=[500, 300, 20])
+    B, KVH, g, S, D, d = 3, 2, 3, 300, 64, 8
+    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.float32, DEV, lengths=[300, 260, 20])
     q = torch.randn(B, KVH * g, D, device=DEV)
     P = random_orthonormal(KVH, D, DEV)
     budget = torch.maximum(torch.full((B,), 60, device=DEV), forced_count(lengths, sink, local)).to(torch.int32)
