@@ -60,7 +60,7 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
     rows = KVH if mode == "group" else q.shape[1]
     if path == "auto":
         path = choose_path(B, rows, q.device, forced=bool(sink_tokens or local_window))
-    if (sink_tokens or local_window) and path not in ("auto", "bracket"):
+    if (sink_tokens or local_window) and path != "bracket":  # ("auto" resolved above)
         raise LokiInputError(f"sink_tokens/local_window need path='bracket' (got path={path!r})")
     if path == "bracket":
         idx, q_rot = loki_select_bracket(q, k_lr, lengths, k_budget, P=P, mode=mode, reduce=reduce, scaling=scaling,
