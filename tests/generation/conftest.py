@@ -11,8 +11,6 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-EMBEDDED = REPO / "resources" / "models" / "smollm2-135m"
-CORPUS = REPO / "resources" / "corpora" / "lee_news.txt"
 
 from gen_helpers import TINY, tiny_llama  # noqa: E402
 
@@ -38,18 +36,24 @@ def tiny_basis(tiny):
     return fit_basis(tiny, torch.randint(0, TINY["vocab_size"], (2, 96), generator=g))
 
 
+def lee_news_text() -> str:
+    """The `lee_news` corpus as `loki.prepare` writes it (gensim's lee_background.cor, LF line ends), read from the
+    gensim wheel directly so that the tests do not write into resources/ while a DAG test may be using it."""
+    from loki.resources import _gensim_datapath
+
+    return _gensim_datapath("lee_background.cor").read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
+
+
 @pytest.fixture(scope="module")
-def embedded():
-    """(model, tokenizer, basis) of the embedded SmolLM2-135M, fp32; skipped when it is not prepared."""
-    if not (EMBEDDED / "config.json").exists():
-        pytest.skip(f"embedded model not prepared at {EMBEDDED} (run `python -m loki.prepare`)")
+def embedded(embedded_model_dir):
+    """(model, tokenizer, basis) of the embedded SmolLM2-135M, fp32 (prepared on first use: tests/conftest.py)."""
     from omegaconf import OmegaConf
 
     from loki.generation import fit_basis
     from loki.modeling import load_model, load_tokenizer
 
-    mc = OmegaConf.create({"name": "smollm2-135m", "path": str(EMBEDDED), "dtype": "float32"})
+    mc = OmegaConf.create({"name": "smollm2-135m", "path": str(embedded_model_dir), "dtype": "float32"})
     model, tok = load_model(mc), load_tokenizer(mc)
-    text = CORPUS.read_text()[:20000] if CORPUS.exists() else " ".join(["The quick brown fox jumps over the lazy dog."] * 200)
+    text = lee_news_text()[:20000]
     calib = tok(text[4000:], return_tensors="pt").input_ids[:, :256]
     return model, tok, fit_basis(model, calib), text

@@ -55,10 +55,8 @@ def test_bench_configs(name):
         assert cfg["batch"] == [1, 16] and cfg["context"] == [4096, 16384, 32768] and cfg["dtype"] == "bfloat16"
 
 
-def test_stage_writes_json(tmp_path):
-    """python -m loki.bench on the embedded model at a tiny size (skipped if the model is not prepared)."""
-    if not (REPO / "resources" / "models" / "smollm2-135m" / "config.json").exists():
-        pytest.skip("embedded model not prepared")
+def test_stage_writes_json(tmp_path, embedded_model_dir):
+    """python -m loki.bench on the embedded model at a tiny size."""
     defaults = yaml.safe_load((REPO / "conf" / "config.yaml").read_text())["defaults"]
     group = "bench" if any(isinstance(d, dict) and "bench" in d for d in defaults) else "+bench"
     env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1")

@@ -14,6 +14,11 @@ and checks with ``sacct`` that the jobs went through SLURM.
 
 The profile/launcher checks at the top need no cluster.
 
+The embedded model is prepared once for the whole test session (tests/conftest.py) and put into both
+runs' resources/ (hard links), so ``prepare_model`` -- a pinned download and de-quantization, ~1 min of
+CPU each -- does not run twice more; everything downstream of it (``prepare_corpus`` included) runs
+in both. LOKI_SLURM_TEST_PREPARE_MODEL=1 prepares it inside both runs instead.
+
 Knobs (environment): LOKI_SLURM_TEST_FULL_SMOKE=1 (the full smoke grid; slower),
 LOKI_SLURM_TEST_CONFIGFILE (conf/sweep/smoke.yaml),
 LOKI_SLURM_TEST_SUMMARY (results/smoke/summary.csv), LOKI_SLURM_TEST_FAIL_RULE (report;
@@ -46,6 +51,7 @@ SMOKE = os.environ.get("LOKI_SLURM_TEST_CONFIGFILE", "conf/sweep/smoke.yaml")
 # reference and the sweep fit in a few minutes on 2 cores. LOKI_SLURM_TEST_FULL_SMOKE=1: as is.
 FULL_SMOKE = os.environ.get("LOKI_SLURM_TEST_FULL_SMOKE") == "1"
 TEST_GRID = {"loki": [{"d": [8, 16], "k": [0.25]}]}    # the two points the sweep recomputes
+PREPARE_MODEL = os.environ.get("LOKI_SLURM_TEST_PREPARE_MODEL") == "1"
 CONFIGFILE = SMOKE if FULL_SMOKE else str(Path(SMOKE).with_name("slurm_test.yaml"))
 SUMMARY = os.environ.get("LOKI_SLURM_TEST_SUMMARY", "results/smoke/summary.csv")
 FAIL_RULE = os.environ.get("LOKI_SLURM_TEST_FAIL_RULE", "report")
@@ -357,6 +363,26 @@ def work(tmp_path_factory):
     return tmp_path_factory.mktemp("slurm")
 
 
+def seed_model(model_dir: Path, wd: Path) -> None:
+    """Put the prepared embedded model into ``wd``'s resources/ (hard links where possible), as a finished
+    ``prepare_model`` would have: Snakemake then has nothing to do for it."""
+    dst = wd / "resources" / "models" / model_dir.name
+
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.copytree(model_dir, dst, copy_function=link)
+
+
+@pytest.fixture(scope="module")
+def prepared_model(request):
+    """The embedded model folder to seed the runs with (None: each run prepares it)."""
+    return None if PREPARE_MODEL else request.getfixturevalue("embedded_model_dir")
+
+
 @pytest.fixture(scope="module")
 def snapshot(pipeline_repo, work) -> Path:
     """One copy of the pipeline's sources, from which both DAG runs are copied (same code)."""
@@ -373,24 +399,30 @@ def snapshot(pipeline_repo, work) -> Path:
 
 
 @pytest.fixture(scope="module")
-def local_dag_started(snapshot, work):
+def local_dag_started(snapshot, work, prepared_model):
     """The same smoke DAG locally (workflow/profiles/local), started in the background so that it
     runs while the SLURM jobs do (each DAG alone keeps ~1 of the 2 cores busy on average)."""
     wd = copy_pipeline(snapshot, work / "local")
+    if prepared_model:
+        seed_model(prepared_model, wd)
     bg = Background(snakemake_cmd("local"), wd, clean_env(), work / "local.log")
     yield bg
     bg.stop()
 
 
 @pytest.fixture(scope="module")
-def slurm_dag(slurm_cluster, snapshot, work, local_dag_started) -> DagRuns:
+def slurm_dag(slurm_cluster, snapshot, work, local_dag_started, prepared_model) -> DagRuns:
     """The smoke DAG through SLURM: first with FAIL_RULE failing, then resumed."""
     wd = copy_pipeline(snapshot, work / "slurm")
+    if prepared_model:
+        seed_model(prepared_model, wd)
     hook = work / "failhook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
     pp = os.pathsep.join(p for p in [str(hook), os.environ.get("PYTHONPATH", "")] if p)
-    fast = ["--slurm-init-seconds-before-status-checks", "2"]
+    # the local test cluster answers at once: poll job states every second, not every 10 s (saves ~10 s per
+    # stage of the DAG's chain, which waits on each job's state before submitting the next)
+    fast = ["--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "1"]
 
     failed = snakemake(wd, "slurm", work / "slurm-run1.log", *fast,
                        env=clean_env(PYTHONPATH=pp, LOKI_TEST_FAIL_STAGE=FAIL_RULE))
