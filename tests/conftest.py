@@ -40,13 +40,15 @@ def text_file(tmp_path_factory) -> Path:
 
 
 # Test files, heaviest first (wall time in CI). `make test` runs whole files on pytest-xdist workers in collection
-# order (--dist loadfile --no-loadscope-reorder), so the long ones start at once, on different workers, and the
-# short ones fill in around them. Files not listed keep their place after these.
+# order (--dist loadfile --no-loadscope-reorder): files 1 and 3 go to the first worker, 2 and 4 to the second, then
+# each worker takes the next file when it runs short. So the two DAG tests (1, 4) run side by side on different
+# workers, test_cli (tiny models) runs while the first worker prepares the embedded model both DAG tests need, and
+# the short files fill in around them. Files not listed keep their place after these.
 HEAVY_FIRST = (
     "tests/slurm/test_slurm.py",           # the smoke DAG through SLURM and locally, a Hydra sweep via submitit
-    "tests/test_pipeline.py",              # the smoke DAG end to end
-    "tests/test_cli.py",                   # stages as subprocesses on the embedded model
+    "tests/test_cli.py",                   # stages as subprocesses on a tiny random model
     "tests/kernels/test_bracket.py",       # Triton interpreter
+    "tests/test_pipeline.py",              # the smoke DAG end to end
     "tests/test_extract_pca.py",
     "tests/generation/test_embedded.py",
     "tests/report/test_snakemake_report.py",
