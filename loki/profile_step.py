@@ -1,0 +1,103 @@
+"""Where one decode step spends its time on a CUDA device (issue 6; docs/bench/README.md, "Where a step's time goes").
+
+    python -m loki.profile_step [--json out.json]      # on the GPU machine; torch, triton and transformers only
+
+1. The bandwidth of one bf16 GEMM at each Llama-3-8B decode shape (batch 1 and 16; weights rotated over several
+   copies so that they do not sit in L2).
+2. One decode step of the random-weight Llama-3-8B of conf/bench/h200.yaml, replayed as a CUDA graph, for
+   dense_flash and loki: the step time, and torch.profiler's device time per kernel (top 22).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def gemm_bandwidth(log=print) -> dict:
+    from triton.testing import do_bench
+
+    out = {}
+    for M in (1, 16):
+        for n, k in [(4096, 4096), (6144, 4096), (1024, 4096), (28672, 4096), (14336, 4096), (4096, 14336),
+                     (128256, 4096)]:
+            Ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(max(2, int(600e6 // (n * k * 2))))]
+            x = torch.randn(M, k, device="cuda", dtype=torch.bfloat16)
+
+            def f():
+                for W in Ws:
+                    torch.nn.functional.linear(x, W)
+            ms = do_bench(f, warmup=25, rep=100) / len(Ws)
+            out[f"linear_M{M}_{n}x{k}"] = {"us": ms * 1e3, "TBps": n * k * 2 / ms / 1e9}
+            log(f"linear M={M:2d} {n:6d}x{k:5d}: {ms * 1e3:7.1f} us  {n * k * 2 / ms / 1e9:5.2f} TB/s")
+            del Ws
+    torch.cuda.empty_cache()
+    return out
+
+
+def step_profile(points=(("dense_flash", 1, 4096), ("dense_flash", 16, 4096), ("loki", 16, 4096)), log=print) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    from loki.bench_core import _make_cache, _setup_method, load_bench_config, loki_options, random_llama, resolve_basis
+    from loki.generation import GraphDecoder
+
+    cfg = load_bench_config("conf/bench/h200.yaml")
+    t0 = time.time()
+    model = random_llama(cfg["random_llama"], torch.bfloat16, "cuda")
+    opts = loki_options(cfg)
+    basis, _ = resolve_basis(model, cfg, "cuda")
+    log(f"model + basis {time.time() - t0:.1f}s")
+    out = {}
+    for method, B, ctx in points:
+        lm = _setup_method(model, method, opts, basis)
+        cache = _make_cache(model, method, B, ctx + 64)
+        cache.reset()
+        cache.fill_random(ctx, seed=0)
+        ids = torch.randint(0, model.config.vocab_size, (B,), device="cuda")
+        pos = torch.full((B,), ctx, dtype=torch.long, device="cuda")
+        dec = GraphDecoder(model, cache, ids, pos, warmup=2).capture()
+        for _ in range(3):
+            dec.step()
+        ts = []
+        for _ in range(10):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            dec.step()
+            b.record()
+            torch.cuda.synchronize()
+            ts.append(a.elapsed_time(b))
+        step_ms = sorted(ts)[len(ts) // 2]
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                dec.step()
+            torch.cuda.synchronize()
+        rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+        device_ms = sum(e.device_time_total for e in rows) / 3 / 1e3
+        kernels = [{"ms": e.device_time_total / 3 / 1e3, "calls": e.count // 3, "kernel": e.key} for e in rows]
+        out[f"{method}_b{B}_ctx{ctx}"] = {"graph_step_ms": step_ms, "device_ms": device_ms, "kernels": kernels}
+        log(f"== {method} B={B} ctx={ctx}: graph step {step_ms:.3f} ms, profiled device time {device_ms:.3f} ms")
+        for r in kernels[:22]:
+            log(f"  {r['ms']:8.3f} ms  {r['calls']:5d}x  {r['kernel'][:110]}")
+        dec.close()
+        del dec, cache, lm
+        torch.cuda.empty_cache()
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("loki.profile_step needs a CUDA device.")
+    res = {"device": torch.cuda.get_device_name(), "gemm": gemm_bandwidth(), "steps": step_profile()}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
