@@ -12,6 +12,7 @@ PYTEST_ARGS ?=
 # test files are spread over this many pytest-xdist workers (whole files, heaviest first: tests/conftest.py);
 # 0 runs them in this process
 PYTEST_WORKERS ?= $(CORES)
+XDIST      := -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 .PHONY: setup run smoke test test-fast lint report screenshot clean
 setup: $(VENV)/.installed
@@ -41,10 +42,10 @@ screenshot: report
 
 test: setup
 	@echo "==> pytest on $(PYTEST_WORKERS) workers (CPU; Triton kernels under TRITON_INTERPRET=1)"
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow and not slurm" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m "not slow and not slurm" $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/snakemake --lint

@@ -323,6 +323,14 @@ def fmt_table(rows, dense, copy_bw):
     return "\n".join(lines)
 
 
+def write_json(path, result):
+    """Write the results as JSON (nothing when path is None)."""
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+
+
 PROBE_CONFIGS = [dict(block_n=32), dict(block_n=128), dict(num_stages=4), dict(num_stages=2), dict(num_warps=8),
                  dict(waves=4), dict(waves=1), dict(block_n=32, num_stages=5)]
 
@@ -387,10 +395,7 @@ def main(argv=None):
     if args.attn_probe:
         result = dict(info=info, copy_bandwidth_GBps=copy_bw, attention_probe=attention_probe(args.rep, log, copy_bw),
                       wall_s=time.time() - t_start)
-        if args.json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=1, default=str)
+        write_json(args.json, result)
         return result
     if args.tune:
         tuning = tune(args.rep, log)
@@ -442,10 +447,7 @@ def main(argv=None):
     result = dict(info=info, copy_bandwidth_GBps=copy_bw, configs=cfgs, tuning=tuning, loki=rows,
                   dense=[dict(v_, batch=b_, context=s_) for (b_, s_), v_ in dense.items()],
                   wall_s=time.time() - t_start)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+    write_json(args.json, result)
     if args.wandb:
         try:
             import wandb

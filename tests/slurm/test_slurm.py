@@ -420,8 +420,9 @@ def slurm_dag(slurm_cluster, snapshot, work, local_dag_started, prepared_model) 
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
     pp = os.pathsep.join(p for p in [str(hook), os.environ.get("PYTHONPATH", "")] if p)
-    # the local test cluster answers at once: poll job states every second, not every 10 s (saves ~10 s per
-    # stage of the DAG's chain, which waits on each job's state before submitting the next)
+    # the local test cluster answers at once: start polling job states after 2 s and poll again after 1 s
+    # (the executor plugin still adds 10 s to the wait after each poll that finds nothing finished, so a
+    # stage's end is seen 1-20 s late; each stage of the chain waits for that before the next is submitted)
     fast = ["--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "1"]
 
     failed = snakemake(wd, "slurm", work / "slurm-run1.log", *fast,
