@@ -1,6 +1,7 @@
 """Where one decode step spends its time on a CUDA device (issue 6; docs/bench/README.md, "Where a step's time goes").
 
     python -m loki.profile_step [--json out.json]      # on the GPU machine; torch, triton and transformers only
+    python -m loki.profile_step --compile-experiment   # step times with and without torch.compile of the glue
 
 1. The bandwidth of one bf16 GEMM at each Llama-3-8B decode shape (batch 1 and 16; weights rotated over several
    copies so that they do not sit in L2).
@@ -86,13 +87,76 @@ def step_profile(points=(("dense_flash", 1, 4096), ("dense_flash", 16, 4096), ("
     return out
 
 
+def compile_experiment(points=(("dense_flash", 16, 32768), ("loki", 16, 32768), ("dense_flash", 16, 4096),
+                                ("loki", 16, 4096)), log=print) -> list:
+    """Graph-step times of each point before and after compiling transformers' non-attention "glue" with
+    torch.compile, for both methods alike: every RMSNorm, every MLP, and the RoPE function. (Compiling whole
+    decoder layers, attention included, fails in dynamo: illegal memory access; not pursued.) An experiment: the
+    RoPE function is replaced in transformers' llama module for the rest of the process."""
+    import transformers.models.llama.modeling_llama as llama
+
+    from loki.bench_core import _make_cache, _setup_method, load_bench_config, loki_options, random_llama, resolve_basis
+    from loki.generation import GraphDecoder
+
+    torch._dynamo.config.cache_size_limit = 512
+    torch._dynamo.config.accumulated_cache_size_limit = 4096
+    cfg = load_bench_config("conf/bench/h200.yaml")
+    model = random_llama(cfg["random_llama"], torch.bfloat16, "cuda")
+    opts = loki_options(cfg)
+    basis, _ = resolve_basis(model, cfg, "cuda")
+
+    def step_ms(method, B, ctx):
+        lm = _setup_method(model, method, opts, basis)
+        cache = _make_cache(model, method, B, ctx + 64)
+        cache.reset()
+        cache.fill_random(ctx, seed=0)
+        ids = torch.randint(0, model.config.vocab_size, (B,), device="cuda")
+        pos = torch.full((B,), ctx, dtype=torch.long, device="cuda")
+        dec = GraphDecoder(model, cache, ids, pos, warmup=3).capture()
+        ts = []
+        for _ in range(18):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            dec.step()
+            b.record()
+            torch.cuda.synchronize()
+            ts.append(a.elapsed_time(b))
+        dec.close()
+        del dec, cache, lm
+        torch.cuda.empty_cache()
+        return sorted(ts[3:])[len(ts[3:]) // 2]
+
+    rows = []
+    for compiled in (False, True):
+        if compiled:
+            llama.apply_rotary_pos_emb = torch.compile(llama.apply_rotary_pos_emb, dynamic=False)
+            for layer in model.model.layers:
+                for mod in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
+                    mod.compile(dynamic=False)
+            model.model.norm.compile(dynamic=False)
+        for method, B, ctx in points:
+            ms = step_ms(method, B, ctx)
+            rows.append({"compiled_glue": compiled, "method": method, "batch": B, "context": ctx, "ms_per_step": ms})
+            log(f"compiled glue={compiled!s:5} {method:12s} B={B:2d} ctx={ctx:6d}: {ms:.3f} ms/step")
+    for compiled in (False, True):
+        by = {(r["method"], r["batch"], r["context"]): r["ms_per_step"] for r in rows if r["compiled_glue"] == compiled}
+        for (m, B, ctx), ms in by.items():
+            if m == "loki" and ("dense_flash", B, ctx) in by:
+                log(f"compiled glue={compiled!s:5} B={B} ctx={ctx}: loki {by[('dense_flash', B, ctx)] / ms:.2f}x dense_flash")
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--compile-experiment", action="store_true", help="only the torch.compile experiment")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("loki.profile_step needs a CUDA device.")
-    res = {"device": torch.cuda.get_device_name(), "gemm": gemm_bandwidth(), "steps": step_profile()}
+    if args.compile_experiment:
+        res = {"device": torch.cuda.get_device_name(), "compile_experiment": compile_experiment()}
+    else:
+        res = {"device": torch.cuda.get_device_name(), "gemm": gemm_bandwidth(), "steps": step_profile()}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
