@@ -38,11 +38,9 @@ def gemm_bandwidth(log=print) -> dict:
     return out
 
 
-def step_profile(points=(("dense_flash", 1, 4096), ("dense_flash", 16, 4096), ("loki", 16, 4096)), log=print) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
-    from loki.bench_core import _make_cache, _setup_method, load_bench_config, loki_options, random_llama, resolve_basis
-    from loki.generation import GraphDecoder
+def _random_model(log=print):
+    """The random-weight Llama-3-8B of conf/bench/h200.yaml, its Loki options and a basis fitted on its keys."""
+    from loki.bench_core import load_bench_config, loki_options, random_llama, resolve_basis
 
     cfg = load_bench_config("conf/bench/h200.yaml")
     t0 = time.time()
@@ -50,26 +48,54 @@ def step_profile(points=(("dense_flash", 1, 4096), ("dense_flash", 16, 4096), ("
     opts = loki_options(cfg)
     basis, _ = resolve_basis(model, cfg, "cuda")
     log(f"model + basis {time.time() - t0:.1f}s")
+    return model, opts, basis
+
+
+def _graph_decoder(model, opts, basis, method: str, B: int, ctx: int):
+    """A captured decode step of ``method`` on a cache of ``ctx`` random tokens per sequence."""
+    from loki.bench_core import _make_cache, _setup_method
+    from loki.generation import GraphDecoder
+
+    _setup_method(model, method, opts, basis)
+    cache = _make_cache(model, method, B, ctx + 64)
+    cache.reset()
+    cache.fill_random(ctx, seed=0)
+    ids = torch.randint(0, model.config.vocab_size, (B,), device="cuda")
+    pos = torch.full((B,), ctx, dtype=torch.long, device="cuda")
+    return GraphDecoder(model, cache, ids, pos, warmup=3).capture()
+
+
+def _step_ms(dec, n: int = 15, skip: int = 3) -> float:
+    """Median ms of one graph replay (after ``skip`` untimed replays)."""
+    for _ in range(skip):
+        dec.step()
+    ts = []
+    for _ in range(n):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dec.step()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b))
+    return sorted(ts)[len(ts) // 2]
+
+
+def _release(dec) -> None:
+    """Free the graph and drop the decoder's references to its cache (a batch-16 / 32K cache is 69 GB), so that
+    the next point's cache fits."""
+    dec.close()
+    dec.cache = dec.kw = dec.logits = None
+    torch.cuda.empty_cache()
+
+
+def step_profile(points=(("dense_flash", 1, 4096), ("dense_flash", 16, 4096), ("loki", 16, 4096)), log=print) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    model, opts, basis = _random_model(log)
     out = {}
     for method, B, ctx in points:
-        lm = _setup_method(model, method, opts, basis)
-        cache = _make_cache(model, method, B, ctx + 64)
-        cache.reset()
-        cache.fill_random(ctx, seed=0)
-        ids = torch.randint(0, model.config.vocab_size, (B,), device="cuda")
-        pos = torch.full((B,), ctx, dtype=torch.long, device="cuda")
-        dec = GraphDecoder(model, cache, ids, pos, warmup=2).capture()
-        for _ in range(3):
-            dec.step()
-        ts = []
-        for _ in range(10):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            dec.step()
-            b.record()
-            torch.cuda.synchronize()
-            ts.append(a.elapsed_time(b))
-        step_ms = sorted(ts)[len(ts) // 2]
+        dec = _graph_decoder(model, opts, basis, method, B, ctx)
+        step_ms = _step_ms(dec)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
                 dec.step()
@@ -81,9 +107,7 @@ def step_profile(points=(("dense_flash", 1, 4096), ("dense_flash", 16, 4096), ("
         log(f"== {method} B={B} ctx={ctx}: graph step {step_ms:.3f} ms, profiled device time {device_ms:.3f} ms")
         for r in kernels[:22]:
             log(f"  {r['ms']:8.3f} ms  {r['calls']:5d}x  {r['kernel'][:110]}")
-        dec.close()
-        del dec, cache, lm
-        torch.cuda.empty_cache()
+        _release(dec)
     return out
 
 
@@ -95,37 +119,9 @@ def compile_experiment(points=(("dense_flash", 16, 32768), ("loki", 16, 32768), 
     RoPE function is replaced in transformers' llama module for the rest of the process."""
     import transformers.models.llama.modeling_llama as llama
 
-    from loki.bench_core import _make_cache, _setup_method, load_bench_config, loki_options, random_llama, resolve_basis
-    from loki.generation import GraphDecoder
-
     torch._dynamo.config.cache_size_limit = 512
     torch._dynamo.config.accumulated_cache_size_limit = 4096
-    cfg = load_bench_config("conf/bench/h200.yaml")
-    model = random_llama(cfg["random_llama"], torch.bfloat16, "cuda")
-    opts = loki_options(cfg)
-    basis, _ = resolve_basis(model, cfg, "cuda")
-
-    def step_ms(method, B, ctx):
-        lm = _setup_method(model, method, opts, basis)
-        cache = _make_cache(model, method, B, ctx + 64)
-        cache.reset()
-        cache.fill_random(ctx, seed=0)
-        ids = torch.randint(0, model.config.vocab_size, (B,), device="cuda")
-        pos = torch.full((B,), ctx, dtype=torch.long, device="cuda")
-        dec = GraphDecoder(model, cache, ids, pos, warmup=3).capture()
-        ts = []
-        for _ in range(18):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            dec.step()
-            b.record()
-            torch.cuda.synchronize()
-            ts.append(a.elapsed_time(b))
-        dec.close()
-        del dec, cache, lm
-        torch.cuda.empty_cache()
-        return sorted(ts[3:])[len(ts[3:]) // 2]
-
+    model, opts, basis = _random_model(log)
     rows = []
     for compiled in (False, True):
         if compiled:
@@ -135,7 +131,9 @@ def compile_experiment(points=(("dense_flash", 16, 32768), ("loki", 16, 32768), 
                     mod.compile(dynamic=False)
             model.model.norm.compile(dynamic=False)
         for method, B, ctx in points:
-            ms = step_ms(method, B, ctx)
+            dec = _graph_decoder(model, opts, basis, method, B, ctx)
+            ms = _step_ms(dec)
+            _release(dec)
             rows.append({"compiled_glue": compiled, "method": method, "batch": B, "context": ctx, "ms_per_step": ms})
             log(f"compiled glue={compiled!s:5} {method:12s} B={B:2d} ctx={ctx:6d}: {ms:.3f} ms/step")
     for compiled in (False, True):
