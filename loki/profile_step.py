@@ -11,10 +11,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
+
+from loki.common import write_json
 
 
 def gemm_bandwidth(log=print) -> dict:
@@ -66,18 +67,10 @@ def _graph_decoder(model, opts, basis, method: str, B: int, ctx: int):
 
 
 def _step_ms(dec, n: int = 15, skip: int = 3) -> float:
-    """Median ms of one graph replay (after ``skip`` untimed replays)."""
-    for _ in range(skip):
-        dec.step()
-    ts = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dec.step()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    return sorted(ts)[len(ts) // 2]
+    """Median ms of one graph replay (after ``skip`` untimed replays), timed as loki.bench times a step."""
+    from loki.bench_core import _median_ms
+
+    return _median_ms(dec.step, n, "cuda", warm=skip)
 
 
 def _release(dec) -> None:
@@ -156,8 +149,7 @@ def main(argv=None) -> int:
     else:
         res = {"device": torch.cuda.get_device_name(), "gemm": gemm_bandwidth(), "steps": step_profile()}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        write_json(args.json, res)
     return 0
 
 
