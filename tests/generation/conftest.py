@@ -1,6 +1,5 @@
 """Fixtures for the generation tests: a tiny random Llama, a basis fitted on its keys, the embedded model."""
 import os
-from pathlib import Path
 
 import torch
 
@@ -9,9 +8,6 @@ if not torch.cuda.is_available():  # the kernel-path test runs Triton in its int
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import pytest  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[2]
-
 from gen_helpers import TINY, tiny_llama  # noqa: E402
 
 
