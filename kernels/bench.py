@@ -135,7 +135,10 @@ def run_case(B, S, dfrac, kfrac, rep, stage_times=True):
         res["select_fused_ms"] = timed(case, lambda a, b_, c: loki_select(q, a, L, k, P=P, strict=False), rep)
         res["select_bracket_ms"] = timed(case, lambda a, b_, c: loki_select_bracket(q, a, L, k, P=P, strict=False),
                                          rep)
-        for st in (1, 2):  # per-kernel split of the bracket path: rotate+bracket, + scores/classify (+ band select)
+        res["select_bracket_fused_ms"] = timed(  # v4: classification inside the scoring kernel
+            case, lambda a, b_, c: loki_select_bracket(q, a, L, k, P=P, strict=False, classify="fused"), rep)
+        # per-kernel split of the bracket path: rotate+bracket, + scores, + classify (+ band select = select_bracket)
+        for st in (1, 2, 3):
             res[f"bracket_stage{st}_ms"] = timed(
                 case, lambda a, b_, c, st=st: loki_select_bracket(q, a, L, k, P=P, strict=False, stages=st), rep)
         idx = topk_select(scores, L, k, strict=False)
@@ -228,13 +231,21 @@ def tune(rep, log, light=False):
 
     def bsel(c, cs):
         cc = cs["case"]
-        cfg = {k_: c[k_] for k_ in ("block_n", "tiles", "num_warps") if k_ in c}
+        cfg = {k_: c[k_] for k_ in ("block_n", "tiles", "num_warps", "classify_block", "classify_warps",
+                                    "finish_warps") if k_ in c}
         return lambda: loki_select_bracket(cc.q, cc.copies[0][0], cc.lengths, cs["k"], P=cc.P, strict=False,
                                            config=cfg or None, sample=c.get("sample"))
     if light == "bracket":  # the bracket path only: sample size, then scoring tiles per d
-        best = sweep("bracket_sample", [dict(sample=sm) for sm in (512, 1024, 2048)], bsel, cases)
+        best = sweep("bracket_sample", [dict(sample=sm) for sm in (256, 512, 1024)], bsel, cases)
         if best:
             bracket_mod.BRACKET_SAMPLE = best["sample"]
+        best = sweep("bracket_classify", [dict(classify_block=cb, classify_warps=cw, finish_warps=fw)
+                                          for cb, cw in ((1024, 4), (2048, 4), (4096, 8)) for fw in (8, 16)],
+                     bsel, cases)
+        if best:
+            bracket_mod.BRACKET_CLASSIFY_BLOCK = best["classify_block"]
+            bracket_mod.BRACKET_CLASSIFY_WARPS = best["classify_warps"]
+            bracket_mod.BRACKET_WARPS = best["finish_warps"]
         sweep_per_d("bracket_scores", [dict(block_n=bn, tiles=t, num_warps=nw)
                                        for bn, nw in ((64, 4), (128, 4), (256, 4), (256, 8)) for t in (1, 2, 4)],
                     bsel, bracket_mod.BRACKET_SCORE_CONFIG)
@@ -292,14 +303,14 @@ def tune(rep, log, light=False):
 def fmt_table(rows, dense, copy_bw):
     lines = []
     hdr = (f"{'B':>3} {'ctx':>6} {'d':>3} {'k':>6} | {'rot':>6} {'score':>6} {'topk':>6} {'tk_trch':>7} "
-           f"{'fsel':>6} {'bsel':>6} {'attn':>6} | {'brkt':>6} {'fused':>6} {'split':>6} {'naive':>6} {'sdpa':>6} | "
+           f"{'fsel':>6} {'bsel':>6} {'bsel4':>6} {'attn':>6} | {'brkt':>6} {'fused':>6} {'split':>6} {'naive':>6} {'sdpa':>6} | "
            f"{'x_sdpa':>6} "
            f"{'x_naive':>7} {'ideal':>5} {'GB/s':>6} {'target':>6}")
     lines.append("times in us (median of do_bench over CUDA-graph replays); x_* = speedup of the best Loki total "
                  "(min of bracket, fused, split) over SDPA / the naive torch pipeline")
     lines.append("rot: rotate_q alone (not on the pipeline's path); score: Loki scores with q rotation fused (split "
                  "path); topk: Triton selection on those scores; tk_trch: torch.topk(sorted=False) on the same; fsel: "
-                 "fused rotate+score+select kernel; bsel: bracket path's rotate+bracket, scores+classify, band select (3 kernels); attn: sparse flash-decoding incl. split combine; ideal: dense bytes / "
+                 "fused rotate+score+select kernel; bsel: bracket path (rotate+bracket, scores, classify, band select: 4 kernels); bsel4: the same with the classification inside the scoring kernel (v4, 3 kernels); attn: sparse flash-decoding incl. split combine; ideal: dense bytes / "
                  "Loki bytes; GB/s: Loki bytes / best total")
     lines.append(hdr)
     lines.append("-" * len(hdr))
@@ -311,7 +322,7 @@ def fmt_table(rows, dense, copy_bw):
         lines.append(
             f"{r['batch']:>3} {r['context']:>6} {r['d']:>3} {r['k']:>6} | {us('rotate_ms')} {us('scores_ms')} "
             f"{us('topk_triton_ms')} {us('topk_torch_ms'):>7} {us('select_fused_ms')} {us('select_bracket_ms')} "
-            f"{us('attention_ms')} | {us('total_bracket_ms')} {us('total_fused_ms')} {us('total_split_ms')} {us('naive_torch_ms')} {dn['sdpa_ms'] * 1e3:6.1f} | "
+            f"{us('select_bracket_fused_ms')} {us('attention_ms')} | {us('total_bracket_ms')} {us('total_fused_ms')} {us('total_split_ms')} {us('naive_torch_ms')} {dn['sdpa_ms'] * 1e3:6.1f} | "
             f"{r['speedup_vs_sdpa']:6.2f} {r['speedup_vs_naive']:7.2f} {r['ideal_ratio']:5.2f} "
             f"{r['achieved_GBps']:6.0f} {('%.1fx' % tgt + (' ok' if r['target_met'] else ' NO')) if tgt else '':>6}")
     lines.append("")
@@ -408,6 +419,9 @@ def main(argv=None):
                 topk=(topk_mod.SELECT_BLOCK_S, topk_mod.SELECT_WARPS), sample=topk_mod.SELECT_SAMPLE,
                 nsig=topk_mod.SELECT_NSIG, scores={str(k_): v_ for k_, v_ in scores_mod.SCORES_CONFIG.items()},
                 bracket=dict(sample=bracket_mod.BRACKET_SAMPLE, nsig=bracket_mod.BRACKET_NSIG,
+                             classify=bracket_mod.BRACKET_CLASSIFY, band_reg=bracket_mod.BRACKET_BAND_REG,
+                             classify_block=bracket_mod.BRACKET_CLASSIFY_BLOCK,
+                             classify_warps=bracket_mod.BRACKET_CLASSIFY_WARPS, finish_warps=bracket_mod.BRACKET_WARPS,
                              scores={str(k_): v_ for k_, v_ in bracket_mod.BRACKET_SCORE_CONFIG.items()}))
     log("configs", cfgs)
     if SMOKE:

@@ -44,7 +44,7 @@ def _forced(sc, offs, n, SINK, LOCAL):
 @triton.jit
 def _bracket_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h,
                     klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, len_ptr, kb_ptr, K_INT, scale, R, G, S_MAX, KMAX,
-                    nsig, SINK, LOCAL,
+                    nsig, SINK, LOCAL, WS_ROW,
                     ROTATE: tl.constexpr, HAS_KB: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr,
                     G_ROT: tl.constexpr, D: tl.constexpr, D_LR: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_DL: tl.constexpr, SAMPLE: tl.constexpr, SUB: tl.constexpr, K_FP32: tl.constexpr,
@@ -62,7 +62,7 @@ def _bracket_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h
         qT = _load_q_lr_T(qrot_ptr, sqr_b, sqr_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
         qT_hi, qT_lo = _split_hi_lo(qT, klr_ptr.dtype.element_ty)
         k_base = klr_ptr + b * slr_b + kvh * slr_h
-        sbuf = ws_ptr + pid.to(tl.int64) * (2 * S_MAX)  # the band's key region: free until the scoring kernel
+        sbuf = ws_ptr + pid.to(tl.int64) * WS_ROW  # the band's key region: free until the scoring kernel
         for c in tl.static_range(0, SAMPLE, SUB):
             i = c + tl.arange(0, SUB)
             spos = ((i.to(tl.int64) * n) // SAMPLE).to(tl.int32)
@@ -82,10 +82,10 @@ def _bracket_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h
 
 @triton.jit
 def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, out_ptr, so_b, so_r,
-                           len_ptr, scale, R, G, S_MAX, KMAX, SINK, LOCAL,
+                           len_ptr, scale, R, G, S_MAX, KMAX, SINK, LOCAL, WS_ROW,
                            HPR: tl.constexpr, G_PAD: tl.constexpr, D_LR: tl.constexpr, BLOCK_DL: tl.constexpr,
                            BLOCK_N: tl.constexpr, TILES: tl.constexpr, K_FP32: tl.constexpr,
-                           REDUCE_MAX: tl.constexpr):
+                           REDUCE_MAX: tl.constexpr, CLASSIFY: tl.constexpr):
     pid = tl.program_id(0)
     tb = tl.program_id(1)
     b, r, h0, kvh = _row_of(pid, R, HPR, G)
@@ -99,7 +99,7 @@ def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
         lo_key = tl.load(br).to(tl.uint32, bitcast=True)
         hi_key = tl.load(br + 1).to(tl.uint32, bitcast=True)
         cnt_ptr = (br + 2).to(tl.pointer_type(tl.int64))  # the two int32 counters as one 8-byte-aligned int64
-        bkey = ws_ptr + pid.to(tl.int64) * (2 * S_MAX)
+        bkey = ws_ptr + pid.to(tl.int64) * WS_ROW
         bidx = bkey + S_MAX
         o_row = out_ptr + b * so_b + r * so_r
         for t in tl.static_range(TILES):
@@ -108,28 +108,89 @@ def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
             sc = _score_tile(k_base, slr_s, offs, valid, qT, qT_hi, qT_lo, D_LR, BLOCK_DL, HPR, G_PAD, K_FP32,
                              REDUCE_MAX)
             key = _key_of(_forced(sc, offs, n, SINK, LOCAL))
-            gt = valid & (key > hi_key)
-            bd = valid & (key >= lo_key) & (key <= hi_key)
-            packed = gt.to(tl.int32) + (bd.to(tl.int32) << 16)
-            c_ex = tl.cumsum(packed, axis=0) - packed
-            tot = tl.sum(packed, axis=0)
-            # one relaxed 64-bit atomic claims both output ranges (low word: #above, high word: #band); kernel
-            # boundaries order it against the other kernels, so no fence is needed (acq_rel fences cost ~2x here)
-            inc = (tot & 0xFFFF).to(tl.int64) + ((tot >> 16).to(tl.int64) << 32)
-            old = tl.atomic_add(cnt_ptr, inc, sem="relaxed")
-            gpos = (old & 0xFFFFFFFF).to(tl.int32) + (c_ex & 0xFFFF)
-            bpos = (old >> 32).to(tl.int32) + (c_ex >> 16)
-            tl.store(o_row + gpos, offs.to(out_ptr.dtype.element_ty), mask=gt & (gpos < KMAX))
-            tl.store(bkey + bpos, key.to(tl.int32, bitcast=True), mask=bd)
-            tl.store(bidx + bpos, offs, mask=bd)
+            if CLASSIFY:
+                _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, KMAX)
+            else:
+                tl.store(bkey + 2 * S_MAX + offs, key.to(tl.int32, bitcast=True), mask=valid)
+
+
+@triton.jit
+def _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, KMAX):
+    """key > hi: position written to the output row; lo <= key <= hi: (key, position) appended to the band."""
+    gt = valid & (key > hi_key)
+    bd = valid & (key >= lo_key) & (key <= hi_key)
+    packed = gt.to(tl.int32) + (bd.to(tl.int32) << 16)
+    c_ex = tl.cumsum(packed, axis=0) - packed
+    tot = tl.sum(packed, axis=0)
+    # one relaxed 64-bit atomic claims both output ranges (low word: #above, high word: #band); kernel
+    # boundaries order it against the other kernels, so no fence is needed (acq_rel fences cost ~2x here)
+    inc = (tot & 0xFFFF).to(tl.int64) + ((tot >> 16).to(tl.int64) << 32)
+    old = tl.atomic_add(cnt_ptr, inc, sem="relaxed")
+    gpos = (old & 0xFFFFFFFF).to(tl.int32) + (c_ex & 0xFFFF)
+    bpos = (old >> 32).to(tl.int32) + (c_ex >> 16)
+    tl.store(o_row + gpos, offs.to(o_row.dtype.element_ty), mask=gt & (gpos < KMAX))
+    tl.store(bkey + bpos, key.to(tl.int32, bitcast=True), mask=bd)
+    tl.store(bidx + bpos, offs, mask=bd)
+
+
+@triton.jit
+def _bracket_classify_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, R, S_MAX, KMAX, BLOCK_C: tl.constexpr):
+    """classify="split": the keys the scoring kernel wrote (L2-resident), classified by many programs per row."""
+    pid = tl.program_id(0)
+    tb = tl.program_id(1)
+    b = pid // R
+    r = pid % R
+    n = tl.maximum(tl.minimum(tl.load(len_ptr + b).to(tl.int32), S_MAX), 0)
+    start = tb * BLOCK_C
+    if start < n:
+        br = br_ptr + pid * 4
+        lo_key = tl.load(br).to(tl.uint32, bitcast=True)
+        hi_key = tl.load(br + 1).to(tl.uint32, bitcast=True)
+        cnt_ptr = (br + 2).to(tl.pointer_type(tl.int64))
+        bkey = ws_ptr + pid.to(tl.int64) * (3 * S_MAX)
+        bidx = bkey + S_MAX
+        offs = start + tl.arange(0, BLOCK_C)
+        valid = offs < n
+        key = tl.load(bkey + 2 * S_MAX + offs, mask=valid, other=0).to(tl.uint32, bitcast=True)
+        _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, out_ptr + b * so_b + r * so_r, bkey, bidx, KMAX)
+
+
+@triton.jit
+def _select_in_registers(bkey_ptr, bidx_ptr, m, r, out_ptr, hb, prefix, BAND: tl.constexpr):
+    """out[0:r] = bidx of the r largest of bkey[0:m] (1 <= r <= m <= BAND), every key in registers.
+
+    All keys share their top 32 - hb bits (`prefix`); the r-th largest key T is found bit by bit (hb counting
+    passes over registers, no memory traffic), then one prefix sum places the keys > T and the first ties."""
+    i = tl.arange(0, BAND)
+    valid = i < m
+    key = tl.load(bkey_ptr + i, mask=valid, other=0).to(tl.uint32, bitcast=True)
+    hbu = tl.minimum(hb, 31).to(tl.uint32)
+    t = tl.where(hb >= 32, tl.zeros([], dtype=tl.uint32), prefix << hbu)
+    bit = hb - 1
+    while bit >= 0:
+        cand = t | (tl.full([], 1, tl.uint32) << bit.to(tl.uint32))
+        cnt = tl.sum((valid & (key >= cand)).to(tl.int32), axis=0)
+        t = tl.where(cnt >= r, cand, t)
+        bit -= 1
+    gt = valid & (key > t)
+    eq = valid & (key == t)
+    need = r - tl.sum(gt.to(tl.int32), axis=0)
+    packed = gt.to(tl.int32) + (eq.to(tl.int32) << 16)
+    c_ex = tl.cumsum(packed, axis=0) - packed
+    eq_ex = c_ex >> 16
+    take = gt | (eq & (eq_ex < need))
+    pos = (c_ex & 0xFFFF) + tl.minimum(eq_ex, need)
+    val = tl.load(bidx_ptr + i, mask=take, other=0)
+    tl.store(out_ptr + pos, val.to(out_ptr.dtype.element_ty), mask=take)
 
 
 @triton.jit
 def _bracket_finish_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, out_ptr, so_b,
-                           so_r, len_ptr, kb_ptr, K_INT, scale, R, G, S_MAX, KMAX, SINK, LOCAL,
+                           so_r, len_ptr, kb_ptr, K_INT, scale, R, G, S_MAX, KMAX, SINK, LOCAL, WS_ROW,
                            HAS_KB: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr, D_LR: tl.constexpr,
                            BLOCK_DL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-                           K_FP32: tl.constexpr, REDUCE_MAX: tl.constexpr):
+                           K_FP32: tl.constexpr, REDUCE_MAX: tl.constexpr, KEYS_WRITTEN: tl.constexpr,
+                           BAND_REG: tl.constexpr):
     pid = tl.program_id(0)
     b, r, h0, kvh = _row_of(pid, R, HPR, G)
     n, kb = _row_budget(len_ptr, kb_ptr, b, K_INT, S_MAX, KMAX, HAS_KB)
@@ -138,7 +199,7 @@ def _bracket_finish_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
     hi_key = tl.load(br + 1).to(tl.uint32, bitcast=True)
     c_gt = tl.load(br + 2)
     c_band = tl.load(br + 3)
-    bkey = ws_ptr + pid.to(tl.int64) * (2 * S_MAX)
+    bkey = ws_ptr + pid.to(tl.int64) * WS_ROW
     bidx = bkey + S_MAX
     o_row = out_ptr + b * so_b + r * so_r
     if (c_gt <= kb) & (kb <= c_gt + c_band):
@@ -146,8 +207,14 @@ def _bracket_finish_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
         if rr > 0:
             hb = _bit_length(lo_key ^ hi_key)
             prefix = tl.where(hb >= 32, 0, hi_key >> tl.minimum(hb, 31).to(tl.uint32))
-            _radix_select(bkey, bidx, c_band, rr, o_row + c_gt, hb, prefix, HAS_IDX=True, SRC_KEYS=True,
-                          BLOCK_S=BLOCK_S)
+            if c_band <= BAND_REG:
+                _select_in_registers(bkey, bidx, c_band, rr, o_row + c_gt, hb, prefix, BAND_REG)
+            else:
+                _radix_select(bkey, bidx, c_band, rr, o_row + c_gt, hb, prefix, HAS_IDX=True, SRC_KEYS=True,
+                              BLOCK_S=BLOCK_S)
+    elif KEYS_WRITTEN:  # the bracket missed; the scoring kernel wrote every key: radix select over the row
+        _radix_select(bkey + 2 * S_MAX, bkey, n, kb, o_row, tl.full([], 32, tl.int32), tl.zeros([], dtype=tl.uint32),
+                      HAS_IDX=False, SRC_KEYS=True, BLOCK_S=BLOCK_S)
     else:  # the bracket missed: recompute the row's keys, exact radix select over the whole row
         qT = _load_q_lr_T(qrot_ptr, sqr_b, sqr_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
         qT_hi, qT_lo = _split_hi_lo(qT, klr_ptr.dtype.element_ty)
@@ -174,6 +241,10 @@ BRACKET_SUB = 256  # sampled tokens scored per sub-tile of the bracket kernel
 BRACKET_NSIG = 4.0
 BRACKET_BLOCK_S = 2048  # tile of the band radix select
 BRACKET_WARPS = 8
+BRACKET_CLASSIFY = "split"  # session 4: "split" (scores + a separate classify kernel) or "fused" (v4)
+BRACKET_CLASSIFY_BLOCK = 2048  # keys per program of the classify kernel
+BRACKET_CLASSIFY_WARPS = 4
+BRACKET_BAND_REG = 8192  # bands up to this size are selected in registers (bit-by-bit counting)
 BRACKET_SCORE_CONFIG = {0: dict(block_n=256, tiles=2, num_warps=4), 32: dict(block_n=256, tiles=1, num_warps=4)}
 
 
@@ -187,7 +258,8 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
                         k_max: int | None = None, sink_tokens: int = 0, local_window: int = 0,
                         q_rot_out: torch.Tensor | None = None, config: dict | None = None,
                         sample: int | None = None, nsig: float | None = None,
-                        workspace: torch.Tensor | None = None, stages: int = 3):
+                        workspace: torch.Tensor | None = None, stages: int = 4, classify: str | None = None,
+                        band_reg: int | None = None):
     """(Rotate q) + scores + exact top-k with the selection fused into the scoring pass (see module doc).
 
     Same contract as `topk.loki_select`: q (B, H, D) raw queries when P (KVH, D, D) is given (q' = q @ P is
@@ -195,8 +267,12 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     to 1..lengths[b]; strict=True raises instead, with one host sync).  sink_tokens / local_window: the first /
     last positions of each sequence are always selected (they count towards the budget).  Returns
     (idx (B, R, k_max) int32 padded with -1, q_rot (B, H, D) fp32 or None).  ``workspace``: optional int32
-    buffer of >= B*R*(2*S_max + 4) elements (band keys and positions, bracket and counters).
-    ``stages`` < 3 launches only the first kernels (for the benchmark's per-kernel times; idx is then garbage).
+    buffer of >= B*R*(W*S_max + 4) elements (band keys and positions, [row keys,] bracket and counters), W = 3
+    with classify="split", 2 with "fused".
+    classify: "split" (the scoring kernel writes every key, a second many-program kernel classifies them) or
+    "fused" (the scoring kernel classifies on the spot); default BRACKET_CLASSIFY.  band_reg: the largest band
+    selected in registers (power of 2; larger bands take the radix select); default BRACKET_BAND_REG.
+    ``stages`` < 4 launches only the first kernels (for the benchmark's per-kernel times; idx is then garbage).
     """
     check(isinstance(sink_tokens, int) and sink_tokens >= 0, f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
     check(isinstance(local_window, int) and local_window >= 0,
@@ -207,13 +283,20 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     sample = int(sample) if sample is not None else (64 if interp else BRACKET_SAMPLE)
     check(sample >= 16 and sample & (sample - 1) == 0, f"sample must be a power of 2 >= 16, got {sample}")
     nsig = float(BRACKET_NSIG if nsig is None else nsig)
-    n_ws = B * R * (2 * S + 4)
+    classify = BRACKET_CLASSIFY if classify is None else classify
+    check(classify in ("split", "fused"), f"classify must be 'split' or 'fused', got {classify!r}")
+    band_reg = int(band_reg) if band_reg is not None else (128 if interp else BRACKET_BAND_REG)
+    check(band_reg >= 16 and band_reg & (band_reg - 1) == 0 and band_reg < 65536,
+          f"band_reg must be a power of 2 in [16, 32768], got {band_reg}")
+    split = classify == "split"
+    W = 3 if split else 2
+    n_ws = B * R * (W * S + 4)
     if workspace is None:
         workspace = torch.empty(n_ws, dtype=torch.int32, device=k_lr.device)
     check(workspace.dtype == torch.int32 and workspace.is_contiguous() and workspace.numel() >= n_ws
           and workspace.device == k_lr.device and workspace.data_ptr() % 8 == 0,
           f"workspace must be a contiguous, 8-byte aligned int32 tensor of >= {n_ws} elements on {k_lr.device}")
-    ws, br = workspace[:B * R * 2 * S], workspace[B * R * 2 * S:n_ws]
+    ws, br = workspace[:B * R * W * S], workspace[B * R * W * S:n_ws]
     idx = torch.empty(B, R, KMAX, dtype=torch.int32, device=k_lr.device)
     scale = default_scaling(D, scaling)
     qr = q_rot_out if rotate else q
@@ -228,29 +311,37 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     _bracket_kernel[(B * R,)](
         q, q.stride(0), q.stride(1), Pt, Pt.stride(0), Pt.stride(1), qr, qr.stride(0), qr.stride(1),
         k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br, lengths, kbt, K_INT, scale, R, G, S, KMAX,
-        nsig, sink_tokens, local_window,
+        nsig, sink_tokens, local_window, W * S,
         ROTATE=rotate, HAS_KB=kb is not None, G_ROT=next_pow2(HPR), D=D, BLOCK_D=BLOCK_D, SAMPLE=sample,
         SUB=min(sample, 32 if interp else BRACKET_SUB), **rot_chunks(BLOCK_D, True), **common,
         num_warps=4 if interp else BRACKET_WARPS)
     if stages < 2:
         return idx, (q_rot_out if rotate else None)
+    cfg = _score_config(d, config)  # scoring tiles; classify_block / classify_warps / finish_warps: the others
     if interp:
         BLOCK_N, TILES, nw = 32, 1, 4
     else:
-        cfg = _score_config(d, config)
         BLOCK_N, TILES, nw = cfg["block_n"], cfg["tiles"], cfg["num_warps"]
     grid = (B * R, triton.cdiv(S, BLOCK_N * TILES))
     _bracket_scores_kernel[grid](
         qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br,
-        idx, idx.stride(0), idx.stride(1), lengths, scale, R, G, S, KMAX, sink_tokens, local_window,
-        BLOCK_N=BLOCK_N, TILES=TILES, **common, num_warps=nw)
+        idx, idx.stride(0), idx.stride(1), lengths, scale, R, G, S, KMAX, sink_tokens, local_window, W * S,
+        BLOCK_N=BLOCK_N, TILES=TILES, **common, CLASSIFY=not split, num_warps=nw)
     if stages < 3:
+        return idx, (q_rot_out if rotate else None)
+    if split:
+        block_c = 64 if interp else cfg.get("classify_block", BRACKET_CLASSIFY_BLOCK)
+        _bracket_classify_kernel[(B * R, triton.cdiv(S, block_c))](
+            ws, br, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, BLOCK_C=block_c,
+            num_warps=4 if interp else cfg.get("classify_warps", BRACKET_CLASSIFY_WARPS))
+    if stages < 4:
         return idx, (q_rot_out if rotate else None)
     _bracket_finish_kernel[(B * R,)](
         qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br,
         idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, scale, R, G, S, KMAX, sink_tokens, local_window,
-        HAS_KB=kb is not None, BLOCK_N=32 if interp else 256, BLOCK_S=64 if interp else BRACKET_BLOCK_S, **common,
-        num_warps=4 if interp else BRACKET_WARPS)
+        W * S, HAS_KB=kb is not None, BLOCK_N=32 if interp else 256, BLOCK_S=64 if interp else BRACKET_BLOCK_S,
+        **common, KEYS_WRITTEN=split, BAND_REG=band_reg,
+        num_warps=4 if interp else cfg.get("finish_warps", BRACKET_WARPS))
     return idx, (q_rot_out if rotate else None)
 
 

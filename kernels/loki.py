@@ -22,6 +22,7 @@ from .topk import _budget_args, loki_select, topk_select
 
 
 PATHS = ("auto", "bracket", "fused", "split", "torch_topk")
+AUTO_PATH: str | None = None  # when set, path="auto" resolves to it (benchmarks compare paths inside a whole model)
 
 
 def choose_path(B: int, rows: int, device, forced: bool = False) -> str:
@@ -29,6 +30,8 @@ def choose_path(B: int, rows: int, device, forced: bool = False) -> str:
     rows to fill the GPU: the fused path (kernels/NOTES.md, v4).  Sinks / local window: the bracket path."""
     if forced:
         return "bracket"
+    if AUTO_PATH is not None:
+        return AUTO_PATH
     return "fused" if B * rows >= num_sms(device) // 2 else "bracket"
 
 

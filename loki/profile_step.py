@@ -2,6 +2,7 @@
 
     python -m loki.profile_step [--json out.json]      # on the GPU machine; torch, triton and transformers only
     python -m loki.profile_step --compile-experiment   # step times with and without torch.compile of the glue
+        [--loki-paths fused,bracket]                   #   loki timed with each kernel path
 
 1. The bandwidth of one bf16 GEMM at each Llama-3-8B decode shape (batch 1 and 16; weights rotated over several
    copies so that they do not sit in L2).
@@ -105,12 +106,15 @@ def step_profile(points=(("dense_flash", 1, 4096), ("dense_flash", 16, 4096), ("
 
 
 def compile_experiment(points=(("dense_flash", 16, 32768), ("loki", 16, 32768), ("dense_flash", 16, 4096),
-                                ("loki", 16, 4096)), log=print) -> list:
+                                ("loki", 16, 4096)), log=print, loki_paths=("auto",)) -> list:
     """Graph-step times of each point before and after compiling transformers' non-attention "glue" with
     torch.compile, for both methods alike: every RMSNorm, every MLP, and the RoPE function. (Compiling whole
     decoder layers, attention included, fails in dynamo: illegal memory access; not pursued.) An experiment: the
-    RoPE function is replaced in transformers' llama module for the rest of the process."""
+    RoPE function is replaced in transformers' llama module for the rest of the process.  ``loki_paths``: the
+    kernel paths (kernels.loki.PATHS) each loki point is timed with (``kernels.loki.AUTO_PATH``)."""
     import transformers.models.llama.modeling_llama as llama
+
+    import kernels.loki as kloki
 
     torch._dynamo.config.cache_size_limit = 512
     torch._dynamo.config.accumulated_cache_size_limit = 4096
@@ -124,16 +128,21 @@ def compile_experiment(points=(("dense_flash", 16, 32768), ("loki", 16, 32768), 
                     mod.compile(dynamic=False)
             model.model.norm.compile(dynamic=False)
         for method, B, ctx in points:
-            dec = _graph_decoder(model, opts, basis, method, B, ctx)
-            ms = _step_ms(dec)
-            _release(dec)
-            rows.append({"compiled_glue": compiled, "method": method, "batch": B, "context": ctx, "ms_per_step": ms})
-            log(f"compiled glue={compiled!s:5} {method:12s} B={B:2d} ctx={ctx:6d}: {ms:.3f} ms/step")
+            for path in (loki_paths if method == "loki" else (None,)):
+                kloki.AUTO_PATH = None if path in (None, "auto") else path
+                dec = _graph_decoder(model, opts, basis, method, B, ctx)
+                ms = _step_ms(dec)
+                _release(dec)
+                kloki.AUTO_PATH = None
+                name = method if path is None else f"{method}[{path}]"
+                rows.append({"compiled_glue": compiled, "method": name, "batch": B, "context": ctx, "ms_per_step": ms})
+                log(f"compiled glue={compiled!s:5} {name:16s} B={B:2d} ctx={ctx:6d}: {ms:.3f} ms/step")
     for compiled in (False, True):
         by = {(r["method"], r["batch"], r["context"]): r["ms_per_step"] for r in rows if r["compiled_glue"] == compiled}
         for (m, B, ctx), ms in by.items():
-            if m == "loki" and ("dense_flash", B, ctx) in by:
-                log(f"compiled glue={compiled!s:5} B={B} ctx={ctx}: loki {by[('dense_flash', B, ctx)] / ms:.2f}x dense_flash")
+            if m.startswith("loki") and ("dense_flash", B, ctx) in by:
+                log(f"compiled glue={compiled!s:5} B={B} ctx={ctx}: {m} {by[('dense_flash', B, ctx)] / ms:.2f}x "
+                    "dense_flash")
     return rows
 
 
@@ -141,11 +150,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", default=None)
     ap.add_argument("--compile-experiment", action="store_true", help="only the torch.compile experiment")
+    ap.add_argument("--loki-paths", default="auto",
+                    help="comma list of kernel paths the compile experiment times loki with (auto, bracket, fused)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("loki.profile_step needs a CUDA device.")
     if args.compile_experiment:
-        res = {"device": torch.cuda.get_device_name(), "compile_experiment": compile_experiment()}
+        res = {"device": torch.cuda.get_device_name(), "compile_experiment": compile_experiment(loki_paths=tuple(args.loki_paths.split(",")))}
     else:
         res = {"device": torch.cuda.get_device_name(), "gemm": gemm_bandwidth(), "steps": step_profile()}
     if args.json:
