@@ -244,7 +244,7 @@ BRACKET_WARPS = 8
 BRACKET_CLASSIFY = "split"  # session 4: "split" (scores + a separate classify kernel) or "fused" (v4)
 BRACKET_CLASSIFY_BLOCK = 2048  # keys per program of the classify kernel
 BRACKET_CLASSIFY_WARPS = 4
-BRACKET_BAND_REG = 8192  # bands up to this size are selected in registers (bit-by-bit counting)
+BRACKET_BAND_REG = 8192  # largest band selected in registers (bit-by-bit counting); larger: radix select
 BRACKET_SCORE_CONFIG = {0: dict(block_n=256, tiles=2, num_warps=4), 32: dict(block_n=256, tiles=1, num_warps=4)}
 
 
@@ -285,7 +285,9 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     nsig = float(BRACKET_NSIG if nsig is None else nsig)
     classify = BRACKET_CLASSIFY if classify is None else classify
     check(classify in ("split", "fused"), f"classify must be 'split' or 'fused', got {classify!r}")
-    band_reg = int(band_reg) if band_reg is not None else (128 if interp else BRACKET_BAND_REG)
+    if band_reg is None:  # the band is ~13-19% of a row at SAMPLE 512, NSIG 4: registers sized for 20% of S_max
+        band_reg = 128 if interp else min(BRACKET_BAND_REG, max(1024, next_pow2(-(-S // 5))))
+    band_reg = int(band_reg)
     check(band_reg >= 16 and band_reg & (band_reg - 1) == 0 and band_reg < 65536,
           f"band_reg must be a power of 2 in [16, 32768], got {band_reg}")
     split = classify == "split"

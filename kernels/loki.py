@@ -9,8 +9,15 @@ path="fused": one kernel rotates q, scores each row and selects its top-k (one p
 path="split": rotate_q, loki_scores (many programs per row), topk_select, sparse attention.
 path="torch_topk": split path with torch.topk instead of the Triton selection.
 sink_tokens / local_window (always-selected positions) are supported on the bracket path.
+
+streams=n (n > 1) splits the batch into n chunks and runs each chunk's kernels on its own CUDA stream (chunk 0 on
+the current one): the chunks' latency-bound kernels (bracket, band select, split combine) then overlap the other
+chunks' bandwidth-bound ones (scores, sparse attention).  Inside a CUDA graph the chunks are parallel branches.
+On the CPU (interpreter) the chunks run one after the other, with the same results.
 """
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 
@@ -23,6 +30,20 @@ from .topk import _budget_args, loki_select, topk_select
 
 PATHS = ("auto", "bracket", "fused", "split", "torch_topk")
 AUTO_PATH: str | None = None  # when set, path="auto" resolves to it (benchmarks compare paths inside a whole model)
+AUTO_STREAMS: int | None = None  # when set, streams=None resolves to it (else `choose_streams`)
+_SIDE_STREAMS: dict = {}
+
+
+def choose_streams(B: int, rows: int, device) -> int:
+    """Batch chunks on parallel streams: 1 unless AUTO_STREAMS says otherwise (measured: kernels/NOTES.md)."""
+    return max(1, min(int(AUTO_STREAMS or 1), B)) if device.type == "cuda" else 1
+
+
+def _side_stream(device, i: int) -> "torch.cuda.Stream":
+    key = (device.index if device.index is not None else torch.cuda.current_device(), i)
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=key[0])
+    return _SIDE_STREAMS[key]
 
 
 def choose_path(B: int, rows: int, device, forced: bool = False) -> str:
@@ -39,7 +60,8 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
                 lengths: torch.Tensor, k_budget, mode: str = "group", reduce: str = "max",
                 scaling: float | None = None, strict: bool = True, path: str = "auto", k_max: int | None = None,
                 return_indices: bool = False, num_splits: int | None = None,
-                sink_tokens: int = 0, local_window: int = 0):
+                sink_tokens: int = 0, local_window: int = 0, streams: int | None = None,
+                out: torch.Tensor | None = None):
     """One Loki decode step for one layer.
 
     q: (B, H, D) queries (not rotated; q' = q @ P[kvh] is computed inside, in fp32).
@@ -47,6 +69,8 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
     k_budget: int or (B,) int tensor: number of tokens kept per sequence (clipped to 1..lengths[b]; with
     strict=True a budget above a length raises, which costs one device->host sync).
     mode / reduce: see `loki_scores`.  scaling: defaults to 1/sqrt(D).
+    streams: batch chunks run on parallel CUDA streams (see module doc; None: `choose_streams`).
+    out: optional (B, H, D) output tensor (contiguous last dim).
     Returns out (B, H, D) in the cache dtype, or (out, idx) with return_indices=True.
     """
     B, KVH, S, D, d = check_cache(k_lr, k_rest, v)
@@ -65,6 +89,12 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
         path = choose_path(B, rows, q.device, forced=bool(sink_tokens or local_window))
     if (sink_tokens or local_window) and path != "bracket":  # ("auto" resolved above)
         raise LokiInputError(f"sink_tokens/local_window need path='bracket' (got path={path!r})")
+    n_chunks = choose_streams(B, rows, q.device) if streams is None else int(streams)
+    check(n_chunks >= 1, f"streams must be >= 1, got {streams!r}")
+    n_chunks = min(n_chunks, B)
+    if n_chunks > 1:
+        return _chunked(n_chunks, q, P, k_lr, k_rest, v, lengths, k_budget, mode, reduce, scaling, path, k_max,
+                        return_indices, num_splits, sink_tokens, local_window, out)
     if path == "bracket":
         idx, q_rot = loki_select_bracket(q, k_lr, lengths, k_budget, P=P, mode=mode, reduce=reduce, scaling=scaling,
                                          strict=False, k_max=k_max, sink_tokens=sink_tokens,
@@ -82,5 +112,38 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
             kk = min(k_budget, S)
             vals, idx = torch.topk(scores, kk, dim=-1, sorted=False)
             idx = torch.where(torch.isinf(vals), torch.full_like(idx, -1), idx)
-    out = sparse_decode_attention(q_rot, k_lr, k_rest, v, idx, scaling=scaling, num_splits=num_splits)
+    out = sparse_decode_attention(q_rot, k_lr, k_rest, v, idx, scaling=scaling, num_splits=num_splits, out=out)
     return (out, idx) if return_indices else out
+
+
+def _chunked(n_chunks, q, P, k_lr, k_rest, v, lengths, k_budget, mode, reduce, scaling, path, k_max,
+             return_indices, num_splits, sink_tokens, local_window, out):
+    """loki_decode over n_chunks slices of the batch, chunk i > 0 on side stream i (joined before returning)."""
+    B, H, D = q.shape
+    _, _, KMAX = _budget_args(k_budget, lengths, B, False, k_max)
+    if out is None:
+        out = torch.empty(B, H, D, dtype=v.dtype, device=v.device)
+    check(tuple(out.shape) == (B, H, D) and out.stride(-1) == 1, f"out must be ({B}, {H}, {D}), contiguous last dim")
+    cuda = q.is_cuda
+    cur = torch.cuda.current_stream(q.device) if cuda else None
+    idxs, side = [], []
+    for i in range(n_chunks):
+        b0, b1 = B * i // n_chunks, B * (i + 1) // n_chunks
+        kb = k_budget[b0:b1] if isinstance(k_budget, torch.Tensor) else k_budget
+        ctx = nullcontext()
+        if cuda and i > 0:
+            s = _side_stream(q.device, i)
+            s.wait_stream(cur)
+            side.append(s)
+            ctx = torch.cuda.stream(s)
+        with ctx:
+            _, idx = loki_decode(q[b0:b1], P, k_lr[b0:b1], k_rest[b0:b1], v[b0:b1], lengths[b0:b1], kb, mode=mode,
+                                 reduce=reduce, scaling=scaling, strict=False, path=path, k_max=KMAX,
+                                 return_indices=True, num_splits=num_splits, sink_tokens=sink_tokens,
+                                 local_window=local_window, streams=1, out=out[b0:b1])
+            if cuda and i > 0:
+                idx.record_stream(cur)
+        idxs.append(idx)
+    for s in side:
+        cur.wait_stream(s)
+    return (out, torch.cat(idxs)) if return_indices else out
