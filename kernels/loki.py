@@ -10,10 +10,10 @@ path="split": rotate_q, loki_scores (many programs per row), topk_select, sparse
 path="torch_topk": split path with torch.topk instead of the Triton selection.
 sink_tokens / local_window (always-selected positions) are supported on the bracket path.
 
-streams=n (n > 1) splits the batch into n chunks and runs each chunk's kernels on its own CUDA stream (chunk 0 on
-the current one): the chunks' latency-bound kernels (bracket, band select, split combine) then overlap the other
-chunks' bandwidth-bound ones (scores, sparse attention).  Inside a CUDA graph the chunks are parallel branches.
-On the CPU (interpreter) the chunks run one after the other, with the same results.
+streams=n (n > 1, bracket path) splits the batch into n chunks, each on its own CUDA stream (chunk 0 on the
+current one), pipelined: chunk i starts once chunk i-1 is scored, so that the chunks' latency-bound kernels (band
+select, split combine) overlap the next chunk's bandwidth-bound ones.  Inside a CUDA graph the chunks are
+parallel branches.  On the CPU (interpreter) the chunks run one after the other, with the same results.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 
 from ._utils import LokiInputError, check, check_cache, check_float, check_lengths, num_sms
 from .attention import sparse_decode_attention
-from .bracket import loki_select_bracket
+from .bracket import bracket_workspace_size, loki_select_bracket
 from .scores import loki_scores, rotate_q
 from .topk import _budget_args, loki_select, topk_select
 
@@ -93,7 +93,8 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
     check(n_chunks >= 1, f"streams must be >= 1, got {streams!r}")
     n_chunks = min(n_chunks, B)
     if n_chunks > 1:
-        return _chunked(n_chunks, q, P, k_lr, k_rest, v, lengths, k_budget, mode, reduce, scaling, path, k_max,
+        check(path == "bracket", f"streams > 1 needs path='bracket' (got path={path!r})")
+        return _chunked(n_chunks, q, P, k_lr, k_rest, v, lengths, k_budget, mode, reduce, scaling, k_max,
                         return_indices, num_splits, sink_tokens, local_window, out)
     if path == "bracket":
         idx, q_rot = loki_select_bracket(q, k_lr, lengths, k_budget, P=P, mode=mode, reduce=reduce, scaling=scaling,
@@ -116,9 +117,11 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
     return (out, idx) if return_indices else out
 
 
-def _chunked(n_chunks, q, P, k_lr, k_rest, v, lengths, k_budget, mode, reduce, scaling, path, k_max,
-             return_indices, num_splits, sink_tokens, local_window, out):
-    """loki_decode over n_chunks slices of the batch, chunk i > 0 on side stream i (joined before returning)."""
+def _chunked(n_chunks, q, P, k_lr, k_rest, v, lengths, k_budget, mode, reduce, scaling, k_max, return_indices,
+             num_splits, sink_tokens, local_window, out):
+    """The bracket path over n_chunks slices of the batch, pipelined over streams: chunk i (on side stream i,
+    chunk 0 on the current stream) starts when chunk i-1 has been scored, so that its bandwidth-bound scoring
+    overlaps chunk i-1's latency-bound band select, and its band select chunk i-1's sparse attention."""
     B, H, D = q.shape
     _, _, KMAX = _budget_args(k_budget, lengths, B, False, k_max)
     if out is None:
@@ -126,21 +129,32 @@ def _chunked(n_chunks, q, P, k_lr, k_rest, v, lengths, k_budget, mode, reduce, s
     check(tuple(out.shape) == (B, H, D) and out.stride(-1) == 1, f"out must be ({B}, {H}, {D}), contiguous last dim")
     cuda = q.is_cuda
     cur = torch.cuda.current_stream(q.device) if cuda else None
-    idxs, side = [], []
+    idxs, side, scored = [], [], None
     for i in range(n_chunks):
         b0, b1 = B * i // n_chunks, B * (i + 1) // n_chunks
         kb = k_budget[b0:b1] if isinstance(k_budget, torch.Tensor) else k_budget
         ctx = nullcontext()
         if cuda and i > 0:
             s = _side_stream(q.device, i)
-            s.wait_stream(cur)
+            s.wait_stream(cur)  # inputs produced before this call
+            s.wait_event(scored)
             side.append(s)
             ctx = torch.cuda.stream(s)
         with ctx:
-            _, idx = loki_decode(q[b0:b1], P, k_lr[b0:b1], k_rest[b0:b1], v[b0:b1], lengths[b0:b1], kb, mode=mode,
-                                 reduce=reduce, scaling=scaling, strict=False, path=path, k_max=KMAX,
-                                 return_indices=True, num_splits=num_splits, sink_tokens=sink_tokens,
-                                 local_window=local_window, streams=1, out=out[b0:b1])
+            q_rot = torch.empty(b1 - b0, H, D, dtype=torch.float32, device=q.device)
+            sel = dict(mode=mode, reduce=reduce, scaling=scaling, strict=False, k_max=KMAX, sink_tokens=sink_tokens,
+                       local_window=local_window, q_rot_out=q_rot, classify="split",
+                       workspace=torch.empty(bracket_workspace_size(b1 - b0, k_lr.shape[1] if mode == "group" else H,
+                                                                    k_lr.shape[2]), dtype=torch.int32,
+                                             device=q.device))
+            args = (q[b0:b1], k_lr[b0:b1], lengths[b0:b1], kb)
+            idx, _ = loki_select_bracket(*args, P=P, stages=2, **sel)
+            if cuda:
+                scored = torch.cuda.Event()
+                scored.record()
+            loki_select_bracket(*args, P=P, first_stage=2, idx_out=idx, **sel)
+            sparse_decode_attention(q_rot, k_lr[b0:b1], k_rest[b0:b1], v[b0:b1], idx, scaling=scaling,
+                                    num_splits=num_splits, out=out[b0:b1])
             if cuda and i > 0:
                 idx.record_stream(cur)
         idxs.append(idx)
