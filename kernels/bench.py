@@ -40,8 +40,7 @@ H, KVH, D = 32, 8, 128
 DTYPE = torch.bfloat16
 DEV = "cuda"
 SMOKE = False  # --smoke: CPU interpreter run of every code path on tiny shapes (no timing meaning)
-TARGETS = {(4, 4): 2.0, (4, 8): 3.0, (8, 16): 5.0}
-STREAM_VARIANTS = [("bracket", 2), ("bracket", 4)]  # (path, pipelined batch chunks on parallel streams)  # (D/d, 1/k) -> speedup over SDPA at batch 16, 16K & 64K
+TARGETS = {(4, 4): 2.0, (4, 8): 3.0, (8, 16): 5.0}  # (D/d, 1/k) -> speedup over SDPA at batch 16, 16K & 64K
 
 
 def bench_graph(fn, n_calls_target_ms=8.0, rep=100):
@@ -152,15 +151,10 @@ def run_case(B, S, dfrac, kfrac, rep, stage_times=True):
                                                                      strict=False), rep)
     res["total_torch_topk_ms"] = timed(case, lambda a, b_, c: loki_decode(q, P, a, b_, c, L, k, path="torch_topk",
                                                                           strict=False), rep)
-    for pth, ns in STREAM_VARIANTS if B > 1 else ():  # batch chunks on parallel CUDA streams
-        res[f"total_{pth}_s{ns}_ms"] = timed(case, lambda a, b_, c, pth=pth, ns=ns: loki_decode(
-            q, P, a, b_, c, L, k, path=pth, strict=False, streams=ns), rep)
     res["naive_torch_ms"] = timed(case, lambda a, b_, c: naive_loki_torch(q, P, a, b_, c, k), rep)
     cands = [("bracket", res["total_bracket_ms"]), ("fused", res["total_fused_ms"]),
              ("split", res["total_split_ms"])]
-    cands += [(f"{pth}:{ns}", res[f"total_{pth}_s{ns}_ms"]) for pth, ns in STREAM_VARIANTS if B > 1]
     best = min(cands, key=lambda x: x[1])
-    res["total_streams_ms"] = min([t for p_, t in cands if ":" in p_], default=float("nan"))
     res["total_ms"], res["best_path"] = best[1], best[0]
     del case
     if not SMOKE:
@@ -310,14 +304,14 @@ def tune(rep, log, light=False):
 def fmt_table(rows, dense, copy_bw):
     lines = []
     hdr = (f"{'B':>3} {'ctx':>6} {'d':>3} {'k':>6} | {'rot':>6} {'score':>6} {'topk':>6} {'tk_trch':>7} "
-           f"{'fsel':>6} {'bsel':>6} {'bsel4':>6} {'attn':>6} | {'brkt':>6} {'fused':>6} {'split':>6} {'strm':>6} {'naive':>6} {'sdpa':>6} | "
+           f"{'fsel':>6} {'bsel':>6} {'bsel4':>6} {'attn':>6} | {'brkt':>6} {'fused':>6} {'split':>6} {'naive':>6} {'sdpa':>6} | "
            f"{'x_sdpa':>6} "
            f"{'x_naive':>7} {'ideal':>5} {'GB/s':>6} {'target':>6}")
     lines.append("times in us (median of do_bench over CUDA-graph replays); x_* = speedup of the best Loki total "
-                 "(min of bracket, fused, split and strm) over SDPA / the naive torch pipeline")
+                 "(min of bracket, fused, split) over SDPA / the naive torch pipeline")
     lines.append("rot: rotate_q alone (not on the pipeline's path); score: Loki scores with q rotation fused (split "
                  "path); topk: Triton selection on those scores; tk_trch: torch.topk(sorted=False) on the same; fsel: "
-                 "fused rotate+score+select kernel; bsel: bracket path (rotate+bracket, scores, classify, band select: 4 kernels); bsel4: the same with the classification inside the scoring kernel (v4, 3 kernels); attn: sparse flash-decoding incl. split combine; strm: best of STREAM_VARIANTS (batch chunks on parallel streams; best_path in the JSON); ideal: dense bytes / "
+                 "fused rotate+score+select kernel; bsel: bracket path (rotate+bracket, scores, classify, band select: 4 kernels); bsel4: the same with the classification inside the scoring kernel (v4, 3 kernels); attn: sparse flash-decoding incl. split combine; ideal: dense bytes / "
                  "Loki bytes; GB/s: Loki bytes / best total")
     lines.append(hdr)
     lines.append("-" * len(hdr))
@@ -329,7 +323,7 @@ def fmt_table(rows, dense, copy_bw):
         lines.append(
             f"{r['batch']:>3} {r['context']:>6} {r['d']:>3} {r['k']:>6} | {us('rotate_ms')} {us('scores_ms')} "
             f"{us('topk_triton_ms')} {us('topk_torch_ms'):>7} {us('select_fused_ms')} {us('select_bracket_ms')} "
-            f"{us('select_bracket_fused_ms')} {us('attention_ms')} | {us('total_bracket_ms')} {us('total_fused_ms')} {us('total_split_ms')} {us('total_streams_ms')} {us('naive_torch_ms')} {dn['sdpa_ms'] * 1e3:6.1f} | "
+            f"{us('select_bracket_fused_ms')} {us('attention_ms')} | {us('total_bracket_ms')} {us('total_fused_ms')} {us('total_split_ms')} {us('naive_torch_ms')} {dn['sdpa_ms'] * 1e3:6.1f} | "
             f"{r['speedup_vs_sdpa']:6.2f} {r['speedup_vs_naive']:7.2f} {r['ideal_ratio']:5.2f} "
             f"{r['achieved_GBps']:6.0f} {('%.1fx' % tgt + (' ok' if r['target_met'] else ' NO')) if tgt else '':>6}")
     lines.append("")

@@ -264,7 +264,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
                         q_rot_out: torch.Tensor | None = None, config: dict | None = None,
                         sample: int | None = None, nsig: float | None = None,
                         workspace: torch.Tensor | None = None, stages: int = 4, classify: str | None = None,
-                        band_reg: int | None = None, first_stage: int = 0, idx_out: torch.Tensor | None = None):
+                        band_reg: int | None = None):
     """(Rotate q) + scores + exact top-k with the selection fused into the scoring pass (see module doc).
 
     Same contract as `topk.loki_select`: q (B, H, D) raw queries when P (KVH, D, D) is given (q' = q @ P is
@@ -277,9 +277,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     classify: "split" (the scoring kernel writes every key, a second many-program kernel classifies them) or
     "fused" (the scoring kernel classifies on the spot); default BRACKET_CLASSIFY.  band_reg: the largest band
     selected in registers (power of 2; larger bands take the radix select); default BRACKET_BAND_REG.
-    ``stages`` < 4 launches only the first kernels (for the benchmark's per-kernel times; idx is then garbage);
-    ``first_stage`` > 0 skips the first ones: a later call with the same workspace, q_rot_out and ``idx_out``
-    launches the rest (kernels/loki.py's pipelined batch chunks).
+    ``stages`` < 4 launches only the first kernels (for the benchmark's per-kernel times; idx is then garbage).
     """
     check(isinstance(sink_tokens, int) and sink_tokens >= 0, f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
     check(isinstance(local_window, int) and local_window >= 0,
@@ -306,10 +304,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
           and workspace.device == k_lr.device and workspace.data_ptr() % 8 == 0,
           f"workspace must be a contiguous, 8-byte aligned int32 tensor of >= {n_ws} elements on {k_lr.device}")
     ws, br = workspace[:B * R * W * S], workspace[B * R * W * S:n_ws]
-    if idx_out is not None:
-        check(idx_out.dtype == torch.int32 and tuple(idx_out.shape) == (B, R, KMAX) and idx_out.is_contiguous(),
-              f"idx_out must be a contiguous int32 ({B}, {R}, {KMAX}) tensor")
-    idx = idx_out if idx_out is not None else torch.empty(B, R, KMAX, dtype=torch.int32, device=k_lr.device)
+    idx = torch.empty(B, R, KMAX, dtype=torch.int32, device=k_lr.device)
     scale = default_scaling(D, scaling)
     qr = q_rot_out if rotate else q
     Pt = P if rotate else q
@@ -320,14 +315,13 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     common = dict(HPR=HPR, G_PAD=G_PAD, D_LR=d, BLOCK_DL=BLOCK_DL, K_FP32=k_lr.dtype == torch.float32,
                   REDUCE_MAX=reduce == "max")
     BLOCK_D = max(32, next_pow2(D))
-    if first_stage <= 0:
-        _bracket_kernel[(B * R,)](
-            q, q.stride(0), q.stride(1), Pt, Pt.stride(0), Pt.stride(1), qr, qr.stride(0), qr.stride(1),
-            k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br, lengths, kbt, K_INT, scale, R, G, S, KMAX,
-            nsig, sink_tokens, local_window, W * S,
-            ROTATE=rotate, HAS_KB=kb is not None, G_ROT=next_pow2(HPR), D=D, BLOCK_D=BLOCK_D, SAMPLE=sample,
-            SUB=min(sample, 32 if interp else BRACKET_SUB), **rot_chunks(BLOCK_D, True), **common,
-            num_warps=4 if interp else BRACKET_WARPS)
+    _bracket_kernel[(B * R,)](
+        q, q.stride(0), q.stride(1), Pt, Pt.stride(0), Pt.stride(1), qr, qr.stride(0), qr.stride(1),
+        k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br, lengths, kbt, K_INT, scale, R, G, S, KMAX,
+        nsig, sink_tokens, local_window, W * S,
+        ROTATE=rotate, HAS_KB=kb is not None, G_ROT=next_pow2(HPR), D=D, BLOCK_D=BLOCK_D, SAMPLE=sample,
+        SUB=min(sample, 32 if interp else BRACKET_SUB), **rot_chunks(BLOCK_D, True), **common,
+        num_warps=4 if interp else BRACKET_WARPS)
     if stages < 2:
         return idx, (q_rot_out if rotate else None)
     cfg = _score_config(d, config)  # scoring tiles; classify_block / classify_warps / finish_warps: the others
@@ -335,14 +329,13 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         BLOCK_N, TILES, nw = 32, 1, 4
     else:
         BLOCK_N, TILES, nw = cfg["block_n"], cfg["tiles"], cfg["num_warps"]
-    if first_stage <= 1:
-        _bracket_scores_kernel[(B * R, triton.cdiv(S, BLOCK_N * TILES))](
-            qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br,
-            idx, idx.stride(0), idx.stride(1), lengths, scale, R, G, S, KMAX, sink_tokens, local_window, W * S,
-            BLOCK_N=BLOCK_N, TILES=TILES, **common, CLASSIFY=not split, num_warps=nw)
+    _bracket_scores_kernel[(B * R, triton.cdiv(S, BLOCK_N * TILES))](
+        qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br,
+        idx, idx.stride(0), idx.stride(1), lengths, scale, R, G, S, KMAX, sink_tokens, local_window, W * S,
+        BLOCK_N=BLOCK_N, TILES=TILES, **common, CLASSIFY=not split, num_warps=nw)
     if stages < 3:
         return idx, (q_rot_out if rotate else None)
-    if split and first_stage <= 2:
+    if split:
         block_c = 64 if interp else cfg.get("classify_block", BRACKET_CLASSIFY_BLOCK)
         _bracket_classify_kernel[(B * R, triton.cdiv(S, block_c))](
             ws, br, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, BLOCK_C=block_c,

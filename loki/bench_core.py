@@ -54,6 +54,22 @@ def random_llama(shape: dict, dtype: torch.dtype, device, attn: str = "sdpa", se
     return model
 
 
+def compile_glue(model) -> None:
+    """torch.compile the non-attention "glue" of a transformers Llama, for every method alike: each RMSNorm, each
+    MLP, the final norm, and transformers' RoPE function (replaced in its llama module for the rest of the
+    process).  Attention is left alone (dynamo fails on whole decoder layers: docs/bench/README.md)."""
+    import transformers.models.llama.modeling_llama as llama
+
+    torch._dynamo.config.cache_size_limit = 512
+    torch._dynamo.config.accumulated_cache_size_limit = 4096
+    if not hasattr(llama.apply_rotary_pos_emb, "_torchdynamo_orig_callable"):
+        llama.apply_rotary_pos_emb = torch.compile(llama.apply_rotary_pos_emb, dynamic=False)
+    for layer in model.model.layers:
+        for mod in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
+            mod.compile(dynamic=False)
+    model.model.norm.compile(dynamic=False)
+
+
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -283,6 +299,9 @@ def run_bench(model, cfg: dict, loki_opts: dict, device, pca_path: str | None = 
     if bad:
         raise fail(f"bench: unknown method(s) {bad}.", f"use {list(METHODS)}.")
     basis, basis_src = resolve_basis(model, cfg, device, pca_path, log)
+    glue = bool(cfg.get("compile_glue")) and torch.device(device).type == "cuda"
+    if glue:
+        compile_glue(model)
     rows = []
     for B in cfg["batch"]:
         for ctx in cfg["context"]:
@@ -299,6 +318,7 @@ def run_bench(model, cfg: dict, loki_opts: dict, device, pca_path: str | None = 
                         torch.cuda.empty_cache()
                     continue
                 r["basis"] = basis_src
+                r["compile_glue"] = glue
                 rows.append(r)
                 if on_row is not None:
                     on_row(r)
@@ -466,6 +486,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", default=None, help="comma list overriding the config")
     ap.add_argument("--context", default=None, help="comma list overriding the config")
     ap.add_argument("--methods", default=None, help="comma list overriding the config")
+    ap.add_argument("--compile-glue", action="store_true",
+                    help="torch.compile norms, MLPs and RoPE for every method (CUDA; the config's compile_glue)")
     args = ap.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     log = lambda s: print(s, flush=True)  # noqa: E731
@@ -479,6 +501,8 @@ def main(argv=None) -> int:
             v = getattr(args, key)
             if v:
                 cfg[key] = [int(x) if x.isdigit() else x for x in v.split(",")]
+        if args.compile_glue:
+            cfg["compile_glue"] = True
         dtype = getattr(torch, cfg.get("dtype", "bfloat16"))
         if args.model_path:
             from transformers import AutoModelForCausalLM

@@ -111,32 +111,22 @@ def compile_experiment(points=(("dense_flash", 16, 32768), ("loki", 16, 32768), 
     torch.compile, for both methods alike: every RMSNorm, every MLP, and the RoPE function. (Compiling whole
     decoder layers, attention included, fails in dynamo: illegal memory access; not pursued.) An experiment: the
     RoPE function is replaced in transformers' llama module for the rest of the process.  ``loki_paths``: the
-    kernel variants each loki point is timed with, "path" or "path:streams" (kernels.loki.PATHS; streams = batch
-    chunks on parallel CUDA streams), set through ``kernels.loki.AUTO_PATH`` / ``AUTO_STREAMS``."""
-    import transformers.models.llama.modeling_llama as llama
-
+    kernel paths (kernels.loki.PATHS) each loki point is timed with, set through ``kernels.loki.AUTO_PATH``."""
     import kernels.loki as kloki
+    from loki.bench_core import compile_glue
 
-    torch._dynamo.config.cache_size_limit = 512
-    torch._dynamo.config.accumulated_cache_size_limit = 4096
     model, opts, basis = _random_model(log)
     rows = []
     for compiled in (False, True):
         if compiled:
-            llama.apply_rotary_pos_emb = torch.compile(llama.apply_rotary_pos_emb, dynamic=False)
-            for layer in model.model.layers:
-                for mod in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
-                    mod.compile(dynamic=False)
-            model.model.norm.compile(dynamic=False)
+            compile_glue(model)
         for method, B, ctx in points:
             for path in (loki_paths if method == "loki" else (None,)):
-                p_name, _, n_str = (path or "auto").partition(":")
-                kloki.AUTO_PATH = None if p_name == "auto" else p_name
-                kloki.AUTO_STREAMS = int(n_str) if n_str else None
+                kloki.AUTO_PATH = None if path in (None, "auto") else path
                 dec = _graph_decoder(model, opts, basis, method, B, ctx)
                 ms = _step_ms(dec)
                 _release(dec)
-                kloki.AUTO_PATH = kloki.AUTO_STREAMS = None
+                kloki.AUTO_PATH = None
                 name = method if path is None else f"{method}[{path}]"
                 rows.append({"compiled_glue": compiled, "method": name, "batch": B, "context": ctx, "ms_per_step": ms})
                 log(f"compiled glue={compiled!s:5} {name:16s} B={B:2d} ctx={ctx:6d}: {ms:.3f} ms/step")
@@ -154,8 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--compile-experiment", action="store_true", help="only the torch.compile experiment")
     ap.add_argument("--loki-paths", default="auto",
-                    help="comma list of kernel variants the compile experiment times loki with: path or "
-                         "path:streams (e.g. fused,bracket:2)")
+                    help="comma list of kernel paths the compile experiment times loki with (auto, bracket, fused)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("loki.profile_step needs a CUDA device.")
