@@ -1,6 +1,6 @@
-"""Loki's front half (rotate q, approximate scores, exact top-k) with the selection pass fused into scoring.
+"""Loki's front half (rotate q, approximate scores, exact top-k), each step spread over the programs it needs.
 
-Three kernels, each parallel where the work is:
+Four kernels (classify="split", the default; session 4):
 
 1. ``_bracket_kernel`` (one program per score row): rotates q (q' = q @ P[kvh], fp32 FMAs, written in full for
    the attention kernel), scores SAMPLE evenly spaced tokens of the row, sorts them (``tl.sort``) and keeps two
@@ -8,20 +8,24 @@ Three kernels, each parallel where the work is:
    deviations.  Rows shorter than 4*SAMPLE, or whose budget covers the row, get the whole key range as bracket.
    It also zeroes the row's two counters.
 2. ``_bracket_scores_kernel`` (many programs per row, like ``loki_scores``): every tile of tokens is scored
-   against the low-rank slab, sink / local-window positions are forced to +inf, and each key is classified on
-   the spot: key > hi is selected outright (written to the output through a block prefix sum and one atomic
-   per tile), lo <= key <= hi goes to the row's band workspace (key and position).  The scores themselves are
-   never written: this is the pass that reads the d/D of K, and nothing re-reads a row afterwards.
-3. ``_bracket_finish_kernel`` (one program per row): if #(> hi) <= k <= #(> hi) + #band, an exact MSD radix
-   select (``topk._radix_select``) takes the remaining k - #(> hi) from the band only (a few % of the row).
-   Otherwise the bracket missed (rare: ~6e-5 per row at NSIG = 4): the row's keys are recomputed into the
-   workspace and the whole row is radix-selected.  The result is exact either way; indices beyond a row's
-   budget are -1.
+   against the low-rank slab (the pass that reads d/D of K), sink / local-window positions are forced to +inf,
+   and every key is written to the row's key workspace.
+3. ``_bracket_classify_kernel`` (many programs per row): key > hi is selected outright (written to the output
+   through a block prefix sum and one relaxed atomic per block), lo <= key <= hi goes to the row's band
+   workspace (key and position).
+4. ``_bracket_finish_kernel`` (one program per row): if #(> hi) <= k <= #(> hi) + #band, the remaining
+   k - #(> hi) come from the band only (13-20% of the row): bands of up to BAND_REG keys are held in registers
+   and the k-th key is found bit by bit (``_select_in_registers``), larger ones take an exact MSD radix select
+   (``topk._radix_select``).  Otherwise the bracket missed (rare: ~6e-5 per row at NSIG = 4) and the whole row's
+   keys are radix-selected.  The result is exact either way; indices beyond a row's budget are -1.
 
-Compared with ``loki_select`` (one program per row does everything) this removes the serial full-row
-compaction pass, which was ~40% of a Loki step (kernels/NOTES.md); compared with the split path it never
-writes or re-reads the score rows.  Index order within a row is unspecified (the atomics interleave tiles),
-and ties at the k-th value are broken by band order, not by position.
+classify="fused" (session 2's variant, three kernels) classifies each key inside the scoring kernel instead of
+writing it (steps 2 and 3 in one pass; the miss path then recomputes the row's keys).  Measured on the H200 the
+split variant is as fast at 4K/16K and 5-10% faster at 32K/64K (kernels/NOTES.md, v6).
+
+Compared with ``loki_select`` (one program per row does everything) this removes the serial full-row passes of
+one program.  Index order within a row is unspecified (the atomics interleave blocks), and ties at the k-th
+value are broken by band order, not by position.
 """
 from __future__ import annotations
 

@@ -15,13 +15,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_run_bench_rows(tiny):
     cfg = {"batch": [2], "context": [24], "methods": ["dense", "dense_flash", "loki"], "new_tokens": 2,
-           "warmup": 1, "graphs": False, "fill": "prefill", "prefill_max_tokens": 4096, "calib_tokens": 32}
+           "warmup": 1, "graphs": False, "fill": "prefill", "prefill_max_tokens": 4096, "calib_tokens": 32,
+           "compile_glue": True}  # CUDA only: ignored on the CPU, and the rows say so
     rows = run_bench(tiny, cfg, {"d": 4, "k": 0.25, "selection": "group"}, "cpu", log=lambda s: None)
     assert [r["method"] for r in rows] == ["dense", "dense_flash", "loki"]
     for r in rows:
         assert r["batch"] == 2 and r["context"] == 24 and r["prefill_s"] > 0 and r["ms_per_token"] > 0
         assert r["tokens_per_s"] == pytest.approx(2e3 / r["ms_per_token"], rel=1e-3)
         assert 0 < r["attention_share"] <= 1 and r["attention_ms"] > 0
+        assert r["compile_glue"] is False
     dense, flash, lk = rows
     assert dense["speedup"] == 1.0 and lk["speedup"] == pytest.approx(lk["tokens_per_s"] / dense["tokens_per_s"],
                                                                       rel=1e-2)
@@ -53,6 +55,7 @@ def test_bench_configs(name):
                 shape["num_key_value_heads"], shape["head_dim"], shape["intermediate_size"]) == \
             (32, 4096, 32, 8, 128, 14336)
         assert cfg["batch"] == [1, 16] and cfg["context"] == [4096, 16384, 32768] and cfg["dtype"] == "bfloat16"
+    assert cfg["compile_glue"] is False  # opt-in (--compile-glue / bench.compile_glue=true)
 
 
 def test_stage_writes_json(tmp_path, embedded_model_dir):
