@@ -25,10 +25,10 @@ def _run(model, opts, basis, ids, am, backend, steps):
 
 
 @pytest.mark.parametrize("opts", [
-    {"d": 4, "k": 0.25},  # per head: fused score + select kernel
+    {"d": 4, "k": 0.25},  # per head (the bracket path, kernels.loki_decode's default)
     {"d": 6, "k": 5, "k_mode": "tokens", "selection": "group", "group_reduce": "mean", "sink_tokens": 1,
-     "local_window": 2, "dense_layers": 1},  # dense layer (flash-decoding), forced tokens (split path)
-], ids=["head-fused", "group-forced-dense1"])
+     "local_window": 2, "dense_layers": 1},  # dense layer (flash-decoding), forced tokens (bracket path)
+], ids=["head", "group-forced-dense1"])
 def test_kernels_match_reference(tiny, tiny_basis, opts):
     model = tiny.to(DEV)
     seqs = [torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n)) for n in (20, 13)]
