@@ -152,9 +152,8 @@ def run_case(B, S, dfrac, kfrac, rep, stage_times=True):
     res["total_torch_topk_ms"] = timed(case, lambda a, b_, c: loki_decode(q, P, a, b_, c, L, k, path="torch_topk",
                                                                           strict=False), rep)
     res["naive_torch_ms"] = timed(case, lambda a, b_, c: naive_loki_torch(q, P, a, b_, c, k), rep)
-    cands = [("bracket", res["total_bracket_ms"]), ("fused", res["total_fused_ms"]),
-             ("split", res["total_split_ms"])]
-    best = min(cands, key=lambda x: x[1])
+    best = min(("bracket", res["total_bracket_ms"]), ("fused", res["total_fused_ms"]),
+               ("split", res["total_split_ms"]), key=lambda x: x[1])
     res["total_ms"], res["best_path"] = best[1], best[0]
     del case
     if not SMOKE:

@@ -25,7 +25,7 @@ PATHS = ("auto", "bracket", "fused", "split", "torch_topk")
 AUTO_PATH: str | None = None  # when set, path="auto" resolves to it (benchmarks compare paths inside a whole model)
 
 
-def choose_path(B: int, rows: int, device, forced: bool = False) -> str:
+def choose_path(forced: bool = False) -> str:
     """The bracket path: since session 4 (classify kernel, register band select) it is as fast as or faster than
     the fused path at batch 16 too, and faster at batch 1 (kernels/NOTES.md, v6).  Sinks / local window (forced)
     need it.  AUTO_PATH, when set, overrides the choice where nothing is forced."""
@@ -60,9 +60,8 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
     if strict:
         check(bool((lengths <= S).all()), f"lengths exceed S_max={S}")
         _budget_args(k_budget, lengths, B, True, k_max)
-    rows = KVH if mode == "group" else q.shape[1]
     if path == "auto":
-        path = choose_path(B, rows, q.device, forced=bool(sink_tokens or local_window))
+        path = choose_path(forced=bool(sink_tokens or local_window))
     if (sink_tokens or local_window) and path != "bracket":  # ("auto" resolved above)
         raise LokiInputError(f"sink_tokens/local_window need path='bracket' (got path={path!r})")
     if path == "bracket":
@@ -84,4 +83,3 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
             idx = torch.where(torch.isinf(vals), torch.full_like(idx, -1), idx)
     out = sparse_decode_attention(q_rot, k_lr, k_rest, v, idx, scaling=scaling, num_splits=num_splits, out=out)
     return (out, idx) if return_indices else out
-
