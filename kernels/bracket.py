@@ -138,8 +138,9 @@ def _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, KMAX
 
 
 @triton.jit
-def _bracket_classify_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, R, S_MAX, KMAX, BLOCK_C: tl.constexpr):
-    """classify="split": the keys the scoring kernel wrote (L2-resident), classified by many programs per row."""
+def _bracket_classify_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, R, S_MAX, KMAX, WS_ROW,
+                             BLOCK_C: tl.constexpr):
+    """classify="split": the keys the scoring kernel wrote, classified by many programs per row."""
     pid = tl.program_id(0)
     tb = tl.program_id(1)
     b = pid // R
@@ -151,7 +152,7 @@ def _bracket_classify_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, R, S_
         lo_key = tl.load(br).to(tl.uint32, bitcast=True)
         hi_key = tl.load(br + 1).to(tl.uint32, bitcast=True)
         cnt_ptr = (br + 2).to(tl.pointer_type(tl.int64))
-        bkey = ws_ptr + pid.to(tl.int64) * (3 * S_MAX)
+        bkey = ws_ptr + pid.to(tl.int64) * WS_ROW
         bidx = bkey + S_MAX
         offs = start + tl.arange(0, BLOCK_C)
         valid = offs < n
@@ -252,11 +253,6 @@ BRACKET_BAND_REG = 8192  # largest band selected in registers (bit-by-bit counti
 BRACKET_SCORE_CONFIG = {0: dict(block_n=256, tiles=2, num_warps=4), 32: dict(block_n=128, tiles=4, num_warps=4)}
 
 
-def bracket_workspace_size(B: int, R: int, S: int, classify: str | None = None) -> int:
-    """int32 elements of the workspace for B x R score rows of S_max tokens (see loki_select_bracket)."""
-    return B * R * ((3 if (classify or BRACKET_CLASSIFY) == "split" else 2) * S + 4)
-
-
 def _score_config(d: int, config: dict | None) -> dict:
     base = BRACKET_SCORE_CONFIG[max(k for k in BRACKET_SCORE_CONFIG if k <= d)]
     return dict(base, **(config or {}))
@@ -269,7 +265,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
                         sample: int | None = None, nsig: float | None = None,
                         workspace: torch.Tensor | None = None, stages: int = 4, classify: str | None = None,
                         band_reg: int | None = None):
-    """(Rotate q) + scores + exact top-k with the selection fused into the scoring pass (see module doc).
+    """(Rotate q) + scores + exact top-k, each step spread over many programs per row (see module doc).
 
     Same contract as `topk.loki_select`: q (B, H, D) raw queries when P (KVH, D, D) is given (q' = q @ P is
     computed and returned), else already rotated; k_lr (B, KVH, S_max, d); k an int or (B,) int budget (clipped
@@ -301,7 +297,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
           f"band_reg must be a power of 2 in [16, 32768], got {band_reg}")
     split = classify == "split"
     W = 3 if split else 2
-    n_ws = bracket_workspace_size(B, R, S, classify)
+    n_ws = B * R * (W * S + 4)
     if workspace is None:
         workspace = torch.empty(n_ws, dtype=torch.int32, device=k_lr.device)
     check(workspace.dtype == torch.int32 and workspace.is_contiguous() and workspace.numel() >= n_ws
@@ -342,7 +338,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     if split:
         block_c = 64 if interp else cfg.get("classify_block", BRACKET_CLASSIFY_BLOCK)
         _bracket_classify_kernel[(B * R, triton.cdiv(S, block_c))](
-            ws, br, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, BLOCK_C=block_c,
+            ws, br, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, W * S, BLOCK_C=block_c,
             num_warps=4 if interp else cfg.get("classify_warps", BRACKET_CLASSIFY_WARPS))
     if stages < 4:
         return idx, (q_rot_out if rotate else None)

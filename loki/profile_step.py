@@ -149,7 +149,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("loki.profile_step needs a CUDA device.")
     if args.compile_experiment:
-        res = {"device": torch.cuda.get_device_name(), "compile_experiment": compile_experiment(loki_paths=tuple(args.loki_paths.split(",")))}
+        rows = compile_experiment(loki_paths=tuple(args.loki_paths.split(",")))
+        res = {"device": torch.cuda.get_device_name(), "compile_experiment": rows}
     else:
         res = {"device": torch.cuda.get_device_name(), "gemm": gemm_bandwidth(), "steps": step_profile()}
     if args.json:
