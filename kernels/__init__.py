@@ -4,7 +4,7 @@ Importable with torch and triton alone.  See kernels/README.md for the layout an
 """
 from ._utils import LokiInputError
 from .attention import dense_decode_attention, sparse_decode_attention
-from .bracket import forced_count, loki_select_bracket
+from .bracket import forced_count, fraction_budget, loki_select_bracket
 from .kv_cache import allocate_cache, append_kv, prefill_kv
 from .loki import loki_decode
 from .scores import loki_scores, rotate_q
@@ -21,6 +21,7 @@ __all__ = [
     "loki_select",
     "loki_select_bracket",
     "forced_count",
+    "fraction_budget",
     "sparse_decode_attention",
     "dense_decode_attention",
     "loki_decode",

@@ -29,13 +29,16 @@ value are broken by band order, not by position.
 """
 from __future__ import annotations
 
+import math
+import struct
+
 import torch
 import triton
 import triton.language as tl
 
 from ._utils import check, default_scaling, is_interpreter, next_pow2
-from .scores import _load_q_lr_T, _rotate_heads, _row_of, _score_tile, _split_hi_lo, rot_chunks
-from .topk import _bit_length, _bracket_of_sample, _key_of, _radix_select, _row_budget, check_select_inputs
+from .scores import _load_q_lr_T, _rotate_heads, _row_of, _score_tile, _split_hi_lo, launch_rotate_q, rot_chunks
+from .topk import _bit_length, _bracket_of_sample, _key_of, _radix_select, check_select_inputs
 
 
 @triton.jit
@@ -46,27 +49,36 @@ def _forced(sc, offs, n, SINK, LOCAL):
 
 
 @triton.jit
-def _bracket_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h,
-                    klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, len_ptr, kb_ptr, K_INT, scale, R, G, S_MAX, KMAX,
-                    nsig, SINK, LOCAL, WS_ROW,
-                    ROTATE: tl.constexpr, HAS_KB: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr,
-                    G_ROT: tl.constexpr, D: tl.constexpr, D_LR: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_DL: tl.constexpr, SAMPLE: tl.constexpr, SUB: tl.constexpr, K_FP32: tl.constexpr,
-                    REDUCE_MAX: tl.constexpr, ROT_C: tl.constexpr, ROT_I: tl.constexpr):
-    pid = tl.program_id(0)
-    b, r, h0, kvh = _row_of(pid, R, HPR, G)
-    n, kb = _row_budget(len_ptr, kb_ptr, b, K_INT, S_MAX, KMAX, HAS_KB)
-    if ROTATE:
-        _rotate_heads(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h, b, h0, kvh,
-                      HPR, G_ROT, D, BLOCK_D, ROT_C, ROT_I)
+def _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_BITS, FORCED, S_MAX, KMAX, KB_MODE: tl.constexpr):
+    """(n, budget) of sequence b.  KB_MODE 0: K_INT; 1: kb_ptr[b]; 2: a fraction of the sequence, ceil(n * frac) in
+    float64 (frac's bits in FRAC_BITS), raised to the forced count min(n, FORCED).  Clipped to 1..n and KMAX."""
+    n = tl.maximum(tl.minimum(tl.load(len_ptr + b).to(tl.int32), S_MAX), 0)
+    if KB_MODE == 1:
+        K = tl.load(kb_ptr + b).to(tl.int32)
+    elif KB_MODE == 2:
+        frac = FRAC_BITS.to(tl.float64, bitcast=True)
+        K = tl.ceil(n.to(tl.float64) * frac).to(tl.int32)
+        K = tl.maximum(K, tl.minimum(n, FORCED))
+    else:
+        K = K_INT
+    kb = tl.minimum(tl.minimum(tl.maximum(K, 1), n), KMAX)
+    return n, kb
+
+
+@triton.jit
+def _bracket_row(pid, b, h0, kvh, n, kb, qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr,
+                 scale, nsig, SINK, LOCAL, WS_ROW, HPR: tl.constexpr, G_PAD: tl.constexpr, D_LR: tl.constexpr,
+                 BLOCK_DL: tl.constexpr, SAMPLE: tl.constexpr, SUB: tl.constexpr, K_FP32: tl.constexpr,
+                 REDUCE_MAX: tl.constexpr):
+    """Score SAMPLE evenly spaced tokens of row pid against q' (already written), sort them, write the bracket
+    (lo, hi) and zero the row's two counters."""
     lo_key = tl.zeros([], dtype=tl.uint32)
     hi_key = tl.full([], 0xFFFFFFFF, tl.uint32)
     if (kb < n) & (n >= 4 * SAMPLE):
-        tl.debug_barrier()  # q' written by all threads of the program is read back below
         qT = _load_q_lr_T(qrot_ptr, sqr_b, sqr_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
         qT_hi, qT_lo = _split_hi_lo(qT, klr_ptr.dtype.element_ty)
         k_base = klr_ptr + b * slr_b + kvh * slr_h
-        sbuf = ws_ptr + pid.to(tl.int64) * WS_ROW  # the band's key region: free until the scoring kernel
+        sbuf = ws_ptr + pid.to(tl.int64) * WS_ROW  # the band's key region: free until the classification
         for c in tl.static_range(0, SAMPLE, SUB):
             i = c + tl.arange(0, SUB)
             spos = ((i.to(tl.int64) * n) // SAMPLE).to(tl.int32)
@@ -85,37 +97,65 @@ def _bracket_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h
 
 
 @triton.jit
-def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, out_ptr, so_b, so_r,
-                           len_ptr, scale, R, G, S_MAX, KMAX, SINK, LOCAL, WS_ROW,
-                           HPR: tl.constexpr, G_PAD: tl.constexpr, D_LR: tl.constexpr, BLOCK_DL: tl.constexpr,
-                           BLOCK_N: tl.constexpr, TILES: tl.constexpr, K_FP32: tl.constexpr,
-                           REDUCE_MAX: tl.constexpr, CLASSIFY: tl.constexpr):
+def _bracket_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h,
+                    klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, len_ptr, kb_ptr, K_INT, FRAC_BITS, FORCED, scale, R, G, S_MAX, KMAX,
+                    nsig, SINK, LOCAL, WS_ROW,
+                    ROTATE: tl.constexpr, KB_MODE: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr,
+                    G_ROT: tl.constexpr, D: tl.constexpr, D_LR: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_DL: tl.constexpr, SAMPLE: tl.constexpr, SUB: tl.constexpr, K_FP32: tl.constexpr,
+                    REDUCE_MAX: tl.constexpr, ROT_C: tl.constexpr, ROT_I: tl.constexpr):
+    """overlap=False: rotate q (one program per row) and write the row's bracket, before the scoring kernel."""
     pid = tl.program_id(0)
-    tb = tl.program_id(1)
     b, r, h0, kvh = _row_of(pid, R, HPR, G)
-    n = tl.maximum(tl.minimum(tl.load(len_ptr + b).to(tl.int32), S_MAX), 0)
-    start0 = tb * (TILES * BLOCK_N)
-    if start0 < n:
-        qT = _load_q_lr_T(qrot_ptr, sqr_b, sqr_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
-        qT_hi, qT_lo = _split_hi_lo(qT, klr_ptr.dtype.element_ty)
-        k_base = klr_ptr + b * slr_b + kvh * slr_h
-        br = br_ptr + pid * 4
-        lo_key = tl.load(br).to(tl.uint32, bitcast=True)
-        hi_key = tl.load(br + 1).to(tl.uint32, bitcast=True)
-        cnt_ptr = (br + 2).to(tl.pointer_type(tl.int64))  # the two int32 counters as one 8-byte-aligned int64
-        bkey = ws_ptr + pid.to(tl.int64) * WS_ROW
-        bidx = bkey + S_MAX
-        o_row = out_ptr + b * so_b + r * so_r
-        for t in tl.static_range(TILES):
-            offs = start0 + t * BLOCK_N + tl.arange(0, BLOCK_N)
-            valid = offs < n
-            sc = _score_tile(k_base, slr_s, offs, valid, qT, qT_hi, qT_lo, D_LR, BLOCK_DL, HPR, G_PAD, K_FP32,
-                             REDUCE_MAX)
-            key = _key_of(_forced(sc, offs, n, SINK, LOCAL))
-            if CLASSIFY:
-                _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, KMAX)
-            else:
-                tl.store(bkey + 2 * S_MAX + offs, key.to(tl.int32, bitcast=True), mask=valid)
+    n, kb = _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_BITS, FORCED, S_MAX, KMAX, KB_MODE)
+    if ROTATE:
+        _rotate_heads(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h, b, h0, kvh,
+                      HPR, G_ROT, D, BLOCK_D, ROT_C, ROT_I)
+        tl.debug_barrier()  # q' written by all threads of the program is read back below
+    _bracket_row(pid, b, h0, kvh, n, kb, qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr,
+                 scale, nsig, SINK, LOCAL, WS_ROW, HPR, G_PAD, D_LR, BLOCK_DL, SAMPLE, SUB, K_FP32, REDUCE_MAX)
+
+
+@triton.jit
+def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, out_ptr, so_b, so_r,
+                           len_ptr, kb_ptr, K_INT, FRAC_BITS, FORCED, scale, R, G, S_MAX, KMAX, nsig, SINK, LOCAL, WS_ROW,
+                           KB_MODE: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr, D_LR: tl.constexpr,
+                           BLOCK_DL: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, K_FP32: tl.constexpr,
+                           REDUCE_MAX: tl.constexpr, CLASSIFY: tl.constexpr, OVERLAP: tl.constexpr,
+                           SAMPLE: tl.constexpr, SUB: tl.constexpr):
+    """Grid (rows, tiles [+ 1]).  OVERLAP (= 1): the programs of grid column 0, dispatched first, write the rows'
+    brackets (`_bracket_row`) while the others score, so the bracket's latency hides under the scoring pass."""
+    pid = tl.program_id(0)
+    tb = tl.program_id(1) - OVERLAP
+    b, r, h0, kvh = _row_of(pid, R, HPR, G)
+    if tb < 0:
+        n, kb = _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_BITS, FORCED, S_MAX, KMAX, KB_MODE)
+        _bracket_row(pid, b, h0, kvh, n, kb, qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr,
+                     scale, nsig, SINK, LOCAL, WS_ROW, HPR, G_PAD, D_LR, BLOCK_DL, SAMPLE, SUB, K_FP32, REDUCE_MAX)
+    else:
+        n = tl.maximum(tl.minimum(tl.load(len_ptr + b).to(tl.int32), S_MAX), 0)
+        start0 = tb * (TILES * BLOCK_N)
+        if start0 < n:
+            qT = _load_q_lr_T(qrot_ptr, sqr_b, sqr_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
+            qT_hi, qT_lo = _split_hi_lo(qT, klr_ptr.dtype.element_ty)
+            k_base = klr_ptr + b * slr_b + kvh * slr_h
+            br = br_ptr + pid * 4
+            lo_key = tl.load(br).to(tl.uint32, bitcast=True)
+            hi_key = tl.load(br + 1).to(tl.uint32, bitcast=True)
+            cnt_ptr = (br + 2).to(tl.pointer_type(tl.int64))  # the two int32 counters as one 8-byte-aligned int64
+            bkey = ws_ptr + pid.to(tl.int64) * WS_ROW
+            bidx = bkey + S_MAX
+            o_row = out_ptr + b * so_b + r * so_r
+            for t in tl.static_range(TILES):
+                offs = start0 + t * BLOCK_N + tl.arange(0, BLOCK_N)
+                valid = offs < n
+                sc = _score_tile(k_base, slr_s, offs, valid, qT, qT_hi, qT_lo, D_LR, BLOCK_DL, HPR, G_PAD, K_FP32,
+                                 REDUCE_MAX)
+                key = _key_of(_forced(sc, offs, n, SINK, LOCAL))
+                if CLASSIFY:
+                    _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, KMAX)
+                else:
+                    tl.store(bkey + 2 * S_MAX + offs, key.to(tl.int32, bitcast=True), mask=valid)
 
 
 @triton.jit
@@ -191,14 +231,14 @@ def _select_in_registers(bkey_ptr, bidx_ptr, m, r, out_ptr, hb, prefix, BAND: tl
 
 @triton.jit
 def _bracket_finish_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, out_ptr, so_b,
-                           so_r, len_ptr, kb_ptr, K_INT, scale, R, G, S_MAX, KMAX, SINK, LOCAL, WS_ROW,
-                           HAS_KB: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr, D_LR: tl.constexpr,
+                           so_r, len_ptr, kb_ptr, K_INT, FRAC_BITS, FORCED, scale, R, G, S_MAX, KMAX, SINK, LOCAL, WS_ROW,
+                           KB_MODE: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr, D_LR: tl.constexpr,
                            BLOCK_DL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
                            K_FP32: tl.constexpr, REDUCE_MAX: tl.constexpr, KEYS_WRITTEN: tl.constexpr,
                            BAND_REG: tl.constexpr):
     pid = tl.program_id(0)
     b, r, h0, kvh = _row_of(pid, R, HPR, G)
-    n, kb = _row_budget(len_ptr, kb_ptr, b, K_INT, S_MAX, KMAX, HAS_KB)
+    n, kb = _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_BITS, FORCED, S_MAX, KMAX, KB_MODE)
     br = br_ptr + pid * 4
     lo_key = tl.load(br).to(tl.uint32, bitcast=True)
     hi_key = tl.load(br + 1).to(tl.uint32, bitcast=True)
@@ -249,6 +289,7 @@ BRACKET_WARPS = 8
 BRACKET_CLASSIFY = "split"  # session 4: "split" (scores + a separate classify kernel) or "fused" (v4)
 BRACKET_CLASSIFY_BLOCK = 2048  # keys per program of the classify kernel
 BRACKET_CLASSIFY_WARPS = 4
+BRACKET_OVERLAP = True  # session 5: brackets written by extra programs of the scoring kernel (split only)
 BRACKET_BAND_REG = 8192  # largest band selected in registers (bit-by-bit counting); larger: radix select
 BRACKET_SCORE_CONFIG = {0: dict(block_n=256, tiles=2, num_warps=4), 32: dict(block_n=128, tiles=4, num_warps=4)}
 
@@ -264,12 +305,14 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
                         q_rot_out: torch.Tensor | None = None, config: dict | None = None,
                         sample: int | None = None, nsig: float | None = None,
                         workspace: torch.Tensor | None = None, stages: int = 4, classify: str | None = None,
-                        band_reg: int | None = None):
+                        band_reg: int | None = None, overlap: bool | None = None):
     """(Rotate q) + scores + exact top-k, each step spread over many programs per row (see module doc).
 
     Same contract as `topk.loki_select`: q (B, H, D) raw queries when P (KVH, D, D) is given (q' = q @ P is
     computed and returned), else already rotated; k_lr (B, KVH, S_max, d); k an int or (B,) int budget (clipped
-    to 1..lengths[b]; strict=True raises instead, with one host sync).  sink_tokens / local_window: the first /
+    to 1..lengths[b]; strict=True raises instead, with one host sync), or a float in (0, 1]: the fraction
+    ceil(k * lengths[b]) of each sequence, at least the forced count min(lengths[b], sink_tokens + local_window),
+    computed on the device in float64 (`fraction_budget` is the torch equivalent; no host sync).  sink_tokens / local_window: the first /
     last positions of each sequence are always selected (they count towards the budget).  Returns
     (idx (B, R, k_max) int32 padded with -1, q_rot (B, H, D) fp32 or None).  ``workspace``: optional int32
     buffer of >= B*R*(W*S_max + 4) elements (band keys and positions, [row keys,] bracket and counters), W = 3
@@ -277,13 +320,25 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     classify: "split" (the scoring kernel writes every key, a second many-program kernel classifies them) or
     "fused" (the scoring kernel classifies on the spot); default BRACKET_CLASSIFY.  band_reg: the largest band
     selected in registers (power of 2; larger bands take the radix select); default BRACKET_BAND_REG.
+    overlap (classify="split" only; default BRACKET_OVERLAP): q is rotated by its own small kernel and the brackets
+    are written by extra programs of the scoring kernel (dispatched first, running alongside the scoring programs)
+    instead of by a kernel of their own before it.
     ``stages`` < 4 launches only the first kernels (for the benchmark's per-kernel times; idx is then garbage).
     """
     check(isinstance(sink_tokens, int) and sink_tokens >= 0, f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
     check(isinstance(local_window, int) and local_window >= 0,
           f"local_window must be an int >= 0, got {local_window!r}")
+    frac = None
+    if isinstance(k, float):  # a fraction of each sequence, computed on the device (no host sync, graph safe)
+        check(0.0 < k <= 1.0, f"k as a float is a fraction of each sequence and must be in (0, 1], got {k}")
+        frac, k = k, 1
+        if k_max is None:
+            k_max = min(k_lr.shape[2], max(math.ceil(frac * k_lr.shape[2]), sink_tokens + local_window))
     B, KVH, S, d, D, H, R, HPR, K_INT, kb, KMAX, rotate, q_rot_out = check_select_inputs(
-        q, k_lr, lengths, k, P, mode, reduce, strict, k_max, q_rot_out)
+        q, k_lr, lengths, k, P, mode, reduce, strict and frac is None, k_max, q_rot_out)
+    kb_mode = 2 if frac is not None else int(kb is not None)
+    frac_bits = struct.unpack("<q", struct.pack("<d", frac))[0] if frac is not None else 0
+    forced = sink_tokens + local_window if frac is not None else 0
     interp = is_interpreter()
     sample = int(sample) if sample is not None else (64 if interp else BRACKET_SAMPLE)
     check(sample >= 16 and sample & (sample - 1) == 0, f"sample must be a power of 2 >= 16, got {sample}")
@@ -296,6 +351,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     check(band_reg >= 16 and band_reg & (band_reg - 1) == 0 and band_reg < 65536,
           f"band_reg must be a power of 2 in [16, 32768], got {band_reg}")
     split = classify == "split"
+    overlap = split and (BRACKET_OVERLAP if overlap is None else bool(overlap))
     W = 3 if split else 2
     n_ws = B * R * (W * S + 4)
     if workspace is None:
@@ -314,14 +370,18 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     G_PAD = max(16, next_pow2(HPR))
     common = dict(HPR=HPR, G_PAD=G_PAD, D_LR=d, BLOCK_DL=BLOCK_DL, K_FP32=k_lr.dtype == torch.float32,
                   REDUCE_MAX=reduce == "max")
-    BLOCK_D = max(32, next_pow2(D))
-    _bracket_kernel[(B * R,)](
-        q, q.stride(0), q.stride(1), Pt, Pt.stride(0), Pt.stride(1), qr, qr.stride(0), qr.stride(1),
-        k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br, lengths, kbt, K_INT, scale, R, G, S, KMAX,
-        nsig, sink_tokens, local_window, W * S,
-        ROTATE=rotate, HAS_KB=kb is not None, G_ROT=next_pow2(HPR), D=D, BLOCK_D=BLOCK_D, SAMPLE=sample,
-        SUB=min(sample, 32 if interp else BRACKET_SUB), **rot_chunks(BLOCK_D, True), **common,
-        num_warps=4 if interp else BRACKET_WARPS)
+    sub = min(sample, 32 if interp else BRACKET_SUB)
+    if overlap:
+        if rotate:
+            launch_rotate_q(q, P, q_rot_out, KVH, G, D)
+    else:
+        BLOCK_D = max(32, next_pow2(D))
+        _bracket_kernel[(B * R,)](
+            q, q.stride(0), q.stride(1), Pt, Pt.stride(0), Pt.stride(1), qr, qr.stride(0), qr.stride(1),
+            k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br, lengths, kbt, K_INT, frac_bits, forced, scale, R, G, S, KMAX,
+            nsig, sink_tokens, local_window, W * S,
+            ROTATE=rotate, KB_MODE=kb_mode, G_ROT=next_pow2(HPR), D=D, BLOCK_D=BLOCK_D, SAMPLE=sample,
+            SUB=sub, **rot_chunks(BLOCK_D, True), **common, num_warps=4 if interp else BRACKET_WARPS)
     if stages < 2:
         return idx, (q_rot_out if rotate else None)
     cfg = _score_config(d, config)  # scoring tiles; classify_block / classify_warps / finish_warps: the others
@@ -329,10 +389,11 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         BLOCK_N, TILES, nw = 32, 1, 4
     else:
         BLOCK_N, TILES, nw = cfg["block_n"], cfg["tiles"], cfg["num_warps"]
-    _bracket_scores_kernel[(B * R, triton.cdiv(S, BLOCK_N * TILES))](
+    _bracket_scores_kernel[(B * R, triton.cdiv(S, BLOCK_N * TILES) + int(overlap))](
         qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br,
-        idx, idx.stride(0), idx.stride(1), lengths, scale, R, G, S, KMAX, sink_tokens, local_window, W * S,
-        BLOCK_N=BLOCK_N, TILES=TILES, **common, CLASSIFY=not split, num_warps=nw)
+        idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, scale, R, G, S, KMAX, nsig, sink_tokens,
+        local_window, W * S, KB_MODE=kb_mode, BLOCK_N=BLOCK_N, TILES=TILES, **common, CLASSIFY=not split,
+        OVERLAP=int(overlap), SAMPLE=sample, SUB=sub if interp else cfg.get("bracket_sub", sub), num_warps=nw)
     if stages < 3:
         return idx, (q_rot_out if rotate else None)
     if split:
@@ -344,11 +405,20 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         return idx, (q_rot_out if rotate else None)
     _bracket_finish_kernel[(B * R,)](
         qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br,
-        idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, scale, R, G, S, KMAX, sink_tokens, local_window,
-        W * S, HAS_KB=kb is not None, BLOCK_N=32 if interp else 256, BLOCK_S=64 if interp else BRACKET_BLOCK_S,
+        idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, scale, R, G, S, KMAX, sink_tokens, local_window,
+        W * S, KB_MODE=kb_mode, BLOCK_N=32 if interp else 256, BLOCK_S=64 if interp else BRACKET_BLOCK_S,
         **common, KEYS_WRITTEN=split, BAND_REG=band_reg,
         num_warps=4 if interp else cfg.get("finish_warps", BRACKET_WARPS))
     return idx, (q_rot_out if rotate else None)
+
+
+def fraction_budget(frac: float, lengths: torch.Tensor, sink_tokens: int = 0, local_window: int = 0) -> torch.Tensor:
+    """The per-sequence budget a float k means (torch ops; the bracket kernels compute it on the device):
+    ceil(frac * n) in float64, at least min(n, sink_tokens + local_window), clipped to 1..n.  (B,) int32."""
+    n = lengths.long()
+    want = torch.ceil(n.double() * float(frac)).long()
+    want = torch.maximum(want, forced_count(lengths, sink_tokens, local_window))
+    return torch.minimum(want.clamp(min=1), n).to(torch.int32)
 
 
 def forced_count(lengths: torch.Tensor, sink_tokens: int, local_window: int) -> torch.Tensor:

@@ -12,11 +12,13 @@ sink_tokens / local_window (always-selected positions) are supported on the brac
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._utils import LokiInputError, check, check_cache, check_float, check_lengths
 from .attention import sparse_decode_attention
-from .bracket import loki_select_bracket
+from .bracket import fraction_budget, loki_select_bracket
 from .scores import loki_scores, rotate_q
 from .topk import _budget_args, loki_select, topk_select
 
@@ -44,7 +46,9 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
     q: (B, H, D) queries (not rotated; q' = q @ P[kvh] is computed inside, in fp32).
     P: (KVH, D, D) orthonormal PCA bases (columns sorted by variance).  Cache: see kv_cache.py.
     k_budget: int or (B,) int tensor: number of tokens kept per sequence (clipped to 1..lengths[b]; with
-    strict=True a budget above a length raises, which costs one device->host sync).
+    strict=True a budget above a length raises, which costs one device->host sync); or a float in (0, 1]: the
+    fraction ceil(k_budget * lengths[b]) of each sequence, at least its forced (sink + local) count, computed
+    inside the bracket path's kernels (`fraction_budget`: the same in torch, used by the other paths).
     mode / reduce: see `loki_scores`.  scaling: defaults to 1/sqrt(D).
     out: optional (B, H, D) output tensor (contiguous last dim).
     Returns out (B, H, D) in the cache dtype, or (out, idx) with return_indices=True.
@@ -57,11 +61,19 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
     check_lengths(lengths, B, k_lr.device)
     check(mode in ("group", "head"), f"mode must be 'group' or 'head', got {mode!r}")
     check(path in PATHS, f"unknown path {path!r} (one of {', '.join(PATHS)})")
+    frac = isinstance(k_budget, float)
+    if frac:
+        check(0.0 < k_budget <= 1.0, f"k_budget as a float is a fraction of each sequence, in (0, 1]; got {k_budget}")
     if strict:
         check(bool((lengths <= S).all()), f"lengths exceed S_max={S}")
-        _budget_args(k_budget, lengths, B, True, k_max)
+        if not frac:
+            _budget_args(k_budget, lengths, B, True, k_max)
     if path == "auto":
         path = choose_path(forced=bool(sink_tokens or local_window))
+    if frac and path != "bracket":
+        if k_max is None:
+            k_max = min(S, max(math.ceil(k_budget * S), sink_tokens + local_window))
+        k_budget = fraction_budget(k_budget, lengths, sink_tokens, local_window)
     if (sink_tokens or local_window) and path != "bracket":  # ("auto" resolved above)
         raise LokiInputError(f"sink_tokens/local_window need path='bracket' (got path={path!r})")
     if path == "bracket":

@@ -127,12 +127,35 @@ def rot_chunks(block_d: int, whole_rows: bool = False) -> dict:
 @triton.jit
 def _rotate_q_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, out_ptr, so_b, so_h, KVH,
                      G: tl.constexpr, G_ROT: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                     ROT_C: tl.constexpr, ROT_I: tl.constexpr):
+                     ROT_C: tl.constexpr):
+    """One program per (sequence, KV head, chunk of ROT_C output columns): out = q @ P[kvh][:, chunk], fp32 FMAs,
+    whole input rows in one load (one memory round trip per program)."""
     pid = tl.program_id(0)
     b = (pid // KVH).to(tl.int64)
     kvh = (pid % KVH).to(tl.int64)
-    _rotate_heads(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, out_ptr, so_b, so_h, b, kvh * G, kvh,
-                  G, G_ROT, D, BLOCK_D, ROT_C, ROT_I)
+    hh = tl.arange(0, G_ROT)
+    hv = hh < G
+    ii = tl.arange(0, BLOCK_D)
+    im = ii < D
+    cols = tl.program_id(1) * ROT_C + tl.arange(0, ROT_C)
+    cm = cols < D
+    q_rows = q_ptr + b * sq_b + (kvh * G + hh) * sq_h
+    qc = tl.load(q_rows[:, None] + ii[None, :], mask=hv[:, None] & im[None, :], other=0.0).to(tl.float32)
+    pc = tl.load(P_ptr + kvh * sp_h + ii[:, None] * sp_r + cols[None, :], mask=im[:, None] & cm[None, :],
+                 other=0.0).to(tl.float32)
+    acc = tl.sum(qc[:, :, None] * pc[None, :, :], axis=1)
+    tl.store(out_ptr + b * so_b + (kvh * G + hh)[:, None] * so_h + cols[None, :], acc, mask=hv[:, None] & cm[None, :])
+
+
+def launch_rotate_q(q: torch.Tensor, P: torch.Tensor, out: torch.Tensor, KVH: int, g: int, D: int):
+    """q (B, H, D) @ P[h // g] -> out (fp32), no checks (callers validate)."""
+    BLOCK_D = max(16, next_pow2(D))
+    G_ROT = next_pow2(g)
+    rot_c = BLOCK_D if is_interpreter() else max(8, min(BLOCK_D, 64 // G_ROT))
+    _rotate_q_kernel[(q.shape[0] * KVH, triton.cdiv(D, rot_c))](
+        q, q.stride(0), q.stride(1), P, P.stride(0), P.stride(1), out, out.stride(0), out.stride(1), KVH,
+        G=g, G_ROT=G_ROT, D=D, BLOCK_D=BLOCK_D, ROT_C=rot_c, num_warps=4)
+    return out
 
 
 def _check_q(q: torch.Tensor, name: str, B: int, D: int, KVH: int, device):
@@ -157,12 +180,7 @@ def rotate_q(q: torch.Tensor, P: torch.Tensor, out: torch.Tensor | None = None) 
     B = q.shape[0]
     if out is None:
         out = torch.empty(B, H, D, dtype=torch.float32, device=q.device)
-    g = H // KVH
-    BLOCK_D = next_pow2(D)
-    _rotate_q_kernel[(B * KVH,)](q, q.stride(0), q.stride(1), P, P.stride(0), P.stride(1), out, out.stride(0),
-                                 out.stride(1), KVH, G=g, G_ROT=next_pow2(g), D=D, BLOCK_D=max(32, BLOCK_D),
-                                 **rot_chunks(max(32, BLOCK_D), True), num_warps=8)
-    return out
+    return launch_rotate_q(q, P, out, KVH, H // KVH, D)
 
 
 def rotate_q_ref(q: torch.Tensor, P: torch.Tensor) -> torch.Tensor:

@@ -364,12 +364,16 @@ def kernel_decode(method: "CachedLoki", layer: LokiLayer, q: torch.Tensor, scali
     g = H // layer.kv_heads
     mode = "group" if method.selection == "group" and g > 1 else "head"
     reduce = "max" if method.group_reduce == "max" else "sum"  # mean ranks as sum
-    budget = decode_budget(layer.lengths, method.k, method.k_mode)
     k_max = layer.k_max
     sink, local = int(method.sink_tokens), int(method.local_window)
-    if sink or local:  # forced positions count towards the budget, as select_topk does
-        budget = torch.maximum(budget, K.forced_count(layer.lengths, sink, local))
-    out, idx = K.loki_decode(q, layer.P, layer.k_lr, layer.k_rest, layer.v, layer.lengths, budget.to(torch.int32),
+    if method.k_mode != "tokens":  # ceil(k * n_b), raised to the forced count: computed inside the kernels
+        budget = float(method.k)
+    elif not (sink or local):
+        budget = int(method.k)  # min(k, n_b): the kernels clip
+    else:  # forced positions count towards the budget, as select_topk does
+        budget = decode_budget(layer.lengths, method.k, method.k_mode)
+        budget = torch.maximum(budget, K.forced_count(layer.lengths, sink, local)).to(torch.int32)
+    out, idx = K.loki_decode(q, layer.P, layer.k_lr, layer.k_rest, layer.v, layer.lengths, budget,
                              mode=mode, reduce=reduce, scaling=scaling, strict=False, k_max=k_max,
                              return_indices=True, sink_tokens=sink, local_window=local)
     if method.record_selections:

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels import forced_count, loki_decode, loki_select_bracket
+from kernels import LokiInputError, forced_count, fraction_budget, loki_decode, loki_select_bracket
 from kernels.scores import loki_scores_ref, rotate_q_ref
 from kernels.testing import check_selection, random_cache, random_orthonormal
 from kernels.topk import budgets_ref
@@ -47,9 +47,10 @@ def test_bracket_select(dtype, D, d, g, mode, reduce, S, lens, variant=None):
         assert exact >= n // 2  # exact set equality is asserted wherever the boundary gap exceeds 2 * tol
 
 
-# the default is classify="split" with bands selected in registers; the other two: the v4 classification inside
+# the default is classify="split" with the brackets written alongside the scoring pass (overlap) and bands selected
+# in registers; the others: the bracket kernel before the scoring kernel (session 4), the v4 classification inside
 # the scoring kernel, and the radix select for bands larger than band_reg
-VARIANTS = {"fused": dict(classify="fused"), "radix_band": dict(band_reg=16)}
+VARIANTS = {"no_overlap": dict(overlap=False), "fused": dict(classify="fused"), "radix_band": dict(band_reg=16)}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -58,7 +59,8 @@ def test_bracket_select_variants(D, d, g, S, lens, variant):
     test_bracket_select(torch.float32, D, d, g, "group", "max", S, lens, VARIANTS[variant])
 
 
-@pytest.mark.parametrize("nsig,variant", [(0.0, None), (4.0, None), (0.0, "fused"), (0.0, "radix_band")])
+@pytest.mark.parametrize("nsig,variant", [(0.0, None), (4.0, None), (0.0, "no_overlap"), (0.0, "fused"),
+                                          (0.0, "radix_band")])
 def test_bracket_fallback_and_structure(nsig, variant):
     """nsig=0 makes the bracket miss often (the recompute + whole-row fallback runs); rows with a positional trend
     and with periodic structure defeat an evenly spaced sample; per-sequence budgets."""
@@ -79,9 +81,10 @@ def test_bracket_fallback_and_structure(nsig, variant):
         assert exact >= n // 2
 
 
-@pytest.mark.parametrize("sink,local,classify", [(4, 16, "split"), (0, 7, "split"), (40, 200, "split"),
-                                                  (4, 16, "fused")])
-def test_bracket_sinks_and_local_window(sink, local, classify):
+@pytest.mark.parametrize("sink,local,classify,overlap", [(4, 16, "split", True), (0, 7, "split", True),
+                                                          (40, 200, "split", True), (4, 16, "split", False),
+                                                          (4, 16, "fused", False)])
+def test_bracket_sinks_and_local_window(sink, local, classify, overlap):
     """Sink tokens and the local window are always selected and count towards the budget (as select_topk)."""
     torch.manual_seed(sink + local)
     B, KVH, g, S, D, d = 3, 2, 3, 300, 64, 8
@@ -91,7 +94,7 @@ def test_bracket_sinks_and_local_window(sink, local, classify):
     budget = torch.maximum(torch.full((B,), 60, device=DEV), forced_count(lengths, sink, local)).to(torch.int32)
     budget = torch.minimum(budget, lengths)
     idx, _ = loki_select_bracket(q, k_lr, lengths, budget, P=P, strict=False, sink_tokens=sink, local_window=local,
-                                 classify=classify)
+                                 classify=classify, overlap=overlap)
     ref = _ref(q, P, k_lr, lengths, "group", "max", sink, local)
     kbs = budgets_ref(budget.cpu(), lengths.cpu())
     check_selection(idx, ref.clamp(max=1e30), lengths.cpu(), kbs, tol=_tol(ref))
@@ -119,3 +122,45 @@ def test_bracket_heavy_ties(variant):
     for k in (1, 37, 150):
         idx, _ = loki_select_bracket(q, k_lr, lengths, k, P=P, strict=False, **VARIANTS.get(variant, {}))
         check_selection(idx, ref, lengths.cpu(), budgets_ref(k, lengths.cpu()), tol=1e-6)
+
+
+@pytest.mark.parametrize("frac,sink,local", [(0.1, 0, 0), (0.125, 0, 0), (1 / 3, 4, 16), (1.0, 0, 0), (0.01, 40, 200)])
+def test_bracket_fraction_budget(frac, sink, local):
+    """A float budget is ceil(frac * n_b) per sequence (float64, raised to the forced count), computed inside the
+    kernels: the same selections as the int tensor `fraction_budget` gives, on ragged lengths (incl. 1 and 0)."""
+    torch.manual_seed(int(frac * 1000) + sink)
+    B, KVH, g, S, D, d = 5, 2, 2, 300, 64, 8
+    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.float32, DEV, lengths=[300, 257, 10, 1, 0])
+    q = torch.randn(B, KVH * g, D, device=DEV)
+    P = random_orthonormal(KVH, D, DEV)
+    kb = fraction_budget(frac, lengths, sink, local)
+    n = lengths.long().cpu()
+    want = torch.minimum(torch.maximum(torch.ceil(n.double() * frac).long(),
+                                       torch.clamp(n, max=sink + local)).clamp(min=1), n)
+    assert kb.cpu().long().tolist() == want.tolist()
+    k_max = int(kb.max())
+    i_f, _ = loki_select_bracket(q, k_lr, lengths, frac, P=P, strict=False, sink_tokens=sink, local_window=local,
+                                 k_max=k_max)
+    i_t, _ = loki_select_bracket(q, k_lr, lengths, kb, P=P, strict=False, sink_tokens=sink, local_window=local,
+                                 k_max=k_max)
+    assert i_f.shape == i_t.shape == (B, KVH, k_max)
+    assert torch.equal(i_f.sort(dim=-1).values, i_t.sort(dim=-1).values)
+    for b in range(B):
+        assert int((i_f[b] >= 0).sum(-1).max()) == int(kb[b]) and int((i_f[b] >= 0).sum(-1).min()) == int(kb[b])
+    # loki_decode: the float budget on the bracket path (in-kernel) and on the split path (converted in torch)
+    o_b = loki_decode(q, P, k_lr, k_rest, v, lengths, frac, strict=True, sink_tokens=sink, local_window=local)
+    if not (sink or local):
+        o_s = loki_decode(q, P, k_lr, k_rest, v, lengths, frac, path="split")
+        assert (o_b - o_s).abs().max().item() < 1e-4
+    # the default k_max of a float budget covers the largest possible budget
+    i_d, _ = loki_select_bracket(q, k_lr, lengths, frac, P=P, strict=False, sink_tokens=sink, local_window=local)
+    assert i_d.shape[-1] >= k_max and torch.equal(i_d[..., :k_max].sort(-1).values, i_f.sort(-1).values)
+
+
+def test_bracket_fraction_budget_errors():
+    k_lr, _, _, lengths = random_cache(1, 1, 64, 16, 4, torch.float32, DEV, lengths=[64])
+    q = torch.randn(1, 1, 16, device=DEV)
+    P = random_orthonormal(1, 16, DEV)
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(LokiInputError, match="fraction"):
+            loki_select_bracket(q, k_lr, lengths, bad, P=P)
