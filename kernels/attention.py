@@ -28,9 +28,10 @@ LOG2E = 1.4426950408889634
 def _flash_decode_kernel(q_ptr, sq_b, sq_h,
                          klr_ptr, slr_b, slr_h, slr_s, krs_ptr, srs_b, srs_h, srs_s, v_ptr, sv_b, sv_h, sv_s,
                          idx_ptr, si_b, si_r, len_ptr,
-                         o_ptr, so_b, so_h, mp_ptr, lp_ptr, op_ptr,
+                         o_ptr, so_b, so_h, mp_ptr, lp_ptr, op_ptr, cnt_ptr,
                          qk_scale, R, G, N_ITEMS, TPS, H, NSPLIT,
-                         DENSE: tl.constexpr, SPLIT: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr,
+                         DENSE: tl.constexpr, SPLIT: tl.constexpr, FOLD: tl.constexpr, NS_PAD: tl.constexpr,
+                         HPR: tl.constexpr, G_PAD: tl.constexpr,
                          D: tl.constexpr, D_LR: tl.constexpr, BLOCK_DL: tl.constexpr, BLOCK_DR: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K_FP32: tl.constexpr,
                          HAS_REST: tl.constexpr):
@@ -115,6 +116,13 @@ def _flash_decode_kernel(q_ptr, sq_b, sq_h,
         tl.store(mp_ptr + heads * NSPLIT + sp, m_i, mask=hv)
         tl.store(lp_ptr + heads * NSPLIT + sp, l_i, mask=hv)
         tl.store(op_ptr + (heads * NSPLIT + sp)[:, None] * D + dd[None, :], acc, mask=hv[:, None] & (dd < D)[None, :])
+        if FOLD:  # the row's last program to finish combines its splits (no combine launch)
+            tl.debug_barrier()  # every thread's partials are stored before the release below
+            done = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+            if done == NSPLIT - 1:
+                for i in range(HPR):
+                    _combine_head(mp_ptr, lp_ptr, op_ptr, o_ptr + b * so_b + (h0 + i) * so_h, b * H + h0 + i, NSPLIT,
+                                  NS_PAD, D, BLOCK_D, True)
     else:
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(o_ptr + b * so_b + (h0 + hh)[:, None] * so_h + dd[None, :], o.to(o_ptr.dtype.element_ty),
@@ -122,23 +130,35 @@ def _flash_decode_kernel(q_ptr, sq_b, sq_h,
 
 
 @triton.jit
-def _combine_kernel(mp_ptr, lp_ptr, op_ptr, o_ptr, so_b, so_h, H, NSPLIT,
-                    NS_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
-    b = pid // H
-    h = pid % H
+def _combine_head(mp_ptr, lp_ptr, op_ptr, o_head, hd, NSPLIT, NS_PAD: tl.constexpr, D: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BYPASS_L1: tl.constexpr):
+    """o_head[:D] = the softmax-weighted combination of head hd's NSPLIT partials (m, l, acc)."""
     s = tl.arange(0, NS_PAD)
     sm = s < NSPLIT
-    m = tl.load(mp_ptr + pid * NSPLIT + s, mask=sm, other=-1.0e30)
-    l = tl.load(lp_ptr + pid * NSPLIT + s, mask=sm, other=0.0)
+    dd = tl.arange(0, BLOCK_D)
+    amask = sm[:, None] & (dd < D)[None, :]
+    if BYPASS_L1:  # written by other programs: read through L2 (".cg"), not a possibly stale L1 line
+        m = tl.load(mp_ptr + hd * NSPLIT + s, mask=sm, other=-1.0e30, cache_modifier=".cg")
+        l = tl.load(lp_ptr + hd * NSPLIT + s, mask=sm, other=0.0, cache_modifier=".cg")
+        acc = tl.load(op_ptr + (hd * NSPLIT + s)[:, None] * D + dd[None, :], mask=amask, other=0.0,
+                      cache_modifier=".cg")
+    else:
+        m = tl.load(mp_ptr + hd * NSPLIT + s, mask=sm, other=-1.0e30)
+        l = tl.load(lp_ptr + hd * NSPLIT + s, mask=sm, other=0.0)
+        acc = tl.load(op_ptr + (hd * NSPLIT + s)[:, None] * D + dd[None, :], mask=amask, other=0.0)
     mx = tl.max(m, axis=0)
     w = tl.where(sm, tl.exp2(m - mx), 0.0)
     L = tl.sum(w * l, axis=0)
-    dd = tl.arange(0, BLOCK_D)
-    acc = tl.load(op_ptr + (pid * NSPLIT + s)[:, None] * D + dd[None, :], mask=sm[:, None] & (dd < D)[None, :],
-                  other=0.0)
     o = tl.sum(w[:, None] * acc, axis=0) / tl.where(L > 0, L, 1.0)
-    tl.store(o_ptr + b * so_b + h * so_h + dd, o.to(o_ptr.dtype.element_ty), mask=dd < D)
+    tl.store(o_head + dd, o.to(o_head.dtype.element_ty), mask=dd < D)
+
+
+@triton.jit
+def _combine_kernel(mp_ptr, lp_ptr, op_ptr, o_ptr, so_b, so_h, H, NSPLIT,
+                    NS_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    _combine_head(mp_ptr, lp_ptr, op_ptr, o_ptr + (pid // H) * so_b + (pid % H) * so_h, pid, NSPLIT, NS_PAD, D,
+                  BLOCK_D, False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -149,7 +169,7 @@ SPARSE_CONFIG = dict(block_n=64, num_warps=4, num_stages=3, waves=2)
 DENSE_CONFIG = dict(block_n=128, num_warps=4, num_stages=3, waves=1)
 
 
-def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_splits, out, config):
+def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_splits, out, config, counters=None):
     B, KVH, S, D, d = check_cache(k_lr, k_rest, v)
     check_float(q_rot, "q_rot")
     check(q_rot.dim() == 3 and q_rot.shape[0] == B and q_rot.shape[2] == D,
@@ -192,6 +212,11 @@ def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_spli
     tps = triton.cdiv(n_tiles, num_splits)
     num_splits = triton.cdiv(n_tiles, tps)
     split = num_splits > 1
+    fold = split and counters is not None
+    if counters is not None:
+        check(counters.dtype == torch.int32 and counters.is_contiguous() and counters.numel() >= B * R
+              and counters.device == k_lr.device,
+              f"counters must be a contiguous int32 tensor of >= {B * R} elements on {k_lr.device}")
     if split:
         mp = torch.empty(B * H * num_splits, dtype=torch.float32, device=v.device)
         lp = torch.empty_like(mp)
@@ -208,13 +233,13 @@ def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_spli
         v, v.stride(0), v.stride(1), v.stride(2),
         idx_t, idx_t.stride(0) if not dense else 0, idx_t.stride(1) if not dense else 0,
         lengths if lengths is not None else idx_t,
-        out, out.stride(0), out.stride(1), mp, lp, op,
+        out, out.stride(0), out.stride(1), mp, lp, op, counters if fold else mp,
         scale, R, g, n_items, tps, H, num_splits,
-        DENSE=dense, SPLIT=split, HPR=HPR, G_PAD=max(16, next_pow2(HPR)), D=D, D_LR=d,
+        DENSE=dense, SPLIT=split, FOLD=fold, NS_PAD=max(2, next_pow2(num_splits)), HPR=HPR, G_PAD=max(16, next_pow2(HPR)), D=D, D_LR=d,
         BLOCK_DL=max(16, next_pow2(d)), BLOCK_DR=max(16, next_pow2(max(D - d, 1))), BLOCK_D=max(16, next_pow2(D)),
         BLOCK_N=BLOCK_N, K_FP32=v.dtype == torch.float32, HAS_REST=has_rest,
         num_warps=4 if interp else cfg["num_warps"], num_stages=1 if interp else cfg["num_stages"])
-    if split:
+    if split and not fold:
         _combine_kernel[(B * H,)](mp, lp, op, out, out.stride(0), out.stride(1), H, num_splits,
                                   NS_PAD=max(2, next_pow2(num_splits)), D=D, BLOCK_D=max(16, next_pow2(D)),
                                   num_warps=4)
@@ -223,16 +248,19 @@ def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_spli
 
 def sparse_decode_attention(q_rot: torch.Tensor, k_lr: torch.Tensor, k_rest: torch.Tensor, v: torch.Tensor,
                             idx: torch.Tensor, scaling: float | None = None, num_splits: int | None = None,
-                            out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+                            out: torch.Tensor | None = None, config: dict | None = None,
+                            counters: torch.Tensor | None = None) -> torch.Tensor:
     """Exact softmax attention of the rotated queries over the selected cache rows only.
 
     q_rot: (B, H, D) (q' = q @ P, any float dtype).  idx: (B, KVH, k) in group mode (one selection per KV head,
     shared by its g query heads; each selected K/V row is read once for the group) or (B, H, k) in head mode;
     entries < 0 are padding.  Indices must be < S_max and should be < lengths[b] (not checked on the device).
     scaling defaults to 1/sqrt(D).  Returns (B, H, D) in the cache dtype.  Rows without any selected token
-    give zeros.
+    give zeros.  counters: an int32 tensor of >= B * idx.shape[1] zeros (the caller zeroes them, e.g. inside an
+    earlier kernel): then the last program of each row to finish combines the split-K partials itself instead of
+    a separate combine kernel (the counters are left non-zero).
     """
-    return _launch(q_rot, k_lr, k_rest, v, idx, None, scaling, False, num_splits, out, config)
+    return _launch(q_rot, k_lr, k_rest, v, idx, None, scaling, False, num_splits, out, config, counters)
 
 
 def dense_decode_attention(q_rot: torch.Tensor, k_lr: torch.Tensor, k_rest: torch.Tensor, v: torch.Tensor,

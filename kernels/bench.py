@@ -137,7 +137,9 @@ def run_case(B, S, dfrac, kfrac, rep, stage_times=True):
                                          rep)
         res["select_bracket_fused_ms"] = timed(  # v4: classification inside the scoring kernel
             case, lambda a, b_, c: loki_select_bracket(q, a, L, k, P=P, strict=False, classify="fused"), rep)
-        # per-kernel split of the bracket path: rotate+bracket, + scores, + classify (+ band select = select_bracket)
+        res["select_bracket_v6_ms"] = timed(  # v6: the bracket kernel before the scoring kernel (no overlap)
+            case, lambda a, b_, c: loki_select_bracket(q, a, L, k, P=P, strict=False, overlap=False), rep)
+        # per-kernel split of the bracket path: rotate q, + scores & brackets, + classify (+ band select = bsel)
         for st in (1, 2, 3):
             res[f"bracket_stage{st}_ms"] = timed(
                 case, lambda a, b_, c, st=st: loki_select_bracket(q, a, L, k, P=P, strict=False, stages=st), rep)
@@ -187,12 +189,12 @@ def run_dense(B, S, rep):
 
 
 # ----------------------------------------------------------------------------------------------------------
-def tune(rep, log, light=False):
-    """Sweep configs of each kernel on batch 16, 16K context; set the module defaults to the best.
+def tune(rep, log, light=False, context=16384):
+    """Sweep configs of each kernel on batch 16 at `context` (16K); set the module defaults to the best.
 
     Attention / selection configs are scored by the geometric mean of their times over the three (d, k) cases
     at 16K; the scores kernel is tuned separately for d = 32 and d = 16."""
-    B, S = (16, 16384) if not SMOKE else (2, 256)
+    B, S = (16, context) if not SMOKE else (2, 256)
     cases = []
     for dfrac, kfrac in ((4, 4), (4, 8), (8, 16)):
         d, k = D // dfrac, S // kfrac
@@ -232,7 +234,7 @@ def tune(rep, log, light=False):
     def bsel(c, cs):
         cc = cs["case"]
         cfg = {k_: c[k_] for k_ in ("block_n", "tiles", "num_warps", "classify_block", "classify_warps",
-                                    "finish_warps") if k_ in c}
+                                    "finish_warps", "bracket_sub") if k_ in c}
         return lambda: loki_select_bracket(cc.q, cc.copies[0][0], cc.lengths, cs["k"], P=cc.P, strict=False,
                                            config=cfg or None, sample=c.get("sample"))
     if light == "bracket":  # the bracket path only: sample size, then scoring tiles per d
@@ -246,8 +248,9 @@ def tune(rep, log, light=False):
             bracket_mod.BRACKET_CLASSIFY_BLOCK = best["classify_block"]
             bracket_mod.BRACKET_CLASSIFY_WARPS = best["classify_warps"]
             bracket_mod.BRACKET_WARPS = best["finish_warps"]
-        sweep_per_d("bracket_scores", [dict(block_n=bn, tiles=t, num_warps=nw)
-                                       for bn, nw in ((64, 4), (128, 4), (256, 4), (256, 8)) for t in (1, 2, 4)],
+        sweep_per_d("bracket_scores", [dict(block_n=bn, tiles=t, num_warps=nw, bracket_sub=sub)
+                                       for bn, nw in ((64, 4), (128, 4), (256, 4), (256, 8)) for t in (1, 2, 4, 8)
+                                       for sub in (128, 256)],
                     bsel, bracket_mod.BRACKET_SCORE_CONFIG)
         del cases
         return out
@@ -303,14 +306,14 @@ def tune(rep, log, light=False):
 def fmt_table(rows, dense, copy_bw):
     lines = []
     hdr = (f"{'B':>3} {'ctx':>6} {'d':>3} {'k':>6} | {'rot':>6} {'score':>6} {'topk':>6} {'tk_trch':>7} "
-           f"{'fsel':>6} {'bsel':>6} {'bsel4':>6} {'attn':>6} | {'brkt':>6} {'fused':>6} {'split':>6} {'naive':>6} {'sdpa':>6} | "
+           f"{'fsel':>6} {'bsel':>6} {'bsel6':>6} {'bsel4':>6} {'attn':>6} | {'brkt':>6} {'fused':>6} {'split':>6} {'naive':>6} {'sdpa':>6} | "
            f"{'x_sdpa':>6} "
            f"{'x_naive':>7} {'ideal':>5} {'GB/s':>6} {'target':>6}")
     lines.append("times in us (median of do_bench over CUDA-graph replays); x_* = speedup of the best Loki total "
                  "(min of bracket, fused, split) over SDPA / the naive torch pipeline")
     lines.append("rot: rotate_q alone (not on the pipeline's path); score: Loki scores with q rotation fused (split "
                  "path); topk: Triton selection on those scores; tk_trch: torch.topk(sorted=False) on the same; fsel: "
-                 "fused rotate+score+select kernel; bsel: bracket path (rotate+bracket, scores, classify, band select: 4 kernels); bsel4: the same with the classification inside the scoring kernel (v4, 3 kernels); attn: sparse flash-decoding incl. split combine; ideal: dense bytes / "
+                 "fused rotate+score+select kernel; bsel: bracket path (rotate q, scores with the brackets alongside, classify, band select: 4 kernels); bsel6: the bracket kernel (rotate + bracket) before the scoring kernel (v6); bsel4: the classification inside the scoring kernel (v4, 3 kernels); attn: sparse flash-decoding incl. split combine; ideal: dense bytes / "
                  "Loki bytes; GB/s: Loki bytes / best total")
     lines.append(hdr)
     lines.append("-" * len(hdr))
@@ -322,7 +325,7 @@ def fmt_table(rows, dense, copy_bw):
         lines.append(
             f"{r['batch']:>3} {r['context']:>6} {r['d']:>3} {r['k']:>6} | {us('rotate_ms')} {us('scores_ms')} "
             f"{us('topk_triton_ms')} {us('topk_torch_ms'):>7} {us('select_fused_ms')} {us('select_bracket_ms')} "
-            f"{us('select_bracket_fused_ms')} {us('attention_ms')} | {us('total_bracket_ms')} {us('total_fused_ms')} {us('total_split_ms')} {us('naive_torch_ms')} {dn['sdpa_ms'] * 1e3:6.1f} | "
+            f"{us('select_bracket_v6_ms')} {us('select_bracket_fused_ms')} {us('attention_ms')} | {us('total_bracket_ms')} {us('total_fused_ms')} {us('total_split_ms')} {us('naive_torch_ms')} {dn['sdpa_ms'] * 1e3:6.1f} | "
             f"{r['speedup_vs_sdpa']:6.2f} {r['speedup_vs_naive']:7.2f} {r['ideal_ratio']:5.2f} "
             f"{r['achieved_GBps']:6.0f} {('%.1fx' % tgt + (' ok' if r['target_met'] else ' NO')) if tgt else '':>6}")
     lines.append("")
@@ -376,6 +379,7 @@ def main(argv=None):
     ap.add_argument("--tune", action="store_true", help="sweep kernel configs first and use the best")
     ap.add_argument("--tune-select", action="store_true", help="only pick the selection's sample size first")
     ap.add_argument("--tune-bracket", action="store_true", help="only tune the bracket path first (sample, tiles)")
+    ap.add_argument("--tune-context", type=int, default=16384, help="context of the tuning sweeps (batch 16)")
     ap.add_argument("--json", default=None, help="write all results to this JSON file")
     ap.add_argument("--wandb", action="store_true", help="log to Weights & Biases when installed")
     ap.add_argument("--rep", type=int, default=100, help="do_bench rep (ms) per measurement")
@@ -409,9 +413,9 @@ def main(argv=None):
         write_json(args.json, result)
         return result
     if args.tune:
-        tuning = tune(args.rep, log)
+        tuning = tune(args.rep, log, context=args.tune_context)
     elif args.tune_bracket:
-        tuning = tune(args.rep, log, light="bracket")
+        tuning = tune(args.rep, log, light="bracket", context=args.tune_context)
     else:
         tuning = tune(args.rep, log, light=True) if args.tune_select else None
     cfgs = dict(sparse=dict(attn_mod.SPARSE_CONFIG), dense=dict(attn_mod.DENSE_CONFIG),
@@ -420,6 +424,7 @@ def main(argv=None):
                 nsig=topk_mod.SELECT_NSIG, scores={str(k_): v_ for k_, v_ in scores_mod.SCORES_CONFIG.items()},
                 bracket=dict(sample=bracket_mod.BRACKET_SAMPLE, nsig=bracket_mod.BRACKET_NSIG,
                              classify=bracket_mod.BRACKET_CLASSIFY, band_reg=bracket_mod.BRACKET_BAND_REG,
+                             overlap=bracket_mod.BRACKET_OVERLAP,
                              classify_block=bracket_mod.BRACKET_CLASSIFY_BLOCK,
                              classify_warps=bracket_mod.BRACKET_CLASSIFY_WARPS, finish_warps=bracket_mod.BRACKET_WARPS,
                              scores={str(k_): v_ for k_, v_ in bracket_mod.BRACKET_SCORE_CONFIG.items()}))

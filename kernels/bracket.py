@@ -67,11 +67,11 @@ def _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_BITS, FORCED, S_MAX, KMAX, KB_MOD
 
 @triton.jit
 def _bracket_row(pid, b, h0, kvh, n, kb, qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr,
-                 scale, nsig, SINK, LOCAL, WS_ROW, HPR: tl.constexpr, G_PAD: tl.constexpr, D_LR: tl.constexpr,
+                 ac_ptr, scale, nsig, SINK, LOCAL, WS_ROW, ZERO_AC: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr, D_LR: tl.constexpr,
                  BLOCK_DL: tl.constexpr, SAMPLE: tl.constexpr, SUB: tl.constexpr, K_FP32: tl.constexpr,
                  REDUCE_MAX: tl.constexpr):
     """Score SAMPLE evenly spaced tokens of row pid against q' (already written), sort them, write the bracket
-    (lo, hi) and zero the row's two counters."""
+    (lo, hi) and zero the row's two counters (and, ZERO_AC, the attention kernel's split counter ac_ptr[pid])."""
     lo_key = tl.zeros([], dtype=tl.uint32)
     hi_key = tl.full([], 0xFFFFFFFF, tl.uint32)
     if (kb < n) & (n >= 4 * SAMPLE):
@@ -94,13 +94,15 @@ def _bracket_row(pid, b, h0, kvh, n, kb, qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b,
     tl.store(br + 1, hi_key.to(tl.int32, bitcast=True))
     tl.store(br + 2, 0)
     tl.store(br + 3, 0)
+    if ZERO_AC:
+        tl.store(ac_ptr + pid, 0)
 
 
 @triton.jit
 def _bracket_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h,
-                    klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, len_ptr, kb_ptr, K_INT, FRAC_BITS, FORCED, scale, R, G, S_MAX, KMAX,
-                    nsig, SINK, LOCAL, WS_ROW,
-                    ROTATE: tl.constexpr, KB_MODE: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr,
+                    klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, ac_ptr, len_ptr, kb_ptr, K_INT, FRAC_BITS, FORCED,
+                    scale, R, G, S_MAX, KMAX, nsig, SINK, LOCAL, WS_ROW,
+                    ZERO_AC: tl.constexpr, ROTATE: tl.constexpr, KB_MODE: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr,
                     G_ROT: tl.constexpr, D: tl.constexpr, D_LR: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_DL: tl.constexpr, SAMPLE: tl.constexpr, SUB: tl.constexpr, K_FP32: tl.constexpr,
                     REDUCE_MAX: tl.constexpr, ROT_C: tl.constexpr, ROT_I: tl.constexpr):
@@ -113,13 +115,13 @@ def _bracket_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h
                       HPR, G_ROT, D, BLOCK_D, ROT_C, ROT_I)
         tl.debug_barrier()  # q' written by all threads of the program is read back below
     _bracket_row(pid, b, h0, kvh, n, kb, qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr,
-                 scale, nsig, SINK, LOCAL, WS_ROW, HPR, G_PAD, D_LR, BLOCK_DL, SAMPLE, SUB, K_FP32, REDUCE_MAX)
+                 ac_ptr, scale, nsig, SINK, LOCAL, WS_ROW, ZERO_AC, HPR, G_PAD, D_LR, BLOCK_DL, SAMPLE, SUB, K_FP32, REDUCE_MAX)
 
 
 @triton.jit
-def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, out_ptr, so_b, so_r,
-                           len_ptr, kb_ptr, K_INT, FRAC_BITS, FORCED, scale, R, G, S_MAX, KMAX, nsig, SINK, LOCAL, WS_ROW,
-                           KB_MODE: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr, D_LR: tl.constexpr,
+def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, ac_ptr, out_ptr,
+                           so_b, so_r, len_ptr, kb_ptr, K_INT, FRAC_BITS, FORCED, scale, R, G, S_MAX, KMAX, nsig, SINK,
+                           LOCAL, WS_ROW, ZERO_AC: tl.constexpr, KB_MODE: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr, D_LR: tl.constexpr,
                            BLOCK_DL: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, K_FP32: tl.constexpr,
                            REDUCE_MAX: tl.constexpr, CLASSIFY: tl.constexpr, OVERLAP: tl.constexpr,
                            SAMPLE: tl.constexpr, SUB: tl.constexpr):
@@ -130,8 +132,8 @@ def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
     b, r, h0, kvh = _row_of(pid, R, HPR, G)
     if tb < 0:
         n, kb = _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_BITS, FORCED, S_MAX, KMAX, KB_MODE)
-        _bracket_row(pid, b, h0, kvh, n, kb, qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr,
-                     scale, nsig, SINK, LOCAL, WS_ROW, HPR, G_PAD, D_LR, BLOCK_DL, SAMPLE, SUB, K_FP32, REDUCE_MAX)
+        _bracket_row(pid, b, h0, kvh, n, kb, qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr,
+                     br_ptr, ac_ptr, scale, nsig, SINK, LOCAL, WS_ROW, ZERO_AC, HPR, G_PAD, D_LR, BLOCK_DL, SAMPLE, SUB, K_FP32, REDUCE_MAX)
     else:
         n = tl.maximum(tl.minimum(tl.load(len_ptr + b).to(tl.int32), S_MAX), 0)
         start0 = tb * (TILES * BLOCK_N)
@@ -305,7 +307,8 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
                         q_rot_out: torch.Tensor | None = None, config: dict | None = None,
                         sample: int | None = None, nsig: float | None = None,
                         workspace: torch.Tensor | None = None, stages: int = 4, classify: str | None = None,
-                        band_reg: int | None = None, overlap: bool | None = None):
+                        band_reg: int | None = None, overlap: bool | None = None,
+                        attn_counters: torch.Tensor | None = None):
     """(Rotate q) + scores + exact top-k, each step spread over many programs per row (see module doc).
 
     Same contract as `topk.loki_select`: q (B, H, D) raw queries when P (KVH, D, D) is given (q' = q @ P is
@@ -323,6 +326,8 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     overlap (classify="split" only; default BRACKET_OVERLAP): q is rotated by its own small kernel and the brackets
     are written by extra programs of the scoring kernel (dispatched first, running alongside the scoring programs)
     instead of by a kernel of their own before it.
+    attn_counters: optional int32 tensor of >= B*R elements that the bracket programs zero, for the sparse
+    attention kernel's in-kernel split combine (`sparse_decode_attention(counters=)`).
     ``stages`` < 4 launches only the first kernels (for the benchmark's per-kernel times; idx is then garbage).
     """
     check(isinstance(sink_tokens, int) and sink_tokens >= 0, f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
@@ -361,6 +366,12 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
           f"workspace must be a contiguous, 8-byte aligned int32 tensor of >= {n_ws} elements on {k_lr.device}")
     ws, br = workspace[:B * R * W * S], workspace[B * R * W * S:n_ws]
     idx = torch.empty(B, R, KMAX, dtype=torch.int32, device=k_lr.device)
+    zero_ac = attn_counters is not None
+    if zero_ac:
+        check(attn_counters.dtype == torch.int32 and attn_counters.is_contiguous()
+              and attn_counters.numel() >= B * R and attn_counters.device == k_lr.device,
+              f"attn_counters must be a contiguous int32 tensor of >= {B * R} elements on {k_lr.device}")
+    ac = attn_counters if zero_ac else idx
     scale = default_scaling(D, scaling)
     qr = q_rot_out if rotate else q
     Pt = P if rotate else q
@@ -378,8 +389,8 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         BLOCK_D = max(32, next_pow2(D))
         _bracket_kernel[(B * R,)](
             q, q.stride(0), q.stride(1), Pt, Pt.stride(0), Pt.stride(1), qr, qr.stride(0), qr.stride(1),
-            k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br, lengths, kbt, K_INT, frac_bits, forced, scale, R, G, S, KMAX,
-            nsig, sink_tokens, local_window, W * S,
+            k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br, ac, lengths, kbt, K_INT, frac_bits, forced,
+            scale, R, G, S, KMAX, nsig, sink_tokens, local_window, W * S, ZERO_AC=zero_ac,
             ROTATE=rotate, KB_MODE=kb_mode, G_ROT=next_pow2(HPR), D=D, BLOCK_D=BLOCK_D, SAMPLE=sample,
             SUB=sub, **rot_chunks(BLOCK_D, True), **common, num_warps=4 if interp else BRACKET_WARPS)
     if stages < 2:
@@ -390,9 +401,9 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     else:
         BLOCK_N, TILES, nw = cfg["block_n"], cfg["tiles"], cfg["num_warps"]
     _bracket_scores_kernel[(B * R, triton.cdiv(S, BLOCK_N * TILES) + int(overlap))](
-        qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br,
-        idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, scale, R, G, S, KMAX, nsig, sink_tokens,
-        local_window, W * S, KB_MODE=kb_mode, BLOCK_N=BLOCK_N, TILES=TILES, **common, CLASSIFY=not split,
+        qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br, ac,
+        idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, scale, R, G, S, KMAX, nsig,
+        sink_tokens, local_window, W * S, ZERO_AC=zero_ac, KB_MODE=kb_mode, BLOCK_N=BLOCK_N, TILES=TILES, **common, CLASSIFY=not split,
         OVERLAP=int(overlap), SAMPLE=sample, SUB=sub if interp else cfg.get("bracket_sub", sub), num_warps=nw)
     if stages < 3:
         return idx, (q_rot_out if rotate else None)

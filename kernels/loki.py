@@ -24,6 +24,7 @@ from .topk import _budget_args, loki_select, topk_select
 
 
 PATHS = ("auto", "bracket", "fused", "split", "torch_topk")
+FOLD_COMBINE = True  # bracket path: the attention kernel combines its split-K partials itself (session 5)
 AUTO_PATH: str | None = None  # when set, path="auto" resolves to it (benchmarks compare paths inside a whole model)
 
 
@@ -40,7 +41,8 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
                 lengths: torch.Tensor, k_budget, mode: str = "group", reduce: str = "max",
                 scaling: float | None = None, strict: bool = True, path: str = "auto", k_max: int | None = None,
                 return_indices: bool = False, num_splits: int | None = None,
-                sink_tokens: int = 0, local_window: int = 0, out: torch.Tensor | None = None):
+                sink_tokens: int = 0, local_window: int = 0, out: torch.Tensor | None = None,
+                fold_combine: bool | None = None):
     """One Loki decode step for one layer.
 
     q: (B, H, D) queries (not rotated; q' = q @ P[kvh] is computed inside, in fp32).
@@ -51,6 +53,8 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
     inside the bracket path's kernels (`fraction_budget`: the same in torch, used by the other paths).
     mode / reduce: see `loki_scores`.  scaling: defaults to 1/sqrt(D).
     out: optional (B, H, D) output tensor (contiguous last dim).
+    fold_combine (bracket path; default FOLD_COMBINE): the bracket programs zero one counter per score row and the
+    last attention program of each row combines the split-K partials (one launch fewer).
     Returns out (B, H, D) in the cache dtype, or (out, idx) with return_indices=True.
     """
     B, KVH, S, D, d = check_cache(k_lr, k_rest, v)
@@ -76,10 +80,13 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
         k_budget = fraction_budget(k_budget, lengths, sink_tokens, local_window)
     if (sink_tokens or local_window) and path != "bracket":  # ("auto" resolved above)
         raise LokiInputError(f"sink_tokens/local_window need path='bracket' (got path={path!r})")
+    counters = None
     if path == "bracket":
+        if FOLD_COMBINE if fold_combine is None else fold_combine:
+            counters = torch.empty(B * (q.shape[1] if mode == "head" else KVH), dtype=torch.int32, device=q.device)
         idx, q_rot = loki_select_bracket(q, k_lr, lengths, k_budget, P=P, mode=mode, reduce=reduce, scaling=scaling,
                                          strict=False, k_max=k_max, sink_tokens=sink_tokens,
-                                         local_window=local_window)
+                                         local_window=local_window, attn_counters=counters)
     elif path == "fused":
         idx, q_rot = loki_select(q, k_lr, lengths, k_budget, P=P, mode=mode, reduce=reduce, scaling=scaling,
                                  strict=False, k_max=k_max)
@@ -93,5 +100,6 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
             kk = min(k_budget, S)
             vals, idx = torch.topk(scores, kk, dim=-1, sorted=False)
             idx = torch.where(torch.isinf(vals), torch.full_like(idx, -1), idx)
-    out = sparse_decode_attention(q_rot, k_lr, k_rest, v, idx, scaling=scaling, num_splits=num_splits, out=out)
+    out = sparse_decode_attention(q_rot, k_lr, k_rest, v, idx, scaling=scaling, num_splits=num_splits, out=out,
+                                  counters=counters)
     return (out, idx) if return_indices else out

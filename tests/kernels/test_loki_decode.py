@@ -58,6 +58,38 @@ def test_loki_decode(dtype, D, d, g, mode, reduce, path, k):
         assert rel_err(out, ref_out) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("mode,g,num_splits", [("group", 4, 3), ("head", 2, 2), ("group", 3, 1), ("group", 1, 5)])
+def test_loki_decode_fold_combine(mode, g, num_splits, monkeypatch):
+    """The bracket path's split-K partials combined inside the attention kernel (the last program of each row, on
+    counters the bracket programs zero) give what the separate combine kernel gives, call after call, and match
+    the float64 attention over the same selection."""
+    import kernels.attention as A
+    from kernels.attention import sparse_attention_ref
+    from kernels.scores import rotate_q_ref
+    launches, real = [], A._combine_kernel
+
+    class Spy:  # counts launches of the separate combine kernel
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+    monkeypatch.setattr(A, "_combine_kernel", Spy())
+    torch.manual_seed(num_splits + g)
+    B, KVH, S, D, d = 3, 2, 200, 64, 16
+    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.float32, DEV, lengths=[200, 131, 7])
+    P = random_orthonormal(KVH, D, DEV)
+    for step in range(2):
+        q = torch.randn(B, KVH * g, D, device=DEV)
+        o_f, idx = loki_decode(q, P, k_lr, k_rest, v, lengths, 0.25, mode=mode, num_splits=num_splits,
+                               return_indices=True, fold_combine=True)
+        assert not launches  # folded (or a single split: nothing to combine)
+        o_s = loki_decode(q, P, k_lr, k_rest, v, lengths, 0.25, mode=mode, num_splits=num_splits, fold_combine=False)
+        assert (o_f - o_s).abs().max().item() <= 1e-6
+        ref = sparse_attention_ref(rotate_q_ref(q.cpu(), P.cpu()), k_lr.cpu(), k_rest.cpu(), v.cpu(), idx.cpu())
+        assert rel_err(o_f, ref) <= TOL[torch.float32]
+        assert len(launches) == (num_splits > 1)
+        launches.clear()
+
+
 def test_naive_torch_matches_reference(dtype):
     torch.manual_seed(5)
     B, KVH, g, S, D, d = 2, 2, 4, 40, 64, 16
