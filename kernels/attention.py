@@ -235,7 +235,8 @@ def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_spli
         lengths if lengths is not None else idx_t,
         out, out.stride(0), out.stride(1), mp, lp, op, counters if fold else mp,
         scale, R, g, n_items, tps, H, num_splits,
-        DENSE=dense, SPLIT=split, FOLD=fold, NS_PAD=max(2, next_pow2(num_splits)), HPR=HPR, G_PAD=max(16, next_pow2(HPR)), D=D, D_LR=d,
+        DENSE=dense, SPLIT=split, FOLD=fold, NS_PAD=max(2, next_pow2(num_splits)), HPR=HPR, G_PAD=max(16,
+        next_pow2(HPR)), D=D, D_LR=d,
         BLOCK_DL=max(16, next_pow2(d)), BLOCK_DR=max(16, next_pow2(max(D - d, 1))), BLOCK_D=max(16, next_pow2(D)),
         BLOCK_N=BLOCK_N, K_FP32=v.dtype == torch.float32, HAS_REST=has_rest,
         num_warps=4 if interp else cfg["num_warps"], num_stages=1 if interp else cfg["num_stages"])

@@ -238,9 +238,9 @@ def tune(rep, log, light=False, context=16384):
         return lambda: loki_select_bracket(cc.q, cc.copies[0][0], cc.lengths, cs["k"], P=cc.P, strict=False,
                                            config=cfg or None, sample=c.get("sample"))
     if light == "bracket":  # the bracket path only: sample size, then scoring tiles per d
-        best = sweep("bracket_sample", [dict(sample=sm) for sm in (256, 512, 1024)], bsel, cases)
-        if best:
-            bracket_mod.BRACKET_SAMPLE = best["sample"]
+        best = sweep("bracket_sample", [dict(sample=sm) for sm in (512, 1024, 2048, 4096)], bsel, cases)
+        if best:  # the best sample at this context, for the sweeps below and the run (DIV rule off)
+            bracket_mod.BRACKET_SAMPLE, bracket_mod.BRACKET_SAMPLE_DIV = best["sample"], 0
         best = sweep("bracket_classify", [dict(classify_block=cb, classify_warps=cw, finish_warps=fw)
                                           for cb, cw in ((1024, 4), (2048, 4), (4096, 8)) for fw in (8, 16)],
                      bsel, cases)
@@ -373,6 +373,48 @@ def attention_probe(rep, log, copy_bw):
     return rows
 
 
+# ablation of the bracket path's options (module defaults set per variant); name -> settings
+VARIANTS = {
+    "v6": dict(BRACKET_OVERLAP=False, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
+    "overlap": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
+    "overlap+fold": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=True, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
+    "s1024": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=True, BRACKET_SAMPLE=1024, BRACKET_SAMPLE_DIV=0),
+    "s2048": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=True, BRACKET_SAMPLE=2048, BRACKET_SAMPLE_DIV=0),
+    "s4096": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=True, BRACKET_SAMPLE=4096, BRACKET_SAMPLE_DIV=0),
+    "div16_max4096": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=True, BRACKET_SAMPLE=4096, BRACKET_SAMPLE_DIV=16),
+}
+
+
+def variant_sweep(rep, log, grid, names):
+    """Whole Loki step (bracket path) at each grid point and (d, k) under each variant of VARIANTS; rows."""
+    import kernels.loki as loki_mod
+    mods = dict(BRACKET_OVERLAP=bracket_mod, FOLD_COMBINE=loki_mod, BRACKET_SAMPLE=bracket_mod,
+                BRACKET_SAMPLE_DIV=bracket_mod)
+    saved = {k_: getattr(m, k_) for k_, m in mods.items()}
+    rows = []
+    for B, S in grid:
+        for dfrac, kfrac in ((4, 4), (4, 8), (8, 16)):
+            d, k = D // dfrac, S // kfrac
+            case = Case(B, S, d, n_copies_for(B, S, d))
+            q, P, L = case.q, case.P, case.lengths
+            ref = None
+            for name in names:
+                for k_, v_ in VARIANTS[name].items():
+                    setattr(mods[k_], k_, v_)
+                out = loki_decode(q, P, *case.copies[0], L, k, path="bracket", strict=False)
+                ref = out if ref is None else ref
+                err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                t = timed(case, lambda a, b_, c: loki_decode(q, P, a, b_, c, L, k, path="bracket", strict=False), rep)
+                rows.append(dict(batch=B, context=S, d=d, k=k, variant=name, us=t * 1e3, rel_diff_vs_first=err))
+                log(f"B={B} S={S:6d} d={d:3d} k={k:6d} {name:14s} {t * 1e3:8.1f} us  (diff vs first {err:.1e})")
+            for k_, v_ in saved.items():
+                setattr(mods[k_], k_, v_)
+            del case
+            if not SMOKE:
+                torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="batch 16, contexts 16K and 64K only")
@@ -388,6 +430,8 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter smoke run (tiny shapes, no timing)")
     ap.add_argument("--attn-probe", action="store_true",
                     help="only the sparse attention: index order (selected/sorted/contiguous) and config variants")
+    ap.add_argument("--variants", default=None,
+                    help="only the bracket-path ablation: comma list of VARIANTS names (or 'all'), over --configs")
     args = ap.parse_args(argv)
     global SMOKE, DEV, H, KVH, D, DTYPE
     if args.smoke:
@@ -407,6 +451,14 @@ def main(argv=None):
     log(json.dumps(info))
     copy_bw = copy_bandwidth()
     log(f"copy bandwidth {copy_bw:.0f} GB/s")
+    if args.variants:
+        names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+        vgrid = ([(2, 256)] if SMOKE else [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")]
+                 if args.configs else [(16, 4096), (16, 16384), (16, 32768), (16, 65536)])
+        result = dict(info=info, copy_bandwidth_GBps=copy_bw, variants=variant_sweep(args.rep, log, vgrid, names),
+                      wall_s=time.time() - t_start)
+        write_json(args.json, result)
+        return result
     if args.attn_probe:
         result = dict(info=info, copy_bandwidth_GBps=copy_bw, attention_probe=attention_probe(args.rep, log, copy_bw),
                       wall_s=time.time() - t_start)
@@ -422,7 +474,8 @@ def main(argv=None):
                 fused=(topk_mod.FUSED_BLOCK_N, topk_mod.FUSED_WARPS),
                 topk=(topk_mod.SELECT_BLOCK_S, topk_mod.SELECT_WARPS), sample=topk_mod.SELECT_SAMPLE,
                 nsig=topk_mod.SELECT_NSIG, scores={str(k_): v_ for k_, v_ in scores_mod.SCORES_CONFIG.items()},
-                bracket=dict(sample=bracket_mod.BRACKET_SAMPLE, nsig=bracket_mod.BRACKET_NSIG,
+                bracket=dict(sample=bracket_mod.BRACKET_SAMPLE, sample_div=bracket_mod.BRACKET_SAMPLE_DIV,
+                             nsig=bracket_mod.BRACKET_NSIG,
                              classify=bracket_mod.BRACKET_CLASSIFY, band_reg=bracket_mod.BRACKET_BAND_REG,
                              overlap=bracket_mod.BRACKET_OVERLAP,
                              classify_block=bracket_mod.BRACKET_CLASSIFY_BLOCK,

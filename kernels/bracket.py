@@ -1,15 +1,17 @@
 """Loki's front half (rotate q, approximate scores, exact top-k), each step spread over the programs it needs.
 
-Four kernels (classify="split", the default; session 4):
+Four kernels (classify="split", overlap=True: the defaults, session 5):
 
-1. ``_bracket_kernel`` (one program per score row): rotates q (q' = q @ P[kvh], fp32 FMAs, written in full for
-   the attention kernel), scores SAMPLE evenly spaced tokens of the row, sorts them (``tl.sort``) and keeps two
-   order-preserving uint32 keys lo <= hi whose sample ranks bracket rank k*SAMPLE/n by +- NSIG binomial standard
-   deviations.  Rows shorter than 4*SAMPLE, or whose budget covers the row, get the whole key range as bracket.
-   It also zeroes the row's two counters.
-2. ``_bracket_scores_kernel`` (many programs per row, like ``loki_scores``): every tile of tokens is scored
-   against the low-rank slab (the pass that reads d/D of K), sink / local-window positions are forced to +inf,
-   and every key is written to the row's key workspace.
+1. ``scores._rotate_q_kernel`` (one program per (sequence, KV head, 16 output columns)): q' = q @ P[kvh] in fp32
+   FMAs, written in full for the attention kernel.
+2. ``_bracket_scores_kernel`` (grid (rows, tiles + 1)).  Column 0 of the grid, dispatched first, holds one
+   program per score row (``_bracket_row``): it scores SAMPLE evenly spaced tokens of the row, sorts them
+   (``tl.sort``) and keeps two order-preserving uint32 keys lo <= hi whose sample ranks bracket rank k*SAMPLE/n by
+   +- NSIG binomial standard deviations (rows shorter than 4*SAMPLE, or whose budget covers the row, get the whole
+   key range), and zeroes the row's counters.  The other programs (many per row, like ``loki_scores``) score
+   every tile of tokens against the low-rank slab (the pass that reads d/D of K), force sink / local-window
+   positions to +inf and write every key to the row's key workspace.  The brackets' latency (a sort per row)
+   hides under that bandwidth-bound pass instead of preceding it.
 3. ``_bracket_classify_kernel`` (many programs per row): key > hi is selected outright (written to the output
    through a block prefix sum and one relaxed atomic per block), lo <= key <= hi goes to the row's band
    workspace (key and position).
@@ -18,6 +20,10 @@ Four kernels (classify="split", the default; session 4):
    and the k-th key is found bit by bit (``_select_in_registers``), larger ones take an exact MSD radix select
    (``topk._radix_select``).  Otherwise the bracket missed (rare: ~6e-5 per row at NSIG = 4) and the whole row's
    keys are radix-selected.  The result is exact either way; indices beyond a row's budget are -1.
+
+overlap=False (session 4): one kernel (one program per row) rotates q and writes the bracket before the scoring
+kernel.  Budgets: an int, a (B,) tensor, or a float fraction of each sequence computed on the device
+(``_budget_of``: no torch ops per call).
 
 classify="fused" (session 2's variant, three kernels) classifies each key inside the scoring kernel instead of
 writing it (steps 2 and 3 in one pass; the miss path then recomputes the row's keys).  Measured on the H200 the
@@ -67,7 +73,8 @@ def _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_BITS, FORCED, S_MAX, KMAX, KB_MOD
 
 @triton.jit
 def _bracket_row(pid, b, h0, kvh, n, kb, qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr,
-                 ac_ptr, scale, nsig, SINK, LOCAL, WS_ROW, ZERO_AC: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr, D_LR: tl.constexpr,
+                 ac_ptr, scale, nsig, SINK, LOCAL, WS_ROW, ZERO_AC: tl.constexpr, HPR: tl.constexpr,
+                 G_PAD: tl.constexpr, D_LR: tl.constexpr,
                  BLOCK_DL: tl.constexpr, SAMPLE: tl.constexpr, SUB: tl.constexpr, K_FP32: tl.constexpr,
                  REDUCE_MAX: tl.constexpr):
     """Score SAMPLE evenly spaced tokens of row pid against q' (already written), sort them, write the bracket
@@ -102,7 +109,8 @@ def _bracket_row(pid, b, h0, kvh, n, kb, qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b,
 def _bracket_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h,
                     klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, ac_ptr, len_ptr, kb_ptr, K_INT, FRAC_BITS, FORCED,
                     scale, R, G, S_MAX, KMAX, nsig, SINK, LOCAL, WS_ROW,
-                    ZERO_AC: tl.constexpr, ROTATE: tl.constexpr, KB_MODE: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr,
+                    ZERO_AC: tl.constexpr, ROTATE: tl.constexpr, KB_MODE: tl.constexpr, HPR: tl.constexpr,
+                    G_PAD: tl.constexpr,
                     G_ROT: tl.constexpr, D: tl.constexpr, D_LR: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_DL: tl.constexpr, SAMPLE: tl.constexpr, SUB: tl.constexpr, K_FP32: tl.constexpr,
                     REDUCE_MAX: tl.constexpr, ROT_C: tl.constexpr, ROT_I: tl.constexpr):
@@ -115,13 +123,15 @@ def _bracket_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h
                       HPR, G_ROT, D, BLOCK_D, ROT_C, ROT_I)
         tl.debug_barrier()  # q' written by all threads of the program is read back below
     _bracket_row(pid, b, h0, kvh, n, kb, qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr,
-                 ac_ptr, scale, nsig, SINK, LOCAL, WS_ROW, ZERO_AC, HPR, G_PAD, D_LR, BLOCK_DL, SAMPLE, SUB, K_FP32, REDUCE_MAX)
+                 ac_ptr, scale, nsig, SINK, LOCAL, WS_ROW, ZERO_AC, HPR, G_PAD, D_LR, BLOCK_DL, SAMPLE, SUB, K_FP32,
+                 REDUCE_MAX)
 
 
 @triton.jit
 def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, ac_ptr, out_ptr,
                            so_b, so_r, len_ptr, kb_ptr, K_INT, FRAC_BITS, FORCED, scale, R, G, S_MAX, KMAX, nsig, SINK,
-                           LOCAL, WS_ROW, ZERO_AC: tl.constexpr, KB_MODE: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr, D_LR: tl.constexpr,
+                           LOCAL, WS_ROW, ZERO_AC: tl.constexpr, KB_MODE: tl.constexpr, HPR: tl.constexpr,
+                           G_PAD: tl.constexpr, D_LR: tl.constexpr,
                            BLOCK_DL: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, K_FP32: tl.constexpr,
                            REDUCE_MAX: tl.constexpr, CLASSIFY: tl.constexpr, OVERLAP: tl.constexpr,
                            SAMPLE: tl.constexpr, SUB: tl.constexpr):
@@ -133,7 +143,8 @@ def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
     if tb < 0:
         n, kb = _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_BITS, FORCED, S_MAX, KMAX, KB_MODE)
         _bracket_row(pid, b, h0, kvh, n, kb, qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr,
-                     br_ptr, ac_ptr, scale, nsig, SINK, LOCAL, WS_ROW, ZERO_AC, HPR, G_PAD, D_LR, BLOCK_DL, SAMPLE, SUB, K_FP32, REDUCE_MAX)
+                     br_ptr, ac_ptr, scale, nsig, SINK, LOCAL, WS_ROW, ZERO_AC, HPR, G_PAD, D_LR, BLOCK_DL, SAMPLE,
+                     SUB, K_FP32, REDUCE_MAX)
     else:
         n = tl.maximum(tl.minimum(tl.load(len_ptr + b).to(tl.int32), S_MAX), 0)
         start0 = tb * (TILES * BLOCK_N)
@@ -233,7 +244,8 @@ def _select_in_registers(bkey_ptr, bidx_ptr, m, r, out_ptr, hb, prefix, BAND: tl
 
 @triton.jit
 def _bracket_finish_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, out_ptr, so_b,
-                           so_r, len_ptr, kb_ptr, K_INT, FRAC_BITS, FORCED, scale, R, G, S_MAX, KMAX, SINK, LOCAL, WS_ROW,
+                           so_r, len_ptr, kb_ptr, K_INT, FRAC_BITS, FORCED, scale, R, G, S_MAX, KMAX, SINK, LOCAL,
+                           WS_ROW,
                            KB_MODE: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr, D_LR: tl.constexpr,
                            BLOCK_DL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
                            K_FP32: tl.constexpr, REDUCE_MAX: tl.constexpr, KEYS_WRITTEN: tl.constexpr,
@@ -283,7 +295,9 @@ def _bracket_finish_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
 
 
 # GPU defaults (measured on the H200, kernels/NOTES.md); the scoring kernel takes its tiles from SCORES_CONFIG
-BRACKET_SAMPLE = 512  # sample size (power of 2); rows shorter than 4x this take the whole key range as bracket
+BRACKET_SAMPLE = 512  # largest sample (power of 2); rows shorter than 4x the sample take the whole key range
+BRACKET_SAMPLE_DIV = 16  # session 5: sample = min(BRACKET_SAMPLE, max(512, next_pow2(S_max) / DIV)) (0: always
+#                          BRACKET_SAMPLE); with the brackets overlapped, a larger sample narrows the band for free
 BRACKET_SUB = 256  # sampled tokens scored per sub-tile of the bracket kernel
 BRACKET_NSIG = 4.0
 BRACKET_BLOCK_S = 2048  # tile of the band radix select
@@ -294,6 +308,19 @@ BRACKET_CLASSIFY_WARPS = 4
 BRACKET_OVERLAP = True  # session 5: brackets written by extra programs of the scoring kernel (split only)
 BRACKET_BAND_REG = 8192  # largest band selected in registers (bit-by-bit counting); larger: radix select
 BRACKET_SCORE_CONFIG = {0: dict(block_n=256, tiles=2, num_warps=4), 32: dict(block_n=128, tiles=4, num_warps=4)}
+
+
+def default_sample(S: int) -> int:
+    """Bracket sample for rows of up to S tokens (see BRACKET_SAMPLE_DIV)."""
+    if not BRACKET_SAMPLE_DIV:
+        return BRACKET_SAMPLE
+    return min(BRACKET_SAMPLE, max(512, next_pow2(S) // BRACKET_SAMPLE_DIV))
+
+
+def band_fraction(sample: int, nsig: float) -> float:
+    """Widest expected band, as a fraction of the row: the bracket spans +- (nsig * sqrt(f (1 - f) s) + 4) sample
+    ranks, widest at f = 1/2 (s = 512: 19%, 2048: 9.2%, 4096: 6.4%)."""
+    return 2 * (nsig * 0.5 * math.sqrt(sample) + 4) / sample
 
 
 def _score_config(d: int, config: dict | None) -> dict:
@@ -315,8 +342,9 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     computed and returned), else already rotated; k_lr (B, KVH, S_max, d); k an int or (B,) int budget (clipped
     to 1..lengths[b]; strict=True raises instead, with one host sync), or a float in (0, 1]: the fraction
     ceil(k * lengths[b]) of each sequence, at least the forced count min(lengths[b], sink_tokens + local_window),
-    computed on the device in float64 (`fraction_budget` is the torch equivalent; no host sync).  sink_tokens / local_window: the first /
-    last positions of each sequence are always selected (they count towards the budget).  Returns
+    computed on the device in float64 (`fraction_budget` is the torch equivalent; no host sync).
+    sink_tokens / local_window: the first / last positions of each sequence are always selected (they count
+    towards the budget).  Returns
     (idx (B, R, k_max) int32 padded with -1, q_rot (B, H, D) fp32 or None).  ``workspace``: optional int32
     buffer of >= B*R*(W*S_max + 4) elements (band keys and positions, [row keys,] bracket and counters), W = 3
     with classify="split", 2 with "fused".
@@ -345,13 +373,16 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     frac_bits = struct.unpack("<q", struct.pack("<d", frac))[0] if frac is not None else 0
     forced = sink_tokens + local_window if frac is not None else 0
     interp = is_interpreter()
-    sample = int(sample) if sample is not None else (64 if interp else BRACKET_SAMPLE)
+    if sample is None:
+        sample = 64 if interp else default_sample(S)
+    sample = int(sample)
     check(sample >= 16 and sample & (sample - 1) == 0, f"sample must be a power of 2 >= 16, got {sample}")
     nsig = float(BRACKET_NSIG if nsig is None else nsig)
     classify = BRACKET_CLASSIFY if classify is None else classify
     check(classify in ("split", "fused"), f"classify must be 'split' or 'fused', got {classify!r}")
-    if band_reg is None:  # the band is ~13-19% of a row at SAMPLE 512, NSIG 4: registers sized for 20% of S_max
-        band_reg = 128 if interp else min(BRACKET_BAND_REG, max(1024, next_pow2(-(-S // 5))))
+    if band_reg is None:  # registers sized for the widest band the bracket should leave (`band_fraction`)
+        band_reg = 128 if interp else min(BRACKET_BAND_REG, max(1024, next_pow2(math.ceil(S * band_fraction(sample,
+                                                                                                          nsig)))))
     band_reg = int(band_reg)
     check(band_reg >= 16 and band_reg & (band_reg - 1) == 0 and band_reg < 65536,
           f"band_reg must be a power of 2 in [16, 32768], got {band_reg}")
@@ -403,7 +434,8 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     _bracket_scores_kernel[(B * R, triton.cdiv(S, BLOCK_N * TILES) + int(overlap))](
         qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br, ac,
         idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, scale, R, G, S, KMAX, nsig,
-        sink_tokens, local_window, W * S, ZERO_AC=zero_ac, KB_MODE=kb_mode, BLOCK_N=BLOCK_N, TILES=TILES, **common, CLASSIFY=not split,
+        sink_tokens, local_window, W * S, ZERO_AC=zero_ac, KB_MODE=kb_mode, BLOCK_N=BLOCK_N, TILES=TILES, **common,
+        CLASSIFY=not split,
         OVERLAP=int(overlap), SAMPLE=sample, SUB=sub if interp else cfg.get("bracket_sub", sub), num_warps=nw)
     if stages < 3:
         return idx, (q_rot_out if rotate else None)
@@ -416,7 +448,8 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         return idx, (q_rot_out if rotate else None)
     _bracket_finish_kernel[(B * R,)](
         qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br,
-        idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, scale, R, G, S, KMAX, sink_tokens, local_window,
+        idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, scale, R, G, S, KMAX, sink_tokens,
+        local_window,
         W * S, KB_MODE=kb_mode, BLOCK_N=32 if interp else 256, BLOCK_S=64 if interp else BRACKET_BLOCK_S,
         **common, KEYS_WRITTEN=split, BAND_REG=band_reg,
         num_warps=4 if interp else cfg.get("finish_warps", BRACKET_WARPS))
