@@ -31,7 +31,7 @@ def _flash_decode_kernel(q_ptr, sq_b, sq_h,
                          o_ptr, so_b, so_h, mp_ptr, lp_ptr, op_ptr, cnt_ptr,
                          qk_scale, R, G, N_ITEMS, TPS, H, NSPLIT,
                          DENSE: tl.constexpr, SPLIT: tl.constexpr, FOLD: tl.constexpr, NS_PAD: tl.constexpr,
-                         HPR: tl.constexpr, G_PAD: tl.constexpr,
+                         FOLD_VEC: tl.constexpr, HPR_P2: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr,
                          D: tl.constexpr, D_LR: tl.constexpr, BLOCK_DL: tl.constexpr, BLOCK_DR: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K_FP32: tl.constexpr,
                          HAS_REST: tl.constexpr):
@@ -120,9 +120,13 @@ def _flash_decode_kernel(q_ptr, sq_b, sq_h,
             tl.debug_barrier()  # every thread's partials are stored before the release below
             done = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
             if done == NSPLIT - 1:
-                for i in range(HPR):
-                    _combine_head(mp_ptr, lp_ptr, op_ptr, o_ptr + b * so_b + (h0 + i) * so_h, b * H + h0 + i, NSPLIT,
-                                  NS_PAD, D, BLOCK_D, True)
+                if FOLD_VEC:  # all heads of the row at once: one round trip
+                    _combine_heads(mp_ptr, lp_ptr, op_ptr, o_ptr + b * so_b + h0 * so_h, so_h, b * H + h0, HPR,
+                                   NSPLIT, HPR_P2, NS_PAD, D, BLOCK_D)
+                else:
+                    for i in range(HPR):
+                        _combine_head(mp_ptr, lp_ptr, op_ptr, o_ptr + b * so_b + (h0 + i) * so_h, b * H + h0 + i,
+                                      NSPLIT, NS_PAD, D, BLOCK_D, True)
     else:
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(o_ptr + b * so_b + (h0 + hh)[:, None] * so_h + dd[None, :], o.to(o_ptr.dtype.element_ty),
@@ -154,6 +158,27 @@ def _combine_head(mp_ptr, lp_ptr, op_ptr, o_head, hd, NSPLIT, NS_PAD: tl.constex
 
 
 @triton.jit
+def _combine_heads(mp_ptr, lp_ptr, op_ptr, o_row, so_h, hd0, HPR, NSPLIT, HPR_P2: tl.constexpr, NS_PAD: tl.constexpr,
+                   D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """`_combine_head` for heads hd0 .. hd0 + HPR - 1 at once (outputs at o_row + i * so_h), read through L2."""
+    hr = tl.arange(0, HPR_P2)
+    s = tl.arange(0, NS_PAD)
+    dd = tl.arange(0, BLOCK_D)
+    hs = (hd0 + hr)[:, None] * NSPLIT + s[None, :]
+    msk = (hr < HPR)[:, None] & (s < NSPLIT)[None, :]
+    m = tl.load(mp_ptr + hs, mask=msk, other=-1.0e30, cache_modifier=".cg")
+    l = tl.load(lp_ptr + hs, mask=msk, other=0.0, cache_modifier=".cg")
+    acc = tl.load(op_ptr + hs[:, :, None] * D + dd[None, None, :], mask=msk[:, :, None] & (dd < D)[None, None, :],
+                  other=0.0, cache_modifier=".cg")
+    mx = tl.max(m, axis=1)
+    w = tl.where(msk, tl.exp2(m - mx[:, None]), 0.0)
+    L = tl.sum(w * l, axis=1)
+    o = tl.sum(w[:, :, None] * acc, axis=1) / tl.where(L > 0, L, 1.0)[:, None]
+    tl.store(o_row + hr[:, None] * so_h + dd[None, :], o.to(o_row.dtype.element_ty),
+             mask=(hr < HPR)[:, None] & (dd < D)[None, :])
+
+
+@triton.jit
 def _combine_kernel(mp_ptr, lp_ptr, op_ptr, o_ptr, so_b, so_h, H, NSPLIT,
                     NS_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
@@ -166,6 +191,7 @@ def _combine_kernel(mp_ptr, lp_ptr, op_ptr, o_ptr, so_b, so_h, H, NSPLIT,
 # ----------------------------------------------------------------------------------------------------------
 # GPU defaults (H200-tuned in kernels/NOTES.md); (BLOCK_N, num_warps, num_stages, waves)
 SPARSE_CONFIG = dict(block_n=64, num_warps=4, num_stages=3, waves=2)
+FOLD_VECTOR_MAX = 8192  # folded combine: all of a row's heads in one tile when HPR x splits x D fits, else a loop
 DENSE_CONFIG = dict(block_n=128, num_warps=4, num_stages=3, waves=1)
 
 
@@ -224,6 +250,7 @@ def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_spli
     else:
         mp = lp = op = out
     idx_t = idx if not dense else lengths
+    ns_pad, hpr_p2 = max(2, next_pow2(num_splits)), max(2, next_pow2(HPR))
     has_rest = D > d
     _flash_decode_kernel[(B * R, num_splits)](
         q_rot, q_rot.stride(0), q_rot.stride(1),
@@ -235,7 +262,8 @@ def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_spli
         lengths if lengths is not None else idx_t,
         out, out.stride(0), out.stride(1), mp, lp, op, counters if fold else mp,
         scale, R, g, n_items, tps, H, num_splits,
-        DENSE=dense, SPLIT=split, FOLD=fold, NS_PAD=max(2, next_pow2(num_splits)), HPR=HPR, G_PAD=max(16,
+        DENSE=dense, SPLIT=split, FOLD=fold, NS_PAD=ns_pad, HPR_P2=hpr_p2,
+        FOLD_VEC=hpr_p2 * ns_pad * max(16, next_pow2(D)) <= FOLD_VECTOR_MAX, HPR=HPR, G_PAD=max(16,
         next_pow2(HPR)), D=D, D_LR=d,
         BLOCK_DL=max(16, next_pow2(d)), BLOCK_DR=max(16, next_pow2(max(D - d, 1))), BLOCK_D=max(16, next_pow2(D)),
         BLOCK_N=BLOCK_N, K_FP32=v.dtype == torch.float32, HAS_REST=has_rest,

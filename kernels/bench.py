@@ -248,10 +248,21 @@ def tune(rep, log, light=False, context=16384):
             bracket_mod.BRACKET_CLASSIFY_BLOCK = best["classify_block"]
             bracket_mod.BRACKET_CLASSIFY_WARPS = best["classify_warps"]
             bracket_mod.BRACKET_WARPS = best["finish_warps"]
-        sweep_per_d("bracket_scores", [dict(block_n=bn, tiles=t, num_warps=nw, bracket_sub=sub)
-                                       for bn, nw in ((64, 4), (128, 4), (256, 4), (256, 8)) for t in (1, 2, 4, 8)
-                                       for sub in (128, 256)],
+        sweep_per_d("bracket_scores", [dict(block_n=bn, tiles=t, num_warps=nw)
+                                       for bn, nw in ((64, 4), (128, 4), (256, 4), (256, 8)) for t in (1, 2, 4, 8)],
                     bsel, bracket_mod.BRACKET_SCORE_CONFIG)
+        del cases
+        return out
+    def attn(c, cs):
+        cc = cs["case"]
+        k_lr, k_rest, v = cc.copies[0]
+        return lambda: sparse_decode_attention(cc.q_rot, k_lr, k_rest, v, cs["idx"], config=c)
+    if light == "attention":  # the sparse attention kernel only
+        best = sweep("sparse_attention", [dict(block_n=bn, num_warps=4, num_stages=ns, waves=wv)
+                                          for bn in (32, 64, 128) for ns in (2, 3, 4) for wv in (1, 2, 3)],
+                     attn, cases)
+        if best:
+            attn_mod.SPARSE_CONFIG.update(best)
         del cases
         return out
     if light:  # only the selection's sample size (incl. "direct": no bracket, full-row radix select)
@@ -268,10 +279,6 @@ def tune(rep, log, light=False, context=16384):
         del cases
         return out
 
-    def attn(c, cs):
-        cc = cs["case"]
-        k_lr, k_rest, v = cc.copies[0]
-        return lambda: sparse_decode_attention(cc.q_rot, k_lr, k_rest, v, cs["idx"], config=c)
     best = sweep("sparse_attention", [dict(block_n=bn, num_warps=4, num_stages=ns, waves=wv)
                                       for bn in (32, 64) for ns in (3, 4) for wv in (0, 2, 4)], attn, cases)
     if best:
@@ -378,6 +385,7 @@ VARIANTS = {
     "v6": dict(BRACKET_OVERLAP=False, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
     "overlap": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
     "overlap+fold": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=True, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
+    "fold": dict(BRACKET_OVERLAP=False, FOLD_COMBINE=True, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
     "s1024": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=True, BRACKET_SAMPLE=1024, BRACKET_SAMPLE_DIV=0),
     "s2048": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=True, BRACKET_SAMPLE=2048, BRACKET_SAMPLE_DIV=0),
     "s4096": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=True, BRACKET_SAMPLE=4096, BRACKET_SAMPLE_DIV=0),
@@ -421,6 +429,7 @@ def main(argv=None):
     ap.add_argument("--tune", action="store_true", help="sweep kernel configs first and use the best")
     ap.add_argument("--tune-select", action="store_true", help="only pick the selection's sample size first")
     ap.add_argument("--tune-bracket", action="store_true", help="only tune the bracket path first (sample, tiles)")
+    ap.add_argument("--tune-attention", action="store_true", help="only tune the sparse attention kernel first")
     ap.add_argument("--tune-context", type=int, default=16384, help="context of the tuning sweeps (batch 16)")
     ap.add_argument("--json", default=None, help="write all results to this JSON file")
     ap.add_argument("--wandb", action="store_true", help="log to Weights & Biases when installed")
@@ -466,8 +475,12 @@ def main(argv=None):
         return result
     if args.tune:
         tuning = tune(args.rep, log, context=args.tune_context)
-    elif args.tune_bracket:
-        tuning = tune(args.rep, log, light="bracket", context=args.tune_context)
+    elif args.tune_bracket or args.tune_attention:
+        tuning = {}
+        if args.tune_bracket:
+            tuning.update(tune(args.rep, log, light="bracket", context=args.tune_context))
+        if args.tune_attention:
+            tuning.update(tune(args.rep, log, light="attention", context=args.tune_context))
     else:
         tuning = tune(args.rep, log, light=True) if args.tune_select else None
     cfgs = dict(sparse=dict(attn_mod.SPARSE_CONFIG), dense=dict(attn_mod.DENSE_CONFIG),

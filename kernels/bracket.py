@@ -436,7 +436,8 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, scale, R, G, S, KMAX, nsig,
         sink_tokens, local_window, W * S, ZERO_AC=zero_ac, KB_MODE=kb_mode, BLOCK_N=BLOCK_N, TILES=TILES, **common,
         CLASSIFY=not split,
-        OVERLAP=int(overlap), SAMPLE=sample, SUB=sub if interp else cfg.get("bracket_sub", sub), num_warps=nw)
+        OVERLAP=int(overlap), SAMPLE=sample, SUB=sub if interp else min(sample, cfg.get("bracket_sub", BLOCK_N)),
+        num_warps=nw)
     if stages < 3:
         return idx, (q_rot_out if rotate else None)
     if split:

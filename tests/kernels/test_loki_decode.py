@@ -58,8 +58,9 @@ def test_loki_decode(dtype, D, d, g, mode, reduce, path, k):
         assert rel_err(out, ref_out) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("mode,g,num_splits", [("group", 4, 3), ("head", 2, 2), ("group", 3, 1), ("group", 1, 5)])
-def test_loki_decode_fold_combine(mode, g, num_splits, monkeypatch):
+@pytest.mark.parametrize("mode,g,num_splits,vec", [("group", 4, 3, True), ("group", 4, 3, False), ("head", 2, 2, True),
+                                                   ("group", 3, 1, True), ("group", 1, 5, True), ("group", 3, 4, False)])
+def test_loki_decode_fold_combine(mode, g, num_splits, vec, monkeypatch):
     """The bracket path's split-K partials combined inside the attention kernel (the last program of each row, on
     counters the bracket programs zero) give what the separate combine kernel gives, call after call, and match
     the float64 attention over the same selection."""
@@ -73,6 +74,8 @@ def test_loki_decode_fold_combine(mode, g, num_splits, monkeypatch):
             launches.append(grid)
             return real[grid]
     monkeypatch.setattr(A, "_combine_kernel", Spy())
+    if not vec:  # the per-head loop the fold takes when a row's partials do not fit one tile
+        monkeypatch.setattr(A, "FOLD_VECTOR_MAX", 0)
     torch.manual_seed(num_splits + g)
     B, KVH, S, D, d = 3, 2, 200, 64, 16
     k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.float32, DEV, lengths=[200, 131, 7])
