@@ -295,15 +295,16 @@ def _bracket_finish_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
 
 
 # GPU defaults (measured on the H200, kernels/NOTES.md); the scoring kernel takes its tiles from SCORES_CONFIG
-BRACKET_SAMPLE = 512  # largest sample (power of 2); rows shorter than 4x the sample take the whole key range
-BRACKET_SAMPLE_DIV = 16  # session 5: sample = min(BRACKET_SAMPLE, max(512, next_pow2(S_max) / DIV)) (0: always
-#                          BRACKET_SAMPLE); with the brackets overlapped, a larger sample narrows the band for free
+BRACKET_SAMPLE = 1024  # largest sample (power of 2); rows shorter than 4x the sample take the whole key range
+BRACKET_SAMPLE_DIV = 64  # session 5: sample = min(BRACKET_SAMPLE, max(512, pow2 <= S_max / DIV)) (0: always
+#                          BRACKET_SAMPLE): 512 up to 32K, 1024 from 64K, where the narrower band fits the registers
+#                          (measured: 1024 is 4-9 us faster at 64K, 2-4 us slower at 4K-32K; 2048+ slower everywhere)
 BRACKET_SUB = 256  # sampled tokens scored per sub-tile of the bracket kernel
 BRACKET_NSIG = 4.0
 BRACKET_BLOCK_S = 2048  # tile of the band radix select
 BRACKET_WARPS = 8
 BRACKET_CLASSIFY = "split"  # session 4: "split" (scores + a separate classify kernel) or "fused" (v4)
-BRACKET_CLASSIFY_BLOCK = 2048  # keys per program of the classify kernel
+BRACKET_CLASSIFY_BLOCK = 1024  # keys per program of the classify kernel (1024-2048 within 1%, 32K tune, session 5)
 BRACKET_CLASSIFY_WARPS = 4
 BRACKET_OVERLAP = True  # session 5: brackets written by extra programs of the scoring kernel (split only)
 BRACKET_BAND_REG = 8192  # largest band selected in registers (bit-by-bit counting); larger: radix select
@@ -314,7 +315,8 @@ def default_sample(S: int) -> int:
     """Bracket sample for rows of up to S tokens (see BRACKET_SAMPLE_DIV)."""
     if not BRACKET_SAMPLE_DIV:
         return BRACKET_SAMPLE
-    return min(BRACKET_SAMPLE, max(512, next_pow2(S) // BRACKET_SAMPLE_DIV))
+    q = max(1, S // BRACKET_SAMPLE_DIV)
+    return min(BRACKET_SAMPLE, max(512, 1 << (q.bit_length() - 1)))  # the largest power of 2 <= S / DIV
 
 
 def band_fraction(sample: int, nsig: float) -> float:
