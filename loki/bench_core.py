@@ -70,6 +70,49 @@ def compile_glue(model) -> None:
     model.model.norm.compile(dynamic=False)
 
 
+class _FusedLinear(torch.nn.Module):
+    """One GEMM for several bias-free projections of the same input (see ``fuse_qkv``)."""
+
+    def __init__(self, linears):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.cat([m.weight.detach() for m in linears]), requires_grad=False)
+        self.splits = [m.weight.shape[0] for m in linears]
+        self._x, self._out = None, None
+
+    def outputs(self, x):
+        if self._x is not x:  # the first projection of this input runs the GEMM, the others take their slice
+            self._x, self._out = x, torch.nn.functional.linear(x, self.weight).split(self.splits, dim=-1)
+        return self._out
+
+
+class _Slice(torch.nn.Module):
+    def __init__(self, fused: _FusedLinear, i: int):
+        super().__init__()
+        self.fused, self.i = [fused], i  # a list: not a submodule, so the fused weight is registered once
+
+    def forward(self, x):
+        return self.fused[0].outputs(x)[self.i]
+
+
+def fuse_qkv(model) -> int:
+    """Replace each attention's q/k/v projections by one GEMM over their concatenated weights (as serving engines
+    do), for every method alike: the modules stay where transformers calls them (q_proj, k_proj, v_proj, in
+    that order, on the same input), the first call runs the GEMM and each returns its slice.  Returns the
+    number of attention modules changed (those without biases)."""
+    from loki.modeling import attention_modules
+
+    n = 0
+    for attn in attention_modules(model):
+        lins = [attn.q_proj, attn.k_proj, attn.v_proj]
+        if any(getattr(m, "bias", None) is not None or not isinstance(m, torch.nn.Linear) for m in lins):
+            continue
+        fused = _FusedLinear(lins)
+        attn.qkv_fused = fused
+        attn.q_proj, attn.k_proj, attn.v_proj = (_Slice(fused, i) for i in range(3))
+        n += 1
+    return n
+
+
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -302,6 +345,9 @@ def run_bench(model, cfg: dict, loki_opts: dict, device, pca_path: str | None = 
     glue = bool(cfg.get("compile_glue")) and torch.device(device).type == "cuda"
     if glue:
         compile_glue(model)
+    fused = bool(cfg.get("fuse_qkv")) and torch.device(device).type == "cuda"
+    if fused:
+        log(f"[bench] fuse_qkv: {fuse_qkv(model)} attention modules use one q/k/v GEMM")
     rows = []
     for B in cfg["batch"]:
         for ctx in cfg["context"]:
@@ -319,6 +365,7 @@ def run_bench(model, cfg: dict, loki_opts: dict, device, pca_path: str | None = 
                     continue
                 r["basis"] = basis_src
                 r["compile_glue"] = glue
+                r["fuse_qkv"] = fused
                 rows.append(r)
                 if on_row is not None:
                     on_row(r)
@@ -488,6 +535,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=None, help="comma list overriding the config")
     ap.add_argument("--compile-glue", action="store_true",
                     help="torch.compile norms, MLPs and RoPE for every method (CUDA; the config's compile_glue)")
+    ap.add_argument("--fuse-qkv", action="store_true",
+                    help="one GEMM for each attention's q/k/v projections, every method alike (CUDA; fuse_qkv)")
     args = ap.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     log = lambda s: print(s, flush=True)  # noqa: E731
@@ -503,6 +552,8 @@ def main(argv=None) -> int:
                 cfg[key] = [int(x) if x.isdigit() else x for x in v.split(",")]
         if args.compile_glue:
             cfg["compile_glue"] = True
+        if args.fuse_qkv:
+            cfg["fuse_qkv"] = True
         dtype = getattr(torch, cfg.get("dtype", "bfloat16"))
         if args.model_path:
             from transformers import AutoModelForCausalLM

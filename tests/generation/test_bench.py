@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loki.bench_core import _add_speedups, load_bench_config, loki_options, run_bench, table
+from loki.bench_core import _add_speedups, fuse_qkv, load_bench_config, loki_options, run_bench, table
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -16,14 +16,14 @@ REPO = Path(__file__).resolve().parents[2]
 def test_run_bench_rows(tiny):
     cfg = {"batch": [2], "context": [24], "methods": ["dense", "dense_flash", "loki"], "new_tokens": 2,
            "warmup": 1, "graphs": False, "fill": "prefill", "prefill_max_tokens": 4096, "calib_tokens": 32,
-           "compile_glue": True}  # CUDA only: ignored on the CPU, and the rows say so
+           "compile_glue": True, "fuse_qkv": True}  # CUDA only: ignored on the CPU, and the rows say so
     rows = run_bench(tiny, cfg, {"d": 4, "k": 0.25, "selection": "group"}, "cpu", log=lambda s: None)
     assert [r["method"] for r in rows] == ["dense", "dense_flash", "loki"]
     for r in rows:
         assert r["batch"] == 2 and r["context"] == 24 and r["prefill_s"] > 0 and r["ms_per_token"] > 0
         assert r["tokens_per_s"] == pytest.approx(2e3 / r["ms_per_token"], rel=1e-3)
         assert 0 < r["attention_share"] <= 1 and r["attention_ms"] > 0
-        assert r["compile_glue"] is False
+        assert r["compile_glue"] is False and r["fuse_qkv"] is False
     dense, flash, lk = rows
     assert dense["speedup"] == 1.0 and lk["speedup"] == pytest.approx(lk["tokens_per_s"] / dense["tokens_per_s"],
                                                                       rel=1e-2)
@@ -56,6 +56,29 @@ def test_bench_configs(name):
             (32, 4096, 32, 8, 128, 14336)
         assert cfg["batch"] == [1, 16] and cfg["context"] == [4096, 16384, 32768] and cfg["dtype"] == "bfloat16"
     assert cfg["compile_glue"] is False  # opt-in (--compile-glue / bench.compile_glue=true)
+    assert cfg["fuse_qkv"] is False  # opt-in (--fuse-qkv / bench.fuse_qkv=true)
+
+
+def test_fuse_qkv_same_logits():
+    """One q/k/v GEMM per attention gives the model's logits (fp32: up to summation order), and the projections
+    really are the fused module's slices (one GEMM per layer and input)."""
+    import torch
+    from gen_helpers import tiny_llama
+
+    model, plain = tiny_llama(seed=3), tiny_llama(seed=3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        n = fuse_qkv(model)
+        assert n == model.config.num_hidden_layers
+        calls = []
+        for layer in model.model.layers:
+            orig = layer.self_attn.qkv_fused.outputs
+            layer.self_attn.qkv_fused.outputs = (lambda f: (lambda x: (calls.append(x), f(x))[1]))(orig)
+        out = model(ids).logits
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    assert len(calls) == 3 * n  # three projections per layer, each served by the fused module
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain.parameters())
 
 
 def test_stage_writes_json(tmp_path, embedded_model_dir):
