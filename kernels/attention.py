@@ -4,7 +4,8 @@ One kernel serves both.  A program owns one (sequence, score row) pair and a con
 (split-K, "flash-decoding"); it loads the g query heads that share the row's selection (padded to 16 rows for
 tensor-core dots), gathers BLOCK_N selected K rows (k_lr | k_rest) and V rows once for all of them, and keeps
 an fp32 online softmax.  With more than one split, partial (max, sum, acc) go to an fp32 workspace and a
-combine kernel reduces them.  q . k is computed as q'[:d] . k_lr + q'[d:] . k_rest (q' = q @ P, exact).
+combine kernel reduces them, or, given zeroed per-row counters (``counters=``, the bracket path), the last program
+of each row to finish does (one launch fewer).  q . k is computed as q'[:d] . k_lr + q'[d:] . k_rest (q' = q @ P, exact).
 
 16-bit caches: q' and the probabilities are split into two 16-bit halves (x = hi + lo), so both dots keep
 ~fp32 accuracy on tensor cores; fp32 caches use IEEE fp32 dots.
@@ -250,7 +251,8 @@ def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_spli
     else:
         mp = lp = op = out
     idx_t = idx if not dense else lengths
-    ns_pad, hpr_p2 = max(2, next_pow2(num_splits)), max(2, next_pow2(HPR))
+    # the folded combine's tile sizes (fixed when not folding, so they add no compiled variants)
+    ns_pad, hpr_p2 = (max(2, next_pow2(num_splits)), max(2, next_pow2(HPR))) if fold else (2, 2)
     has_rest = D > d
     _flash_decode_kernel[(B * R, num_splits)](
         q_rot, q_rot.stride(0), q_rot.stride(1),
@@ -263,8 +265,8 @@ def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_spli
         out, out.stride(0), out.stride(1), mp, lp, op, counters if fold else mp,
         scale, R, g, n_items, tps, H, num_splits,
         DENSE=dense, SPLIT=split, FOLD=fold, NS_PAD=ns_pad, HPR_P2=hpr_p2,
-        FOLD_VEC=hpr_p2 * ns_pad * max(16, next_pow2(D)) <= FOLD_VECTOR_MAX, HPR=HPR, G_PAD=max(16,
-        next_pow2(HPR)), D=D, D_LR=d,
+        FOLD_VEC=fold and hpr_p2 * ns_pad * max(16, next_pow2(D)) <= FOLD_VECTOR_MAX, HPR=HPR,
+        G_PAD=max(16, next_pow2(HPR)), D=D, D_LR=d,
         BLOCK_DL=max(16, next_pow2(d)), BLOCK_DR=max(16, next_pow2(max(D - d, 1))), BLOCK_D=max(16, next_pow2(D)),
         BLOCK_N=BLOCK_N, K_FP32=v.dtype == torch.float32, HAS_REST=has_rest,
         num_warps=4 if interp else cfg["num_warps"], num_stages=1 if interp else cfg["num_stages"])

@@ -74,9 +74,8 @@ def _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_BITS, FORCED, S_MAX, KMAX, KB_MOD
 @triton.jit
 def _bracket_row(pid, b, h0, kvh, n, kb, qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr,
                  ac_ptr, scale, nsig, SINK, LOCAL, WS_ROW, ZERO_AC: tl.constexpr, HPR: tl.constexpr,
-                 G_PAD: tl.constexpr, D_LR: tl.constexpr,
-                 BLOCK_DL: tl.constexpr, SAMPLE: tl.constexpr, SUB: tl.constexpr, K_FP32: tl.constexpr,
-                 REDUCE_MAX: tl.constexpr):
+                 G_PAD: tl.constexpr, D_LR: tl.constexpr, BLOCK_DL: tl.constexpr, SAMPLE: tl.constexpr,
+                 SUB: tl.constexpr, K_FP32: tl.constexpr, REDUCE_MAX: tl.constexpr):
     """Score SAMPLE evenly spaced tokens of row pid against q' (already written), sort them, write the bracket
     (lo, hi) and zero the row's two counters (and, ZERO_AC, the attention kernel's split counter ac_ptr[pid])."""
     lo_key = tl.zeros([], dtype=tl.uint32)
@@ -110,8 +109,7 @@ def _bracket_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h
                     klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, ac_ptr, len_ptr, kb_ptr, K_INT, FRAC_BITS, FORCED,
                     scale, R, G, S_MAX, KMAX, nsig, SINK, LOCAL, WS_ROW,
                     ZERO_AC: tl.constexpr, ROTATE: tl.constexpr, KB_MODE: tl.constexpr, HPR: tl.constexpr,
-                    G_PAD: tl.constexpr,
-                    G_ROT: tl.constexpr, D: tl.constexpr, D_LR: tl.constexpr, BLOCK_D: tl.constexpr,
+                    G_PAD: tl.constexpr, G_ROT: tl.constexpr, D: tl.constexpr, D_LR: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_DL: tl.constexpr, SAMPLE: tl.constexpr, SUB: tl.constexpr, K_FP32: tl.constexpr,
                     REDUCE_MAX: tl.constexpr, ROT_C: tl.constexpr, ROT_I: tl.constexpr):
     """overlap=False: rotate q (one program per row) and write the row's bracket, before the scoring kernel."""
