@@ -366,7 +366,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         check(0.0 < k <= 1.0, f"k as a float is a fraction of each sequence and must be in (0, 1], got {k}")
         frac, k = k, 1
         if k_max is None:
-            k_max = min(k_lr.shape[2], max(math.ceil(frac * k_lr.shape[2]), sink_tokens + local_window))
+            k_max = fraction_k_max(frac, k_lr.shape[2], sink_tokens, local_window)
     B, KVH, S, d, D, H, R, HPR, K_INT, kb, KMAX, rotate, q_rot_out = check_select_inputs(
         q, k_lr, lengths, k, P, mode, reduce, strict and frac is None, k_max, q_rot_out)
     kb_mode = 2 if frac is not None else int(kb is not None)
@@ -455,6 +455,11 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         **common, KEYS_WRITTEN=split, BAND_REG=band_reg,
         num_warps=4 if interp else cfg.get("finish_warps", BRACKET_WARPS))
     return idx, (q_rot_out if rotate else None)
+
+
+def fraction_k_max(frac: float, S_max: int, sink_tokens: int = 0, local_window: int = 0) -> int:
+    """The largest budget a float k can mean on a cache of S_max positions (the default index width)."""
+    return min(S_max, max(math.ceil(frac * S_max), sink_tokens + local_window))
 
 
 def fraction_budget(frac: float, lengths: torch.Tensor, sink_tokens: int = 0, local_window: int = 0) -> torch.Tensor:

@@ -12,13 +12,11 @@ sink_tokens / local_window (always-selected positions) are supported on the brac
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ._utils import LokiInputError, check, check_cache, check_float, check_lengths
 from .attention import sparse_decode_attention
-from .bracket import fraction_budget, loki_select_bracket
+from .bracket import fraction_budget, fraction_k_max, loki_select_bracket
 from .scores import loki_scores, rotate_q
 from .topk import _budget_args, loki_select, topk_select
 
@@ -76,7 +74,7 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
         path = choose_path(forced=bool(sink_tokens or local_window))
     if frac and path != "bracket":
         if k_max is None:
-            k_max = min(S, max(math.ceil(k_budget * S), sink_tokens + local_window))
+            k_max = fraction_k_max(k_budget, S, sink_tokens, local_window)
         k_budget = fraction_budget(k_budget, lengths, sink_tokens, local_window)
     if (sink_tokens or local_window) and path != "bracket":  # ("auto" resolved above)
         raise LokiInputError(f"sink_tokens/local_window need path='bracket' (got path={path!r})")
