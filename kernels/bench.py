@@ -423,6 +423,11 @@ def variant_sweep(rep, log, grid, names):
     return rows
 
 
+def parse_configs(text: str) -> list[tuple[int, int]]:
+    """--configs "B:S,B:S" -> [(B, S), ...]."""
+    return [tuple(int(x) for x in c.split(":")) for c in text.split(",")]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="batch 16, contexts 16K and 64K only")
@@ -462,8 +467,8 @@ def main(argv=None):
     log(f"copy bandwidth {copy_bw:.0f} GB/s")
     if args.variants:
         names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
-        vgrid = ([(2, 256)] if SMOKE else [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")]
-                 if args.configs else [(16, 4096), (16, 16384), (16, 32768), (16, 65536)])
+        vgrid = ([(2, 256)] if SMOKE else parse_configs(args.configs) if args.configs
+                 else [(16, 4096), (16, 16384), (16, 32768), (16, 65536)])
         result = dict(info=info, copy_bandwidth_GBps=copy_bw, variants=variant_sweep(args.rep, log, vgrid, names),
                       wall_s=time.time() - t_start)
         write_json(args.json, result)
@@ -498,7 +503,7 @@ def main(argv=None):
     if SMOKE:
         grid = [(2, 256)]
     elif args.configs:
-        grid = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")]
+        grid = parse_configs(args.configs)
     elif args.quick:
         grid = [(16, 16384), (16, 65536)]
     else:

@@ -91,7 +91,11 @@ class _Slice(torch.nn.Module):
         self.fused, self.i = [fused], i  # a list: not a submodule, so the fused weight is registered once
 
     def forward(self, x):
-        return self.fused[0].outputs(x)[self.i]
+        fused = self.fused[0]
+        out = fused.outputs(x)[self.i]
+        if self.i == len(fused.splits) - 1:  # the last projection: drop the cached input and outputs (a prefill's
+            fused._x = fused._out = None    # activations would otherwise stay alive until the next forward)
+        return out
 
 
 def fuse_qkv(model) -> int:

@@ -78,6 +78,7 @@ def test_fuse_qkv_same_logits():
         out = model(ids).logits
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
     assert len(calls) == 3 * n  # three projections per layer, each served by the fused module
+    assert all(layer.self_attn.qkv_fused._out is None for layer in model.model.layers)  # nothing kept after v
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain.parameters())
 
 
