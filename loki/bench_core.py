@@ -425,8 +425,10 @@ def acceptance(device="cuda", steps: int = 32, seed: int = 0, shape: dict | None
     The kernel path decodes greedily; the reference path is teacher-forced on the same tokens, so each
     step compares the two paths on identical inputs: argmax equality wherever the reference's top-2
     logits are not tied (margin above 4x the 99.9th percentile of the two paths' logit differences), and
-    logits within bf16 tolerance (relative L2 error per step below 2e-2). A CUDA-graph replay of the kernel path must give the same
-    tokens as the eager kernel path.
+    logits within bf16 tolerance (relative L2 error per step below 2e-2). A CUDA-graph replay of the kernel path,
+    teacher-forced on the eager kernel path's tokens, must agree with it in the same way (same untied tokens, logits
+    within 2e-2): the bracket path's atomics leave the summation order unspecified, so bitwise equality of free-running
+    greedy sequences is not expected.
     """
     from loki.cache import LokiCache
     from loki.generation import GraphDecoder, attach_cached_loki, fit_basis
@@ -458,15 +460,19 @@ def acceptance(device="cuda", steps: int = 32, seed: int = 0, shape: dict | None
         cache = LokiCache(model, batch_size=B, max_cache_len=T + steps + 8)
         tok_k, log_k = greedy_loop(model, cache, ids, am, steps)
         assert m.kernel_calls > 0
-        graph_ok = None
-        if on_gpu:  # graphs: prefill again, capture the step, replay
+        log_g = None
+        if on_gpu:  # graphs: prefill again, capture the step, replay teacher-forced on the eager tokens
             cache.reset()
             tok0, _ = greedy_loop(model, cache, ids, am, 1)
-            dec = GraphDecoder(model, cache, tok0[:, 0], am.sum(-1), warmup=1).capture()
-            # the warm-up step consumed token 0 and produced token 1; replay r produces token r + 1
-            tok_g = torch.stack([dec.step().argmax(-1) for _ in range(steps - 2)], 1)
+            res["graph_prefill_token_equal"] = bool((tok0[:, 0] == tok_k[:, 0]).all())
+            dec = GraphDecoder(model, cache, tok_k[:, 0], am.sum(-1), warmup=1).capture()
+            # the warm-up step consumed token 0; replay r consumes token r + 1 and gives the logits of step r + 2
+            log_g = []
+            for r in range(steps - 2):
+                dec.ids.copy_(tok_k[:, r + 1: r + 2])
+                log_g.append(dec.step().float().clone())
             dec.close()
-            graph_ok = bool((tok_g == tok_k[:, 2:]).all())
+            log_g = torch.stack(log_g, 1)
             del dec
         # reference path, teacher-forced on the kernel path's tokens
         mr = attach_cached_loki(model, dict(opts, backend="reference"), basis=basis)
@@ -484,6 +490,17 @@ def acceptance(device="cuda", steps: int = 32, seed: int = 0, shape: dict | None
         untied = margin > tie
         agree = tok_k == tok_r
         first_bad = (~agree & untied).nonzero().tolist()[:3]
+        graph_ok = None
+        if log_g is not None:
+            # the bracket path's atomics leave the selected indices' order (the attention's summation order)
+            # unspecified, so replays and eager calls may differ in the last bits: the graph must give the eager
+            # path's tokens wherever they are not tied, and its logits within the same tolerance
+            tok_g = log_g.argmax(-1)
+            untied_g = untied[:, 2:]
+            res["graph_untied_agree"] = f"{int(((tok_g == tok_k[:, 2:]) & untied_g).sum())}/{int(untied_g.sum())}"
+            res["graph_logit_rel_err"] = ((log_g - log_k[:, 2:]).norm(dim=-1) / log_k[:, 2:].norm(dim=-1)).max().item()
+            graph_ok = (res["graph_prefill_token_equal"] and bool(((tok_g == tok_k[:, 2:]) | ~untied_g).all())
+                        and res["graph_logit_rel_err"] < 2e-2)
         res.update({
             "tokens_equal_all": bool(agree.all()),
             "untied_steps": int(untied.sum()), "untied_agree": int((agree & untied).sum()),
@@ -491,7 +508,7 @@ def acceptance(device="cuda", steps: int = 32, seed: int = 0, shape: dict | None
             "first_untied_disagreements": first_bad,
             "max_logit_rel_err": rel, "max_logit_abs_diff": diff.max().item(), "tie_threshold": tie,
             "median_top2_margin": margin.median().item(),
-            "graph_tokens_equal_eager": graph_ok,
+            "graph_matches_eager": graph_ok,
             "passed": bool((agree | ~untied).all()) and rel < 2e-2 and graph_ok is not False,
         })
         log(f"[accept] {name}: {res}")

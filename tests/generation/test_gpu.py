@@ -1,6 +1,6 @@
 """GPU acceptance (skipped without CUDA): the kernel path and the torch reference path give the same greedy
 tokens (32 steps, wherever the logits are not tied) and logits within bf16 tolerance; CUDA-graph replays
-give the eager tokens. Run on the device: python -m loki.bench_core --accept."""
+teacher-forced on the eager tokens agree with them the same way. Run on the device: python -m loki.bench_core --accept."""
 import pytest
 import torch
 
@@ -12,7 +12,7 @@ def test_kernels_vs_reference_on_gpu():
 
     rep = acceptance("cuda", steps=32)
     for name, v in rep["variants"].items():
-        assert v["graph_tokens_equal_eager"], name
+        assert v["graph_matches_eager"], name
         assert v["untied_agree"] == v["untied_steps"], (name, v)
         assert v["max_logit_rel_err"] < 2e-2, (name, v)
     assert rep["passed"]

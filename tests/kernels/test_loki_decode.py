@@ -77,8 +77,10 @@ def test_loki_decode_fold_combine(mode, g, num_splits, vec, monkeypatch):
     if not vec:  # the per-head loop the fold takes when a row's partials do not fit one tile
         monkeypatch.setattr(A, "FOLD_VECTOR_MAX", 0)
     torch.manual_seed(num_splits + g)
-    B, KVH, S, D, d = 3, 2, 200, 64, 16
-    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.float32, DEV, lengths=[200, 131, 7])
+    # rows long enough for num_splits tiles of the attention kernel (16 tokens under the interpreter, 64 on the GPU)
+    S, lens = (200, [200, 131, 7]) if DEV == "cpu" else (1600, [1600, 1048, 7])
+    B, KVH, D, d = 3, 2, 64, 16
+    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.float32, DEV, lengths=lens)
     P = random_orthonormal(KVH, D, DEV)
     for step in range(2):
         q = torch.randn(B, KVH * g, D, device=DEV)
@@ -86,7 +88,8 @@ def test_loki_decode_fold_combine(mode, g, num_splits, vec, monkeypatch):
                                return_indices=True, fold_combine=True)
         assert not launches  # folded (or a single split: nothing to combine)
         o_s = loki_decode(q, P, k_lr, k_rest, v, lengths, 0.25, mode=mode, num_splits=num_splits, fold_combine=False)
-        assert (o_f - o_s).abs().max().item() <= 1e-6
+        # (on the GPU the two calls' selections may come in another index order: another summation order)
+        assert (o_f - o_s).abs().max().item() <= (1e-6 if DEV == "cpu" else 1e-5)
         ref = sparse_attention_ref(rotate_q_ref(q.cpu(), P.cpu()), k_lr.cpu(), k_rest.cpu(), v.cpu(), idx.cpu())
         assert rel_err(o_f, ref) <= TOL[torch.float32]
         assert len(launches) == (num_splits > 1)
