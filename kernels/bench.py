@@ -381,6 +381,7 @@ def attention_probe(rep, log, copy_bw):
 
 
 # ablation of the bracket path's options (module defaults set per variant); name -> settings
+_V7 = dict(BRACKET_OVERLAP=True, FOLD_COMBINE=True, BRACKET_SAMPLE=1024, BRACKET_SAMPLE_DIV=64)
 VARIANTS = {
     "v6": dict(BRACKET_OVERLAP=False, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
     "overlap": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
@@ -390,6 +391,14 @@ VARIANTS = {
     "s2048": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=True, BRACKET_SAMPLE=2048, BRACKET_SAMPLE_DIV=0),
     "s4096": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=True, BRACKET_SAMPLE=4096, BRACKET_SAMPLE_DIV=0),
     "div16_max4096": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=True, BRACKET_SAMPLE=4096, BRACKET_SAMPLE_DIV=16),
+    # session 6: the v7 defaults against the one-program-per-row scan (classify="scan") and its tiles
+    "v7": dict(_V7, BRACKET_CLASSIFY="split"),
+    "scan": dict(_V7, BRACKET_CLASSIFY="scan", BRACKET_SCAN_BLOCK=4096, BRACKET_SCAN_WARPS=8),
+    "scan_b2048": dict(_V7, BRACKET_CLASSIFY="scan", BRACKET_SCAN_BLOCK=2048, BRACKET_SCAN_WARPS=8),
+    "scan_b8192": dict(_V7, BRACKET_CLASSIFY="scan", BRACKET_SCAN_BLOCK=8192, BRACKET_SCAN_WARPS=8),
+    "scan_w4": dict(_V7, BRACKET_CLASSIFY="scan", BRACKET_SCAN_BLOCK=4096, BRACKET_SCAN_WARPS=4),
+    "scan_w16": dict(_V7, BRACKET_CLASSIFY="scan", BRACKET_SCAN_BLOCK=4096, BRACKET_SCAN_WARPS=16),
+    "scan_b8192_w16": dict(_V7, BRACKET_CLASSIFY="scan", BRACKET_SCAN_BLOCK=8192, BRACKET_SCAN_WARPS=16),
 }
 
 
@@ -397,7 +406,8 @@ def variant_sweep(rep, log, grid, names):
     """Whole Loki step (bracket path) at each grid point and (d, k) under each variant of VARIANTS; rows."""
     import kernels.loki as loki_mod
     mods = dict(BRACKET_OVERLAP=bracket_mod, FOLD_COMBINE=loki_mod, BRACKET_SAMPLE=bracket_mod,
-                BRACKET_SAMPLE_DIV=bracket_mod)
+                BRACKET_SAMPLE_DIV=bracket_mod, BRACKET_CLASSIFY=bracket_mod, BRACKET_SCAN_BLOCK=bracket_mod,
+                BRACKET_SCAN_WARPS=bracket_mod)
     saved = {k_: getattr(m, k_) for k_, m in mods.items()}
     rows = []
     for B, S in grid:

@@ -212,14 +212,9 @@ def _bracket_classify_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, R, S_
 
 
 @triton.jit
-def _select_in_registers(bkey_ptr, bidx_ptr, m, r, out_ptr, hb, prefix, BAND: tl.constexpr):
-    """out[0:r] = bidx of the r largest of bkey[0:m] (1 <= r <= m <= BAND), every key in registers.
-
-    All keys share their top 32 - hb bits (`prefix`); the r-th largest key T is found bit by bit (hb counting
-    passes over registers, no memory traffic), then one prefix sum places the keys > T and the first ties."""
-    i = tl.arange(0, BAND)
-    valid = i < m
-    key = tl.load(bkey_ptr + i, mask=valid, other=0).to(tl.uint32, bitcast=True)
+def _kth_key(key, valid, r, hb, prefix):
+    """The r-th largest of the valid keys (a register block; all share their top 32 - hb bits, `prefix`), found
+    bit by bit: hb counting passes over registers, no memory traffic."""
     hbu = tl.minimum(hb, 31).to(tl.uint32)
     t = tl.where(hb >= 32, tl.zeros([], dtype=tl.uint32), prefix << hbu)
     bit = hb - 1
@@ -228,6 +223,19 @@ def _select_in_registers(bkey_ptr, bidx_ptr, m, r, out_ptr, hb, prefix, BAND: tl
         cnt = tl.sum((valid & (key >= cand)).to(tl.int32), axis=0)
         t = tl.where(cnt >= r, cand, t)
         bit -= 1
+    return t
+
+
+@triton.jit
+def _select_in_registers(bkey_ptr, bidx_ptr, m, r, out_ptr, hb, prefix, BAND: tl.constexpr):
+    """out[0:r] = bidx of the r largest of bkey[0:m] (1 <= r <= m <= BAND), every key in registers.
+
+    All keys share their top 32 - hb bits (`prefix`); the r-th largest key T is found bit by bit (`_kth_key`),
+    then one prefix sum places the keys > T and the first ties."""
+    i = tl.arange(0, BAND)
+    valid = i < m
+    key = tl.load(bkey_ptr + i, mask=valid, other=0).to(tl.uint32, bitcast=True)
+    t = _kth_key(key, valid, r, hb, prefix)
     gt = valid & (key > t)
     eq = valid & (key == t)
     need = r - tl.sum(gt.to(tl.int32), axis=0)
@@ -292,6 +300,93 @@ def _bracket_finish_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
         tl.store(o_row + offs, tl.full([BLOCK_S], -1, out_ptr.dtype.element_ty), mask=offs < KMAX)
 
 
+@triton.jit
+def _threshold_in_registers(bkey_ptr, bidx_ptr, m, r, hb, prefix, BAND: tl.constexpr):
+    """(T, P) for the r largest of bkey[0:m] (1 <= r <= m <= BAND; positions bidx[0:m] ascending): the r-th largest
+    key T, and P, the position of the last tie taken when ties at T are taken in position order.  The selection
+    is then: key > T, or key == T and position <= P."""
+    i = tl.arange(0, BAND)
+    valid = i < m
+    key = tl.load(bkey_ptr + i, mask=valid, other=0).to(tl.uint32, bitcast=True)
+    t = _kth_key(key, valid, r, hb, prefix)
+    gt = valid & (key > t)
+    eq = (valid & (key == t)).to(tl.int32)
+    need = r - tl.sum(gt.to(tl.int32), axis=0)
+    eq_ex = tl.cumsum(eq, axis=0) - eq
+    pos = tl.load(bidx_ptr + i, mask=valid, other=-1)
+    p_last = tl.max(tl.where((eq > 0) & (eq_ex < need), pos, -1), axis=0)
+    return t, p_last
+
+
+@triton.jit
+def _bracket_scan_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, kb_ptr, K_INT, FRAC_BITS, FORCED, R, S_MAX,
+                         KMAX, WS_ROW, KB_MODE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                         BAND_REG: tl.constexpr):
+    """classify="scan" (session 6): one program per score row replaces the classify and band-select kernels.
+    Pass 1 reads the row's keys (written by the scoring kernel), counts those above the bracket and compacts the
+    band in position order (running prefix sums, no atomics); the k-th key T is found in the band (registers);
+    pass 2 writes the selected positions, key > T or (key == T and position <= P), in ascending position order.
+    Deterministic: the same selection, in the same order, call after call (ties at T: the lowest positions).
+    Bands larger than BAND_REG take the band radix select (the band's part after the keys above the bracket);
+    a missed bracket takes the whole-row radix select (position order)."""
+    pid = tl.program_id(0)
+    b = pid // R
+    r = pid % R
+    n, kb = _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_BITS, FORCED, S_MAX, KMAX, KB_MODE)
+    br = br_ptr + pid * 4
+    lo_key = tl.load(br).to(tl.uint32, bitcast=True)
+    hi_key = tl.load(br + 1).to(tl.uint32, bitcast=True)
+    bkey = ws_ptr + pid.to(tl.int64) * WS_ROW
+    bidx = bkey + S_MAX
+    rkey = bkey + 2 * S_MAX
+    o_row = out_ptr + b * so_b + r * so_r
+    ar = tl.arange(0, BLOCK_C)
+    c_gt = tl.zeros([], dtype=tl.int32)
+    c_band = tl.zeros([], dtype=tl.int32)
+    for start in range(0, n, BLOCK_C):  # pass 1: count above the bracket, compact the band
+        offs = start + ar
+        valid = offs < n
+        key = tl.load(rkey + offs, mask=valid, other=0).to(tl.uint32, bitcast=True)
+        bd = (valid & (key >= lo_key) & (key <= hi_key)).to(tl.int32)
+        bpos = c_band + tl.cumsum(bd, axis=0) - bd
+        tl.store(bkey + bpos, key.to(tl.int32, bitcast=True), mask=bd > 0)
+        tl.store(bidx + bpos, offs, mask=bd > 0)
+        c_gt += tl.sum((valid & (key > hi_key)).to(tl.int32), axis=0)
+        c_band += tl.sum(bd, axis=0)
+    tl.debug_barrier()  # the band written by all threads is read back by all threads
+    thr = hi_key
+    p_last = tl.full([], -1, tl.int32)
+    scan = tl.full([], 1, tl.int32)
+    if (c_gt <= kb) & (kb <= c_gt + c_band):
+        rr = kb - c_gt
+        if rr > 0:
+            hb = _bit_length(lo_key ^ hi_key)
+            prefix = tl.where(hb >= 32, 0, hi_key >> tl.minimum(hb, 31).to(tl.uint32))
+            if c_band <= BAND_REG:
+                thr, p_last = _threshold_in_registers(bkey, bidx, c_band, rr, hb, prefix, BAND_REG)
+            else:  # pass 2 below writes the keys above the bracket, the radix select the band's rr after them
+                _radix_select(bkey, bidx, c_band, rr, o_row + c_gt, hb, prefix, HAS_IDX=True, SRC_KEYS=True,
+                              BLOCK_S=BLOCK_S)
+    else:  # the bracket missed: exact radix select over the row's keys
+        _radix_select(rkey, bkey, n, kb, o_row, tl.full([], 32, tl.int32), tl.zeros([], dtype=tl.uint32),
+                      HAS_IDX=False, SRC_KEYS=True, BLOCK_S=BLOCK_S)
+        scan = 0
+    if scan != 0:
+        base = tl.zeros([], dtype=tl.int32)
+        for start in range(0, n, BLOCK_C):  # pass 2: the selected positions, in position order
+            offs = start + ar
+            valid = offs < n
+            key = tl.load(rkey + offs, mask=valid, other=0).to(tl.uint32, bitcast=True)
+            take = (valid & ((key > thr) | ((key == thr) & (offs <= p_last)))).to(tl.int32)
+            pos = base + tl.cumsum(take, axis=0) - take
+            tl.store(o_row + pos, offs.to(o_row.dtype.element_ty), mask=(take > 0) & (pos < KMAX))
+            base += tl.sum(take, axis=0)
+    ar_s = tl.arange(0, BLOCK_S)
+    for start in range(kb, KMAX, BLOCK_S):
+        offs = start + ar_s
+        tl.store(o_row + offs, tl.full([BLOCK_S], -1, out_ptr.dtype.element_ty), mask=offs < KMAX)
+
+
 # GPU defaults (measured on the H200, kernels/NOTES.md); the scoring kernel takes its tiles from SCORES_CONFIG
 BRACKET_SAMPLE = 1024  # largest sample (power of 2); rows shorter than 4x the sample take the whole key range
 BRACKET_SAMPLE_DIV = 64  # session 5: sample = min(BRACKET_SAMPLE, max(512, pow2 <= S_max / DIV)) (0: always
@@ -301,7 +396,10 @@ BRACKET_SUB = 256  # sampled tokens scored per sub-tile of the bracket kernel
 BRACKET_NSIG = 4.0
 BRACKET_BLOCK_S = 2048  # tile of the band radix select
 BRACKET_WARPS = 8
-BRACKET_CLASSIFY = "split"  # session 4: "split" (scores + a separate classify kernel) or "fused" (v4)
+BRACKET_CLASSIFY = "split"  # session 4: "split" (scores + a separate classify kernel), "fused" (v4) or "scan" (v8)
+BRACKET_SCAN_BLOCK = 4096  # keys per iteration of the scan kernel's two passes (classify="scan")
+BRACKET_SCAN_WARPS = 8
+CLASSIFY_MODES = ("split", "fused", "scan")
 BRACKET_CLASSIFY_BLOCK = 1024  # keys per program of the classify kernel (1024-2048 within 1%, 32K tune, session 5)
 BRACKET_CLASSIFY_WARPS = 4
 BRACKET_OVERLAP = True  # session 5: brackets written by extra programs of the scoring kernel (split only)
@@ -348,10 +446,12 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     (idx (B, R, k_max) int32 padded with -1, q_rot (B, H, D) fp32 or None).  ``workspace``: optional int32
     buffer of >= B*R*(W*S_max + 4) elements (band keys and positions, [row keys,] bracket and counters), W = 3
     with classify="split", 2 with "fused".
-    classify: "split" (the scoring kernel writes every key, a second many-program kernel classifies them) or
-    "fused" (the scoring kernel classifies on the spot); default BRACKET_CLASSIFY.  band_reg: the largest band
-    selected in registers (power of 2; larger bands take the radix select); default BRACKET_BAND_REG.
-    overlap (classify="split" only; default BRACKET_OVERLAP): q is rotated by its own small kernel and the brackets
+    classify: "split" (the scoring kernel writes every key, a second many-program kernel classifies them),
+    "fused" (the scoring kernel classifies on the spot) or "scan" (the scoring kernel writes every key, one program
+    per row finds the k-th key and writes the selection in position order: deterministic, `_bracket_scan_kernel`);
+    default BRACKET_CLASSIFY.  band_reg: the largest band selected in registers (power of 2; larger bands take the
+    radix select); default BRACKET_BAND_REG.
+    overlap (classify="split" or "scan"; default BRACKET_OVERLAP): q is rotated by its own small kernel and the brackets
     are written by extra programs of the scoring kernel (dispatched first, running alongside the scoring programs)
     instead of by a kernel of their own before it.
     attn_counters: optional int32 tensor of >= B*R elements that the bracket programs zero, for the sparse
@@ -379,14 +479,14 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     check(sample >= 16 and sample & (sample - 1) == 0, f"sample must be a power of 2 >= 16, got {sample}")
     nsig = float(BRACKET_NSIG if nsig is None else nsig)
     classify = BRACKET_CLASSIFY if classify is None else classify
-    check(classify in ("split", "fused"), f"classify must be 'split' or 'fused', got {classify!r}")
+    check(classify in CLASSIFY_MODES, f"classify must be one of {', '.join(CLASSIFY_MODES)}; got {classify!r}")
     if band_reg is None:  # registers sized for the widest band the bracket should leave (`band_fraction`)
         band_reg = 128 if interp else min(BRACKET_BAND_REG, max(1024, next_pow2(math.ceil(S * band_fraction(sample,
                                                                                                           nsig)))))
     band_reg = int(band_reg)
     check(band_reg >= 16 and band_reg & (band_reg - 1) == 0 and band_reg < 65536,
           f"band_reg must be a power of 2 in [16, 32768], got {band_reg}")
-    split = classify == "split"
+    split = classify != "fused"  # split and scan: the scoring kernel writes every key
     overlap = split and (BRACKET_OVERLAP if overlap is None else bool(overlap))
     W = 3 if split else 2
     n_ws = B * R * (W * S + 4)
@@ -440,12 +540,19 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         num_warps=nw)
     if stages < 3:
         return idx, (q_rot_out if rotate else None)
-    if split:
+    if classify == "split":
         block_c = 64 if interp else cfg.get("classify_block", BRACKET_CLASSIFY_BLOCK)
         _bracket_classify_kernel[(B * R, triton.cdiv(S, block_c))](
             ws, br, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, W * S, BLOCK_C=block_c,
             num_warps=4 if interp else cfg.get("classify_warps", BRACKET_CLASSIFY_WARPS))
     if stages < 4:
+        return idx, (q_rot_out if rotate else None)
+    if classify == "scan":
+        _bracket_scan_kernel[(B * R,)](
+            ws, br, idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, R, S, KMAX, W * S,
+            KB_MODE=kb_mode, BLOCK_C=64 if interp else cfg.get("scan_block", BRACKET_SCAN_BLOCK),
+            BLOCK_S=64 if interp else BRACKET_BLOCK_S, BAND_REG=band_reg,
+            num_warps=4 if interp else cfg.get("scan_warps", BRACKET_SCAN_WARPS))
         return idx, (q_rot_out if rotate else None)
     _bracket_finish_kernel[(B * R,)](
         qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br,

@@ -49,8 +49,11 @@ def test_bracket_select(dtype, D, d, g, mode, reduce, S, lens, variant=None):
 
 # the default is classify="split" with the brackets written alongside the scoring pass (overlap) and bands selected
 # in registers; the others: the bracket kernel before the scoring kernel (session 4), the v4 classification inside
-# the scoring kernel, and the radix select for bands larger than band_reg
-VARIANTS = {"no_overlap": dict(overlap=False), "fused": dict(classify="fused"), "radix_band": dict(band_reg=16)}
+# the scoring kernel, the radix select for bands larger than band_reg, and the one-program-per-row scan (v8), with
+# its band in registers and with the band radix select
+VARIANTS = {"no_overlap": dict(overlap=False), "fused": dict(classify="fused"), "radix_band": dict(band_reg=16),
+            "scan": dict(classify="scan"), "scan_radix_band": dict(classify="scan", band_reg=16),
+            "scan_no_overlap": dict(classify="scan", overlap=False)}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -60,7 +63,8 @@ def test_bracket_select_variants(D, d, g, S, lens, variant):
 
 
 @pytest.mark.parametrize("nsig,variant", [(0.0, None), (4.0, None), (0.0, "no_overlap"), (0.0, "fused"),
-                                          (0.0, "radix_band")])
+                                          (0.0, "radix_band"), (0.0, "scan"), (4.0, "scan"),
+                                          (0.0, "scan_radix_band")])
 def test_bracket_fallback_and_structure(nsig, variant):
     """nsig=0 makes the bracket miss often (the recompute + whole-row fallback runs); rows with a positional trend
     and with periodic structure defeat an evenly spaced sample; per-sequence budgets."""
@@ -83,7 +87,8 @@ def test_bracket_fallback_and_structure(nsig, variant):
 
 @pytest.mark.parametrize("sink,local,classify,overlap", [(4, 16, "split", True), (0, 7, "split", True),
                                                           (40, 200, "split", True), (4, 16, "split", False),
-                                                          (4, 16, "fused", False)])
+                                                          (4, 16, "fused", False), (4, 16, "scan", True),
+                                                          (40, 200, "scan", True)])
 def test_bracket_sinks_and_local_window(sink, local, classify, overlap):
     """Sink tokens and the local window are always selected and count towards the budget (as select_topk)."""
     torch.manual_seed(sink + local)
@@ -107,7 +112,7 @@ def test_bracket_sinks_and_local_window(sink, local, classify, overlap):
     assert out.shape == (B, KVH * g, D) and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("variant", [None, "fused", "radix_band"])
+@pytest.mark.parametrize("variant", [None, "fused", "radix_band", "scan", "scan_radix_band"])
 def test_bracket_heavy_ties(variant):
     """Keys with few distinct scores: many ties at the k-th value.  Exactly k distinct positions are selected, none
     scoring below the k-th value and none left out above it (the register select takes the first ties it meets)."""
@@ -124,8 +129,10 @@ def test_bracket_heavy_ties(variant):
         check_selection(idx, ref, lengths.cpu(), budgets_ref(k, lengths.cpu()), tol=1e-6)
 
 
-@pytest.mark.parametrize("frac,sink,local", [(0.1, 0, 0), (0.125, 0, 0), (1 / 3, 4, 16), (1.0, 0, 0), (0.01, 40, 200)])
-def test_bracket_fraction_budget(frac, sink, local):
+@pytest.mark.parametrize("frac,sink,local,classify", [(0.1, 0, 0, None), (0.125, 0, 0, None), (1 / 3, 4, 16, None),
+                                                     (1.0, 0, 0, None), (0.01, 40, 200, None), (0.125, 0, 0, "scan"),
+                                                     (1 / 3, 4, 16, "scan"), (1.0, 0, 0, "scan")])
+def test_bracket_fraction_budget(frac, sink, local, classify):
     """A float budget is ceil(frac * n_b) per sequence (float64, raised to the forced count), computed inside the
     kernels: the same selections as the int tensor `fraction_budget` gives, on ragged lengths (incl. 1 and 0)."""
     torch.manual_seed(int(frac * 1000) + sink)
@@ -140,9 +147,9 @@ def test_bracket_fraction_budget(frac, sink, local):
     assert kb.cpu().long().tolist() == want.tolist()
     k_max = int(kb.max())
     i_f, _ = loki_select_bracket(q, k_lr, lengths, frac, P=P, strict=False, sink_tokens=sink, local_window=local,
-                                 k_max=k_max)
+                                 k_max=k_max, classify=classify)
     i_t, _ = loki_select_bracket(q, k_lr, lengths, kb, P=P, strict=False, sink_tokens=sink, local_window=local,
-                                 k_max=k_max)
+                                 k_max=k_max, classify=classify)
     assert i_f.shape == i_t.shape == (B, KVH, k_max)
     assert torch.equal(i_f.sort(dim=-1).values, i_t.sort(dim=-1).values)
     for b in range(B):
@@ -153,8 +160,43 @@ def test_bracket_fraction_budget(frac, sink, local):
         o_s = loki_decode(q, P, k_lr, k_rest, v, lengths, frac, path="split")
         assert (o_b - o_s).abs().max().item() < 1e-4
     # the default k_max of a float budget covers the largest possible budget
-    i_d, _ = loki_select_bracket(q, k_lr, lengths, frac, P=P, strict=False, sink_tokens=sink, local_window=local)
+    i_d, _ = loki_select_bracket(q, k_lr, lengths, frac, P=P, strict=False, sink_tokens=sink, local_window=local,
+                                 classify=classify)
     assert i_d.shape[-1] >= k_max and torch.equal(i_d[..., :k_max].sort(-1).values, i_f.sort(-1).values)
+
+
+@pytest.mark.parametrize("variant", ["scan", "scan_radix_band"])
+@pytest.mark.parametrize("nsig", [4.0, 0.0])
+def test_bracket_scan_deterministic(variant, nsig):
+    """classify="scan" selects in position order, the same on every call, and breaks ties at the k-th value by
+    position: exactly the stable top-k (score descending, then position ascending) of the reference, on keys with
+    heavy ties and on random ones, through every branch (band in registers, band radix select, missed bracket)."""
+    torch.manual_seed(17)
+    B, KVH, g, S, D, d = 2, 2, 2, 300, 64, 8
+    k_lr = torch.randint(-2, 3, (B, KVH, S, d)).float().to(DEV)
+    lengths = torch.tensor([300, 270], dtype=torch.int32, device=DEV)
+    q = torch.zeros(B, KVH * g, D, device=DEV)
+    q[..., :d] = torch.randint(-1, 2, (B, KVH * g, d)).float()
+    P = torch.eye(D, device=DEV).expand(KVH, D, D).contiguous()
+    ref = _ref(q, P, k_lr, lengths, "group", "max")
+    # "scan": registers wide enough for any band here (the interpreter's default, 128, would send wide bands to the
+    # radix select, which appends the band's part after the keys above the bracket)
+    opts = dict(VARIANTS[variant], **({"band_reg": 512} if variant == "scan" else {}))
+    for k in (1, 37, 150, 270):
+        idx, _ = loki_select_bracket(q, k_lr, lengths, k, P=P, strict=False, nsig=nsig, **opts)
+        again, _ = loki_select_bracket(q, k_lr, lengths, k, P=P, strict=False, nsig=nsig, **opts)
+        assert torch.equal(idx, again)
+        idx = idx.cpu()
+        for b in range(B):
+            n, kb = int(lengths[b]), min(k, int(lengths[b]))
+            for r in range(KVH):
+                sel = idx[b, r, :kb].tolist()
+                # stable top-k: sort positions by score descending (a stable sort keeps ties in position order)
+                order = torch.sort(-ref[b, r, :n], stable=True).indices[:kb]
+                assert set(sel) == set(order.tolist()), (b, r, k)
+                if variant == "scan":  # one position-ordered pass (or the whole-row radix select) writes it all
+                    assert sel == sorted(sel)
+                assert (idx[b, r, kb:] == -1).all()
 
 
 def test_bracket_fraction_budget_errors():
