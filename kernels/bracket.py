@@ -47,6 +47,9 @@ from .scores import _load_q_lr_T, _rotate_heads, _row_of, _score_tile, _split_hi
 from .topk import _bit_length, _bracket_of_sample, _key_of, _radix_select, check_select_inputs
 
 
+BR_STRIDE: tl.constexpr = 8  # per score row: lo, hi, #above, #band (int64-aligned pair), classify programs done, pad
+
+
 @triton.jit
 def _forced(sc, offs, n, SINK, LOCAL):
     """Sink tokens (offs < SINK) and the local window (offs >= n - LOCAL) score +inf: always selected."""
@@ -95,11 +98,12 @@ def _bracket_row(pid, b, h0, kvh, n, kb, qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b,
         tl.debug_barrier()  # sample keys written by all threads are read back by all threads
         sk = tl.load(sbuf + tl.arange(0, SAMPLE)).to(tl.uint32, bitcast=True)
         lo_key, hi_key = _bracket_of_sample(sk, kb, n, nsig, SAMPLE)
-    br = br_ptr + pid * 4
+    br = br_ptr + pid * BR_STRIDE
     tl.store(br, lo_key.to(tl.int32, bitcast=True))
     tl.store(br + 1, hi_key.to(tl.int32, bitcast=True))
     tl.store(br + 2, 0)
     tl.store(br + 3, 0)
+    tl.store(br + 4, 0)
     if ZERO_AC:
         tl.store(ac_ptr + pid, 0)
 
@@ -150,7 +154,7 @@ def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
             qT = _load_q_lr_T(qrot_ptr, sqr_b, sqr_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
             qT_hi, qT_lo = _split_hi_lo(qT, klr_ptr.dtype.element_ty)
             k_base = klr_ptr + b * slr_b + kvh * slr_h
-            br = br_ptr + pid * 4
+            br = br_ptr + pid * BR_STRIDE
             lo_key = tl.load(br).to(tl.uint32, bitcast=True)
             hi_key = tl.load(br + 1).to(tl.uint32, bitcast=True)
             cnt_ptr = (br + 2).to(tl.pointer_type(tl.int64))  # the two int32 counters as one 8-byte-aligned int64
@@ -189,26 +193,39 @@ def _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, KMAX
 
 
 @triton.jit
-def _bracket_classify_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, R, S_MAX, KMAX, WS_ROW,
-                             BLOCK_C: tl.constexpr):
-    """classify="split": the keys the scoring kernel wrote, classified by many programs per row."""
+def _bracket_classify_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, kb_ptr, K_INT, FRAC_BITS, FORCED, R, S_MAX,
+                             KMAX, WS_ROW, KB_MODE: tl.constexpr, BLOCK_C: tl.constexpr, FINISH: tl.constexpr,
+                             BLOCK_S: tl.constexpr, BAND_REG: tl.constexpr):
+    """classify="split": the keys the scoring kernel wrote, classified by many programs per row.  FINISH (session
+    6): the row's last classify program to finish (an acq_rel counter the bracket programs zero) selects the band
+    (`_finish_written`) instead of a kernel of its own: one launch fewer, and each row's band select starts as soon
+    as that row is classified."""
     pid = tl.program_id(0)
     tb = tl.program_id(1)
     b = pid // R
     r = pid % R
     n = tl.maximum(tl.minimum(tl.load(len_ptr + b).to(tl.int32), S_MAX), 0)
     start = tb * BLOCK_C
-    if start < n:
-        br = br_ptr + pid * 4
+    if (start < n) | (FINISH & (tb == 0)):  # (an empty row's program 0 still finishes it)
+        br = br_ptr + pid * BR_STRIDE
         lo_key = tl.load(br).to(tl.uint32, bitcast=True)
         hi_key = tl.load(br + 1).to(tl.uint32, bitcast=True)
         cnt_ptr = (br + 2).to(tl.pointer_type(tl.int64))
         bkey = ws_ptr + pid.to(tl.int64) * WS_ROW
         bidx = bkey + S_MAX
+        o_row = out_ptr + b * so_b + r * so_r
         offs = start + tl.arange(0, BLOCK_C)
         valid = offs < n
         key = tl.load(bkey + 2 * S_MAX + offs, mask=valid, other=0).to(tl.uint32, bitcast=True)
-        _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, out_ptr + b * so_b + r * so_r, bkey, bidx, KMAX)
+        _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, KMAX)
+        if FINISH:
+            tl.debug_barrier()  # every thread's band / output stores come before the release below
+            done = tl.atomic_add(br + 4, 1, sem="acq_rel")
+            if done == tl.maximum(tl.cdiv(n, BLOCK_C), 1) - 1:
+                cnt = tl.atomic_add(cnt_ptr, 0, sem="relaxed")  # from L2 (this SM's L1 may hold the line stale)
+                _, kb = _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_BITS, FORCED, S_MAX, KMAX, KB_MODE)
+                _finish_written(n, kb, lo_key, hi_key, (cnt & 0xFFFFFFFF).to(tl.int32), (cnt >> 32).to(tl.int32),
+                                bkey, bidx, o_row, S_MAX, KMAX, BLOCK_S, BAND_REG)
 
 
 @triton.jit
@@ -259,7 +276,7 @@ def _bracket_finish_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
     pid = tl.program_id(0)
     b, r, h0, kvh = _row_of(pid, R, HPR, G)
     n, kb = _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_BITS, FORCED, S_MAX, KMAX, KB_MODE)
-    br = br_ptr + pid * 4
+    br = br_ptr + pid * BR_STRIDE
     lo_key = tl.load(br).to(tl.uint32, bitcast=True)
     hi_key = tl.load(br + 1).to(tl.uint32, bitcast=True)
     c_gt = tl.load(br + 2)
@@ -267,37 +284,60 @@ def _bracket_finish_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
     bkey = ws_ptr + pid.to(tl.int64) * WS_ROW
     bidx = bkey + S_MAX
     o_row = out_ptr + b * so_b + r * so_r
-    if (c_gt <= kb) & (kb <= c_gt + c_band):
-        rr = kb - c_gt
-        if rr > 0:
-            hb = _bit_length(lo_key ^ hi_key)
-            prefix = tl.where(hb >= 32, 0, hi_key >> tl.minimum(hb, 31).to(tl.uint32))
-            if c_band <= BAND_REG:
-                _select_in_registers(bkey, bidx, c_band, rr, o_row + c_gt, hb, prefix, BAND_REG)
-            else:
-                _radix_select(bkey, bidx, c_band, rr, o_row + c_gt, hb, prefix, HAS_IDX=True, SRC_KEYS=True,
-                              BLOCK_S=BLOCK_S)
-    elif KEYS_WRITTEN:  # the bracket missed; the scoring kernel wrote every key: radix select over the row
-        _radix_select(bkey + 2 * S_MAX, bkey, n, kb, o_row, tl.full([], 32, tl.int32), tl.zeros([], dtype=tl.uint32),
-                      HAS_IDX=False, SRC_KEYS=True, BLOCK_S=BLOCK_S)
-    else:  # the bracket missed: recompute the row's keys, exact radix select over the whole row
-        qT = _load_q_lr_T(qrot_ptr, sqr_b, sqr_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
-        qT_hi, qT_lo = _split_hi_lo(qT, klr_ptr.dtype.element_ty)
-        k_base = klr_ptr + b * slr_b + kvh * slr_h
-        for start in range(0, n, BLOCK_N):
-            offs = start + tl.arange(0, BLOCK_N)
-            valid = offs < n
-            sc = _score_tile(k_base, slr_s, offs, valid, qT, qT_hi, qT_lo, D_LR, BLOCK_DL, HPR, G_PAD, K_FP32,
-                             REDUCE_MAX)
-            key = _key_of(_forced(sc, offs, n, SINK, LOCAL))
-            tl.store(bkey + offs, key.to(tl.int32, bitcast=True), mask=valid)
-        tl.debug_barrier()  # keys written by all threads are read back by all threads
-        _radix_select(bkey, bkey, n, kb, o_row, tl.full([], 32, tl.int32), tl.zeros([], dtype=tl.uint32),
-                      HAS_IDX=False, SRC_KEYS=True, BLOCK_S=BLOCK_S)
+    if KEYS_WRITTEN:
+        _finish_written(n, kb, lo_key, hi_key, c_gt, c_band, bkey, bidx, o_row, S_MAX, KMAX, BLOCK_S, BAND_REG)
+    else:
+        if (c_gt <= kb) & (kb <= c_gt + c_band):
+            _select_band(bkey, bidx, c_band, kb - c_gt, o_row + c_gt, lo_key, hi_key, BLOCK_S, BAND_REG)
+        else:  # the bracket missed: recompute the row's keys, exact radix select over the whole row
+            qT = _load_q_lr_T(qrot_ptr, sqr_b, sqr_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
+            qT_hi, qT_lo = _split_hi_lo(qT, klr_ptr.dtype.element_ty)
+            k_base = klr_ptr + b * slr_b + kvh * slr_h
+            for start in range(0, n, BLOCK_N):
+                offs = start + tl.arange(0, BLOCK_N)
+                valid = offs < n
+                sc = _score_tile(k_base, slr_s, offs, valid, qT, qT_hi, qT_lo, D_LR, BLOCK_DL, HPR, G_PAD, K_FP32,
+                                 REDUCE_MAX)
+                key = _key_of(_forced(sc, offs, n, SINK, LOCAL))
+                tl.store(bkey + offs, key.to(tl.int32, bitcast=True), mask=valid)
+            tl.debug_barrier()  # keys written by all threads are read back by all threads
+            _radix_select(bkey, bkey, n, kb, o_row, tl.full([], 32, tl.int32), tl.zeros([], dtype=tl.uint32),
+                          HAS_IDX=False, SRC_KEYS=True, BLOCK_S=BLOCK_S)
+        _fill_padding(o_row, kb, KMAX, BLOCK_S)
+
+
+@triton.jit
+def _select_band(bkey, bidx, c_band, rr, out_ptr, lo_key, hi_key, BLOCK_S: tl.constexpr, BAND_REG: tl.constexpr):
+    """out[0:rr] = the positions of the rr largest band keys (nothing when rr == 0): in registers up to BAND_REG
+    keys, else the radix select."""
+    if rr > 0:
+        hb = _bit_length(lo_key ^ hi_key)
+        prefix = tl.where(hb >= 32, 0, hi_key >> tl.minimum(hb, 31).to(tl.uint32))
+        if c_band <= BAND_REG:
+            _select_in_registers(bkey, bidx, c_band, rr, out_ptr, hb, prefix, BAND_REG)
+        else:
+            _radix_select(bkey, bidx, c_band, rr, out_ptr, hb, prefix, HAS_IDX=True, SRC_KEYS=True, BLOCK_S=BLOCK_S)
+
+
+@triton.jit
+def _fill_padding(o_row, kb, KMAX, BLOCK_S: tl.constexpr):
     ar = tl.arange(0, BLOCK_S)
     for start in range(kb, KMAX, BLOCK_S):
         offs = start + ar
-        tl.store(o_row + offs, tl.full([BLOCK_S], -1, out_ptr.dtype.element_ty), mask=offs < KMAX)
+        tl.store(o_row + offs, tl.full([BLOCK_S], -1, o_row.dtype.element_ty), mask=offs < KMAX)
+
+
+@triton.jit
+def _finish_written(n, kb, lo_key, hi_key, c_gt, c_band, bkey, bidx, o_row, S_MAX, KMAX, BLOCK_S: tl.constexpr,
+                    BAND_REG: tl.constexpr):
+    """A classified row whose keys the scoring kernel wrote: the band's share of the budget when the bracket holds
+    the k-th key, else an exact radix select over the row's keys; then the -1 padding."""
+    if (c_gt <= kb) & (kb <= c_gt + c_band):
+        _select_band(bkey, bidx, c_band, kb - c_gt, o_row + c_gt, lo_key, hi_key, BLOCK_S, BAND_REG)
+    else:  # the bracket missed: radix select over the row
+        _radix_select(bkey + 2 * S_MAX, bkey, n, kb, o_row, tl.full([], 32, tl.int32), tl.zeros([], dtype=tl.uint32),
+                      HAS_IDX=False, SRC_KEYS=True, BLOCK_S=BLOCK_S)
+    _fill_padding(o_row, kb, KMAX, BLOCK_S)
 
 
 @triton.jit
@@ -333,7 +373,7 @@ def _bracket_scan_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, kb_ptr, K
     b = pid // R
     r = pid % R
     n, kb = _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_BITS, FORCED, S_MAX, KMAX, KB_MODE)
-    br = br_ptr + pid * 4
+    br = br_ptr + pid * BR_STRIDE
     lo_key = tl.load(br).to(tl.uint32, bitcast=True)
     hi_key = tl.load(br + 1).to(tl.uint32, bitcast=True)
     bkey = ws_ptr + pid.to(tl.int64) * WS_ROW
@@ -381,10 +421,7 @@ def _bracket_scan_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, kb_ptr, K
             pos = base + tl.cumsum(take, axis=0) - take
             tl.store(o_row + pos, offs.to(o_row.dtype.element_ty), mask=(take > 0) & (pos < KMAX))
             base += tl.sum(take, axis=0)
-    ar_s = tl.arange(0, BLOCK_S)
-    for start in range(kb, KMAX, BLOCK_S):
-        offs = start + ar_s
-        tl.store(o_row + offs, tl.full([BLOCK_S], -1, out_ptr.dtype.element_ty), mask=offs < KMAX)
+    _fill_padding(o_row, kb, KMAX, BLOCK_S)
 
 
 # GPU defaults (measured on the H200, kernels/NOTES.md); the scoring kernel takes its tiles from SCORES_CONFIG
@@ -402,6 +439,7 @@ BRACKET_SCAN_WARPS = 8
 CLASSIFY_MODES = ("split", "fused", "scan")
 BRACKET_CLASSIFY_BLOCK = 1024  # keys per program of the classify kernel (1024-2048 within 1%, 32K tune, session 5)
 BRACKET_CLASSIFY_WARPS = 4
+BRACKET_FINISH_IN_CLASSIFY = False  # session 6: the last classify program of each row selects its band (no finish kernel)
 BRACKET_OVERLAP = True  # session 5: brackets written by extra programs of the scoring kernel (split only)
 BRACKET_BAND_REG = 8192  # largest band selected in registers (bit-by-bit counting); larger: radix select
 BRACKET_SCORE_CONFIG = {0: dict(block_n=256, tiles=2, num_warps=4), 32: dict(block_n=128, tiles=4, num_warps=4)}
@@ -433,7 +471,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
                         sample: int | None = None, nsig: float | None = None,
                         workspace: torch.Tensor | None = None, stages: int = 4, classify: str | None = None,
                         band_reg: int | None = None, overlap: bool | None = None,
-                        attn_counters: torch.Tensor | None = None):
+                        attn_counters: torch.Tensor | None = None, finish_in_classify: bool | None = None):
     """(Rotate q) + scores + exact top-k, each step spread over many programs per row (see module doc).
 
     Same contract as `topk.loki_select`: q (B, H, D) raw queries when P (KVH, D, D) is given (q' = q @ P is
@@ -444,7 +482,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     sink_tokens / local_window: the first / last positions of each sequence are always selected (they count
     towards the budget).  Returns
     (idx (B, R, k_max) int32 padded with -1, q_rot (B, H, D) fp32 or None).  ``workspace``: optional int32
-    buffer of >= B*R*(W*S_max + 4) elements (band keys and positions, [row keys,] bracket and counters), W = 3
+    buffer of >= B*R*(W*S_max + 8) elements (bracket and counters, band keys and positions[, row keys]), W = 3
     with classify="split", 2 with "fused".
     classify: "split" (the scoring kernel writes every key, a second many-program kernel classifies them),
     "fused" (the scoring kernel classifies on the spot) or "scan" (the scoring kernel writes every key, one program
@@ -489,13 +527,13 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     split = classify != "fused"  # split and scan: the scoring kernel writes every key
     overlap = split and (BRACKET_OVERLAP if overlap is None else bool(overlap))
     W = 3 if split else 2
-    n_ws = B * R * (W * S + 4)
+    n_ws = B * R * (W * S + 8)
     if workspace is None:
         workspace = torch.empty(n_ws, dtype=torch.int32, device=k_lr.device)
     check(workspace.dtype == torch.int32 and workspace.is_contiguous() and workspace.numel() >= n_ws
           and workspace.device == k_lr.device and workspace.data_ptr() % 8 == 0,
           f"workspace must be a contiguous, 8-byte aligned int32 tensor of >= {n_ws} elements on {k_lr.device}")
-    ws, br = workspace[:B * R * W * S], workspace[B * R * W * S:n_ws]
+    br, ws = workspace[:B * R * 8], workspace[B * R * 8:n_ws]  # (the brackets first: int64-aligned counters)
     idx = torch.empty(B, R, KMAX, dtype=torch.int32, device=k_lr.device)
     zero_ac = attn_counters is not None
     if zero_ac:
@@ -540,25 +578,29 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         num_warps=nw)
     if stages < 3:
         return idx, (q_rot_out if rotate else None)
+    block_s = 64 if interp else BRACKET_BLOCK_S
+    finish = classify == "split" and (BRACKET_FINISH_IN_CLASSIFY if finish_in_classify is None
+                                      else bool(finish_in_classify))
     if classify == "split":
         block_c = 64 if interp else cfg.get("classify_block", BRACKET_CLASSIFY_BLOCK)
-        _bracket_classify_kernel[(B * R, triton.cdiv(S, block_c))](
-            ws, br, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, W * S, BLOCK_C=block_c,
+        _bracket_classify_kernel[(B * R, max(1, triton.cdiv(S, block_c)))](
+            ws, br, idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, R, S, KMAX, W * S,
+            KB_MODE=kb_mode, BLOCK_C=block_c, FINISH=finish, BLOCK_S=block_s, BAND_REG=band_reg,
             num_warps=4 if interp else cfg.get("classify_warps", BRACKET_CLASSIFY_WARPS))
-    if stages < 4:
+    if stages < 4 or finish:
         return idx, (q_rot_out if rotate else None)
     if classify == "scan":
         _bracket_scan_kernel[(B * R,)](
             ws, br, idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, R, S, KMAX, W * S,
             KB_MODE=kb_mode, BLOCK_C=64 if interp else cfg.get("scan_block", BRACKET_SCAN_BLOCK),
-            BLOCK_S=64 if interp else BRACKET_BLOCK_S, BAND_REG=band_reg,
+            BLOCK_S=block_s, BAND_REG=band_reg,
             num_warps=4 if interp else cfg.get("scan_warps", BRACKET_SCAN_WARPS))
         return idx, (q_rot_out if rotate else None)
     _bracket_finish_kernel[(B * R,)](
         qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br,
         idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, scale, R, G, S, KMAX, sink_tokens,
         local_window,
-        W * S, KB_MODE=kb_mode, BLOCK_N=32 if interp else 256, BLOCK_S=64 if interp else BRACKET_BLOCK_S,
+        W * S, KB_MODE=kb_mode, BLOCK_N=32 if interp else 256, BLOCK_S=block_s,
         **common, KEYS_WRITTEN=split, BAND_REG=band_reg,
         num_warps=4 if interp else cfg.get("finish_warps", BRACKET_WARPS))
     return idx, (q_rot_out if rotate else None)

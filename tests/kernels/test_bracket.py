@@ -53,7 +53,9 @@ def test_bracket_select(dtype, D, d, g, mode, reduce, S, lens, variant=None):
 # its band in registers and with the band radix select
 VARIANTS = {"no_overlap": dict(overlap=False), "fused": dict(classify="fused"), "radix_band": dict(band_reg=16),
             "scan": dict(classify="scan"), "scan_radix_band": dict(classify="scan", band_reg=16),
-            "scan_no_overlap": dict(classify="scan", overlap=False)}
+            "scan_no_overlap": dict(classify="scan", overlap=False),
+            "finish_in_classify": dict(finish_in_classify=True),
+            "finish_in_classify_radix_band": dict(finish_in_classify=True, band_reg=16)}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -64,7 +66,8 @@ def test_bracket_select_variants(D, d, g, S, lens, variant):
 
 @pytest.mark.parametrize("nsig,variant", [(0.0, None), (4.0, None), (0.0, "no_overlap"), (0.0, "fused"),
                                           (0.0, "radix_band"), (0.0, "scan"), (4.0, "scan"),
-                                          (0.0, "scan_radix_band")])
+                                          (0.0, "scan_radix_band"), (0.0, "finish_in_classify"),
+                                          (4.0, "finish_in_classify_radix_band")])
 def test_bracket_fallback_and_structure(nsig, variant):
     """nsig=0 makes the bracket miss often (the recompute + whole-row fallback runs); rows with a positional trend
     and with periodic structure defeat an evenly spaced sample; per-sequence budgets."""
@@ -112,7 +115,7 @@ def test_bracket_sinks_and_local_window(sink, local, classify, overlap):
     assert out.shape == (B, KVH * g, D) and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("variant", [None, "fused", "radix_band", "scan", "scan_radix_band"])
+@pytest.mark.parametrize("variant", [None, "fused", "radix_band", "scan", "scan_radix_band", "finish_in_classify"])
 def test_bracket_heavy_ties(variant):
     """Keys with few distinct scores: many ties at the k-th value.  Exactly k distinct positions are selected, none
     scoring below the k-th value and none left out above it (the register select takes the first ties it meets)."""
@@ -197,6 +200,23 @@ def test_bracket_scan_deterministic(variant, nsig):
                 if variant == "scan":  # one position-ordered pass (or the whole-row radix select) writes it all
                     assert sel == sorted(sel)
                 assert (idx[b, r, kb:] == -1).all()
+
+
+@pytest.mark.parametrize("variant", [None, "fused", "scan", "finish_in_classify"])
+def test_bracket_odd_workspace(variant):
+    """B x rows x S_max odd (one sequence, 3 KV heads, 301 positions): the 64-bit counters stay 8-byte aligned in
+    the workspace (they came after the odd-sized key region until session 6: a misaligned atomic on the GPU)."""
+    torch.manual_seed(3)
+    B, KVH, g, S, D, d = 1, 3, 3, 301, 64, 8
+    k_lr, _, _, lengths = random_cache(B, KVH, S, D, d, torch.float32, DEV, lengths=[301])
+    q = torch.randn(B, KVH * g, D, device=DEV)
+    P = random_orthonormal(KVH, D, DEV)
+    ref = _ref(q, P, k_lr, lengths, "group", "max")
+    for k in (1, 40, 0.25):
+        idx, _ = loki_select_bracket(q, k_lr, lengths, k, P=P, strict=False, **VARIANTS.get(variant, {}))
+        kb = budgets_ref(k if isinstance(k, int) else int(fraction_budget(k, lengths)[0]), lengths.cpu())
+        n, exact = check_selection(idx, ref, lengths.cpu(), kb, tol=_tol(ref))
+        assert exact >= n // 2
 
 
 def test_bracket_fraction_budget_errors():
