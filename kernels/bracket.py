@@ -47,7 +47,7 @@ from .scores import _load_q_lr_T, _rotate_heads, _row_of, _score_tile, _split_hi
 from .topk import _bit_length, _bracket_of_sample, _key_of, _radix_select, check_select_inputs
 
 
-BR_STRIDE: tl.constexpr = 8  # per score row: lo, hi, #above, #band (int64-aligned pair), classify programs done, pad
+BR_STRIDE = tl.constexpr(8)  # per score row: lo, hi, #above, #band (int64-aligned pair), classify programs done, pad
 
 
 @triton.jit
