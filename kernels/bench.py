@@ -382,8 +382,7 @@ def attention_probe(rep, log, copy_bw):
 
 # ablation of the bracket path's options (module defaults set per variant); name -> settings
 _V7 = dict(BRACKET_OVERLAP=True, FOLD_COMBINE=True, BRACKET_SAMPLE=1024, BRACKET_SAMPLE_DIV=64,
-           BRACKET_CLASSIFY="split", BRACKET_FINISH_IN_CLASSIFY=False, BRACKET_CLASSIFY_BLOCK=1024,
-           BRACKET_CLASSIFY_WARPS=4)
+           BRACKET_CLASSIFY="split", BRACKET_CLASSIFY_BLOCK=1024, BRACKET_CLASSIFY_WARPS=4)
 VARIANTS = {
     "v6": dict(BRACKET_OVERLAP=False, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
     "overlap": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
@@ -401,11 +400,6 @@ VARIANTS = {
     "scan_w4": dict(_V7, BRACKET_CLASSIFY="scan", BRACKET_SCAN_BLOCK=4096, BRACKET_SCAN_WARPS=4),
     "scan_w16": dict(_V7, BRACKET_CLASSIFY="scan", BRACKET_SCAN_BLOCK=4096, BRACKET_SCAN_WARPS=16),
     "scan_b8192_w16": dict(_V7, BRACKET_CLASSIFY="scan", BRACKET_SCAN_BLOCK=8192, BRACKET_SCAN_WARPS=16),
-    # the band select run by the last classify program of each row (no finish kernel), classify tiles
-    "fin": dict(_V7, BRACKET_FINISH_IN_CLASSIFY=True),
-    "fin_w8": dict(_V7, BRACKET_FINISH_IN_CLASSIFY=True, BRACKET_CLASSIFY_WARPS=8),
-    "fin_b2048_w8": dict(_V7, BRACKET_FINISH_IN_CLASSIFY=True, BRACKET_CLASSIFY_BLOCK=2048, BRACKET_CLASSIFY_WARPS=8),
-    "fin_b512": dict(_V7, BRACKET_FINISH_IN_CLASSIFY=True, BRACKET_CLASSIFY_BLOCK=512),
 }
 
 
@@ -414,8 +408,8 @@ def variant_sweep(rep, log, grid, names):
     import kernels.loki as loki_mod
     mods = dict(BRACKET_OVERLAP=bracket_mod, FOLD_COMBINE=loki_mod, BRACKET_SAMPLE=bracket_mod,
                 BRACKET_SAMPLE_DIV=bracket_mod, BRACKET_CLASSIFY=bracket_mod, BRACKET_SCAN_BLOCK=bracket_mod,
-                BRACKET_SCAN_WARPS=bracket_mod, BRACKET_FINISH_IN_CLASSIFY=bracket_mod,
-                BRACKET_CLASSIFY_BLOCK=bracket_mod, BRACKET_CLASSIFY_WARPS=bracket_mod)
+                BRACKET_SCAN_WARPS=bracket_mod, BRACKET_CLASSIFY_BLOCK=bracket_mod,
+                BRACKET_CLASSIFY_WARPS=bracket_mod)
     saved = {k_: getattr(m, k_) for k_, m in mods.items()}
     rows = []
     for B, S in grid:

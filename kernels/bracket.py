@@ -47,7 +47,7 @@ from .scores import _load_q_lr_T, _rotate_heads, _row_of, _score_tile, _split_hi
 from .topk import _bit_length, _bracket_of_sample, _key_of, _radix_select, check_select_inputs
 
 
-BR_STRIDE = tl.constexpr(8)  # per score row: lo, hi, #above, #band (int64-aligned pair), classify programs done, pad
+BR_STRIDE = tl.constexpr(4)  # per score row: lo, hi, #above, #band (the two counters: one int64-aligned pair)
 
 
 @triton.jit
@@ -103,7 +103,6 @@ def _bracket_row(pid, b, h0, kvh, n, kb, qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b,
     tl.store(br + 1, hi_key.to(tl.int32, bitcast=True))
     tl.store(br + 2, 0)
     tl.store(br + 3, 0)
-    tl.store(br + 4, 0)
     if ZERO_AC:
         tl.store(ac_ptr + pid, 0)
 
@@ -193,39 +192,26 @@ def _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, KMAX
 
 
 @triton.jit
-def _bracket_classify_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, kb_ptr, K_INT, FRAC_BITS, FORCED, R, S_MAX,
-                             KMAX, WS_ROW, KB_MODE: tl.constexpr, BLOCK_C: tl.constexpr, FINISH: tl.constexpr,
-                             BLOCK_S: tl.constexpr, BAND_REG: tl.constexpr):
-    """classify="split": the keys the scoring kernel wrote, classified by many programs per row.  FINISH (session
-    6): the row's last classify program to finish (an acq_rel counter the bracket programs zero) selects the band
-    (`_finish_written`) instead of a kernel of its own: one launch fewer, and each row's band select starts as soon
-    as that row is classified."""
+def _bracket_classify_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, R, S_MAX, KMAX, WS_ROW,
+                             BLOCK_C: tl.constexpr):
+    """classify="split": the keys the scoring kernel wrote, classified by many programs per row."""
     pid = tl.program_id(0)
     tb = tl.program_id(1)
     b = pid // R
     r = pid % R
     n = tl.maximum(tl.minimum(tl.load(len_ptr + b).to(tl.int32), S_MAX), 0)
     start = tb * BLOCK_C
-    if (start < n) | (FINISH & (tb == 0)):  # (an empty row's program 0 still finishes it)
+    if start < n:
         br = br_ptr + pid * BR_STRIDE
         lo_key = tl.load(br).to(tl.uint32, bitcast=True)
         hi_key = tl.load(br + 1).to(tl.uint32, bitcast=True)
         cnt_ptr = (br + 2).to(tl.pointer_type(tl.int64))
         bkey = ws_ptr + pid.to(tl.int64) * WS_ROW
         bidx = bkey + S_MAX
-        o_row = out_ptr + b * so_b + r * so_r
         offs = start + tl.arange(0, BLOCK_C)
         valid = offs < n
         key = tl.load(bkey + 2 * S_MAX + offs, mask=valid, other=0).to(tl.uint32, bitcast=True)
-        _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, KMAX)
-        if FINISH:
-            tl.debug_barrier()  # every thread's band / output stores come before the release below
-            done = tl.atomic_add(br + 4, 1, sem="acq_rel")
-            if done == tl.maximum(tl.cdiv(n, BLOCK_C), 1) - 1:
-                cnt = tl.atomic_add(cnt_ptr, 0, sem="relaxed")  # from L2 (this SM's L1 may hold the line stale)
-                _, kb = _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_BITS, FORCED, S_MAX, KMAX, KB_MODE)
-                _finish_written(n, kb, lo_key, hi_key, (cnt & 0xFFFFFFFF).to(tl.int32), (cnt >> 32).to(tl.int32),
-                                bkey, bidx, o_row, S_MAX, KMAX, BLOCK_S, BAND_REG)
+        _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, out_ptr + b * so_b + r * so_r, bkey, bidx, KMAX)
 
 
 @triton.jit
@@ -439,7 +425,6 @@ BRACKET_SCAN_WARPS = 8
 CLASSIFY_MODES = ("split", "fused", "scan")
 BRACKET_CLASSIFY_BLOCK = 1024  # keys per program of the classify kernel (1024-2048 within 1%, 32K tune, session 5)
 BRACKET_CLASSIFY_WARPS = 4
-BRACKET_FINISH_IN_CLASSIFY = False  # session 6: the last classify program of each row selects its band (no finish kernel)
 BRACKET_OVERLAP = True  # session 5: brackets written by extra programs of the scoring kernel (split only)
 BRACKET_BAND_REG = 8192  # largest band selected in registers (bit-by-bit counting); larger: radix select
 BRACKET_SCORE_CONFIG = {0: dict(block_n=256, tiles=2, num_warps=4), 32: dict(block_n=128, tiles=4, num_warps=4)}
@@ -471,7 +456,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
                         sample: int | None = None, nsig: float | None = None,
                         workspace: torch.Tensor | None = None, stages: int = 4, classify: str | None = None,
                         band_reg: int | None = None, overlap: bool | None = None,
-                        attn_counters: torch.Tensor | None = None, finish_in_classify: bool | None = None):
+                        attn_counters: torch.Tensor | None = None):
     """(Rotate q) + scores + exact top-k, each step spread over many programs per row (see module doc).
 
     Same contract as `topk.loki_select`: q (B, H, D) raw queries when P (KVH, D, D) is given (q' = q @ P is
@@ -482,7 +467,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     sink_tokens / local_window: the first / last positions of each sequence are always selected (they count
     towards the budget).  Returns
     (idx (B, R, k_max) int32 padded with -1, q_rot (B, H, D) fp32 or None).  ``workspace``: optional int32
-    buffer of >= B*R*(W*S_max + 8) elements (bracket and counters, band keys and positions[, row keys]), W = 3
+    buffer of >= B*R*(W*S_max + 4) elements (bracket and counters, band keys and positions[, row keys]), W = 3
     with classify="split", 2 with "fused".
     classify: "split" (the scoring kernel writes every key, a second many-program kernel classifies them),
     "fused" (the scoring kernel classifies on the spot) or "scan" (the scoring kernel writes every key, one program
@@ -527,13 +512,13 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     split = classify != "fused"  # split and scan: the scoring kernel writes every key
     overlap = split and (BRACKET_OVERLAP if overlap is None else bool(overlap))
     W = 3 if split else 2
-    n_ws = B * R * (W * S + 8)
+    n_ws = B * R * (W * S + 4)
     if workspace is None:
         workspace = torch.empty(n_ws, dtype=torch.int32, device=k_lr.device)
     check(workspace.dtype == torch.int32 and workspace.is_contiguous() and workspace.numel() >= n_ws
           and workspace.device == k_lr.device and workspace.data_ptr() % 8 == 0,
           f"workspace must be a contiguous, 8-byte aligned int32 tensor of >= {n_ws} elements on {k_lr.device}")
-    br, ws = workspace[:B * R * 8], workspace[B * R * 8:n_ws]  # (the brackets first: int64-aligned counters)
+    br, ws = workspace[:B * R * 4], workspace[B * R * 4:n_ws]  # (the brackets first: int64-aligned counters)
     idx = torch.empty(B, R, KMAX, dtype=torch.int32, device=k_lr.device)
     zero_ac = attn_counters is not None
     if zero_ac:
@@ -579,15 +564,12 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     if stages < 3:
         return idx, (q_rot_out if rotate else None)
     block_s = 64 if interp else BRACKET_BLOCK_S
-    finish = classify == "split" and (BRACKET_FINISH_IN_CLASSIFY if finish_in_classify is None
-                                      else bool(finish_in_classify))
     if classify == "split":
         block_c = 64 if interp else cfg.get("classify_block", BRACKET_CLASSIFY_BLOCK)
-        _bracket_classify_kernel[(B * R, max(1, triton.cdiv(S, block_c)))](
-            ws, br, idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, R, S, KMAX, W * S,
-            KB_MODE=kb_mode, BLOCK_C=block_c, FINISH=finish, BLOCK_S=block_s, BAND_REG=band_reg,
+        _bracket_classify_kernel[(B * R, triton.cdiv(S, block_c))](
+            ws, br, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, W * S, BLOCK_C=block_c,
             num_warps=4 if interp else cfg.get("classify_warps", BRACKET_CLASSIFY_WARPS))
-    if stages < 4 or finish:
+    if stages < 4:
         return idx, (q_rot_out if rotate else None)
     if classify == "scan":
         _bracket_scan_kernel[(B * R,)](

@@ -53,9 +53,7 @@ def test_bracket_select(dtype, D, d, g, mode, reduce, S, lens, variant=None):
 # its band in registers and with the band radix select
 VARIANTS = {"no_overlap": dict(overlap=False), "fused": dict(classify="fused"), "radix_band": dict(band_reg=16),
             "scan": dict(classify="scan"), "scan_radix_band": dict(classify="scan", band_reg=16),
-            "scan_no_overlap": dict(classify="scan", overlap=False),
-            "finish_in_classify": dict(finish_in_classify=True),
-            "finish_in_classify_radix_band": dict(finish_in_classify=True, band_reg=16)}
+            "scan_no_overlap": dict(classify="scan", overlap=False)}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -66,8 +64,7 @@ def test_bracket_select_variants(D, d, g, S, lens, variant):
 
 @pytest.mark.parametrize("nsig,variant", [(0.0, None), (4.0, None), (0.0, "no_overlap"), (0.0, "fused"),
                                           (0.0, "radix_band"), (0.0, "scan"), (4.0, "scan"),
-                                          (0.0, "scan_radix_band"), (0.0, "finish_in_classify"),
-                                          (4.0, "finish_in_classify_radix_band")])
+                                          (0.0, "scan_radix_band")])
 def test_bracket_fallback_and_structure(nsig, variant):
     """nsig=0 makes the bracket miss often (the recompute + whole-row fallback runs); rows with a positional trend
     and with periodic structure defeat an evenly spaced sample; per-sequence budgets."""
@@ -115,7 +112,7 @@ def test_bracket_sinks_and_local_window(sink, local, classify, overlap):
     assert out.shape == (B, KVH * g, D) and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("variant", [None, "fused", "radix_band", "scan", "scan_radix_band", "finish_in_classify"])
+@pytest.mark.parametrize("variant", [None, "fused", "radix_band", "scan", "scan_radix_band"])
 def test_bracket_heavy_ties(variant):
     """Keys with few distinct scores: many ties at the k-th value.  Exactly k distinct positions are selected, none
     scoring below the k-th value and none left out above it (the register select takes the first ties it meets)."""
@@ -202,7 +199,7 @@ def test_bracket_scan_deterministic(variant, nsig):
                 assert (idx[b, r, kb:] == -1).all()
 
 
-@pytest.mark.parametrize("variant", [None, "fused", "scan", "finish_in_classify"])
+@pytest.mark.parametrize("variant", [None, "fused", "scan", "no_overlap"])
 def test_bracket_odd_workspace(variant):
     """B x rows x S_max odd (one sequence, 3 KV heads, 301 positions): the 64-bit counters stay 8-byte aligned in
     the workspace (they came after the odd-sized key region until session 6: a misaligned atomic on the GPU)."""
