@@ -142,15 +142,11 @@ def _combine_head(mp_ptr, lp_ptr, op_ptr, o_head, hd, NSPLIT, NS_PAD: tl.constex
     sm = s < NSPLIT
     dd = tl.arange(0, BLOCK_D)
     amask = sm[:, None] & (dd < D)[None, :]
-    if BYPASS_L1:  # written by other programs: read through L2 (".cg"), not a possibly stale L1 line
-        m = tl.load(mp_ptr + hd * NSPLIT + s, mask=sm, other=-1.0e30, cache_modifier=".cg")
-        l = tl.load(lp_ptr + hd * NSPLIT + s, mask=sm, other=0.0, cache_modifier=".cg")
-        acc = tl.load(op_ptr + (hd * NSPLIT + s)[:, None] * D + dd[None, :], mask=amask, other=0.0,
-                      cache_modifier=".cg")
-    else:
-        m = tl.load(mp_ptr + hd * NSPLIT + s, mask=sm, other=-1.0e30)
-        l = tl.load(lp_ptr + hd * NSPLIT + s, mask=sm, other=0.0)
-        acc = tl.load(op_ptr + (hd * NSPLIT + s)[:, None] * D + dd[None, :], mask=amask, other=0.0)
+    # BYPASS_L1: written by other programs of the same kernel: read through L2 (".cg"), not a possibly stale L1 line
+    m = tl.load(mp_ptr + hd * NSPLIT + s, mask=sm, other=-1.0e30, cache_modifier=".cg" if BYPASS_L1 else "")
+    l = tl.load(lp_ptr + hd * NSPLIT + s, mask=sm, other=0.0, cache_modifier=".cg" if BYPASS_L1 else "")
+    acc = tl.load(op_ptr + (hd * NSPLIT + s)[:, None] * D + dd[None, :], mask=amask, other=0.0,
+                  cache_modifier=".cg" if BYPASS_L1 else "")
     mx = tl.max(m, axis=0)
     w = tl.where(sm, tl.exp2(m - mx), 0.0)
     L = tl.sum(w * l, axis=0)
