@@ -112,18 +112,23 @@ def test_bracket_sinks_and_local_window(sink, local, classify, overlap):
     assert out.shape == (B, KVH * g, D) and torch.isfinite(out).all()
 
 
+def _tied_case(seed, lens):
+    """Integer keys and queries on an identity basis: few distinct scores, heavy ties.  (q, k_lr, lengths, P, ref)"""
+    torch.manual_seed(seed)
+    B, KVH, g, S, D, d = len(lens), 2, 2, 300, 64, 8
+    k_lr = torch.randint(-2, 3, (B, KVH, S, d)).float().to(DEV)
+    lengths = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    q = torch.zeros(B, KVH * g, D, device=DEV)
+    q[..., :d] = torch.randint(-1, 2, (B, KVH * g, d)).float()
+    P = torch.eye(D, device=DEV).expand(KVH, D, D).contiguous()
+    return q, k_lr, lengths, P, _ref(q, P, k_lr, lengths, "group", "max")
+
+
 @pytest.mark.parametrize("variant", [None, "fused", "radix_band", "scan", "scan_radix_band"])
 def test_bracket_heavy_ties(variant):
     """Keys with few distinct scores: many ties at the k-th value.  Exactly k distinct positions are selected, none
     scoring below the k-th value and none left out above it (the register select takes the first ties it meets)."""
-    torch.manual_seed(5)
-    B, KVH, g, S, D, d = 2, 2, 2, 300, 64, 8
-    k_lr = torch.randint(-2, 3, (B, KVH, S, d)).float().to(DEV)
-    lengths = torch.tensor([300, 280], dtype=torch.int32, device=DEV)
-    q = torch.zeros(B, KVH * g, D, device=DEV)
-    q[..., :d] = torch.randint(-1, 2, (B, KVH * g, d)).float()
-    P = torch.eye(D, device=DEV).expand(KVH, D, D).contiguous()
-    ref = _ref(q, P, k_lr, lengths, "group", "max")
+    q, k_lr, lengths, P, ref = _tied_case(5, [300, 280])
     for k in (1, 37, 150):
         idx, _ = loki_select_bracket(q, k_lr, lengths, k, P=P, strict=False, **VARIANTS.get(variant, {}))
         check_selection(idx, ref, lengths.cpu(), budgets_ref(k, lengths.cpu()), tol=1e-6)
@@ -170,15 +175,9 @@ def test_bracket_fraction_budget(frac, sink, local, classify):
 def test_bracket_scan_deterministic(variant, nsig):
     """classify="scan" selects in position order, the same on every call, and breaks ties at the k-th value by
     position: exactly the stable top-k (score descending, then position ascending) of the reference, on keys with
-    heavy ties and on random ones, through every branch (band in registers, band radix select, missed bracket)."""
-    torch.manual_seed(17)
-    B, KVH, g, S, D, d = 2, 2, 2, 300, 64, 8
-    k_lr = torch.randint(-2, 3, (B, KVH, S, d)).float().to(DEV)
-    lengths = torch.tensor([300, 270], dtype=torch.int32, device=DEV)
-    q = torch.zeros(B, KVH * g, D, device=DEV)
-    q[..., :d] = torch.randint(-1, 2, (B, KVH * g, d)).float()
-    P = torch.eye(D, device=DEV).expand(KVH, D, D).contiguous()
-    ref = _ref(q, P, k_lr, lengths, "group", "max")
+    heavy ties, through every branch (band in registers, band radix select, missed bracket with nsig = 0)."""
+    q, k_lr, lengths, P, ref = _tied_case(17, [300, 270])
+    B, KVH = k_lr.shape[:2]
     # "scan": registers wide enough for any band here (the interpreter's default, 128, would send wide bands to the
     # radix select, which appends the band's part after the keys above the bracket)
     opts = dict(VARIANTS[variant], **({"band_reg": 512} if variant == "scan" else {}))
