@@ -52,8 +52,7 @@ def test_bracket_select(dtype, D, d, g, mode, reduce, S, lens, variant=None):
 # the scoring kernel, the radix select for bands larger than band_reg, and the one-program-per-row scan (v8), with
 # its band in registers and with the band radix select
 VARIANTS = {"no_overlap": dict(overlap=False), "fused": dict(classify="fused"), "radix_band": dict(band_reg=16),
-            "scan": dict(classify="scan"), "scan_radix_band": dict(classify="scan", band_reg=16),
-            "scan_no_overlap": dict(classify="scan", overlap=False)}
+            "scan": dict(classify="scan"), "scan_radix_band": dict(classify="scan", band_reg=16)}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -63,8 +62,7 @@ def test_bracket_select_variants(D, d, g, S, lens, variant):
 
 
 @pytest.mark.parametrize("nsig,variant", [(0.0, None), (4.0, None), (0.0, "no_overlap"), (0.0, "fused"),
-                                          (0.0, "radix_band"), (0.0, "scan"), (4.0, "scan"),
-                                          (0.0, "scan_radix_band")])
+                                          (0.0, "radix_band"), (0.0, "scan")])
 def test_bracket_fallback_and_structure(nsig, variant):
     """nsig=0 makes the bracket miss often (the recompute + whole-row fallback runs); rows with a positional trend
     and with periodic structure defeat an evenly spaced sample; per-sequence budgets."""
@@ -87,8 +85,7 @@ def test_bracket_fallback_and_structure(nsig, variant):
 
 @pytest.mark.parametrize("sink,local,classify,overlap", [(4, 16, "split", True), (0, 7, "split", True),
                                                           (40, 200, "split", True), (4, 16, "split", False),
-                                                          (4, 16, "fused", False), (4, 16, "scan", True),
-                                                          (40, 200, "scan", True)])
+                                                          (4, 16, "fused", False), (40, 200, "scan", True)])
 def test_bracket_sinks_and_local_window(sink, local, classify, overlap):
     """Sink tokens and the local window are always selected and count towards the budget (as select_topk)."""
     torch.manual_seed(sink + local)
@@ -124,7 +121,7 @@ def _tied_case(seed, lens):
     return q, k_lr, lengths, P, _ref(q, P, k_lr, lengths, "group", "max")
 
 
-@pytest.mark.parametrize("variant", [None, "fused", "radix_band", "scan", "scan_radix_band"])
+@pytest.mark.parametrize("variant", [None, "fused", "radix_band"])  # (classify="scan": test_bracket_scan_deterministic)
 def test_bracket_heavy_ties(variant):
     """Keys with few distinct scores: many ties at the k-th value.  Exactly k distinct positions are selected, none
     scoring below the k-th value and none left out above it (the register select takes the first ties it meets)."""
@@ -135,8 +132,7 @@ def test_bracket_heavy_ties(variant):
 
 
 @pytest.mark.parametrize("frac,sink,local,classify", [(0.1, 0, 0, None), (0.125, 0, 0, None), (1 / 3, 4, 16, None),
-                                                     (1.0, 0, 0, None), (0.01, 40, 200, None), (0.125, 0, 0, "scan"),
-                                                     (1 / 3, 4, 16, "scan"), (1.0, 0, 0, "scan")])
+                                                     (1.0, 0, 0, None), (0.01, 40, 200, None), (1 / 3, 4, 16, "scan")])
 def test_bracket_fraction_budget(frac, sink, local, classify):
     """A float budget is ceil(frac * n_b) per sequence (float64, raised to the forced count), computed inside the
     kernels: the same selections as the int tensor `fraction_budget` gives, on ragged lengths (incl. 1 and 0)."""
@@ -170,8 +166,7 @@ def test_bracket_fraction_budget(frac, sink, local, classify):
     assert i_d.shape[-1] >= k_max and torch.equal(i_d[..., :k_max].sort(-1).values, i_f.sort(-1).values)
 
 
-@pytest.mark.parametrize("variant", ["scan", "scan_radix_band"])
-@pytest.mark.parametrize("nsig", [4.0, 0.0])
+@pytest.mark.parametrize("variant,nsig", [("scan", 4.0), ("scan_radix_band", 0.0)])
 def test_bracket_scan_deterministic(variant, nsig):
     """classify="scan" selects in position order, the same on every call, and breaks ties at the k-th value by
     position: exactly the stable top-k (score descending, then position ascending) of the reference, on keys with
@@ -198,7 +193,7 @@ def test_bracket_scan_deterministic(variant, nsig):
                 assert (idx[b, r, kb:] == -1).all()
 
 
-@pytest.mark.parametrize("variant", [None, "fused", "scan", "no_overlap"])
+@pytest.mark.parametrize("variant", [None, "scan"])
 def test_bracket_odd_workspace(variant):
     """B x rows x S_max odd (one sequence, 3 KV heads, 301 positions): the 64-bit counters stay 8-byte aligned in
     the workspace (they came after the odd-sized key region until session 6: a misaligned atomic on the GPU)."""
