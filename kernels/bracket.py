@@ -270,60 +270,49 @@ def _bracket_finish_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
     bkey = ws_ptr + pid.to(tl.int64) * WS_ROW
     bidx = bkey + S_MAX
     o_row = out_ptr + b * so_b + r * so_r
-    if KEYS_WRITTEN:
-        _finish_written(n, kb, lo_key, hi_key, c_gt, c_band, bkey, bidx, o_row, S_MAX, KMAX, BLOCK_S, BAND_REG)
-    else:
-        if (c_gt <= kb) & (kb <= c_gt + c_band):
-            _select_band(bkey, bidx, c_band, kb - c_gt, o_row + c_gt, lo_key, hi_key, BLOCK_S, BAND_REG)
-        else:  # the bracket missed: recompute the row's keys, exact radix select over the whole row
-            qT = _load_q_lr_T(qrot_ptr, sqr_b, sqr_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
-            qT_hi, qT_lo = _split_hi_lo(qT, klr_ptr.dtype.element_ty)
-            k_base = klr_ptr + b * slr_b + kvh * slr_h
-            for start in range(0, n, BLOCK_N):
-                offs = start + tl.arange(0, BLOCK_N)
-                valid = offs < n
-                sc = _score_tile(k_base, slr_s, offs, valid, qT, qT_hi, qT_lo, D_LR, BLOCK_DL, HPR, G_PAD, K_FP32,
-                                 REDUCE_MAX)
-                key = _key_of(_forced(sc, offs, n, SINK, LOCAL))
-                tl.store(bkey + offs, key.to(tl.int32, bitcast=True), mask=valid)
-            tl.debug_barrier()  # keys written by all threads are read back by all threads
-            _radix_select(bkey, bkey, n, kb, o_row, tl.full([], 32, tl.int32), tl.zeros([], dtype=tl.uint32),
-                          HAS_IDX=False, SRC_KEYS=True, BLOCK_S=BLOCK_S)
-        _fill_padding(o_row, kb, KMAX, BLOCK_S)
+    if (c_gt <= kb) & (kb <= c_gt + c_band):
+        rr = kb - c_gt
+        if rr > 0:
+            hb, prefix = _band_prefix(lo_key, hi_key)
+            if c_band <= BAND_REG:
+                _select_in_registers(bkey, bidx, c_band, rr, o_row + c_gt, hb, prefix, BAND_REG)
+            else:
+                _radix_select(bkey, bidx, c_band, rr, o_row + c_gt, hb, prefix, HAS_IDX=True, SRC_KEYS=True,
+                              BLOCK_S=BLOCK_S)
+    elif KEYS_WRITTEN:  # the bracket missed; the scoring kernel wrote every key: radix select over the row
+        _radix_select(bkey + 2 * S_MAX, bkey, n, kb, o_row, tl.full([], 32, tl.int32), tl.zeros([], dtype=tl.uint32),
+                      HAS_IDX=False, SRC_KEYS=True, BLOCK_S=BLOCK_S)
+    else:  # the bracket missed: recompute the row's keys, exact radix select over the whole row
+        qT = _load_q_lr_T(qrot_ptr, sqr_b, sqr_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
+        qT_hi, qT_lo = _split_hi_lo(qT, klr_ptr.dtype.element_ty)
+        k_base = klr_ptr + b * slr_b + kvh * slr_h
+        for start in range(0, n, BLOCK_N):
+            offs = start + tl.arange(0, BLOCK_N)
+            valid = offs < n
+            sc = _score_tile(k_base, slr_s, offs, valid, qT, qT_hi, qT_lo, D_LR, BLOCK_DL, HPR, G_PAD, K_FP32,
+                             REDUCE_MAX)
+            key = _key_of(_forced(sc, offs, n, SINK, LOCAL))
+            tl.store(bkey + offs, key.to(tl.int32, bitcast=True), mask=valid)
+        tl.debug_barrier()  # keys written by all threads are read back by all threads
+        _radix_select(bkey, bkey, n, kb, o_row, tl.full([], 32, tl.int32), tl.zeros([], dtype=tl.uint32),
+                      HAS_IDX=False, SRC_KEYS=True, BLOCK_S=BLOCK_S)
+    _fill_padding(o_row, kb, KMAX, BLOCK_S)
 
 
 @triton.jit
-def _select_band(bkey, bidx, c_band, rr, out_ptr, lo_key, hi_key, BLOCK_S: tl.constexpr, BAND_REG: tl.constexpr):
-    """out[0:rr] = the positions of the rr largest band keys (nothing when rr == 0): in registers up to BAND_REG
-    keys, else the radix select."""
-    if rr > 0:
-        hb = _bit_length(lo_key ^ hi_key)
-        prefix = tl.where(hb >= 32, 0, hi_key >> tl.minimum(hb, 31).to(tl.uint32))
-        if c_band <= BAND_REG:
-            _select_in_registers(bkey, bidx, c_band, rr, out_ptr, hb, prefix, BAND_REG)
-        else:
-            _radix_select(bkey, bidx, c_band, rr, out_ptr, hb, prefix, HAS_IDX=True, SRC_KEYS=True, BLOCK_S=BLOCK_S)
+def _band_prefix(lo_key, hi_key):
+    """(hb, prefix): every key of the bracket [lo, hi] shares its top 32 - hb bits, `prefix`."""
+    hb = _bit_length(lo_key ^ hi_key)
+    return hb, tl.where(hb >= 32, 0, hi_key >> tl.minimum(hb, 31).to(tl.uint32))
 
 
 @triton.jit
 def _fill_padding(o_row, kb, KMAX, BLOCK_S: tl.constexpr):
+    """o_row[kb:KMAX] = -1."""
     ar = tl.arange(0, BLOCK_S)
     for start in range(kb, KMAX, BLOCK_S):
         offs = start + ar
         tl.store(o_row + offs, tl.full([BLOCK_S], -1, o_row.dtype.element_ty), mask=offs < KMAX)
-
-
-@triton.jit
-def _finish_written(n, kb, lo_key, hi_key, c_gt, c_band, bkey, bidx, o_row, S_MAX, KMAX, BLOCK_S: tl.constexpr,
-                    BAND_REG: tl.constexpr):
-    """A classified row whose keys the scoring kernel wrote: the band's share of the budget when the bracket holds
-    the k-th key, else an exact radix select over the row's keys; then the -1 padding."""
-    if (c_gt <= kb) & (kb <= c_gt + c_band):
-        _select_band(bkey, bidx, c_band, kb - c_gt, o_row + c_gt, lo_key, hi_key, BLOCK_S, BAND_REG)
-    else:  # the bracket missed: radix select over the row
-        _radix_select(bkey + 2 * S_MAX, bkey, n, kb, o_row, tl.full([], 32, tl.int32), tl.zeros([], dtype=tl.uint32),
-                      HAS_IDX=False, SRC_KEYS=True, BLOCK_S=BLOCK_S)
-    _fill_padding(o_row, kb, KMAX, BLOCK_S)
 
 
 @triton.jit
@@ -386,8 +375,7 @@ def _bracket_scan_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, kb_ptr, K
     if (c_gt <= kb) & (kb <= c_gt + c_band):
         rr = kb - c_gt
         if rr > 0:
-            hb = _bit_length(lo_key ^ hi_key)
-            prefix = tl.where(hb >= 32, 0, hi_key >> tl.minimum(hb, 31).to(tl.uint32))
+            hb, prefix = _band_prefix(lo_key, hi_key)
             if c_band <= BAND_REG:
                 thr, p_last = _threshold_in_registers(bkey, bidx, c_band, rr, hb, prefix, BAND_REG)
             else:  # pass 2 below writes the keys above the bracket, the radix select the band's rr after them
