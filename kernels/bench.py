@@ -381,9 +381,23 @@ def attention_probe(rep, log, copy_bw):
 
 
 # ablation of the bracket path's options (module defaults set per variant); name -> settings
+# (a variant inherits what the previous one set and it does not: _V7 names every setting the later ones change)
 _V7 = dict(BRACKET_OVERLAP=True, FOLD_COMBINE=True, BRACKET_SAMPLE=1024, BRACKET_SAMPLE_DIV=64,
-           BRACKET_CLASSIFY="split", BRACKET_CLASSIFY_BLOCK=1024, BRACKET_CLASSIFY_WARPS=4)
+           BRACKET_CLASSIFY="split", BRACKET_CLASSIFY_BLOCK=1024, BRACKET_CLASSIFY_WARPS=4, BRACKET_EARLY_EXIT=True,
+           BRACKET_BAND_REG=8192, BRACKET_SCORE_CONFIG={0: dict(block_n=256, tiles=2, num_warps=4),
+                                                        32: dict(block_n=128, tiles=4, num_warps=4)})
 _SCAN = dict(_V7, BRACKET_CLASSIFY="scan")
+
+
+def _pipe(stages, programs, tiles=(1, 1)):
+    """Scoring configs of the software-pipelined tile loop: `stages`, about `programs` programs in all, at least
+    `tiles` (d < 32, d >= 32) tiles each."""
+    return {0: dict(block_n=256, tiles=tiles[0], num_warps=4, stages=stages, programs=programs),
+            32: dict(block_n=128, tiles=tiles[1], num_warps=4, stages=stages, programs=programs)}
+
+
+_S7 = dict(_V7, BRACKET_BAND_REG=16384, BRACKET_SCORE_CONFIG=_pipe(3, 4096))  # session 7 candidates
+_S7_DEFAULT = dict(_V7, BRACKET_BAND_REG=16384, BRACKET_SCORE_CONFIG=_pipe(3, 4096, (2, 4)))  # the session 7 defaults
 VARIANTS = {
     "v6": dict(BRACKET_OVERLAP=False, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
     "overlap": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
@@ -401,6 +415,23 @@ VARIANTS = {
     "scan_w4": dict(_SCAN, BRACKET_SCAN_BLOCK=4096, BRACKET_SCAN_WARPS=4),
     "scan_w16": dict(_SCAN, BRACKET_SCAN_BLOCK=4096, BRACKET_SCAN_WARPS=16),
     "scan_b8192_w16": dict(_SCAN, BRACKET_SCAN_BLOCK=8192, BRACKET_SCAN_WARPS=16),
+    # session 7: the bit-by-bit band select with and without its early exit; 16K-key band registers; the scoring
+    # kernel's software-pipelined loop (stages, total programs)
+    "early": dict(_V7, BRACKET_EARLY_EXIT=True),
+    "noearly": dict(_V7, BRACKET_EARLY_EXIT=False),
+    "band16k": dict(_V7, BRACKET_BAND_REG=16384),
+    "s2048_div32": dict(_V7, BRACKET_SAMPLE=2048, BRACKET_SAMPLE_DIV=32),
+    **{f"pipe{st}_p{p}": dict(_V7, BRACKET_SCORE_CONFIG=_pipe(st, p)) for st, p in
+       ((2, 1024), (3, 1024), (3, 2048), (4, 2048), (3, 4096))},
+    "pipe3_p2048_bn64": dict(_V7, BRACKET_SCORE_CONFIG={
+        0: dict(block_n=128, tiles=1, num_warps=4, stages=3, programs=2048),
+        32: dict(block_n=64, tiles=1, num_warps=4, stages=3, programs=2048)}),
+    "s7": _S7,
+    "s7_default": _S7_DEFAULT,
+    "s7_p8192": dict(_S7, BRACKET_SCORE_CONFIG=_pipe(3, 8192)),
+    "s7_c2048_w8": dict(_S7, BRACKET_CLASSIFY_BLOCK=2048, BRACKET_CLASSIFY_WARPS=8),
+    "s7_c4096_w8": dict(_S7, BRACKET_CLASSIFY_BLOCK=4096, BRACKET_CLASSIFY_WARPS=8),
+    "s7_c512_w4": dict(_S7, BRACKET_CLASSIFY_BLOCK=512, BRACKET_CLASSIFY_WARPS=4),
 }
 
 
@@ -410,7 +441,8 @@ def variant_sweep(rep, log, grid, names):
     mods = dict(BRACKET_OVERLAP=bracket_mod, FOLD_COMBINE=loki_mod, BRACKET_SAMPLE=bracket_mod,
                 BRACKET_SAMPLE_DIV=bracket_mod, BRACKET_CLASSIFY=bracket_mod, BRACKET_SCAN_BLOCK=bracket_mod,
                 BRACKET_SCAN_WARPS=bracket_mod, BRACKET_CLASSIFY_BLOCK=bracket_mod,
-                BRACKET_CLASSIFY_WARPS=bracket_mod)
+                BRACKET_CLASSIFY_WARPS=bracket_mod, BRACKET_EARLY_EXIT=bracket_mod, BRACKET_BAND_REG=bracket_mod,
+                BRACKET_SCORE_CONFIG=bracket_mod)
     saved = {k_: getattr(m, k_) for k_, m in mods.items()}
     rows = []
     for B, S in grid:

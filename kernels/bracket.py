@@ -131,13 +131,15 @@ def _bracket_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h
 @triton.jit
 def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, ac_ptr, out_ptr,
                            so_b, so_r, len_ptr, kb_ptr, K_INT, FRAC_BITS, FORCED, scale, R, G, S_MAX, KMAX, nsig, SINK,
-                           LOCAL, WS_ROW, ZERO_AC: tl.constexpr, KB_MODE: tl.constexpr, HPR: tl.constexpr,
+                           LOCAL, WS_ROW, TPP, ZERO_AC: tl.constexpr, KB_MODE: tl.constexpr, HPR: tl.constexpr,
                            G_PAD: tl.constexpr, D_LR: tl.constexpr,
                            BLOCK_DL: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, K_FP32: tl.constexpr,
                            REDUCE_MAX: tl.constexpr, CLASSIFY: tl.constexpr, OVERLAP: tl.constexpr,
-                           SAMPLE: tl.constexpr, SUB: tl.constexpr):
+                           SAMPLE: tl.constexpr, SUB: tl.constexpr, STAGES: tl.constexpr):
     """Grid (rows, tiles [+ 1]).  OVERLAP (= 1): the programs of grid column 0, dispatched first, write the rows'
-    brackets (`_bracket_row`) while the others score, so the bracket's latency hides under the scoring pass."""
+    brackets (`_bracket_row`) while the others score, so the bracket's latency hides under the scoring pass.
+    Each scoring program takes TILES tiles of BLOCK_N tokens, unrolled (STAGES = 0), or (STAGES > 0, session 7) TPP
+    tiles in a software-pipelined loop that keeps the next tiles' loads in flight while it scores one."""
     pid = tl.program_id(0)
     tb = tl.program_id(1) - OVERLAP
     b, r, h0, kvh = _row_of(pid, R, HPR, G)
@@ -148,7 +150,10 @@ def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
                      SUB, K_FP32, REDUCE_MAX)
     else:
         n = tl.maximum(tl.minimum(tl.load(len_ptr + b).to(tl.int32), S_MAX), 0)
-        start0 = tb * (TILES * BLOCK_N)
+        if STAGES > 0:
+            start0 = tb * (TPP * BLOCK_N)
+        else:
+            start0 = tb * (TILES * BLOCK_N)
         if start0 < n:
             qT = _load_q_lr_T(qrot_ptr, sqr_b, sqr_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
             qT_hi, qT_lo = _split_hi_lo(qT, klr_ptr.dtype.element_ty)
@@ -160,16 +165,32 @@ def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
             bkey = ws_ptr + pid.to(tl.int64) * WS_ROW
             bidx = bkey + S_MAX
             o_row = out_ptr + b * so_b + r * so_r
-            for t in tl.static_range(TILES):
-                offs = start0 + t * BLOCK_N + tl.arange(0, BLOCK_N)
-                valid = offs < n
-                sc = _score_tile(k_base, slr_s, offs, valid, qT, qT_hi, qT_lo, D_LR, BLOCK_DL, HPR, G_PAD, K_FP32,
-                                 REDUCE_MAX)
-                key = _key_of(_forced(sc, offs, n, SINK, LOCAL))
-                if CLASSIFY:
-                    _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, KMAX)
-                else:
-                    tl.store(bkey + 2 * S_MAX + offs, key.to(tl.int32, bitcast=True), mask=valid)
+            if STAGES > 0:
+                for t in tl.range(0, tl.minimum(TPP, tl.cdiv(n - start0, BLOCK_N)), num_stages=STAGES):
+                    _score_key_tile(start0 + t * BLOCK_N + tl.arange(0, BLOCK_N), n, k_base, slr_s, qT, qT_hi, qT_lo,
+                                    lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, S_MAX, KMAX, SINK, LOCAL, D_LR,
+                                    BLOCK_DL, HPR, G_PAD, K_FP32, REDUCE_MAX, CLASSIFY)
+            else:
+                for t in tl.static_range(TILES):
+                    _score_key_tile(start0 + t * BLOCK_N + tl.arange(0, BLOCK_N), n, k_base, slr_s, qT, qT_hi, qT_lo,
+                                    lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, S_MAX, KMAX, SINK, LOCAL, D_LR,
+                                    BLOCK_DL, HPR, G_PAD, K_FP32, REDUCE_MAX, CLASSIFY)
+
+
+@triton.jit
+def _score_key_tile(offs, n, k_base, slr_s, qT, qT_hi, qT_lo, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, S_MAX, KMAX,
+                    SINK, LOCAL, D_LR: tl.constexpr, BLOCK_DL: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr,
+                    K_FP32: tl.constexpr, REDUCE_MAX: tl.constexpr, CLASSIFY: tl.constexpr):
+    """Score the tokens `offs` and write their keys (or, CLASSIFY, classify them against the bracket)."""
+    valid = offs < n
+    sc = _score_tile(k_base, slr_s, offs, valid, qT, qT_hi, qT_lo, D_LR, BLOCK_DL, HPR, G_PAD, K_FP32, REDUCE_MAX)
+    key = _key_of(_forced(sc, offs, n, SINK, LOCAL))
+    if CLASSIFY:
+        _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, KMAX)
+    else:
+        # masked by S_MAX, not n: a mask uniform over vectors (S_MAX % 16 == 0) lets the store be vectorized; the
+        # keys past n are never read (every reader masks by n)
+        tl.store(bkey + 2 * S_MAX + offs, key.to(tl.int32, bitcast=True), mask=offs < S_MAX)
 
 
 @triton.jit
@@ -210,27 +231,38 @@ def _bracket_classify_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, R, S_
         bidx = bkey + S_MAX
         offs = start + tl.arange(0, BLOCK_C)
         valid = offs < n
-        key = tl.load(bkey + 2 * S_MAX + offs, mask=valid, other=0).to(tl.uint32, bitcast=True)
+        # (mask by S_MAX: vectorized loads, session 7; 4x fewer L1 wavefronts than per-key loads masked by n)
+        key = tl.load(bkey + 2 * S_MAX + offs, mask=offs < S_MAX, other=0).to(tl.uint32, bitcast=True)
         _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, out_ptr + b * so_b + r * so_r, bkey, bidx, KMAX)
 
 
 @triton.jit
-def _kth_key(key, valid, r, hb, prefix):
-    """The r-th largest of the valid keys (a register block; all share their top 32 - hb bits, `prefix`), found
-    bit by bit: hb counting passes over registers, no memory traffic."""
+def _kth_key(key, valid, r, hb, prefix, EARLY: tl.constexpr):
+    """A threshold T for the r largest of the valid keys (a register block; all share their top 32 - hb bits,
+    `prefix`), found bit by bit: up to hb counting passes over registers, no memory traffic.
+
+    The r largest are the keys > T plus the first r - #(> T) keys == T.  T is the r-th largest key itself, except
+    with EARLY (session 7): the search stops at the first candidate c with exactly r keys >= c (then T = c - 1,
+    no key equals T and no tie is taken).  Distinct keys are separated after ~log2(#keys) + a few bits, so a band of
+    a few thousand keys spanning ~24 bits stops after ~13-15 passes instead of 24."""
     hbu = tl.minimum(hb, 31).to(tl.uint32)
     t = tl.where(hb >= 32, tl.zeros([], dtype=tl.uint32), prefix << hbu)
     bit = hb - 1
+    cnt = tl.full([], -1, tl.int32)
     while bit >= 0:
         cand = t | (tl.full([], 1, tl.uint32) << bit.to(tl.uint32))
         cnt = tl.sum((valid & (key >= cand)).to(tl.int32), axis=0)
         t = tl.where(cnt >= r, cand, t)
-        bit -= 1
-    return t
+        if EARLY:
+            bit = tl.where(cnt == r, -1, bit - 1)
+        else:
+            bit -= 1
+    # cnt == r: t is the candidate just taken (>= 1) and exactly r keys are >= t, i.e. > t - 1
+    return tl.where(cnt == r, t - 1, t)
 
 
 @triton.jit
-def _select_in_registers(bkey_ptr, bidx_ptr, m, r, out_ptr, hb, prefix, BAND: tl.constexpr):
+def _select_in_registers(bkey_ptr, bidx_ptr, m, r, out_ptr, hb, prefix, BAND: tl.constexpr, EARLY: tl.constexpr):
     """out[0:r] = bidx of the r largest of bkey[0:m] (1 <= r <= m <= BAND), every key in registers.
 
     All keys share their top 32 - hb bits (`prefix`); the r-th largest key T is found bit by bit (`_kth_key`),
@@ -238,7 +270,7 @@ def _select_in_registers(bkey_ptr, bidx_ptr, m, r, out_ptr, hb, prefix, BAND: tl
     i = tl.arange(0, BAND)
     valid = i < m
     key = tl.load(bkey_ptr + i, mask=valid, other=0).to(tl.uint32, bitcast=True)
-    t = _kth_key(key, valid, r, hb, prefix)
+    t = _kth_key(key, valid, r, hb, prefix, EARLY)
     gt = valid & (key > t)
     eq = valid & (key == t)
     need = r - tl.sum(gt.to(tl.int32), axis=0)
@@ -258,7 +290,7 @@ def _bracket_finish_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
                            KB_MODE: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr, D_LR: tl.constexpr,
                            BLOCK_DL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
                            K_FP32: tl.constexpr, REDUCE_MAX: tl.constexpr, KEYS_WRITTEN: tl.constexpr,
-                           BAND_REG: tl.constexpr):
+                           BAND_REG: tl.constexpr, EARLY: tl.constexpr):
     pid = tl.program_id(0)
     b, r, h0, kvh = _row_of(pid, R, HPR, G)
     n, kb = _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_BITS, FORCED, S_MAX, KMAX, KB_MODE)
@@ -275,7 +307,7 @@ def _bracket_finish_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
         if rr > 0:
             hb, prefix = _band_prefix(lo_key, hi_key)
             if c_band <= BAND_REG:
-                _select_in_registers(bkey, bidx, c_band, rr, o_row + c_gt, hb, prefix, BAND_REG)
+                _select_in_registers(bkey, bidx, c_band, rr, o_row + c_gt, hb, prefix, BAND_REG, EARLY)
             else:
                 _radix_select(bkey, bidx, c_band, rr, o_row + c_gt, hb, prefix, HAS_IDX=True, SRC_KEYS=True,
                               BLOCK_S=BLOCK_S)
@@ -316,14 +348,14 @@ def _fill_padding(o_row, kb, KMAX, BLOCK_S: tl.constexpr):
 
 
 @triton.jit
-def _threshold_in_registers(bkey_ptr, bidx_ptr, m, r, hb, prefix, BAND: tl.constexpr):
-    """(T, P) for the r largest of bkey[0:m] (1 <= r <= m <= BAND; positions bidx[0:m] ascending): the r-th largest
-    key T, and P, the position of the last tie taken when ties at T are taken in position order.  The selection
+def _threshold_in_registers(bkey_ptr, bidx_ptr, m, r, hb, prefix, BAND: tl.constexpr, EARLY: tl.constexpr):
+    """(T, P) for the r largest of bkey[0:m] (1 <= r <= m <= BAND; positions bidx[0:m] ascending): the threshold
+    T of `_kth_key`, and P, the position of the last tie taken when ties at T are taken in position order.  The selection
     is then: key > T, or key == T and position <= P."""
     i = tl.arange(0, BAND)
     valid = i < m
     key = tl.load(bkey_ptr + i, mask=valid, other=0).to(tl.uint32, bitcast=True)
-    t = _kth_key(key, valid, r, hb, prefix)
+    t = _kth_key(key, valid, r, hb, prefix, EARLY)
     gt = valid & (key > t)
     eq = (valid & (key == t)).to(tl.int32)
     need = r - tl.sum(gt.to(tl.int32), axis=0)
@@ -336,7 +368,7 @@ def _threshold_in_registers(bkey_ptr, bidx_ptr, m, r, hb, prefix, BAND: tl.const
 @triton.jit
 def _bracket_scan_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, kb_ptr, K_INT, FRAC_BITS, FORCED, R, S_MAX,
                          KMAX, WS_ROW, KB_MODE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-                         BAND_REG: tl.constexpr):
+                         BAND_REG: tl.constexpr, EARLY: tl.constexpr):
     """classify="scan" (session 6): one program per score row replaces the classify and band-select kernels.
     Pass 1 reads the row's keys (written by the scoring kernel), counts those above the bracket and compacts the
     band in position order (running prefix sums, no atomics); the k-th key T is found in the band (registers);
@@ -361,7 +393,7 @@ def _bracket_scan_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, kb_ptr, K
     for start in range(0, n, BLOCK_C):  # pass 1: count above the bracket, compact the band
         offs = start + ar
         valid = offs < n
-        key = tl.load(rkey + offs, mask=valid, other=0).to(tl.uint32, bitcast=True)
+        key = tl.load(rkey + offs, mask=offs < S_MAX, other=0).to(tl.uint32, bitcast=True)  # (vectorized)
         bd = (valid & (key >= lo_key) & (key <= hi_key)).to(tl.int32)
         bpos = c_band + tl.cumsum(bd, axis=0) - bd
         tl.store(bkey + bpos, key.to(tl.int32, bitcast=True), mask=bd > 0)
@@ -377,7 +409,7 @@ def _bracket_scan_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, kb_ptr, K
         if rr > 0:
             hb, prefix = _band_prefix(lo_key, hi_key)
             if c_band <= BAND_REG:
-                thr, p_last = _threshold_in_registers(bkey, bidx, c_band, rr, hb, prefix, BAND_REG)
+                thr, p_last = _threshold_in_registers(bkey, bidx, c_band, rr, hb, prefix, BAND_REG, EARLY)
             else:  # pass 2 below writes the keys above the bracket, the radix select the band's rr after them
                 _radix_select(bkey, bidx, c_band, rr, o_row + c_gt, hb, prefix, HAS_IDX=True, SRC_KEYS=True,
                               BLOCK_S=BLOCK_S)
@@ -390,7 +422,7 @@ def _bracket_scan_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, kb_ptr, K
         for start in range(0, n, BLOCK_C):  # pass 2: the selected positions, in position order
             offs = start + ar
             valid = offs < n
-            key = tl.load(rkey + offs, mask=valid, other=0).to(tl.uint32, bitcast=True)
+            key = tl.load(rkey + offs, mask=offs < S_MAX, other=0).to(tl.uint32, bitcast=True)
             take = (valid & ((key > thr) | ((key == thr) & (offs <= p_last)))).to(tl.int32)
             pos = base + tl.cumsum(take, axis=0) - take
             tl.store(o_row + pos, offs.to(o_row.dtype.element_ty), mask=(take > 0) & (pos < KMAX))
@@ -414,8 +446,14 @@ CLASSIFY_MODES = ("split", "fused", "scan")
 BRACKET_CLASSIFY_BLOCK = 1024  # keys per program of the classify kernel (1024-2048 within 1%, 32K tune, session 5)
 BRACKET_CLASSIFY_WARPS = 4
 BRACKET_OVERLAP = True  # session 5: brackets written by extra programs of the scoring kernel (split only)
-BRACKET_BAND_REG = 8192  # largest band selected in registers (bit-by-bit counting); larger: radix select
-BRACKET_SCORE_CONFIG = {0: dict(block_n=256, tiles=2, num_warps=4), 32: dict(block_n=128, tiles=4, num_warps=4)}
+BRACKET_BAND_REG = 16384  # largest band selected in registers (bit-by-bit counting); larger: radix select.  Session 7:
+#                           16384 (was 8192): at 64K with k = 1/4 ~20% of the rows' bands overflowed 8192 keys
+BRACKET_BAND_MARGIN = 1.15  # band registers >= this x the expected band (`band_registers`)
+BRACKET_EARLY_EXIT = True  # session 7: the bit-by-bit search stops once exactly r keys are >= the candidate
+# scoring tiles (by d: the entry of the largest key <= d); session 7: a software-pipelined tile loop (`stages`) over
+# enough tiles per program (at least `tiles`) for about `programs` programs in all (8-19 us faster at 64K, d = 16)
+BRACKET_SCORE_CONFIG = {0: dict(block_n=256, tiles=2, num_warps=4, stages=3, programs=4096),
+                        32: dict(block_n=128, tiles=4, num_warps=4, stages=3, programs=4096)}
 
 
 def default_sample(S: int) -> int:
@@ -426,10 +464,18 @@ def default_sample(S: int) -> int:
     return min(BRACKET_SAMPLE, max(512, 1 << (q.bit_length() - 1)))  # the largest power of 2 <= S / DIV
 
 
-def band_fraction(sample: int, nsig: float) -> float:
-    """Widest expected band, as a fraction of the row: the bracket spans +- (nsig * sqrt(f (1 - f) s) + 4) sample
-    ranks, widest at f = 1/2 (s = 512: 19%, 2048: 9.2%, 4096: 6.4%)."""
-    return 2 * (nsig * 0.5 * math.sqrt(sample) + 4) / sample
+def band_fraction(sample: int, nsig: float, f: float = 0.5) -> float:
+    """Expected band, as a fraction of the row, for a budget of a fraction f of it: the bracket spans
+    +- (nsig * sqrt(f (1 - f) s) + 4) sample ranks; widest at f = 1/2 (s = 512: 19%, 2048: 9.2%, 4096: 6.4%)."""
+    f = min(max(f, 0.0), 1.0)
+    return 2 * (nsig * math.sqrt(f * (1 - f) * sample) + 4) / sample
+
+
+def band_registers(S: int, sample: int, nsig: float, f: float = 0.5) -> int:
+    """Keys the band select holds in registers: the power of 2 above BRACKET_BAND_MARGIN x the expected band
+    (a band that overflows them takes the much slower radix select), at most BRACKET_BAND_REG."""
+    want = math.ceil(BRACKET_BAND_MARGIN * S * band_fraction(sample, nsig, f))
+    return min(BRACKET_BAND_REG, max(1024, next_pow2(want)))
 
 
 def _score_config(d: int, config: dict | None) -> dict:
@@ -491,9 +537,9 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     nsig = float(BRACKET_NSIG if nsig is None else nsig)
     classify = BRACKET_CLASSIFY if classify is None else classify
     check(classify in CLASSIFY_MODES, f"classify must be one of {', '.join(CLASSIFY_MODES)}; got {classify!r}")
-    if band_reg is None:  # registers sized for the widest band the bracket should leave (`band_fraction`)
-        band_reg = 128 if interp else min(BRACKET_BAND_REG, max(1024, next_pow2(math.ceil(S * band_fraction(sample,
-                                                                                                          nsig)))))
+    if band_reg is None:  # registers sized for the band the bracket should leave at this budget (worst: f = 1/2)
+        f = frac if frac is not None else (K_INT / S if kb is None else 0.5)
+        band_reg = 128 if interp else band_registers(S, sample, nsig, f)
     band_reg = int(band_reg)
     check(band_reg >= 16 and band_reg & (band_reg - 1) == 0 and band_reg < 65536,
           f"band_reg must be a power of 2 in [16, 32768], got {band_reg}")
@@ -538,17 +584,23 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     if stages < 2:
         return idx, (q_rot_out if rotate else None)
     cfg = _score_config(d, config)  # scoring tiles; classify_block / classify_warps / finish_warps: the others
+    pipe = int(cfg.get("stages", 0))  # (not `stages`, the argument: kernels launched)
     if interp:
         BLOCK_N, TILES, nw = 32, 1, 4
     else:
         BLOCK_N, TILES, nw = cfg["block_n"], cfg["tiles"], cfg["num_warps"]
-    _bracket_scores_kernel[(B * R, triton.cdiv(S, BLOCK_N * TILES) + int(overlap))](
+    n_tiles = triton.cdiv(S, BLOCK_N)
+    tpp = TILES  # tiles per scoring program; pipelined with cfg["programs"]: about that many programs in all
+    if pipe and cfg.get("programs"):  # (never fewer than `tiles` per program: short rows keep their tiles)
+        tpp = max(TILES, triton.cdiv(n_tiles, triton.cdiv(int(cfg["programs"]), B * R)))
+    _bracket_scores_kernel[(B * R, triton.cdiv(n_tiles, tpp) + int(overlap))](
         qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br, ac,
         idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, scale, R, G, S, KMAX, nsig,
-        sink_tokens, local_window, W * S, ZERO_AC=zero_ac, KB_MODE=kb_mode, BLOCK_N=BLOCK_N, TILES=TILES, **common,
+        sink_tokens, local_window, W * S, tpp, ZERO_AC=zero_ac, KB_MODE=kb_mode, BLOCK_N=BLOCK_N, TILES=TILES,
+        **common,
         CLASSIFY=not split,
         OVERLAP=int(overlap), SAMPLE=sample, SUB=sub if interp else min(sample, cfg.get("bracket_sub", BLOCK_N)),
-        num_warps=nw)
+        STAGES=pipe, num_warps=nw)
     if stages < 3:
         return idx, (q_rot_out if rotate else None)
     block_s = 64 if interp else BRACKET_BLOCK_S
@@ -563,7 +615,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         _bracket_scan_kernel[(B * R,)](
             ws, br, idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, R, S, KMAX, W * S,
             KB_MODE=kb_mode, BLOCK_C=64 if interp else cfg.get("scan_block", BRACKET_SCAN_BLOCK),
-            BLOCK_S=block_s, BAND_REG=band_reg,
+            BLOCK_S=block_s, BAND_REG=band_reg, EARLY=BRACKET_EARLY_EXIT,
             num_warps=4 if interp else cfg.get("scan_warps", BRACKET_SCAN_WARPS))
         return idx, (q_rot_out if rotate else None)
     _bracket_finish_kernel[(B * R,)](
@@ -571,7 +623,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, scale, R, G, S, KMAX, sink_tokens,
         local_window,
         W * S, KB_MODE=kb_mode, BLOCK_N=32 if interp else 256, BLOCK_S=block_s,
-        **common, KEYS_WRITTEN=split, BAND_REG=band_reg,
+        **common, KEYS_WRITTEN=split, BAND_REG=band_reg, EARLY=BRACKET_EARLY_EXIT,
         num_warps=4 if interp else cfg.get("finish_warps", BRACKET_WARPS))
     return idx, (q_rot_out if rotate else None)
 

@@ -1,8 +1,11 @@
 """The bracket path (kernels/bracket.py): scores with the selection pass fused in, band select, exact fallback."""
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kernels import LokiInputError, forced_count, fraction_budget, loki_decode, loki_select_bracket
+from kernels.bracket import _kth_key
 from kernels.scores import loki_scores_ref, rotate_q_ref
 from kernels.testing import check_selection, random_cache, random_orthonormal
 from kernels.topk import budgets_ref
@@ -50,9 +53,12 @@ def test_bracket_select(dtype, D, d, g, mode, reduce, S, lens, variant=None):
 # the default is classify="split" with the brackets written alongside the scoring pass (overlap) and bands selected
 # in registers; the others: the bracket kernel before the scoring kernel (session 4), the v4 classification inside
 # the scoring kernel, the radix select for bands larger than band_reg, and the one-program-per-row scan (v8), with
-# its band in registers and with the band radix select
+# its band in registers and with the band radix select; and the scoring kernel's tile loop, software-pipelined over
+# several tiles per program (the default since session 7 has one per program here; this: 2 programs per row, 5 tiles
+# each) or unrolled (stages=0, the default until session 6)
 VARIANTS = {"no_overlap": dict(overlap=False), "fused": dict(classify="fused"), "radix_band": dict(band_reg=16),
-            "scan": dict(classify="scan"), "scan_radix_band": dict(classify="scan", band_reg=16)}
+            "scan": dict(classify="scan"), "scan_radix_band": dict(classify="scan", band_reg=16),
+            "pipelined": dict(config=dict(stages=3, programs=8)), "unrolled": dict(config=dict(stages=0))}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -217,3 +223,41 @@ def test_bracket_fraction_budget_errors():
     for bad in (0.0, -0.5, 1.5):
         with pytest.raises(LokiInputError, match="fraction"):
             loki_select_bracket(q, k_lr, lengths, bad, P=P)
+
+
+@triton.jit
+def _kth_key_probe(key_ptr, m, r, out_ptr, HB: tl.constexpr, BAND: tl.constexpr, EARLY: tl.constexpr):
+    i = tl.arange(0, BAND)
+    valid = i < m
+    key = tl.load(key_ptr + i, mask=valid, other=0).to(tl.uint32, bitcast=True)
+    prefix = tl.full([], 0x2D, tl.uint32)
+    tl.store(out_ptr, _kth_key(key, valid, r, HB, prefix, EARLY).to(tl.int32, bitcast=True))
+
+
+@pytest.mark.parametrize("early", [False, True])
+@pytest.mark.parametrize("distinct", [False, True])
+def test_kth_key_threshold(early, distinct):
+    """`_kth_key`'s contract on random 32-bit keys sharing a prefix (distinct, or drawn from 20 values: ties):
+    T is a threshold for the r largest, #(> T) <= r <= #(>= T): the r-th largest key, or a value below it with
+    exactly r keys above (no tie to take), which the early exit returns as soon as it finds one."""
+    gen = torch.Generator().manual_seed(7 + distinct)
+    HB, m, BAND = 24, 200, 256
+    pool = torch.randperm(1 << HB, generator=gen)[:m if distinct else 20]
+    low = pool[torch.randint(len(pool), (m,), generator=gen)] if not distinct else pool
+    keys = (0x2D << HB) | low  # int64 holding the uint32 keys
+    buf = (keys - (keys >= 2 ** 31).long() * 2 ** 32).to(torch.int32).to(DEV)  # the same bits as int32
+    out = torch.zeros(1, dtype=torch.int32, device=DEV)
+    hit = 0
+    for r in (1, 2, 50, 100, 199, 200):
+        _kth_key_probe[(1,)](buf, m, r, out, HB=HB, BAND=BAND, EARLY=early)
+        T = int(out.cpu().item()) & 0xFFFFFFFF
+        n_gt, n_ge = int((keys > T).sum()), int((keys >= T).sum())
+        assert n_gt <= r <= n_ge, (r, T, n_gt, n_ge)
+        kth = int(torch.sort(keys, descending=True).values[r - 1])
+        if n_gt == r:  # a threshold just below the r-th largest (always taken when the last pass counts r)
+            hit += 1
+            assert T < kth
+        else:
+            assert T == kth
+    if early and distinct:
+        assert hit > 0  # the early exit was taken
