@@ -448,7 +448,7 @@ BRACKET_CLASSIFY_WARPS = 4
 BRACKET_OVERLAP = True  # session 5: brackets written by extra programs of the scoring kernel (split only)
 BRACKET_BAND_REG = 16384  # largest band selected in registers (bit-by-bit counting); larger: radix select.  Session 7:
 #                           16384 (was 8192): at 64K with k = 1/4 ~20% of the rows' bands overflowed 8192 keys
-BRACKET_BAND_MARGIN = 1.15  # band registers >= this x the expected band (`band_registers`)
+BRACKET_BAND_SD = 3.0  # band registers >= the expected band + this many standard deviations (`band_registers`)
 BRACKET_EARLY_EXIT = True  # session 7: the bit-by-bit search stops once exactly r keys are >= the candidate
 # scoring tiles (by d: the entry of the largest key <= d); session 7: a software-pipelined tile loop (`stages`) over
 # enough tiles per program (at least `tiles`) for about `programs` programs in all (8-19 us faster at 64K, d = 16)
@@ -472,9 +472,12 @@ def band_fraction(sample: int, nsig: float, f: float = 0.5) -> float:
 
 
 def band_registers(S: int, sample: int, nsig: float, f: float = 0.5) -> int:
-    """Keys the band select holds in registers: the power of 2 above BRACKET_BAND_MARGIN x the expected band
-    (a band that overflows them takes the much slower radix select), at most BRACKET_BAND_REG."""
-    want = math.ceil(BRACKET_BAND_MARGIN * S * band_fraction(sample, nsig, f))
+    """Keys the band select holds in registers: the power of 2 above the expected band plus BRACKET_BAND_SD of its
+    standard deviations, at most BRACKET_BAND_REG.  A band that overflows them takes the much slower radix select,
+    and one such row sets the kernel's time.  The band between two sample order statistics m ranks apart holds
+    ~S m / sample keys, with a relative standard deviation of ~1 / sqrt(m)."""
+    frac = band_fraction(sample, nsig, f)
+    want = math.ceil(S * frac * (1.0 + BRACKET_BAND_SD / math.sqrt(max(frac * sample, 1.0))))
     return min(BRACKET_BAND_REG, max(1024, next_pow2(want)))
 
 
