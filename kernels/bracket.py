@@ -214,7 +214,7 @@ def _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, KMAX
 
 @triton.jit
 def _bracket_classify_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, R, S_MAX, KMAX, WS_ROW,
-                             BLOCK_C: tl.constexpr):
+                             BLOCK_C: tl.constexpr, SCALAR: tl.constexpr):
     """classify="split": the keys the scoring kernel wrote, classified by many programs per row."""
     pid = tl.program_id(0)
     tb = tl.program_id(1)
@@ -230,8 +230,11 @@ def _bracket_classify_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, R, S_
         bkey = ws_ptr + pid.to(tl.int64) * WS_ROW
         bidx = bkey + S_MAX
         offs = start + tl.arange(0, BLOCK_C)
+        if SCALAR:
+            # (session 7) one key per thread and load: the same layout as the scattered stores of `_classify`,
+            # which otherwise each convert their pointers, values and masks through shared memory
+            offs = tl.max_contiguous(offs, [1])
         valid = offs < n
-        # (mask by S_MAX: vectorized loads, session 7; 4x fewer L1 wavefronts than per-key loads masked by n)
         key = tl.load(bkey + 2 * S_MAX + offs, mask=offs < S_MAX, other=0).to(tl.uint32, bitcast=True)
         _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, out_ptr + b * so_b + r * so_r, bkey, bidx, KMAX)
 
@@ -445,6 +448,7 @@ BRACKET_SCAN_WARPS = 8
 CLASSIFY_MODES = ("split", "fused", "scan")
 BRACKET_CLASSIFY_BLOCK = 1024  # keys per program of the classify kernel (1024-2048 within 1%, 32K tune, session 5)
 BRACKET_CLASSIFY_WARPS = 4
+BRACKET_CLASSIFY_SCALAR = True  # session 7: one key per thread and load (no layout conversions before the stores)
 BRACKET_OVERLAP = True  # session 5: brackets written by extra programs of the scoring kernel (split only)
 BRACKET_BAND_REG = 16384  # largest band selected in registers (bit-by-bit counting); larger: radix select.  Session 7:
 #                           16384 (was 8192): at 64K with k = 1/4 ~20% of the rows' bands overflowed 8192 keys
@@ -611,6 +615,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         block_c = 64 if interp else cfg.get("classify_block", BRACKET_CLASSIFY_BLOCK)
         _bracket_classify_kernel[(B * R, triton.cdiv(S, block_c))](
             ws, br, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, W * S, BLOCK_C=block_c,
+            SCALAR=BRACKET_CLASSIFY_SCALAR,
             num_warps=4 if interp else cfg.get("classify_warps", BRACKET_CLASSIFY_WARPS))
     if stages < 4:
         return idx, (q_rot_out if rotate else None)
