@@ -35,7 +35,7 @@ def _flash_decode_kernel(q_ptr, sq_b, sq_h,
                          FOLD_VEC: tl.constexpr, HPR_P2: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr,
                          D: tl.constexpr, D_LR: tl.constexpr, BLOCK_DL: tl.constexpr, BLOCK_DR: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K_FP32: tl.constexpr,
-                         HAS_REST: tl.constexpr, IDX_AHEAD: tl.constexpr):
+                         HAS_REST: tl.constexpr):
     pid = tl.program_id(0)
     sp = tl.program_id(1)
     b = (pid // R).to(tl.int64)
@@ -71,20 +71,13 @@ def _flash_decode_kernel(q_ptr, sq_b, sq_h,
     m_i = tl.full([G_PAD], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([G_PAD], dtype=tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_D], dtype=tl.float32)
-    ar = tl.arange(0, BLOCK_N)
-    if IDX_AHEAD:  # (sparse) the next tile's indices are loaded one iteration ahead, outside the pipelined gathers
-        nxt = tl.load(i_base + tile_lo * BLOCK_N + ar, mask=tile_lo * BLOCK_N + ar < n, other=-1)
     for t in range(tile_lo, tile_hi):
-        offs = t * BLOCK_N + ar
+        offs = t * BLOCK_N + tl.arange(0, BLOCK_N)
         if DENSE:
             valid = offs < n
             tok = offs.to(tl.int64)
         else:
-            if IDX_AHEAD:
-                tok = nxt
-                nxt = tl.load(i_base + offs + BLOCK_N, mask=offs + BLOCK_N < n, other=-1)
-            else:
-                tok = tl.load(i_base + offs, mask=offs < n, other=-1)
+            tok = tl.load(i_base + offs, mask=offs < n, other=-1)
             valid = tok >= 0
             tok = tl.where(valid, tok, 0).to(tl.int64)
         kl = tl.load(kl_base + tok[:, None] * slr_s + dl[None, :], mask=valid[:, None] & (dl < D_LR)[None, :],
@@ -195,11 +188,6 @@ def _combine_kernel(mp_ptr, lp_ptr, op_ptr, o_ptr, so_b, so_h, H, NSPLIT,
 # ----------------------------------------------------------------------------------------------------------
 # GPU defaults (H200-tuned in kernels/NOTES.md); (BLOCK_N, num_warps, num_stages, waves)
 SPARSE_CONFIG = dict(block_n=64, num_warps=4, num_stages=3, waves=2)
-# session 7: the sparse kernel loads the next tile's indices one iteration ahead (plain loads).  With the indices
-# loaded inside the pipelined loop, Triton's pipeliner waits for *all* outstanding copies (indices and gathers,
-# `async_wait num = 0`) at every iteration, so the gathers never overlapped the compute; ahead, the loop waits
-# like the dense one (`num = 3`: the next stages' gathers stay in flight).
-SPARSE_IDX_AHEAD = True
 FOLD_VECTOR_MAX = 8192  # folded combine: all of a row's heads in one tile when HPR x splits x D fits, else a loop
 DENSE_CONFIG = dict(block_n=128, num_warps=4, num_stages=3, waves=1)
 
@@ -277,7 +265,6 @@ def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_spli
         G_PAD=max(16, next_pow2(HPR)), D=D, D_LR=d,
         BLOCK_DL=max(16, next_pow2(d)), BLOCK_DR=max(16, next_pow2(max(D - d, 1))), BLOCK_D=max(16, next_pow2(D)),
         BLOCK_N=BLOCK_N, K_FP32=v.dtype == torch.float32, HAS_REST=has_rest,
-        IDX_AHEAD=not dense and bool(cfg.get("idx_ahead", SPARSE_IDX_AHEAD)),
         num_warps=4 if interp else cfg["num_warps"], num_stages=1 if interp else cfg["num_stages"])
     if split and not fold:
         _combine_kernel[(B * H,)](mp, lp, op, out, out.stride(0), out.stride(1), H, num_splits,

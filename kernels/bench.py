@@ -386,8 +386,7 @@ _V7 = dict(BRACKET_OVERLAP=True, FOLD_COMBINE=True, BRACKET_SAMPLE=1024, BRACKET
            BRACKET_CLASSIFY="split", BRACKET_CLASSIFY_BLOCK=1024, BRACKET_CLASSIFY_WARPS=4, BRACKET_EARLY_EXIT=True,
            BRACKET_BAND_REG=8192, BRACKET_SCORE_CONFIG={0: dict(block_n=256, tiles=2, num_warps=4),
                                                         32: dict(block_n=128, tiles=4, num_warps=4)},
-           BRACKET_CLASSIFY_SCALAR=False, SPARSE_IDX_AHEAD=False,
-           SPARSE_CONFIG=dict(block_n=64, num_warps=4, num_stages=3, waves=2))
+           BRACKET_CLASSIFY_SCALAR=False)
 _SCAN = dict(_V7, BRACKET_CLASSIFY="scan")
 
 
@@ -399,7 +398,7 @@ def _pipe(stages, programs, tiles=(1, 1)):
 
 
 _S7 = dict(_V7, BRACKET_BAND_REG=16384, BRACKET_SCORE_CONFIG=_pipe(3, 4096))  # session 7 candidates
-_S7_DEFAULT = dict(_V7, BRACKET_BAND_REG=16384, BRACKET_SCORE_CONFIG=_pipe(3, 4096, (2, 4)))  # the session 7 defaults
+_S7_DEFAULT = dict(_V7, BRACKET_BAND_REG=16384, BRACKET_SCORE_CONFIG=_pipe(3, 4096, (2, 4)))  # session 7 (round 1)
 VARIANTS = {
     "v6": dict(BRACKET_OVERLAP=False, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
     "overlap": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
@@ -430,15 +429,9 @@ VARIANTS = {
         32: dict(block_n=64, tiles=1, num_warps=4, stages=3, programs=2048)}),
     "s7": _S7,
     "s7_default": _S7_DEFAULT,
-    # session 7, round 2: the classify kernel in one-key-per-thread layout; the sparse attention's indices ahead
-    "s7_base": dict(_S7_DEFAULT, BRACKET_CLASSIFY_SCALAR=False, SPARSE_IDX_AHEAD=False),
-    "s7_scalar": dict(_S7_DEFAULT, BRACKET_CLASSIFY_SCALAR=True, SPARSE_IDX_AHEAD=False),
-    "s7_ahead": dict(_S7_DEFAULT, BRACKET_CLASSIFY_SCALAR=False, SPARSE_IDX_AHEAD=True),
-    "s7_both": dict(_S7_DEFAULT, BRACKET_CLASSIFY_SCALAR=True, SPARSE_IDX_AHEAD=True),
-    "s7_both_st4": dict(_S7_DEFAULT, BRACKET_CLASSIFY_SCALAR=True, SPARSE_IDX_AHEAD=True,
-                        SPARSE_CONFIG=dict(block_n=64, num_warps=4, num_stages=4, waves=2)),
-    "s7_both_w1": dict(_S7_DEFAULT, BRACKET_CLASSIFY_SCALAR=True, SPARSE_IDX_AHEAD=True,
-                       SPARSE_CONFIG=dict(block_n=64, num_warps=4, num_stages=3, waves=1)),
+    # session 7, round 2: the classify kernel in a one-key-per-thread layout (the default since) or not
+    "s7_base": dict(_S7_DEFAULT, BRACKET_CLASSIFY_SCALAR=False),
+    "s7_scalar": dict(_S7_DEFAULT, BRACKET_CLASSIFY_SCALAR=True),
     "s7_p8192": dict(_S7, BRACKET_SCORE_CONFIG=_pipe(3, 8192)),
     "s7_c2048_w8": dict(_S7, BRACKET_CLASSIFY_BLOCK=2048, BRACKET_CLASSIFY_WARPS=8),
     "s7_c4096_w8": dict(_S7, BRACKET_CLASSIFY_BLOCK=4096, BRACKET_CLASSIFY_WARPS=8),
@@ -453,8 +446,7 @@ def variant_sweep(rep, log, grid, names):
                 BRACKET_SAMPLE_DIV=bracket_mod, BRACKET_CLASSIFY=bracket_mod, BRACKET_SCAN_BLOCK=bracket_mod,
                 BRACKET_SCAN_WARPS=bracket_mod, BRACKET_CLASSIFY_BLOCK=bracket_mod,
                 BRACKET_CLASSIFY_WARPS=bracket_mod, BRACKET_EARLY_EXIT=bracket_mod, BRACKET_BAND_REG=bracket_mod,
-                BRACKET_SCORE_CONFIG=bracket_mod, BRACKET_CLASSIFY_SCALAR=bracket_mod, SPARSE_IDX_AHEAD=attn_mod,
-                SPARSE_CONFIG=attn_mod)
+                BRACKET_SCORE_CONFIG=bracket_mod, BRACKET_CLASSIFY_SCALAR=bracket_mod)
     saved = {k_: getattr(m, k_) for k_, m in mods.items()}
     rows = []
     for B, S in grid:
