@@ -1,0 +1,112 @@
+"""Compile a kernel of this package for an NVIDIA target on a machine without a GPU, and read its Triton GPU IR.
+
+    python -m kernels.ir classify               # facts of the classify kernel (one-key-per-thread and not)
+    python -m kernels.ir attention              # the flash-decoding kernel, dense and sparse, d = 32
+    python -m kernels.ir classify --dump DIR    # also write each variant's .ttgir and .ptx to DIR
+    python -m kernels.ir all --json             # every preset's facts as JSON (the tests read this)
+
+Triton's NVIDIA backend, ptxas included, ships in the `triton` wheel, so `triton.compile` builds sm_90 code here
+(run without TRITON_INTERPRET: the interpreter replaces the kernels' JIT functions).  Two facts of the IR decide
+much of a memory-bound kernel's speed and are invisible in the interpreter:
+
+* ``ttg.convert_layout``: a tensor moved between register layouts, through shared memory.  The classify kernel
+  had six per 1024 keys (pointers, keys and masks of its scattered stores); `BRACKET_CLASSIFY_SCALAR` removes
+  them (session 7, kernels/NOTES.md "v9").
+* ``ttg.async_wait {num = N}`` in a software-pipelined loop: N copies stay in flight while the loop computes;
+  N = 0 drains them all at every iteration.  The dense flash-decoding loop waits with N = 3; the sparse one, whose
+  gathers depend on indices loaded in the same loop, with N = 0 (its gathers never overlap its compute).
+
+The IR is that of the installed Triton (3.9 here; the H200 machine has 3.6), so check a finding on the GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import re
+import sys
+
+ARCH = 90  # H100 / H200
+
+# per preset: kernel (module, name), pointer dtypes, constexprs, launch options, args not divisible by 16
+PRESETS = {
+    "classify_scalar": dict(kernel=("kernels.bracket", "_bracket_classify_kernel"), ptr="*i32",
+                            constexprs=dict(BLOCK_C=1024, SCALAR=True), num_warps=4, num_stages=3, odd=("R",)),
+    "classify_blocked": dict(kernel=("kernels.bracket", "_bracket_classify_kernel"), ptr="*i32",
+                             constexprs=dict(BLOCK_C=1024, SCALAR=False), num_warps=4, num_stages=3, odd=("R",)),
+}
+_ATTN = dict(kernel=("kernels.attention", "_flash_decode_kernel"),
+             ptr={"q_ptr": "*fp32", "klr_ptr": "*bf16", "krs_ptr": "*bf16", "v_ptr": "*bf16", "idx_ptr": "*i32",
+                  "len_ptr": "*i32", "o_ptr": "*bf16", "mp_ptr": "*fp32", "lp_ptr": "*fp32", "op_ptr": "*fp32",
+                  "cnt_ptr": "*i32"},
+             constexprs=dict(SPLIT=True, FOLD=True, NS_PAD=4, FOLD_VEC=True, HPR_P2=4, HPR=4, G_PAD=16, D=128, D_LR=32,
+                             BLOCK_DL=32, BLOCK_DR=128, BLOCK_D=128, BLOCK_N=64, K_FP32=False, HAS_REST=True),
+             num_warps=4, num_stages=3, odd=("R", "G", "H", "NSPLIT", "TPS"), fp32=("qk_scale",))
+PRESETS["attention_dense"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DENSE=True))
+PRESETS["attention_sparse"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DENSE=False))
+GROUPS = {"classify": ("classify_scalar", "classify_blocked"), "attention": ("attention_dense", "attention_sparse")}
+
+
+def compile_preset(name: str):
+    """triton.compile of preset `name` for sm_ARCH; returns the CompiledKernel."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("kernels.ir compiles real kernels: run it without TRITON_INTERPRET=1")
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    p = PRESETS[name]
+    kern = getattr(importlib.import_module(p["kernel"][0]), p["kernel"][1])
+    sig, attrs = {}, {}
+    for i, arg in enumerate(inspect.signature(kern.fn).parameters):
+        if arg in p["constexprs"]:
+            sig[arg] = "constexpr"
+            continue
+        if arg.endswith("_ptr"):
+            sig[arg] = p["ptr"][arg] if isinstance(p["ptr"], dict) else p["ptr"]
+        else:
+            sig[arg] = "fp32" if arg in p.get("fp32", ()) else "i32"
+        if not sig[arg].startswith("fp") and arg not in p.get("odd", ()):
+            attrs[(i,)] = [["tt.divisibility", 16]]  # what Triton's launcher assumes of 16-aligned pointers / ints
+    src = ASTSource(fn=kern, signature=sig, constexprs=p["constexprs"], attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", ARCH, 32),
+                          options=dict(num_warps=p["num_warps"], num_stages=p["num_stages"]))
+
+
+def facts(ttgir: str) -> dict:
+    """Counts read off a TTGIR listing: layout conversions, async copies and the waits' `num` (in order)."""
+    return {"convert_layout": len(re.findall(r"ttg\.convert_layout", ttgir)),
+            "async_copy": len(re.findall(r"ttg\.async_copy_global_to_local", ttgir)),
+            "async_wait_num": [int(n) for n in re.findall(r"ttg\.async_wait[^\n]*\{num = (\d+)", ttgir)],
+            "blocked_layouts": len(re.findall(r"^#blocked\d* = ", ttgir, flags=re.M))}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=sorted(GROUPS) + sorted(PRESETS) + ["all"])
+    ap.add_argument("--dump", default=None, help="write <preset>.ttgir and <preset>.ptx to this folder")
+    ap.add_argument("--json", action="store_true", help="print {preset: facts} as JSON")
+    a = ap.parse_args(argv)
+    names = list(PRESETS) if a.what == "all" else GROUPS.get(a.what, (a.what,))
+    out = {}
+    for name in names:
+        ck = compile_preset(name)
+        out[name] = facts(ck.asm["ttgir"])
+        out[name]["shared_bytes"] = int(ck.metadata.shared)
+        if a.dump:
+            os.makedirs(a.dump, exist_ok=True)
+            for ext in ("ttgir", "ptx"):
+                with open(os.path.join(a.dump, f"{name}.{ext}"), "w") as f:
+                    f.write(ck.asm[ext])
+    if a.json:
+        print(json.dumps(out))
+    else:
+        for name, f in out.items():
+            print(f"{name:18s} " + "  ".join(f"{k}={v}" for k, v in f.items()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

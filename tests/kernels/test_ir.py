@@ -1,0 +1,38 @@
+"""The kernels' Triton GPU IR for sm_90, compiled on this machine (`kernels.ir`): performance properties that the
+interpreter cannot show.  One subprocess (the interpreter, which conftest.py turns on without a GPU, replaces the
+kernels' JIT functions)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def ir_facts():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "kernels.ir", "all", "--json"], env=env, capture_output=True,
+                         text=True, timeout=600)
+    if res.returncode != 0 and "backends" in res.stderr and "nvidia" in res.stderr.lower():
+        pytest.skip(f"this Triton cannot compile for NVIDIA targets: {res.stderr[-300:]}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_classify_has_no_layout_conversions(ir_facts):
+    """One key per thread (BRACKET_CLASSIFY_SCALAR, the default): the keys, positions and masks of the scattered
+    stores stay in one layout.  The 16-byte-vector layout the key load would otherwise get costs six shared-memory
+    conversions per block (measured 2-4 us slower per step on the H200, kernels/NOTES.md "v9")."""
+    assert ir_facts["classify_scalar"]["convert_layout"] == 0
+    assert ir_facts["classify_scalar"]["blocked_layouts"] == 1
+    assert ir_facts["classify_blocked"]["convert_layout"] > 0
+
+
+def test_dense_attention_loop_keeps_copies_in_flight(ir_facts):
+    """The dense flash-decoding loop is software-pipelined: its first wait leaves copies in flight (num > 0).  The
+    sparse loop's gathers are async copies too, but its waits drain everything (num = 0: the indices are loaded in
+    the same loop); `python -m kernels.ir attention` shows it, NOTES.md "v9" has what was tried."""
+    dense, sparse = ir_facts["attention_dense"], ir_facts["attention_sparse"]
+    assert dense["async_copy"] > 0 and dense["async_wait_num"][0] > 0
+    assert sparse["async_copy"] > 0
