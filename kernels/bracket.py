@@ -353,8 +353,8 @@ def _fill_padding(o_row, kb, KMAX, BLOCK_S: tl.constexpr):
 @triton.jit
 def _threshold_in_registers(bkey_ptr, bidx_ptr, m, r, hb, prefix, BAND: tl.constexpr, EARLY: tl.constexpr):
     """(T, P) for the r largest of bkey[0:m] (1 <= r <= m <= BAND; positions bidx[0:m] ascending): the threshold
-    T of `_kth_key`, and P, the position of the last tie taken when ties at T are taken in position order.  The selection
-    is then: key > T, or key == T and position <= P."""
+    T of `_kth_key`, and P, the position of the last tie taken when ties at T are taken in position order.  The
+    selection is then: key > T, or key == T and position <= P."""
     i = tl.arange(0, BAND)
     valid = i < m
     key = tl.load(bkey_ptr + i, mask=valid, other=0).to(tl.uint32, bitcast=True)
