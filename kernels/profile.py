@@ -20,10 +20,8 @@ from collections import defaultdict
 import torch
 
 from .attention import dense_decode_attention
-from .bench import D, DTYPE, H, KVH, parse_configs
+from .bench import D, Case, parse_configs
 from .loki import loki_decode
-from .scores import rotate_q
-from .testing import random_orthonormal
 
 DK = ((4, 4), (4, 8), (8, 16))  # (D/d, 1/k)
 
@@ -33,13 +31,8 @@ def run(configs, dk=DK, warmup=3):
     for B, S in configs:
         for dfrac, kfrac in dk:
             d, k = D // dfrac, S // kfrac
-            k_lr = torch.randn(B, KVH, S, d, device="cuda", dtype=DTYPE)
-            k_rest = torch.randn(B, KVH, S, D - d, device="cuda", dtype=DTYPE)
-            v = torch.randn(B, KVH, S, D, device="cuda", dtype=DTYPE)
-            L = torch.full((B,), S, dtype=torch.int32, device="cuda")
-            q = torch.randn(B, H, D, device="cuda", dtype=DTYPE)
-            P = random_orthonormal(KVH, D, "cuda")
-            q_rot = rotate_q(q, P)
+            case = Case(B, S, d, 1)  # the benchmark's random cache, q and P
+            (k_lr, k_rest, v), L, q, P, q_rot = case.copies[0], case.lengths, case.q, case.P, case.q_rot
             for _ in range(warmup):
                 loki_decode(q, P, k_lr, k_rest, v, L, k, strict=False)
                 dense_decode_attention(q_rot, k_lr, k_rest, v, L)
@@ -50,7 +43,7 @@ def run(configs, dk=DK, warmup=3):
             dense_decode_attention(q_rot, k_lr, k_rest, v, L)
             torch.cuda.synchronize()
             cudart.cudaProfilerStop()
-            del k_lr, k_rest, v
+            del case, k_lr, k_rest, v
             torch.cuda.empty_cache()
 
 
