@@ -24,6 +24,7 @@ import time
 import torch
 import triton
 
+from . import _utils as utils_mod
 from . import attention as attn_mod
 from . import bracket as bracket_mod
 from . import scores as scores_mod
@@ -352,8 +353,11 @@ def write_json(path, result):
             json.dump(result, f, indent=1, default=str)
 
 
-PROBE_CONFIGS = [dict(block_n=32), dict(block_n=128), dict(num_stages=4), dict(num_stages=2), dict(num_warps=8),
-                 dict(waves=4), dict(waves=1), dict(block_n=32, num_stages=5)]
+PROBE_CONFIGS = [dict(prefetch=1), dict(prefetch=1, block_n=32), dict(prefetch=2), dict(prefetch=2, block_n=32),
+                 dict(prefetch=2, block_n=32, num_stages=4), dict(prefetch=2, num_stages=2), dict(prefetch=2, waves=3),
+                 dict(prefetch=1, waves=3)]
+# (session 3-7: block_n 32 / 128, num_stages 2 / 4, num_warps 8, waves 1 / 4, block_n 32 with 5 stages: all slower
+# than the default, kernels/NOTES.md v5)
 
 
 def attention_probe(rep, log, copy_bw):
@@ -399,6 +403,20 @@ def _pipe(stages, programs, tiles=(1, 1)):
 
 _S7 = dict(_V7, BRACKET_BAND_REG=16384, BRACKET_SCORE_CONFIG=_pipe(3, 4096))  # session 7 candidates
 _S7_DEFAULT = dict(_V7, BRACKET_BAND_REG=16384, BRACKET_SCORE_CONFIG=_pipe(3, 4096, (2, 4)))  # session 7 (round 1)
+_SPARSE_S7 = dict(block_n=64, num_warps=4, num_stages=3, waves=2, prefetch=0)
+_S8 = dict(_S7_DEFAULT, BRACKET_CLASSIFY_SCALAR=True, PDL=False, BRACKET_FUSED_ROTATE=False, SPARSE_CONFIG=_SPARSE_S7)
+_S8_CANDIDATES = {
+    "base": {}, "pdl": dict(PDL=True), "rot": dict(BRACKET_FUSED_ROTATE=True),
+    "pf1": dict(SPARSE_CONFIG=dict(_SPARSE_S7, prefetch=1)),
+    "pf1_bn32": dict(SPARSE_CONFIG=dict(_SPARSE_S7, prefetch=1, block_n=32)),
+    "ahead": dict(SPARSE_CONFIG=dict(_SPARSE_S7, prefetch=2)),
+    "ahead_bn32": dict(SPARSE_CONFIG=dict(_SPARSE_S7, prefetch=2, block_n=32)),
+    "ahead_bn32_s4": dict(SPARSE_CONFIG=dict(_SPARSE_S7, prefetch=2, block_n=32, num_stages=4)),
+    "pdl_rot": dict(PDL=True, BRACKET_FUSED_ROTATE=True),
+    "pdl_rot_ahead_bn32": dict(PDL=True, BRACKET_FUSED_ROTATE=True,
+                               SPARSE_CONFIG=dict(_SPARSE_S7, prefetch=2, block_n=32)),
+    "pdl_rot_pf1": dict(PDL=True, BRACKET_FUSED_ROTATE=True, SPARSE_CONFIG=dict(_SPARSE_S7, prefetch=1)),
+}
 VARIANTS = {
     "v6": dict(BRACKET_OVERLAP=False, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
     "overlap": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
@@ -436,6 +454,9 @@ VARIANTS = {
     "s7_c2048_w8": dict(_S7, BRACKET_CLASSIFY_BLOCK=2048, BRACKET_CLASSIFY_WARPS=8),
     "s7_c4096_w8": dict(_S7, BRACKET_CLASSIFY_BLOCK=4096, BRACKET_CLASSIFY_WARPS=8),
     "s7_c512_w4": dict(_S7, BRACKET_CLASSIFY_BLOCK=512, BRACKET_CLASSIFY_WARPS=4),
+    # session 8: programmatic dependent launch, q rotated inside the scoring kernel, the sparse attention loop
+    # pipelined by hand (pf1) or with its indices one tile ahead (ahead), alone and together
+    **{f"s8_{n}": dict(_S8, **kw) for n, kw in _S8_CANDIDATES.items()},
 }
 
 
@@ -446,7 +467,8 @@ def variant_sweep(rep, log, grid, names):
                 BRACKET_SAMPLE_DIV=bracket_mod, BRACKET_CLASSIFY=bracket_mod, BRACKET_SCAN_BLOCK=bracket_mod,
                 BRACKET_SCAN_WARPS=bracket_mod, BRACKET_CLASSIFY_BLOCK=bracket_mod,
                 BRACKET_CLASSIFY_WARPS=bracket_mod, BRACKET_EARLY_EXIT=bracket_mod, BRACKET_BAND_REG=bracket_mod,
-                BRACKET_SCORE_CONFIG=bracket_mod, BRACKET_CLASSIFY_SCALAR=bracket_mod)
+                BRACKET_SCORE_CONFIG=bracket_mod, BRACKET_CLASSIFY_SCALAR=bracket_mod, PDL=utils_mod,
+                BRACKET_FUSED_ROTATE=bracket_mod, SPARSE_CONFIG=attn_mod)
     saved = {k_: getattr(m, k_) for k_, m in mods.items()}
     rows = []
     for B, S in grid:
@@ -458,10 +480,16 @@ def variant_sweep(rep, log, grid, names):
             for name in names:
                 for k_, v_ in VARIANTS[name].items():
                     setattr(mods[k_], k_, v_)
-                out = loki_decode(q, P, *case.copies[0], L, k, path="bracket", strict=False)
-                ref = out if ref is None else ref
-                err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-                t = timed(case, lambda a, b_, c: loki_decode(q, P, a, b_, c, L, k, path="bracket", strict=False), rep)
+                try:
+                    out = loki_decode(q, P, *case.copies[0], L, k, path="bracket", strict=False)
+                    ref = out if ref is None else ref
+                    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                    t = timed(case, lambda a, b_, c: loki_decode(q, P, a, b_, c, L, k, path="bracket", strict=False),
+                              rep)
+                except Exception as e:  # noqa: BLE001 (a variant that does not compile here is reported, not fatal)
+                    rows.append(dict(batch=B, context=S, d=d, k=k, variant=name, error=f"{type(e).__name__}: {e}"[:500]))
+                    log(f"B={B} S={S:6d} d={d:3d} k={k:6d} {name:14s} FAILED: {type(e).__name__}: {str(e)[:300]}")
+                    continue
                 rows.append(dict(batch=B, context=S, d=d, k=k, variant=name, us=t * 1e3, rel_diff_vs_first=err))
                 log(f"B={B} S={S:6d} d={d:3d} k={k:6d} {name:14s} {t * 1e3:8.1f} us  (diff vs first {err:.1e})")
             for k_, v_ in saved.items():

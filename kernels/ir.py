@@ -32,20 +32,28 @@ ARCH = 90  # H100 / H200
 # per preset: kernel (module, name), pointer dtypes, constexprs, launch options, args not divisible by 16
 PRESETS = {
     "classify_scalar": dict(kernel=("kernels.bracket", "_bracket_classify_kernel"), ptr="*i32",
-                            constexprs=dict(BLOCK_C=1024, SCALAR=True), num_warps=4, num_stages=3, odd=("R",)),
+                            constexprs=dict(BLOCK_C=1024, SCALAR=True, PDL=False), num_warps=4, num_stages=3, odd=("R",)),
     "classify_blocked": dict(kernel=("kernels.bracket", "_bracket_classify_kernel"), ptr="*i32",
-                             constexprs=dict(BLOCK_C=1024, SCALAR=False), num_warps=4, num_stages=3, odd=("R",)),
+                             constexprs=dict(BLOCK_C=1024, SCALAR=False, PDL=False), num_warps=4, num_stages=3, odd=("R",)),
 }
 _ATTN = dict(kernel=("kernels.attention", "_flash_decode_kernel"),
              ptr={"q_ptr": "*fp32", "klr_ptr": "*bf16", "krs_ptr": "*bf16", "v_ptr": "*bf16", "idx_ptr": "*i32",
                   "len_ptr": "*i32", "o_ptr": "*bf16", "mp_ptr": "*fp32", "lp_ptr": "*fp32", "op_ptr": "*fp32",
                   "cnt_ptr": "*i32"},
              constexprs=dict(SPLIT=True, FOLD=True, NS_PAD=4, FOLD_VEC=True, HPR_P2=4, HPR=4, G_PAD=16, D=128, D_LR=32,
-                             BLOCK_DL=32, BLOCK_DR=128, BLOCK_D=128, BLOCK_N=64, K_FP32=False, HAS_REST=True),
+                             BLOCK_DL=32, BLOCK_DR=128, BLOCK_D=128, BLOCK_N=64, K_FP32=False, HAS_REST=True,
+                             PREFETCH=0, PDL=False),
              num_warps=4, num_stages=3, odd=("R", "G", "H", "NSPLIT", "TPS"), fp32=("qk_scale",))
 PRESETS["attention_dense"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DENSE=True))
 PRESETS["attention_sparse"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DENSE=False))
-GROUPS = {"classify": ("classify_scalar", "classify_blocked"), "attention": ("attention_dense", "attention_sparse")}
+# session 8: the sparse loop pipelined by hand (plain loads one tile ahead, launched with num_stages=1)
+PRESETS["attention_prefetch"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DENSE=False, PREFETCH=1),
+                                     num_stages=1)
+PRESETS["attention_ahead"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DENSE=False, PREFETCH=2))
+# programmatic dependent launch: griddepcontrol.wait / launch_dependents at the kernel's entry
+PRESETS["attention_pdl"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DENSE=False, PDL=True))
+GROUPS = {"classify": ("classify_scalar", "classify_blocked"),
+          "attention": ("attention_dense", "attention_sparse", "attention_prefetch", "attention_ahead")}
 
 
 def compile_preset(name: str):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels import dense_decode_attention, loki_decode, topk_select
+from kernels import dense_decode_attention, fraction_budget, loki_decode, topk_select
 from kernels.attention import dense_attention_ref, sparse_attention_ref
 from kernels.reference import loki_decode_ref
 from kernels.scores import rotate_q_ref
@@ -57,3 +57,52 @@ def test_dense_gpu():
     o = dense_decode_attention(q, k_lr, k_rest, v, lengths)
     ref = dense_attention_ref(q.cpu(), k_lr.cpu(), k_rest.cpu(), v.cpu(), lengths.cpu())
     assert rel_err(o, ref) <= 1e-2
+
+
+# session 8 options (kernels/NOTES.md v10): programmatic dependent launch, q rotated inside the scoring kernel, the
+# sparse attention loop pipelined by hand (prefetch=1) or with its indices one tile ahead (prefetch=2); each alone and
+# all together, eagerly and replayed from a CUDA graph (PDL edges are captured into the graph)
+OPTIONS = {"pdl": dict(pdl=True), "fused_rotate": dict(rot=True), "prefetch": dict(prefetch=1),
+           "ahead": dict(prefetch=2), "ahead_bn32": dict(prefetch=2, block_n=32),
+           "all": dict(pdl=True, rot=True, prefetch=2, block_n=32)}
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_loki_decode_gpu_options(option, monkeypatch):
+    import kernels._utils as utils
+    import kernels.attention as attention
+    import kernels.bracket as bracket
+    opt = OPTIONS[option]
+    monkeypatch.setattr(utils, "PDL", opt.get("pdl", False))
+    monkeypatch.setattr(bracket, "BRACKET_FUSED_ROTATE", opt.get("rot", False))
+    cfg = dict(attention.SPARSE_CONFIG, prefetch=opt.get("prefetch", 0))
+    if "block_n" in opt:
+        cfg["block_n"] = opt["block_n"]
+    monkeypatch.setattr(attention, "SPARSE_CONFIG", cfg)
+    torch.manual_seed(7)
+    B, KVH, g, S, D, d = 3, 8, 4, 20000, 128, 32
+    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.bfloat16, "cuda", lengths=[20000, 9999, 3])
+    q = torch.randn(B, KVH * g, D, device="cuda", dtype=torch.bfloat16)
+    P = random_orthonormal(KVH, D, "cuda")
+    k = 0.125
+    out, idx = loki_decode(q, P, k_lr, k_rest, v, lengths, k, strict=False, return_indices=True)
+    graph_out = torch.empty_like(out)
+    loki_decode(q, P, k_lr, k_rest, v, lengths, k, strict=False, out=graph_out)  # compile before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    graph_out.zero_()
+    with torch.cuda.graph(graph):
+        loki_decode(q, P, k_lr, k_rest, v, lengths, k, strict=False, out=graph_out)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    budgets = fraction_budget(k, lengths).long().cpu()
+    ref_out, _, ref_scores = loki_decode_ref(q.cpu(), P.cpu(), k_lr.cpu(), k_rest.cpu(), v.cpu(), lengths.cpu(),
+                                             budgets, mode="group")
+    fin = torch.isfinite(ref_scores)
+    tol = 2e-5 * ref_scores[fin].abs().max().item()
+    check_selection(idx, ref_scores, lengths.cpu(), budgets, tol)
+    ref_own = sparse_attention_ref(rotate_q_ref(q.cpu(), P.cpu()), k_lr.cpu(), k_rest.cpu(), v.cpu(), idx.cpu())
+    assert rel_err(out, ref_own) <= 1e-2
+    assert rel_err(out, ref_out) <= 1e-2
+    assert rel_err(graph_out, ref_out) <= 1e-2
