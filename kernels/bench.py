@@ -353,9 +353,13 @@ def write_json(path, result):
             json.dump(result, f, indent=1, default=str)
 
 
-PROBE_CONFIGS = [dict(prefetch=1), dict(prefetch=1, block_n=32), dict(prefetch=2), dict(prefetch=2, block_n=32),
-                 dict(prefetch=2, block_n=32, num_stages=4), dict(prefetch=2, num_stages=2), dict(prefetch=2, waves=3),
-                 dict(prefetch=1, waves=3)]
+PROBE_CONFIGS = [dict(prefetch=2, num_stages=2), dict(prefetch=2, num_stages=2, block_n=128),
+                 dict(prefetch=2, num_stages=2, block_n=128, num_warps=8), dict(prefetch=2, num_stages=2, waves=3),
+                 dict(prefetch=2, num_stages=2, waves=1), dict(prefetch=2, num_stages=2, waves=4),
+                 dict(prefetch=2, num_stages=2, block_n=32), dict(prefetch=2, num_stages=2, num_warps=8),
+                 dict(num_stages=2)]
+# (session 8, first round: prefetch=1 with block_n 64 / 32 and waves 3, prefetch=2 at 3-4 stages, block_n 32 or
+# waves 3: all 4-50% slower than the default, bench_results/h200_attn_probe_s8a.log)
 # (session 3-7: block_n 32 / 128, num_stages 2 / 4, num_warps 8, waves 1 / 4, block_n 32 with 5 stages: all slower
 # than the default, kernels/NOTES.md v5)
 
@@ -416,6 +420,11 @@ _S8_CANDIDATES = {
     "pdl_rot_ahead_bn32": dict(PDL=True, BRACKET_FUSED_ROTATE=True,
                                SPARSE_CONFIG=dict(_SPARSE_S7, prefetch=2, block_n=32)),
     "pdl_rot_pf1": dict(PDL=True, BRACKET_FUSED_ROTATE=True, SPARSE_CONFIG=dict(_SPARSE_S7, prefetch=1)),
+    # round 2: indices one tile ahead at 2 stages (the only probe config faster than the default in round 1)
+    "ahead_s2": dict(SPARSE_CONFIG=dict(_SPARSE_S7, prefetch=2, num_stages=2)),
+    "ahead_s2_bn128": dict(SPARSE_CONFIG=dict(_SPARSE_S7, prefetch=2, num_stages=2, block_n=128)),
+    "ahead_s2_w3": dict(SPARSE_CONFIG=dict(_SPARSE_S7, prefetch=2, num_stages=2, waves=3)),
+    "s2": dict(SPARSE_CONFIG=dict(_SPARSE_S7, num_stages=2)),
 }
 VARIANTS = {
     "v6": dict(BRACKET_OVERLAP=False, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
