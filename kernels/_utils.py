@@ -6,12 +6,6 @@ import os
 
 import torch
 import triton
-import triton.language as tl
-
-try:  # programmatic dependent launch (Triton >= 3.4, sm_90+)
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # pragma: no cover
-    gdc_launch_dependents = gdc_wait = None
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -98,30 +92,3 @@ def tl_dtype(dtype: torch.dtype):
     import triton.language as tl
     return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
-
-# session 8: programmatic dependent launch of the Loki step's kernels (sm_90+, CUDA graphs included).  Each kernel
-# so launched waits for its predecessor's completion (griddepcontrol.wait) before it touches memory, so only the
-# launch and scheduling latency between kernels is hidden, never a dependency.
-PDL = False
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
-def pdl_launch(device: torch.device) -> dict:
-    """Launch options of one Loki kernel: {"PDL": bool} (the kernel's constexpr) and, when on, launch_pdl=True."""
-    if not PDL or is_interpreter() or device.type != "cuda" or gdc_wait is None:
-        return dict(PDL=False)
-    if _capability(device.index if device.index is not None else torch.cuda.current_device())[0] < 9:
-        return dict(PDL=False)
-    return dict(PDL=True, launch_pdl=True)
-
-
-@triton.jit
-def pdl_enter(PDL: tl.constexpr):
-    """First statement of a kernel launched by `pdl_launch`: wait for the previous kernel, let the next launch."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()

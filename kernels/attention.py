@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._utils import (check, check_cache, check_float, check_last_contiguous, check_lengths, default_scaling,
-                     is_interpreter, next_pow2, num_sms, pdl_enter, pdl_launch, INDEX_DTYPES)
+                     is_interpreter, next_pow2, num_sms, INDEX_DTYPES)
 from .scores import _split_hi_lo
 
 LOG2E = 1.4426950408889634
@@ -35,8 +35,7 @@ def _flash_decode_kernel(q_ptr, sq_b, sq_h,
                          FOLD_VEC: tl.constexpr, HPR_P2: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr,
                          D: tl.constexpr, D_LR: tl.constexpr, BLOCK_DL: tl.constexpr, BLOCK_DR: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K_FP32: tl.constexpr,
-                         HAS_REST: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr = False):
-    pdl_enter(PDL)
+                         HAS_REST: tl.constexpr, AHEAD: tl.constexpr, HILO: tl.constexpr):
     pid = tl.program_id(0)
     sp = tl.program_id(1)
     b = (pid // R).to(tl.int64)
@@ -74,31 +73,12 @@ def _flash_decode_kernel(q_ptr, sq_b, sq_h,
     m_i = tl.full([G_PAD], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([G_PAD], dtype=tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_D], dtype=tl.float32)
-    if PREFETCH == 1:
-        # session 8: software pipelining by hand (the kernel is launched with num_stages=1).  Triton's pipeliner
-        # drains every copy in flight at each iteration of a gather loop (async_wait num=0: the gathers' addresses
-        # come from indices loaded in the same loop; kernels/NOTES.md v9).  Here tile t+1's K/V gathers are issued
-        # (plain loads, into registers) before tile t is computed, and tile t+2's indices before that, so a
-        # program always has one tile of rows and one of indices in flight while it computes.
-        n_hi = tl.minimum(tile_hi * BLOCK_N, n)
-        ar = tl.arange(0, BLOCK_N)
-        tok_c = tl.load(i_base + tile_lo * BLOCK_N + ar, mask=tile_lo * BLOCK_N + ar < n_hi, other=-1)
-        valid_c, kl_c, kr_c, vv_c = _gather_rows(tok_c, kl_base, slr_s, kr_base, srs_s, v_base, sv_s, D, D_LR,
-                                                 BLOCK_DL, BLOCK_DR, BLOCK_D, HAS_REST)
-        offs_n = (tile_lo + 1) * BLOCK_N + ar
-        tok_n = tl.load(i_base + offs_n, mask=offs_n < n_hi, other=-1)
-        for t in range(tile_lo, tile_hi):
-            valid_n, kl_n, kr_n, vv_n = _gather_rows(tok_n, kl_base, slr_s, kr_base, srs_s, v_base, sv_s, D, D_LR,
-                                                     BLOCK_DL, BLOCK_DR, BLOCK_D, HAS_REST)
-            offs_n = (t + 2) * BLOCK_N + ar
-            tok_n = tl.load(i_base + offs_n, mask=offs_n < n_hi, other=-1)
-            m_i, l_i, acc = _attend_tile(kl_c, kr_c, vv_c, valid_c, m_i, l_i, acc, q_lr, q_lr_hi, q_lr_lo, q_rs,
-                                         q_rs_hi, q_rs_lo, K_FP32, HAS_REST, v_ptr.dtype.element_ty)
-            valid_c, kl_c, kr_c, vv_c = valid_n, kl_n, kr_n, vv_n
-    elif PREFETCH == 2:
-        # session 8: the indices one tile ahead (plain loads carried by the loop), so that Triton's pipeliner turns
-        # the gathers into async copies it keeps in flight (async_wait num=3 at 3 stages, two K/V buffers; carried
-        # two tiles ahead, the loop is not pipelined at all).  Session 7 measured a first version of this slower.
+    if AHEAD:
+        # session 8 (the default): each tile's indices are loaded (plain loads) one iteration before its gathers, so
+        # an iteration waits for one memory round trip (the gathers) instead of two (indices, then gathers).  At 2
+        # stages Triton still drains its copies every iteration (async_wait num=0) with one K/V buffer (51 KB of
+        # shared memory, 3 programs per SM); 3 stages give num=3 but two buffers (88 KB, 2 programs per SM) and
+        # measured 25-40% slower (kernels/NOTES.md v10).
         n_hi = tl.minimum(tile_hi * BLOCK_N, n)
         ar = tl.arange(0, BLOCK_N)
         tok_n = tl.load(i_base + tile_lo * BLOCK_N + ar, mask=tile_lo * BLOCK_N + ar < n_hi, other=-1)
@@ -108,7 +88,7 @@ def _flash_decode_kernel(q_ptr, sq_b, sq_h,
             valid, kl, kr, vv = _gather_rows(tok, kl_base, slr_s, kr_base, srs_s, v_base, sv_s, D, D_LR,
                                              BLOCK_DL, BLOCK_DR, BLOCK_D, HAS_REST)
             m_i, l_i, acc = _attend_tile(kl, kr, vv, valid, m_i, l_i, acc, q_lr, q_lr_hi, q_lr_lo, q_rs, q_rs_hi,
-                                         q_rs_lo, K_FP32, HAS_REST, v_ptr.dtype.element_ty)
+                                         q_rs_lo, K_FP32, HAS_REST, v_ptr.dtype.element_ty, HILO)
     else:
         for t in range(tile_lo, tile_hi):
             offs = t * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -129,7 +109,7 @@ def _flash_decode_kernel(q_ptr, sq_b, sq_h,
             vv = tl.load(v_base + tok[:, None] * sv_s + dd[None, :], mask=valid[:, None] & (dd < D)[None, :],
                          other=0.0)
             m_i, l_i, acc = _attend_tile(kl, kr, vv, valid, m_i, l_i, acc, q_lr, q_lr_hi, q_lr_lo, q_rs, q_rs_hi,
-                                         q_rs_lo, K_FP32, HAS_REST, v_ptr.dtype.element_ty)
+                                         q_rs_lo, K_FP32, HAS_REST, v_ptr.dtype.element_ty, HILO)
 
     heads = b * H + h0 + hh
     if SPLIT:
@@ -175,8 +155,10 @@ def _gather_rows(tok, kl_base, slr_s, kr_base, srs_s, v_base, sv_s, D: tl.conste
 
 @triton.jit
 def _attend_tile(kl, kr, vv, valid, m_i, l_i, acc, q_lr, q_lr_hi, q_lr_lo, q_rs, q_rs_hi, q_rs_lo,
-                 K_FP32: tl.constexpr, HAS_REST: tl.constexpr, V_DTYPE: tl.constexpr):
-    """One online-softmax step over a tile of K/V rows (q pre-scaled by scale * log2(e)); new (m, l, acc)."""
+                 K_FP32: tl.constexpr, HAS_REST: tl.constexpr, V_DTYPE: tl.constexpr, HILO: tl.constexpr):
+    """One online-softmax step over a tile of K/V rows (q pre-scaled by scale * log2(e)); new (m, l, acc).
+    16-bit caches: HILO, q' and p as two 16-bit halves (~fp32 dots); else rounded to the cache dtype, one dot each
+    (as SDPA / FlashAttention do)."""
     if K_FP32:
         s = tl.dot(q_lr, tl.trans(kl.to(tl.float32)), input_precision="ieee")
         if HAS_REST:
@@ -184,11 +166,13 @@ def _attend_tile(kl, kr, vv, valid, m_i, l_i, acc, q_lr, q_lr_hi, q_lr_lo, q_rs,
     else:
         klt = tl.trans(kl)
         s = tl.dot(q_lr_hi, klt)
-        s = tl.dot(q_lr_lo, klt, s)
+        if HILO:
+            s = tl.dot(q_lr_lo, klt, s)
         if HAS_REST:
             krt = tl.trans(kr)
             s = tl.dot(q_rs_hi, krt, s)
-            s = tl.dot(q_rs_lo, krt, s)
+            if HILO:
+                s = tl.dot(q_rs_lo, krt, s)
     s = tl.where(valid[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
@@ -200,7 +184,8 @@ def _attend_tile(kl, kr, vv, valid, m_i, l_i, acc, q_lr, q_lr_hi, q_lr_lo, q_rs,
     else:
         p_hi, p_lo = _split_hi_lo(p, V_DTYPE)
         acc = tl.dot(p_hi, vv, acc)
-        acc = tl.dot(p_lo, vv, acc)
+        if HILO:
+            acc = tl.dot(p_lo, vv, acc)
     return m_new, l_i, acc
 
 
@@ -257,9 +242,9 @@ def _combine_kernel(mp_ptr, lp_ptr, op_ptr, o_ptr, so_b, so_h, H, NSPLIT,
 # launchers
 # ----------------------------------------------------------------------------------------------------------
 # GPU defaults (H200-tuned in kernels/NOTES.md); (BLOCK_N, num_warps, num_stages, waves)
-SPARSE_CONFIG = dict(block_n=64, num_warps=4, num_stages=3, waves=2, prefetch=0)
+SPARSE_CONFIG = dict(block_n=64, num_warps=4, num_stages=2, waves=2, ahead=True, hilo=True)  # session 8: ahead, 2 stages (was 3)
 FOLD_VECTOR_MAX = 8192  # folded combine: all of a row's heads in one tile when HPR x splits x D fits, else a loop
-DENSE_CONFIG = dict(block_n=128, num_warps=4, num_stages=3, waves=1)
+DENSE_CONFIG = dict(block_n=128, num_warps=4, num_stages=3, waves=1, hilo=True)
 
 
 def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_splits, out, config, counters=None):
@@ -320,9 +305,9 @@ def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_spli
     # the folded combine's tile sizes (fixed when not folding, so they add no compiled variants)
     ns_pad, hpr_p2 = (max(2, next_pow2(num_splits)), max(2, next_pow2(HPR))) if fold else (2, 2)
     has_rest = D > d
-    # sparse loop: 0 = Triton's pipeliner, 1 = pipelined by hand (num_stages=1), 2 = indices carried 2 tiles ahead
-    prefetch = 0 if dense else int(cfg.get("prefetch", 0))
-    check(prefetch in (0, 1, 2), f"config prefetch must be 0, 1 or 2, got {prefetch}")
+    # sparse loop: indices one tile ahead of the gathers (session 8).  int32 indices only: session 7's first version
+    # of this loop did not compile for int64 indices on triton 3.6 (those take the loop of sessions 1-7)
+    ahead = not dense and bool(cfg.get("ahead", False)) and idx.dtype == torch.int32
     _flash_decode_kernel[(B * R, num_splits)](
         q_rot, q_rot.stride(0), q_rot.stride(1),
         k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2),
@@ -337,8 +322,8 @@ def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_spli
         FOLD_VEC=fold and hpr_p2 * ns_pad * max(16, next_pow2(D)) <= FOLD_VECTOR_MAX, HPR=HPR,
         G_PAD=max(16, next_pow2(HPR)), D=D, D_LR=d,
         BLOCK_DL=max(16, next_pow2(d)), BLOCK_DR=max(16, next_pow2(max(D - d, 1))), BLOCK_D=max(16, next_pow2(D)),
-        BLOCK_N=BLOCK_N, K_FP32=v.dtype == torch.float32, HAS_REST=has_rest, PREFETCH=prefetch, **pdl_launch(v.device),
-        num_warps=4 if interp else cfg["num_warps"], num_stages=1 if interp or prefetch == 1 else cfg["num_stages"])
+        BLOCK_N=BLOCK_N, K_FP32=v.dtype == torch.float32, HAS_REST=has_rest, AHEAD=ahead, HILO=bool(cfg.get("hilo", True)),
+        num_warps=4 if interp else cfg["num_warps"], num_stages=1 if interp else cfg["num_stages"])
     if split and not fold:
         _combine_kernel[(B * H,)](mp, lp, op, out, out.stride(0), out.stride(1), H, num_splits,
                                   NS_PAD=max(2, next_pow2(num_splits)), D=D, BLOCK_D=max(16, next_pow2(D)),

@@ -24,7 +24,6 @@ import time
 import torch
 import triton
 
-from . import _utils as utils_mod
 from . import attention as attn_mod
 from . import bracket as bracket_mod
 from . import scores as scores_mod
@@ -353,15 +352,12 @@ def write_json(path, result):
             json.dump(result, f, indent=1, default=str)
 
 
-PROBE_CONFIGS = [dict(prefetch=2, num_stages=2), dict(prefetch=2, num_stages=2, block_n=128),
-                 dict(prefetch=2, num_stages=2, block_n=128, num_warps=8), dict(prefetch=2, num_stages=2, waves=3),
-                 dict(prefetch=2, num_stages=2, waves=1), dict(prefetch=2, num_stages=2, waves=4),
-                 dict(prefetch=2, num_stages=2, block_n=32), dict(prefetch=2, num_stages=2, num_warps=8),
-                 dict(num_stages=2)]
-# (session 8, first round: prefetch=1 with block_n 64 / 32 and waves 3, prefetch=2 at 3-4 stages, block_n 32 or
-# waves 3: all 4-50% slower than the default, bench_results/h200_attn_probe_s8a.log)
-# (session 3-7: block_n 32 / 128, num_stages 2 / 4, num_warps 8, waves 1 / 4, block_n 32 with 5 stages: all slower
-# than the default, kernels/NOTES.md v5)
+PROBE_CONFIGS = [dict(ahead=False, num_stages=3), dict(hilo=False), dict(hilo=False, num_stages=3),
+                 dict(hilo=False, block_n=128), dict(hilo=False, ahead=False, num_stages=3)]
+# (sessions 3-7, the old loop: block_n 32 / 128, num_stages 2 / 4, num_warps 8, waves 1 / 4, block_n 32 with 5
+# stages: all slower than block_n 64 / 3 stages (NOTES v5).  Session 8 (bench_results/h200_attn_probe_s8{a,b}):
+# the indices one tile ahead at 3-4 stages, 8 warps, waves 1 / 3 / 4, block_n 32 / 128, and a loop pipelined by
+# hand in registers: slower than the indices ahead at 2 stages, the default since)
 
 
 def attention_probe(rep, log, copy_bw):
@@ -390,7 +386,8 @@ def attention_probe(rep, log, copy_bw):
 
 # ablation of the bracket path's options (module defaults set per variant); name -> settings
 # (a variant inherits what the previous one set and it does not: _V7 names every setting the later ones change)
-_V7 = dict(BRACKET_OVERLAP=True, FOLD_COMBINE=True, BRACKET_SAMPLE=1024, BRACKET_SAMPLE_DIV=64,
+_SPARSE_S7 = dict(block_n=64, num_warps=4, num_stages=3, waves=2, ahead=False, hilo=True)
+_V7 = dict(SPARSE_CONFIG=_SPARSE_S7, BRACKET_OVERLAP=True, FOLD_COMBINE=True, BRACKET_SAMPLE=1024, BRACKET_SAMPLE_DIV=64,
            BRACKET_CLASSIFY="split", BRACKET_CLASSIFY_BLOCK=1024, BRACKET_CLASSIFY_WARPS=4, BRACKET_EARLY_EXIT=True,
            BRACKET_BAND_REG=8192, BRACKET_SCORE_CONFIG={0: dict(block_n=256, tiles=2, num_warps=4),
                                                         32: dict(block_n=128, tiles=4, num_warps=4)},
@@ -407,25 +404,7 @@ def _pipe(stages, programs, tiles=(1, 1)):
 
 _S7 = dict(_V7, BRACKET_BAND_REG=16384, BRACKET_SCORE_CONFIG=_pipe(3, 4096))  # session 7 candidates
 _S7_DEFAULT = dict(_V7, BRACKET_BAND_REG=16384, BRACKET_SCORE_CONFIG=_pipe(3, 4096, (2, 4)))  # session 7 (round 1)
-_SPARSE_S7 = dict(block_n=64, num_warps=4, num_stages=3, waves=2, prefetch=0)
-_S8 = dict(_S7_DEFAULT, BRACKET_CLASSIFY_SCALAR=True, PDL=False, BRACKET_FUSED_ROTATE=False, SPARSE_CONFIG=_SPARSE_S7)
-_S8_CANDIDATES = {
-    "base": {}, "pdl": dict(PDL=True), "rot": dict(BRACKET_FUSED_ROTATE=True),
-    "pf1": dict(SPARSE_CONFIG=dict(_SPARSE_S7, prefetch=1)),
-    "pf1_bn32": dict(SPARSE_CONFIG=dict(_SPARSE_S7, prefetch=1, block_n=32)),
-    "ahead": dict(SPARSE_CONFIG=dict(_SPARSE_S7, prefetch=2)),
-    "ahead_bn32": dict(SPARSE_CONFIG=dict(_SPARSE_S7, prefetch=2, block_n=32)),
-    "ahead_bn32_s4": dict(SPARSE_CONFIG=dict(_SPARSE_S7, prefetch=2, block_n=32, num_stages=4)),
-    "pdl_rot": dict(PDL=True, BRACKET_FUSED_ROTATE=True),
-    "pdl_rot_ahead_bn32": dict(PDL=True, BRACKET_FUSED_ROTATE=True,
-                               SPARSE_CONFIG=dict(_SPARSE_S7, prefetch=2, block_n=32)),
-    "pdl_rot_pf1": dict(PDL=True, BRACKET_FUSED_ROTATE=True, SPARSE_CONFIG=dict(_SPARSE_S7, prefetch=1)),
-    # round 2: indices one tile ahead at 2 stages (the only probe config faster than the default in round 1)
-    "ahead_s2": dict(SPARSE_CONFIG=dict(_SPARSE_S7, prefetch=2, num_stages=2)),
-    "ahead_s2_bn128": dict(SPARSE_CONFIG=dict(_SPARSE_S7, prefetch=2, num_stages=2, block_n=128)),
-    "ahead_s2_w3": dict(SPARSE_CONFIG=dict(_SPARSE_S7, prefetch=2, num_stages=2, waves=3)),
-    "s2": dict(SPARSE_CONFIG=dict(_SPARSE_S7, num_stages=2)),
-}
+_S8_BASE = dict(_S7_DEFAULT, BRACKET_CLASSIFY_SCALAR=True, SPARSE_CONFIG=_SPARSE_S7)  # session 7's final defaults
 VARIANTS = {
     "v6": dict(BRACKET_OVERLAP=False, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
     "overlap": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
@@ -463,9 +442,18 @@ VARIANTS = {
     "s7_c2048_w8": dict(_S7, BRACKET_CLASSIFY_BLOCK=2048, BRACKET_CLASSIFY_WARPS=8),
     "s7_c4096_w8": dict(_S7, BRACKET_CLASSIFY_BLOCK=4096, BRACKET_CLASSIFY_WARPS=8),
     "s7_c512_w4": dict(_S7, BRACKET_CLASSIFY_BLOCK=512, BRACKET_CLASSIFY_WARPS=4),
-    # session 8: programmatic dependent launch, q rotated inside the scoring kernel, the sparse attention loop
-    # pipelined by hand (pf1) or with its indices one tile ahead (ahead), alone and together
-    **{f"s8_{n}": dict(_S8, **kw) for n, kw in _S8_CANDIDATES.items()},
+    # session 8: the sparse attention loop with its indices one tile ahead (round 2 of bench_results/
+    # h200_variants_s8{a,b}: 2 stages, and at 128-row tiles or 3 waves; "s8_s2": the old loop at 2 stages).  Round 1
+    # also measured programmatic dependent launch, q rotated inside the scoring kernel and a loop pipelined by hand
+    # in registers: all slower, removed (kernels/NOTES.md v10)
+    "s8_base": _S8_BASE,
+    "s8_ahead_s2": dict(_S8_BASE, SPARSE_CONFIG=dict(_SPARSE_S7, ahead=True, num_stages=2)),
+    "s8_ahead_s2_bn128": dict(_S8_BASE, SPARSE_CONFIG=dict(_SPARSE_S7, ahead=True, num_stages=2, block_n=128)),
+    "s8_ahead_s2_w3": dict(_S8_BASE, SPARSE_CONFIG=dict(_SPARSE_S7, ahead=True, num_stages=2, waves=3)),
+    "s8_s2": dict(_S8_BASE, SPARSE_CONFIG=dict(_SPARSE_S7, num_stages=2)),
+    # round 3: q' and p rounded to bf16, one dot each, as SDPA does (not the default: ~fp32 dots are)
+    "s8": dict(_S8_BASE, SPARSE_CONFIG=dict(_SPARSE_S7, ahead=True, num_stages=2)),
+    "s8_bf16": dict(_S8_BASE, SPARSE_CONFIG=dict(_SPARSE_S7, ahead=True, num_stages=2, hilo=False)),
 }
 
 
@@ -476,8 +464,7 @@ def variant_sweep(rep, log, grid, names):
                 BRACKET_SAMPLE_DIV=bracket_mod, BRACKET_CLASSIFY=bracket_mod, BRACKET_SCAN_BLOCK=bracket_mod,
                 BRACKET_SCAN_WARPS=bracket_mod, BRACKET_CLASSIFY_BLOCK=bracket_mod,
                 BRACKET_CLASSIFY_WARPS=bracket_mod, BRACKET_EARLY_EXIT=bracket_mod, BRACKET_BAND_REG=bracket_mod,
-                BRACKET_SCORE_CONFIG=bracket_mod, BRACKET_CLASSIFY_SCALAR=bracket_mod, PDL=utils_mod,
-                BRACKET_FUSED_ROTATE=bracket_mod, SPARSE_CONFIG=attn_mod)
+                BRACKET_SCORE_CONFIG=bracket_mod, BRACKET_CLASSIFY_SCALAR=bracket_mod, SPARSE_CONFIG=attn_mod)
     saved = {k_: getattr(m, k_) for k_, m in mods.items()}
     rows = []
     for B, S in grid:

@@ -42,9 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check, default_scaling, is_interpreter, next_pow2, pdl_enter, pdl_launch
-from .scores import (_load_q_lr_T, _q_lr_T_rotated, _rotate_heads, _row_of, _score_tile, _split_hi_lo,
-                     launch_rotate_q, rot_chunks)
+from ._utils import check, default_scaling, is_interpreter, next_pow2
+from .scores import _load_q_lr_T, _rotate_heads, _row_of, _score_tile, _split_hi_lo, launch_rotate_q, rot_chunks
 from .topk import _bit_length, _bracket_of_sample, _key_of, _radix_select, check_select_inputs
 
 
@@ -130,33 +129,22 @@ def _bracket_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h
 
 
 @triton.jit
-def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r,
-                           klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, ac_ptr, out_ptr,
+def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, ac_ptr, out_ptr,
                            so_b, so_r, len_ptr, kb_ptr, K_INT, FRAC_BITS, FORCED, scale, R, G, S_MAX, KMAX, nsig, SINK,
                            LOCAL, WS_ROW, TPP, ZERO_AC: tl.constexpr, KB_MODE: tl.constexpr, HPR: tl.constexpr,
                            G_PAD: tl.constexpr, D_LR: tl.constexpr,
                            BLOCK_DL: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, K_FP32: tl.constexpr,
                            REDUCE_MAX: tl.constexpr, CLASSIFY: tl.constexpr, OVERLAP: tl.constexpr,
-                           SAMPLE: tl.constexpr, SUB: tl.constexpr, STAGES: tl.constexpr, ROTATE: tl.constexpr = False,
-                           G_ROT: tl.constexpr = 1, D: tl.constexpr = 1, BLOCK_D: tl.constexpr = 16,
-                           ROT_C: tl.constexpr = 16, ROT_I: tl.constexpr = 16, PDL: tl.constexpr = False):
+                           SAMPLE: tl.constexpr, SUB: tl.constexpr, STAGES: tl.constexpr):
     """Grid (rows, tiles [+ 1]).  OVERLAP (= 1): the programs of grid column 0, dispatched first, write the rows'
     brackets (`_bracket_row`) while the others score, so the bracket's latency hides under the scoring pass.
     Each scoring program takes TILES tiles of BLOCK_N tokens, unrolled (STAGES = 0), or (STAGES > 0, session 7) TPP
-    tiles in a software-pipelined loop that keeps the next tiles' loads in flight while it scores one.
-    ROTATE (session 8, `BRACKET_FUSED_ROTATE`): q_ptr is the raw q; the bracket programs write q' = q @ P in full
-    (for the attention kernel) before their sample, and every scoring program rotates its heads' first d dims
-    itself, so no rotation kernel precedes this one."""
-    pdl_enter(PDL)
+    tiles in a software-pipelined loop that keeps the next tiles' loads in flight while it scores one."""
     pid = tl.program_id(0)
     tb = tl.program_id(1) - OVERLAP
     b, r, h0, kvh = _row_of(pid, R, HPR, G)
     if tb < 0:
         n, kb = _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_BITS, FORCED, S_MAX, KMAX, KB_MODE)
-        if ROTATE:
-            _rotate_heads(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h, b, h0, kvh,
-                          HPR, G_ROT, D, BLOCK_D, ROT_C, ROT_I)
-            tl.debug_barrier()  # q' written by all threads of the program is read back below
         _bracket_row(pid, b, h0, kvh, n, kb, qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr,
                      br_ptr, ac_ptr, scale, nsig, SINK, LOCAL, WS_ROW, ZERO_AC, HPR, G_PAD, D_LR, BLOCK_DL, SAMPLE,
                      SUB, K_FP32, REDUCE_MAX)
@@ -167,11 +155,7 @@ def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, q_ptr, sq_b, sq_h, P_ptr, sp_
         else:
             start0 = tb * (TILES * BLOCK_N)
         if start0 < n:
-            if ROTATE:
-                qT = _q_lr_T_rotated(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, b, h0, kvh, HPR, G_ROT, G_PAD, D, D_LR,
-                                     BLOCK_D, BLOCK_DL, ROT_I) * scale
-            else:
-                qT = _load_q_lr_T(qrot_ptr, sqr_b, sqr_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
+            qT = _load_q_lr_T(qrot_ptr, sqr_b, sqr_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
             qT_hi, qT_lo = _split_hi_lo(qT, klr_ptr.dtype.element_ty)
             k_base = klr_ptr + b * slr_b + kvh * slr_h
             br = br_ptr + pid * BR_STRIDE
@@ -230,9 +214,8 @@ def _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, KMAX
 
 @triton.jit
 def _bracket_classify_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, R, S_MAX, KMAX, WS_ROW,
-                             BLOCK_C: tl.constexpr, SCALAR: tl.constexpr, PDL: tl.constexpr = False):
+                             BLOCK_C: tl.constexpr, SCALAR: tl.constexpr):
     """classify="split": the keys the scoring kernel wrote, classified by many programs per row."""
-    pdl_enter(PDL)
     pid = tl.program_id(0)
     tb = tl.program_id(1)
     b = pid // R
@@ -310,8 +293,7 @@ def _bracket_finish_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
                            KB_MODE: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr, D_LR: tl.constexpr,
                            BLOCK_DL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
                            K_FP32: tl.constexpr, REDUCE_MAX: tl.constexpr, KEYS_WRITTEN: tl.constexpr,
-                           BAND_REG: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr = False):
-    pdl_enter(PDL)
+                           BAND_REG: tl.constexpr, EARLY: tl.constexpr):
     pid = tl.program_id(0)
     b, r, h0, kvh = _row_of(pid, R, HPR, G)
     n, kb = _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_BITS, FORCED, S_MAX, KMAX, KB_MODE)
@@ -468,7 +450,6 @@ BRACKET_CLASSIFY_BLOCK = 1024  # keys per program of the classify kernel (1024-2
 BRACKET_CLASSIFY_WARPS = 4
 BRACKET_CLASSIFY_SCALAR = True  # session 7: one key per thread and load (no layout conversions before the stores)
 BRACKET_OVERLAP = True  # session 5: brackets written by extra programs of the scoring kernel (split only)
-BRACKET_FUSED_ROTATE = False  # session 8: no rotation kernel; the scoring kernel's programs rotate q (overlap only)
 BRACKET_BAND_REG = 16384  # largest band selected in registers (bit-by-bit counting); larger: radix select.  Session 7:
 #                           16384 (was 8192): at 64K with k = 1/4 ~20% of the rows' bands overflowed 8192 keys
 BRACKET_BAND_SD = 3.0  # band registers >= the expected band + this many standard deviations (`band_registers`)
@@ -516,7 +497,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
                         sample: int | None = None, nsig: float | None = None,
                         workspace: torch.Tensor | None = None, stages: int = 4, classify: str | None = None,
                         band_reg: int | None = None, overlap: bool | None = None,
-                        attn_counters: torch.Tensor | None = None, fused_rotate: bool | None = None):
+                        attn_counters: torch.Tensor | None = None):
     """(Rotate q) + scores + exact top-k, each step spread over many programs per row (see module doc).
 
     Same contract as `topk.loki_select`: q (B, H, D) raw queries when P (KVH, D, D) is given (q' = q @ P is
@@ -596,9 +577,8 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     common = dict(HPR=HPR, G_PAD=G_PAD, D_LR=d, BLOCK_DL=BLOCK_DL, K_FP32=k_lr.dtype == torch.float32,
                   REDUCE_MAX=reduce == "max")
     sub = min(sample, 32 if interp else BRACKET_SUB)
-    fuse_rot = overlap and rotate and (BRACKET_FUSED_ROTATE if fused_rotate is None else bool(fused_rotate))
     if overlap:
-        if rotate and not fuse_rot:
+        if rotate:
             launch_rotate_q(q, P, q_rot_out, KVH, G, D)
     else:
         BLOCK_D = max(32, next_pow2(D))
@@ -620,19 +600,14 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     tpp = TILES  # tiles per scoring program; pipelined with cfg["programs"]: about that many programs in all
     if pipe and cfg.get("programs"):  # (never fewer than `tiles` per program: short rows keep their tiles)
         tpp = max(TILES, triton.cdiv(n_tiles, triton.cdiv(int(cfg["programs"]), B * R)))
-    rot_args = (q, q.stride(0), q.stride(1), P, P.stride(0), P.stride(1)) if fuse_rot else (qr, 0, 0, qr, 0, 0)
-    rot_kw = {}
-    if fuse_rot:
-        BLOCK_D = max(16, next_pow2(D))
-        rot_kw = dict(ROTATE=True, G_ROT=next_pow2(HPR), D=D, BLOCK_D=BLOCK_D, **rot_chunks(BLOCK_D))  # 32-row chunks
     _bracket_scores_kernel[(B * R, triton.cdiv(n_tiles, tpp) + int(overlap))](
-        qr, qr.stride(0), qr.stride(1), *rot_args, k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br, ac,
+        qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br, ac,
         idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, scale, R, G, S, KMAX, nsig,
         sink_tokens, local_window, W * S, tpp, ZERO_AC=zero_ac, KB_MODE=kb_mode, BLOCK_N=BLOCK_N, TILES=TILES,
         **common,
         CLASSIFY=not split,
         OVERLAP=int(overlap), SAMPLE=sample, SUB=sub if interp else min(sample, cfg.get("bracket_sub", BLOCK_N)),
-        STAGES=pipe, **rot_kw, **pdl_launch(k_lr.device), num_warps=nw)
+        STAGES=pipe, num_warps=nw)
     if stages < 3:
         return idx, (q_rot_out if rotate else None)
     block_s = 64 if interp else BRACKET_BLOCK_S
@@ -640,7 +615,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         block_c = 64 if interp else cfg.get("classify_block", BRACKET_CLASSIFY_BLOCK)
         _bracket_classify_kernel[(B * R, triton.cdiv(S, block_c))](
             ws, br, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, W * S, BLOCK_C=block_c,
-            SCALAR=BRACKET_CLASSIFY_SCALAR, **pdl_launch(k_lr.device),
+            SCALAR=BRACKET_CLASSIFY_SCALAR,
             num_warps=4 if interp else cfg.get("classify_warps", BRACKET_CLASSIFY_WARPS))
     if stages < 4:
         return idx, (q_rot_out if rotate else None)
@@ -656,7 +631,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, scale, R, G, S, KMAX, sink_tokens,
         local_window,
         W * S, KB_MODE=kb_mode, BLOCK_N=32 if interp else 256, BLOCK_S=block_s,
-        **common, KEYS_WRITTEN=split, BAND_REG=band_reg, EARLY=BRACKET_EARLY_EXIT, **pdl_launch(k_lr.device),
+        **common, KEYS_WRITTEN=split, BAND_REG=band_reg, EARLY=BRACKET_EARLY_EXIT,
         num_warps=4 if interp else cfg.get("finish_warps", BRACKET_WARPS))
     return idx, (q_rot_out if rotate else None)
 

@@ -14,7 +14,9 @@ much of a memory-bound kernel's speed and are invisible in the interpreter:
   them (session 7, kernels/NOTES.md "v9").
 * ``ttg.async_wait {num = N}`` in a software-pipelined loop: N copies stay in flight while the loop computes;
   N = 0 drains them all at every iteration.  The dense flash-decoding loop waits with N = 3; the sparse one, whose
-  gathers depend on indices loaded in the same loop, with N = 0 (its gathers never overlap its compute).
+  gathers depend on indices, with N = 0 (its gathers never overlap its compute).  Until session 7 the sparse loop
+  also async-copied each tile's indices in the iteration of its gathers (14 copies, two round trips per
+  iteration); since session 8 they are plain loads one iteration ahead (6 copies, one round trip).
 
 The IR is that of the installed Triton (3.9 here; the H200 machine has 3.6), so check a finding on the GPU.
 """
@@ -32,9 +34,9 @@ ARCH = 90  # H100 / H200
 # per preset: kernel (module, name), pointer dtypes, constexprs, launch options, args not divisible by 16
 PRESETS = {
     "classify_scalar": dict(kernel=("kernels.bracket", "_bracket_classify_kernel"), ptr="*i32",
-                            constexprs=dict(BLOCK_C=1024, SCALAR=True, PDL=False), num_warps=4, num_stages=3, odd=("R",)),
+                            constexprs=dict(BLOCK_C=1024, SCALAR=True), num_warps=4, num_stages=3, odd=("R",)),
     "classify_blocked": dict(kernel=("kernels.bracket", "_bracket_classify_kernel"), ptr="*i32",
-                             constexprs=dict(BLOCK_C=1024, SCALAR=False, PDL=False), num_warps=4, num_stages=3, odd=("R",)),
+                             constexprs=dict(BLOCK_C=1024, SCALAR=False), num_warps=4, num_stages=3, odd=("R",)),
 }
 _ATTN = dict(kernel=("kernels.attention", "_flash_decode_kernel"),
              ptr={"q_ptr": "*fp32", "klr_ptr": "*bf16", "krs_ptr": "*bf16", "v_ptr": "*bf16", "idx_ptr": "*i32",
@@ -42,18 +44,15 @@ _ATTN = dict(kernel=("kernels.attention", "_flash_decode_kernel"),
                   "cnt_ptr": "*i32"},
              constexprs=dict(SPLIT=True, FOLD=True, NS_PAD=4, FOLD_VEC=True, HPR_P2=4, HPR=4, G_PAD=16, D=128, D_LR=32,
                              BLOCK_DL=32, BLOCK_DR=128, BLOCK_D=128, BLOCK_N=64, K_FP32=False, HAS_REST=True,
-                             PREFETCH=0, PDL=False),
+                             AHEAD=False, HILO=True),
              num_warps=4, num_stages=3, odd=("R", "G", "H", "NSPLIT", "TPS"), fp32=("qk_scale",))
 PRESETS["attention_dense"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DENSE=True))
-PRESETS["attention_sparse"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DENSE=False))
-# session 8: the sparse loop pipelined by hand (plain loads one tile ahead, launched with num_stages=1)
-PRESETS["attention_prefetch"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DENSE=False, PREFETCH=1),
-                                     num_stages=1)
-PRESETS["attention_ahead"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DENSE=False, PREFETCH=2))
-# programmatic dependent launch: griddepcontrol.wait / launch_dependents at the kernel's entry
-PRESETS["attention_pdl"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DENSE=False, PDL=True))
+# the sparse loop as in sessions 1-7 (indices loaded in the iteration of their gathers, 3 stages) and since session 8
+# (indices one iteration ahead, 2 stages: the default, SPARSE_CONFIG)
+PRESETS["attention_sparse_s7"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DENSE=False))
+PRESETS["attention_sparse"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DENSE=False, AHEAD=True), num_stages=2)
 GROUPS = {"classify": ("classify_scalar", "classify_blocked"),
-          "attention": ("attention_dense", "attention_sparse", "attention_prefetch", "attention_ahead")}
+          "attention": ("attention_dense", "attention_sparse", "attention_sparse_s7")}
 
 
 def compile_preset(name: str):

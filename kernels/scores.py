@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ._utils import (check, check_cache, check_float, check_last_contiguous, check_lengths, default_scaling,
-                     is_interpreter, next_pow2, pdl_enter, pdl_launch)
+                     is_interpreter, next_pow2)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -76,29 +76,6 @@ def _q_lr_T_from_raw(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, b, h0, kvh, HPR: tl.c
 
 
 @triton.jit
-def _q_lr_T_rotated(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, b, h0, kvh, HPR: tl.constexpr, G_ROT: tl.constexpr,
-                    G_PAD: tl.constexpr, D: tl.constexpr, D_LR: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_DL: tl.constexpr, BLOCK_I: tl.constexpr):
-    """`_q_lr_T_from_raw` with the FMAs over the G_ROT = next_pow2(HPR) real heads only (not the G_PAD rows the
-    dots are padded to): (q[b, h0:h0+HPR] @ P[kvh][:, :d])^T as a (BLOCK_DL, G_PAD) fp32 tile."""
-    hh = tl.arange(0, G_ROT)
-    hv = hh < HPR
-    dl = tl.arange(0, BLOCK_DL)
-    q_rows = q_ptr + b * sq_b + (h0 + hh) * sq_h
-    acc = tl.zeros([G_ROT, BLOCK_DL], dtype=tl.float32)
-    for i0 in tl.static_range(0, BLOCK_D, BLOCK_I):
-        ii = i0 + tl.arange(0, BLOCK_I)
-        im = ii < D
-        qc = tl.load(q_rows[:, None] + ii[None, :], mask=hv[:, None] & im[None, :], other=0.0).to(tl.float32)
-        pc = tl.load(P_ptr + kvh * sp_h + ii[:, None] * sp_r + dl[None, :], mask=im[:, None] & (dl < D_LR)[None, :],
-                     other=0.0).to(tl.float32)
-        acc += tl.sum(qc[:, :, None] * pc[None, :, :], axis=1)
-    # pad the head axis to G_PAD with zeros: (BLOCK_DL, G_PAD) = sum_g acc[g, :] * [g == column]
-    hp = tl.arange(0, G_PAD)
-    return tl.sum(acc[:, :, None] * (hh[:, None, None] == hp[None, None, :]).to(tl.float32), axis=0)
-
-
-@triton.jit
 def _load_q_lr_T(q_ptr, sq_b, sq_h, b, h0, HPR: tl.constexpr, G_PAD: tl.constexpr, D_LR: tl.constexpr,
                  BLOCK_DL: tl.constexpr):
     hh = tl.arange(0, G_PAD)
@@ -150,10 +127,9 @@ def rot_chunks(block_d: int, whole_rows: bool = False) -> dict:
 @triton.jit
 def _rotate_q_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, out_ptr, so_b, so_h, KVH,
                      G: tl.constexpr, G_ROT: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                     ROT_C: tl.constexpr, PDL: tl.constexpr = False):
+                     ROT_C: tl.constexpr):
     """One program per (sequence, KV head, chunk of ROT_C output columns): out = q @ P[kvh][:, chunk], fp32 FMAs,
     whole input rows in one load (one memory round trip per program)."""
-    pdl_enter(PDL)
     pid = tl.program_id(0)
     b = (pid // KVH).to(tl.int64)
     kvh = (pid % KVH).to(tl.int64)
@@ -178,7 +154,7 @@ def launch_rotate_q(q: torch.Tensor, P: torch.Tensor, out: torch.Tensor, KVH: in
     rot_c = BLOCK_D if is_interpreter() else max(8, min(BLOCK_D, 64 // G_ROT))
     _rotate_q_kernel[(q.shape[0] * KVH, triton.cdiv(D, rot_c))](
         q, q.stride(0), q.stride(1), P, P.stride(0), P.stride(1), out, out.stride(0), out.stride(1), KVH,
-        G=g, G_ROT=G_ROT, D=D, BLOCK_D=BLOCK_D, ROT_C=rot_c, **pdl_launch(q.device), num_warps=4)
+        G=g, G_ROT=G_ROT, D=D, BLOCK_D=BLOCK_D, ROT_C=rot_c, num_warps=4)
     return out
 
 

@@ -20,17 +20,18 @@ def _random_idx(B, R, S, lengths, k, generator_seed):
 @pytest.mark.parametrize("D,d,g,mode", [(64, 8, 3, "group"), (64, 16, 1, "group"), (128, 32, 4, "group"),
                                         (128, 32, 4, "head"), (64, 64, 2, "group")])
 @pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("prefetch", [0, 1, 2], ids=["pipelined", "prefetch", "ahead"])
-def test_sparse_attention(dtype, D, d, g, mode, splits, prefetch):
+@pytest.mark.parametrize("ahead", [True, False], ids=["ahead", "s7_loop"])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_sparse_attention(dtype, D, d, g, mode, splits, ahead, index_dtype):
     torch.manual_seed(D + d + g)
     B, KVH, S = 3, 2, 60
     k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, dtype, DEV, lengths=[60, 25, 1])
     H = KVH * g
     q = torch.randn(B, H, D, device=DEV)
     R = KVH if mode == "group" else H
-    idx = _random_idx(B, R, S, lengths, 21, D * g).to(torch.int32).to(DEV)  # ragged: -1 padded rows
+    idx = _random_idx(B, R, S, lengths, 21, D * g).to(index_dtype).to(DEV)  # ragged: -1 padded rows
     out = torch.full((B, H, D), float("nan"), dtype=dtype, device=DEV)  # poisoned
-    o = sparse_decode_attention(q, k_lr, k_rest, v, idx, num_splits=splits, out=out, config=dict(prefetch=prefetch))
+    o = sparse_decode_attention(q, k_lr, k_rest, v, idx, num_splits=splits, out=out, config=dict(ahead=ahead))
     ref = sparse_attention_ref(q.cpu(), k_lr.cpu(), k_rest.cpu(), v.cpu(), idx.cpu())
     assert o.dtype == dtype
     assert rel_err(o, ref) <= TOL[dtype]

@@ -59,26 +59,14 @@ def test_dense_gpu():
     assert rel_err(o, ref) <= 1e-2
 
 
-# session 8 options (kernels/NOTES.md v10): programmatic dependent launch, q rotated inside the scoring kernel, the
-# sparse attention loop pipelined by hand (prefetch=1) or with its indices one tile ahead (prefetch=2); each alone and
-# all together, eagerly and replayed from a CUDA graph (PDL edges are captured into the graph)
-OPTIONS = {"pdl": dict(pdl=True), "fused_rotate": dict(rot=True), "prefetch": dict(prefetch=1),
-           "ahead": dict(prefetch=2), "ahead_bn32": dict(prefetch=2, block_n=32),
-           "all": dict(pdl=True, rot=True, prefetch=2, block_n=32)}
 
-
-@pytest.mark.parametrize("option", list(OPTIONS))
-def test_loki_decode_gpu_options(option, monkeypatch):
-    import kernels._utils as utils
+@pytest.mark.parametrize("ahead", [True, False], ids=["ahead", "s7_loop"])
+def test_loki_decode_gpu_graph(ahead, monkeypatch):
+    """The whole step at a production shape with the sparse loop of session 8 (indices one tile ahead, the default)
+    and of sessions 1-7, eagerly and replayed from a CUDA graph, against the float64 reference."""
     import kernels.attention as attention
-    import kernels.bracket as bracket
-    opt = OPTIONS[option]
-    monkeypatch.setattr(utils, "PDL", opt.get("pdl", False))
-    monkeypatch.setattr(bracket, "BRACKET_FUSED_ROTATE", opt.get("rot", False))
-    cfg = dict(attention.SPARSE_CONFIG, prefetch=opt.get("prefetch", 0))
-    if "block_n" in opt:
-        cfg["block_n"] = opt["block_n"]
-    monkeypatch.setattr(attention, "SPARSE_CONFIG", cfg)
+    monkeypatch.setattr(attention, "SPARSE_CONFIG", dict(attention.SPARSE_CONFIG, ahead=ahead,
+                                                         num_stages=2 if ahead else 3))
     torch.manual_seed(7)
     B, KVH, g, S, D, d = 3, 8, 4, 20000, 128, 32
     k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.bfloat16, "cuda", lengths=[20000, 9999, 3])
