@@ -8,7 +8,9 @@ combine kernel reduces them, or, given zeroed per-row counters (``counters=``, t
 of each row to finish does (one launch fewer).  q . k is computed as q'[:d] . k_lr + q'[d:] . k_rest (q' = q @ P, exact).
 
 16-bit caches: q' and the probabilities are split into two 16-bit halves (x = hi + lo), so both dots keep
-~fp32 accuracy on tensor cores; fp32 caches use IEEE fp32 dots.
+~fp32 accuracy on tensor cores (config hilo=False: one dot each in the cache dtype, as SDPA); fp32 caches use IEEE
+fp32 dots.  The sparse loop loads each tile's indices one iteration ahead of its gathers (config ahead=True, int32
+indices; session 8), so an iteration waits for one memory round trip, not two.
 """
 from __future__ import annotations
 
