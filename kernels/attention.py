@@ -85,31 +85,21 @@ def _flash_decode_kernel(q_ptr, sq_b, sq_h,
         ar = tl.arange(0, BLOCK_N)
         tok_n = tl.load(i_base + tile_lo * BLOCK_N + ar, mask=tile_lo * BLOCK_N + ar < n_hi, other=-1)
         for t in range(tile_lo, tile_hi):
-            tok = tok_n
+            tok, valid = _sparse_tokens(tok_n)
             tok_n = tl.load(i_base + (t + 1) * BLOCK_N + ar, mask=(t + 1) * BLOCK_N + ar < n_hi, other=-1)
-            valid, kl, kr, vv = _gather_rows(tok, kl_base, slr_s, kr_base, srs_s, v_base, sv_s, D, D_LR,
-                                             BLOCK_DL, BLOCK_DR, BLOCK_D, HAS_REST)
+            kl, kr, vv = _gather_rows(tok, valid, kl_base, slr_s, kr_base, srs_s, v_base, sv_s, D, D_LR, BLOCK_DL,
+                                      BLOCK_DR, BLOCK_D, HAS_REST)
             m_i, l_i, acc = _attend_tile(kl, kr, vv, valid, m_i, l_i, acc, q_lr, q_lr_hi, q_lr_lo, q_rs, q_rs_hi,
                                          q_rs_lo, K_FP32, HAS_REST, v_ptr.dtype.element_ty, HILO)
     else:
         for t in range(tile_lo, tile_hi):
             offs = t * BLOCK_N + tl.arange(0, BLOCK_N)
             if DENSE:
-                valid = offs < n
-                tok = offs.to(tl.int64)
+                tok, valid = offs, offs < n
             else:
-                tok = tl.load(i_base + offs, mask=offs < n, other=-1)
-                valid = tok >= 0
-                tok = tl.where(valid, tok, 0).to(tl.int64)
-            kl = tl.load(kl_base + tok[:, None] * slr_s + dl[None, :], mask=valid[:, None] & (dl < D_LR)[None, :],
-                         other=0.0)
-            if HAS_REST:
-                kr = tl.load(kr_base + tok[:, None] * srs_s + dr[None, :],
-                             mask=valid[:, None] & (dr < D - D_LR)[None, :], other=0.0)
-            else:
-                kr = kl
-            vv = tl.load(v_base + tok[:, None] * sv_s + dd[None, :], mask=valid[:, None] & (dd < D)[None, :],
-                         other=0.0)
+                tok, valid = _sparse_tokens(tl.load(i_base + offs, mask=offs < n, other=-1))
+            kl, kr, vv = _gather_rows(tok, valid, kl_base, slr_s, kr_base, srs_s, v_base, sv_s, D, D_LR, BLOCK_DL,
+                                      BLOCK_DR, BLOCK_D, HAS_REST)
             m_i, l_i, acc = _attend_tile(kl, kr, vv, valid, m_i, l_i, acc, q_lr, q_lr_hi, q_lr_lo, q_rs, q_rs_hi,
                                          q_rs_lo, K_FP32, HAS_REST, v_ptr.dtype.element_ty, HILO)
 
@@ -135,13 +125,11 @@ def _flash_decode_kernel(q_ptr, sq_b, sq_h,
                  mask=hv[:, None] & (dd < D)[None, :])
 
 
-
 @triton.jit
-def _gather_rows(tok, kl_base, slr_s, kr_base, srs_s, v_base, sv_s, D: tl.constexpr, D_LR: tl.constexpr,
+def _gather_rows(tok, valid, kl_base, slr_s, kr_base, srs_s, v_base, sv_s, D: tl.constexpr, D_LR: tl.constexpr,
                  BLOCK_DL: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_D: tl.constexpr, HAS_REST: tl.constexpr):
-    """The K (k_lr | k_rest) and V rows of the selected tokens `tok` (negative: padding, masked)."""
-    valid = tok >= 0
-    tok = tl.where(valid, tok, 0).to(tl.int64)
+    """The K (k_lr | k_rest) and V rows of tokens `tok` (zeros where not `valid`)."""
+    tok = tok.to(tl.int64)
     dl = tl.arange(0, BLOCK_DL)
     dr = tl.arange(0, BLOCK_DR)
     dd = tl.arange(0, BLOCK_D)
@@ -152,7 +140,14 @@ def _gather_rows(tok, kl_base, slr_s, kr_base, srs_s, v_base, sv_s, D: tl.conste
     else:
         kr = kl
     vv = tl.load(v_base + tok[:, None] * sv_s + dd[None, :], mask=valid[:, None] & (dd < D)[None, :], other=0.0)
-    return valid, kl, kr, vv
+    return kl, kr, vv
+
+
+@triton.jit
+def _sparse_tokens(tok):
+    """(token, valid) of a tile of selected indices (negative: padding)."""
+    valid = tok >= 0
+    return tl.where(valid, tok, 0), valid
 
 
 @triton.jit
@@ -244,7 +239,8 @@ def _combine_kernel(mp_ptr, lp_ptr, op_ptr, o_ptr, so_b, so_h, H, NSPLIT,
 # launchers
 # ----------------------------------------------------------------------------------------------------------
 # GPU defaults (H200-tuned in kernels/NOTES.md); (BLOCK_N, num_warps, num_stages, waves)
-SPARSE_CONFIG = dict(block_n=64, num_warps=4, num_stages=2, waves=2, ahead=True, hilo=True)  # session 8: ahead, 2 stages (was 3)
+# session 8: ahead (indices one tile ahead of their gathers) at 2 stages (was 3 without); hilo: ~fp32 16-bit dots
+SPARSE_CONFIG = dict(block_n=64, num_warps=4, num_stages=2, waves=2, ahead=True, hilo=True)
 FOLD_VECTOR_MAX = 8192  # folded combine: all of a row's heads in one tile when HPR x splits x D fits, else a loop
 DENSE_CONFIG = dict(block_n=128, num_warps=4, num_stages=3, waves=1, hilo=True)
 
@@ -324,7 +320,8 @@ def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_spli
         FOLD_VEC=fold and hpr_p2 * ns_pad * max(16, next_pow2(D)) <= FOLD_VECTOR_MAX, HPR=HPR,
         G_PAD=max(16, next_pow2(HPR)), D=D, D_LR=d,
         BLOCK_DL=max(16, next_pow2(d)), BLOCK_DR=max(16, next_pow2(max(D - d, 1))), BLOCK_D=max(16, next_pow2(D)),
-        BLOCK_N=BLOCK_N, K_FP32=v.dtype == torch.float32, HAS_REST=has_rest, AHEAD=ahead, HILO=bool(cfg.get("hilo", True)),
+        BLOCK_N=BLOCK_N, K_FP32=v.dtype == torch.float32, HAS_REST=has_rest, AHEAD=ahead,
+        HILO=bool(cfg.get("hilo", True)),
         num_warps=4 if interp else cfg["num_warps"], num_stages=1 if interp else cfg["num_stages"])
     if split and not fold:
         _combine_kernel[(B * H,)](mp, lp, op, out, out.stride(0), out.stride(1), H, num_splits,
