@@ -5,7 +5,8 @@ One kernel serves both.  A program owns one (sequence, score row) pair and a con
 tensor-core dots), gathers BLOCK_N selected K rows (k_lr | k_rest) and V rows once for all of them, and keeps
 an fp32 online softmax.  With more than one split, partial (max, sum, acc) go to an fp32 workspace and a
 combine kernel reduces them, or, given zeroed per-row counters (``counters=``, the bracket path), the last program
-of each row to finish does (one launch fewer).  q . k is computed as q'[:d] . k_lr + q'[d:] . k_rest (q' = q @ P, exact).
+of each row to finish does (one launch fewer).  q . k is computed as q'[:d] . k_lr + q'[d:] . k_rest (q' = q @ P,
+exact).
 
 16-bit caches: q' and the probabilities are split into two 16-bit halves (x = hi + lo), so both dots keep
 ~fp32 accuracy on tensor cores (config hilo=False: one dot each in the cache dtype, as SDPA); fp32 caches use IEEE

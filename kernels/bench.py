@@ -387,7 +387,8 @@ def attention_probe(rep, log, copy_bw):
 # ablation of the bracket path's options (module defaults set per variant); name -> settings
 # (a variant inherits what the previous one set and it does not: _V7 names every setting the later ones change)
 _SPARSE_S7 = dict(block_n=64, num_warps=4, num_stages=3, waves=2, ahead=False, hilo=True)
-_V7 = dict(SPARSE_CONFIG=_SPARSE_S7, BRACKET_OVERLAP=True, FOLD_COMBINE=True, BRACKET_SAMPLE=1024, BRACKET_SAMPLE_DIV=64,
+_V7 = dict(SPARSE_CONFIG=_SPARSE_S7, BRACKET_OVERLAP=True, FOLD_COMBINE=True, BRACKET_SAMPLE=1024,
+           BRACKET_SAMPLE_DIV=64,
            BRACKET_CLASSIFY="split", BRACKET_CLASSIFY_BLOCK=1024, BRACKET_CLASSIFY_WARPS=4, BRACKET_EARLY_EXIT=True,
            BRACKET_BAND_REG=8192, BRACKET_SCORE_CONFIG={0: dict(block_n=256, tiles=2, num_warps=4),
                                                         32: dict(block_n=128, tiles=4, num_warps=4)},
@@ -451,7 +452,8 @@ VARIANTS = {
     "s8_ahead_s2_bn128": dict(_S8_BASE, SPARSE_CONFIG=dict(_SPARSE_S7, ahead=True, num_stages=2, block_n=128)),
     "s8_ahead_s2_w3": dict(_S8_BASE, SPARSE_CONFIG=dict(_SPARSE_S7, ahead=True, num_stages=2, waves=3)),
     "s8_s2": dict(_S8_BASE, SPARSE_CONFIG=dict(_SPARSE_S7, num_stages=2)),
-    # round 3: q' and p rounded to bf16, one dot each, as SDPA does (not the default: ~fp32 dots are)
+    # round 3: session 8's defaults ("s8") and the same with q' and p rounded to bf16, one dot each, as SDPA does
+    # ("s8_bf16"; an option, not the default: the default keeps ~fp32 dots)
     "s8": dict(_S8_BASE, SPARSE_CONFIG=dict(_SPARSE_S7, ahead=True, num_stages=2)),
     "s8_bf16": dict(_S8_BASE, SPARSE_CONFIG=dict(_SPARSE_S7, ahead=True, num_stages=2, hilo=False)),
 }
@@ -483,7 +485,8 @@ def variant_sweep(rep, log, grid, names):
                     t = timed(case, lambda a, b_, c: loki_decode(q, P, a, b_, c, L, k, path="bracket", strict=False),
                               rep)
                 except Exception as e:  # noqa: BLE001 (a variant that does not compile here is reported, not fatal)
-                    rows.append(dict(batch=B, context=S, d=d, k=k, variant=name, error=f"{type(e).__name__}: {e}"[:500]))
+                    err_text = f"{type(e).__name__}: {e}"[:500]
+                    rows.append(dict(batch=B, context=S, d=d, k=k, variant=name, error=err_text))
                     log(f"B={B} S={S:6d} d={d:3d} k={k:6d} {name:14s} FAILED: {type(e).__name__}: {str(e)[:300]}")
                     continue
                 rows.append(dict(batch=B, context=S, d=d, k=k, variant=name, us=t * 1e3, rel_diff_vs_first=err))

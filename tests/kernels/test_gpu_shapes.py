@@ -59,7 +59,6 @@ def test_dense_gpu():
     assert rel_err(o, ref) <= 1e-2
 
 
-
 @pytest.mark.parametrize("ahead", [True, False], ids=["ahead", "s7_loop"])
 def test_loki_decode_gpu_graph(ahead, monkeypatch):
     """The whole step at a production shape with the sparse loop of session 8 (indices one tile ahead, the default)
