@@ -7,6 +7,10 @@ if not torch.cuda.is_available():  # must happen before anything imports triton
 
 import pytest  # noqa: E402
 
+if os.environ.get("KERNELS_VARIANT"):  # run the suite under a kernels.bench.VARIANTS entry (module defaults)
+    from kernels.bench import apply_variant  # noqa: E402
+    apply_variant(os.environ["KERNELS_VARIANT"])
+
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 # CPU (interpreter): fp32 and fp16; GPU: bf16 (the production dtype).
