@@ -91,4 +91,3 @@ def default_scaling(D: int, scaling):
 def tl_dtype(dtype: torch.dtype):
     import triton.language as tl
     return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
-

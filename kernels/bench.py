@@ -498,8 +498,7 @@ def variant_sweep(rep, log, grid, names):
             q, P, L = case.q, case.P, case.lengths
             ref = None
             for name in names:
-                for k_, v_ in VARIANTS[name].items():
-                    setattr(mods[k_], k_, v_)
+                apply_variant(name)
                 try:
                     out = loki_decode(q, P, *case.copies[0], L, k, path="bracket", strict=False)
                     ref = out if ref is None else ref

@@ -1,0 +1,26 @@
+"""kernels.bench's ablation table: every VARIANTS entry names settings that exist, and applying one sets them."""
+import pytest
+
+import kernels.attention as attention
+import kernels.bench as bench
+import kernels.bracket as bracket
+
+
+def test_every_variant_names_existing_settings():
+    mods = bench._variant_modules()
+    for name, settings in bench.VARIANTS.items():
+        for key in settings:
+            assert key in mods, f"variant {name!r}: {key} is not a setting kernels.bench knows"
+            assert hasattr(mods[key], key), f"variant {name!r}: {mods[key].__name__} has no {key} (stale variant?)"
+
+
+def test_apply_variant_sets_module_defaults(monkeypatch):
+    for key, mod in bench._variant_modules().items():  # restored after the test
+        monkeypatch.setattr(mod, key, getattr(mod, key))
+    settings = bench.apply_variant("s8_c512w4_f16")
+    assert bracket.BRACKET_CLASSIFY_BLOCK == 512 and bracket.BRACKET_WARPS == 16
+    assert attention.SPARSE_CONFIG == settings["SPARSE_CONFIG"]
+    bench.apply_variant("s8_base")
+    assert attention.SPARSE_CONFIG["ahead"] is False and attention.SPARSE_CONFIG["num_stages"] == 3
+    with pytest.raises(SystemExit, match="unknown variant 'nope'"):
+        bench.apply_variant("nope")
