@@ -405,8 +405,7 @@ def _pipe(stages, programs, tiles=(1, 1)):
 
 _S7 = dict(_V7, BRACKET_BAND_REG=16384, BRACKET_SCORE_CONFIG=_pipe(3, 4096))  # session 7 candidates
 _S7_DEFAULT = dict(_V7, BRACKET_BAND_REG=16384, BRACKET_SCORE_CONFIG=_pipe(3, 4096, (2, 4)))  # session 7 (round 1)
-_S8_BASE = dict(_S7_DEFAULT, BRACKET_CLASSIFY_SCALAR=True, SPARSE_CONFIG=_SPARSE_S7, BRACKET_WARPS=8,
-                BRACKET_CLASSIFY_PIPE=(0, 0))  # session 7's final defaults
+_S8_BASE = dict(_S7_DEFAULT, BRACKET_CLASSIFY_SCALAR=True, SPARSE_CONFIG=_SPARSE_S7, BRACKET_WARPS=8)  # session 7's final defaults
 VARIANTS = {
     "v6": dict(BRACKET_OVERLAP=False, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
     "overlap": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
@@ -463,9 +462,6 @@ VARIANTS = {
                        BRACKET_CLASSIFY_BLOCK=cb, BRACKET_CLASSIFY_WARPS=cw, BRACKET_WARPS=fw)
        for n, cb, cw, fw in (("c1024w8", 1024, 8, 8), ("c512w4", 512, 4, 8), ("f16", 1024, 4, 16),
                              ("c1024w8_f16", 1024, 8, 16), ("c512w4_f16", 512, 4, 16))},
-    # round 5: the classify kernel's blocks in a software-pipelined loop, (stages, programs in all)
-    **{f"s8_cpipe{st}_p{p}": dict(_S8_BASE, SPARSE_CONFIG=dict(_SPARSE_S7, ahead=True, num_stages=2),
-                                  BRACKET_CLASSIFY_PIPE=(st, p)) for st, p in ((3, 2048), (3, 4096), (2, 2048))},
 }
 
 
@@ -477,7 +473,7 @@ def _variant_modules() -> dict:
                 BRACKET_SCAN_WARPS=bracket_mod, BRACKET_CLASSIFY_BLOCK=bracket_mod,
                 BRACKET_CLASSIFY_WARPS=bracket_mod, BRACKET_EARLY_EXIT=bracket_mod, BRACKET_BAND_REG=bracket_mod,
                 BRACKET_SCORE_CONFIG=bracket_mod, BRACKET_CLASSIFY_SCALAR=bracket_mod, SPARSE_CONFIG=attn_mod,
-                BRACKET_WARPS=bracket_mod, BRACKET_CLASSIFY_PIPE=bracket_mod)
+                BRACKET_WARPS=bracket_mod)
 
 
 def apply_variant(name: str) -> dict:

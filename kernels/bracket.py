@@ -213,18 +213,15 @@ def _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, KMAX
 
 
 @triton.jit
-def _bracket_classify_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, R, S_MAX, KMAX, WS_ROW, BPP,
-                             BLOCK_C: tl.constexpr, SCALAR: tl.constexpr, STAGES: tl.constexpr):
-    """classify="split": the keys the scoring kernel wrote, classified by many programs per row.  STAGES = 0: one
-    block of BLOCK_C keys per program; STAGES > 0 (session 8, `BRACKET_CLASSIFY_PIPE`): BPP blocks per program in a
-    software-pipelined loop, so the next blocks' key loads are in flight while one block is classified (ncu: the
-    one-block kernel waits mostly on its single key load)."""
+def _bracket_classify_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, R, S_MAX, KMAX, WS_ROW,
+                             BLOCK_C: tl.constexpr, SCALAR: tl.constexpr):
+    """classify="split": the keys the scoring kernel wrote, classified by many programs per row."""
     pid = tl.program_id(0)
     tb = tl.program_id(1)
     b = pid // R
     r = pid % R
     n = tl.maximum(tl.minimum(tl.load(len_ptr + b).to(tl.int32), S_MAX), 0)
-    start = tb * (BPP * BLOCK_C) if STAGES > 0 else tb * BLOCK_C
+    start = tb * BLOCK_C
     if start < n:
         br = br_ptr + pid * BR_STRIDE
         lo_key = tl.load(br).to(tl.uint32, bitcast=True)
@@ -232,27 +229,14 @@ def _bracket_classify_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, R, S_
         cnt_ptr = (br + 2).to(tl.pointer_type(tl.int64))
         bkey = ws_ptr + pid.to(tl.int64) * WS_ROW
         bidx = bkey + S_MAX
-        o_row = out_ptr + b * so_b + r * so_r
-        if STAGES > 0:
-            for i in tl.range(0, tl.minimum(BPP, tl.cdiv(n - start, BLOCK_C)), num_stages=STAGES):
-                _classify_block(start + i * BLOCK_C, n, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, S_MAX, KMAX,
-                                BLOCK_C, SCALAR)
-        else:
-            _classify_block(start, n, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, S_MAX, KMAX, BLOCK_C, SCALAR)
-
-
-@triton.jit
-def _classify_block(start, n, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, S_MAX, KMAX, BLOCK_C: tl.constexpr,
-                    SCALAR: tl.constexpr):
-    """Classify the written keys of positions start .. start + BLOCK_C - 1 (`_classify`)."""
-    offs = start + tl.arange(0, BLOCK_C)
-    if SCALAR:
-        # (session 7) one key per thread and load: the same layout as the scattered stores of `_classify`,
-        # which otherwise each convert their pointers, values and masks through shared memory
-        offs = tl.max_contiguous(offs, [1])
-    valid = offs < n
-    key = tl.load(bkey + 2 * S_MAX + offs, mask=offs < S_MAX, other=0).to(tl.uint32, bitcast=True)
-    _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, KMAX)
+        offs = start + tl.arange(0, BLOCK_C)
+        if SCALAR:
+            # (session 7) one key per thread and load: the same layout as the scattered stores of `_classify`,
+            # which otherwise each convert their pointers, values and masks through shared memory
+            offs = tl.max_contiguous(offs, [1])
+        valid = offs < n
+        key = tl.load(bkey + 2 * S_MAX + offs, mask=offs < S_MAX, other=0).to(tl.uint32, bitcast=True)
+        _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, out_ptr + b * so_b + r * so_r, bkey, bidx, KMAX)
 
 
 @triton.jit
@@ -464,7 +448,6 @@ BRACKET_SCAN_WARPS = 8
 CLASSIFY_MODES = ("split", "fused", "scan")
 BRACKET_CLASSIFY_BLOCK = 1024  # keys per program of the classify kernel (1024-2048 within 1%, 32K tune, session 5)
 BRACKET_CLASSIFY_WARPS = 4
-BRACKET_CLASSIFY_PIPE = (0, 0)  # session 8: (stages, programs in all) of the pipelined classify loop; (0, _): one block
 BRACKET_CLASSIFY_SCALAR = True  # session 7: one key per thread and load (no layout conversions before the stores)
 BRACKET_OVERLAP = True  # session 5: brackets written by extra programs of the scoring kernel (split only)
 BRACKET_BAND_REG = 16384  # largest band selected in registers (bit-by-bit counting); larger: radix select.  Session 7:
@@ -514,7 +497,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
                         sample: int | None = None, nsig: float | None = None,
                         workspace: torch.Tensor | None = None, stages: int = 4, classify: str | None = None,
                         band_reg: int | None = None, overlap: bool | None = None,
-                        attn_counters: torch.Tensor | None = None, classify_pipe: tuple | None = None):
+                        attn_counters: torch.Tensor | None = None):
     """(Rotate q) + scores + exact top-k, each step spread over many programs per row (see module doc).
 
     Same contract as `topk.loki_select`: q (B, H, D) raw queries when P (KVH, D, D) is given (q' = q @ P is
@@ -630,12 +613,9 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     block_s = 64 if interp else BRACKET_BLOCK_S
     if classify == "split":
         block_c = 64 if interp else cfg.get("classify_block", BRACKET_CLASSIFY_BLOCK)
-        n_blocks = triton.cdiv(S, block_c)
-        pipe_c, bpp = BRACKET_CLASSIFY_PIPE if classify_pipe is None else classify_pipe
-        bpp = max(1, triton.cdiv(n_blocks, triton.cdiv(int(bpp), B * R))) if pipe_c else 1  # ~bpp programs in all
-        _bracket_classify_kernel[(B * R, triton.cdiv(n_blocks, bpp))](
-            ws, br, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, W * S, bpp, BLOCK_C=block_c,
-            SCALAR=BRACKET_CLASSIFY_SCALAR, STAGES=pipe_c,
+        _bracket_classify_kernel[(B * R, triton.cdiv(S, block_c))](
+            ws, br, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, W * S, BLOCK_C=block_c,
+            SCALAR=BRACKET_CLASSIFY_SCALAR,
             num_warps=4 if interp else cfg.get("classify_warps", BRACKET_CLASSIFY_WARPS))
     if stages < 4:
         return idx, (q_rot_out if rotate else None)

@@ -34,13 +34,9 @@ ARCH = 90  # H100 / H200
 # per preset: kernel (module, name), pointer dtypes, constexprs, launch options, args not divisible by 16
 PRESETS = {
     "classify_scalar": dict(kernel=("kernels.bracket", "_bracket_classify_kernel"), ptr="*i32",
-                            constexprs=dict(BLOCK_C=1024, SCALAR=True, STAGES=0), num_warps=4, num_stages=3, odd=("R",)),
+                            constexprs=dict(BLOCK_C=1024, SCALAR=True), num_warps=4, num_stages=3, odd=("R",)),
     "classify_blocked": dict(kernel=("kernels.bracket", "_bracket_classify_kernel"), ptr="*i32",
-                             constexprs=dict(BLOCK_C=1024, SCALAR=False, STAGES=0), num_warps=4, num_stages=3, odd=("R",)),
-    # session 8: several blocks per program in a software-pipelined loop (BRACKET_CLASSIFY_PIPE)
-    "classify_pipelined": dict(kernel=("kernels.bracket", "_bracket_classify_kernel"), ptr="*i32",
-                               constexprs=dict(BLOCK_C=1024, SCALAR=True, STAGES=3), num_warps=4, num_stages=3,
-                               odd=("R", "BPP")),
+                             constexprs=dict(BLOCK_C=1024, SCALAR=False), num_warps=4, num_stages=3, odd=("R",)),
 }
 _ATTN = dict(kernel=("kernels.attention", "_flash_decode_kernel"),
              ptr={"q_ptr": "*fp32", "klr_ptr": "*bf16", "krs_ptr": "*bf16", "v_ptr": "*bf16", "idx_ptr": "*i32",
@@ -55,7 +51,7 @@ PRESETS["attention_dense"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DE
 # (indices one iteration ahead, 2 stages: the default, SPARSE_CONFIG)
 PRESETS["attention_sparse_s7"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DENSE=False))
 PRESETS["attention_sparse"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DENSE=False, AHEAD=True), num_stages=2)
-GROUPS = {"classify": ("classify_scalar", "classify_blocked", "classify_pipelined"),
+GROUPS = {"classify": ("classify_scalar", "classify_blocked"),
           "attention": ("attention_dense", "attention_sparse", "attention_sparse_s7")}
 
 

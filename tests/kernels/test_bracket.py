@@ -55,12 +55,10 @@ def test_bracket_select(dtype, D, d, g, mode, reduce, S, lens, variant=None):
 # the scoring kernel, the radix select for bands larger than band_reg, and the one-program-per-row scan (v8), with
 # its band in registers and with the band radix select; and the scoring kernel's tile loop, software-pipelined over
 # several tiles per program (the default since session 7 has one per program here; this: 2 programs per row, 5 tiles
-# each) or unrolled (stages=0, the default until session 6); the classify kernel's blocks in a pipelined loop, several
-# per program (session 8)
+# each) or unrolled (stages=0, the default until session 6)
 VARIANTS = {"no_overlap": dict(overlap=False), "fused": dict(classify="fused"), "radix_band": dict(band_reg=16),
             "scan": dict(classify="scan"), "scan_radix_band": dict(classify="scan", band_reg=16),
-            "pipelined": dict(config=dict(stages=3, programs=8)), "unrolled": dict(config=dict(stages=0)),
-            "classify_pipelined": dict(classify_pipe=(3, 8))}
+            "pipelined": dict(config=dict(stages=3, programs=8)), "unrolled": dict(config=dict(stages=0))}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
