@@ -20,8 +20,10 @@ def _random_idx(B, R, S, lengths, k, generator_seed):
 @pytest.mark.parametrize("D,d,g,mode", [(64, 8, 3, "group"), (64, 16, 1, "group"), (128, 32, 4, "group"),
                                         (128, 32, 4, "head"), (64, 64, 2, "group")])
 @pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("ahead", [True, False], ids=["ahead", "s7_loop"])
-@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+# the loop with int32 indices one tile ahead (the default), the loop of sessions 1-7, and int64 indices (which take
+# the loop of sessions 1-7 even when ahead is asked for)
+@pytest.mark.parametrize("ahead,index_dtype", [(True, torch.int32), (False, torch.int32), (True, torch.int64)],
+                         ids=["ahead", "s7_loop", "int64"])
 def test_sparse_attention(dtype, D, d, g, mode, splits, ahead, index_dtype):
     torch.manual_seed(D + d + g)
     B, KVH, S = 3, 2, 60
