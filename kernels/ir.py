@@ -34,9 +34,9 @@ ARCH = 90  # H100 / H200
 # per preset: kernel (module, name), pointer dtypes, constexprs, launch options, args not divisible by 16
 PRESETS = {
     "classify_scalar": dict(kernel=("kernels.bracket", "_bracket_classify_kernel"), ptr="*i32",
-                            constexprs=dict(BLOCK_C=1024, SCALAR=True), num_warps=4, num_stages=3, odd=("R",)),
+                            constexprs=dict(BLOCK_C=1024, SCALAR=True, LOG_NB=0), num_warps=4, num_stages=3, odd=("R",)),
     "classify_blocked": dict(kernel=("kernels.bracket", "_bracket_classify_kernel"), ptr="*i32",
-                             constexprs=dict(BLOCK_C=1024, SCALAR=False), num_warps=4, num_stages=3, odd=("R",)),
+                             constexprs=dict(BLOCK_C=1024, SCALAR=False, LOG_NB=0), num_warps=4, num_stages=3, odd=("R",)),
 }
 _ATTN = dict(kernel=("kernels.attention", "_flash_decode_kernel"),
              ptr={"q_ptr": "*fp32", "klr_ptr": "*bf16", "krs_ptr": "*bf16", "v_ptr": "*bf16", "idx_ptr": "*i32",
@@ -51,8 +51,21 @@ PRESETS["attention_dense"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DE
 # (indices one iteration ahead, 2 stages: the default, SPARSE_CONFIG)
 PRESETS["attention_sparse_s7"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DENSE=False))
 PRESETS["attention_sparse"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DENSE=False, AHEAD=True), num_stages=2)
+# the scoring kernel of the bracket path (d = 32, its pipelined tile loop) with the classification in its programs'
+# tails (classify="tail", session 9) and without ("split": a classify kernel after it)
+_SCORES = dict(kernel=("kernels.bracket", "_bracket_scores_kernel"),
+               ptr={"qrot_ptr": "*fp32", "klr_ptr": "*bf16", "ws_ptr": "*i32", "br_ptr": "*i32", "ac_ptr": "*i32",
+                    "hist_ptr": "*i32", "flag_ptr": "*i32", "out_ptr": "*i32", "len_ptr": "*i32", "kb_ptr": "*i32"},
+               constexprs=dict(ZERO_AC=True, LOG_NB=8, TAIL=True, FP=1, BLOCK_C=512, SCALAR=True, KB_MODE=0, HPR=4,
+                               G_PAD=16, D_LR=32, BLOCK_DL=32, BLOCK_N=128, TILES=4, K_FP32=False, REDUCE_MAX=True,
+                               CLASSIFY=False, OVERLAP=1, SAMPLE=1024, SUB=128, STAGES=3),
+               num_warps=4, num_stages=3, odd=("R", "G", "TPP", "K_INT", "FRAC_BITS", "FORCED", "KMAX", "SINK", "LOCAL"),
+               fp32=("scale", "nsig"))
+PRESETS["scores_tail"] = _SCORES
+PRESETS["scores_split"] = dict(_SCORES, constexprs=dict(_SCORES["constexprs"], TAIL=False, LOG_NB=0))
 GROUPS = {"classify": ("classify_scalar", "classify_blocked"),
-          "attention": ("attention_dense", "attention_sparse", "attention_sparse_s7")}
+          "attention": ("attention_dense", "attention_sparse", "attention_sparse_s7"),
+          "scores": ("scores_split", "scores_tail")}
 
 
 def compile_preset(name: str):
