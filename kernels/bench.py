@@ -471,6 +471,14 @@ VARIANTS = {
     "s9_tail_hist8": dict(_S9_BASE, BRACKET_CLASSIFY="tail", BRACKET_HIST_DIV=8),
     "s9_tail_hist8_t256": dict(_S9_BASE, BRACKET_CLASSIFY="tail", BRACKET_HIST_DIV=8, BRACKET_TAIL_BLOCK=256),
     "s9_tail_hist8_t1024": dict(_S9_BASE, BRACKET_CLASSIFY="tail", BRACKET_HIST_DIV=8, BRACKET_TAIL_BLOCK=1024),
+    # round 2: the classification in two passes without atomics (per-block counts, then placement after the blocks
+    # before: no atomic round trip per block, indices in position order)
+    "s9_twopass": dict(_S9_BASE, BRACKET_CLASSIFY="twopass"),
+    "s9_twopass_hist8": dict(_S9_BASE, BRACKET_CLASSIFY="twopass", BRACKET_HIST_DIV=8),
+    "s9_twopass_c2048_w8": dict(_S9_BASE, BRACKET_CLASSIFY="twopass", BRACKET_CLASSIFY_BLOCK=2048,
+                                BRACKET_CLASSIFY_WARPS=8),
+    "s9_twopass_c4096_w8": dict(_S9_BASE, BRACKET_CLASSIFY="twopass", BRACKET_CLASSIFY_BLOCK=4096,
+                                BRACKET_CLASSIFY_WARPS=8),
     "s9_tail_hist8_bf16": dict(_S9_BASE, BRACKET_CLASSIFY="tail", BRACKET_HIST_DIV=8,
                                SPARSE_CONFIG=dict(_SPARSE_S7, ahead=True, num_stages=2, hilo=False)),
 }

@@ -261,8 +261,16 @@ def _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, KMAX
     # boundaries order it against the other kernels, so no fence is needed (acq_rel fences cost ~2x here)
     inc = (tot & 0xFFFF).to(tl.int64) + ((tot >> 16).to(tl.int64) << 32)
     old = tl.atomic_add(cnt_ptr, inc, sem="relaxed")
-    gpos = (old & 0xFFFFFFFF).to(tl.int32) + (c_ex & 0xFFFF)
-    bpos = (old >> 32).to(tl.int32) + (c_ex >> 16)
+    _place(key, offs, gt, bd, c_ex, (old & 0xFFFFFFFF).to(tl.int32), (old >> 32).to(tl.int32), lo_key, hi_key,
+           o_row, bkey, bidx, KMAX, hist_row, LOG_NB)
+
+
+@triton.jit
+def _place(key, offs, gt, bd, c_ex, g0, b0, lo_key, hi_key, o_row, bkey, bidx, KMAX, hist_row, LOG_NB: tl.constexpr):
+    """The block's keys > hi to o_row[g0:], its band keys (key, position) to bkey / bidx[b0:], in block order
+    (c_ex: the exclusive prefix sum of gt + (bd << 16)); LOG_NB > 0: the band keys counted in the histogram."""
+    gpos = g0 + (c_ex & 0xFFFF)
+    bpos = b0 + (c_ex >> 16)
     tl.store(o_row + gpos, offs.to(o_row.dtype.element_ty), mask=gt & (gpos < KMAX))
     tl.store(bkey + bpos, key.to(tl.int32, bitcast=True), mask=bd)
     tl.store(bidx + bpos, offs, mask=bd)
@@ -309,6 +317,68 @@ def _bracket_classify_kernel(ws_ptr, br_ptr, hist_ptr, out_ptr, so_b, so_r, len_
         key = tl.load(bkey + 2 * S_MAX + offs, mask=offs < S_MAX, other=0).to(tl.uint32, bitcast=True)
         _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, out_ptr + b * so_b + r * so_r, bkey, bidx, KMAX,
                   hist_ptr + pid.to(tl.int64) * (1 << LOG_NB), LOG_NB)
+
+
+@triton.jit
+def _bracket_count_kernel(ws_ptr, br_ptr, cnt_ptr, len_ptr, R, S_MAX, WS_ROW, NBLK_P2: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
+    """classify="twopass" (session 9), pass 1: per block of BLOCK_C keys, #(key > hi) + (#band << 16), stored (no
+    atomics) at cnt_ptr[row * NBLK_P2 + block]."""
+    pid = tl.program_id(0)
+    tb = tl.program_id(1)
+    b = pid // R
+    n = tl.maximum(tl.minimum(tl.load(len_ptr + b).to(tl.int32), S_MAX), 0)
+    br = br_ptr + pid * BR_STRIDE
+    lo_key = tl.load(br).to(tl.uint32, bitcast=True)
+    hi_key = tl.load(br + 1).to(tl.uint32, bitcast=True)
+    offs = tb * BLOCK_C + tl.arange(0, BLOCK_C)
+    valid = offs < n
+    key = tl.load(ws_ptr + pid.to(tl.int64) * WS_ROW + 2 * S_MAX + offs, mask=offs < S_MAX,
+                  other=0).to(tl.uint32, bitcast=True)
+    gt = valid & (key > hi_key)
+    bd = valid & (key >= lo_key) & (key <= hi_key)
+    tot = tl.sum(gt.to(tl.int32) + (bd.to(tl.int32) << 16), axis=0)
+    tl.store(cnt_ptr + pid * NBLK_P2 + tb, tot)
+
+
+@triton.jit
+def _bracket_place_kernel(ws_ptr, br_ptr, cnt_ptr, hist_ptr, out_ptr, so_b, so_r, len_ptr, R, S_MAX, KMAX, WS_ROW,
+                          NBLK, NBLK_P2: tl.constexpr, BLOCK_C: tl.constexpr, SCALAR: tl.constexpr,
+                          LOG_NB: tl.constexpr):
+    """classify="twopass", pass 2: each block places its keys after those of the blocks before it (a sum over the
+    row's block counts: no atomics, so no round trip per block and the output in position order); block 0 writes
+    the row's totals (#above, #band) for the band select."""
+    pid = tl.program_id(0)
+    tb = tl.program_id(1)
+    b = pid // R
+    r = pid % R
+    n = tl.maximum(tl.minimum(tl.load(len_ptr + b).to(tl.int32), S_MAX), 0)
+    j = tl.arange(0, NBLK_P2)
+    c = tl.load(cnt_ptr + pid * NBLK_P2 + j, mask=j < NBLK, other=0)
+    cg = c & 0xFFFF  # (a block's counts fit 16 bits; a row's sums need not)
+    cb = c >> 16
+    g0 = tl.sum(tl.where(j < tb, cg, 0), axis=0)
+    b0 = tl.sum(tl.where(j < tb, cb, 0), axis=0)
+    br = br_ptr + pid * BR_STRIDE
+    if tb == 0:
+        tl.store(br + 2, tl.sum(cg, axis=0))
+        tl.store(br + 3, tl.sum(cb, axis=0))
+    start = tb * BLOCK_C
+    if start < n:
+        lo_key = tl.load(br).to(tl.uint32, bitcast=True)
+        hi_key = tl.load(br + 1).to(tl.uint32, bitcast=True)
+        bkey = ws_ptr + pid.to(tl.int64) * WS_ROW
+        offs = start + tl.arange(0, BLOCK_C)
+        if SCALAR:
+            offs = tl.max_contiguous(offs, [1])
+        valid = offs < n
+        key = tl.load(bkey + 2 * S_MAX + offs, mask=offs < S_MAX, other=0).to(tl.uint32, bitcast=True)
+        gt = valid & (key > hi_key)
+        bd = valid & (key >= lo_key) & (key <= hi_key)
+        packed = gt.to(tl.int32) + (bd.to(tl.int32) << 16)
+        c_ex = tl.cumsum(packed, axis=0) - packed
+        _place(key, offs, gt, bd, c_ex, g0, b0, lo_key, hi_key, out_ptr + b * so_b + r * so_r, bkey, bkey + S_MAX,
+               KMAX, hist_ptr + pid.to(tl.int64) * (1 << LOG_NB), LOG_NB)
 
 
 @triton.jit
@@ -555,7 +625,7 @@ BRACKET_WARPS = 8
 BRACKET_CLASSIFY = "split"  # session 4: "split" (scores + a separate classify kernel), "fused" (v4) or "scan" (v8)
 BRACKET_SCAN_BLOCK = 4096  # keys per iteration of the scan kernel's two passes (classify="scan")
 BRACKET_SCAN_WARPS = 8
-CLASSIFY_MODES = ("split", "fused", "scan", "tail")
+CLASSIFY_MODES = ("split", "fused", "scan", "tail", "twopass")
 BRACKET_CLASSIFY_BLOCK = 1024  # keys per program of the classify kernel (1024-2048 within 1%, 32K tune, session 5)
 BRACKET_CLASSIFY_WARPS = 4
 BRACKET_TAIL_BLOCK = 512  # keys per step of classify="tail" (sm_90: 56 registers for the scoring kernel; 1024: 118)
@@ -600,8 +670,8 @@ def band_registers(S: int, sample: int, nsig: float, f: float = 0.5) -> int:
 
 def hist_log_bins(band_reg: int, classify: str) -> int:
     """log2 of the band histogram's bins (0: no histogram): band_reg / BRACKET_HIST_DIV, in [16, BRACKET_HIST_MAX]
-    (about 4 keys per bin for a band that half fills its registers); classify="split" or "tail" only."""
-    if classify not in ("split", "tail") or not BRACKET_HIST_DIV:
+    (about 4 keys per bin for a band that half fills its registers); classify="split", "tail" or "twopass"."""
+    if classify not in ("split", "tail", "twopass") or not BRACKET_HIST_DIV:
         return 0
     return max(16, min(BRACKET_HIST_MAX, band_reg // BRACKET_HIST_DIV)).bit_length() - 1
 
@@ -678,16 +748,20 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     log_nb = hist_log_bins(band_reg, classify)
     tail = classify == "tail"
     FP = next_pow2(R // KVH) if tail else 0  # ready flags per (sequence, KV head) (`_flag_of`)
-    n_ws = B * R * (W * S + 4 + (1 << log_nb if log_nb else 0)) + B * KVH * FP
+    block_c = 64 if interp else (config or {}).get("classify_block", BRACKET_CLASSIFY_BLOCK)
+    NBLK = triton.cdiv(S, block_c)
+    NBLK_P2 = next_pow2(NBLK) if classify == "twopass" else 0  # per-block counts of the two-pass classify
+    n_ws = B * R * (W * S + 4 + (1 << log_nb if log_nb else 0)) + B * KVH * FP + B * R * NBLK_P2
     if workspace is None:
         workspace = torch.empty(n_ws, dtype=torch.int32, device=k_lr.device)
     check(workspace.dtype == torch.int32 and workspace.is_contiguous() and workspace.numel() >= n_ws
           and workspace.device == k_lr.device and workspace.data_ptr() % 8 == 0,
           f"workspace must be a contiguous, 8-byte aligned int32 tensor of >= {n_ws} elements on {k_lr.device}")
     n_ws0 = B * R * (W * S + 4)  # (the brackets first: int64-aligned counters; the band histograms last)
-    n_ws1 = n_ws - B * KVH * FP
-    br, ws, hist, flags = (workspace[:B * R * 4], workspace[B * R * 4:n_ws0], workspace[n_ws0:n_ws1],
-                           workspace[n_ws1:n_ws])
+    n_ws1 = n_ws0 + B * R * (1 << log_nb if log_nb else 0)
+    n_ws2 = n_ws1 + B * KVH * FP
+    br, ws, hist, flags, bcnt = (workspace[:B * R * 4], workspace[B * R * 4:n_ws0], workspace[n_ws0:n_ws1],
+                                 workspace[n_ws1:n_ws2], workspace[n_ws2:n_ws])
     idx = torch.empty(B, R, KMAX, dtype=torch.int32, device=k_lr.device)
     zero_ac = attn_counters is not None
     if zero_ac:
@@ -744,8 +818,14 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     if stages < 3:
         return idx, (q_rot_out if rotate else None)
     block_s = 64 if interp else BRACKET_BLOCK_S
+    if classify == "twopass":
+        nw = 4 if interp else cfg.get("classify_warps", BRACKET_CLASSIFY_WARPS)
+        _bracket_count_kernel[(B * R, NBLK)](ws, br, bcnt, lengths, R, S, W * S, NBLK_P2=NBLK_P2, BLOCK_C=block_c,
+                                             num_warps=nw)
+        _bracket_place_kernel[(B * R, NBLK)](
+            ws, br, bcnt, hist, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, W * S, NBLK, NBLK_P2=NBLK_P2,
+            BLOCK_C=block_c, SCALAR=BRACKET_CLASSIFY_SCALAR, LOG_NB=log_nb, num_warps=nw)
     if classify == "split":
-        block_c = 64 if interp else cfg.get("classify_block", BRACKET_CLASSIFY_BLOCK)
         _bracket_classify_kernel[(B * R, triton.cdiv(S, block_c))](
             ws, br, hist, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, W * S, BLOCK_C=block_c,
             SCALAR=BRACKET_CLASSIFY_SCALAR, LOG_NB=log_nb,

@@ -89,6 +89,7 @@ def main(argv=None):
     ap.add_argument("--configs", default="16:16384,16:65536", help="comma list of B:S")
     ap.add_argument("--summarize", default=None, help="print a per-kernel table of an ncu --csv details file")
     ap.add_argument("--stall-metrics", action="store_true", help="print the stall-reason metrics for ncu --metrics")
+    ap.add_argument("--variant", default=None, help="profile under one kernels.bench VARIANTS entry (module defaults)")
     a = ap.parse_args(argv)
     if a.stall_metrics:
         print(STALL_METRICS)
@@ -96,6 +97,9 @@ def main(argv=None):
     if a.summarize:
         summarize(a.summarize)
         return
+    if a.variant:
+        from .bench import apply_variant
+        apply_variant(a.variant)
     run(parse_configs(a.configs))
 
 

@@ -5,6 +5,7 @@ import triton
 import triton.language as tl
 
 from kernels import LokiInputError, forced_count, fraction_budget, loki_decode, loki_select_bracket
+import kernels.bracket as bracket_mod
 from kernels.bracket import _hist_threshold, _kth_key, hist_log_bins
 from kernels.scores import loki_scores_ref, rotate_q_ref
 from kernels.testing import check_selection, random_cache, random_orthonormal
@@ -60,7 +61,8 @@ VARIANTS = {"no_overlap": dict(overlap=False), "fused": dict(classify="fused"), 
             "scan": dict(classify="scan"), "scan_radix_band": dict(classify="scan", band_reg=16),
             "pipelined": dict(config=dict(stages=3, programs=8)), "unrolled": dict(config=dict(stages=0)),
             "tail": dict(classify="tail"), "tail_no_overlap": dict(classify="tail", overlap=False),
-            "tail_pipelined": dict(classify="tail", config=dict(stages=3, programs=8))}
+            "tail_pipelined": dict(classify="tail", config=dict(stages=3, programs=8)),
+            "twopass": dict(classify="twopass"), "twopass_radix_band": dict(classify="twopass", band_reg=16)}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -78,7 +80,8 @@ def test_bracket_tail_modes(D, d, g, mode, reduce):
 
 
 @pytest.mark.parametrize("nsig,variant", [(0.0, None), (4.0, None), (0.0, "no_overlap"), (0.0, "fused"),
-                                          (0.0, "radix_band"), (0.0, "scan"), (0.0, "tail"), (4.0, "tail")])
+                                          (0.0, "radix_band"), (0.0, "scan"), (0.0, "tail"), (4.0, "tail"),
+                                          (0.0, "twopass")])
 def test_bracket_fallback_and_structure(nsig, variant):
     """nsig=0 makes the bracket miss often (the recompute + whole-row fallback runs); rows with a positional trend
     and with periodic structure defeat an evenly spaced sample; per-sequence budgets."""
@@ -102,7 +105,8 @@ def test_bracket_fallback_and_structure(nsig, variant):
 @pytest.mark.parametrize("sink,local,classify,overlap", [(4, 16, "split", True), (0, 7, "split", True),
                                                           (40, 200, "split", True), (4, 16, "split", False),
                                                           (4, 16, "fused", False), (40, 200, "scan", True),
-                                                          (4, 16, "tail", True), (40, 200, "tail", False)])
+                                                          (4, 16, "tail", True), (40, 200, "tail", False),
+                                                          (4, 16, "twopass", True)])
 def test_bracket_sinks_and_local_window(sink, local, classify, overlap):
     """Sink tokens and the local window are always selected and count towards the budget (as select_topk)."""
     torch.manual_seed(sink + local)
@@ -279,8 +283,31 @@ def _u32(t):
     return t.long() & 0xFFFFFFFF
 
 
-@pytest.mark.parametrize("classify", ["split", "tail"])
-def test_band_histogram_counts(classify):
+def test_twopass_is_deterministic():
+    """classify="twopass" places every block's keys after the blocks before it (no atomics): the keys above the
+    bracket come out in ascending position order, followed by the band's winners (ascending too), the same on
+    every call."""
+    torch.manual_seed(9)
+    B, KVH, g, S, D, d = 2, 2, 3, 700, 64, 16
+    k_lr, _, _, lengths = random_cache(B, KVH, S, D, d, torch.float32, DEV, lengths=[700, 517])
+    q = torch.randn(B, KVH * g, D, device=DEV)
+    P = random_orthonormal(KVH, D, DEV)
+    k = S // 8
+    a, _ = loki_select_bracket(q, k_lr, lengths, k, P=P, strict=False, classify="twopass")
+    b, _ = loki_select_bracket(q, k_lr, lengths, k, P=P, strict=False, classify="twopass")
+    assert torch.equal(a, b)
+    ref = _ref(q, P, k_lr, lengths, "group", "max")
+    check_selection(a, ref, lengths.cpu(), budgets_ref(k, lengths.cpu()), tol=_tol(ref))
+    a = a.cpu()
+    for bb in range(B):
+        for r in range(KVH):
+            row = a[bb, r, :k]
+            drops = int((row[1:] < row[:-1]).sum())
+            assert drops <= 1, (bb, r)  # two ascending runs: above the bracket, then the band's winners
+
+
+@pytest.mark.parametrize("classify", ["split", "tail", "twopass"])
+def test_band_histogram_counts(classify, monkeypatch):
     """The classify kernel's band histogram (session 9) holds, for every row with a real bracket, exactly the
     bincount of (key - lo) >> shift over the row's band keys; so the band select's one-bin search has an exact hint."""
     torch.manual_seed(5)
@@ -288,14 +315,15 @@ def test_band_histogram_counts(classify):
     k_lr, _, _, lengths = random_cache(B, KVH, S, D, d, torch.float32, DEV, lengths=[400, 300])
     q = torch.randn(B, KVH * g, D, device=DEV)
     P = random_orthonormal(KVH, D, DEV)
+    monkeypatch.setattr(bracket_mod, "BRACKET_HIST_DIV", 8)  # (whatever the default or KERNELS_VARIANT says)
     band_reg = 128
     log_nb = hist_log_bins(band_reg, "split")
     R, NB, W = KVH, 1 << log_nb, 3
     assert log_nb >= 4
     n0 = B * R * (W * S + 4)
-    ws = torch.full((n0 + B * R * NB + B * KVH,), 7, dtype=torch.int32, device=DEV)  # (+ tail's ready flags)
+    ws = torch.full((n0 + B * R * NB + B * R * 64,), 7, dtype=torch.int32, device=DEV)  # (+ flags or counts)
     loki_select_bracket(q, k_lr, lengths, S // 8, P=P, strict=False, workspace=ws, band_reg=band_reg,
-                        classify=classify)
+                        classify=classify, sample=64)  # (the GPU default, 512, leaves these rows unbracketed)
     ws = ws.cpu()
     br = ws[:B * R * 4].view(B * R, 4)
     keys = ws[B * R * 4:n0].view(B * R, W, S)[:, 2]
