@@ -392,7 +392,7 @@ _V7 = dict(SPARSE_CONFIG=_SPARSE_S7, BRACKET_OVERLAP=True, FOLD_COMBINE=True, BR
            BRACKET_CLASSIFY="split", BRACKET_CLASSIFY_BLOCK=1024, BRACKET_CLASSIFY_WARPS=4, BRACKET_EARLY_EXIT=True,
            BRACKET_BAND_REG=8192, BRACKET_SCORE_CONFIG={0: dict(block_n=256, tiles=2, num_warps=4),
                                                         32: dict(block_n=128, tiles=4, num_warps=4)},
-           BRACKET_CLASSIFY_SCALAR=False, BRACKET_HIST_DIV=0, BRACKET_HIST_MAX=2048, BRACKET_TAIL_BLOCK=512)
+           BRACKET_CLASSIFY_SCALAR=False, BRACKET_HIST_DIV=0, BRACKET_HIST_MAX=2048, BRACKET_TAIL_BLOCK=512, BRACKET_CLASSIFY_COLS=0)
 _SCAN = dict(_V7, BRACKET_CLASSIFY="scan")
 
 
@@ -479,6 +479,11 @@ VARIANTS = {
                                 BRACKET_CLASSIFY_WARPS=8),
     "s9_twopass_c4096_w8": dict(_S9_BASE, BRACKET_CLASSIFY="twopass", BRACKET_CLASSIFY_BLOCK=4096,
                                 BRACKET_CLASSIFY_WARPS=8),
+    # round 3: the classify kernel's block scanned down each thread's column first (BRACKET_CLASSIFY_COLS < 0)
+    **{f"s9_col{c}": dict(_S9_BASE, BRACKET_CLASSIFY_COLS=-c) for c in (8, 16)},
+    "s9_col8_hist8": dict(_S9_BASE, BRACKET_CLASSIFY_COLS=-8, BRACKET_HIST_DIV=8),
+    "s9_col8_c2048": dict(_S9_BASE, BRACKET_CLASSIFY_COLS=-8, BRACKET_CLASSIFY_BLOCK=2048),
+    "s9_col16_c2048": dict(_S9_BASE, BRACKET_CLASSIFY_COLS=-16, BRACKET_CLASSIFY_BLOCK=2048),
     "s9_tail_hist8_bf16": dict(_S9_BASE, BRACKET_CLASSIFY="tail", BRACKET_HIST_DIV=8,
                                SPARSE_CONFIG=dict(_SPARSE_S7, ahead=True, num_stages=2, hilo=False)),
 }
@@ -493,7 +498,7 @@ def _variant_modules() -> dict:
                 BRACKET_CLASSIFY_WARPS=bracket_mod, BRACKET_EARLY_EXIT=bracket_mod, BRACKET_BAND_REG=bracket_mod,
                 BRACKET_SCORE_CONFIG=bracket_mod, BRACKET_CLASSIFY_SCALAR=bracket_mod, SPARSE_CONFIG=attn_mod,
                 BRACKET_WARPS=bracket_mod, BRACKET_HIST_DIV=bracket_mod, BRACKET_HIST_MAX=bracket_mod,
-                BRACKET_TAIL_BLOCK=bracket_mod)
+                BRACKET_TAIL_BLOCK=bracket_mod, BRACKET_CLASSIFY_COLS=bracket_mod)
 
 
 def apply_variant(name: str) -> dict:

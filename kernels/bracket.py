@@ -249,14 +249,33 @@ def _score_key_tile(offs, n, k_base, slr_s, qT, qT_hi, qT_lo, lo_key, hi_key, cn
 
 
 @triton.jit
-def _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, KMAX, hist_row, LOG_NB: tl.constexpr):
+def _excl_scan(packed, COLS: tl.constexpr):
+    """(exclusive prefix sum, total) of a block: 1-D (COLS = 0); (session 9) 2-D with COLS > 0 positions per row,
+    scanned along the rows, then across the row totals; COLS < 0: a (rows, -COLS) tile whose columns are what one
+    thread holds, scanned down each column (within the thread), then across the column totals (one scan over the
+    threads instead of one per register of each thread).  The order of the prefix is the scan's, which need not
+    be position order (the split classification's output order is unspecified)."""
+    if COLS == 0:
+        return tl.cumsum(packed, axis=0) - packed, tl.sum(packed, axis=0)
+    elif COLS > 0:
+        rt = tl.sum(packed, axis=1)
+        r_ex = tl.cumsum(rt, axis=0) - rt
+        return r_ex[:, None] + tl.cumsum(packed, axis=1) - packed, tl.sum(rt, axis=0)
+    else:
+        ct = tl.sum(packed, axis=0)
+        c_ex = tl.cumsum(ct, axis=0) - ct
+        return c_ex[None, :] + tl.cumsum(packed, axis=0) - packed, tl.sum(ct, axis=0)
+
+
+@triton.jit
+def _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, KMAX, hist_row, LOG_NB: tl.constexpr,
+              COLS: tl.constexpr = 0):
     """key > hi: position written to the output row; lo <= key <= hi: (key, position) appended to the band and,
     LOG_NB > 0, counted in the row's band histogram (`_hist_bin`)."""
     gt = valid & (key > hi_key)
     bd = valid & (key >= lo_key) & (key <= hi_key)
     packed = gt.to(tl.int32) + (bd.to(tl.int32) << 16)
-    c_ex = tl.cumsum(packed, axis=0) - packed
-    tot = tl.sum(packed, axis=0)
+    c_ex, tot = _excl_scan(packed, COLS)
     # one relaxed 64-bit atomic claims both output ranges (low word: #above, high word: #band); kernel
     # boundaries order it against the other kernels, so no fence is needed (acq_rel fences cost ~2x here)
     inc = (tot & 0xFFFF).to(tl.int64) + ((tot >> 16).to(tl.int64) << 32)
@@ -293,8 +312,10 @@ def _hist_bin(key, lo_key, shift):
 
 @triton.jit
 def _bracket_classify_kernel(ws_ptr, br_ptr, hist_ptr, out_ptr, so_b, so_r, len_ptr, R, S_MAX, KMAX, WS_ROW,
-                             BLOCK_C: tl.constexpr, SCALAR: tl.constexpr, LOG_NB: tl.constexpr):
-    """classify="split": the keys the scoring kernel wrote, classified by many programs per row."""
+                             BLOCK_C: tl.constexpr, SCALAR: tl.constexpr, LOG_NB: tl.constexpr,
+                             COLS: tl.constexpr = 0):
+    """classify="split": the keys the scoring kernel wrote, classified by many programs per row.  COLS > 0
+    (session 9): the block as a (BLOCK_C / COLS, COLS) tile (`_excl_scan`)."""
     pid = tl.program_id(0)
     tb = tl.program_id(1)
     b = pid // R
@@ -308,15 +329,21 @@ def _bracket_classify_kernel(ws_ptr, br_ptr, hist_ptr, out_ptr, so_b, so_r, len_
         cnt_ptr = (br + 2).to(tl.pointer_type(tl.int64))
         bkey = ws_ptr + pid.to(tl.int64) * WS_ROW
         bidx = bkey + S_MAX
-        offs = start + tl.arange(0, BLOCK_C)
-        if SCALAR:
-            # (session 7) one key per thread and load: the same layout as the scattered stores of `_classify`,
-            # which otherwise each convert their pointers, values and masks through shared memory
-            offs = tl.max_contiguous(offs, [1])
+        if COLS > 0:
+            offs = start + tl.arange(0, BLOCK_C // COLS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
+        elif COLS < 0:  # (-COLS, BLOCK_C / -COLS): position start + i * (BLOCK_C / -COLS) + j; one key per thread
+            offs = start + tl.arange(0, -COLS)[:, None] * (BLOCK_C // -COLS) + tl.arange(0, BLOCK_C // -COLS)[None, :]
+            offs = tl.max_contiguous(offs, [1, 1])
+        else:
+            offs = start + tl.arange(0, BLOCK_C)
+            if SCALAR:
+                # (session 7) one key per thread and load: the same layout as the scattered stores of `_classify`,
+                # which otherwise each convert their pointers, values and masks through shared memory
+                offs = tl.max_contiguous(offs, [1])
         valid = offs < n
         key = tl.load(bkey + 2 * S_MAX + offs, mask=offs < S_MAX, other=0).to(tl.uint32, bitcast=True)
         _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, out_ptr + b * so_b + r * so_r, bkey, bidx, KMAX,
-                  hist_ptr + pid.to(tl.int64) * (1 << LOG_NB), LOG_NB)
+                  hist_ptr + pid.to(tl.int64) * (1 << LOG_NB), LOG_NB, COLS)
 
 
 @triton.jit
@@ -628,6 +655,9 @@ BRACKET_SCAN_WARPS = 8
 CLASSIFY_MODES = ("split", "fused", "scan", "tail", "twopass")
 BRACKET_CLASSIFY_BLOCK = 1024  # keys per program of the classify kernel (1024-2048 within 1%, 32K tune, session 5)
 BRACKET_CLASSIFY_WARPS = 4
+BRACKET_CLASSIFY_COLS = -8  # session 9: the classify kernel's block as an (8, BLOCK / 8) tile, each thread a column,
+#                             scanned within threads first (`_excl_scan`: sm_90 PTX 355 instructions per 1024 keys
+#                             and 56 registers, against 547 and 80 for the 1-D scan); 0: the 1-D block
 BRACKET_TAIL_BLOCK = 512  # keys per step of classify="tail" (sm_90: 56 registers for the scoring kernel; 1024: 118)
 BRACKET_CLASSIFY_SCALAR = True  # session 7: one key per thread and load (no layout conversions before the stores)
 BRACKET_OVERLAP = True  # session 5: brackets written by extra programs of the scoring kernel (split only)
@@ -635,7 +665,7 @@ BRACKET_BAND_REG = 16384  # largest band selected in registers (bit-by-bit count
 #                           16384 (was 8192): at 64K with k = 1/4 ~20% of the rows' bands overflowed 8192 keys
 BRACKET_BAND_SD = 3.0  # band registers >= the expected band + this many standard deviations (`band_registers`)
 BRACKET_EARLY_EXIT = True  # session 7: the bit-by-bit search stops once exactly r keys are >= the candidate
-BRACKET_HIST_DIV = 8  # session 9 (classify="split"): a band histogram of band_reg / DIV bins (0: none), counted by
+BRACKET_HIST_DIV = 0  # session 9 (classify="split"): a band histogram of band_reg / DIV bins (0: none), counted by
 BRACKET_HIST_MAX = 2048  # the classify kernel, narrows the band select's bit-by-bit search to one bin (at most MAX)
 # scoring tiles (by d: the entry of the largest key <= d); session 7: a software-pipelined tile loop (`stages`) over
 # enough tiles per program (at least `tiles`) for about `programs` programs in all (8-19 us faster at 64K, d = 16)
@@ -828,7 +858,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     if classify == "split":
         _bracket_classify_kernel[(B * R, triton.cdiv(S, block_c))](
             ws, br, hist, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, W * S, BLOCK_C=block_c,
-            SCALAR=BRACKET_CLASSIFY_SCALAR, LOG_NB=log_nb,
+            SCALAR=BRACKET_CLASSIFY_SCALAR, LOG_NB=log_nb, COLS=cfg.get("classify_cols", BRACKET_CLASSIFY_COLS),
             num_warps=4 if interp else cfg.get("classify_warps", BRACKET_CLASSIFY_WARPS))
     if stages < 4:
         return idx, (q_rot_out if rotate else None)

@@ -34,9 +34,12 @@ ARCH = 90  # H100 / H200
 # per preset: kernel (module, name), pointer dtypes, constexprs, launch options, args not divisible by 16
 PRESETS = {
     "classify_scalar": dict(kernel=("kernels.bracket", "_bracket_classify_kernel"), ptr="*i32",
-                            constexprs=dict(BLOCK_C=1024, SCALAR=True, LOG_NB=0), num_warps=4, num_stages=3, odd=("R",)),
+                            constexprs=dict(BLOCK_C=1024, SCALAR=True, LOG_NB=0, COLS=0), num_warps=4, num_stages=3, odd=("R",)),
     "classify_blocked": dict(kernel=("kernels.bracket", "_bracket_classify_kernel"), ptr="*i32",
-                             constexprs=dict(BLOCK_C=1024, SCALAR=False, LOG_NB=0), num_warps=4, num_stages=3, odd=("R",)),
+                             constexprs=dict(BLOCK_C=1024, SCALAR=False, LOG_NB=0, COLS=0), num_warps=4, num_stages=3, odd=("R",)),
+    **{f"classify_col{c}": dict(kernel=("kernels.bracket", "_bracket_classify_kernel"), ptr="*i32",
+                                constexprs=dict(BLOCK_C=1024, SCALAR=True, LOG_NB=0, COLS=-c), num_warps=4,
+                                num_stages=3, odd=("R",)) for c in (8,)},
 }
 _ATTN = dict(kernel=("kernels.attention", "_flash_decode_kernel"),
              ptr={"q_ptr": "*fp32", "klr_ptr": "*bf16", "krs_ptr": "*bf16", "v_ptr": "*bf16", "idx_ptr": "*i32",
@@ -63,7 +66,7 @@ _SCORES = dict(kernel=("kernels.bracket", "_bracket_scores_kernel"),
                fp32=("scale", "nsig"))
 PRESETS["scores_tail"] = _SCORES
 PRESETS["scores_split"] = dict(_SCORES, constexprs=dict(_SCORES["constexprs"], TAIL=False, LOG_NB=0))
-GROUPS = {"classify": ("classify_scalar", "classify_blocked"),
+GROUPS = {"classify": ("classify_scalar", "classify_blocked", "classify_col8"),
           "attention": ("attention_dense", "attention_sparse", "attention_sparse_s7"),
           "scores": ("scores_split", "scores_tail")}
 
@@ -104,6 +107,12 @@ def facts(ttgir: str) -> dict:
             "blocked_layouts": len(re.findall(r"^#blocked\d* = ", ttgir, flags=re.M))}
 
 
+def ptx_instructions(ptx: str) -> int:
+    """PTX instructions of a listing (lines that are not directives, labels, braces or comments)."""
+    return sum(1 for ln in ptx.splitlines()
+               if ln.strip() and not re.match(r"\s*(//|\.|\$L|[{})]|@?\s*$)", ln))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=sorted(GROUPS) + sorted(PRESETS) + ["all"])
@@ -116,6 +125,7 @@ def main(argv=None):
         ck = compile_preset(name)
         out[name] = facts(ck.asm["ttgir"])
         out[name]["shared_bytes"] = int(ck.metadata.shared)
+        out[name]["ptx_instructions"] = ptx_instructions(ck.asm["ptx"])
         if a.dump:
             os.makedirs(a.dump, exist_ok=True)
             for ext in ("ttgir", "ptx"):

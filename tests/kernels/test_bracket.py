@@ -62,6 +62,8 @@ VARIANTS = {"no_overlap": dict(overlap=False), "fused": dict(classify="fused"), 
             "pipelined": dict(config=dict(stages=3, programs=8)), "unrolled": dict(config=dict(stages=0)),
             "tail": dict(classify="tail"), "tail_no_overlap": dict(classify="tail", overlap=False),
             "tail_pipelined": dict(classify="tail", config=dict(stages=3, programs=8)),
+            "cols0": dict(config=dict(classify_cols=0)), "cols16": dict(config=dict(classify_cols=-16)),
+            "rows8": dict(config=dict(classify_cols=8)),
             "twopass": dict(classify="twopass"), "twopass_radix_band": dict(classify="twopass", band_reg=16)}
 
 
