@@ -392,7 +392,7 @@ _V7 = dict(SPARSE_CONFIG=_SPARSE_S7, BRACKET_OVERLAP=True, FOLD_COMBINE=True, BR
            BRACKET_CLASSIFY="split", BRACKET_CLASSIFY_BLOCK=1024, BRACKET_CLASSIFY_WARPS=4, BRACKET_EARLY_EXIT=True,
            BRACKET_BAND_REG=8192, BRACKET_SCORE_CONFIG={0: dict(block_n=256, tiles=2, num_warps=4),
                                                         32: dict(block_n=128, tiles=4, num_warps=4)},
-           BRACKET_CLASSIFY_SCALAR=False, BRACKET_HIST_DIV=0, BRACKET_HIST_MAX=2048, BRACKET_TAIL_BLOCK=512, BRACKET_CLASSIFY_COLS=0)
+           BRACKET_CLASSIFY_SCALAR=False)
 _SCAN = dict(_V7, BRACKET_CLASSIFY="scan")
 
 
@@ -406,7 +406,6 @@ def _pipe(stages, programs, tiles=(1, 1)):
 _S7 = dict(_V7, BRACKET_BAND_REG=16384, BRACKET_SCORE_CONFIG=_pipe(3, 4096))  # session 7 candidates
 _S7_DEFAULT = dict(_V7, BRACKET_BAND_REG=16384, BRACKET_SCORE_CONFIG=_pipe(3, 4096, (2, 4)))  # session 7 (round 1)
 _S8_BASE = dict(_S7_DEFAULT, BRACKET_CLASSIFY_SCALAR=True, SPARSE_CONFIG=_SPARSE_S7, BRACKET_WARPS=8)  # session 7's final defaults
-_S9_BASE = dict(_S8_BASE, SPARSE_CONFIG=dict(_SPARSE_S7, ahead=True, num_stages=2))  # session 8's final defaults
 VARIANTS = {
     "v6": dict(BRACKET_OVERLAP=False, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
     "overlap": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
@@ -463,29 +462,6 @@ VARIANTS = {
                        BRACKET_CLASSIFY_BLOCK=cb, BRACKET_CLASSIFY_WARPS=cw, BRACKET_WARPS=fw)
        for n, cb, cw, fw in (("c1024w8", 1024, 8, 8), ("c512w4", 512, 4, 8), ("f16", 1024, 4, 16),
                              ("c1024w8_f16", 1024, 8, 16), ("c512w4_f16", 512, 4, 16))},
-    # session 9: the band histogram (the band select searches one bin: BRACKET_HIST_DIV, bins = band_reg / DIV) and
-    # the classification appended to the scoring programs (classify="tail": no classify kernel), alone and together
-    "s9_base": _S9_BASE,
-    **{f"s9_hist{dv}": dict(_S9_BASE, BRACKET_HIST_DIV=dv) for dv in (4, 8, 16)},
-    "s9_tail": dict(_S9_BASE, BRACKET_CLASSIFY="tail"),
-    "s9_tail_hist8": dict(_S9_BASE, BRACKET_CLASSIFY="tail", BRACKET_HIST_DIV=8),
-    "s9_tail_hist8_t256": dict(_S9_BASE, BRACKET_CLASSIFY="tail", BRACKET_HIST_DIV=8, BRACKET_TAIL_BLOCK=256),
-    "s9_tail_hist8_t1024": dict(_S9_BASE, BRACKET_CLASSIFY="tail", BRACKET_HIST_DIV=8, BRACKET_TAIL_BLOCK=1024),
-    # round 2: the classification in two passes without atomics (per-block counts, then placement after the blocks
-    # before: no atomic round trip per block, indices in position order)
-    "s9_twopass": dict(_S9_BASE, BRACKET_CLASSIFY="twopass"),
-    "s9_twopass_hist8": dict(_S9_BASE, BRACKET_CLASSIFY="twopass", BRACKET_HIST_DIV=8),
-    "s9_twopass_c2048_w8": dict(_S9_BASE, BRACKET_CLASSIFY="twopass", BRACKET_CLASSIFY_BLOCK=2048,
-                                BRACKET_CLASSIFY_WARPS=8),
-    "s9_twopass_c4096_w8": dict(_S9_BASE, BRACKET_CLASSIFY="twopass", BRACKET_CLASSIFY_BLOCK=4096,
-                                BRACKET_CLASSIFY_WARPS=8),
-    # round 3: the classify kernel's block scanned down each thread's column first (BRACKET_CLASSIFY_COLS < 0)
-    **{f"s9_col{c}": dict(_S9_BASE, BRACKET_CLASSIFY_COLS=-c) for c in (8, 16)},
-    "s9_col8_hist8": dict(_S9_BASE, BRACKET_CLASSIFY_COLS=-8, BRACKET_HIST_DIV=8),
-    "s9_col8_c2048": dict(_S9_BASE, BRACKET_CLASSIFY_COLS=-8, BRACKET_CLASSIFY_BLOCK=2048),
-    "s9_col16_c2048": dict(_S9_BASE, BRACKET_CLASSIFY_COLS=-16, BRACKET_CLASSIFY_BLOCK=2048),
-    "s9_tail_hist8_bf16": dict(_S9_BASE, BRACKET_CLASSIFY="tail", BRACKET_HIST_DIV=8,
-                               SPARSE_CONFIG=dict(_SPARSE_S7, ahead=True, num_stages=2, hilo=False)),
 }
 
 
@@ -497,8 +473,7 @@ def _variant_modules() -> dict:
                 BRACKET_SCAN_WARPS=bracket_mod, BRACKET_CLASSIFY_BLOCK=bracket_mod,
                 BRACKET_CLASSIFY_WARPS=bracket_mod, BRACKET_EARLY_EXIT=bracket_mod, BRACKET_BAND_REG=bracket_mod,
                 BRACKET_SCORE_CONFIG=bracket_mod, BRACKET_CLASSIFY_SCALAR=bracket_mod, SPARSE_CONFIG=attn_mod,
-                BRACKET_WARPS=bracket_mod, BRACKET_HIST_DIV=bracket_mod, BRACKET_HIST_MAX=bracket_mod,
-                BRACKET_TAIL_BLOCK=bracket_mod, BRACKET_CLASSIFY_COLS=bracket_mod)
+                BRACKET_WARPS=bracket_mod)
 
 
 def apply_variant(name: str) -> dict:

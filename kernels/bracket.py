@@ -21,14 +21,6 @@ Four kernels (classify="split", overlap=True: the defaults, session 5):
    (``topk._radix_select``).  Otherwise the bracket missed (rare: ~6e-5 per row at NSIG = 4) and the whole row's
    keys are radix-selected.  The result is exact either way; indices beyond a row's budget are -1.
 
-Session 9: (a) the classify kernel also counts the band keys in a histogram of 2**LOG_NB bins over [lo, hi]
-(one fire-and-forget atomic per band key), and the band select first finds the bin holding its r-th key from one
-suffix sum, then searches that bin's low bits only (`_hist_threshold`; a few passes instead of ~15; the histogram is
-a hint: the threshold is checked and the full search runs if it does not hold).  (b) classify="tail": no classify
-kernel; each scoring program classifies the keys it has just written (still in L2) once its row's bracket is
-ready, so the classification's latency overlaps the other programs' bandwidth-bound scoring.  The bracket programs
-release one ready flag per row, which the rotation kernel zeroes at the start of the step (`_classify_tail`).
-
 overlap=False (session 4): one kernel (one program per row) rotates q and writes the bracket before the scoring
 kernel.  Budgets: an int, a (B,) tensor, or a float fraction of each sequence computed on the device
 (``_budget_of``: no torch ops per call).
@@ -84,13 +76,11 @@ def _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_BITS, FORCED, S_MAX, KMAX, KB_MOD
 
 @triton.jit
 def _bracket_row(pid, b, h0, kvh, n, kb, qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr,
-                 ac_ptr, hist_ptr, flag_ptr, scale, nsig, SINK, LOCAL, WS_ROW, ZERO_AC: tl.constexpr,
-                 LOG_NB: tl.constexpr, TAIL: tl.constexpr, HPR: tl.constexpr,
+                 ac_ptr, scale, nsig, SINK, LOCAL, WS_ROW, ZERO_AC: tl.constexpr, HPR: tl.constexpr,
                  G_PAD: tl.constexpr, D_LR: tl.constexpr, BLOCK_DL: tl.constexpr, SAMPLE: tl.constexpr,
                  SUB: tl.constexpr, K_FP32: tl.constexpr, REDUCE_MAX: tl.constexpr):
     """Score SAMPLE evenly spaced tokens of row pid against q' (already written), sort them, write the bracket
-    (lo, hi) and zero the row's two counters (and, ZERO_AC, the attention kernel's split counter ac_ptr[pid]; and,
-    LOG_NB > 0, the row's band histogram); TAIL: then release the row's ready flag (`_classify_tail`)."""
+    (lo, hi) and zero the row's two counters (and, ZERO_AC, the attention kernel's split counter ac_ptr[pid])."""
     lo_key = tl.zeros([], dtype=tl.uint32)
     hi_key = tl.full([], 0xFFFFFFFF, tl.uint32)
     if (kb < n) & (n >= 4 * SAMPLE):
@@ -115,19 +105,14 @@ def _bracket_row(pid, b, h0, kvh, n, kb, qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b,
     tl.store(br + 3, 0)
     if ZERO_AC:
         tl.store(ac_ptr + pid, 0)
-    if LOG_NB > 0:
-        tl.store(hist_ptr + pid.to(tl.int64) * (1 << LOG_NB) + tl.arange(0, 1 << LOG_NB), 0)
-    if TAIL:
-        tl.debug_barrier()  # every thread's stores above come before the release
-        tl.atomic_xchg(flag_ptr, 1, sem="release")
 
 
 @triton.jit
 def _bracket_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h,
-                    klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, ac_ptr, hist_ptr, flag_ptr, len_ptr, kb_ptr, K_INT,
-                    FRAC_BITS, FORCED, scale, R, G, S_MAX, KMAX, nsig, SINK, LOCAL, WS_ROW,
-                    ZERO_AC: tl.constexpr, LOG_NB: tl.constexpr, TAIL: tl.constexpr, FP: tl.constexpr, ROTATE: tl.constexpr, KB_MODE: tl.constexpr,
-                    HPR: tl.constexpr, G_PAD: tl.constexpr, G_ROT: tl.constexpr, D: tl.constexpr, D_LR: tl.constexpr, BLOCK_D: tl.constexpr,
+                    klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, ac_ptr, len_ptr, kb_ptr, K_INT, FRAC_BITS, FORCED,
+                    scale, R, G, S_MAX, KMAX, nsig, SINK, LOCAL, WS_ROW,
+                    ZERO_AC: tl.constexpr, ROTATE: tl.constexpr, KB_MODE: tl.constexpr, HPR: tl.constexpr,
+                    G_PAD: tl.constexpr, G_ROT: tl.constexpr, D: tl.constexpr, D_LR: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_DL: tl.constexpr, SAMPLE: tl.constexpr, SUB: tl.constexpr, K_FP32: tl.constexpr,
                     REDUCE_MAX: tl.constexpr, ROT_C: tl.constexpr, ROT_I: tl.constexpr):
     """overlap=False: rotate q (one program per row) and write the row's bracket, before the scoring kernel."""
@@ -139,33 +124,30 @@ def _bracket_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h
                       HPR, G_ROT, D, BLOCK_D, ROT_C, ROT_I)
         tl.debug_barrier()  # q' written by all threads of the program is read back below
     _bracket_row(pid, b, h0, kvh, n, kb, qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr,
-                 ac_ptr, hist_ptr, flag_ptr + _flag_of(pid, G // HPR, FP), scale, nsig, SINK, LOCAL, WS_ROW, ZERO_AC,
-                 LOG_NB, TAIL, HPR, G_PAD, D_LR, BLOCK_DL, SAMPLE, SUB, K_FP32, REDUCE_MAX)
+                 ac_ptr, scale, nsig, SINK, LOCAL, WS_ROW, ZERO_AC, HPR, G_PAD, D_LR, BLOCK_DL, SAMPLE, SUB, K_FP32,
+                 REDUCE_MAX)
 
 
 @triton.jit
-def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, ac_ptr, hist_ptr,
-                           flag_ptr, out_ptr, so_b, so_r, len_ptr, kb_ptr, K_INT, FRAC_BITS, FORCED, scale, R, G, S_MAX, KMAX,
-                           nsig, SINK, LOCAL, WS_ROW, TPP, ZERO_AC: tl.constexpr, LOG_NB: tl.constexpr,
-                           TAIL: tl.constexpr, FP: tl.constexpr, BLOCK_C: tl.constexpr, SCALAR: tl.constexpr,
-                           KB_MODE: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr, D_LR: tl.constexpr,
+def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, ac_ptr, out_ptr,
+                           so_b, so_r, len_ptr, kb_ptr, K_INT, FRAC_BITS, FORCED, scale, R, G, S_MAX, KMAX, nsig, SINK,
+                           LOCAL, WS_ROW, TPP, ZERO_AC: tl.constexpr, KB_MODE: tl.constexpr, HPR: tl.constexpr,
+                           G_PAD: tl.constexpr, D_LR: tl.constexpr,
                            BLOCK_DL: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, K_FP32: tl.constexpr,
                            REDUCE_MAX: tl.constexpr, CLASSIFY: tl.constexpr, OVERLAP: tl.constexpr,
                            SAMPLE: tl.constexpr, SUB: tl.constexpr, STAGES: tl.constexpr):
     """Grid (rows, tiles [+ 1]).  OVERLAP (= 1): the programs of grid column 0, dispatched first, write the rows'
     brackets (`_bracket_row`) while the others score, so the bracket's latency hides under the scoring pass.
     Each scoring program takes TILES tiles of BLOCK_N tokens, unrolled (STAGES = 0), or (STAGES > 0, session 7) TPP
-    tiles in a software-pipelined loop that keeps the next tiles' loads in flight while it scores one.
-    TAIL (classify="tail", session 9): each scoring program then classifies its own keys (`_classify_tail`)."""
+    tiles in a software-pipelined loop that keeps the next tiles' loads in flight while it scores one."""
     pid = tl.program_id(0)
     tb = tl.program_id(1) - OVERLAP
     b, r, h0, kvh = _row_of(pid, R, HPR, G)
-    flag = flag_ptr + _flag_of(pid, G // HPR, FP)
     if tb < 0:
         n, kb = _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_BITS, FORCED, S_MAX, KMAX, KB_MODE)
         _bracket_row(pid, b, h0, kvh, n, kb, qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr,
-                     br_ptr, ac_ptr, hist_ptr, flag, scale, nsig, SINK, LOCAL, WS_ROW, ZERO_AC, LOG_NB, TAIL, HPR,
-                     G_PAD, D_LR, BLOCK_DL, SAMPLE, SUB, K_FP32, REDUCE_MAX)
+                     br_ptr, ac_ptr, scale, nsig, SINK, LOCAL, WS_ROW, ZERO_AC, HPR, G_PAD, D_LR, BLOCK_DL, SAMPLE,
+                     SUB, K_FP32, REDUCE_MAX)
     else:
         n = tl.maximum(tl.minimum(tl.load(len_ptr + b).to(tl.int32), S_MAX), 0)
         if STAGES > 0:
@@ -177,11 +159,8 @@ def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
             qT_hi, qT_lo = _split_hi_lo(qT, klr_ptr.dtype.element_ty)
             k_base = klr_ptr + b * slr_b + kvh * slr_h
             br = br_ptr + pid * BR_STRIDE
-            lo_key = tl.zeros([], dtype=tl.uint32)
-            hi_key = tl.zeros([], dtype=tl.uint32)
-            if CLASSIFY:  # (the bracket kernel ran before this one)
-                lo_key = tl.load(br).to(tl.uint32, bitcast=True)
-                hi_key = tl.load(br + 1).to(tl.uint32, bitcast=True)
+            lo_key = tl.load(br).to(tl.uint32, bitcast=True)
+            hi_key = tl.load(br + 1).to(tl.uint32, bitcast=True)
             cnt_ptr = (br + 2).to(tl.pointer_type(tl.int64))  # the two int32 counters as one 8-byte-aligned int64
             bkey = ws_ptr + pid.to(tl.int64) * WS_ROW
             bidx = bkey + S_MAX
@@ -191,45 +170,11 @@ def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
                     _score_key_tile(start0 + t * BLOCK_N + tl.arange(0, BLOCK_N), n, k_base, slr_s, qT, qT_hi, qT_lo,
                                     lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, S_MAX, KMAX, SINK, LOCAL, D_LR,
                                     BLOCK_DL, HPR, G_PAD, K_FP32, REDUCE_MAX, CLASSIFY)
-                end = tl.minimum(start0 + TPP * BLOCK_N, n)
             else:
                 for t in tl.static_range(TILES):
                     _score_key_tile(start0 + t * BLOCK_N + tl.arange(0, BLOCK_N), n, k_base, slr_s, qT, qT_hi, qT_lo,
                                     lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, S_MAX, KMAX, SINK, LOCAL, D_LR,
                                     BLOCK_DL, HPR, G_PAD, K_FP32, REDUCE_MAX, CLASSIFY)
-                end = tl.minimum(start0 + TILES * BLOCK_N, n)
-            if TAIL:
-                _classify_tail(start0, end, br, flag, cnt_ptr, o_row, bkey, bidx, S_MAX, KMAX,
-                               hist_ptr + pid.to(tl.int64) * (1 << LOG_NB), LOG_NB, BLOCK_C, SCALAR)
-
-
-@triton.jit
-def _flag_of(pid, RPK, FP: tl.constexpr):
-    """Index of score row pid's ready flag: FP (a power of 2 >= RPK) flags per (sequence, KV head), RPK rows each
-    (1 in group mode, the group size in head mode), so that the rotation kernel zeroes them in one store each."""
-    return (pid // RPK) * FP + pid % RPK
-
-
-@triton.jit
-def _classify_tail(start, end, br, flag, cnt_ptr, o_row, bkey, bidx, S_MAX, KMAX, hist_row, LOG_NB: tl.constexpr,
-                   BLOCK_C: tl.constexpr, SCALAR: tl.constexpr):
-    """classify="tail" (session 9): a scoring program classifies the keys it has just written (positions start..end,
-    still in L2) once its row's bracket is ready, instead of a classify kernel re-reading every key after the
-    scoring kernel.  The bracket programs (grid column 0, dispatched before every scoring program) release the
-    row's flag after writing the bracket and zeroing the counters; here one thread spins on it (acquire)."""
-    tl.debug_barrier()  # the keys written by every thread of this program are read back by every thread
-    ready = tl.atomic_add(flag, 0, sem="acquire")
-    while ready == 0:
-        ready = tl.atomic_add(flag, 0, sem="acquire")
-    lo_key = tl.atomic_add(br, 0, sem="relaxed").to(tl.uint32, bitcast=True)  # (atomics: L2, never a stale L1 line)
-    hi_key = tl.atomic_add(br + 1, 0, sem="relaxed").to(tl.uint32, bitcast=True)
-    for c in range(start, end, BLOCK_C):
-        offs = c + tl.arange(0, BLOCK_C)
-        if SCALAR:
-            offs = tl.max_contiguous(offs, [1])
-        valid = offs < end
-        key = tl.load(bkey + 2 * S_MAX + offs, mask=valid, other=0).to(tl.uint32, bitcast=True)
-        _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, KMAX, hist_row, LOG_NB)
 
 
 @triton.jit
@@ -241,7 +186,7 @@ def _score_key_tile(offs, n, k_base, slr_s, qT, qT_hi, qT_lo, lo_key, hi_key, cn
     sc = _score_tile(k_base, slr_s, offs, valid, qT, qT_hi, qT_lo, D_LR, BLOCK_DL, HPR, G_PAD, K_FP32, REDUCE_MAX)
     key = _key_of(_forced(sc, offs, n, SINK, LOCAL))
     if CLASSIFY:
-        _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, KMAX, bkey, 0)
+        _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, KMAX)
     else:
         # masked by S_MAX, not n: a mask uniform over vectors (S_MAX % 16 == 0) lets the store be vectorized; the
         # keys past n are never read (every reader masks by n)
@@ -249,73 +194,28 @@ def _score_key_tile(offs, n, k_base, slr_s, qT, qT_hi, qT_lo, lo_key, hi_key, cn
 
 
 @triton.jit
-def _excl_scan(packed, COLS: tl.constexpr):
-    """(exclusive prefix sum, total) of a block: 1-D (COLS = 0); (session 9) 2-D with COLS > 0 positions per row,
-    scanned along the rows, then across the row totals; COLS < 0: a (rows, -COLS) tile whose columns are what one
-    thread holds, scanned down each column (within the thread), then across the column totals (one scan over the
-    threads instead of one per register of each thread).  The order of the prefix is the scan's, which need not
-    be position order (the split classification's output order is unspecified)."""
-    if COLS == 0:
-        return tl.cumsum(packed, axis=0) - packed, tl.sum(packed, axis=0)
-    elif COLS > 0:
-        rt = tl.sum(packed, axis=1)
-        r_ex = tl.cumsum(rt, axis=0) - rt
-        return r_ex[:, None] + tl.cumsum(packed, axis=1) - packed, tl.sum(rt, axis=0)
-    else:
-        ct = tl.sum(packed, axis=0)
-        c_ex = tl.cumsum(ct, axis=0) - ct
-        return c_ex[None, :] + tl.cumsum(packed, axis=0) - packed, tl.sum(ct, axis=0)
-
-
-@triton.jit
-def _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, KMAX, hist_row, LOG_NB: tl.constexpr,
-              COLS: tl.constexpr = 0):
-    """key > hi: position written to the output row; lo <= key <= hi: (key, position) appended to the band and,
-    LOG_NB > 0, counted in the row's band histogram (`_hist_bin`)."""
+def _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, KMAX):
+    """key > hi: position written to the output row; lo <= key <= hi: (key, position) appended to the band."""
     gt = valid & (key > hi_key)
     bd = valid & (key >= lo_key) & (key <= hi_key)
     packed = gt.to(tl.int32) + (bd.to(tl.int32) << 16)
-    c_ex, tot = _excl_scan(packed, COLS)
+    c_ex = tl.cumsum(packed, axis=0) - packed
+    tot = tl.sum(packed, axis=0)
     # one relaxed 64-bit atomic claims both output ranges (low word: #above, high word: #band); kernel
     # boundaries order it against the other kernels, so no fence is needed (acq_rel fences cost ~2x here)
     inc = (tot & 0xFFFF).to(tl.int64) + ((tot >> 16).to(tl.int64) << 32)
     old = tl.atomic_add(cnt_ptr, inc, sem="relaxed")
-    _place(key, offs, gt, bd, c_ex, (old & 0xFFFFFFFF).to(tl.int32), (old >> 32).to(tl.int32), lo_key, hi_key,
-           o_row, bkey, bidx, KMAX, hist_row, LOG_NB)
-
-
-@triton.jit
-def _place(key, offs, gt, bd, c_ex, g0, b0, lo_key, hi_key, o_row, bkey, bidx, KMAX, hist_row, LOG_NB: tl.constexpr):
-    """The block's keys > hi to o_row[g0:], its band keys (key, position) to bkey / bidx[b0:], in block order
-    (c_ex: the exclusive prefix sum of gt + (bd << 16)); LOG_NB > 0: the band keys counted in the histogram."""
-    gpos = g0 + (c_ex & 0xFFFF)
-    bpos = b0 + (c_ex >> 16)
+    gpos = (old & 0xFFFFFFFF).to(tl.int32) + (c_ex & 0xFFFF)
+    bpos = (old >> 32).to(tl.int32) + (c_ex >> 16)
     tl.store(o_row + gpos, offs.to(o_row.dtype.element_ty), mask=gt & (gpos < KMAX))
     tl.store(bkey + bpos, key.to(tl.int32, bitcast=True), mask=bd)
     tl.store(bidx + bpos, offs, mask=bd)
-    if LOG_NB > 0:  # fire-and-forget counts (the result is unused), one per band key
-        tl.atomic_add(hist_row + _hist_bin(key, lo_key, _hist_shift(lo_key, hi_key, LOG_NB)), 1, mask=bd,
-                      sem="relaxed")
 
 
 @triton.jit
-def _hist_shift(lo_key, hi_key, LOG_NB: tl.constexpr):
-    """Bins of the band histogram: 2**shift consecutive keys each, so that [lo, hi] spans at most 2**LOG_NB bins."""
-    return tl.maximum(_bit_length(hi_key - lo_key) - LOG_NB, 0)
-
-
-@triton.jit
-def _hist_bin(key, lo_key, shift):
-    """The histogram bin of band keys (lo <= key <= hi): (key - lo) >> shift."""
-    return ((key - lo_key) >> shift.to(tl.uint32)).to(tl.int32)
-
-
-@triton.jit
-def _bracket_classify_kernel(ws_ptr, br_ptr, hist_ptr, out_ptr, so_b, so_r, len_ptr, R, S_MAX, KMAX, WS_ROW,
-                             BLOCK_C: tl.constexpr, SCALAR: tl.constexpr, LOG_NB: tl.constexpr,
-                             COLS: tl.constexpr = 0):
-    """classify="split": the keys the scoring kernel wrote, classified by many programs per row.  COLS > 0
-    (session 9): the block as a (BLOCK_C / COLS, COLS) tile (`_excl_scan`)."""
+def _bracket_classify_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, R, S_MAX, KMAX, WS_ROW,
+                             BLOCK_C: tl.constexpr, SCALAR: tl.constexpr):
+    """classify="split": the keys the scoring kernel wrote, classified by many programs per row."""
     pid = tl.program_id(0)
     tb = tl.program_id(1)
     b = pid // R
@@ -329,83 +229,14 @@ def _bracket_classify_kernel(ws_ptr, br_ptr, hist_ptr, out_ptr, so_b, so_r, len_
         cnt_ptr = (br + 2).to(tl.pointer_type(tl.int64))
         bkey = ws_ptr + pid.to(tl.int64) * WS_ROW
         bidx = bkey + S_MAX
-        if COLS > 0:
-            offs = start + tl.arange(0, BLOCK_C // COLS)[:, None] * COLS + tl.arange(0, COLS)[None, :]
-        elif COLS < 0:  # (-COLS, BLOCK_C / -COLS): position start + i * (BLOCK_C / -COLS) + j; one key per thread
-            offs = start + tl.arange(0, -COLS)[:, None] * (BLOCK_C // -COLS) + tl.arange(0, BLOCK_C // -COLS)[None, :]
-            offs = tl.max_contiguous(offs, [1, 1])
-        else:
-            offs = start + tl.arange(0, BLOCK_C)
-            if SCALAR:
-                # (session 7) one key per thread and load: the same layout as the scattered stores of `_classify`,
-                # which otherwise each convert their pointers, values and masks through shared memory
-                offs = tl.max_contiguous(offs, [1])
-        valid = offs < n
-        key = tl.load(bkey + 2 * S_MAX + offs, mask=offs < S_MAX, other=0).to(tl.uint32, bitcast=True)
-        _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, out_ptr + b * so_b + r * so_r, bkey, bidx, KMAX,
-                  hist_ptr + pid.to(tl.int64) * (1 << LOG_NB), LOG_NB, COLS)
-
-
-@triton.jit
-def _bracket_count_kernel(ws_ptr, br_ptr, cnt_ptr, len_ptr, R, S_MAX, WS_ROW, NBLK_P2: tl.constexpr,
-                          BLOCK_C: tl.constexpr):
-    """classify="twopass" (session 9), pass 1: per block of BLOCK_C keys, #(key > hi) + (#band << 16), stored (no
-    atomics) at cnt_ptr[row * NBLK_P2 + block]."""
-    pid = tl.program_id(0)
-    tb = tl.program_id(1)
-    b = pid // R
-    n = tl.maximum(tl.minimum(tl.load(len_ptr + b).to(tl.int32), S_MAX), 0)
-    br = br_ptr + pid * BR_STRIDE
-    lo_key = tl.load(br).to(tl.uint32, bitcast=True)
-    hi_key = tl.load(br + 1).to(tl.uint32, bitcast=True)
-    offs = tb * BLOCK_C + tl.arange(0, BLOCK_C)
-    valid = offs < n
-    key = tl.load(ws_ptr + pid.to(tl.int64) * WS_ROW + 2 * S_MAX + offs, mask=offs < S_MAX,
-                  other=0).to(tl.uint32, bitcast=True)
-    gt = valid & (key > hi_key)
-    bd = valid & (key >= lo_key) & (key <= hi_key)
-    tot = tl.sum(gt.to(tl.int32) + (bd.to(tl.int32) << 16), axis=0)
-    tl.store(cnt_ptr + pid * NBLK_P2 + tb, tot)
-
-
-@triton.jit
-def _bracket_place_kernel(ws_ptr, br_ptr, cnt_ptr, hist_ptr, out_ptr, so_b, so_r, len_ptr, R, S_MAX, KMAX, WS_ROW,
-                          NBLK, NBLK_P2: tl.constexpr, BLOCK_C: tl.constexpr, SCALAR: tl.constexpr,
-                          LOG_NB: tl.constexpr):
-    """classify="twopass", pass 2: each block places its keys after those of the blocks before it (a sum over the
-    row's block counts: no atomics, so no round trip per block and the output in position order); block 0 writes
-    the row's totals (#above, #band) for the band select."""
-    pid = tl.program_id(0)
-    tb = tl.program_id(1)
-    b = pid // R
-    r = pid % R
-    n = tl.maximum(tl.minimum(tl.load(len_ptr + b).to(tl.int32), S_MAX), 0)
-    j = tl.arange(0, NBLK_P2)
-    c = tl.load(cnt_ptr + pid * NBLK_P2 + j, mask=j < NBLK, other=0)
-    cg = c & 0xFFFF  # (a block's counts fit 16 bits; a row's sums need not)
-    cb = c >> 16
-    g0 = tl.sum(tl.where(j < tb, cg, 0), axis=0)
-    b0 = tl.sum(tl.where(j < tb, cb, 0), axis=0)
-    br = br_ptr + pid * BR_STRIDE
-    if tb == 0:
-        tl.store(br + 2, tl.sum(cg, axis=0))
-        tl.store(br + 3, tl.sum(cb, axis=0))
-    start = tb * BLOCK_C
-    if start < n:
-        lo_key = tl.load(br).to(tl.uint32, bitcast=True)
-        hi_key = tl.load(br + 1).to(tl.uint32, bitcast=True)
-        bkey = ws_ptr + pid.to(tl.int64) * WS_ROW
         offs = start + tl.arange(0, BLOCK_C)
         if SCALAR:
+            # (session 7) one key per thread and load: the same layout as the scattered stores of `_classify`,
+            # which otherwise each convert their pointers, values and masks through shared memory
             offs = tl.max_contiguous(offs, [1])
         valid = offs < n
         key = tl.load(bkey + 2 * S_MAX + offs, mask=offs < S_MAX, other=0).to(tl.uint32, bitcast=True)
-        gt = valid & (key > hi_key)
-        bd = valid & (key >= lo_key) & (key <= hi_key)
-        packed = gt.to(tl.int32) + (bd.to(tl.int32) << 16)
-        c_ex = tl.cumsum(packed, axis=0) - packed
-        _place(key, offs, gt, bd, c_ex, g0, b0, lo_key, hi_key, out_ptr + b * so_b + r * so_r, bkey, bkey + S_MAX,
-               KMAX, hist_ptr + pid.to(tl.int64) * (1 << LOG_NB), LOG_NB)
+        _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, out_ptr + b * so_b + r * so_r, bkey, bidx, KMAX)
 
 
 @triton.jit
@@ -434,24 +265,18 @@ def _kth_key(key, valid, r, hb, prefix, EARLY: tl.constexpr):
 
 
 @triton.jit
-def _select_in_registers(bkey_ptr, bidx_ptr, m, r, out_ptr, hb, prefix, lo_key, hi_key, hist_row,
-                         BAND: tl.constexpr, EARLY: tl.constexpr, LOG_NB: tl.constexpr):
+def _select_in_registers(bkey_ptr, bidx_ptr, m, r, out_ptr, hb, prefix, BAND: tl.constexpr, EARLY: tl.constexpr):
     """out[0:r] = bidx of the r largest of bkey[0:m] (1 <= r <= m <= BAND), every key in registers.
 
     All keys share their top 32 - hb bits (`prefix`); the r-th largest key T is found bit by bit (`_kth_key`),
-    then one prefix sum places the keys > T and the first ties.  LOG_NB > 0 (session 9): the band histogram
-    (`_hist_threshold`) narrows the bit-by-bit search to one bin."""
+    then one prefix sum places the keys > T and the first ties."""
     i = tl.arange(0, BAND)
     valid = i < m
     key = tl.load(bkey_ptr + i, mask=valid, other=0).to(tl.uint32, bitcast=True)
-    if LOG_NB > 0:
-        t, n_gt, _ = _hist_threshold(key, valid, r, hb, prefix, lo_key, hi_key, hist_row, LOG_NB, EARLY)
-    else:
-        t = _kth_key(key, valid, r, hb, prefix, EARLY)
-        n_gt = tl.sum((valid & (key > t)).to(tl.int32), axis=0)
+    t = _kth_key(key, valid, r, hb, prefix, EARLY)
     gt = valid & (key > t)
     eq = valid & (key == t)
-    need = r - n_gt
+    need = r - tl.sum(gt.to(tl.int32), axis=0)
     packed = gt.to(tl.int32) + (eq.to(tl.int32) << 16)
     c_ex = tl.cumsum(packed, axis=0) - packed
     eq_ex = c_ex >> 16
@@ -462,44 +287,13 @@ def _select_in_registers(bkey_ptr, bidx_ptr, m, r, out_ptr, hb, prefix, lo_key, 
 
 
 @triton.jit
-def _hist_threshold(key, valid, r, hb, prefix, lo_key, hi_key, hist_row, LOG_NB: tl.constexpr, EARLY: tl.constexpr):
-    """(T, #(key > T), 1 if the histogram was used) with T a threshold of `_kth_key` for the r largest valid keys (the band, lo <= key <= hi),
-    found with the row's band histogram (2**LOG_NB bins of 2**shift keys, counted by the classify kernel).
-
-    The bin b holding the r-th largest key comes from one suffix sum over the bins; the bit-by-bit search then runs
-    over the shift low bits of that bin's keys only (about log2(keys in the bin) + a few passes with the early exit,
-    instead of log2(band) + a few).  The histogram is only a hint: T is checked against the registers (#(> T) <= r
-    <= #(>= T)), and a histogram that does not hold (it cannot, unless a kernel is broken) costs the whole search."""
-    NB: tl.constexpr = 1 << LOG_NB
-    shift = _hist_shift(lo_key, hi_key, LOG_NB)
-    j = tl.arange(0, NB)
-    h = tl.load(hist_row + j)
-    excl = tl.cumsum(h, axis=0) - h  # keys in bins below j
-    total = tl.sum(h, axis=0)
-    bstar = tl.max(tl.where(total - excl >= r, j, -1), axis=0)  # the highest bin with >= r keys at or above it
-    above = tl.sum(tl.where(j > bstar, h, 0), axis=0)
-    base = lo_key + (tl.maximum(bstar, 0).to(tl.uint32) << shift.to(tl.uint32))
-    off = key - base
-    inb = valid & (key >= base) & ((off >> shift.to(tl.uint32)) == 0)
-    t = base + _kth_key(off, inb, r - above, shift, tl.zeros([], dtype=tl.uint32), EARLY)
-    n_gt = tl.sum((valid & (key > t)).to(tl.int32), axis=0)
-    n_ge = tl.sum((valid & (key >= t)).to(tl.int32), axis=0)
-    used = tl.full([], 1, tl.int32)
-    if (bstar < 0) | (n_gt > r) | (n_ge < r):
-        t = _kth_key(key, valid, r, hb, prefix, EARLY)
-        n_gt = tl.sum((valid & (key > t)).to(tl.int32), axis=0)
-        used = 0
-    return t, n_gt, used
-
-
-@triton.jit
 def _bracket_finish_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, out_ptr, so_b,
                            so_r, len_ptr, kb_ptr, K_INT, FRAC_BITS, FORCED, scale, R, G, S_MAX, KMAX, SINK, LOCAL,
-                           WS_ROW, hist_ptr,
+                           WS_ROW,
                            KB_MODE: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr, D_LR: tl.constexpr,
                            BLOCK_DL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
                            K_FP32: tl.constexpr, REDUCE_MAX: tl.constexpr, KEYS_WRITTEN: tl.constexpr,
-                           BAND_REG: tl.constexpr, EARLY: tl.constexpr, LOG_NB: tl.constexpr):
+                           BAND_REG: tl.constexpr, EARLY: tl.constexpr):
     pid = tl.program_id(0)
     b, r, h0, kvh = _row_of(pid, R, HPR, G)
     n, kb = _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_BITS, FORCED, S_MAX, KMAX, KB_MODE)
@@ -516,8 +310,7 @@ def _bracket_finish_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
         if rr > 0:
             hb, prefix = _band_prefix(lo_key, hi_key)
             if c_band <= BAND_REG:
-                _select_in_registers(bkey, bidx, c_band, rr, o_row + c_gt, hb, prefix, lo_key, hi_key,
-                                     hist_ptr + pid.to(tl.int64) * (1 << LOG_NB), BAND_REG, EARLY, LOG_NB)
+                _select_in_registers(bkey, bidx, c_band, rr, o_row + c_gt, hb, prefix, BAND_REG, EARLY)
             else:
                 _radix_select(bkey, bidx, c_band, rr, o_row + c_gt, hb, prefix, HAS_IDX=True, SRC_KEYS=True,
                               BLOCK_S=BLOCK_S)
@@ -652,21 +445,15 @@ BRACKET_WARPS = 8
 BRACKET_CLASSIFY = "split"  # session 4: "split" (scores + a separate classify kernel), "fused" (v4) or "scan" (v8)
 BRACKET_SCAN_BLOCK = 4096  # keys per iteration of the scan kernel's two passes (classify="scan")
 BRACKET_SCAN_WARPS = 8
-CLASSIFY_MODES = ("split", "fused", "scan", "tail", "twopass")
+CLASSIFY_MODES = ("split", "fused", "scan")
 BRACKET_CLASSIFY_BLOCK = 1024  # keys per program of the classify kernel (1024-2048 within 1%, 32K tune, session 5)
 BRACKET_CLASSIFY_WARPS = 4
-BRACKET_CLASSIFY_COLS = -8  # session 9: the classify kernel's block as an (8, BLOCK / 8) tile, each thread a column,
-#                             scanned within threads first (`_excl_scan`: sm_90 PTX 355 instructions per 1024 keys
-#                             and 56 registers, against 547 and 80 for the 1-D scan); 0: the 1-D block
-BRACKET_TAIL_BLOCK = 512  # keys per step of classify="tail" (sm_90: 56 registers for the scoring kernel; 1024: 118)
 BRACKET_CLASSIFY_SCALAR = True  # session 7: one key per thread and load (no layout conversions before the stores)
 BRACKET_OVERLAP = True  # session 5: brackets written by extra programs of the scoring kernel (split only)
 BRACKET_BAND_REG = 16384  # largest band selected in registers (bit-by-bit counting); larger: radix select.  Session 7:
 #                           16384 (was 8192): at 64K with k = 1/4 ~20% of the rows' bands overflowed 8192 keys
 BRACKET_BAND_SD = 3.0  # band registers >= the expected band + this many standard deviations (`band_registers`)
 BRACKET_EARLY_EXIT = True  # session 7: the bit-by-bit search stops once exactly r keys are >= the candidate
-BRACKET_HIST_DIV = 0  # session 9 (classify="split"): a band histogram of band_reg / DIV bins (0: none), counted by
-BRACKET_HIST_MAX = 2048  # the classify kernel, narrows the band select's bit-by-bit search to one bin (at most MAX)
 # scoring tiles (by d: the entry of the largest key <= d); session 7: a software-pipelined tile loop (`stages`) over
 # enough tiles per program (at least `tiles`) for about `programs` programs in all (8-19 us faster at 64K, d = 16)
 BRACKET_SCORE_CONFIG = {0: dict(block_n=256, tiles=2, num_warps=4, stages=3, programs=4096),
@@ -698,14 +485,6 @@ def band_registers(S: int, sample: int, nsig: float, f: float = 0.5) -> int:
     return min(BRACKET_BAND_REG, max(1024, next_pow2(want)))
 
 
-def hist_log_bins(band_reg: int, classify: str) -> int:
-    """log2 of the band histogram's bins (0: no histogram): band_reg / BRACKET_HIST_DIV, in [16, BRACKET_HIST_MAX]
-    (about 4 keys per bin for a band that half fills its registers); classify="split", "tail" or "twopass"."""
-    if classify not in ("split", "tail", "twopass") or not BRACKET_HIST_DIV:
-        return 0
-    return max(16, min(BRACKET_HIST_MAX, band_reg // BRACKET_HIST_DIV)).bit_length() - 1
-
-
 def _score_config(d: int, config: dict | None) -> dict:
     base = BRACKET_SCORE_CONFIG[max(k for k in BRACKET_SCORE_CONFIG if k <= d)]
     return dict(base, **(config or {}))
@@ -729,8 +508,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     sink_tokens / local_window: the first / last positions of each sequence are always selected (they count
     towards the budget).  Returns
     (idx (B, R, k_max) int32 padded with -1, q_rot (B, H, D) fp32 or None).  ``workspace``: optional int32
-    buffer of >= B*R*(W*S_max + 4 + NB) elements (bracket and counters, band keys and positions[, row keys], NB
-    band-histogram bins: `hist_log_bins`, 0 unless classify="split"), W = 3
+    buffer of >= B*R*(W*S_max + 4) elements (bracket and counters, band keys and positions[, row keys]), W = 3
     with classify="split", 2 with "fused".
     classify: "split" (the scoring kernel writes every key, a second many-program kernel classifies them),
     "fused" (the scoring kernel classifies on the spot) or "scan" (the scoring kernel writes every key, one program
@@ -775,23 +553,13 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     split = classify != "fused"  # split and scan: the scoring kernel writes every key
     overlap = split and (BRACKET_OVERLAP if overlap is None else bool(overlap))
     W = 3 if split else 2
-    log_nb = hist_log_bins(band_reg, classify)
-    tail = classify == "tail"
-    FP = next_pow2(R // KVH) if tail else 0  # ready flags per (sequence, KV head) (`_flag_of`)
-    block_c = 64 if interp else (config or {}).get("classify_block", BRACKET_CLASSIFY_BLOCK)
-    NBLK = triton.cdiv(S, block_c)
-    NBLK_P2 = next_pow2(NBLK) if classify == "twopass" else 0  # per-block counts of the two-pass classify
-    n_ws = B * R * (W * S + 4 + (1 << log_nb if log_nb else 0)) + B * KVH * FP + B * R * NBLK_P2
+    n_ws = B * R * (W * S + 4)
     if workspace is None:
         workspace = torch.empty(n_ws, dtype=torch.int32, device=k_lr.device)
     check(workspace.dtype == torch.int32 and workspace.is_contiguous() and workspace.numel() >= n_ws
           and workspace.device == k_lr.device and workspace.data_ptr() % 8 == 0,
           f"workspace must be a contiguous, 8-byte aligned int32 tensor of >= {n_ws} elements on {k_lr.device}")
-    n_ws0 = B * R * (W * S + 4)  # (the brackets first: int64-aligned counters; the band histograms last)
-    n_ws1 = n_ws0 + B * R * (1 << log_nb if log_nb else 0)
-    n_ws2 = n_ws1 + B * KVH * FP
-    br, ws, hist, flags, bcnt = (workspace[:B * R * 4], workspace[B * R * 4:n_ws0], workspace[n_ws0:n_ws1],
-                                 workspace[n_ws1:n_ws2], workspace[n_ws2:n_ws])
+    br, ws = workspace[:B * R * 4], workspace[B * R * 4:n_ws]  # (the brackets first: int64-aligned counters)
     idx = torch.empty(B, R, KMAX, dtype=torch.int32, device=k_lr.device)
     zero_ac = attn_counters is not None
     if zero_ac:
@@ -811,16 +579,13 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     sub = min(sample, 32 if interp else BRACKET_SUB)
     if overlap:
         if rotate:
-            launch_rotate_q(q, P, q_rot_out, KVH, G, D, flags=flags if tail else None)
-        elif tail:
-            flags.zero_()
+            launch_rotate_q(q, P, q_rot_out, KVH, G, D)
     else:
         BLOCK_D = max(32, next_pow2(D))
         _bracket_kernel[(B * R,)](
             q, q.stride(0), q.stride(1), Pt, Pt.stride(0), Pt.stride(1), qr, qr.stride(0), qr.stride(1),
-            k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br, ac, hist, flags, lengths, kbt, K_INT,
-            frac_bits, forced, scale, R, G, S, KMAX, nsig, sink_tokens, local_window, W * S, ZERO_AC=zero_ac,
-            LOG_NB=log_nb, TAIL=tail, FP=max(FP, 1),
+            k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br, ac, lengths, kbt, K_INT, frac_bits, forced,
+            scale, R, G, S, KMAX, nsig, sink_tokens, local_window, W * S, ZERO_AC=zero_ac,
             ROTATE=rotate, KB_MODE=kb_mode, G_ROT=next_pow2(HPR), D=D, BLOCK_D=BLOCK_D, SAMPLE=sample,
             SUB=sub, **rot_chunks(BLOCK_D, True), **common, num_warps=4 if interp else BRACKET_WARPS)
     if stages < 2:
@@ -836,11 +601,9 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     if pipe and cfg.get("programs"):  # (never fewer than `tiles` per program: short rows keep their tiles)
         tpp = max(TILES, triton.cdiv(n_tiles, triton.cdiv(int(cfg["programs"]), B * R)))
     _bracket_scores_kernel[(B * R, triton.cdiv(n_tiles, tpp) + int(overlap))](
-        qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br, ac, hist,
-        flags, idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, scale, R, G, S, KMAX, nsig,
-        sink_tokens, local_window, W * S, tpp, ZERO_AC=zero_ac, LOG_NB=log_nb, TAIL=tail, FP=max(FP, 1),
-        BLOCK_C=64 if interp else cfg.get("tail_block", BRACKET_TAIL_BLOCK), SCALAR=BRACKET_CLASSIFY_SCALAR,
-        KB_MODE=kb_mode, BLOCK_N=BLOCK_N, TILES=TILES,
+        qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br, ac,
+        idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, scale, R, G, S, KMAX, nsig,
+        sink_tokens, local_window, W * S, tpp, ZERO_AC=zero_ac, KB_MODE=kb_mode, BLOCK_N=BLOCK_N, TILES=TILES,
         **common,
         CLASSIFY=not split,
         OVERLAP=int(overlap), SAMPLE=sample, SUB=sub if interp else min(sample, cfg.get("bracket_sub", BLOCK_N)),
@@ -848,17 +611,11 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     if stages < 3:
         return idx, (q_rot_out if rotate else None)
     block_s = 64 if interp else BRACKET_BLOCK_S
-    if classify == "twopass":
-        nw = 4 if interp else cfg.get("classify_warps", BRACKET_CLASSIFY_WARPS)
-        _bracket_count_kernel[(B * R, NBLK)](ws, br, bcnt, lengths, R, S, W * S, NBLK_P2=NBLK_P2, BLOCK_C=block_c,
-                                             num_warps=nw)
-        _bracket_place_kernel[(B * R, NBLK)](
-            ws, br, bcnt, hist, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, W * S, NBLK, NBLK_P2=NBLK_P2,
-            BLOCK_C=block_c, SCALAR=BRACKET_CLASSIFY_SCALAR, LOG_NB=log_nb, num_warps=nw)
     if classify == "split":
+        block_c = 64 if interp else cfg.get("classify_block", BRACKET_CLASSIFY_BLOCK)
         _bracket_classify_kernel[(B * R, triton.cdiv(S, block_c))](
-            ws, br, hist, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, W * S, BLOCK_C=block_c,
-            SCALAR=BRACKET_CLASSIFY_SCALAR, LOG_NB=log_nb, COLS=cfg.get("classify_cols", BRACKET_CLASSIFY_COLS),
+            ws, br, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, W * S, BLOCK_C=block_c,
+            SCALAR=BRACKET_CLASSIFY_SCALAR,
             num_warps=4 if interp else cfg.get("classify_warps", BRACKET_CLASSIFY_WARPS))
     if stages < 4:
         return idx, (q_rot_out if rotate else None)
@@ -872,8 +629,9 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     _bracket_finish_kernel[(B * R,)](
         qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br,
         idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, scale, R, G, S, KMAX, sink_tokens,
-        local_window, W * S, hist, KB_MODE=kb_mode, BLOCK_N=32 if interp else 256, BLOCK_S=block_s,
-        **common, KEYS_WRITTEN=split, BAND_REG=band_reg, EARLY=BRACKET_EARLY_EXIT, LOG_NB=log_nb,
+        local_window,
+        W * S, KB_MODE=kb_mode, BLOCK_N=32 if interp else 256, BLOCK_S=block_s,
+        **common, KEYS_WRITTEN=split, BAND_REG=band_reg, EARLY=BRACKET_EARLY_EXIT,
         num_warps=4 if interp else cfg.get("finish_warps", BRACKET_WARPS))
     return idx, (q_rot_out if rotate else None)
 

@@ -34,12 +34,9 @@ ARCH = 90  # H100 / H200
 # per preset: kernel (module, name), pointer dtypes, constexprs, launch options, args not divisible by 16
 PRESETS = {
     "classify_scalar": dict(kernel=("kernels.bracket", "_bracket_classify_kernel"), ptr="*i32",
-                            constexprs=dict(BLOCK_C=1024, SCALAR=True, LOG_NB=0, COLS=0), num_warps=4, num_stages=3, odd=("R",)),
+                            constexprs=dict(BLOCK_C=1024, SCALAR=True), num_warps=4, num_stages=3, odd=("R",)),
     "classify_blocked": dict(kernel=("kernels.bracket", "_bracket_classify_kernel"), ptr="*i32",
-                             constexprs=dict(BLOCK_C=1024, SCALAR=False, LOG_NB=0, COLS=0), num_warps=4, num_stages=3, odd=("R",)),
-    **{f"classify_col{c}": dict(kernel=("kernels.bracket", "_bracket_classify_kernel"), ptr="*i32",
-                                constexprs=dict(BLOCK_C=1024, SCALAR=True, LOG_NB=0, COLS=-c), num_warps=4,
-                                num_stages=3, odd=("R",)) for c in (8,)},
+                             constexprs=dict(BLOCK_C=1024, SCALAR=False), num_warps=4, num_stages=3, odd=("R",)),
 }
 _ATTN = dict(kernel=("kernels.attention", "_flash_decode_kernel"),
              ptr={"q_ptr": "*fp32", "klr_ptr": "*bf16", "krs_ptr": "*bf16", "v_ptr": "*bf16", "idx_ptr": "*i32",
@@ -54,21 +51,8 @@ PRESETS["attention_dense"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DE
 # (indices one iteration ahead, 2 stages: the default, SPARSE_CONFIG)
 PRESETS["attention_sparse_s7"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DENSE=False))
 PRESETS["attention_sparse"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DENSE=False, AHEAD=True), num_stages=2)
-# the scoring kernel of the bracket path (d = 32, its pipelined tile loop) with the classification in its programs'
-# tails (classify="tail", session 9) and without ("split": a classify kernel after it)
-_SCORES = dict(kernel=("kernels.bracket", "_bracket_scores_kernel"),
-               ptr={"qrot_ptr": "*fp32", "klr_ptr": "*bf16", "ws_ptr": "*i32", "br_ptr": "*i32", "ac_ptr": "*i32",
-                    "hist_ptr": "*i32", "flag_ptr": "*i32", "out_ptr": "*i32", "len_ptr": "*i32", "kb_ptr": "*i32"},
-               constexprs=dict(ZERO_AC=True, LOG_NB=8, TAIL=True, FP=1, BLOCK_C=512, SCALAR=True, KB_MODE=0, HPR=4,
-                               G_PAD=16, D_LR=32, BLOCK_DL=32, BLOCK_N=128, TILES=4, K_FP32=False, REDUCE_MAX=True,
-                               CLASSIFY=False, OVERLAP=1, SAMPLE=1024, SUB=128, STAGES=3),
-               num_warps=4, num_stages=3, odd=("R", "G", "TPP", "K_INT", "FRAC_BITS", "FORCED", "KMAX", "SINK", "LOCAL"),
-               fp32=("scale", "nsig"))
-PRESETS["scores_tail"] = _SCORES
-PRESETS["scores_split"] = dict(_SCORES, constexprs=dict(_SCORES["constexprs"], TAIL=False, LOG_NB=0))
-GROUPS = {"classify": ("classify_scalar", "classify_blocked", "classify_col8"),
-          "attention": ("attention_dense", "attention_sparse", "attention_sparse_s7"),
-          "scores": ("scores_split", "scores_tail")}
+GROUPS = {"classify": ("classify_scalar", "classify_blocked"),
+          "attention": ("attention_dense", "attention_sparse", "attention_sparse_s7")}
 
 
 def compile_preset(name: str):
@@ -108,9 +92,34 @@ def facts(ttgir: str) -> dict:
 
 
 def ptx_instructions(ptx: str) -> int:
-    """PTX instructions of a listing (lines that are not directives, labels, braces or comments)."""
+    """PTX instructions of a listing (lines that are not directives, labels, braces or comments).  Session 9: a
+    proxy only; ptxas can shrink a listing's scan a lot (35% fewer PTX instructions measured 6% fewer executed SASS
+    instructions, kernels/NOTES.md "v11")."""
     return sum(1 for ln in ptx.splitlines()
                if ln.strip() and not re.match(r"\s*(//|\.|\$L|[{})]|@?\s*$)", ln))
+
+
+def sass_instructions(cubin: bytes | None) -> int | None:
+    """SASS instructions of a cubin (cuobjdump from Triton's NVIDIA backend), or None where it is not available.
+    What the SM issues; ncu's executed-instruction count divided by the blocks' warps is about this times the loop
+    trips."""
+    import glob
+    import shutil
+    import subprocess
+    import tempfile
+
+    import triton
+    tool = shutil.which("cuobjdump") or next(iter(glob.glob(os.path.join(
+        os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))), None)
+    if not cubin or not tool:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        res = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True)
+    if res.returncode != 0:
+        return None
+    return len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", res.stdout, flags=re.M))
 
 
 def main(argv=None):
@@ -126,6 +135,9 @@ def main(argv=None):
         out[name] = facts(ck.asm["ttgir"])
         out[name]["shared_bytes"] = int(ck.metadata.shared)
         out[name]["ptx_instructions"] = ptx_instructions(ck.asm["ptx"])
+        n_sass = sass_instructions(ck.asm.get("cubin"))
+        if n_sass is not None:
+            out[name]["sass_instructions"] = n_sass
         if a.dump:
             os.makedirs(a.dump, exist_ok=True)
             for ext in ("ttgir", "ptx"):

@@ -125,17 +125,12 @@ def rot_chunks(block_d: int, whole_rows: bool = False) -> dict:
 # rotate q
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _rotate_q_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, out_ptr, so_b, so_h, KVH, flag_ptr,
+def _rotate_q_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, out_ptr, so_b, so_h, KVH,
                      G: tl.constexpr, G_ROT: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                     ROT_C: tl.constexpr, FLAGS: tl.constexpr):
+                     ROT_C: tl.constexpr):
     """One program per (sequence, KV head, chunk of ROT_C output columns): out = q @ P[kvh][:, chunk], fp32 FMAs,
-    whole input rows in one load (one memory round trip per program).  FLAGS > 0: the programs of chunk 0 also zero
-    FLAGS int32 flags per (sequence, KV head) at flag_ptr (the bracket path's per-row ready flags)."""
+    whole input rows in one load (one memory round trip per program)."""
     pid = tl.program_id(0)
-    if FLAGS > 0:
-        if tl.program_id(1) == 0:
-            fo = tl.arange(0, FLAGS)
-            tl.store(flag_ptr + pid * FLAGS + fo, tl.zeros([FLAGS], dtype=tl.int32))
     b = (pid // KVH).to(tl.int64)
     kvh = (pid % KVH).to(tl.int64)
     hh = tl.arange(0, G_ROT)
@@ -152,17 +147,14 @@ def _rotate_q_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, out_ptr, so_b, so_h, 
     tl.store(out_ptr + b * so_b + (kvh * G + hh)[:, None] * so_h + cols[None, :], acc, mask=hv[:, None] & cm[None, :])
 
 
-def launch_rotate_q(q: torch.Tensor, P: torch.Tensor, out: torch.Tensor, KVH: int, g: int, D: int,
-                    flags: torch.Tensor | None = None):
-    """q (B, H, D) @ P[h // g] -> out (fp32), no checks (callers validate).  flags: an int32 tensor of B * KVH * F
-    elements (F a power of 2) zeroed on the way."""
-    F = 0 if flags is None else flags.numel() // (q.shape[0] * KVH)
+def launch_rotate_q(q: torch.Tensor, P: torch.Tensor, out: torch.Tensor, KVH: int, g: int, D: int):
+    """q (B, H, D) @ P[h // g] -> out (fp32), no checks (callers validate)."""
     BLOCK_D = max(16, next_pow2(D))
     G_ROT = next_pow2(g)
     rot_c = BLOCK_D if is_interpreter() else max(8, min(BLOCK_D, 64 // G_ROT))
     _rotate_q_kernel[(q.shape[0] * KVH, triton.cdiv(D, rot_c))](
         q, q.stride(0), q.stride(1), P, P.stride(0), P.stride(1), out, out.stride(0), out.stride(1), KVH,
-        out if flags is None else flags, G=g, G_ROT=G_ROT, D=D, BLOCK_D=BLOCK_D, ROT_C=rot_c, FLAGS=F, num_warps=4)
+        G=g, G_ROT=G_ROT, D=D, BLOCK_D=BLOCK_D, ROT_C=rot_c, num_warps=4)
     return out
 
 

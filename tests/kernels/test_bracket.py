@@ -5,8 +5,7 @@ import triton
 import triton.language as tl
 
 from kernels import LokiInputError, forced_count, fraction_budget, loki_decode, loki_select_bracket
-import kernels.bracket as bracket_mod
-from kernels.bracket import _hist_threshold, _kth_key, hist_log_bins
+from kernels.bracket import _kth_key
 from kernels.scores import loki_scores_ref, rotate_q_ref
 from kernels.testing import check_selection, random_cache, random_orthonormal
 from kernels.topk import budgets_ref
@@ -59,12 +58,7 @@ def test_bracket_select(dtype, D, d, g, mode, reduce, S, lens, variant=None):
 # each) or unrolled (stages=0, the default until session 6)
 VARIANTS = {"no_overlap": dict(overlap=False), "fused": dict(classify="fused"), "radix_band": dict(band_reg=16),
             "scan": dict(classify="scan"), "scan_radix_band": dict(classify="scan", band_reg=16),
-            "pipelined": dict(config=dict(stages=3, programs=8)), "unrolled": dict(config=dict(stages=0)),
-            "tail": dict(classify="tail"), "tail_no_overlap": dict(classify="tail", overlap=False),
-            "tail_pipelined": dict(classify="tail", config=dict(stages=3, programs=8)),
-            "cols0": dict(config=dict(classify_cols=0)), "cols16": dict(config=dict(classify_cols=-16)),
-            "rows8": dict(config=dict(classify_cols=8)),
-            "twopass": dict(classify="twopass"), "twopass_radix_band": dict(classify="twopass", band_reg=16)}
+            "pipelined": dict(config=dict(stages=3, programs=8)), "unrolled": dict(config=dict(stages=0))}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -73,17 +67,8 @@ def test_bracket_select_variants(D, d, g, S, lens, variant):
     test_bracket_select(torch.float32, D, d, g, "group", "max", S, lens, VARIANTS[variant])
 
 
-@pytest.mark.parametrize("D,d,g,mode,reduce", [(64, 8, 3, "head", "sum"), (128, 32, 4, "head", "max"),
-                                               (64, 16, 1, "group", "sum")])
-def test_bracket_tail_modes(D, d, g, mode, reduce):
-    """classify="tail" in head mode (one ready flag per query head, g of them per KV head: 3 in a block of 4) and
-    with groups of one, rows above 4 x SAMPLE."""
-    test_bracket_select(torch.float32, D, d, g, mode, reduce, *LONG, dict(classify="tail"))
-
-
 @pytest.mark.parametrize("nsig,variant", [(0.0, None), (4.0, None), (0.0, "no_overlap"), (0.0, "fused"),
-                                          (0.0, "radix_band"), (0.0, "scan"), (0.0, "tail"), (4.0, "tail"),
-                                          (0.0, "twopass")])
+                                          (0.0, "radix_band"), (0.0, "scan")])
 def test_bracket_fallback_and_structure(nsig, variant):
     """nsig=0 makes the bracket miss often (the recompute + whole-row fallback runs); rows with a positional trend
     and with periodic structure defeat an evenly spaced sample; per-sequence budgets."""
@@ -106,9 +91,7 @@ def test_bracket_fallback_and_structure(nsig, variant):
 
 @pytest.mark.parametrize("sink,local,classify,overlap", [(4, 16, "split", True), (0, 7, "split", True),
                                                           (40, 200, "split", True), (4, 16, "split", False),
-                                                          (4, 16, "fused", False), (40, 200, "scan", True),
-                                                          (4, 16, "tail", True), (40, 200, "tail", False),
-                                                          (4, 16, "twopass", True)])
+                                                          (4, 16, "fused", False), (40, 200, "scan", True)])
 def test_bracket_sinks_and_local_window(sink, local, classify, overlap):
     """Sink tokens and the local window are always selected and count towards the budget (as select_topk)."""
     torch.manual_seed(sink + local)
@@ -278,112 +261,3 @@ def test_kth_key_threshold(early, distinct):
             assert T == kth
     if early and distinct:
         assert hit > 0  # the early exit was taken
-
-
-def _u32(t):
-    """int32 tensor -> the uint32 values it holds, as int64."""
-    return t.long() & 0xFFFFFFFF
-
-
-def test_twopass_is_deterministic():
-    """classify="twopass" places every block's keys after the blocks before it (no atomics): the keys above the
-    bracket come out in ascending position order, followed by the band's winners (ascending too), the same on
-    every call."""
-    torch.manual_seed(9)
-    B, KVH, g, S, D, d = 2, 2, 3, 700, 64, 16
-    k_lr, _, _, lengths = random_cache(B, KVH, S, D, d, torch.float32, DEV, lengths=[700, 517])
-    q = torch.randn(B, KVH * g, D, device=DEV)
-    P = random_orthonormal(KVH, D, DEV)
-    k = S // 8
-    a, _ = loki_select_bracket(q, k_lr, lengths, k, P=P, strict=False, classify="twopass")
-    b, _ = loki_select_bracket(q, k_lr, lengths, k, P=P, strict=False, classify="twopass")
-    assert torch.equal(a, b)
-    ref = _ref(q, P, k_lr, lengths, "group", "max")
-    check_selection(a, ref, lengths.cpu(), budgets_ref(k, lengths.cpu()), tol=_tol(ref))
-    a = a.cpu()
-    for bb in range(B):
-        for r in range(KVH):
-            row = a[bb, r, :k]
-            drops = int((row[1:] < row[:-1]).sum())
-            assert drops <= 1, (bb, r)  # two ascending runs: above the bracket, then the band's winners
-
-
-@pytest.mark.parametrize("classify", ["split", "tail", "twopass"])
-def test_band_histogram_counts(classify, monkeypatch):
-    """The classify kernel's band histogram (session 9) holds, for every row with a real bracket, exactly the
-    bincount of (key - lo) >> shift over the row's band keys; so the band select's one-bin search has an exact hint."""
-    torch.manual_seed(5)
-    B, KVH, g, S, D, d = 2, 2, 3, 400, 64, 16
-    k_lr, _, _, lengths = random_cache(B, KVH, S, D, d, torch.float32, DEV, lengths=[400, 300])
-    q = torch.randn(B, KVH * g, D, device=DEV)
-    P = random_orthonormal(KVH, D, DEV)
-    monkeypatch.setattr(bracket_mod, "BRACKET_HIST_DIV", 8)  # (whatever the default or KERNELS_VARIANT says)
-    band_reg = 128
-    log_nb = hist_log_bins(band_reg, "split")
-    R, NB, W = KVH, 1 << log_nb, 3
-    assert log_nb >= 4
-    n0 = B * R * (W * S + 4)
-    ws = torch.full((n0 + B * R * NB + B * R * 64,), 7, dtype=torch.int32, device=DEV)  # (+ flags or counts)
-    loki_select_bracket(q, k_lr, lengths, S // 8, P=P, strict=False, workspace=ws, band_reg=band_reg,
-                        classify=classify, sample=64)  # (the GPU default, 512, leaves these rows unbracketed)
-    ws = ws.cpu()
-    br = ws[:B * R * 4].view(B * R, 4)
-    keys = ws[B * R * 4:n0].view(B * R, W, S)[:, 2]
-    hist = ws[n0:n0 + B * R * NB].view(B * R, NB)
-    checked = 0
-    for row in range(B * R):
-        n = int(lengths[row // R])
-        lo, hi = int(_u32(br[row, 0])), int(_u32(br[row, 1]))
-        if lo == 0 and hi == 0xFFFFFFFF:
-            continue  # no bracket (whole key range): nothing to narrow
-        k = _u32(keys[row, :n])
-        band = k[(k >= lo) & (k <= hi)]
-        assert int(br[row, 3]) == band.numel() and int(br[row, 2]) == int((k > hi).sum())
-        shift = max((hi - lo).bit_length() - log_nb, 0)
-        assert ((hi - lo) >> shift) < NB
-        want = torch.bincount((band - lo) >> shift, minlength=NB)
-        assert torch.equal(hist[row].long(), want), row
-        checked += 1
-    assert checked >= 2
-
-
-@triton.jit
-def _hist_threshold_probe(key_ptr, m, r, hist_ptr, lo_key, hi_key, out_ptr, HB: tl.constexpr, BAND: tl.constexpr,
-                          LOG_NB: tl.constexpr):
-    i = tl.arange(0, BAND)
-    valid = i < m
-    key = tl.load(key_ptr + i, mask=valid, other=0).to(tl.uint32, bitcast=True)
-    prefix = tl.full([], 0x2D, tl.uint32)
-    t, n_gt, used = _hist_threshold(key, valid, r, HB, prefix, lo_key.to(tl.uint32, bitcast=True),
-                                    hi_key.to(tl.uint32, bitcast=True), hist_ptr, LOG_NB, True)
-    tl.store(out_ptr, t.to(tl.int32, bitcast=True))
-    tl.store(out_ptr + 1, n_gt)
-    tl.store(out_ptr + 2, used)
-
-
-@pytest.mark.parametrize("distinct", [False, True])
-def test_hist_threshold(distinct):
-    """`_hist_threshold` on random band keys (distinct, or 20 values: ties): with the true histogram it finds a
-    threshold for the r largest (#(> T) <= r <= #(>= T)) from one bin, without the full search; with a wrong
-    histogram (shifted by one bin, or all zeros) it still returns a valid threshold, through the full search."""
-    gen = torch.Generator().manual_seed(3 + distinct)
-    HB, m, BAND, LOG_NB = 24, 200, 256, 4
-    pool = torch.randperm(1 << HB, generator=gen)[:m if distinct else 20]
-    low = pool if distinct else pool[torch.randint(len(pool), (m,), generator=gen)]
-    keys = (0x2D << HB) | low
-    lo, hi = int(keys.min()), int(keys.max())
-    shift = max((hi - lo).bit_length() - LOG_NB, 0)
-    true_hist = torch.bincount((keys - lo) >> shift, minlength=1 << LOG_NB).to(torch.int32)
-    i32 = lambda v: v - (1 << 32) if v >= 1 << 31 else v  # noqa: E731  (uint32 bits as an int32 argument)
-    buf = (keys - (keys >= 2 ** 31).long() * 2 ** 32).to(torch.int32).to(DEV)
-    out = torch.zeros(3, dtype=torch.int32, device=DEV)
-    for hist, want_used in ((true_hist, 1), (torch.roll(true_hist, 1), 0), (true_hist * 0, 0)):
-        for r in (1, 2, 50, 100, 199, 200):
-            _hist_threshold_probe[(1,)](buf, m, r, hist.to(DEV), i32(lo), i32(hi), out, HB=HB, BAND=BAND,
-                                        LOG_NB=LOG_NB)
-            T, n_gt, used = int(out[0].item()) & 0xFFFFFFFF, int(out[1].item()), int(out[2].item())
-            assert n_gt == int((keys > T).sum()) and n_gt <= r <= int((keys >= T).sum()), (r, T)
-            if want_used:
-                assert used == 1, r
-            elif hist.sum() == 0:
-                assert used == 0

@@ -29,16 +29,6 @@ def test_classify_has_no_layout_conversions(ir_facts):
     assert ir_facts["classify_blocked"]["convert_layout"] > 0
 
 
-def test_classify_column_scan_is_cheaper(ir_facts):
-    """Session 9 (BRACKET_CLASSIFY_COLS = -8, the default): each thread's 8 keys form a column of an (8, 128) tile
-    scanned within the thread first, so the block scan runs once over the threads instead of once per register
-    (the 1-D scan: 48 warp shuffles per block).  The kernel is issue-bound (kernels/NOTES.md "v11"): fewer
-    instructions per key is what makes it faster."""
-    col, scalar = ir_facts["classify_col8"], ir_facts["classify_scalar"]
-    assert col["ptx_instructions"] < 0.8 * scalar["ptx_instructions"]
-    assert col["convert_layout"] <= 2
-
-
 def test_dense_attention_loop_keeps_copies_in_flight(ir_facts):
     """The dense flash-decoding loop is software-pipelined: its first wait leaves copies in flight (num > 0).  The
     sparse loop's gathers are async copies too, but its waits drain everything (num = 0); `python -m kernels.ir
