@@ -29,6 +29,15 @@ def test_classify_has_no_layout_conversions(ir_facts):
     assert ir_facts["classify_blocked"]["convert_layout"] > 0
 
 
+def test_instruction_counts_are_reported(ir_facts):
+    """Every preset reports its PTX instruction count and, where the Triton wheel's cuobjdump runs, its SASS count
+    (what the SM issues; session 9 found PTX a poor proxy for it: kernels/NOTES.md "v11")."""
+    for name, f in ir_facts.items():
+        assert f["ptx_instructions"] > 50, name
+        if "sass_instructions" in f:
+            assert f["sass_instructions"] > 50, name
+
+
 def test_dense_attention_loop_keeps_copies_in_flight(ir_facts):
     """The dense flash-decoding loop is software-pipelined: its first wait leaves copies in flight (num > 0).  The
     sparse loop's gathers are async copies too, but its waits drain everything (num = 0); `python -m kernels.ir
