@@ -100,21 +100,20 @@ def ptx_instructions(ptx: str) -> int:
     proxy only; ptxas can shrink a listing's scan a lot (35% fewer PTX instructions measured 6% fewer executed SASS
     instructions, kernels/NOTES.md "v11")."""
     return sum(1 for ln in ptx.splitlines()
-               if ln.strip() and not re.match(r"\s*(//|\.|\$L|[{})]|@?\s*$)", ln))
+               if ln.strip() and not re.match(r"\s*(//|\.|\$L|[{})])", ln))
 
 
 def sass_instructions(cubin: bytes | None) -> int | None:
     """SASS instructions of a cubin (cuobjdump from Triton's NVIDIA backend), or None where it is not available.
     What the SM issues; ncu's executed-instruction count divided by the blocks' warps is about this times the loop
     trips."""
-    import glob
     import shutil
     import subprocess
     import tempfile
 
     import triton
-    tool = shutil.which("cuobjdump") or next(iter(glob.glob(os.path.join(
-        os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))), None)
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    tool = shutil.which("cuobjdump") or (bundled if os.path.isfile(bundled) else None)
     if not cubin or not tool:
         return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
