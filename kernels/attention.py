@@ -8,9 +8,11 @@ combine kernel reduces them, or, given zeroed per-row counters (``counters=``, t
 of each row to finish does (one launch fewer).  q . k is computed as q'[:d] . k_lr + q'[d:] . k_rest (q' = q @ P,
 exact).
 
-16-bit caches: q' and the probabilities are split into two 16-bit halves (x = hi + lo), so both dots keep
-~fp32 accuracy on tensor cores (config hilo=False: one dot each in the cache dtype, as SDPA); fp32 caches use IEEE
-fp32 dots.  The sparse loop loads each tile's indices one iteration ahead of its gathers (config ahead=True, int32
+16-bit caches: the sparse kernel rounds q' and the probabilities to the cache dtype, one tensor-core dot each with
+fp32 accumulation, as SDPA and FlashAttention do (config hilo=False, the sparse default since session 10); with
+hilo=True (the dense kernel's default) both are split into two 16-bit halves (x = hi + lo), so the dots keep ~fp32
+accuracy at twice the tensor-core work.  fp32 caches use IEEE fp32 dots.  The selection is unaffected: the scoring
+kernels keep their ~fp32 dots.  The sparse loop loads each tile's indices one iteration ahead of its gathers (config ahead=True, int32
 indices; session 8), so an iteration waits for one memory round trip, not two.
 """
 from __future__ import annotations
@@ -38,7 +40,7 @@ def _flash_decode_kernel(q_ptr, sq_b, sq_h,
                          FOLD_VEC: tl.constexpr, HPR_P2: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr,
                          D: tl.constexpr, D_LR: tl.constexpr, BLOCK_DL: tl.constexpr, BLOCK_DR: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K_FP32: tl.constexpr,
-                         HAS_REST: tl.constexpr, AHEAD: tl.constexpr, HILO: tl.constexpr):
+                         HAS_REST: tl.constexpr, AHEAD: tl.constexpr, HILO: tl.constexpr, EVICT: tl.constexpr = False):
     pid = tl.program_id(0)
     sp = tl.program_id(1)
     b = (pid // R).to(tl.int64)
@@ -89,7 +91,7 @@ def _flash_decode_kernel(q_ptr, sq_b, sq_h,
             tok, valid = _sparse_tokens(tok_n)
             tok_n = tl.load(i_base + (t + 1) * BLOCK_N + ar, mask=(t + 1) * BLOCK_N + ar < n_hi, other=-1)
             kl, kr, vv = _gather_rows(tok, valid, kl_base, slr_s, kr_base, srs_s, v_base, sv_s, D, D_LR, BLOCK_DL,
-                                      BLOCK_DR, BLOCK_D, HAS_REST)
+                                      BLOCK_DR, BLOCK_D, HAS_REST, EVICT)
             m_i, l_i, acc = _attend_tile(kl, kr, vv, valid, m_i, l_i, acc, q_lr, q_lr_hi, q_lr_lo, q_rs, q_rs_hi,
                                          q_rs_lo, K_FP32, HAS_REST, v_ptr.dtype.element_ty, HILO)
     else:
@@ -100,7 +102,7 @@ def _flash_decode_kernel(q_ptr, sq_b, sq_h,
             else:
                 tok, valid = _sparse_tokens(tl.load(i_base + offs, mask=offs < n, other=-1))
             kl, kr, vv = _gather_rows(tok, valid, kl_base, slr_s, kr_base, srs_s, v_base, sv_s, D, D_LR, BLOCK_DL,
-                                      BLOCK_DR, BLOCK_D, HAS_REST)
+                                      BLOCK_DR, BLOCK_D, HAS_REST, EVICT)
             m_i, l_i, acc = _attend_tile(kl, kr, vv, valid, m_i, l_i, acc, q_lr, q_lr_hi, q_lr_lo, q_rs, q_rs_hi,
                                          q_rs_lo, K_FP32, HAS_REST, v_ptr.dtype.element_ty, HILO)
 
@@ -128,19 +130,32 @@ def _flash_decode_kernel(q_ptr, sq_b, sq_h,
 
 @triton.jit
 def _gather_rows(tok, valid, kl_base, slr_s, kr_base, srs_s, v_base, sv_s, D: tl.constexpr, D_LR: tl.constexpr,
-                 BLOCK_DL: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_D: tl.constexpr, HAS_REST: tl.constexpr):
-    """The K (k_lr | k_rest) and V rows of tokens `tok` (zeros where not `valid`)."""
+                 BLOCK_DL: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_D: tl.constexpr, HAS_REST: tl.constexpr,
+                 EVICT: tl.constexpr):
+    """The K (k_lr | k_rest) and V rows of tokens `tok` (zeros where not `valid`); EVICT (SPARSE_CONFIG["evict"]):
+    read evict_first (rows read once)."""
     tok = tok.to(tl.int64)
     dl = tl.arange(0, BLOCK_DL)
     dr = tl.arange(0, BLOCK_DR)
     dd = tl.arange(0, BLOCK_D)
-    kl = tl.load(kl_base + tok[:, None] * slr_s + dl[None, :], mask=valid[:, None] & (dl < D_LR)[None, :], other=0.0)
-    if HAS_REST:
-        kr = tl.load(kr_base + tok[:, None] * srs_s + dr[None, :], mask=valid[:, None] & (dr < D - D_LR)[None, :],
+    if EVICT:
+        kl = tl.load(kl_base + tok[:, None] * slr_s + dl[None, :], mask=valid[:, None] & (dl < D_LR)[None, :],
+                     other=0.0, eviction_policy="evict_first")
+        vv = tl.load(v_base + tok[:, None] * sv_s + dd[None, :], mask=valid[:, None] & (dd < D)[None, :], other=0.0,
+                     eviction_policy="evict_first")
+    else:
+        kl = tl.load(kl_base + tok[:, None] * slr_s + dl[None, :], mask=valid[:, None] & (dl < D_LR)[None, :],
                      other=0.0)
+        vv = tl.load(v_base + tok[:, None] * sv_s + dd[None, :], mask=valid[:, None] & (dd < D)[None, :], other=0.0)
+    if HAS_REST:
+        if EVICT:
+            kr = tl.load(kr_base + tok[:, None] * srs_s + dr[None, :], mask=valid[:, None] & (dr < D - D_LR)[None, :],
+                         other=0.0, eviction_policy="evict_first")
+        else:
+            kr = tl.load(kr_base + tok[:, None] * srs_s + dr[None, :], mask=valid[:, None] & (dr < D - D_LR)[None, :],
+                         other=0.0)
     else:
         kr = kl
-    vv = tl.load(v_base + tok[:, None] * sv_s + dd[None, :], mask=valid[:, None] & (dd < D)[None, :], other=0.0)
     return kl, kr, vv
 
 
@@ -240,8 +255,13 @@ def _combine_kernel(mp_ptr, lp_ptr, op_ptr, o_ptr, so_b, so_h, H, NSPLIT,
 # launchers
 # ----------------------------------------------------------------------------------------------------------
 # GPU defaults (H200-tuned in kernels/NOTES.md); (BLOCK_N, num_warps, num_stages, waves)
-# session 8: ahead (indices one tile ahead of their gathers) at 2 stages (was 3 without); hilo: ~fp32 16-bit dots
-SPARSE_CONFIG = dict(block_n=64, num_warps=4, num_stages=2, waves=2, ahead=True, hilo=True)
+# session 8: ahead (indices one tile ahead of their gathers) at 2 stages (was 3 without).  Session 10: hilo=False (q'
+# and p rounded to bf16 / fp16, one tensor-core dot each, as SDPA and FlashAttention; hilo=True splits each fp32
+# operand in two 16-bit halves, ~fp32 dots) at 3 stages and one wave: the ahead loop then keeps two tiles in flight
+# (async_wait num=3; 81 KB of shared memory, 2 programs per SM).  The attention alone: 1-4% faster than hilo=False at
+# 2 stages, 3-35% faster than session 8's default (bench_results/h200_attn_probe_s10b); outputs within 3e-3
+# (relative) of the hilo path.  Optional: evict (gathers read evict_first), maxnreg (a register cap)
+SPARSE_CONFIG = dict(block_n=64, num_warps=4, num_stages=3, waves=1, ahead=True, hilo=False)
 FOLD_VECTOR_MAX = 8192  # folded combine: all of a row's heads in one tile when HPR x splits x D fits, else a loop
 DENSE_CONFIG = dict(block_n=128, num_warps=4, num_stages=3, waves=1, hilo=True)
 
@@ -307,6 +327,8 @@ def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_spli
     # sparse loop: indices one tile ahead of the gathers (session 8).  int32 indices only: session 7's first version
     # of this loop did not compile for int64 indices on triton 3.6 (those take the loop of sessions 1-7)
     ahead = not dense and bool(cfg.get("ahead", False)) and idx.dtype == torch.int32
+    # maxnreg (session 10): a register cap, e.g. 128 for 4 programs per SM instead of 3 (51 KB of shared memory each)
+    extra = dict(maxnreg=int(cfg["maxnreg"])) if cfg.get("maxnreg") and not interp else {}
     _flash_decode_kernel[(B * R, num_splits)](
         q_rot, q_rot.stride(0), q_rot.stride(1),
         k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2),
@@ -322,8 +344,8 @@ def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_spli
         G_PAD=max(16, next_pow2(HPR)), D=D, D_LR=d,
         BLOCK_DL=max(16, next_pow2(d)), BLOCK_DR=max(16, next_pow2(max(D - d, 1))), BLOCK_D=max(16, next_pow2(D)),
         BLOCK_N=BLOCK_N, K_FP32=v.dtype == torch.float32, HAS_REST=has_rest, AHEAD=ahead,
-        HILO=bool(cfg.get("hilo", True)),
-        num_warps=4 if interp else cfg["num_warps"], num_stages=1 if interp else cfg["num_stages"])
+        HILO=bool(cfg.get("hilo", True)), EVICT=bool(cfg.get("evict", False)),
+        num_warps=4 if interp else cfg["num_warps"], num_stages=1 if interp else cfg["num_stages"], **extra)
     if split and not fold:
         _combine_kernel[(B * H,)](mp, lp, op, out, out.stride(0), out.stride(1), H, num_splits,
                                   NS_PAD=max(2, next_pow2(num_splits)), D=D, BLOCK_D=max(16, next_pow2(D)),

@@ -352,12 +352,21 @@ def write_json(path, result):
             json.dump(result, f, indent=1, default=str)
 
 
-PROBE_CONFIGS = [dict(ahead=False, num_stages=3), dict(hilo=False), dict(hilo=False, num_stages=3),
-                 dict(hilo=False, block_n=128), dict(hilo=False, ahead=False, num_stages=3)]
+# session 10: with one 16-bit dot each (hilo=False) the loop with its indices one tile ahead keeps `num_stages - 1`
+# tiles in flight (`kernels.ir`: async_wait num=3 at 3 stages) at 96 registers and 43 KB of shared memory for 32-row
+# tiles: 5 programs per SM.  Register caps (maxnreg) and waves sized so that the grid is one wave at batch 16
+PROBE_CONFIGS = [dict(hilo=False), dict(hilo=False, maxnreg=128, waves=3),
+                 dict(hilo=False, block_n=32, num_stages=3, waves=4),
+                 dict(hilo=False, block_n=32, num_stages=3, waves=4, maxnreg=96),
+                 dict(hilo=False, block_n=32, num_stages=4, waves=2, maxnreg=96),
+                 dict(hilo=False, block_n=32, num_stages=2, waves=4, maxnreg=96),
+                 dict(hilo=False, block_n=64, num_stages=3, waves=1, maxnreg=96),
+                 dict(hilo=False, block_n=64, num_stages=3, waves=1)]
 # (sessions 3-7, the old loop: block_n 32 / 128, num_stages 2 / 4, num_warps 8, waves 1 / 4, block_n 32 with 5
 # stages: all slower than block_n 64 / 3 stages (NOTES v5).  Session 8 (bench_results/h200_attn_probe_s8{a,b}):
 # the indices one tile ahead at 3-4 stages, 8 warps, waves 1 / 3 / 4, block_n 32 / 128, and a loop pipelined by
-# hand in registers: slower than the indices ahead at 2 stages, the default since)
+# hand in registers: slower than the indices ahead at 2 stages, the default since; session 9's list:
+# ahead=False at 3 stages, hilo=False at 2 / 3 stages and block_n 128, hilo=False with ahead=False at 3 stages)
 
 
 def attention_probe(rep, log, copy_bw):
@@ -462,6 +471,21 @@ VARIANTS = {
                        BRACKET_CLASSIFY_BLOCK=cb, BRACKET_CLASSIFY_WARPS=cw, BRACKET_WARPS=fw)
        for n, cb, cw, fw in (("c1024w8", 1024, 8, 8), ("c512w4", 512, 4, 8), ("f16", 1024, 4, 16),
                              ("c1024w8_f16", 1024, 8, 16), ("c512w4_f16", 512, 4, 16))},
+    # session 10: the session-8 defaults ("s10_base"); one 16-bit dot each in the sparse attention ("bf16", as SDPA);
+    # a 128-register cap with 3 waves of programs (4 programs per SM, one wave at batch 16: "r128_w3"); L2 eviction
+    # hints (slab and gathered rows read evict_first, the keys kept for the classify kernel: "hints")
+    **{f"s10_{n}": dict(_S8_BASE, BRACKET_CACHE_HINTS=h,
+                        SPARSE_CONFIG=dict(_SPARSE_S7, ahead=True, num_stages=2, hilo=hilo, evict=h,
+                                           **(dict(maxnreg=128, waves=3) if cap else {})))
+       for n, hilo, cap, h in (("base", True, False, False), ("r128_w3", True, True, False),
+                               ("bf16", False, False, False), ("bf16_r128_w3", False, True, False),
+                               ("hints", True, False, True), ("bf16_r128_w3_hints", False, True, True))},
+    # round 2 (from the attention probe h200_attn_probe_s10b: with hilo=False, 3 stages keep two tiles in flight;
+    # 81 KB of shared memory, 2 programs per SM, one wave at waves=1); the bracket's hints ("bh") and the attention's
+    # evict_first gathers ("ah") apart
+    **{f"s10_bf16_s3w1{n}": dict(_S8_BASE, BRACKET_CACHE_HINTS=bh,
+                                 SPARSE_CONFIG=dict(_SPARSE_S7, ahead=True, num_stages=3, waves=1, hilo=False, evict=ah))
+       for n, bh, ah in (("", False, False), ("_bh", True, False), ("_ah", False, True), ("_hints", True, True))},
 }
 
 
@@ -473,7 +497,7 @@ def _variant_modules() -> dict:
                 BRACKET_SCAN_WARPS=bracket_mod, BRACKET_CLASSIFY_BLOCK=bracket_mod,
                 BRACKET_CLASSIFY_WARPS=bracket_mod, BRACKET_EARLY_EXIT=bracket_mod, BRACKET_BAND_REG=bracket_mod,
                 BRACKET_SCORE_CONFIG=bracket_mod, BRACKET_CLASSIFY_SCALAR=bracket_mod, SPARSE_CONFIG=attn_mod,
-                BRACKET_WARPS=bracket_mod)
+                BRACKET_WARPS=bracket_mod, BRACKET_CACHE_HINTS=bracket_mod)
 
 
 def apply_variant(name: str) -> dict:

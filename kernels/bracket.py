@@ -135,7 +135,7 @@ def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
                            G_PAD: tl.constexpr, D_LR: tl.constexpr,
                            BLOCK_DL: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, K_FP32: tl.constexpr,
                            REDUCE_MAX: tl.constexpr, CLASSIFY: tl.constexpr, OVERLAP: tl.constexpr,
-                           SAMPLE: tl.constexpr, SUB: tl.constexpr, STAGES: tl.constexpr):
+                           SAMPLE: tl.constexpr, SUB: tl.constexpr, STAGES: tl.constexpr, HINTS: tl.constexpr = False):
     """Grid (rows, tiles [+ 1]).  OVERLAP (= 1): the programs of grid column 0, dispatched first, write the rows'
     brackets (`_bracket_row`) while the others score, so the bracket's latency hides under the scoring pass.
     Each scoring program takes TILES tiles of BLOCK_N tokens, unrolled (STAGES = 0), or (STAGES > 0, session 7) TPP
@@ -169,28 +169,38 @@ def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
                 for t in tl.range(0, tl.minimum(TPP, tl.cdiv(n - start0, BLOCK_N)), num_stages=STAGES):
                     _score_key_tile(start0 + t * BLOCK_N + tl.arange(0, BLOCK_N), n, k_base, slr_s, qT, qT_hi, qT_lo,
                                     lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, S_MAX, KMAX, SINK, LOCAL, D_LR,
-                                    BLOCK_DL, HPR, G_PAD, K_FP32, REDUCE_MAX, CLASSIFY)
+                                    BLOCK_DL, HPR, G_PAD, K_FP32, REDUCE_MAX, CLASSIFY, HINTS)
             else:
                 for t in tl.static_range(TILES):
                     _score_key_tile(start0 + t * BLOCK_N + tl.arange(0, BLOCK_N), n, k_base, slr_s, qT, qT_hi, qT_lo,
                                     lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, S_MAX, KMAX, SINK, LOCAL, D_LR,
-                                    BLOCK_DL, HPR, G_PAD, K_FP32, REDUCE_MAX, CLASSIFY)
+                                    BLOCK_DL, HPR, G_PAD, K_FP32, REDUCE_MAX, CLASSIFY, HINTS)
 
 
 @triton.jit
 def _score_key_tile(offs, n, k_base, slr_s, qT, qT_hi, qT_lo, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, S_MAX, KMAX,
                     SINK, LOCAL, D_LR: tl.constexpr, BLOCK_DL: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr,
-                    K_FP32: tl.constexpr, REDUCE_MAX: tl.constexpr, CLASSIFY: tl.constexpr):
-    """Score the tokens `offs` and write their keys (or, CLASSIFY, classify them against the bracket)."""
+                    K_FP32: tl.constexpr, REDUCE_MAX: tl.constexpr, CLASSIFY: tl.constexpr, HINTS: tl.constexpr):
+    """Score the tokens `offs` and write their keys (or, CLASSIFY, classify them against the bracket).  HINTS
+    (`BRACKET_CACHE_HINTS`): the slab is read evict_first and the keys written evict_last, so that the keys (4 bytes
+    per token) are still in L2 when the classify kernel reads them."""
     valid = offs < n
-    sc = _score_tile(k_base, slr_s, offs, valid, qT, qT_hi, qT_lo, D_LR, BLOCK_DL, HPR, G_PAD, K_FP32, REDUCE_MAX)
+    if HINTS:
+        sc = _score_tile(k_base, slr_s, offs, valid, qT, qT_hi, qT_lo, D_LR, BLOCK_DL, HPR, G_PAD, K_FP32, REDUCE_MAX,
+                         True)
+    else:
+        sc = _score_tile(k_base, slr_s, offs, valid, qT, qT_hi, qT_lo, D_LR, BLOCK_DL, HPR, G_PAD, K_FP32, REDUCE_MAX)
     key = _key_of(_forced(sc, offs, n, SINK, LOCAL))
     if CLASSIFY:
         _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, KMAX)
     else:
         # masked by S_MAX, not n: a mask uniform over vectors (S_MAX % 16 == 0) lets the store be vectorized; the
         # keys past n are never read (every reader masks by n)
-        tl.store(bkey + 2 * S_MAX + offs, key.to(tl.int32, bitcast=True), mask=offs < S_MAX)
+        if HINTS:
+            tl.store(bkey + 2 * S_MAX + offs, key.to(tl.int32, bitcast=True), mask=offs < S_MAX,
+                     eviction_policy="evict_last")
+        else:
+            tl.store(bkey + 2 * S_MAX + offs, key.to(tl.int32, bitcast=True), mask=offs < S_MAX)
 
 
 @triton.jit
@@ -214,7 +224,7 @@ def _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, KMAX
 
 @triton.jit
 def _bracket_classify_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, R, S_MAX, KMAX, WS_ROW,
-                             BLOCK_C: tl.constexpr, SCALAR: tl.constexpr):
+                             BLOCK_C: tl.constexpr, SCALAR: tl.constexpr, HINTS: tl.constexpr = False):
     """classify="split": the keys the scoring kernel wrote, classified by many programs per row."""
     pid = tl.program_id(0)
     tb = tl.program_id(1)
@@ -235,14 +245,19 @@ def _bracket_classify_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, R, S_
             # which otherwise each convert their pointers, values and masks through shared memory
             offs = tl.max_contiguous(offs, [1])
         valid = offs < n
-        key = tl.load(bkey + 2 * S_MAX + offs, mask=offs < S_MAX, other=0).to(tl.uint32, bitcast=True)
+        if HINTS:  # the keys' last reader
+            key = tl.load(bkey + 2 * S_MAX + offs, mask=offs < S_MAX, other=0,
+                          eviction_policy="evict_first").to(tl.uint32, bitcast=True)
+        else:
+            key = tl.load(bkey + 2 * S_MAX + offs, mask=offs < S_MAX, other=0).to(tl.uint32, bitcast=True)
         _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, out_ptr + b * so_b + r * so_r, bkey, bidx, KMAX)
 
 
 @triton.jit
 def _kth_key(key, valid, r, hb, prefix, EARLY: tl.constexpr):
     """A threshold T for the r largest of the valid keys (a register block; all share their top 32 - hb bits,
-    `prefix`), found bit by bit: up to hb counting passes over registers, no memory traffic.
+    `prefix`; invalid slots must hold key 0), found bit by bit: up to hb counting passes over registers, no memory
+    traffic.
 
     The r largest are the keys > T plus the first r - #(> T) keys == T.  T is the r-th largest key itself, except
     with EARLY (session 7): the search stops at the first candidate c with exactly r keys >= c (then T = c - 1,
@@ -254,7 +269,9 @@ def _kth_key(key, valid, r, hb, prefix, EARLY: tl.constexpr):
     cnt = tl.full([], -1, tl.int32)
     while bit >= 0:
         cand = t | (tl.full([], 1, tl.uint32) << bit.to(tl.uint32))
-        cnt = tl.sum((valid & (key >= cand)).to(tl.int32), axis=0)
+        # (no `valid &`: invalid slots hold key 0, and every candidate is >= 1; session 10: one AND less per key
+        # and pass in this register-bound loop)
+        cnt = tl.sum((key >= cand).to(tl.int32), axis=0)
         t = tl.where(cnt >= r, cand, t)
         if EARLY:
             bit = tl.where(cnt == r, -1, bit - 1)
@@ -453,11 +470,25 @@ BRACKET_OVERLAP = True  # session 5: brackets written by extra programs of the s
 BRACKET_BAND_REG = 16384  # largest band selected in registers (bit-by-bit counting); larger: radix select.  Session 7:
 #                           16384 (was 8192): at 64K with k = 1/4 ~20% of the rows' bands overflowed 8192 keys
 BRACKET_BAND_SD = 3.0  # band registers >= the expected band + this many standard deviations (`band_registers`)
+# session 10: L2 eviction hints (the slab read evict_first, the keys written evict_last for the classify kernel, which
+# reads them evict_first).  "auto": on where the keys of all rows take at most BRACKET_HINTS_MAX_BYTES (about a third of
+# the H200's 50 MB L2): measured 1.5-2.5 us faster per step at 16K, 6 us slower at 64K / (D/4, 1/4), neutral elsewhere
+# (bench_results/h200_variants_s10{a,c}).  True / False: always / never
+BRACKET_CACHE_HINTS = "auto"
+BRACKET_HINTS_MAX_BYTES = 16 << 20
 BRACKET_EARLY_EXIT = True  # session 7: the bit-by-bit search stops once exactly r keys are >= the candidate
 # scoring tiles (by d: the entry of the largest key <= d); session 7: a software-pipelined tile loop (`stages`) over
 # enough tiles per program (at least `tiles`) for about `programs` programs in all (8-19 us faster at 64K, d = 16)
 BRACKET_SCORE_CONFIG = {0: dict(block_n=256, tiles=2, num_warps=4, stages=3, programs=4096),
                         32: dict(block_n=128, tiles=4, num_warps=4, stages=3, programs=4096)}
+
+
+def cache_hints(rows: int, S: int) -> bool:
+    """Whether the scoring and classify kernels use L2 eviction hints (BRACKET_CACHE_HINTS) for `rows` score rows
+    of S_max = S keys."""
+    if BRACKET_CACHE_HINTS == "auto":
+        return rows * S * 4 <= BRACKET_HINTS_MAX_BYTES
+    return bool(BRACKET_CACHE_HINTS)
 
 
 def default_sample(S: int) -> int:
@@ -600,6 +631,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     tpp = TILES  # tiles per scoring program; pipelined with cfg["programs"]: about that many programs in all
     if pipe and cfg.get("programs"):  # (never fewer than `tiles` per program: short rows keep their tiles)
         tpp = max(TILES, triton.cdiv(n_tiles, triton.cdiv(int(cfg["programs"]), B * R)))
+    hints = cache_hints(B * R, S)
     _bracket_scores_kernel[(B * R, triton.cdiv(n_tiles, tpp) + int(overlap))](
         qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br, ac,
         idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, scale, R, G, S, KMAX, nsig,
@@ -607,7 +639,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         **common,
         CLASSIFY=not split,
         OVERLAP=int(overlap), SAMPLE=sample, SUB=sub if interp else min(sample, cfg.get("bracket_sub", BLOCK_N)),
-        STAGES=pipe, num_warps=nw)
+        STAGES=pipe, HINTS=hints and split, num_warps=nw)
     if stages < 3:
         return idx, (q_rot_out if rotate else None)
     block_s = 64 if interp else BRACKET_BLOCK_S
@@ -615,7 +647,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         block_c = 64 if interp else cfg.get("classify_block", BRACKET_CLASSIFY_BLOCK)
         _bracket_classify_kernel[(B * R, triton.cdiv(S, block_c))](
             ws, br, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, W * S, BLOCK_C=block_c,
-            SCALAR=BRACKET_CLASSIFY_SCALAR,
+            SCALAR=BRACKET_CLASSIFY_SCALAR, HINTS=hints,
             num_warps=4 if interp else cfg.get("classify_warps", BRACKET_CLASSIFY_WARPS))
     if stages < 4:
         return idx, (q_rot_out if rotate else None)

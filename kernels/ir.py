@@ -55,8 +55,15 @@ PRESETS["attention_dense"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DE
 # (indices one iteration ahead, 2 stages: the default, SPARSE_CONFIG)
 PRESETS["attention_sparse_s7"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DENSE=False))
 PRESETS["attention_sparse"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DENSE=False, AHEAD=True), num_stages=2)
-GROUPS = {"classify": ("classify_scalar", "classify_blocked"),
-          "attention": ("attention_dense", "attention_sparse", "attention_sparse_s7")}
+# session 10: one 16-bit dot each (SPARSE_CONFIG hilo=False), and that under a 128-register cap (4 programs per SM)
+PRESETS["attention_sparse_bf16"] = dict(PRESETS["attention_sparse"],
+                                        constexprs=dict(PRESETS["attention_sparse"]["constexprs"], HILO=False))
+PRESETS["attention_sparse_bf16_r128"] = dict(PRESETS["attention_sparse_bf16"], options=dict(maxnreg=128))
+PRESETS["classify_hints"] = dict(PRESETS["classify_scalar"],
+                                 constexprs=dict(PRESETS["classify_scalar"]["constexprs"], HINTS=True))
+GROUPS = {"classify": ("classify_scalar", "classify_blocked", "classify_hints"),
+          "attention": ("attention_dense", "attention_sparse", "attention_sparse_s7", "attention_sparse_bf16",
+                        "attention_sparse_bf16_r128")}
 
 
 def compile_preset(name: str):
@@ -72,8 +79,11 @@ def compile_preset(name: str):
     p = PRESETS[name]
     kern = getattr(importlib.import_module(p["kernel"][0]), p["kernel"][1])
     sig, attrs = {}, {}
-    for i, arg in enumerate(inspect.signature(kern.fn).parameters):
-        if arg in p["constexprs"]:
+    constexprs = dict(p["constexprs"])
+    for i, (arg, par) in enumerate(inspect.signature(kern.fn).parameters.items()):
+        if arg not in constexprs and par.default is not inspect.Parameter.empty:
+            constexprs[arg] = par.default  # a constexpr with a default (e.g. a session's optional flag)
+        if arg in constexprs:
             sig[arg] = "constexpr"
             continue
         if arg.endswith("_ptr"):
@@ -82,9 +92,9 @@ def compile_preset(name: str):
             sig[arg] = "fp32" if arg in p.get("fp32", ()) else "i32"
         if not sig[arg].startswith("fp") and arg not in p.get("odd", ()):
             attrs[(i,)] = [["tt.divisibility", 16]]  # what Triton's launcher assumes of 16-aligned pointers / ints
-    src = ASTSource(fn=kern, signature=sig, constexprs=p["constexprs"], attrs=attrs)
+    src = ASTSource(fn=kern, signature=sig, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", ARCH, 32),
-                          options=dict(num_warps=p["num_warps"], num_stages=p["num_stages"]))
+                          options=dict(num_warps=p["num_warps"], num_stages=p["num_stages"], **p.get("options", {})))
 
 
 def facts(ttgir: str) -> dict:
@@ -125,6 +135,26 @@ def sass_instructions(cubin: bytes | None) -> int | None:
     return len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", res.stdout, flags=re.M))
 
 
+def resource_usage(cubin: bytes | None) -> dict:
+    """Registers per thread and local memory (spill) bytes of a cubin's kernel (`cuobjdump -res-usage`); {} where
+    the tool is not available."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    import triton
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    tool = shutil.which("cuobjdump") or (bundled if os.path.isfile(bundled) else None)
+    if not cubin or not tool:
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True)
+    m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", res.stdout)
+    return {"registers": int(m.group(1)), "local_bytes": int(m.group(2))} if res.returncode == 0 and m else {}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=sorted(GROUPS) + sorted(PRESETS) + ["all"])
@@ -141,6 +171,7 @@ def main(argv=None):
         n_sass = sass_instructions(ck.asm.get("cubin"))
         if n_sass is not None:
             out[name]["sass_instructions"] = n_sass
+        out[name].update(resource_usage(ck.asm.get("cubin")))
         if a.dump:
             os.makedirs(a.dump, exist_ok=True)
             for ext in ("ttgir", "ptx"):

@@ -86,11 +86,17 @@ def _load_q_lr_T(q_ptr, sq_b, sq_h, b, h0, HPR: tl.constexpr, G_PAD: tl.constexp
 
 @triton.jit
 def _score_tile(k_base, s_tok, offs, valid, qT, qT_hi, qT_lo, D_LR: tl.constexpr, BLOCK_DL: tl.constexpr,
-                HPR: tl.constexpr, G_PAD: tl.constexpr, K_FP32: tl.constexpr, REDUCE_MAX: tl.constexpr):
-    """Scores of BLOCK_N tokens (rows `offs`) against the HPR (scaled) query heads; reduced over heads -> (BLOCK_N,)."""
+                HPR: tl.constexpr, G_PAD: tl.constexpr, K_FP32: tl.constexpr, REDUCE_MAX: tl.constexpr,
+                EVICT_FIRST: tl.constexpr = False):
+    """Scores of BLOCK_N tokens (rows `offs`) against the HPR (scaled) query heads; reduced over heads -> (BLOCK_N,).
+    EVICT_FIRST: the slab tile is read evict_first (read once: keep it from displacing what is read again soon)."""
     dl = tl.arange(0, BLOCK_DL)
-    kt = tl.load(k_base + offs.to(tl.int64)[:, None] * s_tok + dl[None, :],
-                 mask=valid[:, None] & (dl < D_LR)[None, :], other=0.0)
+    if EVICT_FIRST:
+        kt = tl.load(k_base + offs.to(tl.int64)[:, None] * s_tok + dl[None, :],
+                     mask=valid[:, None] & (dl < D_LR)[None, :], other=0.0, eviction_policy="evict_first")
+    else:
+        kt = tl.load(k_base + offs.to(tl.int64)[:, None] * s_tok + dl[None, :],
+                     mask=valid[:, None] & (dl < D_LR)[None, :], other=0.0)
     if K_FP32:
         s = tl.dot(kt.to(tl.float32), qT, input_precision="ieee")
     else:

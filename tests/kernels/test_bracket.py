@@ -261,3 +261,24 @@ def test_kth_key_threshold(early, distinct):
             assert T == kth
     if early and distinct:
         assert hit > 0  # the early exit was taken
+
+
+@pytest.mark.parametrize("hints", [False, True])
+def test_bracket_cache_hints(hints, monkeypatch):
+    """The scoring and classify kernels with and without their L2 eviction hints (session 10): the same exact
+    selection (the hints change where bytes are cached, never what is computed)."""
+    import kernels.bracket as bracket
+    monkeypatch.setattr(bracket, "BRACKET_CACHE_HINTS", hints)
+    test_bracket_select(torch.float32, 64, 8, 3, "group", "max", *LONG)
+
+
+def test_cache_hints_rule(monkeypatch):
+    """"auto": hints where every row's keys together fit in BRACKET_HINTS_MAX_BYTES (16 MiB: batch 16 x 8 KV heads at
+    16K, not at 64K, where they measured slower on the H200); True / False force them."""
+    import kernels.bracket as bracket
+    monkeypatch.setattr(bracket, "BRACKET_CACHE_HINTS", "auto")
+    assert bracket.cache_hints(128, 16384) and bracket.cache_hints(8, 131072)
+    assert not bracket.cache_hints(128, 65536)
+    for forced in (True, False):
+        monkeypatch.setattr(bracket, "BRACKET_CACHE_HINTS", forced)
+        assert bracket.cache_hints(128, 65536) is forced and bracket.cache_hints(1, 16) is forced

@@ -36,6 +36,35 @@ def test_loki_decode_gpu(path, d, frac, mode):
     assert rel_err(out, ref_out) <= 1e-2
 
 
+@pytest.mark.parametrize("config", [None, dict(hilo=True), dict(hilo=True, num_stages=2, waves=2),
+                                    dict(evict=True, maxnreg=128, num_stages=2, waves=3)],
+                         ids=["default", "hilo", "session8", "evict_maxnreg128"])
+@pytest.mark.parametrize("cache_hints", [True, False])
+def test_loki_decode_gpu_options(config, cache_hints, monkeypatch):
+    """Session 10's options at a production shape: the sparse attention's dots (hilo), stages and waves, L2 hints on
+    its gathers (evict) and a register cap (maxnreg), and the bracket path's L2 hints on and off: exact selection,
+    output within bf16 tolerance of the float64 reference."""
+    import kernels.attention as attention
+    import kernels.bracket as bracket
+    monkeypatch.setattr(attention, "SPARSE_CONFIG", dict(attention.SPARSE_CONFIG, **(config or {})))
+    monkeypatch.setattr(bracket, "BRACKET_CACHE_HINTS", cache_hints)
+    torch.manual_seed(11)
+    B, KVH, g, S, D, d = 2, 8, 4, 16384, 128, 32
+    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.bfloat16, "cuda", lengths=[16384, 7001])
+    q = torch.randn(B, KVH * g, D, device="cuda", dtype=torch.bfloat16)
+    P = random_orthonormal(KVH, D, "cuda")
+    k = S // 8
+    out, idx = loki_decode(q, P, k_lr, k_rest, v, lengths, k, strict=False, return_indices=True)
+    torch.cuda.synchronize()
+    ref_out, _, ref_scores = loki_decode_ref(q.cpu(), P.cpu(), k_lr.cpu(), k_rest.cpu(), v.cpu(), lengths.cpu(), k)
+    fin = torch.isfinite(ref_scores)
+    check_selection(idx, ref_scores, lengths.cpu(), budgets_ref(k, lengths.cpu()),
+                    2e-5 * ref_scores[fin].abs().max().item())
+    ref_own = sparse_attention_ref(rotate_q_ref(q.cpu(), P.cpu()), k_lr.cpu(), k_rest.cpu(), v.cpu(), idx.cpu())
+    assert rel_err(out, ref_own) <= 1e-2
+    assert rel_err(out, ref_out) <= 1e-2
+
+
 def test_topk_gpu_long_rows():
     torch.manual_seed(0)
     B, G, S = 3, 8, 70000
@@ -65,7 +94,7 @@ def test_loki_decode_gpu_graph(ahead, monkeypatch):
     and of sessions 1-7, eagerly and replayed from a CUDA graph, against the float64 reference."""
     import kernels.attention as attention
     monkeypatch.setattr(attention, "SPARSE_CONFIG", dict(attention.SPARSE_CONFIG, ahead=ahead,
-                                                         num_stages=2 if ahead else 3))
+                                                         **({} if ahead else dict(num_stages=3))))
     torch.manual_seed(7)
     B, KVH, g, S, D, d = 3, 8, 4, 20000, 128, 32
     k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.bfloat16, "cuda", lengths=[20000, 9999, 3])
