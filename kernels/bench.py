@@ -415,6 +415,10 @@ def _pipe(stages, programs, tiles=(1, 1)):
 _S7 = dict(_V7, BRACKET_BAND_REG=16384, BRACKET_SCORE_CONFIG=_pipe(3, 4096))  # session 7 candidates
 _S7_DEFAULT = dict(_V7, BRACKET_BAND_REG=16384, BRACKET_SCORE_CONFIG=_pipe(3, 4096, (2, 4)))  # session 7 (round 1)
 _S8_BASE = dict(_S7_DEFAULT, BRACKET_CLASSIFY_SCALAR=True, SPARSE_CONFIG=_SPARSE_S7, BRACKET_WARPS=8)  # session 7's final defaults
+_SC_D16 = dict(block_n=256, tiles=2, num_warps=4, stages=3, programs=4096)  # BRACKET_SCORE_CONFIG since session 7
+_SC_D32 = dict(block_n=128, tiles=4, num_warps=4, stages=3, programs=4096)
+_S10 = dict(_S8_BASE, BRACKET_CACHE_HINTS="auto", BRACKET_SCORE_CONFIG={0: _SC_D16, 32: _SC_D32},
+            SPARSE_CONFIG=dict(_SPARSE_S7, ahead=True, num_stages=3, waves=1, hilo=False))  # session 10's defaults
 VARIANTS = {
     "v6": dict(BRACKET_OVERLAP=False, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
     "overlap": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
@@ -486,6 +490,17 @@ VARIANTS = {
     **{f"s10_bf16_s3w1{n}": dict(_S8_BASE, BRACKET_CACHE_HINTS=bh,
                                  SPARSE_CONFIG=dict(_SPARSE_S7, ahead=True, num_stages=3, waves=1, hilo=False, evict=ah))
        for n, bh, ah in (("", False, False), ("_bh", True, False), ("_ah", False, True), ("_hints", True, True))},
+    # round 3: the defaults after round 2 ("s10": L2 hints "auto", hilo=False at 3 stages / one wave); round 4: the
+    # scoring kernel's tiles at those defaults (bracket_sub: the bracket programs' sub-tile, kept at 128 / 256 tokens)
+    "s10": _S10,
+    **{f"s10_sc{n}": dict(_S10, BRACKET_SCORE_CONFIG={0: dict(_SC_D16, **c16), 32: dict(_SC_D32, **c32)})
+       for n, c16, c32 in (("256", {}, dict(block_n=256, tiles=2, bracket_sub=128)),
+                           ("256_w8", {}, dict(block_n=256, tiles=2, num_warps=8, bracket_sub=128)),
+                           ("128_s4", {}, dict(stages=4)),
+                           ("128_p8192", {}, dict(programs=8192)),
+                           ("_d16_512", dict(block_n=512, tiles=1, bracket_sub=256), {}))},
+    # round 5: the band select's band in one power-of-2 register block or in three quarter blocks (BRACKET_BAND3)
+    **{f"s10_band{n}": dict(_S10, BRACKET_BAND3=n == 3) for n in (1, 3)},
 }
 
 
@@ -497,7 +512,7 @@ def _variant_modules() -> dict:
                 BRACKET_SCAN_WARPS=bracket_mod, BRACKET_CLASSIFY_BLOCK=bracket_mod,
                 BRACKET_CLASSIFY_WARPS=bracket_mod, BRACKET_EARLY_EXIT=bracket_mod, BRACKET_BAND_REG=bracket_mod,
                 BRACKET_SCORE_CONFIG=bracket_mod, BRACKET_CLASSIFY_SCALAR=bracket_mod, SPARSE_CONFIG=attn_mod,
-                BRACKET_WARPS=bracket_mod, BRACKET_CACHE_HINTS=bracket_mod)
+                BRACKET_WARPS=bracket_mod, BRACKET_CACHE_HINTS=bracket_mod, BRACKET_BAND3=bracket_mod)
 
 
 def apply_variant(name: str) -> dict:

@@ -282,6 +282,62 @@ def _kth_key(key, valid, r, hb, prefix, EARLY: tl.constexpr):
 
 
 @triton.jit
+def _kth_key3(k0, k1, k2, r, hb, prefix, EARLY: tl.constexpr):
+    """`_kth_key` over a band held in three register blocks (invalid slots hold key 0): one reduction per pass over
+    the three blocks' summed compares, so a 3 x 4096-key band costs three quarters of a 16384-key block's passes."""
+    hbu = tl.minimum(hb, 31).to(tl.uint32)
+    t = tl.where(hb >= 32, tl.zeros([], dtype=tl.uint32), prefix << hbu)
+    bit = hb - 1
+    cnt = tl.full([], -1, tl.int32)
+    while bit >= 0:
+        cand = t | (tl.full([], 1, tl.uint32) << bit.to(tl.uint32))
+        cnt = tl.sum((k0 >= cand).to(tl.int32) + (k1 >= cand).to(tl.int32) + (k2 >= cand).to(tl.int32), axis=0)
+        t = tl.where(cnt >= r, cand, t)
+        if EARLY:
+            bit = tl.where(cnt == r, -1, bit - 1)
+        else:
+            bit -= 1
+    return tl.where(cnt == r, t - 1, t)
+
+
+@triton.jit
+def _place_block(key, i, valid, t, need, base, bidx_ptr, out_ptr):
+    """Write the positions of one register block's keys > t and of its first ties (after `base`: the packed counts of
+    the blocks before it, low half: keys > t, high half: ties) to out_ptr; returns base plus this block's counts."""
+    gt = valid & (key > t)
+    eq = valid & (key == t)
+    packed = gt.to(tl.int32) + (eq.to(tl.int32) << 16)
+    c_ex = tl.cumsum(packed, axis=0) - packed + base
+    eq_ex = c_ex >> 16
+    take = gt | (eq & (eq_ex < need))
+    pos = (c_ex & 0xFFFF) + tl.minimum(eq_ex, need)
+    val = tl.load(bidx_ptr + i, mask=take, other=0)
+    tl.store(out_ptr + pos, val.to(out_ptr.dtype.element_ty), mask=take)
+    return base + tl.sum(packed, axis=0)
+
+
+@triton.jit
+def _select_in_registers3(bkey_ptr, bidx_ptr, m, r, out_ptr, hb, prefix, BLK: tl.constexpr, EARLY: tl.constexpr):
+    """`_select_in_registers` for bands of up to 3 * BLK keys (session 10): three BLK-key register blocks instead of
+    one 4 * BLK block, for bands just above a power of 2 (64K rows at k = 1/4: ~7.6K keys, up to ~9.5K over 128 rows,
+    where the next power of 2 is 16384).  The band select's time grows with its block (~1.3 us per 1024 keys)."""
+    i0 = tl.arange(0, BLK)
+    i1 = i0 + BLK
+    i2 = i0 + 2 * BLK
+    k0 = tl.load(bkey_ptr + i0, mask=i0 < m, other=0).to(tl.uint32, bitcast=True)
+    k1 = tl.load(bkey_ptr + i1, mask=i1 < m, other=0).to(tl.uint32, bitcast=True)
+    k2 = tl.load(bkey_ptr + i2, mask=i2 < m, other=0).to(tl.uint32, bitcast=True)
+    t = _kth_key3(k0, k1, k2, r, hb, prefix, EARLY)
+    n_gt = tl.sum(((i0 < m) & (k0 > t)).to(tl.int32) + ((i1 < m) & (k1 > t)).to(tl.int32)
+                  + ((i2 < m) & (k2 > t)).to(tl.int32), axis=0)
+    need = r - n_gt
+    base = tl.zeros([], dtype=tl.int32)
+    base = _place_block(k0, i0, i0 < m, t, need, base, bidx_ptr, out_ptr)
+    base = _place_block(k1, i1, i1 < m, t, need, base, bidx_ptr, out_ptr)
+    _place_block(k2, i2, i2 < m, t, need, base, bidx_ptr, out_ptr)
+
+
+@triton.jit
 def _select_in_registers(bkey_ptr, bidx_ptr, m, r, out_ptr, hb, prefix, BAND: tl.constexpr, EARLY: tl.constexpr):
     """out[0:r] = bidx of the r largest of bkey[0:m] (1 <= r <= m <= BAND), every key in registers.
 
@@ -310,7 +366,9 @@ def _bracket_finish_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
                            KB_MODE: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr, D_LR: tl.constexpr,
                            BLOCK_DL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
                            K_FP32: tl.constexpr, REDUCE_MAX: tl.constexpr, KEYS_WRITTEN: tl.constexpr,
-                           BAND_REG: tl.constexpr, EARLY: tl.constexpr):
+                           BAND_REG: tl.constexpr, EARLY: tl.constexpr, BAND3: tl.constexpr = False):
+    """One program per score row: the band select (or, the bracket missed, the whole row's radix select).  BAND3:
+    the band in three BAND_REG / 4-key register blocks (`_select_in_registers3`) instead of one BAND_REG block."""
     pid = tl.program_id(0)
     b, r, h0, kvh = _row_of(pid, R, HPR, G)
     n, kb = _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_BITS, FORCED, S_MAX, KMAX, KB_MODE)
@@ -326,7 +384,13 @@ def _bracket_finish_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
         rr = kb - c_gt
         if rr > 0:
             hb, prefix = _band_prefix(lo_key, hi_key)
-            if c_band <= BAND_REG:
+            if BAND3:
+                if c_band <= 3 * (BAND_REG // 4):
+                    _select_in_registers3(bkey, bidx, c_band, rr, o_row + c_gt, hb, prefix, BAND_REG // 4, EARLY)
+                else:
+                    _radix_select(bkey, bidx, c_band, rr, o_row + c_gt, hb, prefix, HAS_IDX=True, SRC_KEYS=True,
+                                  BLOCK_S=BLOCK_S)
+            elif c_band <= BAND_REG:
                 _select_in_registers(bkey, bidx, c_band, rr, o_row + c_gt, hb, prefix, BAND_REG, EARLY)
             else:
                 _radix_select(bkey, bidx, c_band, rr, o_row + c_gt, hb, prefix, HAS_IDX=True, SRC_KEYS=True,
@@ -469,6 +533,7 @@ BRACKET_CLASSIFY_SCALAR = True  # session 7: one key per thread and load (no lay
 BRACKET_OVERLAP = True  # session 5: brackets written by extra programs of the scoring kernel (split only)
 BRACKET_BAND_REG = 16384  # largest band selected in registers (bit-by-bit counting); larger: radix select.  Session 7:
 #                           16384 (was 8192): at 64K with k = 1/4 ~20% of the rows' bands overflowed 8192 keys
+BRACKET_BAND3 = True  # session 10: bands of up to 3/4 of their power-of-2 block in three quarter blocks (`band_blocks`)
 BRACKET_BAND_SD = 3.0  # band registers >= the expected band + this many standard deviations (`band_registers`)
 # session 10: L2 eviction hints (the slab read evict_first, the keys written evict_last for the classify kernel, which
 # reads them evict_first).  "auto": on where the keys of all rows take at most BRACKET_HINTS_MAX_BYTES (about a third of
@@ -516,6 +581,16 @@ def band_registers(S: int, sample: int, nsig: float, f: float = 0.5) -> int:
     return min(BRACKET_BAND_REG, max(1024, next_pow2(want)))
 
 
+def band_blocks(S: int, sample: int, nsig: float, f: float, band_reg: int) -> int:
+    """1, or (BRACKET_BAND3, session 10) 3: the band select holds its band in three band_reg / 4-key blocks, where
+    the band `band_registers` sized (expected + BRACKET_BAND_SD deviations) fits 3 / 4 of its block."""
+    if not BRACKET_BAND3 or band_reg < 64:
+        return 1
+    frac = band_fraction(sample, nsig, f)
+    want = math.ceil(S * frac * (1.0 + BRACKET_BAND_SD / math.sqrt(max(frac * sample, 1.0))))
+    return 3 if want <= 3 * (band_reg // 4) else 1
+
+
 def _score_config(d: int, config: dict | None) -> dict:
     base = BRACKET_SCORE_CONFIG[max(k for k in BRACKET_SCORE_CONFIG if k <= d)]
     return dict(base, **(config or {}))
@@ -527,7 +602,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
                         q_rot_out: torch.Tensor | None = None, config: dict | None = None,
                         sample: int | None = None, nsig: float | None = None,
                         workspace: torch.Tensor | None = None, stages: int = 4, classify: str | None = None,
-                        band_reg: int | None = None, overlap: bool | None = None,
+                        band_reg: int | None = None, band_parts: int | None = None, overlap: bool | None = None,
                         attn_counters: torch.Tensor | None = None):
     """(Rotate q) + scores + exact top-k, each step spread over many programs per row (see module doc).
 
@@ -545,7 +620,8 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     "fused" (the scoring kernel classifies on the spot) or "scan" (the scoring kernel writes every key, one program
     per row finds the k-th key and writes the selection in position order: deterministic, `_bracket_scan_kernel`);
     default BRACKET_CLASSIFY.  band_reg: the largest band selected in registers (power of 2; larger bands take the
-    radix select); default BRACKET_BAND_REG.
+    radix select); default `band_registers`.  band_parts: 1, or 3 (bands of up to 3/4 band_reg in three band_reg / 4
+    blocks, `_select_in_registers3`); default `band_blocks`.
     overlap (classify="split" or "scan"; default BRACKET_OVERLAP): q is rotated by its own small kernel and the brackets
     are written by extra programs of the scoring kernel (dispatched first, running alongside the scoring programs)
     instead of by a kernel of their own before it.
@@ -575,12 +651,16 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     nsig = float(BRACKET_NSIG if nsig is None else nsig)
     classify = BRACKET_CLASSIFY if classify is None else classify
     check(classify in CLASSIFY_MODES, f"classify must be one of {', '.join(CLASSIFY_MODES)}; got {classify!r}")
-    if band_reg is None:  # registers sized for the band the bracket should leave at this budget (worst: f = 1/2)
-        f = frac if frac is not None else (K_INT / S if kb is None else 0.5)
+    f = frac if frac is not None else (K_INT / S if kb is None else 0.5)  # the budget's fraction (worst: 1/2)
+    if band_reg is None:  # registers sized for the band the bracket should leave at this budget
         band_reg = 128 if interp else band_registers(S, sample, nsig, f)
     band_reg = int(band_reg)
     check(band_reg >= 16 and band_reg & (band_reg - 1) == 0 and band_reg < 65536,
           f"band_reg must be a power of 2 in [16, 32768], got {band_reg}")
+    if band_parts is None:
+        band_parts = 1 if interp else band_blocks(S, sample, nsig, f, band_reg)
+    check(band_parts in (1, 3) and (band_parts == 1 or band_reg >= 64),
+          f"band_parts must be 1, or 3 with band_reg >= 64; got band_parts={band_parts}, band_reg={band_reg}")
     split = classify != "fused"  # split and scan: the scoring kernel writes every key
     overlap = split and (BRACKET_OVERLAP if overlap is None else bool(overlap))
     W = 3 if split else 2
@@ -663,7 +743,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, scale, R, G, S, KMAX, sink_tokens,
         local_window,
         W * S, KB_MODE=kb_mode, BLOCK_N=32 if interp else 256, BLOCK_S=block_s,
-        **common, KEYS_WRITTEN=split, BAND_REG=band_reg, EARLY=BRACKET_EARLY_EXIT,
+        **common, KEYS_WRITTEN=split, BAND_REG=band_reg, EARLY=BRACKET_EARLY_EXIT, BAND3=band_parts == 3,
         num_warps=4 if interp else cfg.get("finish_warps", BRACKET_WARPS))
     return idx, (q_rot_out if rotate else None)
 

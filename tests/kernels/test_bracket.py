@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 
 from kernels import LokiInputError, forced_count, fraction_budget, loki_decode, loki_select_bracket
-from kernels.bracket import _kth_key
+from kernels.bracket import _kth_key, _select_in_registers, _select_in_registers3
 from kernels.scores import loki_scores_ref, rotate_q_ref
 from kernels.testing import check_selection, random_cache, random_orthonormal
 from kernels.topk import budgets_ref
@@ -57,6 +57,7 @@ def test_bracket_select(dtype, D, d, g, mode, reduce, S, lens, variant=None):
 # several tiles per program (the default since session 7 has one per program here; this: 2 programs per row, 5 tiles
 # each) or unrolled (stages=0, the default until session 6)
 VARIANTS = {"no_overlap": dict(overlap=False), "fused": dict(classify="fused"), "radix_band": dict(band_reg=16),
+            "band3": dict(band_reg=128, band_parts=3), "band3_small": dict(band_reg=64, band_parts=3),
             "scan": dict(classify="scan"), "scan_radix_band": dict(classify="scan", band_reg=16),
             "pipelined": dict(config=dict(stages=3, programs=8)), "unrolled": dict(config=dict(stages=0))}
 
@@ -127,7 +128,7 @@ def _tied_case(seed, lens):
     return q, k_lr, lengths, P, _ref(q, P, k_lr, lengths, "group", "max")
 
 
-@pytest.mark.parametrize("variant", [None, "fused", "radix_band"])  # (classify="scan": test_bracket_scan_deterministic)
+@pytest.mark.parametrize("variant", [None, "fused", "radix_band", "band3"])  # (classify="scan": test_bracket_scan_deterministic)
 def test_bracket_heavy_ties(variant):
     """Keys with few distinct scores: many ties at the k-th value.  Exactly k distinct positions are selected, none
     scoring below the k-th value and none left out above it (the register select takes the first ties it meets)."""
@@ -232,6 +233,39 @@ def _kth_key_probe(key_ptr, m, r, out_ptr, HB: tl.constexpr, BAND: tl.constexpr,
     key = tl.load(key_ptr + i, mask=valid, other=0).to(tl.uint32, bitcast=True)
     prefix = tl.full([], 0x2D, tl.uint32)
     tl.store(out_ptr, _kth_key(key, valid, r, HB, prefix, EARLY).to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def _select_probe(key_ptr, idx_ptr, m, r, out_ptr, HB: tl.constexpr, BAND: tl.constexpr, THREE: tl.constexpr):
+    prefix = tl.full([], 0x2D, tl.uint32)
+    if THREE:
+        _select_in_registers3(key_ptr, idx_ptr, m, r, out_ptr, HB, prefix, BAND // 4, True)
+    else:
+        _select_in_registers(key_ptr, idx_ptr, m, r, out_ptr, HB, prefix, BAND, True)
+
+
+@pytest.mark.parametrize("three", [False, True], ids=["one_block", "three_blocks"])
+@pytest.mark.parametrize("distinct", [False, True])
+@pytest.mark.parametrize("m", [40, 100, 150, 192])  # within the first, second and third quarter block, and full
+def test_select_in_registers_blocks(three, distinct, m):
+    """The band select's placement (one BAND block, or since session 10 three BAND / 4 blocks): exactly r distinct
+    band positions, all keys above the r-th largest and ties up to r, for bands that end in any of the blocks."""
+    gen = torch.Generator().manual_seed(m + 2 * distinct + three)
+    HB, BAND = 24, 256
+    pool = torch.randperm(1 << HB, generator=gen)[:m if distinct else 9]
+    low = pool if distinct else pool[torch.randint(len(pool), (m,), generator=gen)]
+    keys = (0x2D << HB) | low
+    buf = (keys - (keys >= 2 ** 31).long() * 2 ** 32).to(torch.int32).to(DEV)
+    pos = torch.randperm(5000, generator=gen)[:m].to(torch.int32)  # the band's token positions
+    for r in sorted({1, m // 3, m // 2, m - 1, m}):
+        out = torch.full((m,), -7, dtype=torch.int32, device=DEV)
+        _select_probe[(1,)](buf, pos.to(DEV), m, r, out, HB=HB, BAND=BAND, THREE=three)
+        got = out.cpu()[:r]
+        assert (out.cpu()[r:] == -7).all() and len(set(got.tolist())) == r
+        sel = keys[(pos[:, None] == got[None, :]).any(1)]  # the keys of the selected positions
+        kth = int(torch.sort(keys, descending=True).values[r - 1])
+        assert int(sel.min()) == kth and int((keys > kth).sum()) <= r
+        assert int((sel > kth).sum()) == int((keys > kth).sum())
 
 
 @pytest.mark.parametrize("early", [False, True])
