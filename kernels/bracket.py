@@ -17,7 +17,8 @@ Four kernels (classify="split", overlap=True: the defaults, session 5):
    workspace (key and position).
 4. ``_bracket_finish_kernel`` (one program per row): if #(> hi) <= k <= #(> hi) + #band, the remaining
    k - #(> hi) come from the band only (13-20% of the row): bands of up to BAND_REG keys are held in registers
-   and the k-th key is found bit by bit (``_select_in_registers``), larger ones take an exact MSD radix select
+   (session 10: in three BAND_REG / 4 blocks where the expected band fits 3/4 of BAND_REG, `band_blocks`) and the
+   k-th key is found bit by bit (``_select_in_registers``), larger ones take an exact MSD radix select
    (``topk._radix_select``).  Otherwise the bracket missed (rare: ~6e-5 per row at NSIG = 4) and the whole row's
    keys are radix-selected.  The result is exact either way; indices beyond a row's budget are -1.
 
