@@ -13,10 +13,12 @@ much of a memory-bound kernel's speed and are invisible in the interpreter:
   had six per 1024 keys (pointers, keys and masks of its scattered stores); `BRACKET_CLASSIFY_SCALAR` removes
   them (session 7, kernels/NOTES.md "v9").
 * ``ttg.async_wait {num = N}`` in a software-pipelined loop: N copies stay in flight while the loop computes;
-  N = 0 drains them all at every iteration.  The dense flash-decoding loop waits with N = 3; the sparse one, whose
-  gathers depend on indices, with N = 0 (its gathers never overlap its compute).  Until session 7 the sparse loop
-  also async-copied each tile's indices in the iteration of its gathers (14 copies, two round trips per
-  iteration); since session 8 they are plain loads one iteration ahead (6 copies, one round trip).
+  N = 0 drains them all at every iteration.  The dense flash-decoding loop waits with N = 3.  Until session 7 the
+  sparse loop also async-copied each tile's indices in the iteration of its gathers (14 copies, two round trips per
+  iteration, N = 0); in sessions 8-9 they were plain loads one iteration ahead (6 copies, one round trip, still
+  N = 0 at 2 stages); since session 10 (one 16-bit dot each, 3 stages) the loop waits with N = 3 too.
+
+Each preset also reports registers per thread and local-memory (spill) bytes (`cuobjdump -res-usage`).
 
 Each preset also reports ``ptx_instructions`` and ``sass_instructions`` (the cubin disassembled with the wheel's
 cuobjdump): for an issue-bound kernel the SASS count per block is the cost (session 9: a 35% shorter PTX listing
@@ -51,19 +53,21 @@ _ATTN = dict(kernel=("kernels.attention", "_flash_decode_kernel"),
                              AHEAD=False, HILO=True),
              num_warps=4, num_stages=3, odd=("R", "G", "H", "NSPLIT", "TPS"), fp32=("qk_scale",))
 PRESETS["attention_dense"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DENSE=True))
-# the sparse loop as in sessions 1-7 (indices loaded in the iteration of their gathers, 3 stages) and since session 8
-# (indices one iteration ahead, 2 stages: the default, SPARSE_CONFIG)
+# the sparse loop as in sessions 1-7 (indices loaded in the iteration of their gathers, 3 stages), in session 8-9
+# (indices one iteration ahead, ~fp32 split dots, 2 stages) and since session 10 (one 16-bit dot each, 3 stages:
+# SPARSE_CONFIG), and that under a 128-register cap (an option)
 PRESETS["attention_sparse_s7"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DENSE=False))
-PRESETS["attention_sparse"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DENSE=False, AHEAD=True), num_stages=2)
-# session 10: one 16-bit dot each (SPARSE_CONFIG hilo=False), and that under a 128-register cap (4 programs per SM)
-PRESETS["attention_sparse_bf16"] = dict(PRESETS["attention_sparse"],
-                                        constexprs=dict(PRESETS["attention_sparse"]["constexprs"], HILO=False))
-PRESETS["attention_sparse_bf16_r128"] = dict(PRESETS["attention_sparse_bf16"], options=dict(maxnreg=128))
+PRESETS["attention_sparse_s8"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DENSE=False, AHEAD=True),
+                                      num_stages=2)
+PRESETS["attention_sparse"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DENSE=False, AHEAD=True, HILO=False),
+                                   num_stages=3)
+PRESETS["attention_sparse_r128"] = dict(PRESETS["attention_sparse"], options=dict(maxnreg=128))
+# session 10: the classify kernel with its L2 eviction hints (BRACKET_CACHE_HINTS)
 PRESETS["classify_hints"] = dict(PRESETS["classify_scalar"],
                                  constexprs=dict(PRESETS["classify_scalar"]["constexprs"], HINTS=True))
 GROUPS = {"classify": ("classify_scalar", "classify_blocked", "classify_hints"),
-          "attention": ("attention_dense", "attention_sparse", "attention_sparse_s7", "attention_sparse_bf16",
-                        "attention_sparse_bf16_r128")}
+          "attention": ("attention_dense", "attention_sparse", "attention_sparse_s8", "attention_sparse_s7",
+                        "attention_sparse_r128")}
 
 
 def compile_preset(name: str):
