@@ -264,40 +264,30 @@ def _kth_key(key, valid, r, hb, prefix, EARLY: tl.constexpr):
     with EARLY (session 7): the search stops at the first candidate c with exactly r keys >= c (then T = c - 1,
     no key equals T and no tie is taken).  Distinct keys are separated after ~log2(#keys) + a few bits, so a band of
     a few thousand keys spanning ~24 bits stops after ~13-15 passes instead of 24."""
+    return _kth_key_blocks(key, key, key, r, hb, prefix, EARLY, False)
+
+
+@triton.jit
+def _kth_key_blocks(k0, k1, k2, r, hb, prefix, EARLY: tl.constexpr, THREE: tl.constexpr):
+    """`_kth_key`'s search over one register block (k0) or, THREE (session 10), three (k0, k1, k2): one reduction per
+    pass over the blocks' summed compares, so a 3 x 4096-key band costs three quarters of a 16384-key block's passes.
+    (No `valid &` in the counts: invalid slots hold key 0 and every candidate is >= 1.)"""
     hbu = tl.minimum(hb, 31).to(tl.uint32)
     t = tl.where(hb >= 32, tl.zeros([], dtype=tl.uint32), prefix << hbu)
     bit = hb - 1
     cnt = tl.full([], -1, tl.int32)
     while bit >= 0:
         cand = t | (tl.full([], 1, tl.uint32) << bit.to(tl.uint32))
-        # (no `valid &`: invalid slots hold key 0, and every candidate is >= 1; session 10: one AND less per key
-        # and pass in this register-bound loop)
-        cnt = tl.sum((key >= cand).to(tl.int32), axis=0)
+        if THREE:
+            cnt = tl.sum((k0 >= cand).to(tl.int32) + (k1 >= cand).to(tl.int32) + (k2 >= cand).to(tl.int32), axis=0)
+        else:
+            cnt = tl.sum((k0 >= cand).to(tl.int32), axis=0)
         t = tl.where(cnt >= r, cand, t)
         if EARLY:
             bit = tl.where(cnt == r, -1, bit - 1)
         else:
             bit -= 1
     # cnt == r: t is the candidate just taken (>= 1) and exactly r keys are >= t, i.e. > t - 1
-    return tl.where(cnt == r, t - 1, t)
-
-
-@triton.jit
-def _kth_key3(k0, k1, k2, r, hb, prefix, EARLY: tl.constexpr):
-    """`_kth_key` over a band held in three register blocks (invalid slots hold key 0): one reduction per pass over
-    the three blocks' summed compares, so a 3 x 4096-key band costs three quarters of a 16384-key block's passes."""
-    hbu = tl.minimum(hb, 31).to(tl.uint32)
-    t = tl.where(hb >= 32, tl.zeros([], dtype=tl.uint32), prefix << hbu)
-    bit = hb - 1
-    cnt = tl.full([], -1, tl.int32)
-    while bit >= 0:
-        cand = t | (tl.full([], 1, tl.uint32) << bit.to(tl.uint32))
-        cnt = tl.sum((k0 >= cand).to(tl.int32) + (k1 >= cand).to(tl.int32) + (k2 >= cand).to(tl.int32), axis=0)
-        t = tl.where(cnt >= r, cand, t)
-        if EARLY:
-            bit = tl.where(cnt == r, -1, bit - 1)
-        else:
-            bit -= 1
     return tl.where(cnt == r, t - 1, t)
 
 
@@ -328,7 +318,7 @@ def _select_in_registers3(bkey_ptr, bidx_ptr, m, r, out_ptr, hb, prefix, BLK: tl
     k0 = tl.load(bkey_ptr + i0, mask=i0 < m, other=0).to(tl.uint32, bitcast=True)
     k1 = tl.load(bkey_ptr + i1, mask=i1 < m, other=0).to(tl.uint32, bitcast=True)
     k2 = tl.load(bkey_ptr + i2, mask=i2 < m, other=0).to(tl.uint32, bitcast=True)
-    t = _kth_key3(k0, k1, k2, r, hb, prefix, EARLY)
+    t = _kth_key_blocks(k0, k1, k2, r, hb, prefix, EARLY, True)
     n_gt = tl.sum(((i0 < m) & (k0 > t)).to(tl.int32) + ((i1 < m) & (k1 > t)).to(tl.int32)
                   + ((i2 < m) & (k2 > t)).to(tl.int32), axis=0)
     need = r - n_gt
@@ -348,16 +338,8 @@ def _select_in_registers(bkey_ptr, bidx_ptr, m, r, out_ptr, hb, prefix, BAND: tl
     valid = i < m
     key = tl.load(bkey_ptr + i, mask=valid, other=0).to(tl.uint32, bitcast=True)
     t = _kth_key(key, valid, r, hb, prefix, EARLY)
-    gt = valid & (key > t)
-    eq = valid & (key == t)
-    need = r - tl.sum(gt.to(tl.int32), axis=0)
-    packed = gt.to(tl.int32) + (eq.to(tl.int32) << 16)
-    c_ex = tl.cumsum(packed, axis=0) - packed
-    eq_ex = c_ex >> 16
-    take = gt | (eq & (eq_ex < need))
-    pos = (c_ex & 0xFFFF) + tl.minimum(eq_ex, need)
-    val = tl.load(bidx_ptr + i, mask=take, other=0)
-    tl.store(out_ptr + pos, val.to(out_ptr.dtype.element_ty), mask=take)
+    need = r - tl.sum((valid & (key > t)).to(tl.int32), axis=0)
+    _place_block(key, i, valid, t, need, tl.zeros([], dtype=tl.int32), bidx_ptr, out_ptr)
 
 
 @triton.jit
