@@ -559,9 +559,13 @@ def band_registers(S: int, sample: int, nsig: float, f: float = 0.5) -> int:
     standard deviations, at most BRACKET_BAND_REG.  A band that overflows them takes the much slower radix select,
     and one such row sets the kernel's time.  The band between two sample order statistics m ranks apart holds
     ~S m / sample keys, with a relative standard deviation of ~1 / sqrt(m)."""
+    return min(BRACKET_BAND_REG, max(1024, next_pow2(_band_want(S, sample, nsig, f))))
+
+
+def _band_want(S: int, sample: int, nsig: float, f: float) -> int:
+    """The expected band plus BRACKET_BAND_SD of its standard deviations, in keys."""
     frac = band_fraction(sample, nsig, f)
-    want = math.ceil(S * frac * (1.0 + BRACKET_BAND_SD / math.sqrt(max(frac * sample, 1.0))))
-    return min(BRACKET_BAND_REG, max(1024, next_pow2(want)))
+    return math.ceil(S * frac * (1.0 + BRACKET_BAND_SD / math.sqrt(max(frac * sample, 1.0))))
 
 
 def band_blocks(S: int, sample: int, nsig: float, f: float, band_reg: int) -> int:
@@ -569,9 +573,7 @@ def band_blocks(S: int, sample: int, nsig: float, f: float, band_reg: int) -> in
     the band `band_registers` sized (expected + BRACKET_BAND_SD deviations) fits 3 / 4 of its block."""
     if not BRACKET_BAND3 or band_reg < 64:
         return 1
-    frac = band_fraction(sample, nsig, f)
-    want = math.ceil(S * frac * (1.0 + BRACKET_BAND_SD / math.sqrt(max(frac * sample, 1.0))))
-    return 3 if want <= 3 * (band_reg // 4) else 1
+    return 3 if _band_want(S, sample, nsig, f) <= 3 * (band_reg // 4) else 1
 
 
 def _score_config(d: int, config: dict | None) -> dict:

@@ -316,3 +316,16 @@ def test_cache_hints_rule(monkeypatch):
     for forced in (True, False):
         monkeypatch.setattr(bracket, "BRACKET_CACHE_HINTS", forced)
         assert bracket.cache_hints(128, 65536) is forced and bracket.cache_hints(1, 16) is forced
+
+
+def test_band_blocks_rule():
+    """BRACKET_BAND3: three quarter blocks where the band sized by `band_registers` fits 3/4 of its block (64K rows at
+    k = 1/4: 16384 -> 3 x 4096, measured 8 us faster on the H200), one block where it does not."""
+    import kernels.bracket as bracket
+    for S, f in ((65536, 0.25), (65536, 0.0625), (16384, 0.125)):
+        s = bracket.default_sample(S)
+        reg = bracket.band_registers(S, s, 4.0, f)
+        assert bracket.band_blocks(S, s, 4.0, f, reg) == 3
+        assert bracket._band_want(S, s, 4.0, f) <= 3 * reg // 4
+    s = bracket.default_sample(65536)
+    assert bracket.band_blocks(65536, s, 4.0, 0.125, bracket.band_registers(65536, s, 4.0, 0.125)) == 1
