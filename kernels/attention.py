@@ -258,9 +258,10 @@ def _combine_kernel(mp_ptr, lp_ptr, op_ptr, o_ptr, so_b, so_h, H, NSPLIT,
 # session 8: ahead (indices one tile ahead of their gathers) at 2 stages (was 3 without).  Session 10: hilo=False (q'
 # and p rounded to bf16 / fp16, one tensor-core dot each, as SDPA and FlashAttention; hilo=True splits each fp32
 # operand in two 16-bit halves, ~fp32 dots) at 3 stages and one wave: the ahead loop then keeps two tiles in flight
-# (async_wait num=3; 81 KB of shared memory, 2 programs per SM).  The attention alone: 1-4% faster than hilo=False at
-# 2 stages, 3-35% faster than session 8's default (bench_results/h200_attn_probe_s10b); outputs within 3e-3
-# (relative) of the hilo path.  Optional: evict (gathers read evict_first), maxnreg (a register cap)
+# (Triton 3.9's IR: async_wait num=3; 81 KB of shared memory, 2 programs per SM).  The attention alone: 1-4% faster
+# than hilo=False at 2 stages (bench_results/h200_attn_probe_s10b), 6-10% faster than session 8's default in its own
+# probe (h200_attn_probe_s8c); outputs within 3e-3 (relative) of the hilo path.  Optional: evict (gathers read
+# evict_first), maxnreg (a register cap)
 SPARSE_CONFIG = dict(block_n=64, num_warps=4, num_stages=3, waves=1, ahead=True, hilo=False)
 FOLD_VECTOR_MAX = 8192  # folded combine: all of a row's heads in one tile when HPR x splits x D fits, else a loop
 DENSE_CONFIG = dict(block_n=128, num_warps=4, num_stages=3, waves=1, hilo=True)

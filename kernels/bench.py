@@ -401,7 +401,7 @@ _V7 = dict(SPARSE_CONFIG=_SPARSE_S7, BRACKET_OVERLAP=True, FOLD_COMBINE=True, BR
            BRACKET_CLASSIFY="split", BRACKET_CLASSIFY_BLOCK=1024, BRACKET_CLASSIFY_WARPS=4, BRACKET_EARLY_EXIT=True,
            BRACKET_BAND_REG=8192, BRACKET_SCORE_CONFIG={0: dict(block_n=256, tiles=2, num_warps=4),
                                                         32: dict(block_n=128, tiles=4, num_warps=4)},
-           BRACKET_CLASSIFY_SCALAR=False)
+           BRACKET_CLASSIFY_SCALAR=False, BRACKET_CACHE_HINTS=False, BRACKET_BAND3=False)
 _SCAN = dict(_V7, BRACKET_CLASSIFY="scan")
 
 
@@ -417,8 +417,9 @@ _S7_DEFAULT = dict(_V7, BRACKET_BAND_REG=16384, BRACKET_SCORE_CONFIG=_pipe(3, 40
 _S8_BASE = dict(_S7_DEFAULT, BRACKET_CLASSIFY_SCALAR=True, SPARSE_CONFIG=_SPARSE_S7, BRACKET_WARPS=8)  # session 7's final defaults
 _SC_D16 = dict(block_n=256, tiles=2, num_warps=4, stages=3, programs=4096)  # BRACKET_SCORE_CONFIG since session 7
 _SC_D32 = dict(block_n=128, tiles=4, num_warps=4, stages=3, programs=4096)
+# session 10's defaults before the three-block band select (rounds 3-4); "s10_band3" below: the defaults since
 _S10 = dict(_S8_BASE, BRACKET_CACHE_HINTS="auto", BRACKET_SCORE_CONFIG={0: _SC_D16, 32: _SC_D32},
-            SPARSE_CONFIG=dict(_SPARSE_S7, ahead=True, num_stages=3, waves=1, hilo=False))  # session 10's defaults
+            SPARSE_CONFIG=dict(_SPARSE_S7, ahead=True, num_stages=3, waves=1, hilo=False), BRACKET_BAND3=False)
 VARIANTS = {
     "v6": dict(BRACKET_OVERLAP=False, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
     "overlap": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
@@ -499,7 +500,8 @@ VARIANTS = {
                            ("128_s4", {}, dict(stages=4)),
                            ("128_p8192", {}, dict(programs=8192)),
                            ("_d16_512", dict(block_n=512, tiles=1, bracket_sub=256), {}))},
-    # round 5: the band select's band in one power-of-2 register block or in three quarter blocks (BRACKET_BAND3)
+    # round 5: the band select's band in one power-of-2 register block or in three quarter blocks (BRACKET_BAND3;
+    # "s10_band3" = the module defaults at the end of session 10)
     **{f"s10_band{n}": dict(_S10, BRACKET_BAND3=n == 3) for n in (1, 3)},
 }
 

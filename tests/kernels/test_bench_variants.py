@@ -24,3 +24,14 @@ def test_apply_variant_sets_module_defaults(monkeypatch):
     assert attention.SPARSE_CONFIG["ahead"] is False and attention.SPARSE_CONFIG["num_stages"] == 3
     with pytest.raises(SystemExit, match="unknown variant 'nope'"):
         bench.apply_variant("nope")
+
+
+def test_session10_variant_is_the_module_defaults(monkeypatch):
+    """"s10_band3" names every setting at its module default (session 10's final code), so A/B runs against it
+    compare with what `loki_decode` runs."""
+    mods = bench._variant_modules()
+    defaults = {key: getattr(mod, key) for key, mod in mods.items()}
+    for key, mod in mods.items():  # restored after the test
+        monkeypatch.setattr(mod, key, defaults[key])
+    bench.apply_variant("s10_band3")
+    assert {key: getattr(mod, key) for key, mod in mods.items()} == defaults
