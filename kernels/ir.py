@@ -18,10 +18,8 @@ much of a memory-bound kernel's speed and are invisible in the interpreter:
   iteration, N = 0); in sessions 8-9 they were plain loads one iteration ahead (6 copies, one round trip, still
   N = 0 at 2 stages); since session 10 (one 16-bit dot each, 3 stages) the loop waits with N = 3 too.
 
-Each preset also reports registers per thread and local-memory (spill) bytes (`cuobjdump -res-usage`).
-
-Each preset also reports ``ptx_instructions`` and ``sass_instructions`` (the cubin disassembled with the wheel's
-cuobjdump): for an issue-bound kernel the SASS count per block is the cost (session 9: a 35% shorter PTX listing
+Each preset also reports ``registers`` and ``local_bytes`` (spills; `cuobjdump -res-usage`, session 10), and
+``ptx_instructions`` and ``sass_instructions`` (the cubin disassembled with the wheel's cuobjdump): for an issue-bound kernel the SASS count per block is the cost (session 9: a 35% shorter PTX listing
 of the classify kernel executed only 6% fewer SASS instructions on the H200).
 
 The IR is that of the installed Triton (3.9 here; the H200 machine has 3.6), so check a finding on the GPU.
@@ -117,46 +115,38 @@ def ptx_instructions(ptx: str) -> int:
                if ln.strip() and not re.match(r"\s*(//|\.|\$L|[{})])", ln))
 
 
+def _cuobjdump(cubin: bytes | None, flag: str) -> str | None:
+    """`cuobjdump <flag>` of a cubin (the tool from Triton's NVIDIA backend, or PATH's), or None where it is not
+    available or fails."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    import triton
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    tool = shutil.which("cuobjdump") or (bundled if os.path.isfile(bundled) else None)
+    if not cubin or not tool:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        res = subprocess.run([tool, flag, f.name], capture_output=True, text=True)
+    return res.stdout if res.returncode == 0 else None
+
+
 def sass_instructions(cubin: bytes | None) -> int | None:
     """SASS instructions of a cubin (cuobjdump from Triton's NVIDIA backend), or None where it is not available.
     What the SM issues; ncu's executed-instruction count divided by the blocks' warps is about this times the loop
     trips."""
-    import shutil
-    import subprocess
-    import tempfile
-
-    import triton
-    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    tool = shutil.which("cuobjdump") or (bundled if os.path.isfile(bundled) else None)
-    if not cubin or not tool:
-        return None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        res = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True)
-    if res.returncode != 0:
-        return None
-    return len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", res.stdout, flags=re.M))
+    out = _cuobjdump(cubin, "-sass")
+    return None if out is None else len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", out, flags=re.M))
 
 
 def resource_usage(cubin: bytes | None) -> dict:
-    """Registers per thread and local memory (spill) bytes of a cubin's kernel (`cuobjdump -res-usage`); {} where
+    """Registers per thread and local-memory (spill) bytes of a cubin's kernel (`cuobjdump -res-usage`); {} where
     the tool is not available."""
-    import shutil
-    import subprocess
-    import tempfile
-
-    import triton
-    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    tool = shutil.which("cuobjdump") or (bundled if os.path.isfile(bundled) else None)
-    if not cubin or not tool:
-        return {}
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True)
-    m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", res.stdout)
-    return {"registers": int(m.group(1)), "local_bytes": int(m.group(2))} if res.returncode == 0 and m else {}
+    m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", _cuobjdump(cubin, "-res-usage") or "")
+    return {"registers": int(m.group(1)), "local_bytes": int(m.group(2))} if m else {}
 
 
 def main(argv=None):
