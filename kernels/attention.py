@@ -138,21 +138,24 @@ def _gather_rows(tok, valid, kl_base, slr_s, kr_base, srs_s, v_base, sv_s, D: tl
     dl = tl.arange(0, BLOCK_DL)
     dr = tl.arange(0, BLOCK_DR)
     dd = tl.arange(0, BLOCK_D)
-    kl_p, kl_m = kl_base + tok[:, None] * slr_s + dl[None, :], valid[:, None] & (dl < D_LR)[None, :]
-    v_p, v_m = v_base + tok[:, None] * sv_s + dd[None, :], valid[:, None] & (dd < D)[None, :]
     if EVICT:
-        kl = tl.load(kl_p, mask=kl_m, other=0.0, eviction_policy="evict_first")
-        vv = tl.load(v_p, mask=v_m, other=0.0, eviction_policy="evict_first")
+        kl = tl.load(kl_base + tok[:, None] * slr_s + dl[None, :], mask=valid[:, None] & (dl < D_LR)[None, :],
+                     other=0.0, eviction_policy="evict_first")
+        vv = tl.load(v_base + tok[:, None] * sv_s + dd[None, :], mask=valid[:, None] & (dd < D)[None, :], other=0.0,
+                     eviction_policy="evict_first")
     else:
-        kl = tl.load(kl_p, mask=kl_m, other=0.0)
-        vv = tl.load(v_p, mask=v_m, other=0.0)
-    kr = kl
+        kl = tl.load(kl_base + tok[:, None] * slr_s + dl[None, :], mask=valid[:, None] & (dl < D_LR)[None, :],
+                     other=0.0)
+        vv = tl.load(v_base + tok[:, None] * sv_s + dd[None, :], mask=valid[:, None] & (dd < D)[None, :], other=0.0)
     if HAS_REST:
-        kr_p, kr_m = kr_base + tok[:, None] * srs_s + dr[None, :], valid[:, None] & (dr < D - D_LR)[None, :]
         if EVICT:
-            kr = tl.load(kr_p, mask=kr_m, other=0.0, eviction_policy="evict_first")
+            kr = tl.load(kr_base + tok[:, None] * srs_s + dr[None, :], mask=valid[:, None] & (dr < D - D_LR)[None, :],
+                         other=0.0, eviction_policy="evict_first")
         else:
-            kr = tl.load(kr_p, mask=kr_m, other=0.0)
+            kr = tl.load(kr_base + tok[:, None] * srs_s + dr[None, :], mask=valid[:, None] & (dr < D - D_LR)[None, :],
+                         other=0.0)
+    else:
+        kr = kl
     return kl, kr, vv
 
 

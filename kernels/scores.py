@@ -91,12 +91,12 @@ def _score_tile(k_base, s_tok, offs, valid, qT, qT_hi, qT_lo, D_LR: tl.constexpr
     """Scores of BLOCK_N tokens (rows `offs`) against the HPR (scaled) query heads; reduced over heads -> (BLOCK_N,).
     EVICT_FIRST: the slab tile is read evict_first (read once: keep it from displacing what is read again soon)."""
     dl = tl.arange(0, BLOCK_DL)
-    ptrs = k_base + offs.to(tl.int64)[:, None] * s_tok + dl[None, :]
-    msk = valid[:, None] & (dl < D_LR)[None, :]
     if EVICT_FIRST:
-        kt = tl.load(ptrs, mask=msk, other=0.0, eviction_policy="evict_first")
+        kt = tl.load(k_base + offs.to(tl.int64)[:, None] * s_tok + dl[None, :],
+                     mask=valid[:, None] & (dl < D_LR)[None, :], other=0.0, eviction_policy="evict_first")
     else:
-        kt = tl.load(ptrs, mask=msk, other=0.0)
+        kt = tl.load(k_base + offs.to(tl.int64)[:, None] * s_tok + dl[None, :],
+                     mask=valid[:, None] & (dl < D_LR)[None, :], other=0.0)
     if K_FP32:
         s = tl.dot(kt.to(tl.float32), qT, input_precision="ieee")
     else:
