@@ -401,7 +401,8 @@ _V7 = dict(SPARSE_CONFIG=_SPARSE_S7, BRACKET_OVERLAP=True, FOLD_COMBINE=True, BR
            BRACKET_CLASSIFY="split", BRACKET_CLASSIFY_BLOCK=1024, BRACKET_CLASSIFY_WARPS=4, BRACKET_EARLY_EXIT=True,
            BRACKET_BAND_REG=8192, BRACKET_SCORE_CONFIG={0: dict(block_n=256, tiles=2, num_warps=4),
                                                         32: dict(block_n=128, tiles=4, num_warps=4)},
-           BRACKET_CLASSIFY_SCALAR=False, BRACKET_CACHE_HINTS=False, BRACKET_BAND3=False)
+           BRACKET_CLASSIFY_SCALAR=False, BRACKET_CACHE_HINTS=False, BRACKET_BAND3=False, BRACKET_CLASSIFY_VEC=0,
+           BRACKET_CLASSIFY_ASM=True, BRACKET_BAND_IDX_FIRST=0, BRACKET_BAND_ASM=False, ROTATE_COLS=16)
 _SCAN = dict(_V7, BRACKET_CLASSIFY="scan")
 
 
@@ -420,6 +421,10 @@ _SC_D32 = dict(block_n=128, tiles=4, num_warps=4, stages=3, programs=4096)
 # session 10's defaults before the three-block band select (rounds 3-4); "s10_band3" below: the defaults since
 _S10 = dict(_S8_BASE, BRACKET_CACHE_HINTS="auto", BRACKET_SCORE_CONFIG={0: _SC_D16, 32: _SC_D32},
             SPARSE_CONFIG=dict(_SPARSE_S7, ahead=True, num_stages=3, waves=1, hilo=False), BRACKET_BAND3=False)
+# session 11: the vec classify (BRACKET_CLASSIFY_VEC = 4, 1024-key blocks, 4 warps: measured faster at every point,
+# h200_variants_s11a)
+_S11 = dict(_S10, BRACKET_BAND3=True, BRACKET_CLASSIFY_VEC=4, BRACKET_CLASSIFY_BLOCK=1024, BRACKET_CLASSIFY_WARPS=4,
+            ROTATE_COLS=16)  # (16: the rotation's columns per program at g = 4 until round 2)
 VARIANTS = {
     "v6": dict(BRACKET_OVERLAP=False, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
     "overlap": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
@@ -503,6 +508,32 @@ VARIANTS = {
     # round 5: the band select's band in one power-of-2 register block or in three quarter blocks (BRACKET_BAND3;
     # "s10_band3" = the module defaults at the end of session 10)
     **{f"s10_band{n}": dict(_S10, BRACKET_BAND3=n == 3) for n in (1, 3)},
+    # session 11: the classify kernel with `vec` consecutive keys per thread, scanned in the thread, its scattered
+    # stores in inline PTX (BRACKET_CLASSIFY_VEC / _ASM; ~48 instead of ~76 SASS instructions per key), by keys per
+    # program (b) and warps (w); "s11_base": session 10's final defaults
+    "s11_base": dict(_S10, BRACKET_BAND3=True),
+    **{f"s11_vec{v}_b{b}w{w}{'' if asm else '_noasm'}": dict(
+        _S10, BRACKET_BAND3=True, BRACKET_CLASSIFY_VEC=v, BRACKET_CLASSIFY_BLOCK=b, BRACKET_CLASSIFY_WARPS=w,
+        BRACKET_CLASSIFY_ASM=asm)
+       for v, b, w, asm in ((4, 1024, 4, True), (4, 2048, 8, True), (8, 2048, 4, True), (4, 512, 4, True),
+                            (4, 1024, 4, False), (4, 4096, 8, True))},
+    # round 2, from "s11" (the vec classify at 4 keys per thread, 1024-key blocks: the defaults since round 1): the
+    # band select's stores in inline PTX ("band_asm", 112 instead of 159 registers at a 8192-key block on sm_90), with
+    # its positions loaded with its keys ("band_asm_idx"); the scoring kernel's loop at d = 16 (4 stages, 8192 programs,
+    # 128-token tiles); the rotation's output columns per program (8 / 32 instead of 16)
+    "s11": _S11,
+    "s11_band_asm": dict(_S11, BRACKET_BAND_ASM=True),
+    "s11_band_asm_idx": dict(_S11, BRACKET_BAND_ASM=True, BRACKET_BAND_IDX_FIRST=16384),
+    # the module defaults since round 2: band_asm with positions first for one-block bands of up to 8192 keys, 32
+    # rotation columns per program at g = 4 (ROTATE_COLS = 0: auto)
+    "s11_final": dict(_S11, BRACKET_BAND_ASM=True, BRACKET_BAND_IDX_FIRST=8192, ROTATE_COLS=0),
+    # round 3: L2 eviction hints at every size (the "auto" rule dates from the session-7 classify kernel)
+    "s11_final_hints": dict(_S11, BRACKET_BAND_ASM=True, BRACKET_BAND_IDX_FIRST=8192, ROTATE_COLS=0,
+                            BRACKET_CACHE_HINTS=True),
+    **{f"s11_d16_{n}": dict(_S11, BRACKET_SCORE_CONFIG={0: dict(_SC_D16, **c16), 32: _SC_D32})
+       for n, c16 in (("s4", dict(stages=4)), ("p8192", dict(programs=8192)),
+                      ("bn128", dict(block_n=128, tiles=4, bracket_sub=128)))},
+    **{f"s11_rot{c}": dict(_S11, ROTATE_COLS=c) for c in (8, 32)},
 }
 
 
@@ -514,7 +545,9 @@ def _variant_modules() -> dict:
                 BRACKET_SCAN_WARPS=bracket_mod, BRACKET_CLASSIFY_BLOCK=bracket_mod,
                 BRACKET_CLASSIFY_WARPS=bracket_mod, BRACKET_EARLY_EXIT=bracket_mod, BRACKET_BAND_REG=bracket_mod,
                 BRACKET_SCORE_CONFIG=bracket_mod, BRACKET_CLASSIFY_SCALAR=bracket_mod, SPARSE_CONFIG=attn_mod,
-                BRACKET_WARPS=bracket_mod, BRACKET_CACHE_HINTS=bracket_mod, BRACKET_BAND3=bracket_mod)
+                BRACKET_WARPS=bracket_mod, BRACKET_CACHE_HINTS=bracket_mod, BRACKET_BAND3=bracket_mod,
+                BRACKET_CLASSIFY_VEC=bracket_mod, BRACKET_CLASSIFY_ASM=bracket_mod, BRACKET_BAND_IDX_FIRST=bracket_mod,
+                BRACKET_BAND_ASM=bracket_mod, ROTATE_COLS=scores_mod)
 
 
 def apply_variant(name: str) -> dict:
@@ -639,6 +672,7 @@ def main(argv=None):
                              overlap=bracket_mod.BRACKET_OVERLAP,
                              classify_block=bracket_mod.BRACKET_CLASSIFY_BLOCK,
                              classify_warps=bracket_mod.BRACKET_CLASSIFY_WARPS, finish_warps=bracket_mod.BRACKET_WARPS,
+                             classify_vec=bracket_mod.BRACKET_CLASSIFY_VEC,
                              scores={str(k_): v_ for k_, v_ in bracket_mod.BRACKET_SCORE_CONFIG.items()}))
     log("configs", cfgs)
     if SMOKE:

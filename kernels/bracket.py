@@ -255,6 +255,75 @@ def _bracket_classify_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, R, S_
 
 
 @triton.jit
+def _store_if(ptr, val, pred, ASM: tl.constexpr):
+    """tl.store(ptr, val, mask=pred) of int32 values; ASM (session 11): one predicated ``st.global.b32`` per element in
+    inline PTX.  Triton's coalescing pass gives a scattered store a one-element-per-thread layout and converts its
+    pointers, values and masks to it through shared memory; an inline-asm store keeps its operands' layout (the
+    blocked layout of `_bracket_classify_vec_kernel`, several keys per thread).  Not under the interpreter."""
+    if ASM:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.b32 [$1], $2; mov.b32 $0, 0; }",
+            "=r,l,r,r", [ptr, val.to(tl.int32, bitcast=True), pred.to(tl.int32)], dtype=tl.int32, is_pure=False,
+            pack=1)
+    else:
+        tl.store(ptr, val.to(tl.int32, bitcast=True), mask=pred)
+
+
+@triton.jit
+def _bracket_classify_vec_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, R, S_MAX, KMAX, WS_ROW,
+                                 BLOCK_C: tl.constexpr, KPT: tl.constexpr, ASM: tl.constexpr,
+                                 HINTS: tl.constexpr = False):
+    """classify="split" with BRACKET_CLASSIFY_VEC = KPT (session 11): `_bracket_classify_kernel` with each thread
+    holding KPT consecutive keys (one vector load), scanned in the thread, then one scan over the BLOCK_C / KPT
+    per-thread sums; the stores keep that layout (ASM, `_store_if`).  The session-7 kernel scans every key across
+    the threads (a warp scan per key register) and issues ~600 SASS instructions per 1024 keys; this one ~380
+    (`python -m kernels.ir classify`).  Keys past the row's length read as 0, below every real key (key 0 is a NaN
+    score), so the band test needs no separate length mask."""
+    pid = tl.program_id(0)
+    tb = tl.program_id(1)
+    b = pid // R
+    r = pid % R
+    n = tl.maximum(tl.minimum(tl.load(len_ptr + b).to(tl.int32), S_MAX), 0)
+    start = tb * BLOCK_C
+    if start < n:
+        br = br_ptr + pid * BR_STRIDE
+        lo_key = tl.maximum(tl.load(br).to(tl.uint32, bitcast=True), 1)
+        hi_key = tl.load(br + 1).to(tl.uint32, bitcast=True)
+        cnt_ptr = (br + 2).to(tl.pointer_type(tl.int64))
+        bkey = ws_ptr + pid.to(tl.int64) * WS_ROW
+        bidx = bkey + S_MAX
+        o_row = out_ptr + b * so_b + r * so_r
+        offs = start + tl.arange(0, BLOCK_C // KPT)[:, None] * KPT + tl.arange(0, KPT)[None, :]
+        _classify_vec(bkey, bidx, o_row, offs, n, lo_key, hi_key, cnt_ptr, S_MAX, KMAX, ASM, HINTS)
+
+
+@triton.jit
+def _classify_vec(bkey, bidx, o_row, offs, n, lo_key, hi_key, cnt_ptr, S_MAX, KMAX, ASM: tl.constexpr,
+                  HINTS: tl.constexpr):
+    """`_bracket_classify_vec_kernel`'s block of keys `offs` (2-D: KPT consecutive keys per thread)."""
+    if HINTS:  # the keys' last reader
+        key = tl.load(bkey + 2 * S_MAX + offs, mask=offs < S_MAX, other=0, eviction_policy="evict_first")
+    else:
+        key = tl.load(bkey + 2 * S_MAX + offs, mask=offs < S_MAX, other=0)
+    key = tl.where(offs < n, key.to(tl.uint32, bitcast=True), 0)
+    gt = key > hi_key
+    bd = (key >= lo_key) & (key <= hi_key)
+    packed = gt.to(tl.int32) + (bd.to(tl.int32) << 16)  # (#above, #band) in one int: blocks < 65536 keys
+    t_sum = tl.sum(packed, axis=1)
+    c_ex = (tl.cumsum(t_sum, axis=0) - t_sum)[:, None] + tl.cumsum(packed, axis=1) - packed
+    tot = tl.sum(t_sum, axis=0)
+    inc = (tot & 0xFFFF).to(tl.int64) + ((tot >> 16).to(tl.int64) << 32)
+    old = tl.atomic_add(cnt_ptr, inc, sem="relaxed")  # as `_classify`: both ranges claimed at once
+    # positions past the output row (#above > KMAX: the bracket missed, and the finish kernel rewrites the row) all
+    # go to its last slot
+    gpos = tl.minimum((old & 0xFFFFFFFF).to(tl.int32) + (c_ex & 0xFFFF), KMAX - 1)
+    bpos = (old >> 32).to(tl.int32) + (c_ex >> 16)
+    _store_if(o_row + gpos, offs, gt, ASM)
+    _store_if(bkey + bpos, key, bd, ASM)
+    _store_if(bidx + bpos, offs, bd, ASM)
+
+
+@triton.jit
 def _kth_key(key, valid, r, hb, prefix, EARLY: tl.constexpr):
     """A threshold T for the r largest of the valid keys (a register block; all share their top 32 - hb bits,
     `prefix`; invalid slots must hold key 0), found bit by bit: up to hb counting passes over registers, no memory
@@ -292,9 +361,11 @@ def _kth_key_blocks(k0, k1, k2, r, hb, prefix, EARLY: tl.constexpr, THREE: tl.co
 
 
 @triton.jit
-def _place_block(key, i, valid, t, need, base, bidx_ptr, out_ptr):
+def _place_block(key, i, valid, t, need, base, bidx_ptr, out_ptr, idx=None, ASM: tl.constexpr = False):
     """Write the positions of one register block's keys > t and of its first ties (after `base`: the packed counts of
-    the blocks before it, low half: keys > t, high half: ties) to out_ptr; returns base plus this block's counts."""
+    the blocks before it, low half: keys > t, high half: ties) to out_ptr; returns base plus this block's counts.
+    idx: the block's positions, loaded with its keys (BRACKET_BAND_IDX_FIRST), else gathered here.  ASM: the stores in
+    inline PTX (`_store_if`), in the keys' register layout."""
     gt = valid & (key > t)
     eq = valid & (key == t)
     packed = gt.to(tl.int32) + (eq.to(tl.int32) << 16)
@@ -302,13 +373,20 @@ def _place_block(key, i, valid, t, need, base, bidx_ptr, out_ptr):
     eq_ex = c_ex >> 16
     take = gt | (eq & (eq_ex < need))
     pos = (c_ex & 0xFFFF) + tl.minimum(eq_ex, need)
-    val = tl.load(bidx_ptr + i, mask=take, other=0)
-    tl.store(out_ptr + pos, val.to(out_ptr.dtype.element_ty), mask=take)
+    if idx is None:
+        val = tl.load(bidx_ptr + i, mask=take, other=0)
+    else:
+        val = idx
+    if ASM:
+        _store_if(out_ptr + pos, val, take, True)
+    else:
+        tl.store(out_ptr + pos, val.to(out_ptr.dtype.element_ty), mask=take)
     return base + tl.sum(packed, axis=0)
 
 
 @triton.jit
-def _select_in_registers3(bkey_ptr, bidx_ptr, m, r, out_ptr, hb, prefix, BLK: tl.constexpr, EARLY: tl.constexpr):
+def _select_in_registers3(bkey_ptr, bidx_ptr, m, r, out_ptr, hb, prefix, BLK: tl.constexpr, EARLY: tl.constexpr,
+                          ASM: tl.constexpr = False):
     """`_select_in_registers` for bands of up to 3 * BLK keys (session 10): three BLK-key register blocks instead of
     one 4 * BLK block, for bands just above a power of 2 (64K rows at k = 1/4: ~7.6K keys, up to ~9.5K over 128 rows,
     where the next power of 2 is 16384).  The band select's time grows with its block (~1.3 us per 1024 keys)."""
@@ -323,13 +401,14 @@ def _select_in_registers3(bkey_ptr, bidx_ptr, m, r, out_ptr, hb, prefix, BLK: tl
                   + ((i2 < m) & (k2 > t)).to(tl.int32), axis=0)
     need = r - n_gt
     base = tl.zeros([], dtype=tl.int32)
-    base = _place_block(k0, i0, i0 < m, t, need, base, bidx_ptr, out_ptr)
-    base = _place_block(k1, i1, i1 < m, t, need, base, bidx_ptr, out_ptr)
-    _place_block(k2, i2, i2 < m, t, need, base, bidx_ptr, out_ptr)
+    base = _place_block(k0, i0, i0 < m, t, need, base, bidx_ptr, out_ptr, None, ASM)
+    base = _place_block(k1, i1, i1 < m, t, need, base, bidx_ptr, out_ptr, None, ASM)
+    _place_block(k2, i2, i2 < m, t, need, base, bidx_ptr, out_ptr, None, ASM)
 
 
 @triton.jit
-def _select_in_registers(bkey_ptr, bidx_ptr, m, r, out_ptr, hb, prefix, BAND: tl.constexpr, EARLY: tl.constexpr):
+def _select_in_registers(bkey_ptr, bidx_ptr, m, r, out_ptr, hb, prefix, BAND: tl.constexpr, EARLY: tl.constexpr,
+                         IDX_FIRST: tl.constexpr = False, ASM: tl.constexpr = False):
     """out[0:r] = bidx of the r largest of bkey[0:m] (1 <= r <= m <= BAND), every key in registers.
 
     All keys share their top 32 - hb bits (`prefix`); the r-th largest key T is found bit by bit (`_kth_key`),
@@ -337,9 +416,13 @@ def _select_in_registers(bkey_ptr, bidx_ptr, m, r, out_ptr, hb, prefix, BAND: tl
     i = tl.arange(0, BAND)
     valid = i < m
     key = tl.load(bkey_ptr + i, mask=valid, other=0).to(tl.uint32, bitcast=True)
+    if IDX_FIRST:  # (session 11) the positions loaded with the keys: no gather after the search
+        idx = tl.load(bidx_ptr + i, mask=valid, other=0)
+    else:
+        idx = None
     t = _kth_key(key, valid, r, hb, prefix, EARLY)
     need = r - tl.sum((valid & (key > t)).to(tl.int32), axis=0)
-    _place_block(key, i, valid, t, need, tl.zeros([], dtype=tl.int32), bidx_ptr, out_ptr)
+    _place_block(key, i, valid, t, need, tl.zeros([], dtype=tl.int32), bidx_ptr, out_ptr, idx, ASM)
 
 
 @triton.jit
@@ -349,7 +432,8 @@ def _bracket_finish_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
                            KB_MODE: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr, D_LR: tl.constexpr,
                            BLOCK_DL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
                            K_FP32: tl.constexpr, REDUCE_MAX: tl.constexpr, KEYS_WRITTEN: tl.constexpr,
-                           BAND_REG: tl.constexpr, EARLY: tl.constexpr, BAND3: tl.constexpr = False):
+                           BAND_REG: tl.constexpr, EARLY: tl.constexpr, BAND3: tl.constexpr = False,
+                           IDX_FIRST: tl.constexpr = False, ASM: tl.constexpr = False):
     """One program per score row: the band select (or, the bracket missed, the whole row's radix select).  BAND3:
     the band in three BAND_REG / 4-key register blocks (`_select_in_registers3`) instead of one BAND_REG block."""
     pid = tl.program_id(0)
@@ -369,12 +453,14 @@ def _bracket_finish_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
             hb, prefix = _band_prefix(lo_key, hi_key)
             if BAND3:
                 if c_band <= 3 * (BAND_REG // 4):
-                    _select_in_registers3(bkey, bidx, c_band, rr, o_row + c_gt, hb, prefix, BAND_REG // 4, EARLY)
+                    _select_in_registers3(bkey, bidx, c_band, rr, o_row + c_gt, hb, prefix, BAND_REG // 4, EARLY,
+                                          ASM)
                 else:
                     _radix_select(bkey, bidx, c_band, rr, o_row + c_gt, hb, prefix, HAS_IDX=True, SRC_KEYS=True,
                                   BLOCK_S=BLOCK_S)
             elif c_band <= BAND_REG:
-                _select_in_registers(bkey, bidx, c_band, rr, o_row + c_gt, hb, prefix, BAND_REG, EARLY)
+                _select_in_registers(bkey, bidx, c_band, rr, o_row + c_gt, hb, prefix, BAND_REG, EARLY, IDX_FIRST,
+                                     ASM)
             else:
                 _radix_select(bkey, bidx, c_band, rr, o_row + c_gt, hb, prefix, HAS_IDX=True, SRC_KEYS=True,
                               BLOCK_S=BLOCK_S)
@@ -513,10 +599,17 @@ CLASSIFY_MODES = ("split", "fused", "scan")
 BRACKET_CLASSIFY_BLOCK = 1024  # keys per program of the classify kernel (1024-2048 within 1%, 32K tune, session 5)
 BRACKET_CLASSIFY_WARPS = 4
 BRACKET_CLASSIFY_SCALAR = True  # session 7: one key per thread and load (no layout conversions before the stores)
+BRACKET_CLASSIFY_VEC = 4  # session 11: > 0: `_bracket_classify_vec_kernel`, this many consecutive keys per thread
+BRACKET_CLASSIFY_ASM = True  # session 11: its scattered stores in inline PTX (`_store_if`; never under the interpreter)
 BRACKET_OVERLAP = True  # session 5: brackets written by extra programs of the scoring kernel (split only)
 BRACKET_BAND_REG = 16384  # largest band selected in registers (bit-by-bit counting); larger: radix select.  Session 7:
 #                           16384 (was 8192): at 64K with k = 1/4 ~20% of the rows' bands overflowed 8192 keys
 BRACKET_BAND3 = True  # session 10: bands of up to 3/4 of their power-of-2 block in three quarter blocks (`band_blocks`)
+# session 11: the band select's scattered stores in inline PTX (`_store_if`: 112 instead of 159 registers at a 8192-key
+# block, sm_90), and one-block bands of up to BRACKET_BAND_IDX_FIRST keys load their positions together with their keys
+# (no gather after the search): together 0.1-1.2 us faster per step at every batch-16 point (h200_variants_s11b)
+BRACKET_BAND_IDX_FIRST = 8192
+BRACKET_BAND_ASM = True
 BRACKET_BAND_SD = 3.0  # band registers >= the expected band + this many standard deviations (`band_registers`)
 # session 10: L2 eviction hints (the slab read evict_first, the keys written evict_last for the classify kernel, which
 # reads them evict_first).  "auto": on where the keys of all rows take at most BRACKET_HINTS_MAX_BYTES (about a third of
@@ -710,10 +803,17 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     block_s = 64 if interp else BRACKET_BLOCK_S
     if classify == "split":
         block_c = 64 if interp else cfg.get("classify_block", BRACKET_CLASSIFY_BLOCK)
-        _bracket_classify_kernel[(B * R, triton.cdiv(S, block_c))](
-            ws, br, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, W * S, BLOCK_C=block_c,
-            SCALAR=BRACKET_CLASSIFY_SCALAR, HINTS=hints,
-            num_warps=4 if interp else cfg.get("classify_warps", BRACKET_CLASSIFY_WARPS))
+        vec = int(cfg.get("classify_vec", BRACKET_CLASSIFY_VEC))
+        if vec:
+            _bracket_classify_vec_kernel[(B * R, triton.cdiv(S, block_c))](
+                ws, br, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, W * S, BLOCK_C=block_c, KPT=vec,
+                ASM=BRACKET_CLASSIFY_ASM and not interp, HINTS=hints,
+                num_warps=4 if interp else cfg.get("classify_warps", BRACKET_CLASSIFY_WARPS))
+        else:
+            _bracket_classify_kernel[(B * R, triton.cdiv(S, block_c))](
+                ws, br, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, W * S, BLOCK_C=block_c,
+                SCALAR=BRACKET_CLASSIFY_SCALAR, HINTS=hints,
+                num_warps=4 if interp else cfg.get("classify_warps", BRACKET_CLASSIFY_WARPS))
     if stages < 4:
         return idx, (q_rot_out if rotate else None)
     if classify == "scan":
@@ -729,6 +829,8 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         local_window,
         W * S, KB_MODE=kb_mode, BLOCK_N=32 if interp else 256, BLOCK_S=block_s,
         **common, KEYS_WRITTEN=split, BAND_REG=band_reg, EARLY=BRACKET_EARLY_EXIT, BAND3=band_parts == 3,
+        IDX_FIRST=bool(BRACKET_BAND_IDX_FIRST) and band_parts == 1 and band_reg <= BRACKET_BAND_IDX_FIRST,
+        ASM=BRACKET_BAND_ASM and not interp,
         num_warps=4 if interp else cfg.get("finish_warps", BRACKET_WARPS))
     return idx, (q_rot_out if rotate else None)
 

@@ -63,7 +63,28 @@ PRESETS["attention_sparse_r128"] = dict(PRESETS["attention_sparse"], options=dic
 # session 10: the classify kernel with its L2 eviction hints (BRACKET_CACHE_HINTS)
 PRESETS["classify_hints"] = dict(PRESETS["classify_scalar"],
                                  constexprs=dict(PRESETS["classify_scalar"]["constexprs"], HINTS=True))
-GROUPS = {"classify": ("classify_scalar", "classify_blocked", "classify_hints"),
+# session 11: several consecutive keys per thread, scanned in the thread, stores in inline PTX (BRACKET_CLASSIFY_VEC)
+_VEC = dict(kernel=("kernels.bracket", "_bracket_classify_vec_kernel"), ptr="*i32", num_warps=4, num_stages=3,
+            odd=("R",))
+PRESETS["classify_vec4"] = dict(_VEC, constexprs=dict(BLOCK_C=1024, KPT=4, ASM=True))
+PRESETS["classify_vec4_2048"] = dict(_VEC, constexprs=dict(BLOCK_C=2048, KPT=4, ASM=True))
+PRESETS["classify_vec4_noasm"] = dict(_VEC, constexprs=dict(BLOCK_C=1024, KPT=4, ASM=False))
+# the band select (one program per row, 8 warps) at a 8192-key register block, with and without its positions
+# loaded together with the keys (BRACKET_BAND_IDX_FIRST, session 11)
+_FINISH = dict(kernel=("kernels.bracket", "_bracket_finish_kernel"),
+               ptr={"qrot_ptr": "*fp32", "klr_ptr": "*bf16", "ws_ptr": "*i32", "br_ptr": "*i32", "out_ptr": "*i32",
+                    "len_ptr": "*i32", "kb_ptr": "*i32"},
+               constexprs=dict(KB_MODE=2, HPR=4, G_PAD=16, D_LR=32, BLOCK_DL=32, BLOCK_N=256, BLOCK_S=2048,
+                               K_FP32=False, REDUCE_MAX=True, KEYS_WRITTEN=True, BAND_REG=8192, EARLY=True),
+               num_warps=8, num_stages=3, odd=("R", "G", "FRAC_BITS", "K_INT", "FORCED", "SINK", "LOCAL"),
+               fp32=("scale",), i64=("FRAC_BITS",))
+PRESETS["finish_8192"] = _FINISH
+PRESETS["finish_8192_idx_first"] = dict(_FINISH, constexprs=dict(_FINISH["constexprs"], IDX_FIRST=True))
+PRESETS["finish_8192_asm"] = dict(_FINISH, constexprs=dict(_FINISH["constexprs"], ASM=True))
+PRESETS["finish_8192_idx_first_asm"] = dict(_FINISH, constexprs=dict(_FINISH["constexprs"], IDX_FIRST=True, ASM=True))
+GROUPS = {"finish": ("finish_8192", "finish_8192_idx_first", "finish_8192_asm", "finish_8192_idx_first_asm"),
+          "classify": ("classify_scalar", "classify_blocked", "classify_hints", "classify_vec4", "classify_vec4_2048",
+                       "classify_vec4_noasm"),
           "attention": ("attention_dense", "attention_sparse", "attention_sparse_s8", "attention_sparse_s7",
                         "attention_sparse_r128")}
 
@@ -91,7 +112,7 @@ def compile_preset(name: str):
         if arg.endswith("_ptr"):
             sig[arg] = p["ptr"][arg] if isinstance(p["ptr"], dict) else p["ptr"]
         else:
-            sig[arg] = "fp32" if arg in p.get("fp32", ()) else "i32"
+            sig[arg] = "fp32" if arg in p.get("fp32", ()) else "i64" if arg in p.get("i64", ()) else "i32"
         if not sig[arg].startswith("fp") and arg not in p.get("odd", ()):
             attrs[(i,)] = [["tt.divisibility", 16]]  # what Triton's launcher assumes of 16-aligned pointers / ints
     src = ASTSource(fn=kern, signature=sig, constexprs=constexprs, attrs=attrs)

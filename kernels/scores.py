@@ -153,11 +153,15 @@ def _rotate_q_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, out_ptr, so_b, so_h, 
     tl.store(out_ptr + b * so_b + (kvh * G + hh)[:, None] * so_h + cols[None, :], acc, mask=hv[:, None] & cm[None, :])
 
 
+ROTATE_COLS = 0  # output columns per rotation program; 0: 128 // next_pow2(g), at least 8 (session 11: 32 at g = 4
+#                  measured 0.4-1 us faster per step than the 16 of sessions 5-10, h200_variants_s11b)
+
+
 def launch_rotate_q(q: torch.Tensor, P: torch.Tensor, out: torch.Tensor, KVH: int, g: int, D: int):
     """q (B, H, D) @ P[h // g] -> out (fp32), no checks (callers validate)."""
     BLOCK_D = max(16, next_pow2(D))
     G_ROT = next_pow2(g)
-    rot_c = BLOCK_D if is_interpreter() else max(8, min(BLOCK_D, 64 // G_ROT))
+    rot_c = BLOCK_D if is_interpreter() else (ROTATE_COLS or max(8, min(BLOCK_D, 128 // G_ROT)))
     _rotate_q_kernel[(q.shape[0] * KVH, triton.cdiv(D, rot_c))](
         q, q.stride(0), q.stride(1), P, P.stride(0), P.stride(1), out, out.stride(0), out.stride(1), KVH,
         G=g, G_ROT=G_ROT, D=D, BLOCK_D=BLOCK_D, ROT_C=rot_c, num_warps=4)

@@ -59,7 +59,8 @@ def test_bracket_select(dtype, D, d, g, mode, reduce, S, lens, variant=None):
 VARIANTS = {"no_overlap": dict(overlap=False), "fused": dict(classify="fused"), "radix_band": dict(band_reg=16),
             "band3": dict(band_reg=128, band_parts=3), "band3_small": dict(band_reg=64, band_parts=3),
             "scan": dict(classify="scan"), "scan_radix_band": dict(classify="scan", band_reg=16),
-            "pipelined": dict(config=dict(stages=3, programs=8)), "unrolled": dict(config=dict(stages=0))}
+            "pipelined": dict(config=dict(stages=3, programs=8)), "unrolled": dict(config=dict(stages=0)),
+            "vec": dict(config=dict(classify_vec=4)), "vec2": dict(config=dict(classify_vec=2))}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -69,7 +70,7 @@ def test_bracket_select_variants(D, d, g, S, lens, variant):
 
 
 @pytest.mark.parametrize("nsig,variant", [(0.0, None), (4.0, None), (0.0, "no_overlap"), (0.0, "fused"),
-                                          (0.0, "radix_band"), (0.0, "scan")])
+                                          (0.0, "radix_band"), (0.0, "scan"), (0.0, "vec"), (4.0, "vec")])
 def test_bracket_fallback_and_structure(nsig, variant):
     """nsig=0 makes the bracket miss often (the recompute + whole-row fallback runs); rows with a positional trend
     and with periodic structure defeat an evenly spaced sample; per-sequence budgets."""
@@ -128,7 +129,7 @@ def _tied_case(seed, lens):
     return q, k_lr, lengths, P, _ref(q, P, k_lr, lengths, "group", "max")
 
 
-@pytest.mark.parametrize("variant", [None, "fused", "radix_band", "band3"])  # (classify="scan": test_bracket_scan_deterministic)
+@pytest.mark.parametrize("variant", [None, "fused", "radix_band", "band3", "vec"])  # (classify="scan": test_bracket_scan_deterministic)
 def test_bracket_heavy_ties(variant):
     """Keys with few distinct scores: many ties at the k-th value.  Exactly k distinct positions are selected, none
     scoring below the k-th value and none left out above it (the register select takes the first ties it meets)."""
@@ -297,12 +298,14 @@ def test_kth_key_threshold(early, distinct):
         assert hit > 0  # the early exit was taken
 
 
+@pytest.mark.parametrize("vec", [0, 4])
 @pytest.mark.parametrize("hints", [False, True])
-def test_bracket_cache_hints(hints, monkeypatch):
+def test_bracket_cache_hints(hints, vec, monkeypatch):
     """The scoring and classify kernels with and without their L2 eviction hints (session 10): the same exact
-    selection (the hints change where bytes are cached, never what is computed)."""
+    selection (the hints change where bytes are cached, never what is computed); both classify kernels."""
     import kernels.bracket as bracket
     monkeypatch.setattr(bracket, "BRACKET_CACHE_HINTS", hints)
+    monkeypatch.setattr(bracket, "BRACKET_CLASSIFY_VEC", vec)
     test_bracket_select(torch.float32, 64, 8, 3, "group", "max", *LONG)
 
 
@@ -329,3 +332,15 @@ def test_band_blocks_rule():
         assert bracket._band_want(S, s, 4.0, f) <= 3 * reg // 4
     s = bracket.default_sample(65536)
     assert bracket.band_blocks(65536, s, 4.0, 0.125, bracket.band_registers(65536, s, 4.0, 0.125)) == 1
+
+
+@pytest.mark.parametrize("idx_first,asm", [(0, False), (16384, False), (0, True), (16384, True)])
+def test_bracket_band_options(idx_first, asm, monkeypatch):
+    """The band select with its positions loaded together with the keys (BRACKET_BAND_IDX_FIRST) and with its stores
+    in inline PTX (BRACKET_BAND_ASM, GPU only; the interpreter takes tl.store): the same exact selection, ties too."""
+    import kernels.bracket as bracket
+    monkeypatch.setattr(bracket, "BRACKET_BAND_IDX_FIRST", idx_first)
+    monkeypatch.setattr(bracket, "BRACKET_BAND_ASM", asm)
+    test_bracket_select(torch.float32, 64, 8, 3, "group", "max", *LONG)
+    test_bracket_select(torch.float32, 64, 16, 4, "group", "max", *LONG, variant=VARIANTS["band3"])
+    test_bracket_heavy_ties(None)
