@@ -12,9 +12,9 @@ Four kernels (classify="split", overlap=True: the defaults, session 5):
    every tile of tokens against the low-rank slab (the pass that reads d/D of K), force sink / local-window
    positions to +inf and write every key to the row's key workspace.  The brackets' latency (a sort per row)
    hides under that bandwidth-bound pass instead of preceding it.
-3. ``_bracket_classify_kernel`` (many programs per row): key > hi is selected outright (written to the output
-   through a block prefix sum and one relaxed atomic per block), lo <= key <= hi goes to the row's band
-   workspace (key and position).
+3. ``_bracket_classify_vec_kernel`` (many programs per row; ``_bracket_classify_kernel`` until session 10): key > hi
+   is selected outright (written to the output through a block prefix sum and one relaxed atomic per block),
+   lo <= key <= hi goes to the row's band workspace (key and position).
 4. ``_bracket_finish_kernel`` (one program per row): if #(> hi) <= k <= #(> hi) + #band, the remaining
    k - #(> hi) come from the band only (13-20% of the row): bands of up to BAND_REG keys are held in registers
    (session 10: in three BAND_REG / 4 blocks where the expected band fits 3/4 of BAND_REG, `band_blocks`) and the
