@@ -224,6 +224,17 @@ def _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, KMAX
 
 
 @triton.jit
+def _classify_row(ws_ptr, br_ptr, pid, S_MAX, WS_ROW):
+    """(lo, hi, the row's two counters as one 8-byte-aligned int64 pointer, band keys, band positions) of score row
+    pid, for the classify kernels."""
+    br = br_ptr + pid * BR_STRIDE
+    lo_key = tl.load(br).to(tl.uint32, bitcast=True)
+    hi_key = tl.load(br + 1).to(tl.uint32, bitcast=True)
+    bkey = ws_ptr + pid.to(tl.int64) * WS_ROW
+    return lo_key, hi_key, (br + 2).to(tl.pointer_type(tl.int64)), bkey, bkey + S_MAX
+
+
+@triton.jit
 def _bracket_classify_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, R, S_MAX, KMAX, WS_ROW,
                              BLOCK_C: tl.constexpr, SCALAR: tl.constexpr, HINTS: tl.constexpr = False):
     """classify="split": the keys the scoring kernel wrote, classified by many programs per row."""
@@ -234,12 +245,7 @@ def _bracket_classify_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, R, S_
     n = tl.maximum(tl.minimum(tl.load(len_ptr + b).to(tl.int32), S_MAX), 0)
     start = tb * BLOCK_C
     if start < n:
-        br = br_ptr + pid * BR_STRIDE
-        lo_key = tl.load(br).to(tl.uint32, bitcast=True)
-        hi_key = tl.load(br + 1).to(tl.uint32, bitcast=True)
-        cnt_ptr = (br + 2).to(tl.pointer_type(tl.int64))
-        bkey = ws_ptr + pid.to(tl.int64) * WS_ROW
-        bidx = bkey + S_MAX
+        lo_key, hi_key, cnt_ptr, bkey, bidx = _classify_row(ws_ptr, br_ptr, pid, S_MAX, WS_ROW)
         offs = start + tl.arange(0, BLOCK_C)
         if SCALAR:
             # (session 7) one key per thread and load: the same layout as the scattered stores of `_classify`,
@@ -286,12 +292,8 @@ def _bracket_classify_vec_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, R
     n = tl.maximum(tl.minimum(tl.load(len_ptr + b).to(tl.int32), S_MAX), 0)
     start = tb * BLOCK_C
     if start < n:
-        br = br_ptr + pid * BR_STRIDE
-        lo_key = tl.maximum(tl.load(br).to(tl.uint32, bitcast=True), 1)
-        hi_key = tl.load(br + 1).to(tl.uint32, bitcast=True)
-        cnt_ptr = (br + 2).to(tl.pointer_type(tl.int64))
-        bkey = ws_ptr + pid.to(tl.int64) * WS_ROW
-        bidx = bkey + S_MAX
+        lo_key, hi_key, cnt_ptr, bkey, bidx = _classify_row(ws_ptr, br_ptr, pid, S_MAX, WS_ROW)
+        lo_key = tl.maximum(lo_key, 1)  # (keys past the row's length read as 0)
         o_row = out_ptr + b * so_b + r * so_r
         offs = start + tl.arange(0, BLOCK_C // KPT)[:, None] * KPT + tl.arange(0, KPT)[None, :]
         _classify_vec(bkey, bidx, o_row, offs, n, lo_key, hi_key, cnt_ptr, S_MAX, KMAX, ASM, HINTS)

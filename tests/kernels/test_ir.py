@@ -29,6 +29,20 @@ def test_classify_has_no_layout_conversions(ir_facts):
     assert ir_facts["classify_blocked"]["convert_layout"] > 0
 
 
+def test_vec_classify_stores_keep_their_layout(ir_facts):
+    """The vec classify kernel (BRACKET_CLASSIFY_VEC, the default since session 11): with its scattered stores in
+    inline PTX (`_store_if`) they stay in the 4-keys-per-thread layout (the two conversions left are the per-thread
+    sums' scan), where tl.store's coalescing adds six more; and it issues fewer SASS instructions per 1024 keys than
+    the session-7 kernel (measured 32 -> 22 us at 64K on the H200, kernels/NOTES.md "v13")."""
+    vec, plain = ir_facts["classify_vec4"], ir_facts["classify_vec4_noasm"]
+    assert vec["convert_layout"] <= 2 < plain["convert_layout"]
+    if "sass_instructions" in vec:
+        assert vec["sass_instructions"] < 0.8 * ir_facts["classify_scalar"]["sass_instructions"]
+    # the band select's stores through the same helper: fewer registers at a 8192-key block
+    if "registers" in ir_facts["finish_8192_asm"]:
+        assert ir_facts["finish_8192_asm"]["registers"] < ir_facts["finish_8192"]["registers"]
+
+
 def test_instruction_counts_are_reported(ir_facts):
     """Every preset reports its PTX instruction count and, where the Triton wheel's cuobjdump runs, its SASS count
     (what the SM issues; session 9 found PTX a poor proxy for it: kernels/NOTES.md "v11")."""
