@@ -6,6 +6,12 @@ import os
 
 import torch
 import triton
+import triton.language as tl
+
+try:  # programmatic dependent launch (Triton >= 3.4, sm_90+)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover
+    gdc_launch_dependents = gdc_wait = None
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -37,6 +43,33 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 4
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def pdl_available(device: torch.device) -> bool:
+    """Whether kernels on `device` can be launched with programmatic dependent launch (sm_90+, a Triton with
+    gdc_wait / gdc_launch_dependents, not the interpreter)."""
+    if gdc_wait is None or is_interpreter() or device.type != "cuda":
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
+
+
+@triton.jit
+def pdl_trigger(PDL: tl.constexpr):
+    """Let the next kernel, launched with launch_pdl=True, start while this one runs (griddepcontrol)."""
+    if PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """Wait until the previous kernel (which triggered this one early) has finished and its writes are visible."""
+    if PDL:
+        gdc_wait()
 
 
 def check_float(t: torch.Tensor, name: str) -> None:

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._utils import (check, check_cache, check_float, check_last_contiguous, check_lengths, default_scaling,
-                     is_interpreter, next_pow2, num_sms, INDEX_DTYPES)
+                     is_interpreter, next_pow2, num_sms, pdl_available, pdl_wait, INDEX_DTYPES)
 from .scores import _split_hi_lo
 
 LOG2E = 1.4426950408889634
@@ -34,13 +34,14 @@ LOG2E = 1.4426950408889634
 def _flash_decode_kernel(q_ptr, sq_b, sq_h,
                          klr_ptr, slr_b, slr_h, slr_s, krs_ptr, srs_b, srs_h, srs_s, v_ptr, sv_b, sv_h, sv_s,
                          idx_ptr, si_b, si_r, len_ptr,
-                         o_ptr, so_b, so_h, mp_ptr, lp_ptr, op_ptr, cnt_ptr,
+                         o_ptr, so_b, so_h, mp_ptr, lp_ptr, op_ptr, cnt_ptr, rdy_ptr,
                          qk_scale, R, G, N_ITEMS, TPS, H, NSPLIT,
                          DENSE: tl.constexpr, SPLIT: tl.constexpr, FOLD: tl.constexpr, NS_PAD: tl.constexpr,
                          FOLD_VEC: tl.constexpr, HPR_P2: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr,
                          D: tl.constexpr, D_LR: tl.constexpr, BLOCK_DL: tl.constexpr, BLOCK_DR: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, K_FP32: tl.constexpr,
-                         HAS_REST: tl.constexpr, AHEAD: tl.constexpr, HILO: tl.constexpr, EVICT: tl.constexpr = False):
+                         HAS_REST: tl.constexpr, AHEAD: tl.constexpr, HILO: tl.constexpr, EVICT: tl.constexpr = False,
+                         EARLY: tl.constexpr = False, PDL: tl.constexpr = False):
     pid = tl.program_id(0)
     sp = tl.program_id(1)
     b = (pid // R).to(tl.int64)
@@ -86,14 +87,37 @@ def _flash_decode_kernel(q_ptr, sq_b, sq_h,
         # measured 25-40% slower (kernels/NOTES.md v10).
         n_hi = tl.minimum(tile_hi * BLOCK_N, n)
         ar = tl.arange(0, BLOCK_N)
+        if EARLY:
+            # session 11: the tiles of the row's first `ready` indices (its keys above the bracket, final once the
+            # classify kernel has run) first; then wait for the band select (PDL: the kernel before this one, which
+            # let it start early) and attend to the rest
+            rdy = rdy_ptr + pid * 8  # (bracket.BR_INTS per row: lo, hi, #above, #band, budget)
+            c_gt = tl.load(rdy + 2)
+            c_band = tl.load(rdy + 3)
+            kbud = tl.load(rdy + 4)
+            ready = tl.where((c_gt <= kbud) & (kbud <= c_gt + c_band), c_gt, 0)
+            t_mid = tl.minimum(tl.maximum(ready // BLOCK_N, tile_lo), tile_hi)
+        else:
+            t_mid = tile_hi
         tok_n = tl.load(i_base + tile_lo * BLOCK_N + ar, mask=tile_lo * BLOCK_N + ar < n_hi, other=-1)
-        for t in range(tile_lo, tile_hi):
+        for t in range(tile_lo, t_mid):
             tok, valid = _sparse_tokens(tok_n)
             tok_n = tl.load(i_base + (t + 1) * BLOCK_N + ar, mask=(t + 1) * BLOCK_N + ar < n_hi, other=-1)
             kl, kr, vv = _gather_rows(tok, valid, kl_base, slr_s, kr_base, srs_s, v_base, sv_s, D, D_LR, BLOCK_DL,
                                       BLOCK_DR, BLOCK_D, HAS_REST, EVICT)
             m_i, l_i, acc = _attend_tile(kl, kr, vv, valid, m_i, l_i, acc, q_lr, q_lr_hi, q_lr_lo, q_rs, q_rs_hi,
                                          q_rs_lo, K_FP32, HAS_REST, v_ptr.dtype.element_ty, HILO)
+        if EARLY:
+            pdl_wait(PDL)
+            # (reloaded: the load ahead in the loop above may have read them before the band select wrote them)
+            tok_n = tl.load(i_base + t_mid * BLOCK_N + ar, mask=t_mid * BLOCK_N + ar < n_hi, other=-1)
+            for t in range(t_mid, tile_hi):
+                tok, valid = _sparse_tokens(tok_n)
+                tok_n = tl.load(i_base + (t + 1) * BLOCK_N + ar, mask=(t + 1) * BLOCK_N + ar < n_hi, other=-1)
+                kl, kr, vv = _gather_rows(tok, valid, kl_base, slr_s, kr_base, srs_s, v_base, sv_s, D, D_LR,
+                                          BLOCK_DL, BLOCK_DR, BLOCK_D, HAS_REST, EVICT)
+                m_i, l_i, acc = _attend_tile(kl, kr, vv, valid, m_i, l_i, acc, q_lr, q_lr_hi, q_lr_lo, q_rs,
+                                             q_rs_hi, q_rs_lo, K_FP32, HAS_REST, v_ptr.dtype.element_ty, HILO)
     else:
         for t in range(tile_lo, tile_hi):
             offs = t * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -267,7 +291,8 @@ FOLD_VECTOR_MAX = 8192  # folded combine: all of a row's heads in one tile when 
 DENSE_CONFIG = dict(block_n=128, num_warps=4, num_stages=3, waves=1, hilo=True)
 
 
-def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_splits, out, config, counters=None):
+def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_splits, out, config, counters=None,
+            ready=None, pdl=False):
     B, KVH, S, D, d = check_cache(k_lr, k_rest, v)
     check_float(q_rot, "q_rot")
     check(q_rot.dim() == 3 and q_rot.shape[0] == B and q_rot.shape[2] == D,
@@ -330,6 +355,17 @@ def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_spli
     ahead = not dense and bool(cfg.get("ahead", False)) and idx.dtype == torch.int32
     # maxnreg (session 10): a register cap, e.g. 128 for 4 programs per SM instead of 3 (51 KB of shared memory each)
     extra = dict(maxnreg=int(cfg["maxnreg"])) if cfg.get("maxnreg") and not interp else {}
+    # session 11: the rows' indices that are final before the kernel before this one ends (`ready`: the bracket
+    # records, `bracket.bracket_ready`) are attended to first; with pdl (and PDL on this device) the kernel is
+    # launched early (launch_pdl) and waits for its predecessor only before the rest (the indices-ahead loop only)
+    early = ready is not None and ahead
+    if ready is not None:
+        check(ready.dtype == torch.int32 and ready.is_contiguous() and ready.numel() >= B * R * 8
+              and ready.device == k_lr.device,
+              f"ready must be a contiguous int32 tensor of >= {B * R * 8} elements (8 per score row) on {k_lr.device}")
+    use_pdl = early and bool(pdl) and pdl_available(k_lr.device)
+    if use_pdl:
+        extra["launch_pdl"] = True
     _flash_decode_kernel[(B * R, num_splits)](
         q_rot, q_rot.stride(0), q_rot.stride(1),
         k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2),
@@ -338,14 +374,14 @@ def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_spli
         v, v.stride(0), v.stride(1), v.stride(2),
         idx_t, idx_t.stride(0) if not dense else 0, idx_t.stride(1) if not dense else 0,
         lengths if lengths is not None else idx_t,
-        out, out.stride(0), out.stride(1), mp, lp, op, counters if fold else mp,
+        out, out.stride(0), out.stride(1), mp, lp, op, counters if fold else mp, ready if early else mp,
         scale, R, g, n_items, tps, H, num_splits,
         DENSE=dense, SPLIT=split, FOLD=fold, NS_PAD=ns_pad, HPR_P2=hpr_p2,
         FOLD_VEC=fold and hpr_p2 * ns_pad * max(16, next_pow2(D)) <= FOLD_VECTOR_MAX, HPR=HPR,
         G_PAD=max(16, next_pow2(HPR)), D=D, D_LR=d,
         BLOCK_DL=max(16, next_pow2(d)), BLOCK_DR=max(16, next_pow2(max(D - d, 1))), BLOCK_D=max(16, next_pow2(D)),
         BLOCK_N=BLOCK_N, K_FP32=v.dtype == torch.float32, HAS_REST=has_rest, AHEAD=ahead,
-        HILO=bool(cfg.get("hilo", True)), EVICT=bool(cfg.get("evict", False)),
+        HILO=bool(cfg.get("hilo", True)), EVICT=bool(cfg.get("evict", False)), EARLY=early, PDL=use_pdl,
         num_warps=4 if interp else cfg["num_warps"], num_stages=1 if interp else cfg["num_stages"], **extra)
     if split and not fold:
         _combine_kernel[(B * H,)](mp, lp, op, out, out.stride(0), out.stride(1), H, num_splits,
@@ -357,7 +393,8 @@ def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_spli
 def sparse_decode_attention(q_rot: torch.Tensor, k_lr: torch.Tensor, k_rest: torch.Tensor, v: torch.Tensor,
                             idx: torch.Tensor, scaling: float | None = None, num_splits: int | None = None,
                             out: torch.Tensor | None = None, config: dict | None = None,
-                            counters: torch.Tensor | None = None) -> torch.Tensor:
+                            counters: torch.Tensor | None = None, ready: torch.Tensor | None = None,
+                            pdl: bool = False) -> torch.Tensor:
     """Exact softmax attention of the rotated queries over the selected cache rows only.
 
     q_rot: (B, H, D) (q' = q @ P, any float dtype).  idx: (B, KVH, k) in group mode (one selection per KV head,
@@ -366,9 +403,13 @@ def sparse_decode_attention(q_rot: torch.Tensor, k_lr: torch.Tensor, k_rest: tor
     scaling defaults to 1/sqrt(D).  Returns (B, H, D) in the cache dtype.  Rows without any selected token
     give zeros.  counters: an int32 tensor of >= B * idx.shape[1] zeros (the caller zeroes them, e.g. inside an
     earlier kernel): then the last program of each row to finish combines the split-K partials itself instead of
-    a separate combine kernel (the counters are left non-zero).
+    a separate combine kernel (the counters are left non-zero).  ready (session 11): int32 records of 8 per score
+    row (lo, hi, #above, #band, budget: `bracket.bracket_ready`): each program first attends to its tiles among the
+    row's first #above indices (where #above <= budget <= #above + #band), then to the rest; pdl: launched with
+    programmatic dependent launch after a kernel that triggers it (the band select), waiting for that kernel only
+    before the rest.  Where PDL is not available the split is kept and nothing waits (stream order holds).
     """
-    return _launch(q_rot, k_lr, k_rest, v, idx, None, scaling, False, num_splits, out, config, counters)
+    return _launch(q_rot, k_lr, k_rest, v, idx, None, scaling, False, num_splits, out, config, counters, ready, pdl)
 
 
 def dense_decode_attention(q_rot: torch.Tensor, k_lr: torch.Tensor, k_rest: torch.Tensor, v: torch.Tensor,

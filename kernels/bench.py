@@ -402,7 +402,8 @@ _V7 = dict(SPARSE_CONFIG=_SPARSE_S7, BRACKET_OVERLAP=True, FOLD_COMBINE=True, BR
            BRACKET_BAND_REG=8192, BRACKET_SCORE_CONFIG={0: dict(block_n=256, tiles=2, num_warps=4),
                                                         32: dict(block_n=128, tiles=4, num_warps=4)},
            BRACKET_CLASSIFY_SCALAR=False, BRACKET_CACHE_HINTS=False, BRACKET_BAND3=False, BRACKET_CLASSIFY_VEC=0,
-           BRACKET_CLASSIFY_ASM=True, BRACKET_BAND_IDX_FIRST=0, BRACKET_BAND_ASM=False, ROTATE_COLS=16)
+           BRACKET_CLASSIFY_ASM=True, BRACKET_BAND_IDX_FIRST=0, BRACKET_BAND_ASM=False, ROTATE_COLS=16,
+           BRACKET_CLASSIFY_NB=1, ATTN_EARLY=False)
 _SCAN = dict(_V7, BRACKET_CLASSIFY="scan")
 
 
@@ -527,6 +528,11 @@ VARIANTS = {
     # the module defaults since round 2: band_asm with positions first for one-block bands of up to 8192 keys, 32
     # rotation columns per program at g = 4 (ROTATE_COLS = 0: auto)
     "s11_final": dict(_S11, BRACKET_BAND_ASM=True, BRACKET_BAND_IDX_FIRST=8192, ROTATE_COLS=0),
+    # round 4: the attention launched early (programmatic dependent launch after the band select) on each row's keys
+    # above its bracket (kernels.loki.ATTN_EARLY: the module default since); 2 / 4 classify blocks per program
+    "s11_early": dict(_S11, BRACKET_BAND_ASM=True, BRACKET_BAND_IDX_FIRST=8192, ROTATE_COLS=0, ATTN_EARLY=True),
+    **{f"s11_early_nb{nb}": dict(_S11, BRACKET_BAND_ASM=True, BRACKET_BAND_IDX_FIRST=8192, ROTATE_COLS=0,
+                                 ATTN_EARLY=True, BRACKET_CLASSIFY_NB=nb) for nb in (2, 4)},
     # round 3: L2 eviction hints at every size (the "auto" rule dates from the session-7 classify kernel)
     "s11_final_hints": dict(_S11, BRACKET_BAND_ASM=True, BRACKET_BAND_IDX_FIRST=8192, ROTATE_COLS=0,
                             BRACKET_CACHE_HINTS=True),
@@ -547,7 +553,8 @@ def _variant_modules() -> dict:
                 BRACKET_SCORE_CONFIG=bracket_mod, BRACKET_CLASSIFY_SCALAR=bracket_mod, SPARSE_CONFIG=attn_mod,
                 BRACKET_WARPS=bracket_mod, BRACKET_CACHE_HINTS=bracket_mod, BRACKET_BAND3=bracket_mod,
                 BRACKET_CLASSIFY_VEC=bracket_mod, BRACKET_CLASSIFY_ASM=bracket_mod, BRACKET_BAND_IDX_FIRST=bracket_mod,
-                BRACKET_BAND_ASM=bracket_mod, ROTATE_COLS=scores_mod)
+                BRACKET_BAND_ASM=bracket_mod, ROTATE_COLS=scores_mod, BRACKET_CLASSIFY_NB=bracket_mod,
+                ATTN_EARLY=loki_mod)
 
 
 def apply_variant(name: str) -> dict:

@@ -43,12 +43,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check, default_scaling, is_interpreter, next_pow2
+from ._utils import check, default_scaling, is_interpreter, next_pow2, pdl_available, pdl_trigger
 from .scores import _load_q_lr_T, _rotate_heads, _row_of, _score_tile, _split_hi_lo, launch_rotate_q, rot_chunks
 from .topk import _bit_length, _bracket_of_sample, _key_of, _radix_select, check_select_inputs
 
 
-BR_STRIDE = tl.constexpr(4)  # per score row: lo, hi, #above, #band (the two counters: one int64-aligned pair)
+BR_STRIDE = tl.constexpr(8)  # per score row: lo, hi, #above, #band (the two counters: one int64-aligned pair), the
+#                               row's budget (session 11: read by the attention kernel, `bracket_ready`), 3 unused
+BR_INTS = 8
 
 
 @triton.jit
@@ -104,6 +106,7 @@ def _bracket_row(pid, b, h0, kvh, n, kb, qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b,
     tl.store(br + 1, hi_key.to(tl.int32, bitcast=True))
     tl.store(br + 2, 0)
     tl.store(br + 3, 0)
+    tl.store(br + 4, kb)
     if ZERO_AC:
         tl.store(ac_ptr + pid, 0)
 
@@ -278,7 +281,7 @@ def _store_if(ptr, val, pred, ASM: tl.constexpr):
 @triton.jit
 def _bracket_classify_vec_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, R, S_MAX, KMAX, WS_ROW,
                                  BLOCK_C: tl.constexpr, KPT: tl.constexpr, ASM: tl.constexpr,
-                                 HINTS: tl.constexpr = False):
+                                 HINTS: tl.constexpr = False, NB: tl.constexpr = 1):
     """classify="split" with BRACKET_CLASSIFY_VEC = KPT (session 11): `_bracket_classify_kernel` with each thread
     holding KPT consecutive keys (one vector load), scanned in the thread, then one scan over the BLOCK_C / KPT
     per-thread sums; the stores keep that layout (ASM, `_store_if`).  The session-7 kernel scans every key across
@@ -290,13 +293,15 @@ def _bracket_classify_vec_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, R
     b = pid // R
     r = pid % R
     n = tl.maximum(tl.minimum(tl.load(len_ptr + b).to(tl.int32), S_MAX), 0)
-    start = tb * BLOCK_C
+    start = tb * (NB * BLOCK_C)
     if start < n:
         lo_key, hi_key, cnt_ptr, bkey, bidx = _classify_row(ws_ptr, br_ptr, pid, S_MAX, WS_ROW)
         lo_key = tl.maximum(lo_key, 1)  # (keys past the row's length read as 0)
         o_row = out_ptr + b * so_b + r * so_r
-        offs = start + tl.arange(0, BLOCK_C // KPT)[:, None] * KPT + tl.arange(0, KPT)[None, :]
-        _classify_vec(bkey, bidx, o_row, offs, n, lo_key, hi_key, cnt_ptr, S_MAX, KMAX, ASM, HINTS)
+        for j in tl.static_range(NB):  # NB blocks per program, one atomic each
+            if start + j * BLOCK_C < n:
+                offs = start + j * BLOCK_C + tl.arange(0, BLOCK_C // KPT)[:, None] * KPT + tl.arange(0, KPT)[None, :]
+                _classify_vec(bkey, bidx, o_row, offs, n, lo_key, hi_key, cnt_ptr, S_MAX, KMAX, ASM, HINTS)
 
 
 @triton.jit
@@ -435,9 +440,13 @@ def _bracket_finish_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
                            BLOCK_DL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
                            K_FP32: tl.constexpr, REDUCE_MAX: tl.constexpr, KEYS_WRITTEN: tl.constexpr,
                            BAND_REG: tl.constexpr, EARLY: tl.constexpr, BAND3: tl.constexpr = False,
-                           IDX_FIRST: tl.constexpr = False, ASM: tl.constexpr = False):
+                           IDX_FIRST: tl.constexpr = False, ASM: tl.constexpr = False,
+                           PDL: tl.constexpr = False):
     """One program per score row: the band select (or, the bracket missed, the whole row's radix select).  BAND3:
-    the band in three BAND_REG / 4-key register blocks (`_select_in_registers3`) instead of one BAND_REG block."""
+    the band in three BAND_REG / 4-key register blocks (`_select_in_registers3`) instead of one BAND_REG block.
+    PDL (session 11): the attention kernel, launched with launch_pdl=True, may start at once and attend to the
+    selection's rows above the bracket (written by the classify kernel) while this kernel selects the band."""
+    pdl_trigger(PDL)
     pid = tl.program_id(0)
     b, r, h0, kvh = _row_of(pid, R, HPR, G)
     n, kb = _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_BITS, FORCED, S_MAX, KMAX, KB_MODE)
@@ -602,6 +611,7 @@ BRACKET_CLASSIFY_BLOCK = 1024  # keys per program of the classify kernel (1024-2
 BRACKET_CLASSIFY_WARPS = 4
 BRACKET_CLASSIFY_SCALAR = True  # session 7: one key per thread and load (no layout conversions before the stores)
 BRACKET_CLASSIFY_VEC = 4  # session 11: > 0: `_bracket_classify_vec_kernel`, this many consecutive keys per thread
+BRACKET_CLASSIFY_NB = 1  # session 11: blocks of BRACKET_CLASSIFY_BLOCK keys per vec-classify program
 BRACKET_CLASSIFY_ASM = True  # session 11: its scattered stores in inline PTX (`_store_if`; never under the interpreter)
 BRACKET_OVERLAP = True  # session 5: brackets written by extra programs of the scoring kernel (split only)
 BRACKET_BAND_REG = 16384  # largest band selected in registers (bit-by-bit counting); larger: radix select.  Session 7:
@@ -683,7 +693,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
                         sample: int | None = None, nsig: float | None = None,
                         workspace: torch.Tensor | None = None, stages: int = 4, classify: str | None = None,
                         band_reg: int | None = None, band_parts: int | None = None, overlap: bool | None = None,
-                        attn_counters: torch.Tensor | None = None):
+                        attn_counters: torch.Tensor | None = None, pdl: bool = False):
     """(Rotate q) + scores + exact top-k, each step spread over many programs per row (see module doc).
 
     Same contract as `topk.loki_select`: q (B, H, D) raw queries when P (KVH, D, D) is given (q' = q @ P is
@@ -708,6 +718,8 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     attn_counters: optional int32 tensor of >= B*R elements that the bracket programs zero, for the sparse
     attention kernel's in-kernel split combine (`sparse_decode_attention(counters=)`).
     ``stages`` < 4 launches only the first kernels (for the benchmark's per-kernel times; idx is then garbage).
+    pdl (session 11): the band-select kernel lets the next kernel start early (launch_pdl=True on the GPU: the
+    sparse attention with ``ready=bracket_ready(workspace, ...)``); where PDL is not available it is ignored.
     """
     check(isinstance(sink_tokens, int) and sink_tokens >= 0, f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
     check(isinstance(local_window, int) and local_window >= 0,
@@ -744,13 +756,13 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     split = classify != "fused"  # split and scan: the scoring kernel writes every key
     overlap = split and (BRACKET_OVERLAP if overlap is None else bool(overlap))
     W = 3 if split else 2
-    n_ws = B * R * (W * S + 4)
+    n_ws = bracket_workspace_size(B, R, S, classify)
     if workspace is None:
         workspace = torch.empty(n_ws, dtype=torch.int32, device=k_lr.device)
     check(workspace.dtype == torch.int32 and workspace.is_contiguous() and workspace.numel() >= n_ws
           and workspace.device == k_lr.device and workspace.data_ptr() % 8 == 0,
           f"workspace must be a contiguous, 8-byte aligned int32 tensor of >= {n_ws} elements on {k_lr.device}")
-    br, ws = workspace[:B * R * 4], workspace[B * R * 4:n_ws]  # (the brackets first: int64-aligned counters)
+    br, ws = workspace[:B * R * BR_INTS], workspace[B * R * BR_INTS:n_ws]  # (the brackets first: int64-aligned counters)
     idx = torch.empty(B, R, KMAX, dtype=torch.int32, device=k_lr.device)
     zero_ac = attn_counters is not None
     if zero_ac:
@@ -807,9 +819,10 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         block_c = 64 if interp else cfg.get("classify_block", BRACKET_CLASSIFY_BLOCK)
         vec = int(cfg.get("classify_vec", BRACKET_CLASSIFY_VEC))
         if vec:
-            _bracket_classify_vec_kernel[(B * R, triton.cdiv(S, block_c))](
+            nb = int(cfg.get("classify_nb", BRACKET_CLASSIFY_NB))
+            _bracket_classify_vec_kernel[(B * R, triton.cdiv(S, block_c * nb))](
                 ws, br, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, W * S, BLOCK_C=block_c, KPT=vec,
-                ASM=BRACKET_CLASSIFY_ASM and not interp, HINTS=hints,
+                ASM=BRACKET_CLASSIFY_ASM and not interp, HINTS=hints, NB=nb,
                 num_warps=4 if interp else cfg.get("classify_warps", BRACKET_CLASSIFY_WARPS))
         else:
             _bracket_classify_kernel[(B * R, triton.cdiv(S, block_c))](
@@ -832,9 +845,23 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         W * S, KB_MODE=kb_mode, BLOCK_N=32 if interp else 256, BLOCK_S=block_s,
         **common, KEYS_WRITTEN=split, BAND_REG=band_reg, EARLY=BRACKET_EARLY_EXIT, BAND3=band_parts == 3,
         IDX_FIRST=bool(BRACKET_BAND_IDX_FIRST) and band_parts == 1 and band_reg <= BRACKET_BAND_IDX_FIRST,
-        ASM=BRACKET_BAND_ASM and not interp,
+        ASM=BRACKET_BAND_ASM and not interp, PDL=pdl and pdl_available(k_lr.device),
         num_warps=4 if interp else cfg.get("finish_warps", BRACKET_WARPS))
     return idx, (q_rot_out if rotate else None)
+
+
+def bracket_workspace_size(B: int, R: int, S: int, classify: str | None = None) -> int:
+    """int32 elements of `loki_select_bracket`'s workspace for B sequences, R score rows and S_max = S."""
+    classify = BRACKET_CLASSIFY if classify is None else classify
+    return B * R * ((3 if classify != "fused" else 2) * S + BR_INTS)
+
+
+def bracket_ready(workspace: torch.Tensor, B: int, R: int) -> torch.Tensor:
+    """The per-row bracket records of a workspace `loki_select_bracket` filled ((B * R, BR_INTS) int32: lo, hi,
+    #above, #band, budget): what the sparse attention's early start (``ready=``) reads.  Once the classify kernel has
+    run, a row whose bracket held (#above <= budget <= #above + #band) has its first #above indices final; the band
+    select then writes only the positions after them."""
+    return workspace[:B * R * BR_INTS].view(B * R, BR_INTS)
 
 
 def fraction_k_max(frac: float, S_max: int, sink_tokens: int = 0, local_window: int = 0) -> int:

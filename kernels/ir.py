@@ -45,7 +45,7 @@ PRESETS = {
 _ATTN = dict(kernel=("kernels.attention", "_flash_decode_kernel"),
              ptr={"q_ptr": "*fp32", "klr_ptr": "*bf16", "krs_ptr": "*bf16", "v_ptr": "*bf16", "idx_ptr": "*i32",
                   "len_ptr": "*i32", "o_ptr": "*bf16", "mp_ptr": "*fp32", "lp_ptr": "*fp32", "op_ptr": "*fp32",
-                  "cnt_ptr": "*i32"},
+                  "cnt_ptr": "*i32", "rdy_ptr": "*i32"},
              constexprs=dict(SPLIT=True, FOLD=True, NS_PAD=4, FOLD_VEC=True, HPR_P2=4, HPR=4, G_PAD=16, D=128, D_LR=32,
                              BLOCK_DL=32, BLOCK_DR=128, BLOCK_D=128, BLOCK_N=64, K_FP32=False, HAS_REST=True,
                              AHEAD=False, HILO=True),
@@ -60,6 +60,10 @@ PRESETS["attention_sparse_s8"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"]
 PRESETS["attention_sparse"] = dict(_ATTN, constexprs=dict(_ATTN["constexprs"], DENSE=False, AHEAD=True, HILO=False),
                                    num_stages=3)
 PRESETS["attention_sparse_r128"] = dict(PRESETS["attention_sparse"], options=dict(maxnreg=128))
+# session 11: the sparse loop split at the rows' ready indices, with a programmatic-dependent-launch wait between
+PRESETS["attention_sparse_early"] = dict(PRESETS["attention_sparse"],
+                                         constexprs=dict(PRESETS["attention_sparse"]["constexprs"], EARLY=True,
+                                                         PDL=True))
 # session 10: the classify kernel with its L2 eviction hints (BRACKET_CACHE_HINTS)
 PRESETS["classify_hints"] = dict(PRESETS["classify_scalar"],
                                  constexprs=dict(PRESETS["classify_scalar"]["constexprs"], HINTS=True))
@@ -69,6 +73,8 @@ _VEC = dict(kernel=("kernels.bracket", "_bracket_classify_vec_kernel"), ptr="*i3
 PRESETS["classify_vec4"] = dict(_VEC, constexprs=dict(BLOCK_C=1024, KPT=4, ASM=True))
 PRESETS["classify_vec4_2048"] = dict(_VEC, constexprs=dict(BLOCK_C=2048, KPT=4, ASM=True))
 PRESETS["classify_vec4_noasm"] = dict(_VEC, constexprs=dict(BLOCK_C=1024, KPT=4, ASM=False))
+PRESETS["classify_vec4_nb2"] = dict(_VEC, constexprs=dict(BLOCK_C=1024, KPT=4, ASM=True, NB=2))
+PRESETS["classify_vec4_nb4"] = dict(_VEC, constexprs=dict(BLOCK_C=1024, KPT=4, ASM=True, NB=4))
 # the band select (one program per row, 8 warps) at a 8192-key register block, with and without its positions
 # loaded together with the keys (BRACKET_BAND_IDX_FIRST, session 11)
 _FINISH = dict(kernel=("kernels.bracket", "_bracket_finish_kernel"),
@@ -84,9 +90,9 @@ PRESETS["finish_8192_asm"] = dict(_FINISH, constexprs=dict(_FINISH["constexprs"]
 PRESETS["finish_8192_idx_first_asm"] = dict(_FINISH, constexprs=dict(_FINISH["constexprs"], IDX_FIRST=True, ASM=True))
 GROUPS = {"finish": ("finish_8192", "finish_8192_idx_first", "finish_8192_asm", "finish_8192_idx_first_asm"),
           "classify": ("classify_scalar", "classify_blocked", "classify_hints", "classify_vec4", "classify_vec4_2048",
-                       "classify_vec4_noasm"),
+                       "classify_vec4_noasm", "classify_vec4_nb2", "classify_vec4_nb4"),
           "attention": ("attention_dense", "attention_sparse", "attention_sparse_s8", "attention_sparse_s7",
-                        "attention_sparse_r128")}
+                        "attention_sparse_r128", "attention_sparse_early")}
 
 
 def compile_preset(name: str):

@@ -16,13 +16,18 @@ import torch
 
 from ._utils import LokiInputError, check, check_cache, check_float, check_lengths
 from .attention import sparse_decode_attention
-from .bracket import fraction_budget, fraction_k_max, loki_select_bracket
+from . import bracket as bracket_mod
+from .bracket import (bracket_ready, bracket_workspace_size, fraction_budget, fraction_k_max,
+                      loki_select_bracket)
 from .scores import loki_scores, rotate_q
 from .topk import _budget_args, loki_select, topk_select
 
 
 PATHS = ("auto", "bracket", "fused", "split", "torch_topk")
 FOLD_COMBINE = True  # bracket path: the attention kernel combines its split-K partials itself (session 5)
+# session 11, bracket path: the sparse attention starts while the band select runs (programmatic dependent launch on
+# sm_90+) and attends first to each row's keys above its bracket, which the classify kernel has already placed
+ATTN_EARLY = True
 AUTO_PATH: str | None = None  # when set, path="auto" resolves to it (benchmarks compare paths inside a whole model)
 
 
@@ -78,13 +83,19 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
         k_budget = fraction_budget(k_budget, lengths, sink_tokens, local_window)
     if (sink_tokens or local_window) and path != "bracket":  # ("auto" resolved above)
         raise LokiInputError(f"sink_tokens/local_window need path='bracket' (got path={path!r})")
-    counters = None
+    counters = ready = None
     if path == "bracket":
+        R = q.shape[1] if mode == "head" else KVH
         if FOLD_COMBINE if fold_combine is None else fold_combine:
-            counters = torch.empty(B * (q.shape[1] if mode == "head" else KVH), dtype=torch.int32, device=q.device)
+            counters = torch.empty(B * R, dtype=torch.int32, device=q.device)
+        ws = None
+        if ATTN_EARLY and bracket_mod.BRACKET_CLASSIFY == "split":  # (the band select runs last: split only)
+            ws = torch.empty(bracket_workspace_size(B, R, S), dtype=torch.int32, device=q.device)
+            ready = bracket_ready(ws, B, R)
         idx, q_rot = loki_select_bracket(q, k_lr, lengths, k_budget, P=P, mode=mode, reduce=reduce, scaling=scaling,
                                          strict=False, k_max=k_max, sink_tokens=sink_tokens,
-                                         local_window=local_window, attn_counters=counters)
+                                         local_window=local_window, attn_counters=counters, workspace=ws,
+                                         pdl=ready is not None)
     elif path == "fused":
         idx, q_rot = loki_select(q, k_lr, lengths, k_budget, P=P, mode=mode, reduce=reduce, scaling=scaling,
                                  strict=False, k_max=k_max)
@@ -99,5 +110,5 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
             vals, idx = torch.topk(scores, kk, dim=-1, sorted=False)
             idx = torch.where(torch.isinf(vals), torch.full_like(idx, -1), idx)
     out = sparse_decode_attention(q_rot, k_lr, k_rest, v, idx, scaling=scaling, num_splits=num_splits, out=out,
-                                  counters=counters)
+                                  counters=counters, ready=ready, pdl=ready is not None)
     return (out, idx) if return_indices else out

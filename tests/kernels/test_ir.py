@@ -29,6 +29,15 @@ def test_classify_has_no_layout_conversions(ir_facts):
     assert ir_facts["classify_blocked"]["convert_layout"] > 0
 
 
+def test_early_attention_keeps_its_pipeline(ir_facts):
+    """The sparse loop split at the rows' ready indices (session 11, kernels.loki.ATTN_EARLY) is two loops with a
+    griddepcontrol wait between them: each keeps the single loop's copies in flight (async_wait num=3), and they share
+    its shared memory (two programs per SM, as before)."""
+    one, two = ir_facts["attention_sparse"], ir_facts["attention_sparse_early"]
+    assert two["async_wait_num"] == one["async_wait_num"] * 2
+    assert two["shared_bytes"] == one["shared_bytes"]
+
+
 def test_vec_classify_stores_keep_their_layout(ir_facts):
     """The vec classify kernel (BRACKET_CLASSIFY_VEC, the default since session 11): with its scattered stores in
     inline PTX (`_store_if`) they stay in the 4-keys-per-thread layout (the two conversions left are the per-thread

@@ -2,7 +2,10 @@ import pytest
 import torch
 
 from kernels import LokiInputError, loki_decode, loki_select_bracket
+from kernels.attention import sparse_attention_ref
+from kernels.bracket import bracket_ready, bracket_workspace_size
 from kernels.reference import loki_decode_ref, naive_loki_torch
+from kernels.scores import rotate_q_ref
 from kernels.testing import check_selection, random_cache, random_orthonormal, rel_err
 from kernels.topk import budgets_ref
 
@@ -50,8 +53,6 @@ def test_loki_decode(dtype, D, d, g, mode, reduce, path, k):
     n, exact = check_selection(idx, ref_scores, lengths.cpu(), kbs, tol)
     assert exact >= n - 1
     # compare the output against the reference attention over *our* selection (exact up to ties)
-    from kernels.attention import sparse_attention_ref
-    from kernels.scores import rotate_q_ref
     ref_own = sparse_attention_ref(rotate_q_ref(q.cpu(), P.cpu()), k_lr.cpu(), k_rest.cpu(), v.cpu(), idx.cpu())
     assert rel_err(out, ref_own) <= TOL[dtype]
     if exact == n:
@@ -138,3 +139,34 @@ def test_loki_decode_bad_inputs():
         loki_decode(q, P, k_lr, k_rest, v, lengths, 2, path="fused", sink_tokens=4)
     with pytest.raises(LokiInputError, match="workspace"):
         loki_select_bracket(q, k_lr, lengths, 2, P=P, workspace=torch.zeros(3, dtype=torch.int32, device=DEV))
+
+
+@pytest.mark.parametrize("mode,k", [("group", 150), ("group", 0.5), ("head", 120)])
+def test_loki_decode_attention_early_start(dtype, mode, k, monkeypatch):
+    """kernels.loki.ATTN_EARLY (session 11, the default): the attention reads the bracket records and attends first
+    to each row's keys above its bracket, then (on the GPU, after a programmatic-dependent-launch wait for the band
+    select) to the rest.  Rows long enough for a real bracket (>= 4 x the interpreter's 64-key sample) and one that is
+    not; the output equals the float64 reference and, bitwise, the output without the early start."""
+    import kernels.loki as loki
+    torch.manual_seed(21)
+    B, KVH, g, S, D, d = 3, 2, 2, 300, 64, 16
+    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, dtype, DEV, lengths=[300, 280, 90])
+    q = torch.randn(B, KVH * g, D, device=DEV)
+    P = random_orthonormal(KVH, D, DEV)
+    outs = {}
+    for early in (False, True):
+        monkeypatch.setattr(loki, "ATTN_EARLY", early)
+        outs[early] = loki_decode(q, P, k_lr, k_rest, v, lengths, k, mode=mode, strict=False, path="bracket",
+                                  return_indices=True)
+    # the split is real: rows whose first #above >= 16 indices (a whole interpreter tile) were final early
+    R = KVH if mode == "group" else KVH * g
+    ws = torch.empty(bracket_workspace_size(B, R, S), dtype=torch.int32, device=DEV)
+    loki_select_bracket(q, k_lr, lengths, k, P=P, mode=mode, strict=False, workspace=ws)
+    rec = bracket_ready(ws, B, R)
+    assert ((rec[:, 2] >= 16) & (rec[:, 2] <= rec[:, 4]) & (rec[:, 4] <= rec[:, 2] + rec[:, 3])).any()
+    assert torch.equal(outs[True][1], outs[False][1])  # the same selection
+    assert torch.equal(outs[True][0], outs[False][0])
+    idx = outs[True][1].cpu()
+    assert (idx >= 0).sum() > 0
+    ref = sparse_attention_ref(rotate_q_ref(q.cpu(), P.cpu()), k_lr.cpu(), k_rest.cpu(), v.cpu(), idx)
+    assert rel_err(outs[True][0], ref) <= TOL[dtype]
