@@ -88,30 +88,41 @@ def _flash_decode_kernel(q_ptr, sq_b, sq_h,
         n_hi = tl.minimum(tile_hi * BLOCK_N, n)
         ar = tl.arange(0, BLOCK_N)
         if EARLY:
-            # session 11: the tiles of the row's first `ready` indices (its keys above the bracket, final once the
-            # classify kernel has run) first; then wait for the band select (PDL: the kernel before this one, which
-            # let it start early) and attend to the rest
+            # session 11: the program takes every NSPLIT-th tile (sp, sp + NSPLIT, ...), so that every program has
+            # its share of the row's first `ready` indices (its keys above the bracket, final once the classify
+            # kernel has run); it attends to those tiles first, then waits for the band select (PDL: the kernel
+            # before this one, which let it start early) and attends to the rest
             rdy = rdy_ptr + pid * 8  # (bracket.BR_INTS per row: lo, hi, #above, #band, budget)
             c_gt = tl.load(rdy + 2)
             c_band = tl.load(rdy + 3)
             kbud = tl.load(rdy + 4)
             ready = tl.where((c_gt <= kbud) & (kbud <= c_gt + c_band), c_gt, 0)
-            t_mid = tl.minimum(tl.maximum(ready // BLOCK_N, tile_lo), tile_hi)
-        else:
-            t_mid = tile_hi
-        tok_n = tl.load(i_base + tile_lo * BLOCK_N + ar, mask=tile_lo * BLOCK_N + ar < n_hi, other=-1)
-        for t in range(tile_lo, t_mid):
-            tok, valid = _sparse_tokens(tok_n)
-            tok_n = tl.load(i_base + (t + 1) * BLOCK_N + ar, mask=(t + 1) * BLOCK_N + ar < n_hi, other=-1)
-            kl, kr, vv = _gather_rows(tok, valid, kl_base, slr_s, kr_base, srs_s, v_base, sv_s, D, D_LR, BLOCK_DL,
-                                      BLOCK_DR, BLOCK_D, HAS_REST, EVICT)
-            m_i, l_i, acc = _attend_tile(kl, kr, vv, valid, m_i, l_i, acc, q_lr, q_lr_hi, q_lr_lo, q_rs, q_rs_hi,
-                                         q_rs_lo, K_FP32, HAS_REST, v_ptr.dtype.element_ty, HILO)
-        if EARLY:
+            j_hi = tl.cdiv(tl.cdiv(n, BLOCK_N) - sp, NSPLIT)
+            j_mid = tl.minimum(tl.maximum(tl.cdiv(ready // BLOCK_N - sp, NSPLIT), 0), j_hi)
+            tok_n = tl.load(i_base + sp * BLOCK_N + ar, mask=sp * BLOCK_N + ar < n, other=-1)
+            for j in range(0, j_mid):
+                tok, valid = _sparse_tokens(tok_n)
+                nxt = (sp + (j + 1) * NSPLIT) * BLOCK_N + ar
+                tok_n = tl.load(i_base + nxt, mask=nxt < n, other=-1)
+                kl, kr, vv = _gather_rows(tok, valid, kl_base, slr_s, kr_base, srs_s, v_base, sv_s, D, D_LR,
+                                          BLOCK_DL, BLOCK_DR, BLOCK_D, HAS_REST, EVICT)
+                m_i, l_i, acc = _attend_tile(kl, kr, vv, valid, m_i, l_i, acc, q_lr, q_lr_hi, q_lr_lo, q_rs,
+                                             q_rs_hi, q_rs_lo, K_FP32, HAS_REST, v_ptr.dtype.element_ty, HILO)
             pdl_wait(PDL)
             # (reloaded: the load ahead in the loop above may have read them before the band select wrote them)
-            tok_n = tl.load(i_base + t_mid * BLOCK_N + ar, mask=t_mid * BLOCK_N + ar < n_hi, other=-1)
-            for t in range(t_mid, tile_hi):
+            cur = (sp + j_mid * NSPLIT) * BLOCK_N + ar
+            tok_n = tl.load(i_base + cur, mask=cur < n, other=-1)
+            for j in range(j_mid, j_hi):
+                tok, valid = _sparse_tokens(tok_n)
+                nxt = (sp + (j + 1) * NSPLIT) * BLOCK_N + ar
+                tok_n = tl.load(i_base + nxt, mask=nxt < n, other=-1)
+                kl, kr, vv = _gather_rows(tok, valid, kl_base, slr_s, kr_base, srs_s, v_base, sv_s, D, D_LR,
+                                          BLOCK_DL, BLOCK_DR, BLOCK_D, HAS_REST, EVICT)
+                m_i, l_i, acc = _attend_tile(kl, kr, vv, valid, m_i, l_i, acc, q_lr, q_lr_hi, q_lr_lo, q_rs,
+                                             q_rs_hi, q_rs_lo, K_FP32, HAS_REST, v_ptr.dtype.element_ty, HILO)
+        else:
+            tok_n = tl.load(i_base + tile_lo * BLOCK_N + ar, mask=tile_lo * BLOCK_N + ar < n_hi, other=-1)
+            for t in range(tile_lo, tile_hi):
                 tok, valid = _sparse_tokens(tok_n)
                 tok_n = tl.load(i_base + (t + 1) * BLOCK_N + ar, mask=(t + 1) * BLOCK_N + ar < n_hi, other=-1)
                 kl, kr, vv = _gather_rows(tok, valid, kl_base, slr_s, kr_base, srs_s, v_base, sv_s, D, D_LR,

@@ -59,11 +59,11 @@ def test_sparse_attention_single_dots(dtype):
 @pytest.mark.parametrize("splits", [1, 2, 3])
 @pytest.mark.parametrize("pdl", [False, True])
 def test_sparse_attention_ready_split(dtype, splits, pdl):
-    """`ready=` (session 11): each program attends first to its tiles among the row's first #above indices (where
-    the row's bracket held: #above <= budget <= #above + #band), then to the rest.  Same tiles in the same order, so
-    the output is bitwise the one without it, wherever the split falls: before, inside or after a program's range,
-    on a tile boundary or not, or nowhere (bracket missed).  With nothing running concurrently, pdl only adds the
-    wait (GPU) and must not change the result either."""
+    """`ready=` (session 11): program sp takes tiles sp, sp + NSPLIT, ... and attends first to those among the row's
+    first #above indices (where the row's bracket held: #above <= budget <= #above + #band), then to the rest.  The
+    tiles and their order do not depend on where that split falls (before, inside or after a program's tiles, on a
+    tile boundary or not, or nowhere: bracket missed), so those outputs are bitwise equal; with one split they equal
+    the kernel without `ready`.  With nothing running concurrently, pdl only adds the wait (GPU)."""
     torch.manual_seed(7)
     B, KVH, S, D, d, g, k = 2, 3, 120, 64, 16, 2, 70
     k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, dtype, DEV, lengths=[120, 90])
@@ -71,14 +71,20 @@ def test_sparse_attention_ready_split(dtype, splits, pdl):
     idx = _random_idx(B, KVH, S, lengths, k, 3).to(torch.int32).to(DEV)
     base = sparse_decode_attention(q, k_lr, k_rest, v, idx, num_splits=splits)
     ref = sparse_attention_ref(q.cpu(), k_lr.cpu(), k_rest.cpu(), v.cpu(), idx.cpu())
-    assert rel_err(base, ref) <= TOL[dtype]
-    # per row (b, kvh): #above, #band, budget; rows 0-5: hits at 0 / 16 / 37 / 64 / 70 above, a miss (#above > budget)
+    # per row (b, kvh): #above, #band, budget: hits with 0 / 16 / 37 / 64 / 70 above, a miss (#above > budget)
     recs = [(0, 70, 70), (16, 60, 70), (37, 40, 70), (64, 6, 70), (70, 0, 70), (80, 5, 70)]
-    ready = torch.zeros(B * KVH, 8, dtype=torch.int32)
-    for row, (above, band, budget) in enumerate(recs):
-        ready[row, 2:5] = torch.tensor([above, band, budget])
-    out = sparse_decode_attention(q, k_lr, k_rest, v, idx, num_splits=splits, ready=ready.to(DEV), pdl=pdl)
-    assert torch.equal(out, base)
+    outs = []
+    for shift in range(len(recs)):  # every row meets every split point
+        ready = torch.zeros(B * KVH, 8, dtype=torch.int32)
+        for row in range(B * KVH):
+            ready[row, 2:5] = torch.tensor(recs[(row + shift) % len(recs)])
+        outs.append(sparse_decode_attention(q, k_lr, k_rest, v, idx, num_splits=splits, ready=ready.to(DEV),
+                                            pdl=pdl))
+    for o in outs:
+        assert torch.equal(o, outs[0])
+    assert rel_err(outs[0], ref) <= TOL[dtype]
+    if splits == 1:
+        assert torch.equal(outs[0], base)
     with pytest.raises(LokiInputError, match="ready must be a contiguous int32 tensor"):
         sparse_decode_attention(q, k_lr, k_rest, v, idx, ready=ready[:2].to(DEV))
 

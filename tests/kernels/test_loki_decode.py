@@ -141,16 +141,18 @@ def test_loki_decode_bad_inputs():
         loki_select_bracket(q, k_lr, lengths, 2, P=P, workspace=torch.zeros(3, dtype=torch.int32, device=DEV))
 
 
-@pytest.mark.parametrize("mode,k", [("group", 150), ("group", 0.5), ("head", 120)])
+@pytest.mark.parametrize("mode,k", [("group", 0.5), ("group", 0.4), ("head", 0.4)])
 def test_loki_decode_attention_early_start(dtype, mode, k, monkeypatch):
     """kernels.loki.ATTN_EARLY (session 11, the default): the attention reads the bracket records and attends first
     to each row's keys above its bracket, then (on the GPU, after a programmatic-dependent-launch wait for the band
-    select) to the rest.  Rows long enough for a real bracket (>= 4 x the interpreter's 64-key sample) and one that is
-    not; the output equals the float64 reference and, bitwise, the output without the early start."""
+    select, which runs at the same time) to the rest.  Rows long enough for a real bracket (>= 4 x the sample: 64
+    keys in the interpreter, 512 on the GPU) and one that is not; the same selection as without the early start, and
+    the output within the dtype's tolerance of the float64 attention over it."""
     import kernels.loki as loki
     torch.manual_seed(21)
-    B, KVH, g, S, D, d = 3, 2, 2, 300, 64, 16
-    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, dtype, DEV, lengths=[300, 280, 90])
+    S = 300 if DEV == "cpu" else 2400
+    B, KVH, g, D, d = 3, 2, 2, 64, 16
+    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, dtype, DEV, lengths=[S, S - 20, 90])
     q = torch.randn(B, KVH * g, D, device=DEV)
     P = random_orthonormal(KVH, D, DEV)
     outs = {}
@@ -158,15 +160,17 @@ def test_loki_decode_attention_early_start(dtype, mode, k, monkeypatch):
         monkeypatch.setattr(loki, "ATTN_EARLY", early)
         outs[early] = loki_decode(q, P, k_lr, k_rest, v, lengths, k, mode=mode, strict=False, path="bracket",
                                   return_indices=True)
-    # the split is real: rows whose first #above >= 16 indices (a whole interpreter tile) were final early
+    # the split is real: rows whose first #above indices fill at least a whole tile (16 here, 64 on the GPU)
     R = KVH if mode == "group" else KVH * g
     ws = torch.empty(bracket_workspace_size(B, R, S), dtype=torch.int32, device=DEV)
     loki_select_bracket(q, k_lr, lengths, k, P=P, mode=mode, strict=False, workspace=ws)
     rec = bracket_ready(ws, B, R)
-    assert ((rec[:, 2] >= 16) & (rec[:, 2] <= rec[:, 4]) & (rec[:, 4] <= rec[:, 2] + rec[:, 3])).any()
-    assert torch.equal(outs[True][1], outs[False][1])  # the same selection
-    assert torch.equal(outs[True][0], outs[False][0])
+    tile = 16 if DEV == "cpu" else 64
+    assert ((rec[:, 2] >= tile) & (rec[:, 2] <= rec[:, 4]) & (rec[:, 4] <= rec[:, 2] + rec[:, 3])).any()
+    big = torch.iinfo(torch.int32).max
+    sel = {e: torch.where(o[1] < 0, big, o[1]).sort(dim=-1).values for e, o in outs.items()}
+    assert torch.equal(sel[True], sel[False])  # the same selection (its order within a row is unspecified)
     idx = outs[True][1].cpu()
-    assert (idx >= 0).sum() > 0
     ref = sparse_attention_ref(rotate_q_ref(q.cpu(), P.cpu()), k_lr.cpu(), k_rest.cpu(), v.cpu(), idx)
-    assert rel_err(outs[True][0], ref) <= TOL[dtype]
+    for e in (False, True):
+        assert rel_err(outs[e][0], ref) <= TOL[dtype]
