@@ -47,9 +47,11 @@ def test_vec_classify_stores_keep_their_layout(ir_facts):
     assert vec["convert_layout"] <= 2 < plain["convert_layout"]
     if "sass_instructions" in vec:
         assert vec["sass_instructions"] < 0.8 * ir_facts["classify_scalar"]["sass_instructions"]
-    # the band select's stores through the same helper: fewer registers at a 8192-key block
-    if "registers" in ir_facts["finish_8192_asm"]:
-        assert ir_facts["finish_8192_asm"]["registers"] < ir_facts["finish_8192"]["registers"]
+    # the band select as configured since session 11 (stores through the same helper, positions loaded with the
+    # keys): fewer registers at a 8192-key block (Triton 3.9: 103 against 159; the H200's 3.6: 151 against 193 under
+    # ncu; there the stores alone take 212, `h200_pytest_s11h.log`)
+    if "registers" in ir_facts["finish_8192_idx_first_asm"]:
+        assert ir_facts["finish_8192_idx_first_asm"]["registers"] < ir_facts["finish_8192"]["registers"]
 
 
 def test_instruction_counts_are_reported(ir_facts):
