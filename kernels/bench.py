@@ -533,6 +533,9 @@ VARIANTS = {
     "s11_early": dict(_S11, BRACKET_BAND_ASM=True, BRACKET_BAND_IDX_FIRST=8192, ROTATE_COLS=0, ATTN_EARLY=True),
     **{f"s11_early_nb{nb}": dict(_S11, BRACKET_BAND_ASM=True, BRACKET_BAND_IDX_FIRST=8192, ROTATE_COLS=0,
                                  ATTN_EARLY=True, BRACKET_CLASSIFY_NB=nb) for nb in (2, 4)},
+    # round 5: the band select in 4 warps (fewer registers per program: room for two attention programs beside it)
+    "s11_early_f4": dict(_S11, BRACKET_BAND_ASM=True, BRACKET_BAND_IDX_FIRST=8192, ROTATE_COLS=0, ATTN_EARLY=True,
+                         BRACKET_WARPS=4),
     # round 3: L2 eviction hints at every size (the "auto" rule dates from the session-7 classify kernel)
     "s11_final_hints": dict(_S11, BRACKET_BAND_ASM=True, BRACKET_BAND_IDX_FIRST=8192, ROTATE_COLS=0,
                             BRACKET_CACHE_HINTS=True),
