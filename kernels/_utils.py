@@ -13,6 +13,10 @@ try:  # programmatic dependent launch (Triton >= 3.4, sm_90+)
 except ImportError:  # pragma: no cover
     gdc_launch_dependents = gdc_wait = None
 
+# int32 fields per score row of the bracket path's records (lo, hi, #above, #band, budget, 3 unused; bracket.py),
+# which the sparse attention's early start reads (attention.py, session 11)
+BRACKET_RECORD = tl.constexpr(8)
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
 

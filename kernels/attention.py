@@ -14,6 +14,12 @@ hilo=True (the dense kernel's default) both are split into two 16-bit halves (x 
 accuracy at twice the tensor-core work.  fp32 caches use IEEE fp32 dots.  The selection is unaffected: the scoring
 kernels keep their ~fp32 dots.  The sparse loop loads each tile's indices one iteration ahead of its gathers (config ahead=True, int32
 indices; session 8), so an iteration waits for one memory round trip, not two.
+
+Early start (``ready=``, session 11; the bracket path's default, kernels.loki.ATTN_EARLY): the kernel reads each
+row's bracket record and attends first to the tiles among the row's first #above indices, which the classify kernel
+has already written, then waits for the band select (``pdl``: launched with programmatic dependent launch, the band
+select triggers it, `gdc_wait` before the rest) and attends to the rest.  Program sp then takes tiles sp, sp + NSPLIT,
+... instead of a contiguous range, so every program has its share of the early tiles.
 """
 from __future__ import annotations
 
@@ -23,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (check, check_cache, check_float, check_last_contiguous, check_lengths, default_scaling,
-                     is_interpreter, next_pow2, num_sms, pdl_available, pdl_wait, INDEX_DTYPES)
+from ._utils import (BRACKET_RECORD, check, check_cache, check_float, check_last_contiguous, check_lengths,
+                     default_scaling, is_interpreter, next_pow2, num_sms, pdl_available, pdl_wait, INDEX_DTYPES)
 from .scores import _split_hi_lo
 
 LOG2E = 1.4426950408889634
@@ -92,7 +98,7 @@ def _flash_decode_kernel(q_ptr, sq_b, sq_h,
             # its share of the row's first `ready` indices (its keys above the bracket, final once the classify
             # kernel has run); it attends to those tiles first, then waits for the band select (PDL: the kernel
             # before this one, which let it start early) and attends to the rest
-            rdy = rdy_ptr + pid * 8  # (bracket.BR_INTS per row: lo, hi, #above, #band, budget)
+            rdy = rdy_ptr + pid * BRACKET_RECORD  # (per row: lo, hi, #above, #band, budget, ...)
             c_gt = tl.load(rdy + 2)
             c_band = tl.load(rdy + 3)
             kbud = tl.load(rdy + 4)
@@ -371,9 +377,11 @@ def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_spli
     # launched early (launch_pdl) and waits for its predecessor only before the rest (the indices-ahead loop only)
     early = ready is not None and ahead
     if ready is not None:
-        check(ready.dtype == torch.int32 and ready.is_contiguous() and ready.numel() >= B * R * 8
+        rec = BRACKET_RECORD.value
+        check(ready.dtype == torch.int32 and ready.is_contiguous() and ready.numel() >= B * R * rec
               and ready.device == k_lr.device,
-              f"ready must be a contiguous int32 tensor of >= {B * R * 8} elements (8 per score row) on {k_lr.device}")
+              f"ready must be a contiguous int32 tensor of >= {B * R * rec} elements ({rec} per score row) on "
+              f"{k_lr.device}")
     use_pdl = early and bool(pdl) and pdl_available(k_lr.device)
     if use_pdl:
         extra["launch_pdl"] = True

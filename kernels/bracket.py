@@ -43,14 +43,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check, default_scaling, is_interpreter, next_pow2, pdl_available, pdl_trigger
+from ._utils import BRACKET_RECORD, check, default_scaling, is_interpreter, next_pow2, pdl_available, pdl_trigger
 from .scores import _load_q_lr_T, _rotate_heads, _row_of, _score_tile, _split_hi_lo, launch_rotate_q, rot_chunks
 from .topk import _bit_length, _bracket_of_sample, _key_of, _radix_select, check_select_inputs
 
 
-BR_STRIDE = tl.constexpr(8)  # per score row: lo, hi, #above, #band (the two counters: one int64-aligned pair), the
-#                               row's budget (session 11: read by the attention kernel, `bracket_ready`), 3 unused
-BR_INTS = 8
+# per score row: lo, hi, #above, #band (the two counters: one int64-aligned pair), the row's budget (session 11: read
+# by the attention kernel's early start, `bracket_ready`), 3 unused
+BR_STRIDE = BRACKET_RECORD
+BR_INTS = BRACKET_RECORD.value
 
 
 @triton.jit
@@ -704,8 +705,8 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     sink_tokens / local_window: the first / last positions of each sequence are always selected (they count
     towards the budget).  Returns
     (idx (B, R, k_max) int32 padded with -1, q_rot (B, H, D) fp32 or None).  ``workspace``: optional int32
-    buffer of >= B*R*(W*S_max + 4) elements (bracket and counters, band keys and positions[, row keys]), W = 3
-    with classify="split", 2 with "fused".
+    buffer of >= B*R*(W*S_max + 8) elements (`bracket_workspace_size`: the rows' records, band keys and positions[,
+    row keys]), W = 3 with classify="split", 2 with "fused".
     classify: "split" (the scoring kernel writes every key, a second many-program kernel classifies them),
     "fused" (the scoring kernel classifies on the spot) or "scan" (the scoring kernel writes every key, one program
     per row finds the k-th key and writes the selection in position order: deterministic, `_bracket_scan_kernel`);

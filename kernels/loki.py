@@ -4,7 +4,8 @@
 
 path="auto" is the bracket path (`choose_path`; kernels.loki.AUTO_PATH overrides it, for benchmarks).
 path="bracket": rotate q + sample bracket, scores (many programs per row), classify against the bracket, band
-select, then the sparse attention kernel (+ split combine); see bracket.py.
+select, then the sparse attention kernel (+ split combine); see bracket.py.  Since session 11 (ATTN_EARLY) the
+attention starts while the band select runs, on each row's keys above its bracket (attention.py, "Early start").
 path="fused": one kernel rotates q, scores each row and selects its top-k (one program per row).
 path="split": rotate_q, loki_scores (many programs per row), topk_select, sparse attention.
 path="torch_topk": split path with torch.topk instead of the Triton selection.
