@@ -91,8 +91,6 @@ def _flash_decode_kernel(q_ptr, sq_b, sq_h,
         # stages Triton still drains its copies every iteration (async_wait num=0) with one K/V buffer (51 KB of
         # shared memory, 3 programs per SM); 3 stages give num=3 but two buffers (88 KB, 2 programs per SM) and
         # measured 25-40% slower (kernels/NOTES.md v10).
-        n_hi = tl.minimum(tile_hi * BLOCK_N, n)
-        ar = tl.arange(0, BLOCK_N)
         if EARLY:
             # session 11: the program takes every NSPLIT-th tile (sp, sp + NSPLIT, ...), so that every program has
             # its share of the row's first `ready` indices (its keys above the bracket, final once the classify
@@ -105,36 +103,22 @@ def _flash_decode_kernel(q_ptr, sq_b, sq_h,
             ready = tl.where((c_gt <= kbud) & (kbud <= c_gt + c_band), c_gt, 0)
             j_hi = tl.cdiv(tl.cdiv(n, BLOCK_N) - sp, NSPLIT)
             j_mid = tl.minimum(tl.maximum(tl.cdiv(ready // BLOCK_N - sp, NSPLIT), 0), j_hi)
-            tok_n = tl.load(i_base + sp * BLOCK_N + ar, mask=sp * BLOCK_N + ar < n, other=-1)
-            for j in range(0, j_mid):
-                tok, valid = _sparse_tokens(tok_n)
-                nxt = (sp + (j + 1) * NSPLIT) * BLOCK_N + ar
-                tok_n = tl.load(i_base + nxt, mask=nxt < n, other=-1)
-                kl, kr, vv = _gather_rows(tok, valid, kl_base, slr_s, kr_base, srs_s, v_base, sv_s, D, D_LR,
-                                          BLOCK_DL, BLOCK_DR, BLOCK_D, HAS_REST, EVICT)
-                m_i, l_i, acc = _attend_tile(kl, kr, vv, valid, m_i, l_i, acc, q_lr, q_lr_hi, q_lr_lo, q_rs,
-                                             q_rs_hi, q_rs_lo, K_FP32, HAS_REST, v_ptr.dtype.element_ty, HILO)
+            m_i, l_i, acc = _sparse_tiles(0, j_mid, sp, NSPLIT, n, i_base, kl_base, slr_s, kr_base, srs_s, v_base,
+                                          sv_s, m_i, l_i, acc, q_lr, q_lr_hi, q_lr_lo, q_rs, q_rs_hi, q_rs_lo, D,
+                                          D_LR, BLOCK_DL, BLOCK_DR, BLOCK_D, BLOCK_N, K_FP32, HAS_REST, HILO, EVICT,
+                                          True)
             pdl_wait(PDL)
-            # (reloaded: the load ahead in the loop above may have read them before the band select wrote them)
-            cur = (sp + j_mid * NSPLIT) * BLOCK_N + ar
-            tok_n = tl.load(i_base + cur, mask=cur < n, other=-1)
-            for j in range(j_mid, j_hi):
-                tok, valid = _sparse_tokens(tok_n)
-                nxt = (sp + (j + 1) * NSPLIT) * BLOCK_N + ar
-                tok_n = tl.load(i_base + nxt, mask=nxt < n, other=-1)
-                kl, kr, vv = _gather_rows(tok, valid, kl_base, slr_s, kr_base, srs_s, v_base, sv_s, D, D_LR,
-                                          BLOCK_DL, BLOCK_DR, BLOCK_D, HAS_REST, EVICT)
-                m_i, l_i, acc = _attend_tile(kl, kr, vv, valid, m_i, l_i, acc, q_lr, q_lr_hi, q_lr_lo, q_rs,
-                                             q_rs_hi, q_rs_lo, K_FP32, HAS_REST, v_ptr.dtype.element_ty, HILO)
+            # (the rest's first indices are loaded again here: the load ahead in the loop above may have read them
+            # before the band select wrote them)
+            m_i, l_i, acc = _sparse_tiles(j_mid, j_hi, sp, NSPLIT, n, i_base, kl_base, slr_s, kr_base, srs_s, v_base,
+                                          sv_s, m_i, l_i, acc, q_lr, q_lr_hi, q_lr_lo, q_rs, q_rs_hi, q_rs_lo, D,
+                                          D_LR, BLOCK_DL, BLOCK_DR, BLOCK_D, BLOCK_N, K_FP32, HAS_REST, HILO, EVICT,
+                                          True)
         else:
-            tok_n = tl.load(i_base + tile_lo * BLOCK_N + ar, mask=tile_lo * BLOCK_N + ar < n_hi, other=-1)
-            for t in range(tile_lo, tile_hi):
-                tok, valid = _sparse_tokens(tok_n)
-                tok_n = tl.load(i_base + (t + 1) * BLOCK_N + ar, mask=(t + 1) * BLOCK_N + ar < n_hi, other=-1)
-                kl, kr, vv = _gather_rows(tok, valid, kl_base, slr_s, kr_base, srs_s, v_base, sv_s, D, D_LR,
-                                          BLOCK_DL, BLOCK_DR, BLOCK_D, HAS_REST, EVICT)
-                m_i, l_i, acc = _attend_tile(kl, kr, vv, valid, m_i, l_i, acc, q_lr, q_lr_hi, q_lr_lo, q_rs,
-                                             q_rs_hi, q_rs_lo, K_FP32, HAS_REST, v_ptr.dtype.element_ty, HILO)
+            m_i, l_i, acc = _sparse_tiles(tile_lo, tile_hi, 0, 1, tl.minimum(tile_hi * BLOCK_N, n), i_base, kl_base,
+                                          slr_s, kr_base, srs_s, v_base, sv_s, m_i, l_i, acc, q_lr, q_lr_hi, q_lr_lo,
+                                          q_rs, q_rs_hi, q_rs_lo, D, D_LR, BLOCK_DL, BLOCK_DR, BLOCK_D, BLOCK_N,
+                                          K_FP32, HAS_REST, HILO, EVICT, False)
     else:
         for t in range(tile_lo, tile_hi):
             offs = t * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -167,6 +151,35 @@ def _flash_decode_kernel(q_ptr, sq_b, sq_h,
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(o_ptr + b * so_b + (h0 + hh)[:, None] * so_h + dd[None, :], o.to(o_ptr.dtype.element_ty),
                  mask=hv[:, None] & (dd < D)[None, :])
+
+
+@triton.jit
+def _sparse_tiles(j_lo, j_hi, t0, step, lim, i_base, kl_base, slr_s, kr_base, srs_s, v_base, sv_s, m_i, l_i, acc,
+                  q_lr, q_lr_hi, q_lr_lo, q_rs, q_rs_hi, q_rs_lo, D: tl.constexpr, D_LR: tl.constexpr,
+                  BLOCK_DL: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  K_FP32: tl.constexpr, HAS_REST: tl.constexpr, HILO: tl.constexpr, EVICT: tl.constexpr,
+                  STRIDED: tl.constexpr):
+    """The indices-ahead loop (session 8): online softmax over the selected rows of tiles j (STRIDED: t0 + j * step)
+    of the index list (j_lo <= j < j_hi; positions >= lim are padding), each tile's indices loaded one iteration
+    before its gathers.  Returns the new (m, l, acc)."""
+    ar = tl.arange(0, BLOCK_N)
+    if STRIDED:
+        tok_n = tl.load(i_base + (t0 + j_lo * step) * BLOCK_N + ar, mask=(t0 + j_lo * step) * BLOCK_N + ar < lim,
+                        other=-1)
+    else:
+        tok_n = tl.load(i_base + j_lo * BLOCK_N + ar, mask=j_lo * BLOCK_N + ar < lim, other=-1)
+    for j in range(j_lo, j_hi):
+        tok, valid = _sparse_tokens(tok_n)
+        if STRIDED:
+            tok_n = tl.load(i_base + (t0 + (j + 1) * step) * BLOCK_N + ar,
+                            mask=(t0 + (j + 1) * step) * BLOCK_N + ar < lim, other=-1)
+        else:
+            tok_n = tl.load(i_base + (j + 1) * BLOCK_N + ar, mask=(j + 1) * BLOCK_N + ar < lim, other=-1)
+        kl, kr, vv = _gather_rows(tok, valid, kl_base, slr_s, kr_base, srs_s, v_base, sv_s, D, D_LR, BLOCK_DL,
+                                  BLOCK_DR, BLOCK_D, HAS_REST, EVICT)
+        m_i, l_i, acc = _attend_tile(kl, kr, vv, valid, m_i, l_i, acc, q_lr, q_lr_hi, q_lr_lo, q_rs, q_rs_hi,
+                                     q_rs_lo, K_FP32, HAS_REST, v_base.dtype.element_ty, HILO)
+    return m_i, l_i, acc
 
 
 @triton.jit

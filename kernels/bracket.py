@@ -763,7 +763,8 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     check(workspace.dtype == torch.int32 and workspace.is_contiguous() and workspace.numel() >= n_ws
           and workspace.device == k_lr.device and workspace.data_ptr() % 8 == 0,
           f"workspace must be a contiguous, 8-byte aligned int32 tensor of >= {n_ws} elements on {k_lr.device}")
-    br, ws = workspace[:B * R * BR_INTS], workspace[B * R * BR_INTS:n_ws]  # (the brackets first: int64-aligned counters)
+    # (the rows' records first: their counters stay int64-aligned)
+    br, ws = workspace[:B * R * BR_INTS], workspace[B * R * BR_INTS:n_ws]
     idx = torch.empty(B, R, KMAX, dtype=torch.int32, device=k_lr.device)
     zero_ac = attn_counters is not None
     if zero_ac:
