@@ -618,9 +618,10 @@ BRACKET_OVERLAP = True  # session 5: brackets written by extra programs of the s
 BRACKET_BAND_REG = 16384  # largest band selected in registers (bit-by-bit counting); larger: radix select.  Session 7:
 #                           16384 (was 8192): at 64K with k = 1/4 ~20% of the rows' bands overflowed 8192 keys
 BRACKET_BAND3 = True  # session 10: bands of up to 3/4 of their power-of-2 block in three quarter blocks (`band_blocks`)
-# session 11: the band select's scattered stores in inline PTX (`_store_if`: 112 instead of 159 registers at a 8192-key
-# block, sm_90), and one-block bands of up to BRACKET_BAND_IDX_FIRST keys load their positions together with their keys
-# (no gather after the search): together 0.1-1.2 us faster per step at every batch-16 point (h200_variants_s11b)
+# session 11: the band select's scattered stores in inline PTX (`_store_if`), and one-block bands of up to
+# BRACKET_BAND_IDX_FIRST keys load their positions together with their keys (no gather after the search): together
+# 103 instead of 159 registers at a 8192-key block (Triton 3.9; the H200's 3.6: 151 instead of 193, where the stores
+# alone take 212) and 0.1-1.9 us faster per step at every batch-16 point (h200_variants_s11b, s11c, s11d)
 BRACKET_BAND_IDX_FIRST = 8192
 BRACKET_BAND_ASM = True
 BRACKET_BAND_SD = 3.0  # band registers >= the expected band + this many standard deviations (`band_registers`)
