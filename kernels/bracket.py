@@ -43,7 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import BRACKET_RECORD, check, default_scaling, is_interpreter, next_pow2, pdl_available, pdl_trigger
+from ._utils import (BRACKET_RECORD, check, default_scaling, is_interpreter, next_pow2, pdl_available, pdl_trigger,
+                     pdl_wait)
 from .scores import _load_q_lr_T, _rotate_heads, _row_of, _score_tile, _split_hi_lo, launch_rotate_q, rot_chunks
 from .topk import _bit_length, _bracket_of_sample, _key_of, _radix_select, check_select_inputs
 
@@ -140,15 +141,20 @@ def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
                            G_PAD: tl.constexpr, D_LR: tl.constexpr,
                            BLOCK_DL: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, K_FP32: tl.constexpr,
                            REDUCE_MAX: tl.constexpr, CLASSIFY: tl.constexpr, OVERLAP: tl.constexpr,
-                           SAMPLE: tl.constexpr, SUB: tl.constexpr, STAGES: tl.constexpr, HINTS: tl.constexpr = False):
+                           SAMPLE: tl.constexpr, SUB: tl.constexpr, STAGES: tl.constexpr, HINTS: tl.constexpr = False,
+                           PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
     """Grid (rows, tiles [+ 1]).  OVERLAP (= 1): the programs of grid column 0, dispatched first, write the rows'
     brackets (`_bracket_row`) while the others score, so the bracket's latency hides under the scoring pass.
     Each scoring program takes TILES tiles of BLOCK_N tokens, unrolled (STAGES = 0), or (STAGES > 0, session 7) TPP
-    tiles in a software-pipelined loop that keeps the next tiles' loads in flight while it scores one."""
+    tiles in a software-pipelined loop that keeps the next tiles' loads in flight while it scores one.
+    PDL (session 11, BRACKET_ROTATE_PDL, an option not yet measured): launched while the rotation kernel runs; the
+    scoring programs first prefetch their first PREFETCH tiles of the slab into L2 (memory otherwise idle during the
+    rotation), then every program waits for q' (griddepcontrol) before it reads it."""
     pid = tl.program_id(0)
     tb = tl.program_id(1) - OVERLAP
     b, r, h0, kvh = _row_of(pid, R, HPR, G)
     if tb < 0:
+        pdl_wait(PDL)  # (q', from the rotation kernel)
         n, kb = _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_BITS, FORCED, S_MAX, KMAX, KB_MODE)
         _bracket_row(pid, b, h0, kvh, n, kb, qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr,
                      br_ptr, ac_ptr, scale, nsig, SINK, LOCAL, WS_ROW, ZERO_AC, HPR, G_PAD, D_LR, BLOCK_DL, SAMPLE,
@@ -160,9 +166,14 @@ def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
         else:
             start0 = tb * (TILES * BLOCK_N)
         if start0 < n:
+            k_base = klr_ptr + b * slr_b + kvh * slr_h
+            if PDL:
+                for t in tl.static_range(PREFETCH):
+                    offs = start0 + t * BLOCK_N + tl.arange(0, BLOCK_N)
+                    _prefetch_l2(k_base + offs.to(tl.int64) * slr_s, offs < n)
+                pdl_wait(PDL)  # (q', from the rotation kernel)
             qT = _load_q_lr_T(qrot_ptr, sqr_b, sqr_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
             qT_hi, qT_lo = _split_hi_lo(qT, klr_ptr.dtype.element_ty)
-            k_base = klr_ptr + b * slr_b + kvh * slr_h
             br = br_ptr + pid * BR_STRIDE
             lo_key = tl.load(br).to(tl.uint32, bitcast=True)
             hi_key = tl.load(br + 1).to(tl.uint32, bitcast=True)
@@ -180,6 +191,13 @@ def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
                     _score_key_tile(start0 + t * BLOCK_N + tl.arange(0, BLOCK_N), n, k_base, slr_s, qT, qT_hi, qT_lo,
                                     lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, S_MAX, KMAX, SINK, LOCAL, D_LR,
                                     BLOCK_DL, HPR, G_PAD, K_FP32, REDUCE_MAX, CLASSIFY, HINTS)
+
+
+@triton.jit
+def _prefetch_l2(ptrs, mask):
+    """prefetch.global.L2 of each address where mask (inline PTX; GPU only)."""
+    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
+                              "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -624,6 +642,10 @@ BRACKET_BAND3 = True  # session 10: bands of up to 3/4 of their power-of-2 block
 # alone take 212) and 0.1-1.9 us faster per step at every batch-16 point (h200_variants_s11b, s11c, s11d)
 BRACKET_BAND_IDX_FIRST = 8192
 BRACKET_BAND_ASM = True
+# session 11, an option not yet measured on the GPU: > 0: the scoring kernel is launched while the rotation kernel runs
+# (programmatic dependent launch) and each scoring program prefetches its first BRACKET_ROTATE_PDL slab tiles into L2
+# before it waits for q' (HBM idles during the ~5 us rotation: ~20 MB could move); 0: off
+BRACKET_ROTATE_PDL = 0
 BRACKET_BAND_SD = 3.0  # band registers >= the expected band + this many standard deviations (`band_registers`)
 # session 10: L2 eviction hints (the slab read evict_first, the keys written evict_last for the classify kernel, which
 # reads them evict_first).  "auto": on where the keys of all rows take at most BRACKET_HINTS_MAX_BYTES (about a third of
@@ -783,9 +805,11 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     common = dict(HPR=HPR, G_PAD=G_PAD, D_LR=d, BLOCK_DL=BLOCK_DL, K_FP32=k_lr.dtype == torch.float32,
                   REDUCE_MAX=reduce == "max")
     sub = min(sample, 32 if interp else BRACKET_SUB)
+    # session 11 (an option, not yet measured): the scoring kernel launched during the rotation, prefetching slab tiles
+    rot_pdl = bool(BRACKET_ROTATE_PDL) and overlap and rotate and pdl_available(k_lr.device)
     if overlap:
         if rotate:
-            launch_rotate_q(q, P, q_rot_out, KVH, G, D)
+            launch_rotate_q(q, P, q_rot_out, KVH, G, D, pdl=rot_pdl)
     else:
         BLOCK_D = max(32, next_pow2(D))
         _bracket_kernel[(B * R,)](
@@ -814,7 +838,8 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         **common,
         CLASSIFY=not split,
         OVERLAP=int(overlap), SAMPLE=sample, SUB=sub if interp else min(sample, cfg.get("bracket_sub", BLOCK_N)),
-        STAGES=pipe, HINTS=hints and split, num_warps=nw)
+        STAGES=pipe, HINTS=hints and split, PDL=rot_pdl, PREFETCH=int(BRACKET_ROTATE_PDL) if rot_pdl else 0,
+        num_warps=nw, **(dict(launch_pdl=True) if rot_pdl else {}))
     if stages < 3:
         return idx, (q_rot_out if rotate else None)
     block_s = 64 if interp else BRACKET_BLOCK_S

@@ -88,7 +88,20 @@ PRESETS["finish_8192"] = _FINISH
 PRESETS["finish_8192_idx_first"] = dict(_FINISH, constexprs=dict(_FINISH["constexprs"], IDX_FIRST=True))
 PRESETS["finish_8192_asm"] = dict(_FINISH, constexprs=dict(_FINISH["constexprs"], ASM=True))
 PRESETS["finish_8192_idx_first_asm"] = dict(_FINISH, constexprs=dict(_FINISH["constexprs"], IDX_FIRST=True, ASM=True))
+# the scoring kernel (d = 32, its grid's column 0 writing the brackets), and with the session-11 option
+# BRACKET_ROTATE_PDL (launched during the rotation: slab tiles prefetched into L2, then a griddepcontrol wait)
+_SCORES = dict(kernel=("kernels.bracket", "_bracket_scores_kernel"),
+               ptr={"qrot_ptr": "*fp32", "klr_ptr": "*bf16", "ws_ptr": "*i32", "br_ptr": "*i32", "ac_ptr": "*i32",
+                    "out_ptr": "*i32", "len_ptr": "*i32", "kb_ptr": "*i32"},
+               constexprs=dict(ZERO_AC=True, KB_MODE=2, HPR=4, G_PAD=16, D_LR=32, BLOCK_DL=32, BLOCK_N=128, TILES=4,
+                               K_FP32=False, REDUCE_MAX=True, CLASSIFY=False, OVERLAP=1, SAMPLE=1024, SUB=128,
+                               STAGES=3),
+               num_warps=4, num_stages=3, odd=("R", "G", "FRAC_BITS", "K_INT", "FORCED", "SINK", "LOCAL", "TPP"),
+               fp32=("scale", "nsig"), i64=("FRAC_BITS",))
+PRESETS["scores_d32"] = _SCORES
+PRESETS["scores_d32_rotate_pdl"] = dict(_SCORES, constexprs=dict(_SCORES["constexprs"], PDL=True, PREFETCH=2))
 GROUPS = {"finish": ("finish_8192", "finish_8192_idx_first", "finish_8192_asm", "finish_8192_idx_first_asm"),
+          "scores": ("scores_d32", "scores_d32_rotate_pdl"),
           "classify": ("classify_scalar", "classify_blocked", "classify_hints", "classify_vec4", "classify_vec4_2048",
                        "classify_vec4_noasm", "classify_vec4_nb2", "classify_vec4_nb4"),
           "attention": ("attention_dense", "attention_sparse", "attention_sparse_s8", "attention_sparse_s7",

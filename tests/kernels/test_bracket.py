@@ -344,3 +344,13 @@ def test_bracket_band_options(idx_first, asm, monkeypatch):
     test_bracket_select(torch.float32, 64, 8, 3, "group", "max", *LONG)
     test_bracket_select(torch.float32, 64, 16, 4, "group", "max", *LONG, variant=VARIANTS["band3"])
     test_bracket_heavy_ties(None)
+
+
+def test_bracket_rotate_pdl(monkeypatch):
+    """BRACKET_ROTATE_PDL (session 11, an option): on the GPU the scoring kernel is launched while the rotation runs,
+    prefetches slab tiles into L2 and waits for q' before reading it; the selection stays exact.  (Without PDL, as
+    under the interpreter, it is the default path.)"""
+    import kernels.bracket as bracket
+    monkeypatch.setattr(bracket, "BRACKET_ROTATE_PDL", 2)
+    test_bracket_select(torch.float32, 64, 8, 3, "group", "max", *LONG)
+    test_bracket_select(torch.float32, 128, 32, 4, "head", "sum", *SHORT)
