@@ -779,7 +779,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
           f"band_parts must be 1, or 3 with band_reg >= 64; got band_parts={band_parts}, band_reg={band_reg}")
     split = classify != "fused"  # split and scan: the scoring kernel writes every key
     overlap = split and (BRACKET_OVERLAP if overlap is None else bool(overlap))
-    W = 3 if split else 2
+    ws_row = _key_ints(S, classify)  # one score row's band (and key) workspace
     n_ws = bracket_workspace_size(B, R, S, classify)
     if workspace is None:
         workspace = torch.empty(n_ws, dtype=torch.int32, device=k_lr.device)
@@ -815,7 +815,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         _bracket_kernel[(B * R,)](
             q, q.stride(0), q.stride(1), Pt, Pt.stride(0), Pt.stride(1), qr, qr.stride(0), qr.stride(1),
             k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br, ac, lengths, kbt, K_INT, frac_bits, forced,
-            scale, R, G, S, KMAX, nsig, sink_tokens, local_window, W * S, ZERO_AC=zero_ac,
+            scale, R, G, S, KMAX, nsig, sink_tokens, local_window, ws_row, ZERO_AC=zero_ac,
             ROTATE=rotate, KB_MODE=kb_mode, G_ROT=next_pow2(HPR), D=D, BLOCK_D=BLOCK_D, SAMPLE=sample,
             SUB=sub, **rot_chunks(BLOCK_D, True), **common, num_warps=4 if interp else BRACKET_WARPS)
     if stages < 2:
@@ -834,7 +834,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     _bracket_scores_kernel[(B * R, triton.cdiv(n_tiles, tpp) + int(overlap))](
         qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br, ac,
         idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, scale, R, G, S, KMAX, nsig,
-        sink_tokens, local_window, W * S, tpp, ZERO_AC=zero_ac, KB_MODE=kb_mode, BLOCK_N=BLOCK_N, TILES=TILES,
+        sink_tokens, local_window, ws_row, tpp, ZERO_AC=zero_ac, KB_MODE=kb_mode, BLOCK_N=BLOCK_N, TILES=TILES,
         **common,
         CLASSIFY=not split,
         OVERLAP=int(overlap), SAMPLE=sample, SUB=sub if interp else min(sample, cfg.get("bracket_sub", BLOCK_N)),
@@ -849,19 +849,19 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         if vec:
             nb = int(cfg.get("classify_nb", BRACKET_CLASSIFY_NB))
             _bracket_classify_vec_kernel[(B * R, triton.cdiv(S, block_c * nb))](
-                ws, br, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, W * S, BLOCK_C=block_c, KPT=vec,
+                ws, br, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, ws_row, BLOCK_C=block_c, KPT=vec,
                 ASM=BRACKET_CLASSIFY_ASM and not interp, HINTS=hints, NB=nb,
                 num_warps=4 if interp else cfg.get("classify_warps", BRACKET_CLASSIFY_WARPS))
         else:
             _bracket_classify_kernel[(B * R, triton.cdiv(S, block_c))](
-                ws, br, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, W * S, BLOCK_C=block_c,
+                ws, br, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, ws_row, BLOCK_C=block_c,
                 SCALAR=BRACKET_CLASSIFY_SCALAR, HINTS=hints,
                 num_warps=4 if interp else cfg.get("classify_warps", BRACKET_CLASSIFY_WARPS))
     if stages < 4:
         return idx, (q_rot_out if rotate else None)
     if classify == "scan":
         _bracket_scan_kernel[(B * R,)](
-            ws, br, idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, R, S, KMAX, W * S,
+            ws, br, idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, R, S, KMAX, ws_row,
             KB_MODE=kb_mode, BLOCK_C=64 if interp else cfg.get("scan_block", BRACKET_SCAN_BLOCK),
             BLOCK_S=block_s, BAND_REG=band_reg, EARLY=BRACKET_EARLY_EXIT,
             num_warps=4 if interp else cfg.get("scan_warps", BRACKET_SCAN_WARPS))
@@ -870,7 +870,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br,
         idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, scale, R, G, S, KMAX, sink_tokens,
         local_window,
-        W * S, KB_MODE=kb_mode, BLOCK_N=32 if interp else 256, BLOCK_S=block_s,
+        ws_row, KB_MODE=kb_mode, BLOCK_N=32 if interp else 256, BLOCK_S=block_s,
         **common, KEYS_WRITTEN=split, BAND_REG=band_reg, EARLY=BRACKET_EARLY_EXIT, BAND3=band_parts == 3,
         IDX_FIRST=bool(BRACKET_BAND_IDX_FIRST) and band_parts == 1 and band_reg <= BRACKET_BAND_IDX_FIRST,
         ASM=BRACKET_BAND_ASM and not interp, PDL=pdl and pdl_available(k_lr.device),
@@ -880,8 +880,13 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
 
 def bracket_workspace_size(B: int, R: int, S: int, classify: str | None = None) -> int:
     """int32 elements of `loki_select_bracket`'s workspace for B sequences, R score rows and S_max = S."""
-    classify = BRACKET_CLASSIFY if classify is None else classify
-    return B * R * ((3 if classify != "fused" else 2) * S + BR_INTS)
+    return B * R * (_key_ints(S, BRACKET_CLASSIFY if classify is None else classify) + BR_INTS)
+
+
+def _key_ints(S: int, classify: str) -> int:
+    """int32 elements of one score row's workspace after the records: band keys and positions, and (classify other
+    than "fused": the scoring kernel writes every key) the row's keys."""
+    return (3 if classify != "fused" else 2) * S
 
 
 def bracket_ready(workspace: torch.Tensor, B: int, R: int) -> torch.Tensor:
