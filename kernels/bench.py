@@ -403,8 +403,7 @@ _V7 = dict(SPARSE_CONFIG=_SPARSE_S7, BRACKET_OVERLAP=True, FOLD_COMBINE=True, BR
                                                         32: dict(block_n=128, tiles=4, num_warps=4)},
            BRACKET_CLASSIFY_SCALAR=False, BRACKET_CACHE_HINTS=False, BRACKET_BAND3=False, BRACKET_CLASSIFY_VEC=0,
            BRACKET_CLASSIFY_ASM=True, BRACKET_BAND_IDX_FIRST=0, BRACKET_BAND_ASM=False, ROTATE_COLS=16,
-           BRACKET_CLASSIFY_NB=1, ATTN_EARLY=False, BRACKET_ROTATE_PDL=0, BRACKET_FUSE_READY=0,
-           BRACKET_FUSE_ASM=False)
+           BRACKET_CLASSIFY_NB=1, ATTN_EARLY=False, BRACKET_ROTATE_PDL=0)
 _SCAN = dict(_V7, BRACKET_CLASSIFY="scan")
 
 
@@ -535,8 +534,8 @@ VARIANTS = {
     "s11_early": dict(_S11, BRACKET_BAND_ASM=True, BRACKET_BAND_IDX_FIRST=8192, ROTATE_COLS=0, ATTN_EARLY=True),
     **{f"s11_early_nb{nb}": dict(_S11, BRACKET_BAND_ASM=True, BRACKET_BAND_IDX_FIRST=8192, ROTATE_COLS=0,
                                  ATTN_EARLY=True, BRACKET_CLASSIFY_NB=nb) for nb in (2, 4)},
-    # not yet measured (session 11 left them for the next session): the scoring kernel launched during the rotation,
-    # prefetching its first 1 / 2 slab tiles per program into L2 (BRACKET_ROTATE_PDL)
+    # the scoring kernel launched during the rotation, prefetching its first 1 / 2 slab tiles per program into L2
+    # (BRACKET_ROTATE_PDL; measured in session 12, h200_variants_s12a: mixed, left off)
     **{f"s11_early_rotpdl{p}": dict(_S11, BRACKET_BAND_ASM=True, BRACKET_BAND_IDX_FIRST=8192, ROTATE_COLS=0,
                                      ATTN_EARLY=True, BRACKET_ROTATE_PDL=p) for p in (1, 2)},
     # round 5: the band select in 4 warps (fewer registers per program: room for two attention programs beside it)
@@ -549,12 +548,11 @@ VARIANTS = {
        for n, c16 in (("s4", dict(stages=4)), ("p8192", dict(programs=8192)),
                       ("bn128", dict(block_n=128, tiles=4, bracket_sub=128)))},
     **{f"s11_rot{c}": dict(_S11, ROTATE_COLS=c) for c in (8, 32)},
-    # session 12 (from "s11_early", the defaults): scoring programs that start after their row's bracket classify on
-    # the spot (BRACKET_FUSE_READY; stores by tl.store or inline PTX); the bracket sample doubled at 64K (a narrower
-    # band: more of each row ready for the early attention, band3 blocks at (D/4, 1/8)); two waves of attention
-    # programs (more programs per row to start early)
-    "s12_fuse": dict(_S12, BRACKET_FUSE_READY=1),
-    "s12_fuse_asm": dict(_S12, BRACKET_FUSE_READY=1, BRACKET_FUSE_ASM=True),
+    # session 12 (from "s11_early", the defaults): the bracket sample doubled at 64K (a narrower band: more of each
+    # row ready for the early attention, band3 blocks at (D/4, 1/8)); two waves of attention programs (more programs
+    # per row to start early).  Also measured in that run (h200_variants_s12b), code in git history (486bd65,
+    # removed): "s12_fuse" / "s12_fuse_asm", BRACKET_FUSE_READY (scoring programs that start after their row's
+    # bracket classify on the spot): 50-75 us slower at 64K, 18-35 us at 16K
     "s12_s2048": dict(_S12, BRACKET_SAMPLE=2048, BRACKET_SAMPLE_DIV=32),
     "s12_w2": dict(_S12, SPARSE_CONFIG=dict(_S12["SPARSE_CONFIG"], waves=2)),
 }
@@ -571,8 +569,7 @@ def _variant_modules() -> dict:
                 BRACKET_WARPS=bracket_mod, BRACKET_CACHE_HINTS=bracket_mod, BRACKET_BAND3=bracket_mod,
                 BRACKET_CLASSIFY_VEC=bracket_mod, BRACKET_CLASSIFY_ASM=bracket_mod, BRACKET_BAND_IDX_FIRST=bracket_mod,
                 BRACKET_BAND_ASM=bracket_mod, ROTATE_COLS=scores_mod, BRACKET_CLASSIFY_NB=bracket_mod,
-                ATTN_EARLY=loki_mod, BRACKET_ROTATE_PDL=bracket_mod, BRACKET_FUSE_READY=bracket_mod,
-                BRACKET_FUSE_ASM=bracket_mod)
+                ATTN_EARLY=loki_mod, BRACKET_ROTATE_PDL=bracket_mod)
 
 
 def apply_variant(name: str) -> dict:

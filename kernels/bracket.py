@@ -83,11 +83,9 @@ def _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_BITS, FORCED, S_MAX, KMAX, KB_MOD
 def _bracket_row(pid, b, h0, kvh, n, kb, qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr,
                  ac_ptr, scale, nsig, SINK, LOCAL, WS_ROW, ZERO_AC: tl.constexpr, HPR: tl.constexpr,
                  G_PAD: tl.constexpr, D_LR: tl.constexpr, BLOCK_DL: tl.constexpr, SAMPLE: tl.constexpr,
-                 SUB: tl.constexpr, K_FP32: tl.constexpr, REDUCE_MAX: tl.constexpr, READY: tl.constexpr = False):
+                 SUB: tl.constexpr, K_FP32: tl.constexpr, REDUCE_MAX: tl.constexpr):
     """Score SAMPLE evenly spaced tokens of row pid against q' (already written), sort them, write the bracket
-    (lo, hi) and zero the row's two counters (and, ZERO_AC, the attention kernel's split counter ac_ptr[pid]).
-    READY (BRACKET_FUSE_READY): then release the record's ready word (index 5, zeroed by the rotation kernel), so
-    that scoring programs that start later classify their keys on the spot."""
+    (lo, hi) and zero the row's two counters (and, ZERO_AC, the attention kernel's split counter ac_ptr[pid])."""
     lo_key = tl.zeros([], dtype=tl.uint32)
     hi_key = tl.full([], 0xFFFFFFFF, tl.uint32)
     if (kb < n) & (n >= 4 * SAMPLE):
@@ -113,9 +111,6 @@ def _bracket_row(pid, b, h0, kvh, n, kb, qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b,
     tl.store(br + 4, kb)
     if ZERO_AC:
         tl.store(ac_ptr + pid, 0)
-    if READY:
-        tl.debug_barrier()  # every thread's stores above happen before the release
-        tl.atomic_xchg(br + 5, 1, sem="release")
 
 
 @triton.jit
@@ -147,20 +142,14 @@ def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
                            BLOCK_DL: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, K_FP32: tl.constexpr,
                            REDUCE_MAX: tl.constexpr, CLASSIFY: tl.constexpr, OVERLAP: tl.constexpr,
                            SAMPLE: tl.constexpr, SUB: tl.constexpr, STAGES: tl.constexpr, HINTS: tl.constexpr = False,
-                           PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, FUSE: tl.constexpr = 0,
-                           ASM: tl.constexpr = False):
+                           PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
     """Grid (rows, tiles [+ 1]).  OVERLAP (= 1): the programs of grid column 0, dispatched first, write the rows'
     brackets (`_bracket_row`) while the others score, so the bracket's latency hides under the scoring pass.
     Each scoring program takes TILES tiles of BLOCK_N tokens, unrolled (STAGES = 0), or (STAGES > 0, session 7) TPP
     tiles in a software-pipelined loop that keeps the next tiles' loads in flight while it scores one.
-    PDL (session 11, BRACKET_ROTATE_PDL, an option not yet measured): launched while the rotation kernel runs; the
+    PDL (session 11, BRACKET_ROTATE_PDL, an option, off: measured mixed): launched while the rotation kernel runs; the
     scoring programs first prefetch their first PREFETCH tiles of the slab into L2 (memory otherwise idle during the
-    rotation), then every program waits for q' (griddepcontrol) before it reads it.
-    FUSE (session 12, BRACKET_FUSE_READY): a scoring program that starts after its row's bracket is written (the
-    record's ready word, released by `_bracket_row`) classifies its keys on the spot (`_fused_tiles`) instead of
-    writing them, and writes 0 to its flag (row workspace word 3 * S_MAX + tb); the others write their keys and 1,
-    and the classify kernel then classifies only the blocks whose flag is 1.  FUSE 2 / 3 (tests): no program / only
-    odd tb fuses."""
+    rotation), then every program waits for q' (griddepcontrol) before it reads it."""
     pid = tl.program_id(0)
     tb = tl.program_id(1) - OVERLAP
     b, r, h0, kvh = _row_of(pid, R, HPR, G)
@@ -169,7 +158,7 @@ def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
         n, kb = _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_BITS, FORCED, S_MAX, KMAX, KB_MODE)
         _bracket_row(pid, b, h0, kvh, n, kb, qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr,
                      br_ptr, ac_ptr, scale, nsig, SINK, LOCAL, WS_ROW, ZERO_AC, HPR, G_PAD, D_LR, BLOCK_DL, SAMPLE,
-                     SUB, K_FP32, REDUCE_MAX, FUSE > 0)
+                     SUB, K_FP32, REDUCE_MAX)
     else:
         n = tl.maximum(tl.minimum(tl.load(len_ptr + b).to(tl.int32), S_MAX), 0)
         if STAGES > 0:
@@ -179,8 +168,8 @@ def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
         if start0 < n:
             k_base = klr_ptr + b * slr_b + kvh * slr_h
             if PDL:
-                for tp in tl.static_range(PREFETCH):
-                    offs = start0 + tp * BLOCK_N + tl.arange(0, BLOCK_N)
+                for t in tl.static_range(PREFETCH):
+                    offs = start0 + t * BLOCK_N + tl.arange(0, BLOCK_N)
                     _prefetch_l2(k_base + offs.to(tl.int64) * slr_s, offs < n)
                 pdl_wait(PDL)  # (q', from the rotation kernel)
             qT = _load_q_lr_T(qrot_ptr, sqr_b, sqr_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
@@ -192,20 +181,7 @@ def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
             bkey = ws_ptr + pid.to(tl.int64) * WS_ROW
             bidx = bkey + S_MAX
             o_row = out_ptr + b * so_b + r * so_r
-            fused = False
-            if FUSE > 0:
-                rdy = tl.atomic_add(br + 5, 0, sem="acquire")  # the row's bracket is written (and visible)
-                if FUSE == 2:
-                    rdy = rdy * 0
-                elif FUSE == 3:
-                    rdy = rdy * (tb % 2)
-                fused = rdy != 0
-                tl.store(bkey + 3 * S_MAX + tb, (rdy == 0).to(tl.int32))
-            if fused:
-                _fused_tiles(start0, tl.minimum(TPP, tl.cdiv(n - start0, BLOCK_N)), n, k_base, slr_s, qT, qT_hi,
-                             qT_lo, br, cnt_ptr, o_row, bkey, bidx, KMAX, SINK, LOCAL, D_LR, BLOCK_DL, HPR, G_PAD,
-                             K_FP32, REDUCE_MAX, BLOCK_N, STAGES, ASM)
-            elif STAGES > 0:
+            if STAGES > 0:
                 for t in tl.range(0, tl.minimum(TPP, tl.cdiv(n - start0, BLOCK_N)), num_stages=STAGES):
                     _score_key_tile(start0 + t * BLOCK_N + tl.arange(0, BLOCK_N), n, k_base, slr_s, qT, qT_hi, qT_lo,
                                     lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, S_MAX, KMAX, SINK, LOCAL, D_LR,
@@ -215,51 +191,6 @@ def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
                     _score_key_tile(start0 + t * BLOCK_N + tl.arange(0, BLOCK_N), n, k_base, slr_s, qT, qT_hi, qT_lo,
                                     lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, S_MAX, KMAX, SINK, LOCAL, D_LR,
                                     BLOCK_DL, HPR, G_PAD, K_FP32, REDUCE_MAX, CLASSIFY, HINTS)
-
-
-@triton.jit
-def _fused_tiles(start0, ntiles, n, k_base, slr_s, qT, qT_hi, qT_lo, br, cnt_ptr, o_row, bkey, bidx, KMAX, SINK, LOCAL,
-                 D_LR: tl.constexpr, BLOCK_DL: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr,
-                 K_FP32: tl.constexpr, REDUCE_MAX: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr,
-                 ASM: tl.constexpr):
-    """BRACKET_FUSE_READY (session 12): score `ntiles` tiles from start0 and classify each tile's keys against the
-    row's bracket at once (as the classify kernel would: above -> output row, band -> band workspace), claiming the
-    tile's output ranges with one relaxed atomic.  The stores of tile t wait for tile t + 1's iteration, so that the
-    atomic's round trip overlaps the next tile's scores instead of stalling the loop."""
-    lo_key = tl.maximum(tl.load(br, cache_modifier=".cg").to(tl.uint32, bitcast=True), 1)  # (0: past the row)
-    hi_key = tl.load(br + 1, cache_modifier=".cg").to(tl.uint32, bitcast=True)
-    ar = tl.arange(0, BLOCK_N)
-    p_offs = ar
-    p_key = tl.zeros([BLOCK_N], dtype=tl.uint32)
-    p_gt = ar < 0
-    p_bd = ar < 0
-    p_cex = tl.zeros([BLOCK_N], dtype=tl.int32)
-    p_old = tl.zeros([], dtype=tl.int64)
-    for t in tl.range(0, ntiles, num_stages=STAGES):
-        offs = start0 + t * BLOCK_N + ar
-        valid = offs < n
-        sc = _score_tile(k_base, slr_s, offs, valid, qT, qT_hi, qT_lo, D_LR, BLOCK_DL, HPR, G_PAD, K_FP32, REDUCE_MAX)
-        key = tl.where(valid, _key_of(_forced(sc, offs, n, SINK, LOCAL)), 0)
-        gt = key > hi_key
-        bd = (key >= lo_key) & (key <= hi_key)
-        packed = gt.to(tl.int32) + (bd.to(tl.int32) << 16)
-        c_ex = tl.cumsum(packed, axis=0) - packed
-        tot = tl.sum(packed, axis=0)
-        old = tl.atomic_add(cnt_ptr, (tot & 0xFFFF).to(tl.int64) + ((tot >> 16).to(tl.int64) << 32), sem="relaxed")
-        _place_keys(p_offs, p_key, p_gt, p_bd, p_cex, p_old, o_row, bkey, bidx, KMAX, ASM)
-        p_offs, p_key, p_gt, p_bd, p_cex, p_old = offs, key, gt, bd, c_ex, old
-    _place_keys(p_offs, p_key, p_gt, p_bd, p_cex, p_old, o_row, bkey, bidx, KMAX, ASM)
-
-
-@triton.jit
-def _place_keys(offs, key, gt, bd, c_ex, old, o_row, bkey, bidx, KMAX, ASM: tl.constexpr):
-    """The classify kernel's stores for a block of keys whose ranges were claimed at `old` (low word: #above,
-    high word: #band); positions past the output row (the bracket missed) go to its last slot."""
-    gpos = tl.minimum((old & 0xFFFFFFFF).to(tl.int32) + (c_ex & 0xFFFF), KMAX - 1)
-    bpos = (old >> 32).to(tl.int32) + (c_ex >> 16)
-    _store_if(o_row + gpos, offs, gt, ASM)
-    _store_if(bkey + bpos, key, bd, ASM)
-    _store_if(bidx + bpos, offs, bd, ASM)
 
 
 @triton.jit
@@ -369,25 +300,20 @@ def _store_if(ptr, val, pred, ASM: tl.constexpr):
 @triton.jit
 def _bracket_classify_vec_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, R, S_MAX, KMAX, WS_ROW,
                                  BLOCK_C: tl.constexpr, KPT: tl.constexpr, ASM: tl.constexpr,
-                                 HINTS: tl.constexpr = False, NB: tl.constexpr = 1, FUSE: tl.constexpr = False,
-                                 UNIT=1):
+                                 HINTS: tl.constexpr = False, NB: tl.constexpr = 1):
     """classify="split" with BRACKET_CLASSIFY_VEC = KPT (session 11): `_bracket_classify_kernel` with each thread
     holding KPT consecutive keys (one vector load), scanned in the thread, then one scan over the BLOCK_C / KPT
     per-thread sums; the stores keep that layout (ASM, `_store_if`).  The session-7 kernel scans every key across
     the threads (a warp scan per key register) and issues ~600 SASS instructions per 1024 keys; this one ~380
     (`python -m kernels.ir classify`).  Keys past the row's length read as 0, below every real key (key 0 is a NaN
-    score), so the band test needs no separate length mask.  FUSE (BRACKET_FUSE_READY): only the blocks whose
-    scoring program (UNIT tokens each, a multiple of NB * BLOCK_C) wrote its keys (flag 1) are classified."""
+    score), so the band test needs no separate length mask."""
     pid = tl.program_id(0)
     tb = tl.program_id(1)
     b = pid // R
     r = pid % R
     n = tl.maximum(tl.minimum(tl.load(len_ptr + b).to(tl.int32), S_MAX), 0)
     start = tb * (NB * BLOCK_C)
-    todo = start < n
-    if FUSE:
-        todo = todo & (tl.load(ws_ptr + pid.to(tl.int64) * WS_ROW + 3 * S_MAX + start // UNIT) != 0)
-    if todo:
+    if start < n:
         lo_key, hi_key, cnt_ptr, bkey, bidx = _classify_row(ws_ptr, br_ptr, pid, S_MAX, WS_ROW)
         lo_key = tl.maximum(lo_key, 1)  # (keys past the row's length read as 0)
         o_row = out_ptr + b * so_b + r * so_r
@@ -416,7 +342,11 @@ def _classify_vec(bkey, bidx, o_row, offs, n, lo_key, hi_key, cnt_ptr, S_MAX, KM
     old = tl.atomic_add(cnt_ptr, inc, sem="relaxed")  # as `_classify`: both ranges claimed at once
     # positions past the output row (#above > KMAX: the bracket missed, and the finish kernel rewrites the row) all
     # go to its last slot
-    _place_keys(offs, key, gt, bd, c_ex, old, o_row, bkey, bidx, KMAX, ASM)
+    gpos = tl.minimum((old & 0xFFFFFFFF).to(tl.int32) + (c_ex & 0xFFFF), KMAX - 1)
+    bpos = (old >> 32).to(tl.int32) + (c_ex >> 16)
+    _store_if(o_row + gpos, offs, gt, ASM)
+    _store_if(bkey + bpos, key, bd, ASM)
+    _store_if(bidx + bpos, offs, bd, ASM)
 
 
 @triton.jit
@@ -712,16 +642,12 @@ BRACKET_BAND3 = True  # session 10: bands of up to 3/4 of their power-of-2 block
 # alone take 212) and 0.1-1.9 us faster per step at every batch-16 point (h200_variants_s11b, s11c, s11d)
 BRACKET_BAND_IDX_FIRST = 8192
 BRACKET_BAND_ASM = True
-# session 11, an option not yet measured on the GPU: > 0: the scoring kernel is launched while the rotation kernel runs
-# (programmatic dependent launch) and each scoring program prefetches its first BRACKET_ROTATE_PDL slab tiles into L2
-# before it waits for q' (HBM idles during the ~5 us rotation: ~20 MB could move); 0: off
-BRACKET_ROTATE_PDL = 0  # (session 12, h200_variants_s12a: d = 16 at 16K / 64K 1-4 us faster, d = 32 0.5-3.7 us
-#                          slower, 4K 6-9 us slower)
-# session 12: scoring programs that start after their row's bracket is written classify their keys on the spot
-# (`_fused_tiles`: no key written, none read back); the classify kernel then classifies only the other programs' keys.
-# 0: off; 1: on (needs the split classify with overlap, rotation and the vec classify kernel)
-BRACKET_FUSE_READY = 0
-BRACKET_FUSE_ASM = False  # the fused stores in inline PTX (`_store_if`) rather than tl.store
+# session 11, an option: > 0: the scoring kernel is launched while the rotation kernel runs (programmatic dependent
+# launch) and each scoring program prefetches its first BRACKET_ROTATE_PDL slab tiles into L2 before it waits for q'
+# (HBM idles during the ~5 us rotation: ~20 MB could move); 0: off.  Measured in session 12 (h200_variants_s12a, 1 /
+# 2 tiles against off): d = 16 at 64K 4.1 / 3.2 us and at 16K 1.0 / 0.5 us faster; d = 32 at 64K 2.6-3.7 us slower,
+# at 16K within +-1 us; 4K 5.9-9.4 us slower.  Off.
+BRACKET_ROTATE_PDL = 0
 BRACKET_BAND_SD = 3.0  # band registers >= the expected band + this many standard deviations (`band_registers`)
 # session 10: L2 eviction hints (the slab read evict_first, the keys written evict_last for the classify kernel, which
 # reads them evict_first).  "auto": on where the keys of all rows take at most BRACKET_HINTS_MAX_BYTES (about a third of
@@ -881,35 +807,11 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     common = dict(HPR=HPR, G_PAD=G_PAD, D_LR=d, BLOCK_DL=BLOCK_DL, K_FP32=k_lr.dtype == torch.float32,
                   REDUCE_MAX=reduce == "max")
     sub = min(sample, 32 if interp else BRACKET_SUB)
-    # session 11 (an option, not yet measured): the scoring kernel launched during the rotation, prefetching slab tiles
+    # session 11 (an option, off): the scoring kernel launched during the rotation, prefetching slab tiles
     rot_pdl = bool(BRACKET_ROTATE_PDL) and overlap and rotate and pdl_available(k_lr.device)
-    cfg = _score_config(d, config)  # scoring tiles; classify_block / classify_warps / finish_warps: the others
-    pipe = int(cfg.get("stages", 0))  # (not `stages`, the argument: kernels launched)
-    if interp:
-        BLOCK_N, TILES, nw = 32, 1, 4
-    else:
-        BLOCK_N, TILES, nw = cfg["block_n"], cfg["tiles"], cfg["num_warps"]
-    n_tiles = triton.cdiv(S, BLOCK_N)
-    tpp = TILES  # tiles per scoring program; pipelined with cfg["programs"]: about that many programs in all
-    if pipe and cfg.get("programs"):  # (never fewer than `tiles` per program: short rows keep their tiles)
-        tpp = max(TILES, triton.cdiv(n_tiles, triton.cdiv(int(cfg["programs"]), B * R)))
-    block_c = 64 if interp else cfg.get("classify_block", BRACKET_CLASSIFY_BLOCK)
-    vec = int(cfg.get("classify_vec", BRACKET_CLASSIFY_VEC))
-    nb = int(cfg.get("classify_nb", BRACKET_CLASSIFY_NB))
-    # session 12 (BRACKET_FUSE_READY): scoring programs classify on the spot once their row's bracket is written;
-    # each classify block must then lie within one scoring program's UNIT tokens (its flag)
-    unit = tpp * BLOCK_N
-    fuse = int(cfg.get("fuse_ready", BRACKET_FUSE_READY)) if (
-        classify == "split" and overlap and rotate and pipe and vec) else 0
-    if fuse:
-        if unit < block_c * nb and unit & (unit - 1) == 0 and unit >= 8 * vec:
-            block_c, nb = unit, 1
-        if unit % (block_c * nb):
-            fuse = 0
     if overlap:
         if rotate:
-            launch_rotate_q(q, P, q_rot_out, KVH, G, D, pdl=rot_pdl, zero_br=br if fuse else None,
-                            rows_per_kvh=R // KVH)
+            launch_rotate_q(q, P, q_rot_out, KVH, G, D, pdl=rot_pdl)
     else:
         BLOCK_D = max(32, next_pow2(D))
         _bracket_kernel[(B * R,)](
@@ -920,6 +822,16 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
             SUB=sub, **rot_chunks(BLOCK_D, True), **common, num_warps=4 if interp else BRACKET_WARPS)
     if stages < 2:
         return idx, (q_rot_out if rotate else None)
+    cfg = _score_config(d, config)  # scoring tiles; classify_block / classify_warps / finish_warps: the others
+    pipe = int(cfg.get("stages", 0))  # (not `stages`, the argument: kernels launched)
+    if interp:
+        BLOCK_N, TILES, nw = 32, 1, 4
+    else:
+        BLOCK_N, TILES, nw = cfg["block_n"], cfg["tiles"], cfg["num_warps"]
+    n_tiles = triton.cdiv(S, BLOCK_N)
+    tpp = TILES  # tiles per scoring program; pipelined with cfg["programs"]: about that many programs in all
+    if pipe and cfg.get("programs"):  # (never fewer than `tiles` per program: short rows keep their tiles)
+        tpp = max(TILES, triton.cdiv(n_tiles, triton.cdiv(int(cfg["programs"]), B * R)))
     hints = cache_hints(B * R, S)
     _bracket_scores_kernel[(B * R, triton.cdiv(n_tiles, tpp) + int(overlap))](
         qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br, ac,
@@ -929,16 +841,18 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         CLASSIFY=not split,
         OVERLAP=int(overlap), SAMPLE=sample, SUB=sub if interp else min(sample, cfg.get("bracket_sub", BLOCK_N)),
         STAGES=pipe, HINTS=hints and split, PDL=rot_pdl, PREFETCH=int(BRACKET_ROTATE_PDL) if rot_pdl else 0,
-        FUSE=fuse, ASM=BRACKET_CLASSIFY_ASM and not interp and bool(cfg.get("fuse_asm", BRACKET_FUSE_ASM)),
         num_warps=nw, **(dict(launch_pdl=True) if rot_pdl else {}))
     if stages < 3:
         return idx, (q_rot_out if rotate else None)
     block_s = 64 if interp else BRACKET_BLOCK_S
     if classify == "split":
+        block_c = 64 if interp else cfg.get("classify_block", BRACKET_CLASSIFY_BLOCK)
+        vec = int(cfg.get("classify_vec", BRACKET_CLASSIFY_VEC))
         if vec:
+            nb = int(cfg.get("classify_nb", BRACKET_CLASSIFY_NB))
             _bracket_classify_vec_kernel[(B * R, triton.cdiv(S, block_c * nb))](
                 ws, br, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, ws_row, BLOCK_C=block_c, KPT=vec,
-                ASM=BRACKET_CLASSIFY_ASM and not interp, HINTS=hints, NB=nb, FUSE=bool(fuse), UNIT=unit,
+                ASM=BRACKET_CLASSIFY_ASM and not interp, HINTS=hints, NB=nb,
                 num_warps=4 if interp else cfg.get("classify_warps", BRACKET_CLASSIFY_WARPS))
         else:
             _bracket_classify_kernel[(B * R, triton.cdiv(S, block_c))](
@@ -959,7 +873,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, scale, R, G, S, KMAX, sink_tokens,
         local_window,
         ws_row, KB_MODE=kb_mode, BLOCK_N=32 if interp else 256, BLOCK_S=block_s,
-        **common, KEYS_WRITTEN=split and not fuse, BAND_REG=band_reg, EARLY=BRACKET_EARLY_EXIT, BAND3=band_parts == 3,
+        **common, KEYS_WRITTEN=split, BAND_REG=band_reg, EARLY=BRACKET_EARLY_EXIT, BAND3=band_parts == 3,
         IDX_FIRST=bool(BRACKET_BAND_IDX_FIRST) and band_parts == 1 and band_reg <= BRACKET_BAND_IDX_FIRST,
         ASM=BRACKET_BAND_ASM and not interp, PDL=pdl and pdl_available(k_lr.device),
         num_warps=4 if interp else cfg.get("finish_warps", BRACKET_WARPS))
@@ -974,7 +888,7 @@ def bracket_workspace_size(B: int, R: int, S: int, classify: str | None = None) 
 def _key_ints(S: int, classify: str) -> int:
     """int32 elements of one score row's workspace after the records: band keys and positions, and (classify other
     than "fused": the scoring kernel writes every key) the row's keys."""
-    return (3 if classify != "fused" else 2) * S + (4 * triton.cdiv(S, 64) if classify == "split" else 0)
+    return (3 if classify != "fused" else 2) * S
 
 
 def bracket_ready(workspace: torch.Tensor, B: int, R: int) -> torch.Tensor:

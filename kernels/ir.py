@@ -75,7 +75,6 @@ PRESETS["classify_vec4_2048"] = dict(_VEC, constexprs=dict(BLOCK_C=2048, KPT=4, 
 PRESETS["classify_vec4_noasm"] = dict(_VEC, constexprs=dict(BLOCK_C=1024, KPT=4, ASM=False))
 PRESETS["classify_vec4_nb2"] = dict(_VEC, constexprs=dict(BLOCK_C=1024, KPT=4, ASM=True, NB=2))
 PRESETS["classify_vec4_nb4"] = dict(_VEC, constexprs=dict(BLOCK_C=1024, KPT=4, ASM=True, NB=4))
-PRESETS["classify_vec4_fuse"] = dict(_VEC, constexprs=dict(BLOCK_C=1024, KPT=4, ASM=True, FUSE=True))  # session 12
 # the band select (one program per row, 8 warps) at a 8192-key register block, with and without its positions
 # loaded together with the keys (BRACKET_BAND_IDX_FIRST, session 11)
 _FINISH = dict(kernel=("kernels.bracket", "_bracket_finish_kernel"),
@@ -101,17 +100,10 @@ _SCORES = dict(kernel=("kernels.bracket", "_bracket_scores_kernel"),
                fp32=("scale", "nsig"), i64=("FRAC_BITS",))
 PRESETS["scores_d32"] = _SCORES
 PRESETS["scores_d32_rotate_pdl"] = dict(_SCORES, constexprs=dict(_SCORES["constexprs"], PDL=True, PREFETCH=2))
-# session 12: BRACKET_FUSE_READY (programs that find their row's bracket written classify on the spot), stores by
-# tl.store or inline PTX
-PRESETS["scores_d32_fuse"] = dict(_SCORES, constexprs=dict(_SCORES["constexprs"], FUSE=1))
-PRESETS["scores_d32_fuse_asm"] = dict(_SCORES, constexprs=dict(_SCORES["constexprs"], FUSE=1, ASM=True))
-PRESETS["scores_d16_fuse"] = dict(_SCORES, constexprs=dict(_SCORES["constexprs"], FUSE=1, D_LR=16, BLOCK_DL=16,
-                                                           BLOCK_N=256, TILES=2, SUB=256))
 GROUPS = {"finish": ("finish_8192", "finish_8192_idx_first", "finish_8192_asm", "finish_8192_idx_first_asm"),
-          "scores": ("scores_d32", "scores_d32_rotate_pdl", "scores_d32_fuse", "scores_d32_fuse_asm",
-                     "scores_d16_fuse"),
+          "scores": ("scores_d32", "scores_d32_rotate_pdl"),
           "classify": ("classify_scalar", "classify_blocked", "classify_hints", "classify_vec4", "classify_vec4_2048",
-                       "classify_vec4_noasm", "classify_vec4_nb2", "classify_vec4_nb4", "classify_vec4_fuse"),
+                       "classify_vec4_noasm", "classify_vec4_nb2", "classify_vec4_nb4"),
           "attention": ("attention_dense", "attention_sparse", "attention_sparse_s8", "attention_sparse_s7",
                         "attention_sparse_r128", "attention_sparse_early")}
 

@@ -133,21 +133,14 @@ def rot_chunks(block_d: int, whole_rows: bool = False) -> dict:
 @triton.jit
 def _rotate_q_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, out_ptr, so_b, so_h, KVH,
                      G: tl.constexpr, G_ROT: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                     ROT_C: tl.constexpr, PDL: tl.constexpr = False, br_ptr=None, RPK=1,
-                     ZERO_BR: tl.constexpr = False, BR_STRIDE: tl.constexpr = 8, BR_WORD: tl.constexpr = 5):
+                     ROT_C: tl.constexpr, PDL: tl.constexpr = False):
     """One program per (sequence, KV head, chunk of ROT_C output columns): out = q @ P[kvh][:, chunk], fp32 FMAs,
     whole input rows in one load (one memory round trip per program).  PDL (session 11, an option): the next kernel,
-    launched with launch_pdl=True, may start at once (it waits for q' itself).  ZERO_BR (the bracket path's
-    BRACKET_FUSE_READY): the first program of each (sequence, KV head) also zeroes word BR_WORD of its RPK score
-    rows' bracket records (their ready words, which the scoring kernel's bracket programs then release)."""
+    launched with launch_pdl=True, may start at once (it waits for q' itself)."""
     pdl_trigger(PDL)
     pid = tl.program_id(0)
     b = (pid // KVH).to(tl.int64)
     kvh = (pid % KVH).to(tl.int64)
-    if ZERO_BR:
-        if tl.program_id(1) == 0:
-            for i in range(RPK):
-                tl.store(br_ptr + (pid * RPK + i) * BR_STRIDE + BR_WORD, 0)
     hh = tl.arange(0, G_ROT)
     hv = hh < G
     ii = tl.arange(0, BLOCK_D)
@@ -166,17 +159,14 @@ ROTATE_COLS = 0  # output columns per rotation program; 0: 128 // next_pow2(g), 
 #                  measured 0.4-1 us faster per step than the 16 of sessions 5-10, h200_variants_s11b)
 
 
-def launch_rotate_q(q: torch.Tensor, P: torch.Tensor, out: torch.Tensor, KVH: int, g: int, D: int, pdl: bool = False,
-                    zero_br: torch.Tensor | None = None, rows_per_kvh: int = 1):
-    """q (B, H, D) @ P[h // g] -> out (fp32), no checks (callers validate).  pdl: let the next kernel start early.
-    zero_br: the bracket path's (B * KVH * rows_per_kvh, 8) int32 records, whose ready words (index 5) are zeroed."""
+def launch_rotate_q(q: torch.Tensor, P: torch.Tensor, out: torch.Tensor, KVH: int, g: int, D: int, pdl: bool = False):
+    """q (B, H, D) @ P[h // g] -> out (fp32), no checks (callers validate).  pdl: let the next kernel start early."""
     BLOCK_D = max(16, next_pow2(D))
     G_ROT = next_pow2(g)
     rot_c = BLOCK_D if is_interpreter() else (ROTATE_COLS or max(8, min(BLOCK_D, 128 // G_ROT)))
     _rotate_q_kernel[(q.shape[0] * KVH, triton.cdiv(D, rot_c))](
         q, q.stride(0), q.stride(1), P, P.stride(0), P.stride(1), out, out.stride(0), out.stride(1), KVH,
-        G=g, G_ROT=G_ROT, D=D, BLOCK_D=BLOCK_D, ROT_C=rot_c, PDL=pdl, num_warps=4,
-        **(dict(br_ptr=zero_br, RPK=rows_per_kvh, ZERO_BR=True) if zero_br is not None else {}))
+        G=g, G_ROT=G_ROT, D=D, BLOCK_D=BLOCK_D, ROT_C=rot_c, PDL=pdl, num_warps=4)
     return out
 
 

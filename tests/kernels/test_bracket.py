@@ -60,14 +60,7 @@ VARIANTS = {"no_overlap": dict(overlap=False), "fused": dict(classify="fused"), 
             "band3": dict(band_reg=128, band_parts=3), "band3_small": dict(band_reg=64, band_parts=3),
             "scan": dict(classify="scan"), "scan_radix_band": dict(classify="scan", band_reg=16),
             "pipelined": dict(config=dict(stages=3, programs=8)), "unrolled": dict(config=dict(stages=0)),
-            "vec": dict(config=dict(classify_vec=4)), "vec2": dict(config=dict(classify_vec=2)),
-            # session 12 (BRACKET_FUSE_READY): scoring programs that find their row's bracket written classify on the
-            # spot; under the interpreter every program runs after its row's bracket program, so "fuse" classifies
-            # everything in the scoring kernel, "fuse_none" nothing (every flag 1: the classify kernel does it all)
-            # and "fuse_odd" half of each row's programs each way
-            "fuse": dict(config=dict(fuse_ready=1)), "fuse_none": dict(config=dict(fuse_ready=2)),
-            "fuse_odd": dict(config=dict(fuse_ready=3)),
-            "fuse_odd_pipelined": dict(config=dict(fuse_ready=3, stages=3, programs=36))}
+            "vec": dict(config=dict(classify_vec=4)), "vec2": dict(config=dict(classify_vec=2))}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -351,59 +344,6 @@ def test_bracket_band_options(idx_first, asm, monkeypatch):
     test_bracket_select(torch.float32, 64, 8, 3, "group", "max", *LONG)
     test_bracket_select(torch.float32, 64, 16, 4, "group", "max", *LONG, variant=VARIANTS["band3"])
     test_bracket_heavy_ties(None)
-
-
-@pytest.mark.skipif(DEV == "cuda", reason="the interpreter's tile sizes (test_gpu_shapes covers the GPU)")
-@pytest.mark.parametrize("fuse,programs", [(1, None), (2, None), (3, None), (3, 36)])
-def test_bracket_fuse_ready_flags(fuse, programs):
-    """BRACKET_FUSE_READY: each scoring program's flag (row workspace word 3 * S_max + program) says whether it
-    classified on the spot (0) or wrote its keys for the classify kernel (1); the selection is exact either way, and
-    a fused program leaves its keys unwritten (so the classify kernel cannot have read them)."""
-    import kernels.bracket as bracket
-    torch.manual_seed(fuse)
-    B, KVH, g, S, D, d = 2, 2, 3, 300, 64, 8
-    k_lr, _, _, lengths = random_cache(B, KVH, S, D, d, torch.float32, DEV, lengths=[300, 257])
-    q = torch.randn(B, KVH * g, D, device=DEV)
-    P = random_orthonormal(KVH, D, DEV)
-    ref = _ref(q, P, k_lr, lengths, "group", "max")
-    cfg = dict(fuse_ready=fuse, **(dict(stages=3, programs=programs) if programs else {}))
-    R, rec = KVH, bracket.BR_INTS
-    ws = torch.full((bracket.bracket_workspace_size(B, R, S),), -7, dtype=torch.int32, device=DEV)
-    for k in (1, 37, 0.25):
-        idx, _ = loki_select_bracket(q, k_lr, lengths, k, P=P, strict=False, workspace=ws, config=cfg)
-        kb = budgets_ref(k if isinstance(k, int) else fraction_budget(k, lengths).cpu(), lengths.cpu())
-        n, exact = check_selection(idx, ref, lengths.cpu(), kb, tol=_tol(ref))
-        assert exact >= n // 2
-    rows = ws[B * R * rec:].view(B * R, -1).cpu()
-    unit = 32 * (2 if programs else 1)  # interpreter: 32-token tiles, 1 per program (2 with 36 programs in all)
-    for row in range(B * R):
-        n_b = int(lengths[row // R])
-        nprog = -(-n_b // unit)
-        flags = rows[row, 3 * S:3 * S + nprog].tolist()
-        want = {1: [0] * nprog, 2: [1] * nprog, 3: [1 - t % 2 for t in range(nprog)]}[fuse]
-        assert flags == want
-        keys = rows[row, 2 * S:2 * S + n_b]
-        for t in range(nprog):  # a fused program wrote no key (the workspace was filled with -7)
-            written = (keys[t * unit:(t + 1) * unit] != -7).any().item()
-            assert written == bool(want[t])
-
-
-@pytest.mark.parametrize("fuse", [1, 3])
-def test_bracket_fuse_ready_decode(fuse, monkeypatch):
-    """The whole decode step with BRACKET_FUSE_READY (sinks and a local window forced in the fused tiles too) equals
-    the step without it."""
-    import kernels.bracket as bracket
-    torch.manual_seed(fuse + 40)
-    B, KVH, g, S, D, d = 2, 2, 4, 300, 64, 16
-    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.float32, DEV, lengths=[300, 270])
-    q = torch.randn(B, KVH * g, D, device=DEV)
-    P = random_orthonormal(KVH, D, DEV)
-    for k, sink, local in ((40, 0, 0), (0.125, 4, 16)):
-        base = loki_decode(q, P, k_lr, k_rest, v, lengths, k, strict=False, sink_tokens=sink, local_window=local)
-        monkeypatch.setattr(bracket, "BRACKET_FUSE_READY", fuse)
-        out = loki_decode(q, P, k_lr, k_rest, v, lengths, k, strict=False, sink_tokens=sink, local_window=local)
-        monkeypatch.setattr(bracket, "BRACKET_FUSE_READY", 0)
-        assert (out - base).abs().max().item() < 1e-5
 
 
 def test_bracket_rotate_pdl(monkeypatch):

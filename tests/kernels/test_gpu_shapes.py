@@ -65,25 +65,6 @@ def test_loki_decode_gpu_options(config, cache_hints, monkeypatch):
     check_step(out, idx, q, P, k_lr, k_rest, v, lengths, k)
 
 
-@pytest.mark.parametrize("fuse,asm,d", [(1, False, 32), (1, True, 32), (3, False, 16), (1, True, 16)])
-def test_loki_decode_gpu_fuse_ready(fuse, asm, d, monkeypatch):
-    """BRACKET_FUSE_READY (session 12) at a production shape, where some scoring programs start before their row's
-    bracket is written (they write keys for the classify kernel) and the later ones classify on the spot: exact
-    selection, output within bf16 tolerance of the float64 reference."""
-    import kernels.bracket as bracket
-    monkeypatch.setattr(bracket, "BRACKET_FUSE_READY", fuse)
-    monkeypatch.setattr(bracket, "BRACKET_FUSE_ASM", asm)
-    torch.manual_seed(12 + d)
-    B, KVH, g, S, D = 2, 8, 4, 32768, 128
-    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.bfloat16, "cuda", lengths=[32768, 20001])
-    q = torch.randn(B, KVH * g, D, device="cuda", dtype=torch.bfloat16)
-    P = random_orthonormal(KVH, D, "cuda")
-    k = S // 8
-    out, idx = loki_decode(q, P, k_lr, k_rest, v, lengths, k, strict=False, return_indices=True)
-    torch.cuda.synchronize()
-    check_step(out, idx, q, P, k_lr, k_rest, v, lengths, k)
-
-
 def test_topk_gpu_long_rows():
     torch.manual_seed(0)
     B, G, S = 3, 8, 70000
