@@ -403,7 +403,7 @@ _V7 = dict(SPARSE_CONFIG=_SPARSE_S7, BRACKET_OVERLAP=True, FOLD_COMBINE=True, BR
                                                         32: dict(block_n=128, tiles=4, num_warps=4)},
            BRACKET_CLASSIFY_SCALAR=False, BRACKET_CACHE_HINTS=False, BRACKET_BAND3=False, BRACKET_CLASSIFY_VEC=0,
            BRACKET_CLASSIFY_ASM=True, BRACKET_BAND_IDX_FIRST=0, BRACKET_BAND_ASM=False, ROTATE_COLS=16,
-           BRACKET_CLASSIFY_NB=1, ATTN_EARLY=False, BRACKET_ROTATE_PDL=0)
+           BRACKET_CLASSIFY_NB=1, ATTN_EARLY=False, BRACKET_ROTATE_PDL=0, ATTN_CHUNKS=1)
 _SCAN = dict(_V7, BRACKET_CLASSIFY="scan")
 
 
@@ -555,6 +555,16 @@ VARIANTS = {
     # bracket classify on the spot): 50-75 us slower at 64K, 18-35 us at 16K
     "s12_s2048": dict(_S12, BRACKET_SAMPLE=2048, BRACKET_SAMPLE_DIV=32),
     "s12_w2": dict(_S12, SPARSE_CONFIG=dict(_S12["SPARSE_CONFIG"], waves=2)),
+    # round 3: about 1024 / 2048 scoring programs in all instead of 4096 (longer programs: their start-up latency
+    # amortized over more tiles, at 16K 2-4 tiles each now); at d = 16 the two that were faster there (round 1: the
+    # scoring kernel launched during the rotation; round 2: two waves of attention programs), together
+    **{f"s12_sp{p}": dict(_S12, BRACKET_SCORE_CONFIG={0: dict(_SC_D16, programs=p), 32: dict(_SC_D32, programs=p)})
+       for p in (1024, 2048)},
+    "s12_rotpdl1_w2": dict(_S12, BRACKET_ROTATE_PDL=1, SPARSE_CONFIG=dict(_S12["SPARSE_CONFIG"], waves=2)),
+    # round 4: the batch in 2 / 4 ranges after the scoring pass, each range's classify, band select and attention on
+    # a stream of its own (kernels.loki.ATTN_CHUNKS), and with two waves of attention programs per range
+    **{f"s12_ch{c}": dict(_S12, ATTN_CHUNKS=c) for c in (2, 4)},
+    **{f"s12_ch{c}_w2": dict(_S12, ATTN_CHUNKS=c, SPARSE_CONFIG=dict(_S12["SPARSE_CONFIG"], waves=2)) for c in (2, 4)},
 }
 
 
@@ -569,7 +579,7 @@ def _variant_modules() -> dict:
                 BRACKET_WARPS=bracket_mod, BRACKET_CACHE_HINTS=bracket_mod, BRACKET_BAND3=bracket_mod,
                 BRACKET_CLASSIFY_VEC=bracket_mod, BRACKET_CLASSIFY_ASM=bracket_mod, BRACKET_BAND_IDX_FIRST=bracket_mod,
                 BRACKET_BAND_ASM=bracket_mod, ROTATE_COLS=scores_mod, BRACKET_CLASSIFY_NB=bracket_mod,
-                ATTN_EARLY=loki_mod, BRACKET_ROTATE_PDL=bracket_mod)
+                ATTN_EARLY=loki_mod, BRACKET_ROTATE_PDL=bracket_mod, ATTN_CHUNKS=loki_mod)
 
 
 def apply_variant(name: str) -> dict:

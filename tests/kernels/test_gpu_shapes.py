@@ -89,10 +89,15 @@ def test_dense_gpu():
 
 
 @pytest.mark.parametrize("ahead", [True, False], ids=["ahead", "s7_loop"])
-def test_loki_decode_gpu_graph(ahead, monkeypatch):
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_loki_decode_gpu_graph(ahead, chunks, monkeypatch):
     """The whole step at a production shape with the sparse loop of session 8 (indices one tile ahead, the default)
-    and of sessions 1-7, eagerly and replayed from a CUDA graph, against the float64 reference."""
+    and of sessions 1-7, eagerly and replayed from a CUDA graph, against the float64 reference; and with the batch
+    in ranges whose selection and attention run on streams of their own (kernels.loki.ATTN_CHUNKS, session 12: the
+    graph captures the fork and the join)."""
     import kernels.attention as attention
+    import kernels.loki as loki
+    monkeypatch.setattr(loki, "ATTN_CHUNKS", chunks)
     monkeypatch.setattr(attention, "SPARSE_CONFIG", dict(attention.SPARSE_CONFIG, ahead=ahead,
                                                          **({} if ahead else dict(num_stages=3))))
     torch.manual_seed(7)
