@@ -646,8 +646,15 @@ BRACKET_BAND_ASM = True
 # launch) and each scoring program prefetches its first BRACKET_ROTATE_PDL slab tiles into L2 before it waits for q'
 # (HBM idles during the ~5 us rotation: ~20 MB could move); 0: off.  Measured in session 12 (h200_variants_s12a, 1 /
 # 2 tiles against off): d = 16 at 64K 4.1 / 3.2 us and at 16K 1.0 / 0.5 us faster; d = 32 at 64K 2.6-3.7 us slower,
-# at 16K within +-1 us; 4K 5.9-9.4 us slower.  Off.
+# at 16K within +-1 us; 4K 5.9-9.4 us slower.  Off.  Where on, only for d <= BRACKET_ROTATE_PDL_MAX_D (0: any) and
+# S_max >= BRACKET_ROTATE_PDL_MIN_S.
 BRACKET_ROTATE_PDL = 0
+BRACKET_ROTATE_PDL_MAX_D = 0
+BRACKET_ROTATE_PDL_MIN_S = 0
+# session 12: a register cap (maxnreg) for the band-select kernel, 0: none.  While it runs (one 8-warp program per row)
+# the early-started attention programs (142 registers x 4 warps on Triton 3.6) share its SMs: at 151 registers (a
+# 8192-key block) one fits beside it, at 112 two.
+BRACKET_FINISH_MAXNREG = 0
 BRACKET_BAND_SD = 3.0  # band registers >= the expected band + this many standard deviations (`band_registers`)
 # session 10: L2 eviction hints (the slab read evict_first, the keys written evict_last for the classify kernel, which
 # reads them evict_first).  "auto": on where the keys of all rows take at most BRACKET_HINTS_MAX_BYTES (about a third of
@@ -811,7 +818,8 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
                   REDUCE_MAX=reduce == "max")
     sub = min(sample, 32 if interp else BRACKET_SUB)
     # session 11 (an option, off): the scoring kernel launched during the rotation, prefetching slab tiles
-    rot_pdl = bool(BRACKET_ROTATE_PDL) and overlap and rotate and pdl_available(k_lr.device)
+    rot_pdl = (bool(BRACKET_ROTATE_PDL) and overlap and rotate and pdl_available(k_lr.device)
+               and d <= (BRACKET_ROTATE_PDL_MAX_D or d) and S >= BRACKET_ROTATE_PDL_MIN_S)
     if overlap:
         if rotate:
             launch_rotate_q(q, P, q_rot_out, KVH, G, D, pdl=rot_pdl)
@@ -888,7 +896,8 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
             **common, KEYS_WRITTEN=split, BAND_REG=band_reg, EARLY=BRACKET_EARLY_EXIT, BAND3=band_parts == 3,
             IDX_FIRST=bool(BRACKET_BAND_IDX_FIRST) and band_parts == 1 and band_reg <= BRACKET_BAND_IDX_FIRST,
             ASM=BRACKET_BAND_ASM and not interp, PDL=pdl_ok,
-            num_warps=4 if interp else cfg.get("finish_warps", BRACKET_WARPS))
+            num_warps=4 if interp else cfg.get("finish_warps", BRACKET_WARPS),
+            **(dict(maxnreg=int(BRACKET_FINISH_MAXNREG)) if BRACKET_FINISH_MAXNREG and not interp else {}))
 
     result = (idx, (q_rot_out if rotate else None))
     if split_tail:  # (the caller launches the classify and band-select kernels per batch range: `tail`)

@@ -88,6 +88,9 @@ PRESETS["finish_8192"] = _FINISH
 PRESETS["finish_8192_idx_first"] = dict(_FINISH, constexprs=dict(_FINISH["constexprs"], IDX_FIRST=True))
 PRESETS["finish_8192_asm"] = dict(_FINISH, constexprs=dict(_FINISH["constexprs"], ASM=True))
 PRESETS["finish_8192_idx_first_asm"] = dict(_FINISH, constexprs=dict(_FINISH["constexprs"], IDX_FIRST=True, ASM=True))
+# session 12: under a register cap (BRACKET_FINISH_MAXNREG), so that two attention programs fit beside it
+PRESETS["finish_8192_idx_first_asm_r112"] = dict(PRESETS["finish_8192_idx_first_asm"], options=dict(maxnreg=112))
+PRESETS["finish_8192_idx_first_asm_r96"] = dict(PRESETS["finish_8192_idx_first_asm"], options=dict(maxnreg=96))
 # the scoring kernel (d = 32, its grid's column 0 writing the brackets), and with the session-11 option
 # BRACKET_ROTATE_PDL (launched during the rotation: slab tiles prefetched into L2, then a griddepcontrol wait)
 _SCORES = dict(kernel=("kernels.bracket", "_bracket_scores_kernel"),
@@ -100,7 +103,8 @@ _SCORES = dict(kernel=("kernels.bracket", "_bracket_scores_kernel"),
                fp32=("scale", "nsig"), i64=("FRAC_BITS",))
 PRESETS["scores_d32"] = _SCORES
 PRESETS["scores_d32_rotate_pdl"] = dict(_SCORES, constexprs=dict(_SCORES["constexprs"], PDL=True, PREFETCH=2))
-GROUPS = {"finish": ("finish_8192", "finish_8192_idx_first", "finish_8192_asm", "finish_8192_idx_first_asm"),
+GROUPS = {"finish": ("finish_8192", "finish_8192_idx_first", "finish_8192_asm", "finish_8192_idx_first_asm",
+                     "finish_8192_idx_first_asm_r112", "finish_8192_idx_first_asm_r96"),
           "scores": ("scores_d32", "scores_d32_rotate_pdl"),
           "classify": ("classify_scalar", "classify_blocked", "classify_hints", "classify_vec4", "classify_vec4_2048",
                        "classify_vec4_noasm", "classify_vec4_nb2", "classify_vec4_nb4"),

@@ -37,6 +37,11 @@ AUTO_PATH: str | None = None  # when set, path="auto" resolves to it (benchmarks
 # a range's classify starting once the previous range's has ended, so that the later ranges' (issue-bound) selection
 # runs beside the earlier ranges' (bandwidth-bound) attention instead of before it.  1: one range (sessions 1-11)
 ATTN_CHUNKS = 1
+# session 12, bracket path: where d <= ATTN_LOWRANK_D and S_max >= ATTN_LOWRANK_MIN_S the sparse attention takes
+# ATTN_LOWRANK_WAVES waves of programs instead of SPARSE_CONFIG's (0: never)
+ATTN_LOWRANK_D = 0
+ATTN_LOWRANK_MIN_S = 16384
+ATTN_LOWRANK_WAVES = 2
 _SIDE_STREAMS: dict = {}
 
 
@@ -50,7 +55,7 @@ def _side_streams(device: torch.device, n: int) -> list:
 
 
 def _chunked_attention(tail, q_rot, k_lr, k_rest, v, idx, scaling, num_splits, out, counters, ready, B: int, R: int,
-                       chunks: int, pdl: bool) -> torch.Tensor:
+                       chunks: int, pdl: bool, config: dict | None = None) -> torch.Tensor:
     """ATTN_CHUNKS: classify, band select and sparse attention per range of sequences (see ATTN_CHUNKS).  On the
     GPU range c > 0 runs on side stream c - 1, after range c - 1's classify kernel; the caller's stream waits for
     every side stream before returning (so that nothing allocated here is reused too early).  Elsewhere the ranges
@@ -74,7 +79,7 @@ def _chunked_attention(tail, q_rot, k_lr, k_rest, v, idx, scaling, num_splits, o
                 prev.record(stream)
             tail(b0, b1, "finish")
             sparse_decode_attention(q_rot[b0:b1], k_lr[b0:b1], k_rest[b0:b1], v[b0:b1], idx[b0:b1], scaling=scaling,
-                                    num_splits=num_splits, out=out[b0:b1],
+                                    num_splits=num_splits, out=out[b0:b1], config=config,
                                     counters=counters[b0 * R:b1 * R] if counters is not None else None,
                                     ready=ready[b0 * R:b1 * R] if ready is not None else None, pdl=pdl)
     for side in sides:
@@ -135,6 +140,9 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
     if (sink_tokens or local_window) and path != "bracket":  # ("auto" resolved above)
         raise LokiInputError(f"sink_tokens/local_window need path='bracket' (got path={path!r})")
     counters = ready = None
+    attn_cfg = None
+    if path == "bracket" and ATTN_LOWRANK_D and d <= ATTN_LOWRANK_D and S >= ATTN_LOWRANK_MIN_S:
+        attn_cfg = dict(waves=ATTN_LOWRANK_WAVES)
     if path == "bracket":
         R = q.shape[1] if mode == "head" else KVH
         if FOLD_COMBINE if fold_combine is None else fold_combine:
@@ -151,7 +159,7 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
         if chunks > 1:
             idx, q_rot, tail = sel
             out = _chunked_attention(tail, q_rot, k_lr, k_rest, v, idx, scaling, num_splits, out, counters, ready, B,
-                                     R, chunks, pdl=True)
+                                     R, chunks, pdl=True, config=attn_cfg)
             return (out, idx) if return_indices else out
         idx, q_rot = sel
     elif path == "fused":
@@ -168,5 +176,5 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
             vals, idx = torch.topk(scores, kk, dim=-1, sorted=False)
             idx = torch.where(torch.isinf(vals), torch.full_like(idx, -1), idx)
     out = sparse_decode_attention(q_rot, k_lr, k_rest, v, idx, scaling=scaling, num_splits=num_splits, out=out,
-                                  counters=counters, ready=ready, pdl=ready is not None)
+                                  counters=counters, ready=ready, pdl=ready is not None, config=attn_cfg)
     return (out, idx) if return_indices else out

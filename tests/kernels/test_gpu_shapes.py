@@ -65,6 +65,30 @@ def test_loki_decode_gpu_options(config, cache_hints, monkeypatch):
     check_step(out, idx, q, P, k_lr, k_rest, v, lengths, k)
 
 
+@pytest.mark.parametrize("d,maxnreg", [(16, 0), (16, 112), (32, 96)])
+def test_loki_decode_gpu_session12_options(d, maxnreg, monkeypatch):
+    """Session 12's options at a production shape (S_max 16K): the scoring kernel launched during the rotation and
+    two waves of attention programs where d <= 16 (BRACKET_ROTATE_PDL with _MAX_D / _MIN_S, kernels.loki
+    ATTN_LOWRANK_D), and the band select under a register cap (BRACKET_FINISH_MAXNREG): exact selection, output
+    within bf16 tolerance of the float64 reference."""
+    import kernels.bracket as bracket
+    import kernels.loki as loki
+    monkeypatch.setattr(bracket, "BRACKET_ROTATE_PDL", 1)
+    monkeypatch.setattr(bracket, "BRACKET_ROTATE_PDL_MAX_D", 16)
+    monkeypatch.setattr(bracket, "BRACKET_ROTATE_PDL_MIN_S", 16384)
+    monkeypatch.setattr(bracket, "BRACKET_FINISH_MAXNREG", maxnreg)
+    monkeypatch.setattr(loki, "ATTN_LOWRANK_D", 16)
+    torch.manual_seed(13 + d)
+    B, KVH, g, S, D = 2, 8, 4, 16384, 128
+    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.bfloat16, "cuda", lengths=[16384, 9001])
+    q = torch.randn(B, KVH * g, D, device="cuda", dtype=torch.bfloat16)
+    P = random_orthonormal(KVH, D, "cuda")
+    k = S // 16
+    out, idx = loki_decode(q, P, k_lr, k_rest, v, lengths, k, strict=False, return_indices=True)
+    torch.cuda.synchronize()
+    check_step(out, idx, q, P, k_lr, k_rest, v, lengths, k)
+
+
 def test_topk_gpu_long_rows():
     torch.manual_seed(0)
     B, G, S = 3, 8, 70000
