@@ -403,7 +403,7 @@ _V7 = dict(SPARSE_CONFIG=_SPARSE_S7, BRACKET_OVERLAP=True, FOLD_COMBINE=True, BR
                                                         32: dict(block_n=128, tiles=4, num_warps=4)},
            BRACKET_CLASSIFY_SCALAR=False, BRACKET_CACHE_HINTS=False, BRACKET_BAND3=False, BRACKET_CLASSIFY_VEC=0,
            BRACKET_CLASSIFY_ASM=True, BRACKET_BAND_IDX_FIRST=0, BRACKET_BAND_ASM=False, ROTATE_COLS=16,
-           BRACKET_CLASSIFY_NB=1, ATTN_EARLY=False, BRACKET_ROTATE_PDL=0, ATTN_CHUNKS=1, BRACKET_ROTATE_PDL_MAX_D=0,
+           BRACKET_CLASSIFY_NB=1, ATTN_EARLY=False, BRACKET_ROTATE_PDL=0, BRACKET_ROTATE_PDL_MAX_D=0,
            BRACKET_ROTATE_PDL_MIN_S=0, BRACKET_FINISH_MAXNREG=0, ATTN_LOWRANK_D=0)
 _SCAN = dict(_V7, BRACKET_CLASSIFY="scan")
 
@@ -564,13 +564,12 @@ VARIANTS = {
     **{f"s12_sp{p}": dict(_S12, BRACKET_SCORE_CONFIG={0: dict(_SC_D16, programs=p), 32: dict(_SC_D32, programs=p)})
        for p in (1024, 2048)},
     "s12_rotpdl1_w2": dict(_S12, BRACKET_ROTATE_PDL=1, SPARSE_CONFIG=dict(_S12["SPARSE_CONFIG"], waves=2)),
-    # round 4: the batch in 2 / 4 ranges after the scoring pass, each range's classify, band select and attention on
-    # a stream of its own (kernels.loki.ATTN_CHUNKS), and with two waves of attention programs per range
-    **{f"s12_ch{c}": dict(_S12, ATTN_CHUNKS=c) for c in (2, 4)},
-    **{f"s12_ch{c}_w2": dict(_S12, ATTN_CHUNKS=c, SPARSE_CONFIG=dict(_S12["SPARSE_CONFIG"], waves=2)) for c in (2, 4)},
+    # round 4 (h200_variants_s12c), code in git history (ac6d2de, removed): "s12_ch2" / "s12_ch4" (+ "_w2"): the batch in
+    # 2 / 4 ranges after the scoring pass, each range's classify, band select and attention on a stream of its own
+    # (kernels.loki.ATTN_CHUNKS): 17-49 us slower at 64K / d = 32, 4-11 us at 4K, within 3 us at 64K / d = 16
     # round 5: "s12_d16": round 3's s12_rotpdl1_w2 (the scoring kernel launched during the rotation, two waves of
-    # attention programs) only where d <= 16 and S_max >= 16K; the band select under a register cap (112: two
-    # early-started attention programs fit beside it; 96), alone and with s12_d16
+    # attention programs) only where d <= 16 and S_max >= 16K (the module defaults since); the band select under a
+    # register cap (112: two early-started attention programs fit beside it; 96), alone and with s12_d16
     "s12_d16": _S12_D16,
     **{f"s12_fmr{r}": dict(_S12, BRACKET_FINISH_MAXNREG=r) for r in (112, 96)},
     **{f"s12_d16_fmr{r}": dict(_S12_D16, BRACKET_FINISH_MAXNREG=r) for r in (112,)},
@@ -588,8 +587,7 @@ def _variant_modules() -> dict:
                 BRACKET_WARPS=bracket_mod, BRACKET_CACHE_HINTS=bracket_mod, BRACKET_BAND3=bracket_mod,
                 BRACKET_CLASSIFY_VEC=bracket_mod, BRACKET_CLASSIFY_ASM=bracket_mod, BRACKET_BAND_IDX_FIRST=bracket_mod,
                 BRACKET_BAND_ASM=bracket_mod, ROTATE_COLS=scores_mod, BRACKET_CLASSIFY_NB=bracket_mod,
-                ATTN_EARLY=loki_mod, BRACKET_ROTATE_PDL=bracket_mod, ATTN_CHUNKS=loki_mod,
-                BRACKET_ROTATE_PDL_MAX_D=bracket_mod, BRACKET_ROTATE_PDL_MIN_S=bracket_mod,
+                ATTN_EARLY=loki_mod, BRACKET_ROTATE_PDL=bracket_mod, BRACKET_ROTATE_PDL_MAX_D=bracket_mod, BRACKET_ROTATE_PDL_MIN_S=bracket_mod,
                 BRACKET_FINISH_MAXNREG=bracket_mod, ATTN_LOWRANK_D=loki_mod)
 
 

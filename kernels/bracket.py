@@ -147,7 +147,8 @@ def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
     brackets (`_bracket_row`) while the others score, so the bracket's latency hides under the scoring pass.
     Each scoring program takes TILES tiles of BLOCK_N tokens, unrolled (STAGES = 0), or (STAGES > 0, session 7) TPP
     tiles in a software-pipelined loop that keeps the next tiles' loads in flight while it scores one.
-    PDL (session 11, BRACKET_ROTATE_PDL, an option, off: measured mixed): launched while the rotation kernel runs; the
+    PDL (session 11, BRACKET_ROTATE_PDL; session 12: on where d <= 16 and S_max >= 16K): launched while the rotation
+    kernel runs; the
     scoring programs first prefetch their first PREFETCH tiles of the slab into L2 (memory otherwise idle during the
     rotation), then every program waits for q' (griddepcontrol) before it reads it."""
     pid = tl.program_id(0)
@@ -646,14 +647,16 @@ BRACKET_BAND_ASM = True
 # launch) and each scoring program prefetches its first BRACKET_ROTATE_PDL slab tiles into L2 before it waits for q'
 # (HBM idles during the ~5 us rotation: ~20 MB could move); 0: off.  Measured in session 12 (h200_variants_s12a, 1 /
 # 2 tiles against off): d = 16 at 64K 4.1 / 3.2 us and at 16K 1.0 / 0.5 us faster; d = 32 at 64K 2.6-3.7 us slower,
-# at 16K within +-1 us; 4K 5.9-9.4 us slower.  Off.  Where on, only for d <= BRACKET_ROTATE_PDL_MAX_D (0: any) and
-# S_max >= BRACKET_ROTATE_PDL_MIN_S.
-BRACKET_ROTATE_PDL = 0
-BRACKET_ROTATE_PDL_MAX_D = 0
-BRACKET_ROTATE_PDL_MIN_S = 0
-# session 12: a register cap (maxnreg) for the band-select kernel, 0: none.  While it runs (one 8-warp program per row)
-# the early-started attention programs (142 registers x 4 warps on Triton 3.6) share its SMs: at 151 registers (a
-# 8192-key block) one fits beside it, at 112 two.
+# at 16K within +-1 us; 4K 5.9-9.4 us slower.  So on (1 tile) only for d <= BRACKET_ROTATE_PDL_MAX_D (0: any d) and
+# S_max >= BRACKET_ROTATE_PDL_MIN_S: with kernels.loki.ATTN_LOWRANK_D (two waves of attention programs at the same
+# points) 64K / (D/8, 1/16) 204.7 -> 196.6 us, 16K / (D/8, 1/16) 73.5 -> 71.5, every other point within 0.2 us
+# (h200_variants_s12d, "s12_d16")
+BRACKET_ROTATE_PDL = 1
+BRACKET_ROTATE_PDL_MAX_D = 16
+BRACKET_ROTATE_PDL_MIN_S = 16384
+# session 12, measured neutral (h200_variants_s12d: 112 / 96 within -0.6 / +1.6 us at every point), 0 (none): a register
+# cap (maxnreg) for the band-select kernel, whose SMs the early-started attention programs share (142 registers x 4
+# warps on Triton 3.6: one fits beside a 151-register band select of a 8192-key block, two beside a 112-register one)
 BRACKET_FINISH_MAXNREG = 0
 BRACKET_BAND_SD = 3.0  # band registers >= the expected band + this many standard deviations (`band_registers`)
 # session 10: L2 eviction hints (the slab read evict_first, the keys written evict_last for the classify kernel, which
@@ -726,7 +729,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
                         sample: int | None = None, nsig: float | None = None,
                         workspace: torch.Tensor | None = None, stages: int = 4, classify: str | None = None,
                         band_reg: int | None = None, band_parts: int | None = None, overlap: bool | None = None,
-                        attn_counters: torch.Tensor | None = None, pdl: bool = False, split_tail: bool = False):
+                        attn_counters: torch.Tensor | None = None, pdl: bool = False):
     """(Rotate q) + scores + exact top-k, each step spread over many programs per row (see module doc).
 
     Same contract as `topk.loki_select`: q (B, H, D) raw queries when P (KVH, D, D) is given (q' = q @ P is
@@ -753,9 +756,6 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     ``stages`` < 4 launches only the first kernels (for the benchmark's per-kernel times; idx is then garbage).
     pdl (session 11): the band-select kernel lets the next kernel start early (launch_pdl=True on the GPU: the
     sparse attention with ``ready=bracket_ready(workspace, ...)``); where PDL is not available it is ignored.
-    split_tail (session 12, `kernels.loki.ATTN_CHUNKS`): launch only the rotation and the scoring kernel and return
-    (idx, q_rot, tail) where ``tail(b0, b1, "classify")`` / ``tail(b0, b1, "finish")`` launch the classify and the
-    band-select (or scan) kernel for sequences b0..b1 - 1; the caller runs them per range, e.g. on several streams.
     """
     check(isinstance(sink_tokens, int) and sink_tokens >= 0, f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
     check(isinstance(local_window, int) and local_window >= 0,
@@ -853,60 +853,43 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         OVERLAP=int(overlap), SAMPLE=sample, SUB=sub if interp else min(sample, cfg.get("bracket_sub", BLOCK_N)),
         STAGES=pipe, HINTS=hints and split, PDL=rot_pdl, PREFETCH=int(BRACKET_ROTATE_PDL) if rot_pdl else 0,
         num_warps=nw, **(dict(launch_pdl=True) if rot_pdl else {}))
+    if stages < 3:
+        return idx, (q_rot_out if rotate else None)
     block_s = 64 if interp else BRACKET_BLOCK_S
-    pdl_ok = pdl and pdl_available(k_lr.device)
-
-    def tail(b0: int, b1: int, stage: str) -> None:
-        """Launch the classify ("classify") or the band-select / scan ("finish") kernel for sequences b0..b1 - 1
-        only: every pointer is that range's slice (the records, workspace rows, output rows, lengths, budgets)."""
-        rows = (b1 - b0) * R
-        ws_c, br_c = ws[b0 * R * ws_row:b1 * R * ws_row], br[b0 * R * BR_INTS:b1 * R * BR_INTS]
-        idx_c, len_c = idx[b0:b1], lengths[b0:b1]
-        kbt_c = kbt[b0:b1]  # ((B,) budgets, or the lengths where the budget is not a tensor)
-        if stage == "classify":
-            if classify != "split":
-                return
-            block_c = 64 if interp else cfg.get("classify_block", BRACKET_CLASSIFY_BLOCK)
-            vec = int(cfg.get("classify_vec", BRACKET_CLASSIFY_VEC))
-            if vec:
-                nb = int(cfg.get("classify_nb", BRACKET_CLASSIFY_NB))
-                _bracket_classify_vec_kernel[(rows, triton.cdiv(S, block_c * nb))](
-                    ws_c, br_c, idx_c, idx_c.stride(0), idx_c.stride(1), len_c, R, S, KMAX, ws_row, BLOCK_C=block_c,
-                    KPT=vec, ASM=BRACKET_CLASSIFY_ASM and not interp, HINTS=hints, NB=nb,
-                    num_warps=4 if interp else cfg.get("classify_warps", BRACKET_CLASSIFY_WARPS))
-            else:
-                _bracket_classify_kernel[(rows, triton.cdiv(S, block_c))](
-                    ws_c, br_c, idx_c, idx_c.stride(0), idx_c.stride(1), len_c, R, S, KMAX, ws_row, BLOCK_C=block_c,
-                    SCALAR=BRACKET_CLASSIFY_SCALAR, HINTS=hints,
-                    num_warps=4 if interp else cfg.get("classify_warps", BRACKET_CLASSIFY_WARPS))
-            return
-        qr_c, klr_c = qr[b0:b1], k_lr[b0:b1]
-        if classify == "scan":
-            _bracket_scan_kernel[(rows,)](
-                ws_c, br_c, idx_c, idx_c.stride(0), idx_c.stride(1), len_c, kbt_c, K_INT, frac_bits, forced, R, S, KMAX,
-                ws_row, KB_MODE=kb_mode, BLOCK_C=64 if interp else cfg.get("scan_block", BRACKET_SCAN_BLOCK),
-                BLOCK_S=block_s, BAND_REG=band_reg, EARLY=BRACKET_EARLY_EXIT,
-                num_warps=4 if interp else cfg.get("scan_warps", BRACKET_SCAN_WARPS))
-            return
-        _bracket_finish_kernel[(rows,)](
-            qr_c, qr_c.stride(0), qr_c.stride(1), klr_c, klr_c.stride(0), klr_c.stride(1), klr_c.stride(2), ws_c, br_c,
-            idx_c, idx_c.stride(0), idx_c.stride(1), len_c, kbt_c, K_INT, frac_bits, forced, scale, R, G, S, KMAX,
-            sink_tokens, local_window,
-            ws_row, KB_MODE=kb_mode, BLOCK_N=32 if interp else 256, BLOCK_S=block_s,
-            **common, KEYS_WRITTEN=split, BAND_REG=band_reg, EARLY=BRACKET_EARLY_EXIT, BAND3=band_parts == 3,
-            IDX_FIRST=bool(BRACKET_BAND_IDX_FIRST) and band_parts == 1 and band_reg <= BRACKET_BAND_IDX_FIRST,
-            ASM=BRACKET_BAND_ASM and not interp, PDL=pdl_ok,
-            num_warps=4 if interp else cfg.get("finish_warps", BRACKET_WARPS),
-            **(dict(maxnreg=int(BRACKET_FINISH_MAXNREG)) if BRACKET_FINISH_MAXNREG and not interp else {}))
-
-    result = (idx, (q_rot_out if rotate else None))
-    if split_tail:  # (the caller launches the classify and band-select kernels per batch range: `tail`)
-        return result + (tail,)
-    if stages >= 3:
-        tail(0, B, "classify")
-    if stages >= 4:
-        tail(0, B, "finish")
-    return result
+    if classify == "split":
+        block_c = 64 if interp else cfg.get("classify_block", BRACKET_CLASSIFY_BLOCK)
+        vec = int(cfg.get("classify_vec", BRACKET_CLASSIFY_VEC))
+        if vec:
+            nb = int(cfg.get("classify_nb", BRACKET_CLASSIFY_NB))
+            _bracket_classify_vec_kernel[(B * R, triton.cdiv(S, block_c * nb))](
+                ws, br, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, ws_row, BLOCK_C=block_c, KPT=vec,
+                ASM=BRACKET_CLASSIFY_ASM and not interp, HINTS=hints, NB=nb,
+                num_warps=4 if interp else cfg.get("classify_warps", BRACKET_CLASSIFY_WARPS))
+        else:
+            _bracket_classify_kernel[(B * R, triton.cdiv(S, block_c))](
+                ws, br, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, ws_row, BLOCK_C=block_c,
+                SCALAR=BRACKET_CLASSIFY_SCALAR, HINTS=hints,
+                num_warps=4 if interp else cfg.get("classify_warps", BRACKET_CLASSIFY_WARPS))
+    if stages < 4:
+        return idx, (q_rot_out if rotate else None)
+    if classify == "scan":
+        _bracket_scan_kernel[(B * R,)](
+            ws, br, idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, R, S, KMAX, ws_row,
+            KB_MODE=kb_mode, BLOCK_C=64 if interp else cfg.get("scan_block", BRACKET_SCAN_BLOCK),
+            BLOCK_S=block_s, BAND_REG=band_reg, EARLY=BRACKET_EARLY_EXIT,
+            num_warps=4 if interp else cfg.get("scan_warps", BRACKET_SCAN_WARPS))
+        return idx, (q_rot_out if rotate else None)
+    _bracket_finish_kernel[(B * R,)](
+        qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br,
+        idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, scale, R, G, S, KMAX, sink_tokens,
+        local_window,
+        ws_row, KB_MODE=kb_mode, BLOCK_N=32 if interp else 256, BLOCK_S=block_s,
+        **common, KEYS_WRITTEN=split, BAND_REG=band_reg, EARLY=BRACKET_EARLY_EXIT, BAND3=band_parts == 3,
+        IDX_FIRST=bool(BRACKET_BAND_IDX_FIRST) and band_parts == 1 and band_reg <= BRACKET_BAND_IDX_FIRST,
+        ASM=BRACKET_BAND_ASM and not interp, PDL=pdl and pdl_available(k_lr.device),
+        num_warps=4 if interp else cfg.get("finish_warps", BRACKET_WARPS),
+        **(dict(maxnreg=int(BRACKET_FINISH_MAXNREG)) if BRACKET_FINISH_MAXNREG and not interp else {}))
+    return idx, (q_rot_out if rotate else None)
 
 
 def bracket_workspace_size(B: int, R: int, S: int, classify: str | None = None) -> int:

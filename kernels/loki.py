@@ -13,8 +13,6 @@ sink_tokens / local_window (always-selected positions) are supported on the brac
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ._utils import LokiInputError, check, check_cache, check_float, check_lengths
@@ -32,59 +30,13 @@ FOLD_COMBINE = True  # bracket path: the attention kernel combines its split-K p
 # sm_90+) and attends first to each row's keys above its bracket, which the classify kernel has already placed
 ATTN_EARLY = True
 AUTO_PATH: str | None = None  # when set, path="auto" resolves to it (benchmarks compare paths inside a whole model)
-# session 12, bracket path with ATTN_EARLY: > 1: after the scoring pass the batch is cut into this many ranges of
-# sequences; each range's classify, band select and attention run on a stream of its own (the first on the caller's),
-# a range's classify starting once the previous range's has ended, so that the later ranges' (issue-bound) selection
-# runs beside the earlier ranges' (bandwidth-bound) attention instead of before it.  1: one range (sessions 1-11)
-ATTN_CHUNKS = 1
 # session 12, bracket path: where d <= ATTN_LOWRANK_D and S_max >= ATTN_LOWRANK_MIN_S the sparse attention takes
-# ATTN_LOWRANK_WAVES waves of programs instead of SPARSE_CONFIG's (0: never)
-ATTN_LOWRANK_D = 0
+# ATTN_LOWRANK_WAVES waves of programs instead of SPARSE_CONFIG's one (0: never).  Measured with bracket.py's
+# BRACKET_ROTATE_PDL rule (h200_variants_s12c / s12d): 64K / (D/8, 1/16) 8-9 us faster; two waves at d = 32 were 7-23 us
+# slower at 16K and 64K
+ATTN_LOWRANK_D = 16
 ATTN_LOWRANK_MIN_S = 16384
 ATTN_LOWRANK_WAVES = 2
-_SIDE_STREAMS: dict = {}
-
-
-def _side_streams(device: torch.device, n: int) -> list:
-    """n side streams of `device`, created once (a CUDA graph may capture work on them: fork and join)."""
-    key = (device.index if device.index is not None else torch.cuda.current_device())
-    have = _SIDE_STREAMS.setdefault(key, [])
-    while len(have) < n:
-        have.append(torch.cuda.Stream(device=device))
-    return have[:n]
-
-
-def _chunked_attention(tail, q_rot, k_lr, k_rest, v, idx, scaling, num_splits, out, counters, ready, B: int, R: int,
-                       chunks: int, pdl: bool, config: dict | None = None) -> torch.Tensor:
-    """ATTN_CHUNKS: classify, band select and sparse attention per range of sequences (see ATTN_CHUNKS).  On the
-    GPU range c > 0 runs on side stream c - 1, after range c - 1's classify kernel; the caller's stream waits for
-    every side stream before returning (so that nothing allocated here is reused too early).  Elsewhere the ranges
-    run one after the other."""
-    bounds = [B * c // chunks for c in range(chunks + 1)]
-    if out is None:
-        out = torch.empty(q_rot.shape, dtype=v.dtype, device=v.device)
-    cuda = q_rot.device.type == "cuda"
-    main = torch.cuda.current_stream(q_rot.device) if cuda else None
-    sides = _side_streams(q_rot.device, chunks - 1) if cuda else []
-    prev = None
-    for c in range(chunks):
-        b0, b1 = bounds[c], bounds[c + 1]
-        stream = (main if c == 0 else sides[c - 1]) if cuda else None
-        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
-            if prev is not None:
-                stream.wait_event(prev)
-            tail(b0, b1, "classify")
-            if cuda and c + 1 < chunks:
-                prev = torch.cuda.Event()
-                prev.record(stream)
-            tail(b0, b1, "finish")
-            sparse_decode_attention(q_rot[b0:b1], k_lr[b0:b1], k_rest[b0:b1], v[b0:b1], idx[b0:b1], scaling=scaling,
-                                    num_splits=num_splits, out=out[b0:b1], config=config,
-                                    counters=counters[b0 * R:b1 * R] if counters is not None else None,
-                                    ready=ready[b0 * R:b1 * R] if ready is not None else None, pdl=pdl)
-    for side in sides:
-        main.wait_stream(side)
-    return out
 
 
 def choose_path(forced: bool = False) -> str:
@@ -151,17 +103,10 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
         if ATTN_EARLY and bracket_mod.BRACKET_CLASSIFY == "split":  # (the band select runs last: split only)
             ws = torch.empty(bracket_workspace_size(B, R, S), dtype=torch.int32, device=q.device)
             ready = bracket_ready(ws, B, R)
-        chunks = min(int(ATTN_CHUNKS), B) if ready is not None else 1
-        sel = loki_select_bracket(q, k_lr, lengths, k_budget, P=P, mode=mode, reduce=reduce, scaling=scaling,
-                                  strict=False, k_max=k_max, sink_tokens=sink_tokens, local_window=local_window,
-                                  attn_counters=counters, workspace=ws, pdl=ready is not None,
-                                  split_tail=chunks > 1)
-        if chunks > 1:
-            idx, q_rot, tail = sel
-            out = _chunked_attention(tail, q_rot, k_lr, k_rest, v, idx, scaling, num_splits, out, counters, ready, B,
-                                     R, chunks, pdl=True, config=attn_cfg)
-            return (out, idx) if return_indices else out
-        idx, q_rot = sel
+        idx, q_rot = loki_select_bracket(q, k_lr, lengths, k_budget, P=P, mode=mode, reduce=reduce, scaling=scaling,
+                                         strict=False, k_max=k_max, sink_tokens=sink_tokens,
+                                         local_window=local_window, attn_counters=counters, workspace=ws,
+                                         pdl=ready is not None)
     elif path == "fused":
         idx, q_rot = loki_select(q, k_lr, lengths, k_budget, P=P, mode=mode, reduce=reduce, scaling=scaling,
                                  strict=False, k_max=k_max)

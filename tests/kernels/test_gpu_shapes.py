@@ -69,8 +69,8 @@ def test_loki_decode_gpu_options(config, cache_hints, monkeypatch):
 def test_loki_decode_gpu_session12_options(d, maxnreg, monkeypatch):
     """Session 12's options at a production shape (S_max 16K): the scoring kernel launched during the rotation and
     two waves of attention programs where d <= 16 (BRACKET_ROTATE_PDL with _MAX_D / _MIN_S, kernels.loki
-    ATTN_LOWRANK_D), and the band select under a register cap (BRACKET_FINISH_MAXNREG): exact selection, output
-    within bf16 tolerance of the float64 reference."""
+    ATTN_LOWRANK_D: the defaults), and the band select under a register cap (BRACKET_FINISH_MAXNREG, an option):
+    exact selection, output within bf16 tolerance of the float64 reference."""
     import kernels.bracket as bracket
     import kernels.loki as loki
     monkeypatch.setattr(bracket, "BRACKET_ROTATE_PDL", 1)
@@ -113,15 +113,10 @@ def test_dense_gpu():
 
 
 @pytest.mark.parametrize("ahead", [True, False], ids=["ahead", "s7_loop"])
-@pytest.mark.parametrize("chunks", [1, 3])
-def test_loki_decode_gpu_graph(ahead, chunks, monkeypatch):
+def test_loki_decode_gpu_graph(ahead, monkeypatch):
     """The whole step at a production shape with the sparse loop of session 8 (indices one tile ahead, the default)
-    and of sessions 1-7, eagerly and replayed from a CUDA graph, against the float64 reference; and with the batch
-    in ranges whose selection and attention run on streams of their own (kernels.loki.ATTN_CHUNKS, session 12: the
-    graph captures the fork and the join)."""
+    and of sessions 1-7, eagerly and replayed from a CUDA graph, against the float64 reference."""
     import kernels.attention as attention
-    import kernels.loki as loki
-    monkeypatch.setattr(loki, "ATTN_CHUNKS", chunks)
     monkeypatch.setattr(attention, "SPARSE_CONFIG", dict(attention.SPARSE_CONFIG, ahead=ahead,
                                                          **({} if ahead else dict(num_stages=3))))
     torch.manual_seed(7)

@@ -174,36 +174,3 @@ def test_loki_decode_attention_early_start(dtype, mode, k, monkeypatch):
     ref = sparse_attention_ref(rotate_q_ref(q.cpu(), P.cpu()), k_lr.cpu(), k_rest.cpu(), v.cpu(), idx)
     for e in (False, True):
         assert rel_err(outs[e][0], ref) <= TOL[dtype]
-
-
-@pytest.mark.parametrize("chunks,mode,k", [(2, "group", 0.4), (3, "head", 40), (5, "group", 0.25)])
-def test_loki_decode_attention_chunks(dtype, chunks, mode, k, monkeypatch):
-    """kernels.loki.ATTN_CHUNKS (session 12): after the scoring pass the batch is cut into ranges of sequences whose
-    classify, band select and attention run per range (on the GPU on streams of their own, the later ranges'
-    selection beside the earlier ranges' attention).  The same selection as in one range (5 ranges of 4 sequences:
-    clipped to one sequence each), the output within the dtype's tolerance of the float64 attention over it, and a
-    caller-given `out` filled in place."""
-    import kernels.loki as loki
-    torch.manual_seed(30 + chunks)
-    S = 300 if DEV == "cpu" else 2400
-    B, KVH, g, D, d = 4, 2, 2, 64, 16
-    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, dtype, DEV, lengths=[S, S - 20, 90, S - 7])
-    q = torch.randn(B, KVH * g, D, device=DEV)
-    P = random_orthonormal(KVH, D, DEV)
-    calls = []
-    run = loki._chunked_attention
-    monkeypatch.setattr(loki, "_chunked_attention", lambda *a, **kw: calls.append(a[-1]) or run(*a, **kw))
-    outs = {}
-    for c in (1, chunks):
-        monkeypatch.setattr(loki, "ATTN_CHUNKS", c)
-        buf = torch.full((B, KVH * g, D), float("nan"), dtype=dtype, device=DEV)
-        outs[c] = loki_decode(q, P, k_lr, k_rest, v, lengths, k, mode=mode, strict=False, path="bracket",
-                              return_indices=True, out=buf)
-        assert outs[c][0].data_ptr() == buf.data_ptr() and torch.isfinite(buf).all()
-    big = torch.iinfo(torch.int32).max
-    sel = {c: torch.where(o[1] < 0, big, o[1]).sort(dim=-1).values for c, o in outs.items()}
-    assert torch.equal(sel[chunks], sel[1])
-    assert calls == [min(chunks, B)]  # (the ranges' path ran, once: not for ATTN_CHUNKS = 1)
-    idx = outs[chunks][1].cpu()
-    ref = sparse_attention_ref(rotate_q_ref(q.cpu(), P.cpu()), k_lr.cpu(), k_rest.cpu(), v.cpu(), idx)
-    assert rel_err(outs[chunks][0], ref) <= TOL[dtype]
