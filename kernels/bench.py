@@ -573,6 +573,9 @@ VARIANTS = {
     "s12_d16": _S12_D16,
     **{f"s12_fmr{r}": dict(_S12, BRACKET_FINISH_MAXNREG=r) for r in (112, 96)},
     **{f"s12_d16_fmr{r}": dict(_S12_D16, BRACKET_FINISH_MAXNREG=r) for r in (112,)},
+    # round 6: the two halves of s12_d16 apart (the rotation PDL / the attention's two waves), for batch 1
+    "s12_rot16": dict(_S12_D16, ATTN_LOWRANK_D=0),
+    "s12_lr16": dict(_S12_D16, BRACKET_ROTATE_PDL=0),
 }
 
 

@@ -650,7 +650,8 @@ BRACKET_BAND_ASM = True
 # at 16K within +-1 us; 4K 5.9-9.4 us slower.  So on (1 tile) only for d <= BRACKET_ROTATE_PDL_MAX_D (0: any d) and
 # S_max >= BRACKET_ROTATE_PDL_MIN_S: with kernels.loki.ATTN_LOWRANK_D (two waves of attention programs at the same
 # points) 64K / (D/8, 1/16) 204.7 -> 196.6 us, 16K / (D/8, 1/16) 73.5 -> 71.5, every other point within 0.2 us
-# (h200_variants_s12d, "s12_d16")
+# (h200_variants_s12d, "s12_d16"); alone 64K 4.9 us faster at batch 16, 0.7 / 1.1 us at batch 1 / 64K and 128K
+# (h200_variants_s12f, "s12_rot16")
 BRACKET_ROTATE_PDL = 1
 BRACKET_ROTATE_PDL_MAX_D = 16
 BRACKET_ROTATE_PDL_MIN_S = 16384

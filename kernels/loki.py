@@ -30,12 +30,14 @@ FOLD_COMBINE = True  # bracket path: the attention kernel combines its split-K p
 # sm_90+) and attends first to each row's keys above its bracket, which the classify kernel has already placed
 ATTN_EARLY = True
 AUTO_PATH: str | None = None  # when set, path="auto" resolves to it (benchmarks compare paths inside a whole model)
-# session 12, bracket path: where d <= ATTN_LOWRANK_D and S_max >= ATTN_LOWRANK_MIN_S the sparse attention takes
-# ATTN_LOWRANK_WAVES waves of programs instead of SPARSE_CONFIG's one (0: never).  Measured with bracket.py's
-# BRACKET_ROTATE_PDL rule (h200_variants_s12c / s12d): 64K / (D/8, 1/16) 8-9 us faster; two waves at d = 32 were 7-23 us
-# slower at 16K and 64K
+# session 12, bracket path: where d <= ATTN_LOWRANK_D, S_max >= ATTN_LOWRANK_MIN_S and there are at least
+# ATTN_LOWRANK_MIN_ROWS score rows (B x KV heads in group mode), the sparse attention takes ATTN_LOWRANK_WAVES waves of
+# programs instead of SPARSE_CONFIG's one (ATTN_LOWRANK_D = 0: never).  Measured (h200_variants_s12c, s12d, s12f): at
+# batch 16 (128 rows) 64K / (D/8, 1/16) 2.7 us faster alone, 8 us with bracket.py's BRACKET_ROTATE_PDL rule, 16K 2 us;
+# at batch 1 (8 rows) 3.3-3.4 us slower at 64K / 128K; two waves at d = 32 were 7-23 us slower at 16K and 64K
 ATTN_LOWRANK_D = 16
 ATTN_LOWRANK_MIN_S = 16384
+ATTN_LOWRANK_MIN_ROWS = 64
 ATTN_LOWRANK_WAVES = 2
 
 
@@ -93,7 +95,9 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
         raise LokiInputError(f"sink_tokens/local_window need path='bracket' (got path={path!r})")
     counters = ready = None
     attn_cfg = None
-    if path == "bracket" and ATTN_LOWRANK_D and d <= ATTN_LOWRANK_D and S >= ATTN_LOWRANK_MIN_S:
+    rows = B * (q.shape[1] if mode == "head" else KVH)
+    if (path == "bracket" and ATTN_LOWRANK_D and d <= ATTN_LOWRANK_D and S >= ATTN_LOWRANK_MIN_S
+            and rows >= ATTN_LOWRANK_MIN_ROWS):
         attn_cfg = dict(waves=ATTN_LOWRANK_WAVES)
     if path == "bracket":
         R = q.shape[1] if mode == "head" else KVH
