@@ -647,7 +647,7 @@ BRACKET_BAND_ASM = True
 # launch) and each scoring program prefetches its first BRACKET_ROTATE_PDL slab tiles into L2 before it waits for q'
 # (HBM idles during the ~5 us rotation: ~20 MB could move); 0: off.  Measured in session 12 (h200_variants_s12a, 1 /
 # 2 tiles against off): d = 16 at 64K 4.1 / 3.2 us and at 16K 1.0 / 0.5 us faster; d = 32 at 64K 2.6-3.7 us slower,
-# at 16K within +-1 us; 4K 5.9-9.4 us slower.  So on (1 tile) only for d <= BRACKET_ROTATE_PDL_MAX_D (0: any d) and
+# at 16K within +-1 us; 4K 5.9-9.3 us slower.  So on (1 tile) only for d <= BRACKET_ROTATE_PDL_MAX_D (0: any d) and
 # S_max >= BRACKET_ROTATE_PDL_MIN_S: with kernels.loki.ATTN_LOWRANK_D (two waves of attention programs at the same
 # points) 64K / (D/8, 1/16) 204.7 -> 196.6 us, 16K / (D/8, 1/16) 73.5 -> 71.5, every other point within 0.2 us
 # (h200_variants_s12d, "s12_d16"); alone 64K 4.9 us faster at batch 16, 0.7 / 1.1 us at batch 1 / 64K and 128K
@@ -655,7 +655,7 @@ BRACKET_BAND_ASM = True
 BRACKET_ROTATE_PDL = 1
 BRACKET_ROTATE_PDL_MAX_D = 16
 BRACKET_ROTATE_PDL_MIN_S = 16384
-# session 12, measured neutral (h200_variants_s12d: 112 / 96 within -0.6 / +1.6 us at every point), 0 (none): a register
+# session 12, measured no gain (h200_variants_s12d: 112 / 96 -0.5 to +3.7 us at every point), 0 (none): a register
 # cap (maxnreg) for the band-select kernel, whose SMs the early-started attention programs share (142 registers x 4
 # warps on Triton 3.6: one fits beside a 151-register band select of a 8192-key block, two beside a 112-register one)
 BRACKET_FINISH_MAXNREG = 0

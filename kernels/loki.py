@@ -34,7 +34,7 @@ AUTO_PATH: str | None = None  # when set, path="auto" resolves to it (benchmarks
 # ATTN_LOWRANK_MIN_ROWS score rows (B x KV heads in group mode), the sparse attention takes ATTN_LOWRANK_WAVES waves of
 # programs instead of SPARSE_CONFIG's one (ATTN_LOWRANK_D = 0: never).  Measured (h200_variants_s12c, s12d, s12f): at
 # batch 16 (128 rows) 64K / (D/8, 1/16) 2.7 us faster alone, 8 us with bracket.py's BRACKET_ROTATE_PDL rule, 16K 2 us;
-# at batch 1 (8 rows) 3.3-3.4 us slower at 64K / 128K; two waves at d = 32 were 7-23 us slower at 16K and 64K
+# at batch 1 (8 rows) 3.3-3.4 us slower at 64K / 128K; two waves at d = 32 were 8-55 us slower at 16K and 64K
 ATTN_LOWRANK_D = 16
 ATTN_LOWRANK_MIN_S = 16384
 ATTN_LOWRANK_MIN_ROWS = 64
