@@ -54,12 +54,18 @@ def test_loki_decode_gpu_options(config, cache_hints, monkeypatch):
     import kernels.bracket as bracket
     monkeypatch.setattr(attention, "SPARSE_CONFIG", dict(attention.SPARSE_CONFIG, **(config or {})))
     monkeypatch.setattr(bracket, "BRACKET_CACHE_HINTS", cache_hints)
-    torch.manual_seed(11)
-    B, KVH, g, S, D, d = 2, 8, 4, 16384, 128, 32
-    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.bfloat16, "cuda", lengths=[16384, 7001])
+    _step_16k(11, 32, 7001, 8)
+
+
+def _step_16k(seed: int, d: int, short: int, k_div: int):
+    """One step at S_max = 16K (Llama-3-8B heads, two sequences: 16384 and `short` tokens, budget S // k_div) against
+    the float64 reference (`check_step`)."""
+    torch.manual_seed(seed)
+    B, KVH, g, S, D = 2, 8, 4, 16384, 128
+    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.bfloat16, "cuda", lengths=[16384, short])
     q = torch.randn(B, KVH * g, D, device="cuda", dtype=torch.bfloat16)
     P = random_orthonormal(KVH, D, "cuda")
-    k = S // 8
+    k = S // k_div
     out, idx = loki_decode(q, P, k_lr, k_rest, v, lengths, k, strict=False, return_indices=True)
     torch.cuda.synchronize()
     check_step(out, idx, q, P, k_lr, k_rest, v, lengths, k)
@@ -78,15 +84,8 @@ def test_loki_decode_gpu_session12_options(d, maxnreg, monkeypatch):
     monkeypatch.setattr(bracket, "BRACKET_ROTATE_PDL_MIN_S", 16384)
     monkeypatch.setattr(bracket, "BRACKET_FINISH_MAXNREG", maxnreg)
     monkeypatch.setattr(loki, "ATTN_LOWRANK_D", 16)
-    torch.manual_seed(13 + d)
-    B, KVH, g, S, D = 2, 8, 4, 16384, 128
-    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.bfloat16, "cuda", lengths=[16384, 9001])
-    q = torch.randn(B, KVH * g, D, device="cuda", dtype=torch.bfloat16)
-    P = random_orthonormal(KVH, D, "cuda")
-    k = S // 16
-    out, idx = loki_decode(q, P, k_lr, k_rest, v, lengths, k, strict=False, return_indices=True)
-    torch.cuda.synchronize()
-    check_step(out, idx, q, P, k_lr, k_rest, v, lengths, k)
+    monkeypatch.setattr(loki, "ATTN_LOWRANK_MIN_ROWS", 16)  # (2 sequences x 8 KV heads here)
+    _step_16k(13 + d, d, 9001, 16)
 
 
 def test_topk_gpu_long_rows():

@@ -174,3 +174,26 @@ def test_loki_decode_attention_early_start(dtype, mode, k, monkeypatch):
     ref = sparse_attention_ref(rotate_q_ref(q.cpu(), P.cpu()), k_lr.cpu(), k_rest.cpu(), v.cpu(), idx)
     for e in (False, True):
         assert rel_err(outs[e][0], ref) <= TOL[dtype]
+
+
+def test_loki_decode_lowrank_waves_rule(monkeypatch):
+    """kernels.loki.ATTN_LOWRANK_* (session 12): two waves of attention programs exactly where d <= ATTN_LOWRANK_D,
+    S_max >= ATTN_LOWRANK_MIN_S and there are >= ATTN_LOWRANK_MIN_ROWS score rows (thresholds lowered here to fit the
+    interpreter); the output is the same attention either way."""
+    import kernels.loki as loki
+    torch.manual_seed(5)
+    B, KVH, g, S, D = 2, 2, 2, 200, 64
+    configs = []
+    run = loki.sparse_decode_attention
+    monkeypatch.setattr(loki, "sparse_decode_attention",
+                        lambda *a, **kw: configs.append(kw.get("config")) or run(*a, **kw))
+    monkeypatch.setattr(loki, "ATTN_LOWRANK_MIN_S", 128)
+    for d, min_rows, want in ((8, 4, dict(waves=loki.ATTN_LOWRANK_WAVES)), (8, 5, None), (32, 4, None)):
+        monkeypatch.setattr(loki, "ATTN_LOWRANK_MIN_ROWS", min_rows)
+        k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.float32, DEV, lengths=[S, 150])
+        q = torch.randn(B, KVH * g, D, device=DEV)
+        P = random_orthonormal(KVH, D, DEV)
+        out, idx = loki_decode(q, P, k_lr, k_rest, v, lengths, 0.25, strict=False, path="bracket", return_indices=True)
+        assert configs[-1] == want
+        ref = sparse_attention_ref(rotate_q_ref(q.cpu(), P.cpu()), k_lr.cpu(), k_rest.cpu(), v.cpu(), idx.cpu())
+        assert rel_err(out, ref) <= TOL[torch.float32]
