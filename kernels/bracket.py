@@ -148,9 +148,8 @@ def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
     Each scoring program takes TILES tiles of BLOCK_N tokens, unrolled (STAGES = 0), or (STAGES > 0, session 7) TPP
     tiles in a software-pipelined loop that keeps the next tiles' loads in flight while it scores one.
     PDL (session 11, BRACKET_ROTATE_PDL; session 12: on where d <= 16 and S_max >= 16K): launched while the rotation
-    kernel runs; the
-    scoring programs first prefetch their first PREFETCH tiles of the slab into L2 (memory otherwise idle during the
-    rotation), then every program waits for q' (griddepcontrol) before it reads it."""
+    kernel runs; the scoring programs first prefetch their first PREFETCH tiles of the slab into L2 (memory otherwise
+    idle during the rotation), then every program waits for q' (griddepcontrol) before it reads it."""
     pid = tl.program_id(0)
     tb = tl.program_id(1) - OVERLAP
     b, r, h0, kvh = _row_of(pid, R, HPR, G)
@@ -818,7 +817,8 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     common = dict(HPR=HPR, G_PAD=G_PAD, D_LR=d, BLOCK_DL=BLOCK_DL, K_FP32=k_lr.dtype == torch.float32,
                   REDUCE_MAX=reduce == "max")
     sub = min(sample, 32 if interp else BRACKET_SUB)
-    # session 11 (an option, off): the scoring kernel launched during the rotation, prefetching slab tiles
+    # session 11 / 12 (BRACKET_ROTATE_PDL): the scoring kernel launched during the rotation, prefetching slab tiles,
+    # where d and S_max are in the measured range where that is faster
     rot_pdl = (bool(BRACKET_ROTATE_PDL) and overlap and rotate and pdl_available(k_lr.device)
                and d <= (BRACKET_ROTATE_PDL_MAX_D or d) and S >= BRACKET_ROTATE_PDL_MIN_S)
     if overlap:
