@@ -93,14 +93,11 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
         k_budget = fraction_budget(k_budget, lengths, sink_tokens, local_window)
     if (sink_tokens or local_window) and path != "bracket":  # ("auto" resolved above)
         raise LokiInputError(f"sink_tokens/local_window need path='bracket' (got path={path!r})")
-    counters = ready = None
-    attn_cfg = None
-    rows = B * (q.shape[1] if mode == "head" else KVH)
-    if (path == "bracket" and ATTN_LOWRANK_D and d <= ATTN_LOWRANK_D and S >= ATTN_LOWRANK_MIN_S
-            and rows >= ATTN_LOWRANK_MIN_ROWS):
-        attn_cfg = dict(waves=ATTN_LOWRANK_WAVES)
+    counters = ready = attn_cfg = None
     if path == "bracket":
         R = q.shape[1] if mode == "head" else KVH
+        if ATTN_LOWRANK_D and d <= ATTN_LOWRANK_D and S >= ATTN_LOWRANK_MIN_S and B * R >= ATTN_LOWRANK_MIN_ROWS:
+            attn_cfg = dict(waves=ATTN_LOWRANK_WAVES)
         if FOLD_COMBINE if fold_combine is None else fold_combine:
             counters = torch.empty(B * R, dtype=torch.int32, device=q.device)
         ws = None
