@@ -105,20 +105,18 @@ def _flash_decode_kernel(q_ptr, sq_b, sq_h,
             j_mid = tl.minimum(tl.maximum(tl.cdiv(ready // BLOCK_N - sp, NSPLIT), 0), j_hi)
             m_i, l_i, acc = _sparse_tiles(0, j_mid, sp, NSPLIT, n, i_base, kl_base, slr_s, kr_base, srs_s, v_base,
                                           sv_s, m_i, l_i, acc, q_lr, q_lr_hi, q_lr_lo, q_rs, q_rs_hi, q_rs_lo, D,
-                                          D_LR, BLOCK_DL, BLOCK_DR, BLOCK_D, BLOCK_N, K_FP32, HAS_REST, HILO, EVICT,
-                                          True)
+                                          D_LR, BLOCK_DL, BLOCK_DR, BLOCK_D, BLOCK_N, K_FP32, HAS_REST, HILO, EVICT)
             pdl_wait(PDL)
             # (the rest's first indices are loaded again here: the load ahead in the loop above may have read them
             # before the band select wrote them)
             m_i, l_i, acc = _sparse_tiles(j_mid, j_hi, sp, NSPLIT, n, i_base, kl_base, slr_s, kr_base, srs_s, v_base,
                                           sv_s, m_i, l_i, acc, q_lr, q_lr_hi, q_lr_lo, q_rs, q_rs_hi, q_rs_lo, D,
-                                          D_LR, BLOCK_DL, BLOCK_DR, BLOCK_D, BLOCK_N, K_FP32, HAS_REST, HILO, EVICT,
-                                          True)
+                                          D_LR, BLOCK_DL, BLOCK_DR, BLOCK_D, BLOCK_N, K_FP32, HAS_REST, HILO, EVICT)
         else:
             m_i, l_i, acc = _sparse_tiles(tile_lo, tile_hi, 0, 1, tl.minimum(tile_hi * BLOCK_N, n), i_base, kl_base,
                                           slr_s, kr_base, srs_s, v_base, sv_s, m_i, l_i, acc, q_lr, q_lr_hi, q_lr_lo,
                                           q_rs, q_rs_hi, q_rs_lo, D, D_LR, BLOCK_DL, BLOCK_DR, BLOCK_D, BLOCK_N,
-                                          K_FP32, HAS_REST, HILO, EVICT, False)
+                                          K_FP32, HAS_REST, HILO, EVICT)
     else:
         for t in range(tile_lo, tile_hi):
             offs = t * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -157,24 +155,16 @@ def _flash_decode_kernel(q_ptr, sq_b, sq_h,
 def _sparse_tiles(j_lo, j_hi, t0, step, lim, i_base, kl_base, slr_s, kr_base, srs_s, v_base, sv_s, m_i, l_i, acc,
                   q_lr, q_lr_hi, q_lr_lo, q_rs, q_rs_hi, q_rs_lo, D: tl.constexpr, D_LR: tl.constexpr,
                   BLOCK_DL: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  K_FP32: tl.constexpr, HAS_REST: tl.constexpr, HILO: tl.constexpr, EVICT: tl.constexpr,
-                  STRIDED: tl.constexpr):
-    """The indices-ahead loop (session 8): online softmax over the selected rows of tiles j (STRIDED: t0 + j * step)
-    of the index list (j_lo <= j < j_hi; positions >= lim are padding), each tile's indices loaded one iteration
-    before its gathers.  Returns the new (m, l, acc)."""
+                  K_FP32: tl.constexpr, HAS_REST: tl.constexpr, HILO: tl.constexpr, EVICT: tl.constexpr):
+    """The indices-ahead loop (session 8): online softmax over the selected rows of tiles t0 + j * step of the index
+    list (j_lo <= j < j_hi; positions >= lim are padding; contiguous tiles: t0 = 0, step = 1, which fold away at
+    compile time), each tile's indices loaded one iteration before its gathers.  Returns the new (m, l, acc)."""
     ar = tl.arange(0, BLOCK_N)
-    if STRIDED:
-        tok_n = tl.load(i_base + (t0 + j_lo * step) * BLOCK_N + ar, mask=(t0 + j_lo * step) * BLOCK_N + ar < lim,
-                        other=-1)
-    else:
-        tok_n = tl.load(i_base + j_lo * BLOCK_N + ar, mask=j_lo * BLOCK_N + ar < lim, other=-1)
+    tok_n = tl.load(i_base + (t0 + j_lo * step) * BLOCK_N + ar, mask=(t0 + j_lo * step) * BLOCK_N + ar < lim, other=-1)
     for j in range(j_lo, j_hi):
         tok, valid = _sparse_tokens(tok_n)
-        if STRIDED:
-            tok_n = tl.load(i_base + (t0 + (j + 1) * step) * BLOCK_N + ar,
-                            mask=(t0 + (j + 1) * step) * BLOCK_N + ar < lim, other=-1)
-        else:
-            tok_n = tl.load(i_base + (j + 1) * BLOCK_N + ar, mask=(j + 1) * BLOCK_N + ar < lim, other=-1)
+        tok_n = tl.load(i_base + (t0 + (j + 1) * step) * BLOCK_N + ar, mask=(t0 + (j + 1) * step) * BLOCK_N + ar < lim,
+                        other=-1)
         kl, kr, vv = _gather_rows(tok, valid, kl_base, slr_s, kr_base, srs_s, v_base, sv_s, D, D_LR, BLOCK_DL,
                                   BLOCK_DR, BLOCK_D, HAS_REST, EVICT)
         m_i, l_i, acc = _attend_tile(kl, kr, vv, valid, m_i, l_i, acc, q_lr, q_lr_hi, q_lr_lo, q_rs, q_rs_hi,

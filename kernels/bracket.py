@@ -403,10 +403,7 @@ def _place_block(key, i, valid, t, need, base, bidx_ptr, out_ptr, idx=None, ASM:
         val = tl.load(bidx_ptr + i, mask=take, other=0)
     else:
         val = idx
-    if ASM:
-        _store_if(out_ptr + pos, val, take, True)
-    else:
-        tl.store(out_ptr + pos, val.to(out_ptr.dtype.element_ty), mask=take)
+    _store_if(out_ptr + pos, val, take, ASM)  # (out: the int32 index rows)
     return base + tl.sum(packed, axis=0)
 
 
