@@ -41,6 +41,11 @@ DTYPE = torch.bfloat16
 DEV = "cuda"
 SMOKE = False  # --smoke: CPU interpreter run of every code path on tiny shapes (no timing meaning)
 TARGETS = {(4, 4): 2.0, (4, 8): 3.0, (8, 16): 5.0}  # (D/d, 1/k) -> speedup over SDPA at batch 16, 16K & 64K
+# the Loki cache layout (session 13): "split" (k_lr | k_rest slabs and v: `allocate_cache`, no memory overhead),
+# "rows" (whole K rows + a slab copy) or "kv" (one K' | V row per token + a slab copy; `allocate_cache_rows`,
+# d / (2 D) more memory).  The SDPA and naive baselines read contiguous K and V (and the slab) in every layout
+LAYOUT = "split"
+LAYOUTS = ("split", "rows", "kv")
 
 
 def bench_graph(fn, n_calls_target_ms=8.0, rep=100):
@@ -73,20 +78,42 @@ def copy_bandwidth():
 
 
 class Case:
-    """One cache (or a few, rotated) of a given batch / context, with q, P."""
+    """One cache (or a few, rotated) of a given batch / context, with q, P, in the layout LAYOUT (or `layout`).
+    copies: (k_lr, k_rest, v) per cache; `slab(k_lr)`: its row layout's slab copy (None in "split"), `sc(k_lr)`:
+    what the scoring pass reads."""
 
-    def __init__(self, B, S, d, n_copies):
+    def __init__(self, B, S, d, n_copies, layout=None):
         self.B, self.S, self.d = B, S, d
-        self.copies = []
+        self.layout = layout = LAYOUT if layout is None else layout
+        if layout not in LAYOUTS:
+            raise SystemExit(f"unknown layout {layout!r}; one of {', '.join(LAYOUTS)}")
+        self.copies, self._slabs = [], {}
         for _ in range(n_copies):
             k_lr = torch.randn(B, KVH, S, d, device=DEV, dtype=DTYPE)
             k_rest = torch.randn(B, KVH, S, D - d, device=DEV, dtype=DTYPE)
             v = torch.randn(B, KVH, S, D, device=DEV, dtype=DTYPE)
+            slab = None
+            if layout != "split":  # the same values, as views of whole rows, and the slab a copy
+                rows = torch.cat([k_lr, k_rest] + ([v] if layout == "kv" else []), dim=-1)
+                slab = k_lr
+                k_lr, k_rest = rows[..., :d], rows[..., d:D]
+                v = rows[..., D:] if layout == "kv" else v
+                del rows
             self.copies.append((k_lr, k_rest, v))
+            self._slabs[id(k_lr)] = slab
         self.lengths = torch.full((B,), S, dtype=torch.int32, device=DEV)
         self.q = torch.randn(B, H, D, device=DEV, dtype=DTYPE)
         self.P = random_orthonormal(KVH, D, DEV)
         self.q_rot = rotate_q(self.q, self.P)
+
+    def slab(self, k_lr):
+        """The slab copy of cache copy k_lr (row layouts), else None."""
+        return self._slabs[id(k_lr)]
+
+    def sc(self, k_lr):
+        """What the scoring pass reads for cache copy k_lr."""
+        s = self._slabs[id(k_lr)]
+        return k_lr if s is None else s
 
 
 def rot(case, f):
@@ -119,41 +146,38 @@ def run_case(B, S, dfrac, kfrac, rep, stage_times=True):
     q, P, q_rot = case.q, case.P, case.q_rot
     # correctness spot check of the fused path against the split path and the naive pipeline
     k_lr, k_rest, v = case.copies[0]
-    o_b = loki_decode(q, P, k_lr, k_rest, v, L, k, path="bracket", strict=False)
-    o_f = loki_decode(q, P, k_lr, k_rest, v, L, k, path="fused", strict=False)
-    o_s = loki_decode(q, P, k_lr, k_rest, v, L, k, path="split", strict=False)
-    o_n = naive_loki_torch(q, P, k_lr, k_rest, v, k)
+    sl, sc = case.slab, case.sc  # (row layouts: the scoring pass reads the slab copy)
+    o_b = loki_decode(q, P, k_lr, k_rest, v, L, k, path="bracket", strict=False, slab=sl(k_lr))
+    o_f = loki_decode(q, P, k_lr, k_rest, v, L, k, path="fused", strict=False, slab=sl(k_lr))
+    o_s = loki_decode(q, P, k_lr, k_rest, v, L, k, path="split", strict=False, slab=sl(k_lr))
+    o_n = naive_loki_torch(q, P, sc(k_lr), k_rest, v, k)
     res["check_bracket_vs_split"] = ((o_b.float() - o_s.float()).norm() / o_s.float().norm()).item()
     res["check_fused_vs_split"] = ((o_f.float() - o_s.float()).norm() / o_s.float().norm()).item()
     res["check_fused_vs_naive"] = ((o_f.float() - o_n.float()).norm() / o_n.float().norm()).item()
     if stage_times:
-        scores = loki_scores(q_rot, k_lr, L, d=d)
+        scores = loki_scores(q_rot, sc(k_lr), L, d=d)
         res["rotate_ms"] = bench_graph(lambda: rotate_q(q, P), rep=rep)
-        res["scores_ms"] = timed(case, lambda a, b_, c: loki_scores(q_rot, a, L, d=d), rep)
+        res["scores_ms"] = timed(case, lambda a, b_, c: loki_scores(q_rot, sc(a), L, d=d), rep)
         res["topk_triton_ms"] = bench_graph(lambda: topk_select(scores, L, k, strict=False), rep=rep)
         res["topk_torch_ms"] = bench_graph(lambda: torch.topk(scores, k, dim=-1, sorted=False), rep=rep)
-        res["select_fused_ms"] = timed(case, lambda a, b_, c: loki_select(q, a, L, k, P=P, strict=False), rep)
-        res["select_bracket_ms"] = timed(case, lambda a, b_, c: loki_select_bracket(q, a, L, k, P=P, strict=False),
+        res["select_fused_ms"] = timed(case, lambda a, b_, c: loki_select(q, sc(a), L, k, P=P, strict=False), rep)
+        res["select_bracket_ms"] = timed(case, lambda a, b_, c: loki_select_bracket(q, sc(a), L, k, P=P, strict=False),
                                          rep)
         res["select_bracket_fused_ms"] = timed(  # v4: classification inside the scoring kernel
-            case, lambda a, b_, c: loki_select_bracket(q, a, L, k, P=P, strict=False, classify="fused"), rep)
+            case, lambda a, b_, c: loki_select_bracket(q, sc(a), L, k, P=P, strict=False, classify="fused"), rep)
         res["select_bracket_v6_ms"] = timed(  # v6: the bracket kernel before the scoring kernel (no overlap)
-            case, lambda a, b_, c: loki_select_bracket(q, a, L, k, P=P, strict=False, overlap=False), rep)
+            case, lambda a, b_, c: loki_select_bracket(q, sc(a), L, k, P=P, strict=False, overlap=False), rep)
         # per-kernel split of the bracket path: rotate q, + scores & brackets, + classify (+ band select = bsel)
         for st in (1, 2, 3):
             res[f"bracket_stage{st}_ms"] = timed(
-                case, lambda a, b_, c, st=st: loki_select_bracket(q, a, L, k, P=P, strict=False, stages=st), rep)
+                case, lambda a, b_, c, st=st: loki_select_bracket(q, sc(a), L, k, P=P, strict=False, stages=st),
+                rep)
         idx = topk_select(scores, L, k, strict=False)
         res["attention_ms"] = timed(case, lambda a, b_, c: sparse_decode_attention(q_rot, a, b_, c, idx), rep)
-    res["total_bracket_ms"] = timed(case, lambda a, b_, c: loki_decode(q, P, a, b_, c, L, k, path="bracket",
-                                                                       strict=False), rep)
-    res["total_fused_ms"] = timed(case, lambda a, b_, c: loki_decode(q, P, a, b_, c, L, k, path="fused",
-                                                                     strict=False), rep)
-    res["total_split_ms"] = timed(case, lambda a, b_, c: loki_decode(q, P, a, b_, c, L, k, path="split",
-                                                                     strict=False), rep)
-    res["total_torch_topk_ms"] = timed(case, lambda a, b_, c: loki_decode(q, P, a, b_, c, L, k, path="torch_topk",
-                                                                          strict=False), rep)
-    res["naive_torch_ms"] = timed(case, lambda a, b_, c: naive_loki_torch(q, P, a, b_, c, k), rep)
+    for path in ("bracket", "fused", "split", "torch_topk"):
+        res[f"total_{path}_ms"] = timed(case, lambda a, b_, c, path=path: loki_decode(
+            q, P, a, b_, c, L, k, path=path, strict=False, slab=sl(a)), rep)
+    res["naive_torch_ms"] = timed(case, lambda a, b_, c: naive_loki_torch(q, P, sc(a), b_, c, k), rep)
     best = min(("bracket", res["total_bracket_ms"]), ("fused", res["total_fused_ms"]),
                ("split", res["total_split_ms"]), key=lambda x: x[1])
     res["total_ms"], res["best_path"] = best[1], best[0]
@@ -166,8 +190,8 @@ def run_case(B, S, dfrac, kfrac, rep, stage_times=True):
 def run_dense(B, S, rep):
     case = Case(B, S, 32, n_copies_for(B, S, 32))
     L = case.lengths
-    kfull = [torch.cat([a, b], dim=-1) for a, b, _ in case.copies]
-    vs = [c[2] for c in case.copies]
+    kfull = [torch.cat([a, b], dim=-1) for a, b, _ in case.copies]  # (SDPA: contiguous K and V in every layout)
+    vs = [c[2].contiguous() for c in case.copies]
     q = case.q
     q_rot_b = case.q_rot.to(DTYPE)
 
@@ -198,7 +222,7 @@ def tune(rep, log, light=False, context=16384):
     cases = []
     for dfrac, kfrac in ((4, 4), (4, 8), (8, 16)):
         d, k = D // dfrac, S // kfrac
-        case = Case(B, S, d, 1)
+        case = Case(B, S, d, 1, layout="split")
         k_lr, k_rest, v = case.copies[0]
         scores = loki_scores(case.q_rot, k_lr, case.lengths, d=d)
         idx = topk_select(scores, case.lengths, k, strict=False)
@@ -427,9 +451,13 @@ _S10 = dict(_S8_BASE, BRACKET_CACHE_HINTS="auto", BRACKET_SCORE_CONFIG={0: _SC_D
 # h200_variants_s11a)
 _S11 = dict(_S10, BRACKET_BAND3=True, BRACKET_CLASSIFY_VEC=4, BRACKET_CLASSIFY_BLOCK=1024, BRACKET_CLASSIFY_WARPS=4,
             ROTATE_COLS=16)  # (16: the rotation's columns per program at g = 4 until round 2)
-_S12 = dict(_S11, BRACKET_BAND_ASM=True, BRACKET_BAND_IDX_FIRST=8192, ROTATE_COLS=0, ATTN_EARLY=True)  # = s11_early
+_S12 = dict(_S11, BRACKET_BAND_ASM=True, BRACKET_BAND_IDX_FIRST=8192, ROTATE_COLS=0, ATTN_EARLY=True,
+            BRACKET_FLOW=False, ATTN_WIDE_MIN_D=0)  # = s11_early
 _S12_D16 = dict(_S12, BRACKET_ROTATE_PDL=1, BRACKET_ROTATE_PDL_MAX_D=16, BRACKET_ROTATE_PDL_MIN_S=16384,
                 ATTN_LOWRANK_D=16)
+_S13 = dict(_S12_D16, BRACKET_FLOW="auto", BRACKET_FLOW_PDL=True, LAYOUT="split", ATTN_LOWRANK_WAVES=2,
+            ATTN_WIDE_MIN_D=0)
+_S13_WIDE = dict(_S13, ATTN_WIDE_MIN_D=17)  # the module defaults since round 5
 VARIANTS = {
     "v6": dict(BRACKET_OVERLAP=False, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
     "overlap": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
@@ -576,6 +604,36 @@ VARIANTS = {
     # round 6: the two halves of s12_d16 apart (the rotation PDL / the attention's two waves), for batch 1
     "s12_rot16": dict(_S12_D16, ATTN_LOWRANK_D=0),
     "s12_lr16": dict(_S12_D16, BRACKET_ROTATE_PDL=0),
+    # session 13: the classify kernel started during the scoring pass, each program waiting for its row's scoring
+    # programs (BRACKET_FLOW; the module defaults), against session 12's defaults ("s12_d16")
+    "s13_flow": dict(_S13, BRACKET_FLOW=True),
+    "s13_flow_nopdl": dict(_S13, BRACKET_FLOW=True, BRACKET_FLOW_PDL=False),  # (the row order and waits alone)
+    # round 2: the flow only where the rotation PDL is off ("auto").  Also measured (h200_variants_s13c), option
+    # removed: the classify kernel under a register cap of 48 / 40 / 32 ("s13_cr*": 12 / 16 programs per SM instead of
+    # 8): 2-15 us slower at d = 32, within 0.6 at d = 16
+    "s13": _S13,
+    # round 3: the row layouts (LAYOUT: whole K rows / one K' | V row per token, the slab a copy)
+    **{f"s13_{lay}": dict(_S13, LAYOUT=lay) for lay in ("rows", "kv")},
+    # round 4: the sparse attention's shape in the "rows" layout: one / three waves of programs at d = 16 (two:
+    # the default), 128-token tiles at 2 stages
+    "s13_rows_w1": dict(_S13, LAYOUT="rows", ATTN_LOWRANK_D=0),
+    "s13_rows_w3": dict(_S13, LAYOUT="rows", ATTN_LOWRANK_WAVES=3),
+    "s13_rows_bn128": dict(_S13, LAYOUT="rows", SPARSE_CONFIG=dict(_S12["SPARSE_CONFIG"], block_n=128, num_stages=2)),
+    # round 5: 128-token tiles in the other layouts and with 8 warps / two waves / 3 stages
+    "s13_bn128": dict(_S13, SPARSE_CONFIG=dict(_S12["SPARSE_CONFIG"], block_n=128, num_stages=2)),
+    "s13_kv_bn128": dict(_S13, LAYOUT="kv", SPARSE_CONFIG=dict(_S12["SPARSE_CONFIG"], block_n=128, num_stages=2)),
+    "s13_rows_bn128w8": dict(_S13, LAYOUT="rows", SPARSE_CONFIG=dict(_S12["SPARSE_CONFIG"], block_n=128, num_stages=2,
+                                                                       num_warps=8)),
+    "s13_rows_bn128v2": dict(_S13, LAYOUT="rows", SPARSE_CONFIG=dict(_S12["SPARSE_CONFIG"], block_n=128, num_stages=2,
+                                                                       waves=2)),
+    # round 6 (for d = 16; at d = 32 these tiles are slower): 32-token tiles at 4 stages, 64-token tiles at 4 stages
+    "s13_rows_bn32s4": dict(_S13, LAYOUT="rows", SPARSE_CONFIG=dict(_S12["SPARSE_CONFIG"], block_n=32, num_stages=4)),
+    "s13_rows_bn64s4": dict(_S13, LAYOUT="rows", SPARSE_CONFIG=dict(_S12["SPARSE_CONFIG"], num_stages=4)),
+    "s13_rows_bn32s4w4": dict(_S13, LAYOUT="rows", ATTN_LOWRANK_WAVES=4,
+                              SPARSE_CONFIG=dict(_S12["SPARSE_CONFIG"], block_n=32, num_stages=4)),
+    # the defaults (round 5's 128-token tiles at d >= 17, kernels.loki.ATTN_WIDE_*), and in the "rows" layout
+    "s13_wide": _S13_WIDE,
+    "s13_wide_rows": dict(_S13_WIDE, LAYOUT="rows"),
 }
 
 
@@ -591,7 +649,9 @@ def _variant_modules() -> dict:
                 BRACKET_CLASSIFY_VEC=bracket_mod, BRACKET_CLASSIFY_ASM=bracket_mod, BRACKET_BAND_IDX_FIRST=bracket_mod,
                 BRACKET_BAND_ASM=bracket_mod, ROTATE_COLS=scores_mod, BRACKET_CLASSIFY_NB=bracket_mod,
                 ATTN_EARLY=loki_mod, BRACKET_ROTATE_PDL=bracket_mod, BRACKET_ROTATE_PDL_MAX_D=bracket_mod, BRACKET_ROTATE_PDL_MIN_S=bracket_mod,
-                BRACKET_FINISH_MAXNREG=bracket_mod, ATTN_LOWRANK_D=loki_mod)
+                BRACKET_FINISH_MAXNREG=bracket_mod, ATTN_LOWRANK_D=loki_mod, BRACKET_FLOW=bracket_mod,
+                BRACKET_FLOW_PDL=bracket_mod, LAYOUT=sys.modules[__name__],
+                ATTN_LOWRANK_WAVES=loki_mod, ATTN_WIDE_MIN_D=loki_mod)
 
 
 def apply_variant(name: str) -> dict:
@@ -612,17 +672,22 @@ def variant_sweep(rep, log, grid, names):
     for B, S in grid:
         for dfrac, kfrac in ((4, 4), (4, 8), (8, 16)):
             d, k = D // dfrac, S // kfrac
-            case = Case(B, S, d, n_copies_for(B, S, d))
-            q, P, L = case.q, case.P, case.lengths
+            cases = {}  # by layout (a variant may set LAYOUT): the same values in each (one seed per point)
             ref = None
             for name in names:
                 apply_variant(name)
+                if LAYOUT not in cases:
+                    torch.manual_seed(B * 1000003 + S * 17 + d)
+                    cases[LAYOUT] = Case(B, S, d, n_copies_for(B, S, d))
+                case = cases[LAYOUT]
+                q, P, L, sl = case.q, case.P, case.lengths, case.slab
                 try:
-                    out = loki_decode(q, P, *case.copies[0], L, k, path="bracket", strict=False)
+                    out = loki_decode(q, P, *case.copies[0], L, k, path="bracket", strict=False,
+                                      slab=sl(case.copies[0][0]))
                     ref = out if ref is None else ref
                     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-                    t = timed(case, lambda a, b_, c: loki_decode(q, P, a, b_, c, L, k, path="bracket", strict=False),
-                              rep)
+                    t = timed(case, lambda a, b_, c: loki_decode(q, P, a, b_, c, L, k, path="bracket", strict=False,
+                                                                 slab=sl(a)), rep)
                 except Exception as e:  # noqa: BLE001 (a variant that does not compile here is reported, not fatal)
                     err_text = f"{type(e).__name__}: {e}"[:500]
                     rows.append(dict(batch=B, context=S, d=d, k=k, variant=name, error=err_text))
@@ -632,7 +697,7 @@ def variant_sweep(rep, log, grid, names):
                 log(f"B={B} S={S:6d} d={d:3d} k={k:6d} {name:14s} {t * 1e3:8.1f} us  (diff vs first {err:.1e})")
             for k_, v_ in saved.items():
                 setattr(mods[k_], k_, v_)
-            del case
+            del cases, case
             if not SMOKE:
                 torch.cuda.empty_cache()
     return rows
@@ -662,8 +727,11 @@ def main(argv=None):
     ap.add_argument("--variants", default=None,
                     help="only the bracket-path ablation: comma list of VARIANTS names (or 'all'), over --configs")
     ap.add_argument("--variant", default=None, help="run everything under one VARIANTS entry (module defaults)")
+    ap.add_argument("--layout", default="split", choices=LAYOUTS,
+                    help="the Loki cache layout (see LAYOUT; the baselines read contiguous K and V either way)")
     args = ap.parse_args(argv)
-    global SMOKE, DEV, H, KVH, D, DTYPE
+    global SMOKE, DEV, H, KVH, D, DTYPE, LAYOUT
+    LAYOUT = args.layout
     if args.smoke:
         SMOKE, DEV, H, KVH, D, DTYPE = True, "cpu", 8, 2, 64, torch.float16
     else:
@@ -677,7 +745,7 @@ def main(argv=None):
     info = dict(device=torch.cuda.get_device_name() if not SMOKE else "cpu-interpreter", torch=torch.__version__,
                 triton=triton.__version__,
                 sms=torch.cuda.get_device_properties(0).multi_processor_count if not SMOKE else 0, heads=H, kv_heads=KVH, head_dim=D,
-                dtype=str(DTYPE), command="python -m kernels.bench " + " ".join(argv if argv is not None else sys.argv[1:]))
+                dtype=str(DTYPE), layout=LAYOUT, command="python -m kernels.bench " + " ".join(argv if argv is not None else sys.argv[1:]))
     if args.variant:
         info["variant"] = dict(name=args.variant, settings=apply_variant(args.variant))
     log(json.dumps(info, default=str))

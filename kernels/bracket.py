@@ -50,9 +50,11 @@ from .topk import _bit_length, _bracket_of_sample, _key_of, _radix_select, check
 
 
 # per score row: lo, hi, #above, #band (the two counters: one int64-aligned pair), the row's budget (session 11: read
-# by the attention kernel's early start, `bracket_ready`), 3 unused
+# by the attention kernel's early start, `bracket_ready`), the row's count of finished scoring programs (session 13,
+# BRACKET_FLOW), 2 unused
 BR_STRIDE = BRACKET_RECORD
 BR_INTS = BRACKET_RECORD.value
+FLOW_SLOT = tl.constexpr(5)
 
 
 @triton.jit
@@ -137,21 +139,34 @@ def _bracket_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h
 @triton.jit
 def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, ac_ptr, out_ptr,
                            so_b, so_r, len_ptr, kb_ptr, K_INT, FRAC_BITS, FORCED, scale, R, G, S_MAX, KMAX, nsig, SINK,
-                           LOCAL, WS_ROW, TPP, ZERO_AC: tl.constexpr, KB_MODE: tl.constexpr, HPR: tl.constexpr,
+                           LOCAL, WS_ROW, TPP, NCOL, ZERO_AC: tl.constexpr, KB_MODE: tl.constexpr, HPR: tl.constexpr,
                            G_PAD: tl.constexpr, D_LR: tl.constexpr,
                            BLOCK_DL: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, K_FP32: tl.constexpr,
                            REDUCE_MAX: tl.constexpr, CLASSIFY: tl.constexpr, OVERLAP: tl.constexpr,
                            SAMPLE: tl.constexpr, SUB: tl.constexpr, STAGES: tl.constexpr, HINTS: tl.constexpr = False,
-                           PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
+                           PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, FLOW: tl.constexpr = False,
+                           FLOW_PDL: tl.constexpr = False):
     """Grid (rows, tiles [+ 1]).  OVERLAP (= 1): the programs of grid column 0, dispatched first, write the rows'
     brackets (`_bracket_row`) while the others score, so the bracket's latency hides under the scoring pass.
     Each scoring program takes TILES tiles of BLOCK_N tokens, unrolled (STAGES = 0), or (STAGES > 0, session 7) TPP
     tiles in a software-pipelined loop that keeps the next tiles' loads in flight while it scores one.
     PDL (session 11, BRACKET_ROTATE_PDL; session 12: on where d <= 16 and S_max >= 16K): launched while the rotation
     kernel runs; the scoring programs first prefetch their first PREFETCH tiles of the slab into L2 (memory otherwise
-    idle during the rotation), then every program waits for q' (griddepcontrol) before it reads it."""
-    pid = tl.program_id(0)
-    tb = tl.program_id(1) - OVERLAP
+    idle during the rotation), then every program waits for q' (griddepcontrol) before it reads it.
+    FLOW (session 13, BRACKET_FLOW; needs OVERLAP): a one-dimensional grid, the rows' bracket programs first, then
+    each row's NCOL scoring programs, row after row, so that rows finish in order; every program ends with a
+    release increment of its row's counter (record slot FLOW_SLOT, zeroed by the rotation kernel), which the classify
+    kernel, launched early (FLOW_PDL: every program here triggers it at once), waits for row by row."""
+    if FLOW:
+        pdl_trigger(FLOW_PDL)
+        prog = tl.program_id(0)
+        nrows = tl.num_programs(0) // (NCOL + 1)
+        rel = prog - nrows
+        pid = tl.where(rel < 0, prog, rel // NCOL)
+        tb = tl.where(rel < 0, -1, rel % NCOL)
+    else:
+        pid = tl.program_id(0)
+        tb = tl.program_id(1) - OVERLAP
     b, r, h0, kvh = _row_of(pid, R, HPR, G)
     if tb < 0:
         pdl_wait(PDL)  # (q', from the rotation kernel)
@@ -191,6 +206,10 @@ def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
                     _score_key_tile(start0 + t * BLOCK_N + tl.arange(0, BLOCK_N), n, k_base, slr_s, qT, qT_hi, qT_lo,
                                     lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, S_MAX, KMAX, SINK, LOCAL, D_LR,
                                     BLOCK_DL, HPR, G_PAD, K_FP32, REDUCE_MAX, CLASSIFY, HINTS)
+    if FLOW:  # this program's stores (keys; bracket record) are done: count it in its row's counter
+        pdl_wait(PDL)  # (the rotation kernel zeroed the counter)
+        tl.debug_barrier()
+        tl.atomic_add(br_ptr + pid * BR_STRIDE + FLOW_SLOT, 1, sem="release")
 
 
 @triton.jit
@@ -246,12 +265,12 @@ def _classify(key, offs, valid, lo_key, hi_key, cnt_ptr, o_row, bkey, bidx, KMAX
 
 
 @triton.jit
-def _classify_row(ws_ptr, br_ptr, pid, S_MAX, WS_ROW):
+def _classify_row(ws_ptr, br_ptr, pid, S_MAX, WS_ROW, CG: tl.constexpr = False):
     """(lo, hi, the row's two counters as one 8-byte-aligned int64 pointer, band keys, band positions) of score row
-    pid, for the classify kernels."""
+    pid, for the classify kernels (CG: the record read past L1)."""
     br = br_ptr + pid * BR_STRIDE
-    lo_key = tl.load(br).to(tl.uint32, bitcast=True)
-    hi_key = tl.load(br + 1).to(tl.uint32, bitcast=True)
+    lo_key = tl.load(br, cache_modifier=".cg" if CG else "").to(tl.uint32, bitcast=True)
+    hi_key = tl.load(br + 1, cache_modifier=".cg" if CG else "").to(tl.uint32, bitcast=True)
     bkey = ws_ptr + pid.to(tl.int64) * WS_ROW
     return lo_key, hi_key, (br + 2).to(tl.pointer_type(tl.int64)), bkey, bkey + S_MAX
 
@@ -298,36 +317,61 @@ def _store_if(ptr, val, pred, ASM: tl.constexpr):
 
 
 @triton.jit
-def _bracket_classify_vec_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, R, S_MAX, KMAX, WS_ROW,
+def _bracket_classify_vec_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, R, S_MAX, KMAX, WS_ROW, NBLK, EXPECT,
                                  BLOCK_C: tl.constexpr, KPT: tl.constexpr, ASM: tl.constexpr,
-                                 HINTS: tl.constexpr = False, NB: tl.constexpr = 1):
+                                 HINTS: tl.constexpr = False, NB: tl.constexpr = 1, FLOW: tl.constexpr = False):
     """classify="split" with BRACKET_CLASSIFY_VEC = KPT (session 11): `_bracket_classify_kernel` with each thread
     holding KPT consecutive keys (one vector load), scanned in the thread, then one scan over the BLOCK_C / KPT
     per-thread sums; the stores keep that layout (ASM, `_store_if`).  The session-7 kernel scans every key across
     the threads (a warp scan per key register) and issues ~600 SASS instructions per 1024 keys; this one ~380
     (`python -m kernels.ir classify`).  Keys past the row's length read as 0, below every real key (key 0 is a NaN
-    score), so the band test needs no separate length mask."""
-    pid = tl.program_id(0)
-    tb = tl.program_id(1)
+    score), so the band test needs no separate length mask.
+    FLOW (session 13, BRACKET_FLOW): a one-dimensional grid in row order (NBLK programs per row), launched while the
+    scoring kernel runs; a program first waits until all EXPECT programs of its row's scoring grid have counted
+    themselves (acquire), then reads the row's keys and record past L1 (.cg).  Block 0 of every row waits even when
+    the row is empty, so that this grid's completion implies every scoring program's stores."""
+    if FLOW:
+        prog = tl.program_id(0)
+        pid = prog // NBLK
+        tb = prog % NBLK
+    else:
+        pid = tl.program_id(0)
+        tb = tl.program_id(1)
     b = pid // R
     r = pid % R
     n = tl.maximum(tl.minimum(tl.load(len_ptr + b).to(tl.int32), S_MAX), 0)
     start = tb * (NB * BLOCK_C)
+    if FLOW:
+        if (start < n) | (tb == 0):
+            _flow_wait(br_ptr + pid * BR_STRIDE + FLOW_SLOT, EXPECT)
     if start < n:
-        lo_key, hi_key, cnt_ptr, bkey, bidx = _classify_row(ws_ptr, br_ptr, pid, S_MAX, WS_ROW)
+        lo_key, hi_key, cnt_ptr, bkey, bidx = _classify_row(ws_ptr, br_ptr, pid, S_MAX, WS_ROW, FLOW)
         lo_key = tl.maximum(lo_key, 1)  # (keys past the row's length read as 0)
         o_row = out_ptr + b * so_b + r * so_r
         for j in tl.static_range(NB):  # NB blocks per program, one atomic each
             if start + j * BLOCK_C < n:
                 offs = start + j * BLOCK_C + tl.arange(0, BLOCK_C // KPT)[:, None] * KPT + tl.arange(0, KPT)[None, :]
-                _classify_vec(bkey, bidx, o_row, offs, n, lo_key, hi_key, cnt_ptr, S_MAX, KMAX, ASM, HINTS)
+                _classify_vec(bkey, bidx, o_row, offs, n, lo_key, hi_key, cnt_ptr, S_MAX, KMAX, ASM, HINTS, FLOW)
+
+
+@triton.jit
+def _flow_wait(cnt, expect):
+    """Spin until the int32 counter at `cnt` reaches `expect` (acquire: the counted programs' stores are visible),
+    then a barrier, so that every thread of the program reads after it (session 13, BRACKET_FLOW)."""
+    seen = tl.atomic_add(cnt, 0, sem="acquire")
+    while seen < expect:
+        seen = tl.atomic_add(cnt, 0, sem="acquire")
+    tl.debug_barrier()
 
 
 @triton.jit
 def _classify_vec(bkey, bidx, o_row, offs, n, lo_key, hi_key, cnt_ptr, S_MAX, KMAX, ASM: tl.constexpr,
-                  HINTS: tl.constexpr):
-    """`_bracket_classify_vec_kernel`'s block of keys `offs` (2-D: KPT consecutive keys per thread)."""
-    if HINTS:  # the keys' last reader
+                  HINTS: tl.constexpr, CG: tl.constexpr = False):
+    """`_bracket_classify_vec_kernel`'s block of keys `offs` (2-D: KPT consecutive keys per thread).  CG: the keys
+    are read past L1 (they were written while this kernel ran)."""
+    if CG:  # (ptxas rejects .cg together with an eviction hint)
+        key = tl.load(bkey + 2 * S_MAX + offs, mask=offs < S_MAX, other=0, cache_modifier=".cg")
+    elif HINTS:  # the keys' last reader
         key = tl.load(bkey + 2 * S_MAX + offs, mask=offs < S_MAX, other=0, eviction_policy="evict_first")
     else:
         key = tl.load(bkey + 2 * S_MAX + offs, mask=offs < S_MAX, other=0)
@@ -655,6 +699,12 @@ BRACKET_ROTATE_PDL_MIN_S = 16384
 # cap (maxnreg) for the band-select kernel, whose SMs the early-started attention programs share (142 registers x 4
 # warps on Triton 3.6: one fits beside a 151-register band select of a 8192-key block, two beside a 112-register one)
 BRACKET_FINISH_MAXNREG = 0
+# session 13: the classify kernel launched while the scoring kernel runs (programmatic dependent launch), each of its
+# programs waiting on its row's count of finished scoring programs; the scoring grid runs row after row (brackets
+# first), so the classification of the rows already scored overlaps the scoring pass's last wave.  Only with
+# overlap, a rotation (P given), classify="split" and the vec classify kernel
+BRACKET_FLOW = "auto"  # "auto": where the rotation PDL (BRACKET_ROTATE_PDL's rule) is off; True / False: always / never
+BRACKET_FLOW_PDL = True  # (False: the same grids and waits, the classify kernel launched after the scoring kernel)
 BRACKET_BAND_SD = 3.0  # band registers >= the expected band + this many standard deviations (`band_registers`)
 # session 10: L2 eviction hints (the slab read evict_first, the keys written evict_last for the classify kernel, which
 # reads them evict_first).  "auto": on where the keys of all rows take at most BRACKET_HINTS_MAX_BYTES (about a third of
@@ -726,7 +776,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
                         sample: int | None = None, nsig: float | None = None,
                         workspace: torch.Tensor | None = None, stages: int = 4, classify: str | None = None,
                         band_reg: int | None = None, band_parts: int | None = None, overlap: bool | None = None,
-                        attn_counters: torch.Tensor | None = None, pdl: bool = False):
+                        attn_counters: torch.Tensor | None = None, pdl: bool = False, flow: bool | None = None):
     """(Rotate q) + scores + exact top-k, each step spread over many programs per row (see module doc).
 
     Same contract as `topk.loki_select`: q (B, H, D) raw queries when P (KVH, D, D) is given (q' = q @ P is
@@ -753,6 +803,10 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     ``stages`` < 4 launches only the first kernels (for the benchmark's per-kernel times; idx is then garbage).
     pdl (session 11): the band-select kernel lets the next kernel start early (launch_pdl=True on the GPU: the
     sparse attention with ``ready=bracket_ready(workspace, ...)``); where PDL is not available it is ignored.
+    flow (session 13; default BRACKET_FLOW where PDL is available): the scoring grid row after row, and the classify
+    kernel started early, each program waiting for its row's scoring programs (see `_bracket_scores_kernel`); needs
+    overlap, P (the rotation kernel zeroes the rows' counters), classify="split" and BRACKET_CLASSIFY_VEC.  flow=True
+    runs the same grids under the interpreter / without PDL (the classify kernel then starts after the scoring kernel).
     """
     check(isinstance(sink_tokens, int) and sink_tokens >= 0, f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
     check(isinstance(local_window, int) and local_window >= 0,
@@ -818,9 +872,19 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     # where d and S_max are in the measured range where that is faster
     rot_pdl = (bool(BRACKET_ROTATE_PDL) and overlap and rotate and pdl_available(k_lr.device)
                and d <= (BRACKET_ROTATE_PDL_MAX_D or d) and S >= BRACKET_ROTATE_PDL_MIN_S)
+    cfg = _score_config(d, config)  # scoring tiles; classify_block / classify_warps / finish_warps: the others
+    vec = int(cfg.get("classify_vec", BRACKET_CLASSIFY_VEC))
+    flow_ok = overlap and rotate and classify == "split" and bool(vec)
+    if flow is None:
+        flow = (flow_ok and pdl_available(k_lr.device)
+                and (not rot_pdl if BRACKET_FLOW == "auto" else bool(BRACKET_FLOW)))
+    check(not flow or flow_ok, "flow=True needs overlap, P (q rotated here), classify='split' and the vec classify "
+          "kernel (BRACKET_CLASSIFY_VEC > 0)")
+    flow_pdl = flow and bool(BRACKET_FLOW_PDL) and pdl_available(k_lr.device)
     if overlap:
         if rotate:
-            launch_rotate_q(q, P, q_rot_out, KVH, G, D, pdl=rot_pdl)
+            launch_rotate_q(q, P, q_rot_out, KVH, G, D, pdl=rot_pdl, zero=br[int(FLOW_SLOT):] if flow else None,
+                            zero_rows=R // KVH, zero_stride=BR_INTS)
     else:
         BLOCK_D = max(32, next_pow2(D))
         _bracket_kernel[(B * R,)](
@@ -831,7 +895,6 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
             SUB=sub, **rot_chunks(BLOCK_D, True), **common, num_warps=4 if interp else BRACKET_WARPS)
     if stages < 2:
         return idx, (q_rot_out if rotate else None)
-    cfg = _score_config(d, config)  # scoring tiles; classify_block / classify_warps / finish_warps: the others
     pipe = int(cfg.get("stages", 0))  # (not `stages`, the argument: kernels launched)
     if interp:
         BLOCK_N, TILES, nw = 32, 1, 4
@@ -842,27 +905,29 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     if pipe and cfg.get("programs"):  # (never fewer than `tiles` per program: short rows keep their tiles)
         tpp = max(TILES, triton.cdiv(n_tiles, triton.cdiv(int(cfg["programs"]), B * R)))
     hints = cache_hints(B * R, S)
-    _bracket_scores_kernel[(B * R, triton.cdiv(n_tiles, tpp) + int(overlap))](
+    ncol = triton.cdiv(n_tiles, tpp)  # scoring programs per row
+    _bracket_scores_kernel[((ncol + 1) * B * R,) if flow else (B * R, ncol + int(overlap))](
         qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br, ac,
         idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, scale, R, G, S, KMAX, nsig,
-        sink_tokens, local_window, ws_row, tpp, ZERO_AC=zero_ac, KB_MODE=kb_mode, BLOCK_N=BLOCK_N, TILES=TILES,
+        sink_tokens, local_window, ws_row, tpp, ncol, ZERO_AC=zero_ac, KB_MODE=kb_mode, BLOCK_N=BLOCK_N, TILES=TILES,
         **common,
         CLASSIFY=not split,
         OVERLAP=int(overlap), SAMPLE=sample, SUB=sub if interp else min(sample, cfg.get("bracket_sub", BLOCK_N)),
         STAGES=pipe, HINTS=hints and split, PDL=rot_pdl, PREFETCH=int(BRACKET_ROTATE_PDL) if rot_pdl else 0,
-        num_warps=nw, **(dict(launch_pdl=True) if rot_pdl else {}))
+        FLOW=flow, FLOW_PDL=flow_pdl, num_warps=nw, **(dict(launch_pdl=True) if rot_pdl else {}))
     if stages < 3:
         return idx, (q_rot_out if rotate else None)
     block_s = 64 if interp else BRACKET_BLOCK_S
     if classify == "split":
         block_c = 64 if interp else cfg.get("classify_block", BRACKET_CLASSIFY_BLOCK)
-        vec = int(cfg.get("classify_vec", BRACKET_CLASSIFY_VEC))
         if vec:
             nb = int(cfg.get("classify_nb", BRACKET_CLASSIFY_NB))
-            _bracket_classify_vec_kernel[(B * R, triton.cdiv(S, block_c * nb))](
-                ws, br, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, ws_row, BLOCK_C=block_c, KPT=vec,
-                ASM=BRACKET_CLASSIFY_ASM and not interp, HINTS=hints, NB=nb,
-                num_warps=4 if interp else cfg.get("classify_warps", BRACKET_CLASSIFY_WARPS))
+            nblk = triton.cdiv(S, block_c * nb)
+            _bracket_classify_vec_kernel[(B * R * nblk,) if flow else (B * R, nblk)](
+                ws, br, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, ws_row, nblk, ncol + 1,
+                BLOCK_C=block_c, KPT=vec, ASM=BRACKET_CLASSIFY_ASM and not interp, HINTS=hints, NB=nb, FLOW=flow,
+                num_warps=4 if interp else cfg.get("classify_warps", BRACKET_CLASSIFY_WARPS),
+                **(dict(launch_pdl=True) if flow_pdl else {}))
         else:
             _bracket_classify_kernel[(B * R, triton.cdiv(S, block_c))](
                 ws, br, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, ws_row, BLOCK_C=block_c,

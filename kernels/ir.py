@@ -69,7 +69,7 @@ PRESETS["classify_hints"] = dict(PRESETS["classify_scalar"],
                                  constexprs=dict(PRESETS["classify_scalar"]["constexprs"], HINTS=True))
 # session 11: several consecutive keys per thread, scanned in the thread, stores in inline PTX (BRACKET_CLASSIFY_VEC)
 _VEC = dict(kernel=("kernels.bracket", "_bracket_classify_vec_kernel"), ptr="*i32", num_warps=4, num_stages=3,
-            odd=("R",))
+            odd=("R", "NBLK", "EXPECT"))
 PRESETS["classify_vec4"] = dict(_VEC, constexprs=dict(BLOCK_C=1024, KPT=4, ASM=True))
 PRESETS["classify_vec4_2048"] = dict(_VEC, constexprs=dict(BLOCK_C=2048, KPT=4, ASM=True))
 PRESETS["classify_vec4_noasm"] = dict(_VEC, constexprs=dict(BLOCK_C=1024, KPT=4, ASM=False))
@@ -99,15 +99,18 @@ _SCORES = dict(kernel=("kernels.bracket", "_bracket_scores_kernel"),
                constexprs=dict(ZERO_AC=True, KB_MODE=2, HPR=4, G_PAD=16, D_LR=32, BLOCK_DL=32, BLOCK_N=128, TILES=4,
                                K_FP32=False, REDUCE_MAX=True, CLASSIFY=False, OVERLAP=1, SAMPLE=1024, SUB=128,
                                STAGES=3),
-               num_warps=4, num_stages=3, odd=("R", "G", "FRAC_BITS", "K_INT", "FORCED", "SINK", "LOCAL", "TPP"),
+               num_warps=4, num_stages=3, odd=("R", "G", "FRAC_BITS", "K_INT", "FORCED", "SINK", "LOCAL", "TPP", "NCOL"),
                fp32=("scale", "nsig"), i64=("FRAC_BITS",))
 PRESETS["scores_d32"] = _SCORES
 PRESETS["scores_d32_rotate_pdl"] = dict(_SCORES, constexprs=dict(_SCORES["constexprs"], PDL=True, PREFETCH=2))
+# session 13: BRACKET_FLOW (a one-dimensional grid in row order, each program counting itself in its row's record)
+PRESETS["scores_d32_flow"] = dict(_SCORES, constexprs=dict(_SCORES["constexprs"], FLOW=True, FLOW_PDL=True))
+PRESETS["classify_vec4_flow"] = dict(_VEC, constexprs=dict(BLOCK_C=1024, KPT=4, ASM=True, FLOW=True))
 GROUPS = {"finish": ("finish_8192", "finish_8192_idx_first", "finish_8192_asm", "finish_8192_idx_first_asm",
                      "finish_8192_idx_first_asm_r112", "finish_8192_idx_first_asm_r96"),
-          "scores": ("scores_d32", "scores_d32_rotate_pdl"),
+          "scores": ("scores_d32", "scores_d32_rotate_pdl", "scores_d32_flow"),
           "classify": ("classify_scalar", "classify_blocked", "classify_hints", "classify_vec4", "classify_vec4_2048",
-                       "classify_vec4_noasm", "classify_vec4_nb2", "classify_vec4_nb4"),
+                       "classify_vec4_noasm", "classify_vec4_nb2", "classify_vec4_nb4", "classify_vec4_flow"),
           "attention": ("attention_dense", "attention_sparse", "attention_sparse_s8", "attention_sparse_s7",
                         "attention_sparse_r128", "attention_sparse_early")}
 

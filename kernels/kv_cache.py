@@ -14,6 +14,12 @@ scoring pass of Loki reads only those bytes:
 `allocate_cache` puts k_lr and k_rest in one allocation (two slabs back to back, no memory overhead).
 Only the last dimension must be contiguous; other strides are passed to the kernels.
 
+Row layouts (session 13, `allocate_cache_rows`): the attention's K rows whole (k_lr and k_rest are views of one
+(B, KVH, S_max, D) tensor) or, with V, one (B, KVH, S_max, 2 D) row per token (K' | V), plus a contiguous copy of
+the first d rotated dims (``slab``, what the scoring pass reads; `loki_decode(slab=)`, `append_kv(slab=)`).  Memory
+overhead: d / (2 D) of the cache (6.25% at d = D/8, 12.5% at D/4).  Measured on the H200 (kernels/NOTES.md "v15"):
+the sparse attention gathers one or two rows per selected token instead of three.
+
 Each file of this package holds kernel + launcher + torch reference side by side.
 """
 from __future__ import annotations
@@ -39,6 +45,37 @@ def allocate_cache(batch: int, kv_heads: int, max_len: int, head_dim: int, d: in
     return k_lr, k_rest, v, lengths
 
 
+def allocate_cache_rows(batch: int, kv_heads: int, max_len: int, head_dim: int, d: int, dtype=torch.bfloat16,
+                        device="cuda", kv: bool = True):
+    """Allocate an empty rotated cache in a row layout: returns (k_lr, k_rest, v, lengths, slab).  k_lr / k_rest are
+    views of whole rotated K rows ((B, KVH, S_max, D), or with kv=True the first D of (B, KVH, S_max, 2 D) rows whose
+    last D are v); slab is a contiguous (B, KVH, S_max, d) copy of k_lr for the scoring pass.  Pass slab to
+    `append_kv` / `prefill_kv` (they write it too) and to `kernels.loki_decode`."""
+    check(1 <= d <= head_dim, f"d={d} must be in 1..head_dim={head_dim}")
+    if kv:
+        rows = torch.empty(batch, kv_heads, max_len, 2 * head_dim, dtype=dtype, device=device)
+        k_full, v = rows[..., :head_dim], rows[..., head_dim:]
+    else:
+        k_full = torch.empty(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        v = torch.empty(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
+    slab = torch.empty(batch, kv_heads, max_len, d, dtype=dtype, device=device)
+    lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+    return k_full[..., :d], k_full[..., d:], v, lengths, slab
+
+
+def check_slab(slab: torch.Tensor | None, k_lr: torch.Tensor) -> torch.Tensor:
+    """The tensor the scoring pass reads: ``slab`` (a row layout's copy of k_lr, same shape / dtype / device,
+    last dim contiguous) or, where None, k_lr itself."""
+    if slab is None:
+        return k_lr
+    check(isinstance(slab, torch.Tensor), f"slab must be a tensor or None, got {type(slab).__name__}")
+    check(slab.shape == k_lr.shape and slab.dtype == k_lr.dtype and slab.device == k_lr.device,
+          f"slab must match k_lr: shape {tuple(k_lr.shape)}, {k_lr.dtype} on {k_lr.device}; got "
+          f"{tuple(slab.shape)}, {slab.dtype} on {slab.device}")
+    check_last_contiguous(slab, "slab")
+    return slab
+
+
 def _check_P(P: torch.Tensor, KVH: int, D: int, device) -> None:
     check_float(P, "P")
     check(tuple(P.shape) == (KVH, D, D), f"P must have shape (KVH, D, D) = {(KVH, D, D)}, got {tuple(P.shape)}")
@@ -55,8 +92,9 @@ def _append_kv_kernel(kn_ptr, skn_b, skn_h, vn_ptr, svn_b, svn_h,
                       klr_ptr, slr_b, slr_h, slr_s,
                       krs_ptr, srs_b, srs_h, srs_s,
                       v_ptr, sv_b, sv_h, sv_s,
-                      len_ptr, S_MAX, KVH,
-                      D: tl.constexpr, D_LR: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr):
+                      len_ptr, S_MAX, KVH, sl_ptr, ssl_b, ssl_h, ssl_s,
+                      D: tl.constexpr, D_LR: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+                      SLAB: tl.constexpr = False):
     pid = tl.program_id(0)
     b = (pid // KVH).to(tl.int64)
     h = (pid % KVH).to(tl.int64)
@@ -77,6 +115,9 @@ def _append_kv_kernel(kn_ptr, skn_b, skn_h, vn_ptr, svn_b, svn_h,
         ok = (pos_c >= 0) & (pos_c < S_MAX)
         tl.store(klr_ptr + b * slr_b + h * slr_h + pos * slr_s + cols,
                  kr.to(klr_ptr.dtype.element_ty), mask=ok & is_lr)
+        if SLAB:
+            tl.store(sl_ptr + b * ssl_b + h * ssl_h + pos * ssl_s + cols, kr.to(sl_ptr.dtype.element_ty),
+                     mask=ok & is_lr)
         rc = tl.where(is_lr, 0, cols - D_LR)
         tl.store(krs_ptr + b * srs_b + h * srs_h + pos * srs_s + rc,
                  kr.to(krs_ptr.dtype.element_ty), mask=ok & cmask & (cols >= D_LR))
@@ -86,8 +127,9 @@ def _append_kv_kernel(kn_ptr, skn_b, skn_h, vn_ptr, svn_b, svn_h,
 
 def append_kv(k_new: torch.Tensor, v_new: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor,
               k_rest: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, advance: bool = False,
-              strict: bool = True) -> None:
-    """Rotate and write one token per sequence at position ``lengths[b]`` (in place).
+              strict: bool = True, slab: torch.Tensor | None = None) -> None:
+    """Rotate and write one token per sequence at position ``lengths[b]`` (in place); with ``slab`` (a row layout,
+    `allocate_cache_rows`) its first d rotated dims go to the slab too.
 
     k_new, v_new: (B, KVH, D).  P: (KVH, D, D) (rotation done in fp32).  The op does NOT increment ``lengths``
     unless ``advance=True`` (then ``lengths += 1`` after the write).  With ``strict=True`` a sequence whose
@@ -102,6 +144,7 @@ def append_kv(k_new: torch.Tensor, v_new: torch.Tensor, P: torch.Tensor, k_lr: t
     check_same_device([("k_lr", k_lr), ("k_new", k_new), ("v_new", v_new)])
     _check_P(P, KVH, D, k_lr.device)
     check_lengths(lengths, B, k_lr.device)
+    sl = check_slab(slab, k_lr)
     if strict:
         check(bool((lengths < S).all()), f"append_kv: a sequence is full (lengths >= S_max={S})")
     BLOCK_D = next_pow2(D)
@@ -111,7 +154,8 @@ def append_kv(k_new: torch.Tensor, v_new: torch.Tensor, P: torch.Tensor, k_lr: t
         k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2),
         k_rest, k_rest.stride(0), k_rest.stride(1), k_rest.stride(2),
         v, v.stride(0), v.stride(1), v.stride(2),
-        lengths, S, KVH, D=D, D_LR=d, BLOCK_D=BLOCK_D, BLOCK_C=min(BLOCK_D, 32), num_warps=4)
+        lengths, S, KVH, sl, sl.stride(0), sl.stride(1), sl.stride(2),
+        D=D, D_LR=d, BLOCK_D=BLOCK_D, BLOCK_C=min(BLOCK_D, 32), SLAB=slab is not None, num_warps=4)
     if advance:
         lengths += 1
 
@@ -125,9 +169,9 @@ def _prefill_kv_kernel(k_ptr, sk_b, sk_h, sk_t, vn_ptr, svn_b, svn_h, svn_t,
                        klr_ptr, slr_b, slr_h, slr_s,
                        krs_ptr, srs_b, srs_h, srs_s,
                        v_ptr, sv_b, sv_h, sv_s,
-                       len_ptr, cnt_ptr, T, S_MAX, KVH,
+                       len_ptr, cnt_ptr, T, S_MAX, KVH, sl_ptr, ssl_b, ssl_h, ssl_s,
                        HAS_CNT: tl.constexpr, D: tl.constexpr, D_LR: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+                       BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, SLAB: tl.constexpr = False):
     pid = tl.program_id(0)
     tb = tl.program_id(1)
     b = (pid // KVH).to(tl.int64)
@@ -153,6 +197,9 @@ def _prefill_kv_kernel(k_ptr, sk_b, sk_h, sk_t, vn_ptr, svn_b, svn_h, svn_t,
         is_lr = cols < D_LR
         tl.store(klr_ptr + b * slr_b + h * slr_h + pos[:, None] * slr_s + cols[None, :],
                  kr.to(klr_ptr.dtype.element_ty), mask=tmask[:, None] & is_lr[None, :])
+        if SLAB:
+            tl.store(sl_ptr + b * ssl_b + h * ssl_h + pos[:, None] * ssl_s + cols[None, :],
+                     kr.to(sl_ptr.dtype.element_ty), mask=tmask[:, None] & is_lr[None, :])
         rc = tl.where(is_lr, 0, cols - D_LR)
         tl.store(krs_ptr + b * srs_b + h * srs_h + pos[:, None] * srs_s + rc[None, :],
                  kr.to(krs_ptr.dtype.element_ty), mask=tmask[:, None] & (cmask & (cols >= D_LR))[None, :])
@@ -164,8 +211,9 @@ def _prefill_kv_kernel(k_ptr, sk_b, sk_h, sk_t, vn_ptr, svn_b, svn_h, svn_t,
 
 def prefill_kv(k: torch.Tensor, v_new: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: torch.Tensor,
                v: torch.Tensor, lengths: torch.Tensor, n_new: torch.Tensor | None = None, advance: bool = False,
-               strict: bool = True) -> None:
-    """Rotate and write a block of T tokens per sequence at positions ``lengths[b] + t`` (in place).
+               strict: bool = True, slab: torch.Tensor | None = None) -> None:
+    """Rotate and write a block of T tokens per sequence at positions ``lengths[b] + t`` (in place); with ``slab``
+    (a row layout, `allocate_cache_rows`) their first d rotated dims go to the slab too.
 
     k, v_new: (B, KVH, T, D).  ``n_new`` (optional, (B,) int): only the first ``n_new[b]`` tokens of sequence
     b are written (ragged prefill).  ``advance=True`` adds the written counts to ``lengths``.
@@ -181,6 +229,7 @@ def prefill_kv(k: torch.Tensor, v_new: torch.Tensor, P: torch.Tensor, k_lr: torc
     _check_P(P, KVH, D, k_lr.device)
     check_lengths(lengths, B, k_lr.device)
     T = k.shape[2]
+    sl = check_slab(slab, k_lr)
     if n_new is not None:
         check_lengths(n_new, B, k_lr.device)
     if strict:
@@ -198,9 +247,9 @@ def prefill_kv(k: torch.Tensor, v_new: torch.Tensor, P: torch.Tensor, k_lr: torc
             k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2),
             k_rest, k_rest.stride(0), k_rest.stride(1), k_rest.stride(2),
             v, v.stride(0), v.stride(1), v.stride(2),
-            lengths, n_new if n_new is not None else lengths, T, S, KVH,
+            lengths, n_new if n_new is not None else lengths, T, S, KVH, sl, sl.stride(0), sl.stride(1), sl.stride(2),
             HAS_CNT=n_new is not None, D=D, D_LR=d, BLOCK_D=BLOCK_D, BLOCK_T=BLOCK_T,
-            BLOCK_C=min(BLOCK_D, 32), num_warps=4)
+            BLOCK_C=min(BLOCK_D, 32), SLAB=slab is not None, num_warps=4)
     if advance:
         lengths += (n_new.to(lengths.dtype) if n_new is not None else T)
 

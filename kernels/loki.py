@@ -18,6 +18,7 @@ import torch
 from ._utils import LokiInputError, check, check_cache, check_float, check_lengths
 from .attention import sparse_decode_attention
 from . import bracket as bracket_mod
+from .kv_cache import check_slab
 from .bracket import (bracket_ready, bracket_workspace_size, fraction_budget, fraction_k_max,
                       loki_select_bracket)
 from .scores import loki_scores, rotate_q
@@ -39,6 +40,13 @@ ATTN_LOWRANK_D = 16
 ATTN_LOWRANK_MIN_S = 16384
 ATTN_LOWRANK_MIN_ROWS = 64
 ATTN_LOWRANK_WAVES = 2
+# session 13, bracket path: where d >= ATTN_WIDE_MIN_D and there are at least ATTN_WIDE_MIN_ROWS score rows, the sparse
+# attention takes 128-token tiles at 2 stages (ATTN_WIDE_CONFIG) instead of SPARSE_CONFIG's 64 at 3 (0: never).
+# Measured at batch 16 (h200_variants_s13g): d = 32 at 64K 10.2 / 4.2 us faster at k = 1/4 / 1/8, at 16K 1.8 / 1.2,
+# 4K within 0.2; at d = 16 5-11 us slower (64K), 2 us (16K)
+ATTN_WIDE_MIN_D = 17
+ATTN_WIDE_MIN_ROWS = 64
+ATTN_WIDE_CONFIG = dict(block_n=128, num_stages=2)
 
 
 def choose_path(forced: bool = False) -> str:
@@ -55,7 +63,7 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
                 scaling: float | None = None, strict: bool = True, path: str = "auto", k_max: int | None = None,
                 return_indices: bool = False, num_splits: int | None = None,
                 sink_tokens: int = 0, local_window: int = 0, out: torch.Tensor | None = None,
-                fold_combine: bool | None = None):
+                fold_combine: bool | None = None, slab: torch.Tensor | None = None):
     """One Loki decode step for one layer.
 
     q: (B, H, D) queries (not rotated; q' = q @ P[kvh] is computed inside, in fp32).
@@ -68,9 +76,12 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
     out: optional (B, H, D) output tensor (contiguous last dim).
     fold_combine (bracket path; default FOLD_COMBINE): the bracket programs zero one counter per score row and the
     last attention program of each row combines the split-K partials (one launch fewer).
+    slab: a row layout's contiguous copy of k_lr (`kv_cache.allocate_cache_rows`), read by the scoring pass, while the
+    attention reads k_lr / k_rest / v (views of whole rows); None: the scoring pass reads k_lr.
     Returns out (B, H, D) in the cache dtype, or (out, idx) with return_indices=True.
     """
     B, KVH, S, D, d = check_cache(k_lr, k_rest, v)
+    k_sc = check_slab(slab, k_lr)  # what the scoring pass reads
     check_float(q, "q")
     check(q.dim() == 3 and q.shape[0] == B and q.shape[2] == D,
           f"q must be (B, H, D) with B={B}, D={D}, got {tuple(q.shape)}")
@@ -98,22 +109,24 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
         R = q.shape[1] if mode == "head" else KVH
         if ATTN_LOWRANK_D and d <= ATTN_LOWRANK_D and S >= ATTN_LOWRANK_MIN_S and B * R >= ATTN_LOWRANK_MIN_ROWS:
             attn_cfg = dict(waves=ATTN_LOWRANK_WAVES)
+        elif ATTN_WIDE_MIN_D and d >= ATTN_WIDE_MIN_D and B * R >= ATTN_WIDE_MIN_ROWS:
+            attn_cfg = dict(ATTN_WIDE_CONFIG)
         if FOLD_COMBINE if fold_combine is None else fold_combine:
             counters = torch.empty(B * R, dtype=torch.int32, device=q.device)
         ws = None
         if ATTN_EARLY and bracket_mod.BRACKET_CLASSIFY == "split":  # (the band select runs last: split only)
             ws = torch.empty(bracket_workspace_size(B, R, S), dtype=torch.int32, device=q.device)
             ready = bracket_ready(ws, B, R)
-        idx, q_rot = loki_select_bracket(q, k_lr, lengths, k_budget, P=P, mode=mode, reduce=reduce, scaling=scaling,
+        idx, q_rot = loki_select_bracket(q, k_sc, lengths, k_budget, P=P, mode=mode, reduce=reduce, scaling=scaling,
                                          strict=False, k_max=k_max, sink_tokens=sink_tokens,
                                          local_window=local_window, attn_counters=counters, workspace=ws,
                                          pdl=ready is not None)
     elif path == "fused":
-        idx, q_rot = loki_select(q, k_lr, lengths, k_budget, P=P, mode=mode, reduce=reduce, scaling=scaling,
+        idx, q_rot = loki_select(q, k_sc, lengths, k_budget, P=P, mode=mode, reduce=reduce, scaling=scaling,
                                  strict=False, k_max=k_max)
     else:
         q_rot = rotate_q(q, P)
-        scores = loki_scores(q_rot, k_lr, lengths, d=d, mode=mode, reduce=reduce, scaling=scaling)
+        scores = loki_scores(q_rot, k_sc, lengths, d=d, mode=mode, reduce=reduce, scaling=scaling)
         if path == "split":
             idx = topk_select(scores, lengths, k_budget, strict=False, k_max=k_max)
         else:

@@ -9,6 +9,13 @@
 Each point (batch, context, (d, k)) runs the bracket path (the default) a few times un-profiled, then once
 profiled, followed by the dense flash-decoding kernel on the same cache as a bandwidth yardstick.  The order of
 the profiled kernels is printed on stderr (ncu's output goes to stdout).
+
+    python -m kernels.profile --timeline --configs 16:65536 [--variant NAME] [--json F]
+
+(session 13) prints each kernel's start and end within one Loki step instead, from the CUDA activity records of
+torch.profiler (CUPTI) over replays of a CUDA graph holding a few steps: unlike ncu this keeps the kernels'
+overlap (programmatic dependent launch) and their real clocks.  Times are medians over the replays, relative to the
+step's first kernel start.
 """
 from __future__ import annotations
 
@@ -84,12 +91,67 @@ def summarize(path):
               + "  " + ", ".join(f"{n} {v:.1f}" for v, n in st))
 
 
+def timeline(configs, dk=DK, steps=4, replays=5):
+    """Per point: [(kernel, start_us, end_us)] of one Loki step (medians over `replays` replays of a CUDA graph of
+    `steps` steps; the last step of each replay is read, so that the graph's first launch latency is not in it)."""
+    import json
+    import os
+    import statistics
+    import tempfile
+
+    out = {}
+    for B, S in configs:
+        for dfrac, kfrac in dk:
+            d, k = D // dfrac, S // kfrac
+            case = Case(B, S, d, 1)
+            (k_lr, k_rest, v), L, q, P = case.copies[0], case.lengths, case.q, case.P
+            for _ in range(3):
+                loki_decode(q, P, k_lr, k_rest, v, L, k, strict=False)
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(steps):
+                    loki_decode(q, P, k_lr, k_rest, v, L, k, strict=False)
+            g.replay()
+            torch.cuda.synchronize()
+            per_replay = []
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(replays):
+                    g.replay()
+                    torch.cuda.synchronize()
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "trace.json")
+                prof.export_chrome_trace(path)
+                with open(path) as f:
+                    ev = [e for e in json.load(f)["traceEvents"] if e.get("cat") == "kernel" and e.get("ph") == "X"]
+            ev.sort(key=lambda e: e["ts"])
+            n_step = len(ev) // (replays * steps)
+            for rr in range(replays):
+                step = ev[(rr * steps + steps - 1) * n_step:(rr * steps + steps) * n_step]
+                t0 = step[0]["ts"]
+                per_replay.append([(e["name"], e["ts"] - t0, e["ts"] + e["dur"] - t0) for e in step])
+            rows = []
+            for i, (name, _, _) in enumerate(per_replay[0]):
+                rows.append((name.split("(")[0][:40], statistics.median(r[i][1] for r in per_replay),
+                             statistics.median(r[i][2] for r in per_replay)))
+            key = f"B={B} S={S} d={d} k={k}"
+            out[key] = rows
+            print(f"{key}: {len(rows)} kernels per step", flush=True)
+            for name, a, b in rows:
+                print(f"  {name:40s} start {a:8.1f}  end {b:8.1f}  dur {b - a:8.1f} us", flush=True)
+            del g, case, k_lr, k_rest, v
+            torch.cuda.empty_cache()
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="16:16384,16:65536", help="comma list of B:S")
     ap.add_argument("--summarize", default=None, help="print a per-kernel table of an ncu --csv details file")
     ap.add_argument("--stall-metrics", action="store_true", help="print the stall-reason metrics for ncu --metrics")
     ap.add_argument("--variant", default=None, help="profile under one kernels.bench VARIANTS entry (module defaults)")
+    ap.add_argument("--timeline", action="store_true", help="kernel start / end within a step (torch.profiler)")
+    ap.add_argument("--json", default=None, help="--timeline: also write the rows to this JSON file")
     a = ap.parse_args(argv)
     if a.stall_metrics:
         print(STALL_METRICS)
@@ -100,6 +162,13 @@ def main(argv=None):
     if a.variant:
         from .bench import apply_variant
         apply_variant(a.variant)
+    if a.timeline:
+        res = timeline(parse_configs(a.configs))
+        if a.json:
+            import json
+            with open(a.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return
     run(parse_configs(a.configs))
 
 

@@ -131,14 +131,22 @@ def rot_chunks(block_d: int, whole_rows: bool = False) -> dict:
 # rotate q
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _rotate_q_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, out_ptr, so_b, so_h, KVH,
+def _rotate_q_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, out_ptr, so_b, so_h, KVH, zero_ptr,
                      G: tl.constexpr, G_ROT: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                     ROT_C: tl.constexpr, PDL: tl.constexpr = False):
+                     ROT_C: tl.constexpr, PDL: tl.constexpr = False, ZERO_ROWS: tl.constexpr = 0,
+                     ZERO_STRIDE: tl.constexpr = 1, ZERO_P2: tl.constexpr = 1):
     """One program per (sequence, KV head, chunk of ROT_C output columns): out = q @ P[kvh][:, chunk], fp32 FMAs,
     whole input rows in one load (one memory round trip per program).  PDL (session 11, an option): the next kernel,
-    launched with launch_pdl=True, may start at once (it waits for q' itself)."""
+    launched with launch_pdl=True, may start at once (it waits for q' itself).  ZERO_ROWS > 0 (session 13, the
+    bracket path's row flow): the column-0 program of (sequence, KV head) p zeroes zero_ptr[(p * ZERO_ROWS + j) *
+    ZERO_STRIDE] for j < ZERO_ROWS (the per-row counters the next kernels count their finished programs in)."""
     pdl_trigger(PDL)
     pid = tl.program_id(0)
+    if ZERO_ROWS > 0:
+        if tl.program_id(1) == 0:
+            zj = tl.arange(0, ZERO_P2)  # (ZERO_P2: the power of 2 >= ZERO_ROWS)
+            tl.store(zero_ptr + (pid * ZERO_ROWS + zj) * ZERO_STRIDE, tl.zeros([ZERO_P2], dtype=tl.int32),
+                     mask=zj < ZERO_ROWS)
     b = (pid // KVH).to(tl.int64)
     kvh = (pid % KVH).to(tl.int64)
     hh = tl.arange(0, G_ROT)
@@ -159,14 +167,18 @@ ROTATE_COLS = 0  # output columns per rotation program; 0: 128 // next_pow2(g), 
 #                  measured 0.4-1 us faster per step than the 16 of sessions 5-10, h200_variants_s11b)
 
 
-def launch_rotate_q(q: torch.Tensor, P: torch.Tensor, out: torch.Tensor, KVH: int, g: int, D: int, pdl: bool = False):
-    """q (B, H, D) @ P[h // g] -> out (fp32), no checks (callers validate).  pdl: let the next kernel start early."""
+def launch_rotate_q(q: torch.Tensor, P: torch.Tensor, out: torch.Tensor, KVH: int, g: int, D: int, pdl: bool = False,
+                    zero: torch.Tensor | None = None, zero_rows: int = 0, zero_stride: int = 1):
+    """q (B, H, D) @ P[h // g] -> out (fp32), no checks (callers validate).  pdl: let the next kernel start early.
+    zero / zero_rows / zero_stride: int32 counters to zero, zero_rows per (sequence, KV head)."""
     BLOCK_D = max(16, next_pow2(D))
     G_ROT = next_pow2(g)
     rot_c = BLOCK_D if is_interpreter() else (ROTATE_COLS or max(8, min(BLOCK_D, 128 // G_ROT)))
     _rotate_q_kernel[(q.shape[0] * KVH, triton.cdiv(D, rot_c))](
         q, q.stride(0), q.stride(1), P, P.stride(0), P.stride(1), out, out.stride(0), out.stride(1), KVH,
-        G=g, G_ROT=G_ROT, D=D, BLOCK_D=BLOCK_D, ROT_C=rot_c, PDL=pdl, num_warps=4)
+        zero if zero is not None else out, G=g, G_ROT=G_ROT, D=D, BLOCK_D=BLOCK_D, ROT_C=rot_c, PDL=pdl,
+        ZERO_ROWS=zero_rows if zero is not None else 0, ZERO_STRIDE=zero_stride, ZERO_P2=next_pow2(max(1, zero_rows)),
+        num_warps=4)
     return out
 
 

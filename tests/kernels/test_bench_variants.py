@@ -27,11 +27,11 @@ def test_apply_variant_sets_module_defaults(monkeypatch):
 
 
 def test_defaults_variant_is_the_module_defaults(monkeypatch):
-    """"s12_d16" names every setting at its module default (session 12's code), so A/B runs against it compare with
+    """"s13_wide" names every setting at its module default (session 13's code), so A/B runs against it compare with
     what `loki_decode` runs."""
     mods = bench._variant_modules()
     defaults = {key: getattr(mod, key) for key, mod in mods.items()}
     for key, mod in mods.items():  # restored after the test
         monkeypatch.setattr(mod, key, defaults[key])
-    bench.apply_variant("s12_d16")
+    bench.apply_variant("s13_wide")
     assert {key: getattr(mod, key) for key, mod in mods.items()} == defaults

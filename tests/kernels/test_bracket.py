@@ -5,6 +5,7 @@ import triton
 import triton.language as tl
 
 from kernels import LokiInputError, forced_count, fraction_budget, loki_decode, loki_select_bracket
+from kernels._utils import is_interpreter
 from kernels.bracket import _kth_key, _select_in_registers, _select_in_registers3
 from kernels.scores import loki_scores_ref, rotate_q_ref
 from kernels.testing import check_selection, random_cache, random_orthonormal
@@ -60,7 +61,8 @@ VARIANTS = {"no_overlap": dict(overlap=False), "fused": dict(classify="fused"), 
             "band3": dict(band_reg=128, band_parts=3), "band3_small": dict(band_reg=64, band_parts=3),
             "scan": dict(classify="scan"), "scan_radix_band": dict(classify="scan", band_reg=16),
             "pipelined": dict(config=dict(stages=3, programs=8)), "unrolled": dict(config=dict(stages=0)),
-            "vec": dict(config=dict(classify_vec=4)), "vec2": dict(config=dict(classify_vec=2))}
+            "vec": dict(config=dict(classify_vec=4)), "vec2": dict(config=dict(classify_vec=2)),
+            "flow": dict(flow=True), "flow_pipelined": dict(flow=True, config=dict(stages=3, programs=8))}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -70,7 +72,8 @@ def test_bracket_select_variants(D, d, g, S, lens, variant):
 
 
 @pytest.mark.parametrize("nsig,variant", [(0.0, None), (4.0, None), (0.0, "no_overlap"), (0.0, "fused"),
-                                          (0.0, "radix_band"), (0.0, "scan"), (0.0, "vec"), (4.0, "vec")])
+                                          (0.0, "radix_band"), (0.0, "scan"), (0.0, "vec"), (4.0, "vec"),
+                                          (0.0, "flow")])
 def test_bracket_fallback_and_structure(nsig, variant):
     """nsig=0 makes the bracket miss often (the recompute + whole-row fallback runs); rows with a positional trend
     and with periodic structure defeat an evenly spaced sample; per-sequence budgets."""
@@ -129,7 +132,7 @@ def _tied_case(seed, lens):
     return q, k_lr, lengths, P, _ref(q, P, k_lr, lengths, "group", "max")
 
 
-@pytest.mark.parametrize("variant", [None, "fused", "radix_band", "band3", "vec"])  # (classify="scan": test_bracket_scan_deterministic)
+@pytest.mark.parametrize("variant", [None, "fused", "radix_band", "band3", "vec", "flow"])  # (classify="scan": test_bracket_scan_deterministic)
 def test_bracket_heavy_ties(variant):
     """Keys with few distinct scores: many ties at the k-th value.  Exactly k distinct positions are selected, none
     scoring below the k-th value and none left out above it (the register select takes the first ties it meets)."""
@@ -354,3 +357,30 @@ def test_bracket_rotate_pdl(monkeypatch):
     monkeypatch.setattr(bracket, "BRACKET_ROTATE_PDL", 2)
     test_bracket_select(torch.float32, 64, 8, 3, "group", "max", *LONG)
     test_bracket_select(torch.float32, 128, 32, 4, "head", "sum", *SHORT)
+
+
+@pytest.mark.parametrize("mode,g", [("group", 3), ("head", 3), ("head", 4)])
+def test_bracket_flow(mode, g):
+    """flow=True (session 13, BRACKET_FLOW): the scoring grid row after row, each of its programs counting itself in
+    its row's record (slot FLOW_SLOT, zeroed by the rotation kernel), and the classify kernel waiting for each row's
+    count (on the GPU it is launched while the scoring kernel runs).  The same selection as flow=False, on ragged
+    rows (incl. 0 and 1 tokens) with sinks, a local window and a fraction budget; every row's count ends at its
+    scoring grid's size (a program that did not count itself would leave its row's classification waiting)."""
+    import kernels.bracket as bracket
+    torch.manual_seed(g + len(mode))
+    B, KVH, S, D, d = 4, 2, 300, 64, 8
+    k_lr, _, _, lengths = random_cache(B, KVH, S, D, d, torch.float32, DEV, lengths=[300, 257, 1, 0])
+    q = torch.randn(B, KVH * g, D, device=DEV)
+    P = random_orthonormal(KVH, D, DEV)
+    R = KVH * g if mode == "head" else KVH
+    for k, sink, local in ((40, 0, 0), (0.25, 4, 16), (S, 0, 0)):
+        ws = torch.full((bracket.bracket_workspace_size(B, R, S),), -7, dtype=torch.int32, device=DEV)
+        kw = dict(P=P, mode=mode, strict=False, sink_tokens=sink, local_window=local, k_max=S)
+        i_f, _ = loki_select_bracket(q, k_lr, lengths, k, workspace=ws, flow=True, **kw)
+        i_n, _ = loki_select_bracket(q, k_lr, lengths, k, flow=False, **kw)
+        assert torch.equal(i_f.sort(-1).values, i_n.sort(-1).values), (k, sink, local)
+        ncol = int(ws.view(-1)[:B * R * bracket.BR_INTS].view(B * R, -1)[:, int(bracket.FLOW_SLOT)].unique().item())
+        # (the interpreter's tiles: 32 tokens, one per program here; the GPU's at d = 8: 256 tokens, two per program)
+        assert ncol == (triton.cdiv(S, 32) + 1 if is_interpreter() else triton.cdiv(S, 512) + 1)
+    with pytest.raises(LokiInputError, match="flow=True needs"):
+        loki_select_bracket(q, k_lr, lengths, 40, P=P, mode=mode, strict=False, flow=True, classify="scan")

@@ -88,6 +88,36 @@ def test_loki_decode_gpu_session12_options(d, maxnreg, monkeypatch):
     _step_16k(13 + d, d, 9001, 16)
 
 
+@pytest.mark.parametrize("d,flow,rows", [(32, True, False), (32, "auto", True), (16, True, True), (16, "auto", False)])
+def test_loki_decode_gpu_session13(d, flow, rows, monkeypatch):
+    """Session 13 at a production shape (S_max 16K): the classify kernel started during the scoring pass, waiting on
+    each row's count (BRACKET_FLOW; True also where the rotation PDL is on, d = 16), 128-token attention tiles at
+    d = 32 (kernels.loki.ATTN_WIDE_*, the row threshold lowered to this test's 16 rows), and the "rows" layout (whole
+    K rows + a slab copy, `allocate_cache_rows`): exact selection, output within bf16 tolerance of the reference."""
+    import kernels.bracket as bracket
+    import kernels.loki as loki
+    from kernels import allocate_cache_rows
+    monkeypatch.setattr(bracket, "BRACKET_FLOW", flow)
+    monkeypatch.setattr(loki, "ATTN_WIDE_MIN_ROWS", 16)
+    monkeypatch.setattr(loki, "ATTN_LOWRANK_MIN_ROWS", 16)
+    torch.manual_seed(31 + d)
+    B, KVH, g, S, D = 2, 8, 4, 16384, 128
+    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.bfloat16, "cuda", lengths=[16384, 8191])
+    q = torch.randn(B, KVH * g, D, device="cuda", dtype=torch.bfloat16)
+    P = random_orthonormal(KVH, D, "cuda")
+    k = S // 8
+    slab = None
+    if rows:
+        r_lr, r_rest, r_v, r_len, slab = allocate_cache_rows(B, KVH, S, D, d, dtype=torch.bfloat16, device="cuda")
+        for dst, src in ((r_lr, k_lr), (r_rest, k_rest), (r_v, v), (slab, k_lr), (r_len, lengths)):
+            dst.copy_(src)
+    cache = (r_lr, r_rest, r_v, r_len) if rows else (k_lr, k_rest, v, lengths)
+    for _ in range(2):  # (the second step reuses the counters the first one left)
+        out, idx = loki_decode(q, P, *cache, k, strict=False, return_indices=True, slab=slab)
+    torch.cuda.synchronize()
+    check_step(out, idx, q, P, k_lr, k_rest, v, lengths, k)
+
+
 def test_topk_gpu_long_rows():
     torch.manual_seed(0)
     B, G, S = 3, 8, 70000

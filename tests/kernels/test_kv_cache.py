@@ -78,3 +78,34 @@ def test_cache_bad_inputs():
     with pytest.raises(LokiInputError, match="exceed"):
         prefill_kv(torch.randn(B, KVH, 9, D, device=DEV), torch.randn(B, KVH, 9, D, device=DEV), P,
                    k_lr, k_rest, v, lengths)
+
+
+@pytest.mark.parametrize("kv", [True, False])
+def test_row_layout_append_and_prefill(dtype, kv):
+    """allocate_cache_rows (session 13): k_lr / k_rest (/ v) are views of whole rows, the slab a contiguous copy of
+    k_lr; append_kv and prefill_kv with slab= write the slab too, the rest exactly as the slab layout."""
+    from kernels import allocate_cache_rows
+    B, KVH, S, D, d, T = 2, 3, 40, 64, 16, 21
+    k_lr, k_rest, v, lengths, slab = allocate_cache_rows(B, KVH, S, D, d, dtype=dtype, device=DEV, kv=kv)
+    assert k_lr.shape == slab.shape == (B, KVH, S, d) and k_rest.shape == (B, KVH, S, D - d)
+    assert slab.is_contiguous() and k_lr.stride(2) == (2 * D if kv else D) and v.stride(2) == (2 * D if kv else D)
+    if kv:  # one K' | V row per token
+        assert v.data_ptr() == k_lr.data_ptr() + D * k_lr.element_size()
+    for t in (k_lr, k_rest, v, slab):
+        t.fill_(float("nan"))
+    P = random_orthonormal(KVH, D, DEV)
+    k = torch.randn(B, KVH, T, D, device=DEV).to(dtype)
+    vn = torch.randn(B, KVH, T, D, device=DEV).to(dtype)
+    n_new = torch.tensor([21, 13], dtype=torch.int32, device=DEV)
+    ref = prefill_kv_ref(k.cpu(), vn.cpu(), P.cpu(), k_lr.cpu(), k_rest.cpu(), v.cpu(), lengths.cpu(), n_new.cpu())
+    prefill_kv(k, vn, P, k_lr, k_rest, v, lengths, n_new=n_new, advance=True, slab=slab)
+    kn, vv = k[:, :, 0].contiguous(), vn[:, :, 0].contiguous()
+    ref = append_kv_ref(kn.cpu(), vv.cpu(), P.cpu(), *ref, lengths.cpu())
+    append_kv(kn, vv, P, k_lr, k_rest, v, lengths, advance=True, slab=slab)
+    assert lengths.tolist() == [22, 14]
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for got, want in zip((k_lr, k_rest, v, slab), ref + (ref[0],)):
+        assert _same(got, want).max().item() <= tol
+    assert _same(slab, k_lr).max().item() == 0  # the same rounded values
+    with pytest.raises(LokiInputError, match="slab must match k_lr"):
+        append_kv(kn, vv, P, k_lr, k_rest, v, lengths, slab=slab[..., :d - 1])

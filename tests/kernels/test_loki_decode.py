@@ -178,8 +178,9 @@ def test_loki_decode_attention_early_start(dtype, mode, k, monkeypatch):
 
 def test_loki_decode_lowrank_waves_rule(monkeypatch):
     """kernels.loki.ATTN_LOWRANK_* (session 12): two waves of attention programs exactly where d <= ATTN_LOWRANK_D,
-    S_max >= ATTN_LOWRANK_MIN_S and there are >= ATTN_LOWRANK_MIN_ROWS score rows (thresholds lowered here to fit the
-    interpreter); the output is the same attention either way."""
+    S_max >= ATTN_LOWRANK_MIN_S and there are >= ATTN_LOWRANK_MIN_ROWS score rows; ATTN_WIDE_* (session 13): 128-token
+    tiles at 2 stages where d >= ATTN_WIDE_MIN_D and there are >= ATTN_WIDE_MIN_ROWS score rows (thresholds lowered
+    here to fit the interpreter); the output is the same attention either way."""
     import kernels.loki as loki
     torch.manual_seed(5)
     B, KVH, g, S, D = 2, 2, 2, 200, 64
@@ -188,8 +189,12 @@ def test_loki_decode_lowrank_waves_rule(monkeypatch):
     monkeypatch.setattr(loki, "sparse_decode_attention",
                         lambda *a, **kw: configs.append(kw.get("config")) or run(*a, **kw))
     monkeypatch.setattr(loki, "ATTN_LOWRANK_MIN_S", 128)
-    for d, min_rows, want in ((8, 4, dict(waves=loki.ATTN_LOWRANK_WAVES)), (8, 5, None), (32, 4, None)):
+    wide = dict(loki.ATTN_WIDE_CONFIG)
+    assert loki.ATTN_WIDE_MIN_D == 17 and wide == dict(block_n=128, num_stages=2)
+    for d, min_rows, want in ((8, 4, dict(waves=loki.ATTN_LOWRANK_WAVES)), (8, 5, None), (32, 4, wide),
+                              (32, 5, None), (16, 4, dict(waves=loki.ATTN_LOWRANK_WAVES))):
         monkeypatch.setattr(loki, "ATTN_LOWRANK_MIN_ROWS", min_rows)
+        monkeypatch.setattr(loki, "ATTN_WIDE_MIN_ROWS", min_rows)
         k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.float32, DEV, lengths=[S, 150])
         q = torch.randn(B, KVH * g, D, device=DEV)
         P = random_orthonormal(KVH, D, DEV)
@@ -197,3 +202,31 @@ def test_loki_decode_lowrank_waves_rule(monkeypatch):
         assert configs[-1] == want
         ref = sparse_attention_ref(rotate_q_ref(q.cpu(), P.cpu()), k_lr.cpu(), k_rest.cpu(), v.cpu(), idx.cpu())
         assert rel_err(out, ref) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("path", ["bracket", "fused", "split"])
+@pytest.mark.parametrize("kv", [True, False])
+def test_loki_decode_row_layout(path, kv):
+    """A row layout (`allocate_cache_rows`, session 13): the scoring pass reads the slab copy (slab=), the attention
+    whole rows through the k_lr / k_rest / v views; the same output and selection as the slab layout holding the
+    same values.  A slab that does not match k_lr is refused before any launch."""
+    from kernels import allocate_cache_rows
+    torch.manual_seed(7)
+    B, KVH, S, D, d, g = 3, 2, 300, 64, 16, 3
+    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.float32, DEV, lengths=[300, 257, 9])
+    r_lr, r_rest, r_v, r_len, slab = allocate_cache_rows(B, KVH, S, D, d, dtype=torch.float32, device=DEV, kv=kv)
+    for dst, src in ((r_lr, k_lr), (r_rest, k_rest), (r_v, v), (slab, k_lr), (r_len, lengths)):
+        dst.copy_(src)
+    assert not r_lr.is_contiguous()  # (a view of whole rows)
+    q = torch.randn(B, KVH * g, D, device=DEV)
+    P = random_orthonormal(KVH, D, DEV)
+    for k in (40, 0.25):
+        kw = dict(path=path, strict=False, return_indices=True)
+        if isinstance(k, float) and path != "bracket":
+            kw["k_max"] = S
+        o_s, i_s = loki_decode(q, P, k_lr, k_rest, v, lengths, k, **kw)
+        o_r, i_r = loki_decode(q, P, r_lr, r_rest, r_v, r_len, k, slab=slab, **kw)
+        assert torch.equal(i_s.sort(-1).values, i_r.sort(-1).values)
+        assert rel_err(o_r, o_s) <= 1e-6
+    with pytest.raises(LokiInputError, match="slab must match k_lr"):
+        loki_decode(q, P, r_lr, r_rest, r_v, r_len, 40, slab=slab.to(torch.float16))
