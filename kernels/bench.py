@@ -7,6 +7,9 @@
     python -m kernels.bench --json out.json  # also write every number as JSON; --wandb logs to W&B if installed
     python -m kernels.bench --attn-probe     # the sparse attention alone: selected vs sorted vs contiguous indices,
                                              #   and launch-config variants (kernels/NOTES.md, v5 probe)
+    python -m kernels.bench --layout rows    # the Loki cache in a row layout (`kv_cache.allocate_cache_rows`)
+    python -m kernels.bench --layout-probe   # the sparse attention alone in the split / rows / padded layouts (v15)
+    python -m kernels.profile --timeline     # each kernel's start / end within one step (CUPTI; keeps PDL overlap)
 
 Llama-3-8B attention shapes: 32 query heads, 8 KV heads, head dim 128, bf16.  Every time is the median of
 `triton.testing.do_bench` over replays of a CUDA graph holding several calls (launch gaps as in a captured
@@ -393,6 +396,40 @@ PROBE_CONFIGS = [dict(hilo=False), dict(hilo=False, maxnreg=128, waves=3),
 # ahead=False at 3 stages, hilo=False at 2 / 3 stages and block_n 128, hilo=False with ahead=False at 3 stages)
 
 
+def layout_probe(rep, log, points=((16, 65536, 16, 4096), (16, 65536, 32, 8192), (16, 16384, 16, 1024),
+                                    (16, 16384, 32, 2048), (16, 65536, 32, 16384))):
+    """The sparse attention alone (the bracket path's selection as indices) over the same values in three layouts:
+    k_lr | k_rest slabs ("split"), views of whole K rows ("rows"), and k_rest padded to D-wide rows (each row
+    64-byte aligned; the slab apart).  Session 13 (h200_layout_probe_s13d, run as a script with this code)."""
+    rows = []
+    for B, S, d, k in points:
+        case = Case(B, S, d, 1 if SMOKE else n_copies_for(B, S, d), layout="split")
+        L, q, P = case.lengths, case.q, case.P
+        idx, q_rot = loki_select_bracket(q, case.copies[0][0], L, k, P=P, strict=False)
+        split_copies = case.copies
+        full = [torch.cat([a, b_], dim=-1) for a, b_, _ in split_copies]
+        full = [(f[..., :d], f[..., d:], c[2]) for f, c in zip(full, split_copies)]
+        pads = []
+        for a, b_, c in split_copies:
+            kp = torch.zeros(B, KVH, S, D, dtype=b_.dtype, device=b_.device)
+            kp[..., :D - d] = b_
+            pads.append((a, kp[..., :D - d], c))
+        outs, r = [], dict(batch=B, context=S, d=d, k=k)
+        for name, copies in (("split", split_copies), ("rows", full), ("rest_padded", pads)):
+            outs.append(sparse_decode_attention(q_rot, *copies[0], idx))
+            case.copies = copies
+            t = timed(case, lambda a, b_, c: sparse_decode_attention(q_rot, a, b_, c, idx), rep)
+            r[f"{name}_us"] = t * 1e3
+            r[f"{name}_TBps"] = B * KVH * k * 2 * D * 2 / t / 1e9
+        r["identical"] = all(torch.equal(outs[0], o) for o in outs[1:])
+        log(json.dumps(r))
+        rows.append(r)
+        del case, split_copies, full, pads
+        if not SMOKE:
+            torch.cuda.empty_cache()
+    return rows
+
+
 def attention_probe(rep, log, copy_bw):
     """The sparse attention kernel at batch 16, on the indices the fused path selects, the same indices sorted,
     and contiguous rows (arange(k)); the selected ones also under each of PROBE_CONFIGS.  Rows of dicts."""
@@ -724,6 +761,8 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter smoke run (tiny shapes, no timing)")
     ap.add_argument("--attn-probe", action="store_true",
                     help="only the sparse attention: index order (selected/sorted/contiguous) and config variants")
+    ap.add_argument("--layout-probe", action="store_true",
+                    help="only the sparse attention over the same values in the split / rows / padded layouts")
     ap.add_argument("--variants", default=None,
                     help="only the bracket-path ablation: comma list of VARIANTS names (or 'all'), over --configs")
     ap.add_argument("--variant", default=None, help="run everything under one VARIANTS entry (module defaults)")
@@ -757,6 +796,12 @@ def main(argv=None):
                  else [(16, 4096), (16, 16384), (16, 32768), (16, 65536)])
         result = dict(info=info, copy_bandwidth_GBps=copy_bw, variants=variant_sweep(args.rep, log, vgrid, names),
                       wall_s=time.time() - t_start)
+        write_json(args.json, result)
+        return result
+    if args.layout_probe:
+        pts = ((2, 256, 16, 64),) if SMOKE else None
+        result = dict(info=info, copy_bandwidth_GBps=copy_bw,
+                      layout_probe=layout_probe(args.rep, log, *([pts] if pts else [])), wall_s=time.time() - t_start)
         write_json(args.json, result)
         return result
     if args.attn_probe:

@@ -35,3 +35,19 @@ def test_defaults_variant_is_the_module_defaults(monkeypatch):
         monkeypatch.setattr(mod, key, defaults[key])
     bench.apply_variant("s13_wide")
     assert {key: getattr(mod, key) for key, mod in mods.items()} == defaults
+
+
+def test_layout_probe_smoke(tmp_path):
+    """`python -m kernels.bench --smoke --layout-probe` (session 13) under the interpreter: the sparse attention gives
+    the same output over the same values in the split, rows and padded layouts, and the JSON records each time."""
+    import json
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / "probe.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    subprocess.run([sys.executable, "-m", "kernels.bench", "--smoke", "--layout-probe", "--json", str(out)],
+                   check=True, env=env, capture_output=True, timeout=600)
+    rows = json.loads(out.read_text())["layout_probe"]
+    assert rows and all(r["identical"] for r in rows)
+    assert all(r[f"{name}_us"] > 0 for r in rows for name in ("split", "rows", "rest_padded"))
