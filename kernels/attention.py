@@ -311,9 +311,25 @@ FOLD_VECTOR_MAX = 8192  # folded combine: all of a row's heads in one tile when 
 DENSE_CONFIG = dict(block_n=128, num_warps=4, num_stages=3, waves=1, hilo=True)
 
 
+# session 13: where k_rest continues k_lr's rows in memory (a row layout, `kv_cache.allocate_cache_rows`), the kernels
+# read whole K rows as one tile (one gather and one dot per tile instead of two, no padding of D - d to a power of 2)
+WIDEN_ROWS = True
+
+
+def rows_continue(k_lr: torch.Tensor, k_rest: torch.Tensor) -> bool:
+    """Whether k_rest[b, h, s] starts right where k_lr[b, h, s] ends, for every (b, h, s): the same (b, h, s) strides
+    and k_rest's base d elements after k_lr's (then the D values from k_lr[b, h, s, 0] on are that token's K row)."""
+    return (k_lr.dtype == k_rest.dtype and k_lr.device == k_rest.device and k_rest.shape[-1] > 0
+            and k_lr.stride(-1) == 1 and k_rest.stride(-1) == 1 and k_lr.stride()[:3] == k_rest.stride()[:3]
+            and k_rest.data_ptr() == k_lr.data_ptr() + k_lr.shape[-1] * k_lr.element_size())
+
+
 def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_splits, out, config, counters=None,
             ready=None, pdl=False):
     B, KVH, S, D, d = check_cache(k_lr, k_rest, v)
+    if WIDEN_ROWS and d < D and rows_continue(k_lr, k_rest):  # whole rows: one (B, KVH, S, D) view, d = D
+        k_lr = k_lr.as_strided((B, KVH, S, D), k_lr.stride())
+        k_rest, d = k_lr[..., D:], D
     check_float(q_rot, "q_rot")
     check(q_rot.dim() == 3 and q_rot.shape[0] == B and q_rot.shape[2] == D,
           f"q_rot must be (B, H, D) with B={B}, D={D}, got {tuple(q_rot.shape)}")

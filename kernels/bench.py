@@ -399,8 +399,9 @@ PROBE_CONFIGS = [dict(hilo=False), dict(hilo=False, maxnreg=128, waves=3),
 def layout_probe(rep, log, points=((16, 65536, 16, 4096), (16, 65536, 32, 8192), (16, 16384, 16, 1024),
                                     (16, 16384, 32, 2048), (16, 65536, 32, 16384))):
     """The sparse attention alone (the bracket path's selection as indices) over the same values in three layouts:
-    k_lr | k_rest slabs ("split"), views of whole K rows ("rows"), and k_rest padded to D-wide rows (each row
-    64-byte aligned; the slab apart).  Session 13 (h200_layout_probe_s13d, run as a script with this code)."""
+    k_lr | k_rest slabs ("split"), views of whole K rows ("rows", read as one tile; "rows_narrow": as two), and
+    k_rest padded to D-wide rows (each row 64-byte aligned; the slab apart).  Session 13 (h200_layout_probe_s13d:
+    split / rows_narrow / rest_padded, run as a script with the same code before WIDEN_ROWS existed)."""
     rows = []
     for B, S, d, k in points:
         case = Case(B, S, d, 1 if SMOKE else n_copies_for(B, S, d), layout="split")
@@ -415,13 +416,22 @@ def layout_probe(rep, log, points=((16, 65536, 16, 4096), (16, 65536, 32, 8192),
             kp[..., :D - d] = b_
             pads.append((a, kp[..., :D - d], c))
         outs, r = [], dict(batch=B, context=S, d=d, k=k)
-        for name, copies in (("split", split_copies), ("rows", full), ("rest_padded", pads)):
-            outs.append(sparse_decode_attention(q_rot, *copies[0], idx))
-            case.copies = copies
-            t = timed(case, lambda a, b_, c: sparse_decode_attention(q_rot, a, b_, c, idx), rep)
+        widen = attn_mod.WIDEN_ROWS
+        # "rows": whole K rows read as one tile (attention.WIDEN_ROWS, session 13's round 7); "rows_narrow": the same
+        # views read as k_lr and k_rest tiles (as measured in h200_layout_probe_s13d, before WIDEN_ROWS)
+        for name, copies, wr in (("split", split_copies, widen), ("rows", full, True), ("rows_narrow", full, False),
+                                 ("rest_padded", pads, widen)):
+            attn_mod.WIDEN_ROWS = wr
+            try:
+                outs.append(sparse_decode_attention(q_rot, *copies[0], idx))
+                case.copies = copies
+                t = timed(case, lambda a, b_, c: sparse_decode_attention(q_rot, a, b_, c, idx), rep)
+            finally:
+                attn_mod.WIDEN_ROWS = widen
             r[f"{name}_us"] = t * 1e3
             r[f"{name}_TBps"] = B * KVH * k * 2 * D * 2 / t / 1e9
-        r["identical"] = all(torch.equal(outs[0], o) for o in outs[1:])
+        r["max_rel_diff"] = max(((o.float() - outs[0].float()).norm() / outs[0].float().norm()).item()
+                                for o in outs[1:])
         log(json.dumps(r))
         rows.append(r)
         del case, split_copies, full, pads
@@ -493,8 +503,8 @@ _S12 = dict(_S11, BRACKET_BAND_ASM=True, BRACKET_BAND_IDX_FIRST=8192, ROTATE_COL
 _S12_D16 = dict(_S12, BRACKET_ROTATE_PDL=1, BRACKET_ROTATE_PDL_MAX_D=16, BRACKET_ROTATE_PDL_MIN_S=16384,
                 ATTN_LOWRANK_D=16)
 _S13 = dict(_S12_D16, BRACKET_FLOW="auto", BRACKET_FLOW_PDL=True, LAYOUT="split", ATTN_LOWRANK_WAVES=2,
-            ATTN_WIDE_MIN_D=0)
-_S13_WIDE = dict(_S13, ATTN_WIDE_MIN_D=17)  # the module defaults since round 5
+            ATTN_WIDE_MIN_D=0, WIDEN_ROWS=False)
+_S13_WIDE = dict(_S13, ATTN_WIDE_MIN_D=17, WIDEN_ROWS=True)  # the module defaults since round 7
 VARIANTS = {
     "v6": dict(BRACKET_OVERLAP=False, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
     "overlap": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
@@ -668,9 +678,15 @@ VARIANTS = {
     "s13_rows_bn64s4": dict(_S13, LAYOUT="rows", SPARSE_CONFIG=dict(_S12["SPARSE_CONFIG"], num_stages=4)),
     "s13_rows_bn32s4w4": dict(_S13, LAYOUT="rows", ATTN_LOWRANK_WAVES=4,
                               SPARSE_CONFIG=dict(_S12["SPARSE_CONFIG"], block_n=32, num_stages=4)),
-    # the defaults (round 5's 128-token tiles at d >= 17, kernels.loki.ATTN_WIDE_*), and in the "rows" layout
+    # the defaults (round 5's 128-token tiles at d >= 17, kernels.loki.ATTN_WIDE_*), and in the "rows" layout as
+    # measured in the grids h200_bench_s13i / s13m (before attention.WIDEN_ROWS)
     "s13_wide": _S13_WIDE,
-    "s13_wide_rows": dict(_S13_WIDE, LAYOUT="rows"),
+    "s13_wide_rows": dict(_S13_WIDE, LAYOUT="rows", WIDEN_ROWS=False),
+    # round 7: the attention reading whole K rows as one tile where k_rest continues k_lr (attention.WIDEN_ROWS, the
+    # default), with 128-token tiles at d = 32 (ATTN_WIDE) and without
+    "s13_wide_rows_widen": dict(_S13_WIDE, LAYOUT="rows"),
+    "s13_wide_kv_widen": dict(_S13_WIDE, LAYOUT="kv"),
+    "s13_rows_widen_bn64": dict(_S13_WIDE, LAYOUT="rows", ATTN_WIDE_MIN_D=0),
 }
 
 
@@ -688,7 +704,7 @@ def _variant_modules() -> dict:
                 ATTN_EARLY=loki_mod, BRACKET_ROTATE_PDL=bracket_mod, BRACKET_ROTATE_PDL_MAX_D=bracket_mod, BRACKET_ROTATE_PDL_MIN_S=bracket_mod,
                 BRACKET_FINISH_MAXNREG=bracket_mod, ATTN_LOWRANK_D=loki_mod, BRACKET_FLOW=bracket_mod,
                 BRACKET_FLOW_PDL=bracket_mod, LAYOUT=sys.modules[__name__],
-                ATTN_LOWRANK_WAVES=loki_mod, ATTN_WIDE_MIN_D=loki_mod)
+                ATTN_LOWRANK_WAVES=loki_mod, ATTN_WIDE_MIN_D=loki_mod, WIDEN_ROWS=attn_mod)
 
 
 def apply_variant(name: str) -> dict:

@@ -64,6 +64,14 @@ PRESETS["attention_sparse_r128"] = dict(PRESETS["attention_sparse"], options=dic
 PRESETS["attention_sparse_early"] = dict(PRESETS["attention_sparse"],
                                          constexprs=dict(PRESETS["attention_sparse"]["constexprs"], EARLY=True,
                                                          PDL=True))
+# session 13: 128-token tiles at 2 stages (kernels.loki.ATTN_WIDE_* at d >= 17), and the whole-K-row tiles of a row
+# layout (attention.WIDEN_ROWS: d = D, no k_rest tile), at 64 / 3 stages and 128 / 2
+_EARLY = PRESETS["attention_sparse_early"]
+PRESETS["attention_sparse_early_bn128"] = dict(_EARLY, constexprs=dict(_EARLY["constexprs"], BLOCK_N=128),
+                                               num_stages=2)
+_ROWS = dict(_EARLY["constexprs"], D_LR=128, BLOCK_DL=128, HAS_REST=False)
+PRESETS["attention_sparse_early_rows"] = dict(_EARLY, constexprs=_ROWS)
+PRESETS["attention_sparse_early_rows_bn128"] = dict(_EARLY, constexprs=dict(_ROWS, BLOCK_N=128), num_stages=2)
 # session 10: the classify kernel with its L2 eviction hints (BRACKET_CACHE_HINTS)
 PRESETS["classify_hints"] = dict(PRESETS["classify_scalar"],
                                  constexprs=dict(PRESETS["classify_scalar"]["constexprs"], HINTS=True))
@@ -112,7 +120,8 @@ GROUPS = {"finish": ("finish_8192", "finish_8192_idx_first", "finish_8192_asm", 
           "classify": ("classify_scalar", "classify_blocked", "classify_hints", "classify_vec4", "classify_vec4_2048",
                        "classify_vec4_noasm", "classify_vec4_nb2", "classify_vec4_nb4", "classify_vec4_flow"),
           "attention": ("attention_dense", "attention_sparse", "attention_sparse_s8", "attention_sparse_s7",
-                        "attention_sparse_r128", "attention_sparse_early")}
+                        "attention_sparse_r128", "attention_sparse_early", "attention_sparse_early_bn128",
+                        "attention_sparse_early_rows", "attention_sparse_early_rows_bn128")}
 
 
 def compile_preset(name: str):

@@ -120,3 +120,29 @@ def test_attention_bad_inputs():
         dense_decode_attention(q, k_lr, k_rest, v[:, :, :8], lengths)
     with pytest.raises(LokiInputError, match="contiguous"):
         dense_decode_attention(q, k_lr, k_rest, torch.randn(B, KVH, S, 2 * D, device=DEV)[..., ::2], lengths)
+
+
+@pytest.mark.parametrize("kv", [True, False])
+def test_attention_whole_rows(dtype, kv, monkeypatch):
+    """Session 13 (attention.WIDEN_ROWS): where k_rest continues k_lr's rows (a row layout, `allocate_cache_rows`) the
+    kernels read whole K rows as one d = D tile; the same attention as over the split slabs holding the same values,
+    sparse and dense, with and without the widening.  `rows_continue` holds for the row layouts only."""
+    import kernels.attention as attention
+    from kernels import allocate_cache, allocate_cache_rows
+    torch.manual_seed(21)
+    B, KVH, S, D, d, g = 2, 2, 70, 64, 16, 3
+    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, dtype, DEV, lengths=[70, 33])
+    r_lr, r_rest, r_v, _, _ = allocate_cache_rows(B, KVH, S, D, d, dtype=dtype, device=DEV, kv=kv)
+    for dst, src in ((r_lr, k_lr), (r_rest, k_rest), (r_v, v)):
+        dst.copy_(src)
+    assert attention.rows_continue(r_lr, r_rest)
+    assert not attention.rows_continue(k_lr, k_rest)
+    assert not attention.rows_continue(*allocate_cache(B, KVH, S, D, d, dtype=dtype, device=DEV)[:2])
+    q = torch.randn(B, KVH * g, D, device=DEV)
+    idx = _random_idx(B, KVH, S, lengths, 20, 5).to(DEV)
+    want_s = sparse_decode_attention(q, k_lr, k_rest, v, idx)
+    want_d = dense_decode_attention(q, k_lr, k_rest, v, lengths)
+    for widen in (True, False):
+        monkeypatch.setattr(attention, "WIDEN_ROWS", widen)
+        assert rel_err(sparse_decode_attention(q, r_lr, r_rest, r_v, idx), want_s) <= TOL[dtype]
+        assert rel_err(dense_decode_attention(q, r_lr, r_rest, r_v, lengths), want_d) <= TOL[dtype]

@@ -39,7 +39,8 @@ def test_defaults_variant_is_the_module_defaults(monkeypatch):
 
 def test_layout_probe_smoke(tmp_path):
     """`python -m kernels.bench --smoke --layout-probe` (session 13) under the interpreter: the sparse attention gives
-    the same output over the same values in the split, rows and padded layouts, and the JSON records each time."""
+    the same output (to fp16 rounding) over the same values in the split, rows and padded layouts, and the JSON
+    records each time."""
     import json
     import os
     import subprocess
@@ -49,5 +50,5 @@ def test_layout_probe_smoke(tmp_path):
     subprocess.run([sys.executable, "-m", "kernels.bench", "--smoke", "--layout-probe", "--json", str(out)],
                    check=True, env=env, capture_output=True, timeout=600)
     rows = json.loads(out.read_text())["layout_probe"]
-    assert rows and all(r["identical"] for r in rows)
-    assert all(r[f"{name}_us"] > 0 for r in rows for name in ("split", "rows", "rest_padded"))
+    assert rows and all(r["max_rel_diff"] < 3e-3 for r in rows)  # (fp16 in the smoke run; one dot or two)
+    assert all(r[f"{name}_us"] > 0 for r in rows for name in ("split", "rows", "rows_narrow", "rest_padded"))
