@@ -687,6 +687,8 @@ VARIANTS = {
     "s13_wide_rows_widen": dict(_S13_WIDE, LAYOUT="rows"),
     "s13_wide_kv_widen": dict(_S13_WIDE, LAYOUT="kv"),
     "s13_rows_widen_bn64": dict(_S13_WIDE, LAYOUT="rows", ATTN_WIDE_MIN_D=0),
+    # (since round 7 the module defaults take ATTN_WIDE only where the rows are not whole: s13_wide = the defaults in
+    # the split layout, s13_rows_widen_bn64 in the rows layout)
 }
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from ._utils import LokiInputError, check, check_cache, check_float, check_lengths
-from .attention import sparse_decode_attention
+from . import attention as attn_mod
+from .attention import rows_continue, sparse_decode_attention
 from . import bracket as bracket_mod
 from .kv_cache import check_slab
 from .bracket import (bracket_ready, bracket_workspace_size, fraction_budget, fraction_k_max,
@@ -43,7 +44,8 @@ ATTN_LOWRANK_WAVES = 2
 # session 13, bracket path: where d >= ATTN_WIDE_MIN_D and there are at least ATTN_WIDE_MIN_ROWS score rows, the sparse
 # attention takes 128-token tiles at 2 stages (ATTN_WIDE_CONFIG) instead of SPARSE_CONFIG's 64 at 3 (0: never).
 # Measured at batch 16 (h200_variants_s13g): d = 32 at 64K 10.2 / 4.2 us faster at k = 1/4 / 1/8, at 16K 1.8 / 1.2,
-# 4K within 0.2; at d = 16 5-11 us slower (64K), 2 us (16K)
+# 4K within 0.2; at d = 16 5-11 us slower (64K), 2 us (16K).  Not where the attention reads whole K rows (a row
+# layout, attention.WIDEN_ROWS): there SPARSE_CONFIG's tiles were 4.5 / 4.5 us faster at 64K (h200_variants_s13n)
 ATTN_WIDE_MIN_D = 17
 ATTN_WIDE_MIN_ROWS = 64
 ATTN_WIDE_CONFIG = dict(block_n=128, num_stages=2)
@@ -109,7 +111,8 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
         R = q.shape[1] if mode == "head" else KVH
         if ATTN_LOWRANK_D and d <= ATTN_LOWRANK_D and S >= ATTN_LOWRANK_MIN_S and B * R >= ATTN_LOWRANK_MIN_ROWS:
             attn_cfg = dict(waves=ATTN_LOWRANK_WAVES)
-        elif ATTN_WIDE_MIN_D and d >= ATTN_WIDE_MIN_D and B * R >= ATTN_WIDE_MIN_ROWS:
+        elif (ATTN_WIDE_MIN_D and d >= ATTN_WIDE_MIN_D and B * R >= ATTN_WIDE_MIN_ROWS
+              and not (attn_mod.WIDEN_ROWS and rows_continue(k_lr, k_rest))):
             attn_cfg = dict(ATTN_WIDE_CONFIG)
         if FOLD_COMBINE if fold_combine is None else fold_combine:
             counters = torch.empty(B * R, dtype=torch.int32, device=q.device)

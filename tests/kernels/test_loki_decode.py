@@ -202,6 +202,18 @@ def test_loki_decode_lowrank_waves_rule(monkeypatch):
         assert configs[-1] == want
         ref = sparse_attention_ref(rotate_q_ref(q.cpu(), P.cpu()), k_lr.cpu(), k_rest.cpu(), v.cpu(), idx.cpu())
         assert rel_err(out, ref) <= TOL[torch.float32]
+    # a row layout whose attention reads whole K rows (attention.WIDEN_ROWS) keeps SPARSE_CONFIG's tiles at d = 32
+    from kernels import allocate_cache_rows
+    monkeypatch.setattr(loki, "ATTN_WIDE_MIN_ROWS", 4)
+    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, 32, torch.float32, DEV, lengths=[S, 150])
+    r_lr, r_rest, r_v, r_len, slab = allocate_cache_rows(B, KVH, S, D, 32, dtype=torch.float32, device=DEV)
+    for dst, src in ((r_lr, k_lr), (r_rest, k_rest), (r_v, v), (slab, k_lr), (r_len, lengths)):
+        dst.copy_(src)
+    loki_decode(q, P, r_lr, r_rest, r_v, r_len, 0.25, strict=False, path="bracket", slab=slab)
+    assert configs[-1] is None
+    monkeypatch.setattr(loki.attn_mod, "WIDEN_ROWS", False)
+    loki_decode(q, P, r_lr, r_rest, r_v, r_len, 0.25, strict=False, path="bracket", slab=slab)
+    assert configs[-1] == wide
 
 
 @pytest.mark.parametrize("path", ["bracket", "fused", "split"])
