@@ -44,7 +44,7 @@ ATTN_LOWRANK_WAVES = 2
 # session 13, bracket path: where d >= ATTN_WIDE_MIN_D and there are at least ATTN_WIDE_MIN_ROWS score rows, the sparse
 # attention takes 128-token tiles at 2 stages (ATTN_WIDE_CONFIG) instead of SPARSE_CONFIG's 64 at 3 (0: never).
 # Measured at batch 16 (h200_variants_s13g): d = 32 at 64K 10.2 / 4.2 us faster at k = 1/4 / 1/8, at 16K 1.8 / 1.2,
-# 4K within 0.2; at d = 16 5-11 us slower (64K), 2 us (16K).  Not where the attention reads whole K rows (a row
+# 4K within 0.2; at d = 16 10.6 us slower (64K), 2.2 us (16K).  Not where the attention reads whole K rows (a row
 # layout, attention.WIDEN_ROWS): there SPARSE_CONFIG's tiles were 4.5 / 4.5 us faster at 64K (h200_variants_s13n)
 ATTN_WIDE_MIN_D = 17
 ATTN_WIDE_MIN_ROWS = 64
