@@ -36,7 +36,7 @@ from .bracket import loki_select_bracket
 from .loki import loki_decode
 from .reference import dense_sdpa, naive_loki_torch
 from .scores import loki_scores, rotate_q
-from .testing import capture_graph, random_orthonormal
+from .testing import capture_graph, random_orthonormal, rows_copy
 from .topk import loki_select, topk_select
 
 H, KVH, D = 32, 8, 128
@@ -96,12 +96,9 @@ class Case:
             k_rest = torch.randn(B, KVH, S, D - d, device=DEV, dtype=DTYPE)
             v = torch.randn(B, KVH, S, D, device=DEV, dtype=DTYPE)
             slab = None
-            if layout != "split":  # the same values, as views of whole rows, and the slab a copy
-                rows = torch.cat([k_lr, k_rest] + ([v] if layout == "kv" else []), dim=-1)
-                slab = k_lr
-                k_lr, k_rest = rows[..., :d], rows[..., d:D]
-                v = rows[..., D:] if layout == "kv" else v
-                del rows
+            if layout != "split":  # the same values in whole rows, the slab a copy
+                k_lr, k_rest, v, _, slab = rows_copy(k_lr, k_rest, v, torch.zeros(B, dtype=torch.int32, device=DEV),
+                                                     kv=layout == "kv")
             self.copies.append((k_lr, k_rest, v))
             self._slabs[id(k_lr)] = slab
         self.lengths = torch.full((B,), S, dtype=torch.int32, device=DEV)
@@ -408,8 +405,7 @@ def layout_probe(rep, log, points=((16, 65536, 16, 4096), (16, 65536, 32, 8192),
         L, q, P = case.lengths, case.q, case.P
         idx, q_rot = loki_select_bracket(q, case.copies[0][0], L, k, P=P, strict=False)
         split_copies = case.copies
-        full = [torch.cat([a, b_], dim=-1) for a, b_, _ in split_copies]
-        full = [(f[..., :d], f[..., d:], c[2]) for f, c in zip(full, split_copies)]
+        full = [rows_copy(*c, L, kv=False)[:3] for c in split_copies]
         pads = []
         for a, b_, c in split_copies:
             kp = torch.zeros(B, KVH, S, D, dtype=b_.dtype, device=b_.device)

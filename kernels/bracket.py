@@ -22,6 +22,10 @@ Four kernels (classify="split", overlap=True: the defaults, session 5):
    (``topk._radix_select``).  Otherwise the bracket missed (rare: ~6e-5 per row at NSIG = 4) and the whole row's
    keys are radix-selected.  The result is exact either way; indices beyond a row's budget are -1.
 
+flow (session 13, BRACKET_FLOW, where the rotation PDL is off): the scoring grid runs row after row, each of its
+programs counting itself in its row's record, and the classify kernel is launched during the scoring pass
+(programmatic dependent launch), each of its programs waiting for its row's count.
+
 overlap=False (session 4): one kernel (one program per row) rotates q and writes the bracket before the scoring
 kernel.  Budgets: an int, a (B,) tensor, or a float fraction of each sequence computed on the device
 (``_budget_of``: no torch ops per call).

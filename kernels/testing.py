@@ -22,6 +22,16 @@ def random_cache(B, KVH, S, D, d, dtype, device, lengths=None, generator=None):
     return k_lr, k_rest, v, lengths
 
 
+def rows_copy(k_lr, k_rest, v, lengths, kv: bool = True):
+    """The same cache values in a row layout (`kv_cache.allocate_cache_rows`): (k_lr, k_rest, v, lengths, slab)."""
+    from .kv_cache import allocate_cache_rows
+    B, KVH, S, d = k_lr.shape
+    rows = allocate_cache_rows(B, KVH, S, v.shape[-1], d, dtype=k_lr.dtype, device=k_lr.device, kv=kv)
+    for dst, src in zip(rows, (k_lr, k_rest, v, lengths, k_lr)):
+        dst.copy_(src)
+    return rows
+
+
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     x, ref = x.double().cpu(), ref.double().cpu()
     assert not torch.isnan(x).any(), "NaN in output"

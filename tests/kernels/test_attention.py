@@ -3,7 +3,7 @@ import torch
 
 from kernels import LokiInputError, dense_decode_attention, sparse_decode_attention
 from kernels.attention import dense_attention_ref, sparse_attention_ref
-from kernels.testing import random_cache, rel_err
+from kernels.testing import random_cache, rel_err, rows_copy
 from kernels.topk import topk_select_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -128,13 +128,11 @@ def test_attention_whole_rows(dtype, kv, monkeypatch):
     kernels read whole K rows as one d = D tile; the same attention as over the split slabs holding the same values,
     sparse and dense, with and without the widening.  `rows_continue` holds for the row layouts only."""
     import kernels.attention as attention
-    from kernels import allocate_cache, allocate_cache_rows
+    from kernels import allocate_cache
     torch.manual_seed(21)
     B, KVH, S, D, d, g = 2, 2, 70, 64, 16, 3
     k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, dtype, DEV, lengths=[70, 33])
-    r_lr, r_rest, r_v, _, _ = allocate_cache_rows(B, KVH, S, D, d, dtype=dtype, device=DEV, kv=kv)
-    for dst, src in ((r_lr, k_lr), (r_rest, k_rest), (r_v, v)):
-        dst.copy_(src)
+    r_lr, r_rest, r_v, _, _ = rows_copy(k_lr, k_rest, v, lengths, kv=kv)
     assert attention.rows_continue(r_lr, r_rest)
     assert not attention.rows_continue(k_lr, k_rest)
     assert not attention.rows_continue(*allocate_cache(B, KVH, S, D, d, dtype=dtype, device=DEV)[:2])

@@ -6,7 +6,7 @@ from kernels import dense_decode_attention, fraction_budget, loki_decode, topk_s
 from kernels.attention import dense_attention_ref, sparse_attention_ref
 from kernels.reference import loki_decode_ref
 from kernels.scores import rotate_q_ref
-from kernels.testing import check_selection, random_cache, random_orthonormal, rel_err
+from kernels.testing import check_selection, random_cache, random_orthonormal, rel_err, rows_copy
 from kernels.topk import budgets_ref, topk_select_ref
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -96,7 +96,6 @@ def test_loki_decode_gpu_session13(d, flow, rows, monkeypatch):
     K rows + a slab copy, `allocate_cache_rows`): exact selection, output within bf16 tolerance of the reference."""
     import kernels.bracket as bracket
     import kernels.loki as loki
-    from kernels import allocate_cache_rows
     monkeypatch.setattr(bracket, "BRACKET_FLOW", flow)
     monkeypatch.setattr(loki, "ATTN_WIDE_MIN_ROWS", 16)
     monkeypatch.setattr(loki, "ATTN_LOWRANK_MIN_ROWS", 16)
@@ -106,12 +105,7 @@ def test_loki_decode_gpu_session13(d, flow, rows, monkeypatch):
     q = torch.randn(B, KVH * g, D, device="cuda", dtype=torch.bfloat16)
     P = random_orthonormal(KVH, D, "cuda")
     k = S // 8
-    slab = None
-    if rows:
-        r_lr, r_rest, r_v, r_len, slab = allocate_cache_rows(B, KVH, S, D, d, dtype=torch.bfloat16, device="cuda")
-        for dst, src in ((r_lr, k_lr), (r_rest, k_rest), (r_v, v), (slab, k_lr), (r_len, lengths)):
-            dst.copy_(src)
-    cache = (r_lr, r_rest, r_v, r_len) if rows else (k_lr, k_rest, v, lengths)
+    *cache, slab = rows_copy(k_lr, k_rest, v, lengths) if rows else (k_lr, k_rest, v, lengths, None)
     for _ in range(2):  # (the second step reuses the counters the first one left)
         out, idx = loki_decode(q, P, *cache, k, strict=False, return_indices=True, slab=slab)
     torch.cuda.synchronize()

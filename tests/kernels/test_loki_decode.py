@@ -6,7 +6,7 @@ from kernels.attention import sparse_attention_ref
 from kernels.bracket import bracket_ready, bracket_workspace_size
 from kernels.reference import loki_decode_ref, naive_loki_torch
 from kernels.scores import rotate_q_ref
-from kernels.testing import check_selection, random_cache, random_orthonormal, rel_err
+from kernels.testing import check_selection, random_cache, random_orthonormal, rel_err, rows_copy
 from kernels.topk import budgets_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -203,12 +203,8 @@ def test_loki_decode_lowrank_waves_rule(monkeypatch):
         ref = sparse_attention_ref(rotate_q_ref(q.cpu(), P.cpu()), k_lr.cpu(), k_rest.cpu(), v.cpu(), idx.cpu())
         assert rel_err(out, ref) <= TOL[torch.float32]
     # a row layout whose attention reads whole K rows (attention.WIDEN_ROWS) keeps SPARSE_CONFIG's tiles at d = 32
-    from kernels import allocate_cache_rows
     monkeypatch.setattr(loki, "ATTN_WIDE_MIN_ROWS", 4)
-    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, 32, torch.float32, DEV, lengths=[S, 150])
-    r_lr, r_rest, r_v, r_len, slab = allocate_cache_rows(B, KVH, S, D, 32, dtype=torch.float32, device=DEV)
-    for dst, src in ((r_lr, k_lr), (r_rest, k_rest), (r_v, v), (slab, k_lr), (r_len, lengths)):
-        dst.copy_(src)
+    r_lr, r_rest, r_v, r_len, slab = rows_copy(*random_cache(B, KVH, S, D, 32, torch.float32, DEV, lengths=[S, 150]))
     loki_decode(q, P, r_lr, r_rest, r_v, r_len, 0.25, strict=False, path="bracket", slab=slab)
     assert configs[-1] is None
     monkeypatch.setattr(loki.attn_mod, "WIDEN_ROWS", False)
@@ -222,13 +218,10 @@ def test_loki_decode_row_layout(path, kv):
     """A row layout (`allocate_cache_rows`, session 13): the scoring pass reads the slab copy (slab=), the attention
     whole rows through the k_lr / k_rest / v views; the same output and selection as the slab layout holding the
     same values.  A slab that does not match k_lr is refused before any launch."""
-    from kernels import allocate_cache_rows
     torch.manual_seed(7)
     B, KVH, S, D, d, g = 3, 2, 300, 64, 16, 3
     k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.float32, DEV, lengths=[300, 257, 9])
-    r_lr, r_rest, r_v, r_len, slab = allocate_cache_rows(B, KVH, S, D, d, dtype=torch.float32, device=DEV, kv=kv)
-    for dst, src in ((r_lr, k_lr), (r_rest, k_rest), (r_v, v), (slab, k_lr), (r_len, lengths)):
-        dst.copy_(src)
+    r_lr, r_rest, r_v, r_len, slab = rows_copy(k_lr, k_rest, v, lengths, kv=kv)
     assert not r_lr.is_contiguous()  # (a view of whole rows)
     q = torch.randn(B, KVH * g, D, device=DEV)
     P = random_orthonormal(KVH, D, DEV)
