@@ -323,7 +323,8 @@ def _store_if(ptr, val, pred, ASM: tl.constexpr):
 @triton.jit
 def _bracket_classify_vec_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, R, S_MAX, KMAX, WS_ROW, NBLK, EXPECT,
                                  BLOCK_C: tl.constexpr, KPT: tl.constexpr, ASM: tl.constexpr,
-                                 HINTS: tl.constexpr = False, NB: tl.constexpr = 1, FLOW: tl.constexpr = False):
+                                 HINTS: tl.constexpr = False, NB: tl.constexpr = 1, FLOW: tl.constexpr = False,
+                                 SPIN: tl.constexpr = True):
     """classify="split" with BRACKET_CLASSIFY_VEC = KPT (session 11): `_bracket_classify_kernel` with each thread
     holding KPT consecutive keys (one vector load), scanned in the thread, then one scan over the BLOCK_C / KPT
     per-thread sums; the stores keep that layout (ASM, `_store_if`).  The session-7 kernel scans every key across
@@ -347,7 +348,7 @@ def _bracket_classify_vec_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, R
     start = tb * (NB * BLOCK_C)
     if FLOW:
         if (start < n) | (tb == 0):
-            _flow_wait(br_ptr + pid * BR_STRIDE + FLOW_SLOT, EXPECT)
+            _flow_wait(br_ptr + pid * BR_STRIDE + FLOW_SLOT, EXPECT, SPIN)
     if start < n:
         lo_key, hi_key, cnt_ptr, bkey, bidx = _classify_row(ws_ptr, br_ptr, pid, S_MAX, WS_ROW, FLOW)
         lo_key = tl.maximum(lo_key, 1)  # (keys past the row's length read as 0)
@@ -359,12 +360,15 @@ def _bracket_classify_vec_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, R
 
 
 @triton.jit
-def _flow_wait(cnt, expect):
+def _flow_wait(cnt, expect, SPIN: tl.constexpr):
     """Spin until the int32 counter at `cnt` reaches `expect` (acquire: the counted programs' stores are visible),
-    then a barrier, so that every thread of the program reads after it (session 13, BRACKET_FLOW)."""
+    then a barrier, so that every thread of the program reads after it (session 13, BRACKET_FLOW).  SPIN=False (the
+    interpreter, which runs the scoring grid to its end before this kernel): one read, no loop, so that a counting
+    bug shows as a wrong count (`test_bracket_flow`) rather than a hang."""
     seen = tl.atomic_add(cnt, 0, sem="acquire")
-    while seen < expect:
-        seen = tl.atomic_add(cnt, 0, sem="acquire")
+    if SPIN:
+        while seen < expect:
+            seen = tl.atomic_add(cnt, 0, sem="acquire")
     tl.debug_barrier()
 
 
@@ -930,6 +934,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
             _bracket_classify_vec_kernel[(B * R * nblk,) if flow else (B * R, nblk)](
                 ws, br, idx, idx.stride(0), idx.stride(1), lengths, R, S, KMAX, ws_row, nblk, ncol + 1,
                 BLOCK_C=block_c, KPT=vec, ASM=BRACKET_CLASSIFY_ASM and not interp, HINTS=hints, NB=nb, FLOW=flow,
+                SPIN=not interp,
                 num_warps=4 if interp else cfg.get("classify_warps", BRACKET_CLASSIFY_WARPS),
                 **(dict(launch_pdl=True) if flow_pdl else {}))
         else:
