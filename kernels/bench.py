@@ -97,8 +97,7 @@ class Case:
             v = torch.randn(B, KVH, S, D, device=DEV, dtype=DTYPE)
             slab = None
             if layout != "split":  # the same values in whole rows, the slab a copy
-                k_lr, k_rest, v, _, slab = rows_copy(k_lr, k_rest, v, torch.zeros(B, dtype=torch.int32, device=DEV),
-                                                     kv=layout == "kv")
+                k_lr, k_rest, v, _, slab = rows_copy(k_lr, k_rest, v, kv=layout == "kv")
             self.copies.append((k_lr, k_rest, v))
             self._slabs[id(k_lr)] = slab
         self.lengths = torch.full((B,), S, dtype=torch.int32, device=DEV)
@@ -405,7 +404,7 @@ def layout_probe(rep, log, points=((16, 65536, 16, 4096), (16, 65536, 32, 8192),
         L, q, P = case.lengths, case.q, case.P
         idx, q_rot = loki_select_bracket(q, case.copies[0][0], L, k, P=P, strict=False)
         split_copies = case.copies
-        full = [rows_copy(*c, L, kv=False)[:3] for c in split_copies]
+        full = [rows_copy(*c, kv=False)[:3] for c in split_copies]
         pads = []
         for a, b_, c in split_copies:
             kp = torch.zeros(B, KVH, S, D, dtype=b_.dtype, device=b_.device)
@@ -648,7 +647,7 @@ VARIANTS = {
     "s12_rot16": dict(_S12_D16, ATTN_LOWRANK_D=0),
     "s12_lr16": dict(_S12_D16, BRACKET_ROTATE_PDL=0),
     # session 13: the classify kernel started during the scoring pass, each program waiting for its row's scoring
-    # programs (BRACKET_FLOW; the module defaults), against session 12's defaults ("s12_d16")
+    # programs (BRACKET_FLOW=True: everywhere), against session 12's defaults ("s12_d16")
     "s13_flow": dict(_S13, BRACKET_FLOW=True),
     "s13_flow_nopdl": dict(_S13, BRACKET_FLOW=True, BRACKET_FLOW_PDL=False),  # (the row order and waits alone)
     # round 2: the flow only where the rotation PDL is off ("auto").  Also measured (h200_variants_s13c), option
@@ -662,7 +661,7 @@ VARIANTS = {
     "s13_rows_w1": dict(_S13, LAYOUT="rows", ATTN_LOWRANK_D=0),
     "s13_rows_w3": dict(_S13, LAYOUT="rows", ATTN_LOWRANK_WAVES=3),
     "s13_rows_bn128": dict(_S13, LAYOUT="rows", SPARSE_CONFIG=dict(_S12["SPARSE_CONFIG"], block_n=128, num_stages=2)),
-    # round 5: 128-token tiles in the other layouts and with 8 warps / two waves / 3 stages
+    # round 5: 128-token tiles in the other layouts and with 8 warps / two waves
     "s13_bn128": dict(_S13, SPARSE_CONFIG=dict(_S12["SPARSE_CONFIG"], block_n=128, num_stages=2)),
     "s13_kv_bn128": dict(_S13, LAYOUT="kv", SPARSE_CONFIG=dict(_S12["SPARSE_CONFIG"], block_n=128, num_stages=2)),
     "s13_rows_bn128w8": dict(_S13, LAYOUT="rows", SPARSE_CONFIG=dict(_S12["SPARSE_CONFIG"], block_n=128, num_stages=2,

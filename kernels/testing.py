@@ -22,13 +22,15 @@ def random_cache(B, KVH, S, D, d, dtype, device, lengths=None, generator=None):
     return k_lr, k_rest, v, lengths
 
 
-def rows_copy(k_lr, k_rest, v, lengths, kv: bool = True):
-    """The same cache values in a row layout (`kv_cache.allocate_cache_rows`): (k_lr, k_rest, v, lengths, slab)."""
+def rows_copy(k_lr, k_rest, v, lengths=None, kv: bool = True):
+    """The same cache values in a row layout (`kv_cache.allocate_cache_rows`): (k_lr, k_rest, v, lengths, slab);
+    lengths copied where given, else zeros."""
     from .kv_cache import allocate_cache_rows
     B, KVH, S, d = k_lr.shape
     rows = allocate_cache_rows(B, KVH, S, v.shape[-1], d, dtype=k_lr.dtype, device=k_lr.device, kv=kv)
     for dst, src in zip(rows, (k_lr, k_rest, v, lengths, k_lr)):
-        dst.copy_(src)
+        if src is not None:
+            dst.copy_(src)
     return rows
 
 
