@@ -500,6 +500,7 @@ _S12_D16 = dict(_S12, BRACKET_ROTATE_PDL=1, BRACKET_ROTATE_PDL_MAX_D=16, BRACKET
 _S13 = dict(_S12_D16, BRACKET_FLOW="auto", BRACKET_FLOW_PDL=True, LAYOUT="split", ATTN_LOWRANK_WAVES=2,
             ATTN_WIDE_MIN_D=0, WIDEN_ROWS=False)
 _S13_WIDE = dict(_S13, ATTN_WIDE_MIN_D=17, WIDEN_ROWS=True)  # the module defaults since round 7
+_S14 = dict(_S13_WIDE, BRACKET_SELF_ROTATE=False, BRACKET_SELF_ROT_QI=8)  # (the session-13 defaults, every setting named)
 VARIANTS = {
     "v6": dict(BRACKET_OVERLAP=False, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
     "overlap": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
@@ -684,6 +685,17 @@ VARIANTS = {
     "s13_rows_widen_bn64": dict(_S13_WIDE, LAYOUT="rows", ATTN_WIDE_MIN_D=0),
     # (since round 7 the module defaults take ATTN_WIDE only where the rows are not whole: s13_wide = the defaults in
     # the split layout, s13_rows_widen_bn64 in the rows layout)
+    # session 14: no rotation kernel (bracket.BRACKET_SELF_ROTATE: the bracket programs write q', the scoring programs
+    # compute their own q'[:d], BRACKET_SELF_ROT_QI rows of P per FMA step), in the split and rows layouts
+    "s14_base": _S14,
+    "s14_rows": dict(_S14, LAYOUT="rows", ATTN_WIDE_MIN_D=0),
+    "s14_selfrot": dict(_S14, BRACKET_SELF_ROTATE=True),
+    **{f"s14_selfrot_qi{qi}": dict(_S14, BRACKET_SELF_ROTATE=True, BRACKET_SELF_ROT_QI=qi) for qi in (4, 16)},
+    "s14_rows_selfrot": dict(_S14, LAYOUT="rows", ATTN_WIDE_MIN_D=0, BRACKET_SELF_ROTATE=True),
+    # round 2 (timelines): where the scoring kernel's time beyond a plain scoring stream goes: the brackets in a kernel
+    # of their own before it (overlap off), a 512-token sample
+    "s14_nooverlap": dict(_S14, BRACKET_OVERLAP=False),
+    "s14_s512": dict(_S14, BRACKET_SAMPLE=512),
 }
 
 
@@ -701,7 +713,8 @@ def _variant_modules() -> dict:
                 ATTN_EARLY=loki_mod, BRACKET_ROTATE_PDL=bracket_mod, BRACKET_ROTATE_PDL_MAX_D=bracket_mod, BRACKET_ROTATE_PDL_MIN_S=bracket_mod,
                 BRACKET_FINISH_MAXNREG=bracket_mod, ATTN_LOWRANK_D=loki_mod, BRACKET_FLOW=bracket_mod,
                 BRACKET_FLOW_PDL=bracket_mod, LAYOUT=sys.modules[__name__],
-                ATTN_LOWRANK_WAVES=loki_mod, ATTN_WIDE_MIN_D=loki_mod, WIDEN_ROWS=attn_mod)
+                ATTN_LOWRANK_WAVES=loki_mod, ATTN_WIDE_MIN_D=loki_mod, WIDEN_ROWS=attn_mod,
+                BRACKET_SELF_ROTATE=bracket_mod, BRACKET_SELF_ROT_QI=bracket_mod)
 
 
 def apply_variant(name: str) -> dict:
