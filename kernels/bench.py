@@ -500,7 +500,7 @@ _S12_D16 = dict(_S12, BRACKET_ROTATE_PDL=1, BRACKET_ROTATE_PDL_MAX_D=16, BRACKET
 _S13 = dict(_S12_D16, BRACKET_FLOW="auto", BRACKET_FLOW_PDL=True, LAYOUT="split", ATTN_LOWRANK_WAVES=2,
             ATTN_WIDE_MIN_D=0, WIDEN_ROWS=False)
 _S13_WIDE = dict(_S13, ATTN_WIDE_MIN_D=17, WIDEN_ROWS=True)  # the module defaults since round 7
-_S14 = dict(_S13_WIDE, BRACKET_SELF_ROTATE=False, BRACKET_SELF_ROT_QI=8)  # (the session-13 defaults, every setting named)
+_S14 = dict(_S13_WIDE, ATTN_WIDE_ROWS=False)  # (the session-13 defaults, every setting named)
 VARIANTS = {
     "v6": dict(BRACKET_OVERLAP=False, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
     "overlap": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
@@ -685,17 +685,19 @@ VARIANTS = {
     "s13_rows_widen_bn64": dict(_S13_WIDE, LAYOUT="rows", ATTN_WIDE_MIN_D=0),
     # (since round 7 the module defaults take ATTN_WIDE only where the rows are not whole: s13_wide = the defaults in
     # the split layout, s13_rows_widen_bn64 in the rows layout)
-    # session 14: no rotation kernel (bracket.BRACKET_SELF_ROTATE: the bracket programs write q', the scoring programs
-    # compute their own q'[:d], BRACKET_SELF_ROT_QI rows of P per FMA step), in the split and rows layouts
+    # session 14, round 1 (h200_variants_s14b): no rotation kernel, the scoring kernel's bracket programs writing q' and
+    # its scoring programs computing their own q'[:d] (bracket.BRACKET_SELF_ROTATE, 93394b8, removed: 15-28 us slower)
     "s14_base": _S14,
-    "s14_rows": dict(_S14, LAYOUT="rows", ATTN_WIDE_MIN_D=0),
-    "s14_selfrot": dict(_S14, BRACKET_SELF_ROTATE=True),
-    **{f"s14_selfrot_qi{qi}": dict(_S14, BRACKET_SELF_ROTATE=True, BRACKET_SELF_ROT_QI=qi) for qi in (4, 16)},
-    "s14_rows_selfrot": dict(_S14, LAYOUT="rows", ATTN_WIDE_MIN_D=0, BRACKET_SELF_ROTATE=True),
-    # round 2 (timelines): where the scoring kernel's time beyond a plain scoring stream goes: the brackets in a kernel
-    # of their own before it (overlap off), a 512-token sample
+    "s14_rows": dict(_S14, LAYOUT="rows"),
+    # round 2 (timelines, h200_timeline_s14c_*): the brackets in a kernel of their own before the scoring kernel
+    # (overlap off), a 512-token sample at 64K
     "s14_nooverlap": dict(_S14, BRACKET_OVERLAP=False),
     "s14_s512": dict(_S14, BRACKET_SAMPLE=512),
+    # round 3: in the rows layout, 128-token attention tiles at 2 stages at d >= 17 (loki.ATTN_WIDE_ROWS; the sparse
+    # attention alone was 2.6-11 us faster so, h200_attn_cfg_probe_s14), with and without the attention's early start
+    "s14_rows_wide": dict(_S14, LAYOUT="rows", ATTN_WIDE_ROWS=True),
+    "s14_rows_noearly": dict(_S14, LAYOUT="rows", ATTN_EARLY=False),
+    "s14_rows_wide_noearly": dict(_S14, LAYOUT="rows", ATTN_WIDE_ROWS=True, ATTN_EARLY=False),
 }
 
 
@@ -713,8 +715,7 @@ def _variant_modules() -> dict:
                 ATTN_EARLY=loki_mod, BRACKET_ROTATE_PDL=bracket_mod, BRACKET_ROTATE_PDL_MAX_D=bracket_mod, BRACKET_ROTATE_PDL_MIN_S=bracket_mod,
                 BRACKET_FINISH_MAXNREG=bracket_mod, ATTN_LOWRANK_D=loki_mod, BRACKET_FLOW=bracket_mod,
                 BRACKET_FLOW_PDL=bracket_mod, LAYOUT=sys.modules[__name__],
-                ATTN_LOWRANK_WAVES=loki_mod, ATTN_WIDE_MIN_D=loki_mod, WIDEN_ROWS=attn_mod,
-                BRACKET_SELF_ROTATE=bracket_mod, BRACKET_SELF_ROT_QI=bracket_mod)
+                ATTN_LOWRANK_WAVES=loki_mod, ATTN_WIDE_MIN_D=loki_mod, WIDEN_ROWS=attn_mod, ATTN_WIDE_ROWS=loki_mod)
 
 
 def apply_variant(name: str) -> dict:

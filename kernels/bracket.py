@@ -49,8 +49,7 @@ import triton.language as tl
 
 from ._utils import (BRACKET_RECORD, check, default_scaling, is_interpreter, next_pow2, pdl_available, pdl_trigger,
                      pdl_wait)
-from .scores import (_load_q_lr_T, _q_lr_T_from_raw, _rotate_heads, _row_of, _score_tile, _split_hi_lo,
-                     launch_rotate_q, rot_chunks)
+from .scores import _load_q_lr_T, _rotate_heads, _row_of, _score_tile, _split_hi_lo, launch_rotate_q, rot_chunks
 from .topk import _bit_length, _bracket_of_sample, _key_of, _radix_select, check_select_inputs
 
 
@@ -142,7 +141,7 @@ def _bracket_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h
 
 
 @triton.jit
-def _bracket_scores_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, ac_ptr, out_ptr,
+def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, ac_ptr, out_ptr,
                            so_b, so_r, len_ptr, kb_ptr, K_INT, FRAC_BITS, FORCED, scale, R, G, S_MAX, KMAX, nsig, SINK,
                            LOCAL, WS_ROW, TPP, NCOL, ZERO_AC: tl.constexpr, KB_MODE: tl.constexpr, HPR: tl.constexpr,
                            G_PAD: tl.constexpr, D_LR: tl.constexpr,
@@ -150,9 +149,7 @@ def _bracket_scores_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b
                            REDUCE_MAX: tl.constexpr, CLASSIFY: tl.constexpr, OVERLAP: tl.constexpr,
                            SAMPLE: tl.constexpr, SUB: tl.constexpr, STAGES: tl.constexpr, HINTS: tl.constexpr = False,
                            PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, FLOW: tl.constexpr = False,
-                           FLOW_PDL: tl.constexpr = False, SELF_ROT: tl.constexpr = False, D: tl.constexpr = 0,
-                           BLOCK_D: tl.constexpr = 16, G_ROT: tl.constexpr = 1, ROT_C: tl.constexpr = 16,
-                           ROT_I: tl.constexpr = 16, QI: tl.constexpr = 16):
+                           FLOW_PDL: tl.constexpr = False):
     """Grid (rows, tiles [+ 1]).  OVERLAP (= 1): the programs of grid column 0, dispatched first, write the rows'
     brackets (`_bracket_row`) while the others score, so the bracket's latency hides under the scoring pass.
     Each scoring program takes TILES tiles of BLOCK_N tokens, unrolled (STAGES = 0), or (STAGES > 0, session 7) TPP
@@ -163,11 +160,7 @@ def _bracket_scores_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b
     FLOW (session 13, BRACKET_FLOW; needs OVERLAP): a one-dimensional grid, the rows' bracket programs first, then
     each row's NCOL scoring programs, row after row, so that rows finish in order; every program ends with a
     release increment of its row's counter (record slot FLOW_SLOT, zeroed by the rotation kernel), which the classify
-    kernel, launched early (FLOW_PDL: every program here triggers it at once), waits for row by row.
-    SELF_ROT (session 14, BRACKET_SELF_ROTATE): no rotation kernel before this one.  Each row's bracket program
-    rotates its query heads (q' = q @ P[kvh], fp32 FMAs, ROT_C x ROT_I chunks) and writes q' in full for the attention
-    kernel, then reads q'[:d] back for its sample; each scoring program computes its own q'[:d] from q and P[kvh][:, :d]
-    (QI rows of P per step; L2 hits after the first program of a row), so no program waits for another."""
+    kernel, launched early (FLOW_PDL: every program here triggers it at once), waits for row by row."""
     if FLOW:
         pdl_trigger(FLOW_PDL)
         prog = tl.program_id(0)
@@ -181,10 +174,6 @@ def _bracket_scores_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b
     b, r, h0, kvh = _row_of(pid, R, HPR, G)
     if tb < 0:
         pdl_wait(PDL)  # (q', from the rotation kernel)
-        if SELF_ROT:
-            _rotate_heads(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h, b, h0, kvh, HPR, G_ROT, D,
-                          BLOCK_D, ROT_C, ROT_I)
-            tl.debug_barrier()  # q' written by all threads of the program is read back by `_bracket_row`
         n, kb = _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_BITS, FORCED, S_MAX, KMAX, KB_MODE)
         _bracket_row(pid, b, h0, kvh, n, kb, qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr,
                      br_ptr, ac_ptr, scale, nsig, SINK, LOCAL, WS_ROW, ZERO_AC, HPR, G_PAD, D_LR, BLOCK_DL, SAMPLE,
@@ -202,11 +191,7 @@ def _bracket_scores_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b
                     offs = start0 + t * BLOCK_N + tl.arange(0, BLOCK_N)
                     _prefetch_l2(k_base + offs.to(tl.int64) * slr_s, offs < n)
                 pdl_wait(PDL)  # (q', from the rotation kernel)
-            if SELF_ROT:
-                qT = _q_lr_T_from_raw(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, b, h0, kvh, HPR, G_PAD, D, D_LR, BLOCK_D,
-                                      BLOCK_DL, QI) * scale
-            else:
-                qT = _load_q_lr_T(qrot_ptr, sqr_b, sqr_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
+            qT = _load_q_lr_T(qrot_ptr, sqr_b, sqr_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
             qT_hi, qT_lo = _split_hi_lo(qT, klr_ptr.dtype.element_ty)
             br = br_ptr + pid * BR_STRIDE
             lo_key = tl.load(br).to(tl.uint32, bitcast=True)
@@ -728,11 +713,6 @@ BRACKET_FINISH_MAXNREG = 0
 # overlap, a rotation (P given), classify="split" and the vec classify kernel
 BRACKET_FLOW = "auto"  # "auto": where the rotation PDL (BRACKET_ROTATE_PDL's rule) is off; True / False: always / never
 BRACKET_FLOW_PDL = True  # (False: the same grids and waits, the classify kernel launched after the scoring kernel)
-# session 14: no rotation kernel (overlap with P given).  The scoring kernel's bracket programs rotate q and write q'
-# for the attention kernel; its scoring programs compute their own q'[:d] from q and P[kvh][:, :d], BRACKET_SELF_ROT_QI
-# rows of P per FMA step.  Replaces the rotation PDL and the flow (whose counters the rotation kernel zeroes)
-BRACKET_SELF_ROTATE = False
-BRACKET_SELF_ROT_QI = 8
 BRACKET_BAND_SD = 3.0  # band registers >= the expected band + this many standard deviations (`band_registers`)
 # session 10: L2 eviction hints (the slab read evict_first, the keys written evict_last for the classify kernel, which
 # reads them evict_first).  "auto": on where the keys of all rows take at most BRACKET_HINTS_MAX_BYTES (about a third of
@@ -898,20 +878,19 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     sub = min(sample, 32 if interp else BRACKET_SUB)
     # session 11 / 12 (BRACKET_ROTATE_PDL): the scoring kernel launched during the rotation, prefetching slab tiles,
     # where d and S_max are in the measured range where that is faster
-    self_rot = bool(BRACKET_SELF_ROTATE) and overlap and rotate
-    rot_pdl = (bool(BRACKET_ROTATE_PDL) and overlap and rotate and not self_rot and pdl_available(k_lr.device)
+    rot_pdl = (bool(BRACKET_ROTATE_PDL) and overlap and rotate and pdl_available(k_lr.device)
                and d <= (BRACKET_ROTATE_PDL_MAX_D or d) and S >= BRACKET_ROTATE_PDL_MIN_S)
     cfg = _score_config(d, config)  # scoring tiles; classify_block / classify_warps / finish_warps: the others
     vec = int(cfg.get("classify_vec", BRACKET_CLASSIFY_VEC))
-    flow_ok = overlap and rotate and classify == "split" and bool(vec) and not self_rot
+    flow_ok = overlap and rotate and classify == "split" and bool(vec)
     if flow is None:
         flow = (flow_ok and pdl_available(k_lr.device)
                 and (not rot_pdl if BRACKET_FLOW == "auto" else bool(BRACKET_FLOW)))
-    check(not flow or flow_ok, "flow=True needs overlap, P (q rotated here), classify='split', the vec classify "
-          "kernel (BRACKET_CLASSIFY_VEC > 0) and the rotation kernel (BRACKET_SELF_ROTATE off)")
+    check(not flow or flow_ok, "flow=True needs overlap, P (q rotated here), classify='split' and the vec classify "
+          "kernel (BRACKET_CLASSIFY_VEC > 0)")
     flow_pdl = flow and bool(BRACKET_FLOW_PDL) and pdl_available(k_lr.device)
     if overlap:
-        if rotate and not self_rot:
+        if rotate:
             launch_rotate_q(q, P, q_rot_out, KVH, G, D, pdl=rot_pdl, zero=br[int(FLOW_SLOT):] if flow else None,
                             zero_rows=R // KVH, zero_stride=BR_INTS)
     else:
@@ -935,20 +914,15 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         tpp = max(TILES, triton.cdiv(n_tiles, triton.cdiv(int(cfg["programs"]), B * R)))
     hints = cache_hints(B * R, S)
     ncol = triton.cdiv(n_tiles, tpp)  # scoring programs per row
-    BLOCK_D = max(16, next_pow2(D))
-    G_ROT = next_pow2(HPR)
-    rot = (dict(ROT_C=BLOCK_D, ROT_I=BLOCK_D, QI=BLOCK_D) if interp
-           else dict(ROT_C=min(32, BLOCK_D), ROT_I=max(8, min(BLOCK_D, 128 // G_ROT)), QI=BRACKET_SELF_ROT_QI))
     _bracket_scores_kernel[((ncol + 1) * B * R,) if flow else (B * R, ncol + int(overlap))](
-        q, q.stride(0), q.stride(1), Pt, Pt.stride(0), Pt.stride(1), qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br, ac,
+        qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br, ac,
         idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, scale, R, G, S, KMAX, nsig,
         sink_tokens, local_window, ws_row, tpp, ncol, ZERO_AC=zero_ac, KB_MODE=kb_mode, BLOCK_N=BLOCK_N, TILES=TILES,
         **common,
         CLASSIFY=not split,
         OVERLAP=int(overlap), SAMPLE=sample, SUB=sub if interp else min(sample, cfg.get("bracket_sub", BLOCK_N)),
         STAGES=pipe, HINTS=hints and split, PDL=rot_pdl, PREFETCH=int(BRACKET_ROTATE_PDL) if rot_pdl else 0,
-        FLOW=flow, FLOW_PDL=flow_pdl, SELF_ROT=self_rot, D=D, BLOCK_D=BLOCK_D, G_ROT=G_ROT, **rot, num_warps=nw,
-        **(dict(launch_pdl=True) if rot_pdl else {}))
+        FLOW=flow, FLOW_PDL=flow_pdl, num_warps=nw, **(dict(launch_pdl=True) if rot_pdl else {}))
     if stages < 3:
         return idx, (q_rot_out if rotate else None)
     block_s = 64 if interp else BRACKET_BLOCK_S

@@ -86,7 +86,7 @@ PRESETS["classify_vec4_nb4"] = dict(_VEC, constexprs=dict(BLOCK_C=1024, KPT=4, A
 # the band select (one program per row, 8 warps) at a 8192-key register block, with and without its positions
 # loaded together with the keys (BRACKET_BAND_IDX_FIRST, session 11)
 _FINISH = dict(kernel=("kernels.bracket", "_bracket_finish_kernel"),
-               ptr={"q_ptr": "*bf16", "P_ptr": "*fp32", "qrot_ptr": "*fp32", "klr_ptr": "*bf16", "ws_ptr": "*i32", "br_ptr": "*i32", "out_ptr": "*i32",
+               ptr={"qrot_ptr": "*fp32", "klr_ptr": "*bf16", "ws_ptr": "*i32", "br_ptr": "*i32", "out_ptr": "*i32",
                     "len_ptr": "*i32", "kb_ptr": "*i32"},
                constexprs=dict(KB_MODE=2, HPR=4, G_PAD=16, D_LR=32, BLOCK_DL=32, BLOCK_N=256, BLOCK_S=2048,
                                K_FP32=False, REDUCE_MAX=True, KEYS_WRITTEN=True, BAND_REG=8192, EARLY=True),
@@ -102,7 +102,7 @@ PRESETS["finish_8192_idx_first_asm_r96"] = dict(PRESETS["finish_8192_idx_first_a
 # the scoring kernel (d = 32, its grid's column 0 writing the brackets), and with the session-11 option
 # BRACKET_ROTATE_PDL (launched during the rotation: slab tiles prefetched into L2, then a griddepcontrol wait)
 _SCORES = dict(kernel=("kernels.bracket", "_bracket_scores_kernel"),
-               ptr={"q_ptr": "*bf16", "P_ptr": "*fp32", "qrot_ptr": "*fp32", "klr_ptr": "*bf16", "ws_ptr": "*i32", "br_ptr": "*i32", "ac_ptr": "*i32",
+               ptr={"qrot_ptr": "*fp32", "klr_ptr": "*bf16", "ws_ptr": "*i32", "br_ptr": "*i32", "ac_ptr": "*i32",
                     "out_ptr": "*i32", "len_ptr": "*i32", "kb_ptr": "*i32"},
                constexprs=dict(ZERO_AC=True, KB_MODE=2, HPR=4, G_PAD=16, D_LR=32, BLOCK_DL=32, BLOCK_N=128, TILES=4,
                                K_FP32=False, REDUCE_MAX=True, CLASSIFY=False, OVERLAP=1, SAMPLE=1024, SUB=128,
@@ -113,18 +113,12 @@ PRESETS["scores_d32"] = _SCORES
 PRESETS["scores_d32_rotate_pdl"] = dict(_SCORES, constexprs=dict(_SCORES["constexprs"], PDL=True, PREFETCH=2))
 # session 13: BRACKET_FLOW (a one-dimensional grid in row order, each program counting itself in its row's record)
 PRESETS["scores_d32_flow"] = dict(_SCORES, constexprs=dict(_SCORES["constexprs"], FLOW=True, FLOW_PDL=True))
-# session 14: BRACKET_SELF_ROTATE (the bracket programs rotate q, the scoring programs compute their own q'[:d])
-PRESETS["scores_d32_self_rot"] = dict(_SCORES, constexprs=dict(_SCORES["constexprs"], SELF_ROT=True, D=128, BLOCK_D=128,
-                                                                G_ROT=4, ROT_C=32, ROT_I=32, QI=8))
-PRESETS["scores_d16_self_rot"] = dict(_SCORES, constexprs=dict(PRESETS["scores_d32_self_rot"]["constexprs"], D_LR=16,
-                                                                BLOCK_DL=16, BLOCK_N=256, TILES=2))
 PRESETS["scores_d16"] = dict(_SCORES, constexprs=dict(_SCORES["constexprs"], D_LR=16, BLOCK_DL=16, BLOCK_N=256,
                                                        TILES=2))
 PRESETS["classify_vec4_flow"] = dict(_VEC, constexprs=dict(BLOCK_C=1024, KPT=4, ASM=True, FLOW=True))
 GROUPS = {"finish": ("finish_8192", "finish_8192_idx_first", "finish_8192_asm", "finish_8192_idx_first_asm",
                      "finish_8192_idx_first_asm_r112", "finish_8192_idx_first_asm_r96"),
-          "scores": ("scores_d32", "scores_d32_rotate_pdl", "scores_d32_flow", "scores_d32_self_rot", "scores_d16",
-                     "scores_d16_self_rot"),
+          "scores": ("scores_d32", "scores_d32_rotate_pdl", "scores_d32_flow", "scores_d16"),
           "classify": ("classify_scalar", "classify_blocked", "classify_hints", "classify_vec4", "classify_vec4_2048",
                        "classify_vec4_noasm", "classify_vec4_nb2", "classify_vec4_nb4", "classify_vec4_flow"),
           "attention": ("attention_dense", "attention_sparse", "attention_sparse_s8", "attention_sparse_s7",

@@ -49,6 +49,8 @@ ATTN_LOWRANK_WAVES = 2
 ATTN_WIDE_MIN_D = 17
 ATTN_WIDE_MIN_ROWS = 64
 ATTN_WIDE_CONFIG = dict(block_n=128, num_stages=2)
+# session 14: ATTN_WIDE_CONFIG also where the attention reads whole K rows (an option; see kernels/NOTES.md v16)
+ATTN_WIDE_ROWS = False
 
 
 def choose_path(forced: bool = False) -> str:
@@ -112,7 +114,7 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
         if ATTN_LOWRANK_D and d <= ATTN_LOWRANK_D and S >= ATTN_LOWRANK_MIN_S and B * R >= ATTN_LOWRANK_MIN_ROWS:
             attn_cfg = dict(waves=ATTN_LOWRANK_WAVES)
         elif (ATTN_WIDE_MIN_D and d >= ATTN_WIDE_MIN_D and B * R >= ATTN_WIDE_MIN_ROWS
-              and not (attn_mod.WIDEN_ROWS and rows_continue(k_lr, k_rest))):
+              and (ATTN_WIDE_ROWS or not (attn_mod.WIDEN_ROWS and rows_continue(k_lr, k_rest)))):
             attn_cfg = dict(ATTN_WIDE_CONFIG)
         if FOLD_COMBINE if fold_combine is None else fold_combine:
             counters = torch.empty(B * R, dtype=torch.int32, device=q.device)

@@ -384,36 +384,3 @@ def test_bracket_flow(mode, g):
         assert ncol == (triton.cdiv(S, 32) + 1 if is_interpreter() else triton.cdiv(S, 512) + 1)
     with pytest.raises(LokiInputError, match="flow=True needs"):
         loki_select_bracket(q, k_lr, lengths, 40, P=P, mode=mode, strict=False, flow=True, classify="scan")
-
-
-@pytest.mark.parametrize("dtype_name", ["float32", "float16"])
-@pytest.mark.parametrize("D,d,g,mode,reduce,S,lens", [
-    (64, 8, 3, "group", "max", *LONG), (128, 32, 4, "head", "sum", *SHORT), (64, 16, 1, "group", "sum", *LONG)])
-def test_bracket_self_rotate(dtype_name, D, d, g, mode, reduce, S, lens, monkeypatch):
-    """BRACKET_SELF_ROTATE (session 14): no rotation kernel; the bracket programs write q' (checked here in a q_rot_out
-    filled with NaN beforehand, so a q' left unwritten fails) and the scoring programs compute their own q'[:d].  The
-    selection stays exact against the float64 reference (ragged rows, group sizes 1/3/4, head mode, k = 1 and k =
-    S), the whole step equals the default path's, and flow=True (whose counters the rotation kernel zeroes) is refused."""
-    import kernels.bracket as bracket
-    dtype = getattr(torch, dtype_name)
-    torch.manual_seed(D + d + g)
-    B, KVH = 3, 2
-    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, dtype, DEV, lengths=lens)
-    q = torch.randn(B, KVH * g, D, device=DEV)
-    P = random_orthonormal(KVH, D, DEV)
-    ref = _ref(q, P, k_lr, lengths, mode, reduce)
-    q_ref = rotate_q_ref(q.cpu(), P.cpu())
-    for k in (1, S // 8, S):
-        monkeypatch.setattr(bracket, "BRACKET_SELF_ROTATE", True)
-        q_rot = torch.full((B, KVH * g, D), float("nan"), device=DEV)
-        idx, _ = loki_select_bracket(q, k_lr, lengths, k, P=P, mode=mode, reduce=reduce, strict=False, q_rot_out=q_rot)
-        assert (q_rot.double().cpu() - q_ref).abs().max().item() < 1e-4
-        n, exact = check_selection(idx, ref, lengths.cpu(), budgets_ref(k, lengths.cpu()), tol=_tol(ref, dtype))
-        assert exact >= n // 2
-        o_self = loki_decode(q.to(dtype), P, k_lr, k_rest, v, lengths, k, mode=mode, reduce=reduce, strict=False)
-        monkeypatch.setattr(bracket, "BRACKET_SELF_ROTATE", False)
-        o_def = loki_decode(q.to(dtype), P, k_lr, k_rest, v, lengths, k, mode=mode, reduce=reduce, strict=False)
-        assert torch.allclose(o_self.float(), o_def.float(), rtol=1e-2, atol=1e-3), k
-    monkeypatch.setattr(bracket, "BRACKET_SELF_ROTATE", True)
-    with pytest.raises(LokiInputError, match="flow=True needs"):
-        loki_select_bracket(q, k_lr, lengths, 40, P=P, mode=mode, strict=False, flow=True)

@@ -207,6 +207,14 @@ def test_loki_decode_lowrank_waves_rule(monkeypatch):
     r_lr, r_rest, r_v, r_len, slab = rows_copy(*random_cache(B, KVH, S, D, 32, torch.float32, DEV, lengths=[S, 150]))
     loki_decode(q, P, r_lr, r_rest, r_v, r_len, 0.25, strict=False, path="bracket", slab=slab)
     assert configs[-1] is None
+    # ... unless ATTN_WIDE_ROWS (session 14, an option measured no faster in the whole step) asks for the wide tiles there
+    monkeypatch.setattr(loki, "ATTN_WIDE_ROWS", True)
+    out, idx = loki_decode(q, P, r_lr, r_rest, r_v, r_len, 0.25, strict=False, path="bracket", slab=slab,
+                           return_indices=True)
+    assert configs[-1] == wide
+    ref = sparse_attention_ref(rotate_q_ref(q.cpu(), P.cpu()), r_lr.cpu(), r_rest.cpu(), r_v.cpu(), idx.cpu())
+    assert rel_err(out, ref) <= TOL[torch.float32]
+    monkeypatch.setattr(loki, "ATTN_WIDE_ROWS", False)
     monkeypatch.setattr(loki.attn_mod, "WIDEN_ROWS", False)
     loki_decode(q, P, r_lr, r_rest, r_v, r_len, 0.25, strict=False, path="bracket", slab=slab)
     assert configs[-1] == wide
