@@ -56,3 +56,17 @@ def test_layout_probe_smoke(tmp_path):
     rows = json.loads(out.read_text())["layout_probe"]
     assert rows and all(r["max_rel_diff"] < 3e-3 for r in rows)  # (fp16 in the smoke run; one dot or two)
     assert all(r[f"{name}_us"] > 0 for r in rows for name in ("split", "rows", "rows_narrow", "rest_padded"))
+
+
+def test_floor_smoke():
+    """`python -m kernels.floor --smoke` (session 14): the two plain bandwidth kernels the floor table is built from
+    compute what they claim (scores: max over heads of q . k; gather: softmax attention over the selected rows)."""
+    from kernels import floor
+    err_s, err_g = floor.smoke()
+    assert err_s < 1e-5 and err_g < 1e-5
+    table, points = floor.floor_table([
+        dict(kind="sdpa", context=16384, us=240.0),
+        *[dict(kind="stream", context=16384, d=dd, us=20.0 if dd == 16 else 36.0) for dd in (16, 32)],
+        *[dict(kind="gather", context=16384, k_frac=kf, us=270.0 / kf) for kf in (4, 8, 16)]])
+    p = {(r["d"], r["k_frac"]): r for r in points}
+    assert p[(16, 16)]["left_us"] == 240.0 / 5 - 20.0 - 270.0 / 16 and "| 16K | (D/8, 1/16) |" in table
