@@ -165,18 +165,22 @@ def floor_table(rows):
     return "\n".join(lines), out
 
 
-def smoke():
-    """Both kernels against torch on tiny shapes (under TRITON_INTERPRET=1 on the CPU)."""
+def smoke(device="cpu"):
+    """Both kernels against float64 torch on tiny shapes: fp32 on the CPU (TRITON_INTERPRET=1), bf16 on a GPU (the
+    reference takes the same bf16 values).  Returns the largest absolute errors (scores, attention output)."""
     torch.manual_seed(0)
+    dt = torch.float32 if device == "cpu" else torch.bfloat16
     R, S, d, Dh, ksel = 3, 200, 16, 64, 40
-    klr, q = torch.randn(R, S, d), torch.randn(R, G_PAD, d)
-    out = stream(klr, q, torch.empty(R, S), nprog=2, block_s=32)
-    err_s = (out - (klr @ q.transpose(1, 2)).amax(-1)).abs().max().item()
-    K, V, qd = torch.randn(R, S, Dh), torch.randn(R, S, Dh), torch.randn(R, G_PAD, Dh) * Dh ** -0.5
+    klr, q = torch.randn(R, S, d).to(dt), torch.randn(R, G_PAD, d).to(dt)
+    out = stream(klr.to(device), q.to(device), torch.empty(R, S, device=device), nprog=2, block_s=32)
+    err_s = (out.cpu().double() - (klr.double() @ q.double().transpose(1, 2)).amax(-1)).abs().max().item()
+    K, V = torch.randn(R, S, Dh).to(dt), torch.randn(R, S, Dh).to(dt)
+    qd = (torch.randn(R, G_PAD, Dh) * Dh ** -0.5).to(dt)
     idx = torch.sort(torch.rand(R, S).argsort(1)[:, :ksel].to(torch.int32), 1).values.contiguous()
-    o = gather(K, V, idx, qd, torch.empty(R, G_PAD, Dh), nprog=1, block_n=16)
-    Ks, Vs = (torch.gather(x, 1, idx.long()[..., None].expand(-1, -1, Dh)) for x in (K, V))
-    err_g = (o - torch.softmax(qd @ Ks.transpose(1, 2), -1) @ Vs).abs().max().item()
+    o = gather(K.to(device), V.to(device), idx.to(device), qd.to(device), torch.empty(R, G_PAD, Dh, device=device),
+               nprog=1, block_n=16)
+    Ks, Vs = (torch.gather(x.double(), 1, idx.long()[..., None].expand(-1, -1, Dh)) for x in (K, V))
+    err_g = (o.cpu().double() - torch.softmax(qd.double() @ Ks.transpose(1, 2), -1) @ Vs).abs().max().item()
     return err_s, err_g
 
 
@@ -187,7 +191,7 @@ def main(argv=None):
     ap.add_argument("--contexts", default="16384,65536", help="comma list of contexts (batch 16)")
     args = ap.parse_args(argv)
     if args.smoke:
-        err_s, err_g = smoke()
+        err_s, err_g = smoke("cuda" if torch.cuda.is_available() else "cpu")
         print(f"stream max abs err {err_s:.2e}, gather max abs err {err_g:.2e}")
         return dict(stream_err=err_s, gather_err=err_g)
     assert torch.cuda.is_available(), "the floor needs a CUDA device (or --smoke)"

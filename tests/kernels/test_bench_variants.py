@@ -1,9 +1,13 @@
 """kernels.bench's ablation table: every VARIANTS entry names settings that exist, and applying one sets them."""
 import pytest
+import torch
 
 import kernels.attention as attention
 import kernels.bench as bench
 import kernels.bracket as bracket
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
 
 
 def test_every_variant_names_existing_settings():
@@ -41,6 +45,7 @@ def test_defaults_variant_is_the_module_defaults(monkeypatch):
     assert {key: getattr(mod, key) for key, mod in mods.items()} == defaults
 
 
+@pytest.mark.skipif(ON_GPU, reason="a CPU-interpreter smoke run of the benchmark (a GPU runs the benchmark itself)")
 def test_layout_probe_smoke(tmp_path):
     """`python -m kernels.bench --smoke --layout-probe` (session 13) under the interpreter: the sparse attention gives
     the same output (to fp16 rounding) over the same values in the split, rows and padded layouts, and the JSON
@@ -62,8 +67,11 @@ def test_floor_smoke():
     """`python -m kernels.floor --smoke` (session 14): the two plain bandwidth kernels the floor table is built from
     compute what they claim (scores: max over heads of q . k; gather: softmax attention over the selected rows)."""
     from kernels import floor
-    err_s, err_g = floor.smoke()
-    assert err_s < 1e-5 and err_g < 1e-5
+    err_s, err_g = floor.smoke(DEVICE)
+    if ON_GPU:  # (bf16 inputs, fp32 accumulation; p rounded to bf16 for the second dot)
+        assert err_s < 1e-4 and err_g < 2e-2
+    else:
+        assert err_s < 1e-5 and err_g < 1e-5
     table, points = floor.floor_table([
         dict(kind="sdpa", context=16384, us=240.0),
         *[dict(kind="stream", context=16384, d=dd, us=20.0 if dd == 16 else 36.0) for dd in (16, 32)],
