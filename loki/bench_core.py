@@ -17,7 +17,8 @@ What is timed, per (method, batch, context):
 
 Methods: ``dense`` (transformers' SDPA attention over its StaticCache: the baseline asked for),
 ``dense_flash`` (the LokiCache with every layer dense: Triton flash-decoding over the same layout,
-a stronger dense baseline), ``loki`` (the configured (d, k)).
+a stronger dense baseline), ``loki`` (the configured (d, k)), ``loki_rows`` (the same in the LokiCache's "rows"
+layout: whole key rows plus a copy of the low-rank slab, d / (2D) more cache memory, ``loki.cache``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 
 from loki.common import fail
 
-METHODS = ("dense", "dense_flash", "loki")
+METHODS = ("dense", "dense_flash", "loki", "loki_rows")
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -172,7 +173,7 @@ def _make_cache(model, method: str, B: int, S_max: int):
 
     if method == "dense":
         return dense_static_cache(model, B, S_max)
-    return LokiCache(model, batch_size=B, max_cache_len=S_max)
+    return LokiCache(model, batch_size=B, max_cache_len=S_max, layout="rows" if method == "loki_rows" else "split")
 
 
 def _attention_fn(model, method: str, cache, lm, B: int, ctx: int, S_max: int, device, dtype):
@@ -296,6 +297,7 @@ def bench_point(model, method: str, B: int, ctx: int, cfg: dict, loki_opts: dict
         "cache_bytes": cache_nbytes(cache),
         "graphs": use_graphs,
         "backend": "sdpa" if method == "dense" else ("kernels" if cache.use_kernels else "reference"),
+        "layout": None if method == "dense" else cache.layout,
         "dtype": str(dtype).replace("torch.", ""),
     }
     del cache

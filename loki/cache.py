@@ -8,7 +8,12 @@ Layout (one :class:`LokiLayer` per decoder layer, the layout the Triton kernels 
     lengths (B,) int32              valid tokens of each sequence (ragged batches: per-sequence lengths)
 
 Keys cost exactly what a dense cache costs (the split adds no bytes); the only overhead is the basis
-P (L, KVH, D, D) fp32 and ``lengths``. Everything is allocated once, so a decode step has static shapes
+P (L, KVH, D, D) fp32 and ``lengths``.
+
+``layout="rows"`` (``LokiCache(..., layout="rows")``): whole rotated key rows (B, KVH, S_max, D), k_lr and k_rest
+their views, plus ``slab``, a contiguous copy of k_lr that the scoring pass reads (``kernels.allocate_cache_rows``
+with kv=False).  It costs d / (2D) more cache memory and makes the sparse attention gather one K row per token
+instead of two: on the H200 the kernel step at batch 16 / 64K is 2-5% faster so (kernels/README.md, sessions 13-14). Everything is allocated once, so a decode step has static shapes
 and can be captured in a CUDA graph (:class:`loki.generation.GraphDecoder`).
 
 How a forward runs (no model class is patched):
@@ -40,6 +45,7 @@ from loki.methods.base import forced_mask, group_reduce, masked_attention, exact
 from loki.methods.loki import Loki
 
 BACKENDS = ("auto", "kernels", "reference")
+LAYOUTS = ("split", "rows")
 
 
 def _kernels():
@@ -97,7 +103,7 @@ class LokiLayer(CacheLayerMixin):
     supports_early_init = False  # allocated eagerly
 
     def __init__(self, cache: "LokiCache", layer_idx: int, P: torch.Tensor, d: int, batch_size: int,
-                 max_cache_len: int, dtype: torch.dtype, device, use_kernels: bool):
+                 max_cache_len: int, dtype: torch.dtype, device, use_kernels: bool, layout: str = "split"):
         super().__init__()
         KVH, D = P.shape[0], P.shape[-1]
         self.method, self.layer_idx = cache.method, layer_idx  # no reference to the cache itself (no cycle)
@@ -107,9 +113,16 @@ class LokiLayer(CacheLayerMixin):
         self.use_kernels = use_kernels
         self.P = P.to(device=device, dtype=torch.float32).contiguous()  # (KVH, D, D), columns = directions
         n = batch_size * KVH * max_cache_len
-        self.kbuf = torch.zeros(n * D, dtype=dtype, device=device)  # k_lr | k_rest, back to back (kernels.allocate_cache)
-        self.k_lr = self.kbuf[: n * d].view(batch_size, KVH, max_cache_len, d)
-        self.k_rest = self.kbuf[n * d:].view(batch_size, KVH, max_cache_len, D - d)
+        self.kbuf = torch.zeros(n * D, dtype=dtype, device=device)
+        self.slab = None  # (rows layout) the contiguous copy of k_lr that the scoring pass reads
+        if layout == "rows":  # whole rotated key rows, k_lr / k_rest their views (kernels.allocate_cache_rows, kv=False)
+            rows = self.kbuf.view(batch_size, KVH, max_cache_len, D)
+            self.k_lr, self.k_rest = rows[..., :d], rows[..., d:]
+            self.slab = torch.zeros(batch_size, KVH, max_cache_len, d, dtype=dtype, device=device)
+        else:  # k_lr | k_rest, back to back (kernels.allocate_cache)
+            self.k_lr = self.kbuf[: n * d].view(batch_size, KVH, max_cache_len, d)
+            self.k_rest = self.kbuf[n * d:].view(batch_size, KVH, max_cache_len, D - d)
+        self.layout = layout
         self.v = torch.zeros(batch_size, KVH, max_cache_len, D, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self.seen = 0  # positions fed so far, padding included (host side; what generate calls the cache length)
@@ -137,7 +150,8 @@ class LokiLayer(CacheLayerMixin):
         self.state = "empty"
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.kbuf, self.v, self.lengths, self.P))
+        held = (self.kbuf, self.v, self.lengths, self.P) + ((self.slab,) if self.slab is not None else ())
+        return sum(t.numel() * t.element_size() for t in held)
 
     def _unsupported(self, what: str):
         raise fail(f"LokiCache does not support {what}.",
@@ -192,11 +206,13 @@ class LokiLayer(CacheLayerMixin):
             if self.use_kernels:
                 K = _kernels()
                 K.prefill_kv(key_states, value_states, self.P, self.k_lr, self.k_rest, self.v, self.lengths,
-                             advance=True, strict=False)
+                             advance=True, strict=False, slab=self.slab)
             else:
                 kr = self._rotate(key_states)
                 self.k_lr[:, :, :T] = kr[..., : self.d].to(self.dtype)
                 self.k_rest[:, :, :T] = kr[..., self.d:].to(self.dtype)
+                if self.slab is not None:
+                    self.slab[:, :, :T] = self.k_lr[:, :, :T]
                 self.v[:, :, :T] = value_states.to(self.dtype)
                 self.lengths.fill_(T)
             self.seen = T
@@ -216,13 +232,15 @@ class LokiLayer(CacheLayerMixin):
             if self.use_kernels:
                 K = _kernels()
                 K.append_kv(key_states[:, :, 0], value_states[:, :, 0], self.P, self.k_lr, self.k_rest, self.v,
-                            self.lengths, advance=True, strict=False)
+                            self.lengths, advance=True, strict=False, slab=self.slab)
             else:
                 rows = torch.arange(self.batch_size, device=self.device)
                 pos = self.lengths.long()
                 kr = self._rotate(key_states)[:, :, 0]  # (B, KVH, D)
                 self.k_lr[rows, :, pos] = kr[..., : self.d].to(self.dtype)
                 self.k_rest[rows, :, pos] = kr[..., self.d:].to(self.dtype)
+                if self.slab is not None:
+                    self.slab[rows, :, pos] = self.k_lr[rows, :, pos]
                 self.v[rows, :, pos] = value_states[:, :, 0].to(self.dtype)
                 self.lengths += 1
             self.seen += 1
@@ -242,7 +260,7 @@ class LokiLayer(CacheLayerMixin):
                        f"holds {T}.", "this is a bug: report it.")
         if not bool(valid.all()):
             order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)  # valid first, in order
-            for buf in (self.k_lr, self.k_rest, self.v):
+            for buf in (self.k_lr, self.k_rest, self.v) + ((self.slab,) if self.slab is not None else ()):
                 w = buf.shape[-1]
                 if w == 0:
                     continue
@@ -257,6 +275,8 @@ class LokiLayer(CacheLayerMixin):
         for buf in (self.k_lr, self.k_rest, self.v):
             if buf.shape[-1]:
                 buf[:, :, :n_tokens].normal_(generator=generator)
+        if self.slab is not None:
+            self.slab[:, :, :n_tokens] = self.k_lr[:, :, :n_tokens]
         self.lengths.fill_(n_tokens)
         self.seen = n_tokens
         self.state = "ready"
@@ -267,11 +287,13 @@ class LokiCache(Cache):
 
     ``LokiCache(model, batch_size=B, max_cache_len=S)``; pass it to ``model.generate`` (``cache=`` in
     transformers >= 5.18, ``past_key_values=`` before; :func:`loki.generation.generate` picks the name).
-    ``max_cache_len`` must cover the padded prompt plus the generated tokens.
+    ``max_cache_len`` must cover the padded prompt plus the generated tokens.  ``layout``: "split" (k_lr and k_rest
+    in slabs of their own: no memory beyond a dense cache) or "rows" (whole key rows plus a copy of k_lr: d / (2D)
+    more; see the module docstring).
     """
 
     def __init__(self, model, batch_size: int, max_cache_len: int, dtype: torch.dtype | None = None,
-                 device=None):
+                 device=None, layout: str = "split"):
         from loki.modeling import attention_modules
 
         mods = attention_modules(model)
@@ -282,6 +304,8 @@ class LokiCache(Cache):
             got = type(method).__name__ if method is not None else "none"
             raise fail(f"LokiCache needs the model to run the cached Loki method (attached: {got}).",
                        "attach it first: loki.generation.attach_cached_loki(model, {'d': ..., 'k': ...}, basis=...).")
+        if layout not in LAYOUTS:
+            raise fail(f"LokiCache: unknown layout {layout!r}.", f"use one of {list(LAYOUTS)}.")
         if int(batch_size) < 1 or int(max_cache_len) < 1:
             raise fail(f"LokiCache: batch_size={batch_size} and max_cache_len={max_cache_len} must be >= 1.",
                        "pass positive sizes.")
@@ -294,8 +318,9 @@ class LokiCache(Cache):
         self.use_kernels = method.use_kernels(self.device)
         self.batch_size_, self.max_len = int(batch_size), int(max_cache_len)
         self.k_max = max_budget(self.max_len, method.k, method.k_mode, method.sink_tokens, method.local_window)
+        self.layout = layout
         layers = [LokiLayer(self, i, method.P[i], method.dims, self.batch_size_, self.max_len, self.dtype,
-                            self.device, self.use_kernels) for i in range(method.model_info["num_layers"])]
+                            self.device, self.use_kernels, layout) for i in range(method.model_info["num_layers"])]
         super().__init__(layers=layers)
 
     def nbytes(self) -> int:
@@ -375,7 +400,7 @@ def kernel_decode(method: "CachedLoki", layer: LokiLayer, q: torch.Tensor, scali
         budget = torch.maximum(budget, K.forced_count(layer.lengths, sink, local)).to(torch.int32)
     out, idx = K.loki_decode(q, layer.P, layer.k_lr, layer.k_rest, layer.v, layer.lengths, budget,
                              mode=mode, reduce=reduce, scaling=scaling, strict=False, k_max=k_max,
-                             return_indices=True, sink_tokens=sink, local_window=local)
+                             return_indices=True, sink_tokens=sink, local_window=local, slab=layer.slab)
     if method.record_selections:
         keep = torch.zeros(B, idx.shape[1], layer.max_cache_len + 1, dtype=torch.bool, device=q.device)
         keep.scatter_(2, torch.where(idx < 0, layer.max_cache_len, idx).long(), True)

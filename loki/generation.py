@@ -73,10 +73,10 @@ def fit_basis(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     return Basis(tensors, {"fingerprint": info, "fitted_on": "fit_basis (in memory)"}, "<fit_basis>")
 
 
-def make_cache(model, batch_size: int, max_cache_len: int):
+def make_cache(model, batch_size: int, max_cache_len: int, layout: str = "split"):
     from loki.cache import LokiCache
 
-    return LokiCache(model, batch_size=batch_size, max_cache_len=max_cache_len)
+    return LokiCache(model, batch_size=batch_size, max_cache_len=max_cache_len, layout=layout)
 
 
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,

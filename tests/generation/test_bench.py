@@ -14,17 +14,17 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_run_bench_rows(tiny):
-    cfg = {"batch": [2], "context": [24], "methods": ["dense", "dense_flash", "loki"], "new_tokens": 2,
+    cfg = {"batch": [2], "context": [24], "methods": ["dense", "dense_flash", "loki", "loki_rows"], "new_tokens": 2,
            "warmup": 1, "graphs": False, "fill": "prefill", "prefill_max_tokens": 4096, "calib_tokens": 32,
            "compile_glue": True, "fuse_qkv": True}  # CUDA only: ignored on the CPU, and the rows say so
     rows = run_bench(tiny, cfg, {"d": 4, "k": 0.25, "selection": "group"}, "cpu", log=lambda s: None)
-    assert [r["method"] for r in rows] == ["dense", "dense_flash", "loki"]
+    assert [r["method"] for r in rows] == ["dense", "dense_flash", "loki", "loki_rows"]
     for r in rows:
         assert r["batch"] == 2 and r["context"] == 24 and r["prefill_s"] > 0 and r["ms_per_token"] > 0
         assert r["tokens_per_s"] == pytest.approx(2e3 / r["ms_per_token"], rel=1e-3)
         assert 0 < r["attention_share"] <= 1 and r["attention_ms"] > 0
         assert r["compile_glue"] is False and r["fuse_qkv"] is False
-    dense, flash, lk = rows
+    dense, flash, lk, lk_rows = rows
     assert dense["speedup"] == 1.0 and lk["speedup"] == pytest.approx(lk["tokens_per_s"] / dense["tokens_per_s"],
                                                                       rel=1e-2)
     assert lk["d"] == 4 and lk["k"] == 0.25 and dense["d"] is None and lk["backend"] == "reference"
@@ -32,6 +32,9 @@ def test_run_bench_rows(tiny):
     kv = 2 * (2 * 2 * S * 16) * 4 * 2  # layers x (B KVH S D) x fp32 x (K, V)
     assert dense["cache_bytes"] == kv
     assert lk["cache_bytes"] == kv + 2 * (2 * 16 * 16 * 4 + 2 * 4)  # + per-layer basis and lengths
+    # the "rows" layout (session 14): + a copy of the low-rank slab, d / (2D) of the keys and values
+    assert (lk["layout"], lk_rows["layout"], flash["layout"], dense["layout"]) == ("split", "rows", "split", None)
+    assert lk_rows["cache_bytes"] == lk["cache_bytes"] + 2 * (2 * 2 * S * 4) * 4 and lk_rows["d"] == 4
     assert "ms_per_token" in table(rows)
 
 

@@ -207,3 +207,36 @@ def test_kernels_backend_needs_cuda_or_interpreter(tiny, tiny_basis, monkeypatch
     attach_cached_loki(tiny, {"d": 4, "k": 0.25, "backend": "kernels"}, basis=tiny_basis)
     with pytest.raises(LokiError, match="needs the Triton interpreter"):
         LokiCache(tiny, batch_size=1, max_cache_len=8)
+
+
+def test_rows_layout_matches_split(tiny, tiny_basis):
+    """LokiCache(layout="rows") (session 14): whole key rows with k_lr / k_rest as their views and a copy of k_lr
+    (the slab the scoring pass reads), kept equal to k_lr through the prefill, the left-padding drop and every decode
+    step; the same selections, tokens and logits as the split layout; d / (2D) more bytes.  Unknown layouts refused."""
+    from loki.bench_core import greedy_loop
+
+    seqs = [torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(n)) for n in (17, 11)]
+    ids, am = left_pad(seqs)
+    runs = {}
+    for layout in ("split", "rows"):
+        m = attach_cached_loki(tiny, {"d": 5, "k": 0.25, "selection": "group"}, basis=tiny_basis)
+        m.record_selections = True
+        cache = LokiCache(tiny, batch_size=2, max_cache_len=24, layout=layout)
+        toks, logits = greedy_loop(tiny, cache, ids, am, 4)
+        runs[layout] = (toks, logits, m.selections, cache)
+    (ts, ls, ss, cs), (tr, lr, sr, cr) = runs["split"], runs["rows"]
+    assert torch.equal(ts, tr)
+    torch.testing.assert_close(lr, ls, rtol=0, atol=0)
+    assert selection_mismatch(ss, sr) == (0, selection_mismatch(ss, ss)[1])
+    for a, b in zip(cs.layers, cr.layers):
+        assert b.layout == "rows" and b.slab is not None and a.slab is None and not b.k_lr.is_contiguous()
+        assert b.k_lr.data_ptr() + 5 * b.k_lr.element_size() == b.k_rest.data_ptr()  # one row per token
+        assert torch.equal(a.lengths, b.lengths) and b.lengths.tolist() == [20, 14]
+        for i, n in enumerate((20, 14)):  # (prompt + 3 fed tokens: the 4th is only returned)
+            assert torch.equal(b.slab[i, :, :n], b.k_lr[i, :, :n])
+            for x, y in ((a.k_lr, b.k_lr), (a.k_rest, b.k_rest), (a.v, b.v)):
+                assert torch.equal(x[i, :, :n], y[i, :, :n])
+    n_layers = len(cs.layers)
+    assert cr.nbytes() - cs.nbytes() == n_layers * 2 * 2 * 24 * 5 * 4  # L x (B KVH S_max d) x fp32
+    with pytest.raises(LokiError, match="unknown layout"):
+        LokiCache(tiny, batch_size=1, max_cache_len=8, layout="padded")

@@ -14,10 +14,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _run(model, opts, basis, ids, am, backend, steps):
+def _run(model, opts, basis, ids, am, backend, steps, layout="split"):
     m = attach_cached_loki(model, {**opts, "backend": backend}, basis=basis)
     m.record_selections = True
-    cache = LokiCache(model, batch_size=ids.shape[0], max_cache_len=ids.shape[1] + steps + 1)
+    cache = LokiCache(model, batch_size=ids.shape[0], max_cache_len=ids.shape[1] + steps + 1, layout=layout)
     from loki.bench_core import greedy_loop
 
     toks, logits = greedy_loop(model, cache, ids, am, steps)
@@ -29,12 +29,15 @@ def _run(model, opts, basis, ids, am, backend, steps):
     {"d": 6, "k": 5, "k_mode": "tokens", "selection": "group", "group_reduce": "mean", "sink_tokens": 1,
      "local_window": 2, "dense_layers": 1},  # dense layer (flash-decoding), forced tokens (bracket path)
 ], ids=["head", "group-forced-dense1"])
-def test_kernels_match_reference(tiny, tiny_basis, opts):
+@pytest.mark.parametrize("layout", ["split", "rows"])
+def test_kernels_match_reference(tiny, tiny_basis, opts, layout):
+    """The kernel path in either LokiCache layout ("rows", session 14: the kernels write and score the slab copy,
+    the attention reads whole K rows) against the reference path in the split layout."""
     model = tiny.to(DEV)
     seqs = [torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n)) for n in (20, 13)]
     ids, am = left_pad(seqs)
     ids, am = ids.to(DEV), am.to(DEV)
-    tk, lk, mk, ck = _run(model, opts, tiny_basis, ids, am, "kernels", 2)
+    tk, lk, mk, ck = _run(model, opts, tiny_basis, ids, am, "kernels", 2, layout)
     tr, lr, mr, cr = _run(model, opts, tiny_basis, ids, am, "reference", 2)
     assert mk.kernel_calls == mk.decode_calls > 0 and mr.kernel_calls == 0
     assert torch.equal(tk, tr)
@@ -47,3 +50,5 @@ def test_kernels_match_reference(tiny, tiny_basis, opts):
             torch.testing.assert_close(a.k_lr[i, :, :n], b.k_lr[i, :, :n], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(a.k_rest[i, :, :n], b.k_rest[i, :, :n], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(a.v[i, :, :n], b.v[i, :, :n], rtol=1e-5, atol=1e-5)
+            if layout == "rows":  # the scoring pass's copy, written by the same kernels
+                assert torch.equal(a.slab[i, :, :n], a.k_lr[i, :, :n])
