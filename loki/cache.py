@@ -13,8 +13,10 @@ P (L, KVH, D, D) fp32 and ``lengths``.
 ``layout="rows"`` (``LokiCache(..., layout="rows")``): whole rotated key rows (B, KVH, S_max, D), k_lr and k_rest
 their views, plus ``slab``, a contiguous copy of k_lr that the scoring pass reads (``kernels.allocate_cache_rows``
 with kv=False).  It costs d / (2D) more cache memory and makes the sparse attention gather one K row per token
-instead of two: on the H200 the kernel step at batch 16 / 64K is 2-5% faster so (kernels/README.md, sessions 13-14). Everything is allocated once, so a decode step has static shapes
-and can be captured in a CUDA graph (:class:`loki.generation.GraphDecoder`).
+instead of two: on the H200 the kernel step at batch 16 / 64K is 1-5% faster so (kernels/README.md, sessions 13-14).
+
+Everything is allocated once, so a decode step has static shapes and can be captured in a CUDA graph
+(:class:`loki.generation.GraphDecoder`).
 
 How a forward runs (no model class is patched):
 
@@ -115,7 +117,7 @@ class LokiLayer(CacheLayerMixin):
         n = batch_size * KVH * max_cache_len
         self.kbuf = torch.zeros(n * D, dtype=dtype, device=device)
         self.slab = None  # (rows layout) the contiguous copy of k_lr that the scoring pass reads
-        if layout == "rows":  # whole rotated key rows, k_lr / k_rest their views (kernels.allocate_cache_rows, kv=False)
+        if layout == "rows":  # whole rotated key rows, k_lr / k_rest views (kernels.allocate_cache_rows, kv=False)
             rows = self.kbuf.view(batch_size, KVH, max_cache_len, D)
             self.k_lr, self.k_rest = rows[..., :d], rows[..., d:]
             self.slab = torch.zeros(batch_size, KVH, max_cache_len, d, dtype=dtype, device=device)
