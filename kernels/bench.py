@@ -500,7 +500,7 @@ _S12_D16 = dict(_S12, BRACKET_ROTATE_PDL=1, BRACKET_ROTATE_PDL_MAX_D=16, BRACKET
 _S13 = dict(_S12_D16, BRACKET_FLOW="auto", BRACKET_FLOW_PDL=True, LAYOUT="split", ATTN_LOWRANK_WAVES=2,
             ATTN_WIDE_MIN_D=0, WIDEN_ROWS=False)
 _S13_WIDE = dict(_S13, ATTN_WIDE_MIN_D=17, WIDEN_ROWS=True)  # the module defaults since round 7
-_S14 = dict(_S13_WIDE, ATTN_WIDE_ROWS=False, STREAM_CHUNKS=0, STREAM_PRIORITY=-1)  # (every setting named)
+_S14 = dict(_S13_WIDE, ATTN_WIDE_ROWS=False)  # (the session-13 defaults, every setting named)
 VARIANTS = {
     "v6": dict(BRACKET_OVERLAP=False, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
     "overlap": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
@@ -698,11 +698,6 @@ VARIANTS = {
     "s14_rows_wide": dict(_S14, LAYOUT="rows", ATTN_WIDE_ROWS=True),
     "s14_rows_noearly": dict(_S14, LAYOUT="rows", ATTN_EARLY=False),
     "s14_rows_wide_noearly": dict(_S14, LAYOUT="rows", ATTN_WIDE_ROWS=True, ATTN_EARLY=False),
-    # session 15: the batch in chunks of sequences, each chunk's selection (classify + band select) on a high-priority
-    # stream beside the next chunk's bandwidth-bound pass (kernels.loki.STREAM_CHUNKS); the same at normal priority
-    "s15_chunk2": dict(_S14, LAYOUT="rows", STREAM_CHUNKS=2),
-    "s15_chunk2_p0": dict(_S14, LAYOUT="rows", STREAM_CHUNKS=2, STREAM_PRIORITY=0),
-    "s15_chunk4": dict(_S14, LAYOUT="rows", STREAM_CHUNKS=4),
 }
 
 
@@ -720,8 +715,7 @@ def _variant_modules() -> dict:
                 ATTN_EARLY=loki_mod, BRACKET_ROTATE_PDL=bracket_mod, BRACKET_ROTATE_PDL_MAX_D=bracket_mod, BRACKET_ROTATE_PDL_MIN_S=bracket_mod,
                 BRACKET_FINISH_MAXNREG=bracket_mod, ATTN_LOWRANK_D=loki_mod, BRACKET_FLOW=bracket_mod,
                 BRACKET_FLOW_PDL=bracket_mod, LAYOUT=sys.modules[__name__],
-                ATTN_LOWRANK_WAVES=loki_mod, ATTN_WIDE_MIN_D=loki_mod, WIDEN_ROWS=attn_mod, ATTN_WIDE_ROWS=loki_mod,
-                STREAM_CHUNKS=loki_mod, STREAM_PRIORITY=loki_mod)
+                ATTN_LOWRANK_WAVES=loki_mod, ATTN_WIDE_MIN_D=loki_mod, WIDEN_ROWS=attn_mod, ATTN_WIDE_ROWS=loki_mod)
 
 
 def apply_variant(name: str) -> dict:

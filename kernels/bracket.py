@@ -784,8 +784,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
                         sample: int | None = None, nsig: float | None = None,
                         workspace: torch.Tensor | None = None, stages: int = 4, classify: str | None = None,
                         band_reg: int | None = None, band_parts: int | None = None, overlap: bool | None = None,
-                        attn_counters: torch.Tensor | None = None, pdl: bool = False, flow: bool | None = None,
-                        first_stage: int = 1, idx_out: torch.Tensor | None = None):
+                        attn_counters: torch.Tensor | None = None, pdl: bool = False, flow: bool | None = None):
     """(Rotate q) + scores + exact top-k, each step spread over many programs per row (see module doc).
 
     Same contract as `topk.loki_select`: q (B, H, D) raw queries when P (KVH, D, D) is given (q' = q @ P is
@@ -816,9 +815,6 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     kernel started early, each program waiting for its row's scoring programs (see `_bracket_scores_kernel`); needs
     overlap, P (the rotation kernel zeroes the rows' counters), classify="split" and BRACKET_CLASSIFY_VEC.  flow=True
     runs the same grids under the interpreter / without PDL (the classify kernel then starts after the scoring kernel).
-    first_stage / idx_out (session 15, `kernels.loki.STREAM_CHUNKS`): launch only the kernels from that stage on
-    (3: classify and band select), writing into idx_out, the idx of an earlier call with stages=2 and the same
-    arguments and workspace; so the two halves of one selection can go on different streams.
     """
     check(isinstance(sink_tokens, int) and sink_tokens >= 0, f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
     check(isinstance(local_window, int) and local_window >= 0,
@@ -863,12 +859,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
           f"workspace must be a contiguous, 8-byte aligned int32 tensor of >= {n_ws} elements on {k_lr.device}")
     # (the rows' records first: their counters stay int64-aligned)
     br, ws = workspace[:B * R * BR_INTS], workspace[B * R * BR_INTS:n_ws]
-    check(first_stage in (1, 3) and (first_stage == 1 or idx_out is not None),
-          f"first_stage must be 1, or 3 with idx_out (the idx of the stages=2 call); got {first_stage}")
-    if idx_out is not None:
-        check(idx_out.shape == (B, R, KMAX) and idx_out.dtype == torch.int32 and idx_out.device == k_lr.device,
-              f"idx_out must be int32 {(B, R, KMAX)} on {k_lr.device}, got {idx_out.dtype} {tuple(idx_out.shape)}")
-    idx = idx_out if idx_out is not None else torch.empty(B, R, KMAX, dtype=torch.int32, device=k_lr.device)
+    idx = torch.empty(B, R, KMAX, dtype=torch.int32, device=k_lr.device)
     zero_ac = attn_counters is not None
     if zero_ac:
         check(attn_counters.dtype == torch.int32 and attn_counters.is_contiguous()
@@ -898,9 +889,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     check(not flow or flow_ok, "flow=True needs overlap, P (q rotated here), classify='split' and the vec classify "
           "kernel (BRACKET_CLASSIFY_VEC > 0)")
     flow_pdl = flow and bool(BRACKET_FLOW_PDL) and pdl_available(k_lr.device)
-    if first_stage > 1:  # (the stages=2 call launched these)
-        pass
-    elif overlap:
+    if overlap:
         if rotate:
             launch_rotate_q(q, P, q_rot_out, KVH, G, D, pdl=rot_pdl, zero=br[int(FLOW_SLOT):] if flow else None,
                             zero_rows=R // KVH, zero_stride=BR_INTS)
@@ -925,15 +914,15 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         tpp = max(TILES, triton.cdiv(n_tiles, triton.cdiv(int(cfg["programs"]), B * R)))
     hints = cache_hints(B * R, S)
     ncol = triton.cdiv(n_tiles, tpp)  # scoring programs per row
-    if first_stage < 3:
-        _bracket_scores_kernel[((ncol + 1) * B * R,) if flow else (B * R, ncol + int(overlap))](
-            qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br, ac,
-            idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, scale, R, G, S, KMAX, nsig,
-            sink_tokens, local_window, ws_row, tpp, ncol, ZERO_AC=zero_ac, KB_MODE=kb_mode, BLOCK_N=BLOCK_N,
-            TILES=TILES, **common, CLASSIFY=not split,
-            OVERLAP=int(overlap), SAMPLE=sample, SUB=sub if interp else min(sample, cfg.get("bracket_sub", BLOCK_N)),
-            STAGES=pipe, HINTS=hints and split, PDL=rot_pdl, PREFETCH=int(BRACKET_ROTATE_PDL) if rot_pdl else 0,
-            FLOW=flow, FLOW_PDL=flow_pdl, num_warps=nw, **(dict(launch_pdl=True) if rot_pdl else {}))
+    _bracket_scores_kernel[((ncol + 1) * B * R,) if flow else (B * R, ncol + int(overlap))](
+        qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br, ac,
+        idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, scale, R, G, S, KMAX, nsig,
+        sink_tokens, local_window, ws_row, tpp, ncol, ZERO_AC=zero_ac, KB_MODE=kb_mode, BLOCK_N=BLOCK_N, TILES=TILES,
+        **common,
+        CLASSIFY=not split,
+        OVERLAP=int(overlap), SAMPLE=sample, SUB=sub if interp else min(sample, cfg.get("bracket_sub", BLOCK_N)),
+        STAGES=pipe, HINTS=hints and split, PDL=rot_pdl, PREFETCH=int(BRACKET_ROTATE_PDL) if rot_pdl else 0,
+        FLOW=flow, FLOW_PDL=flow_pdl, num_warps=nw, **(dict(launch_pdl=True) if rot_pdl else {}))
     if stages < 3:
         return idx, (q_rot_out if rotate else None)
     block_s = 64 if interp else BRACKET_BLOCK_S

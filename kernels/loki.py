@@ -51,16 +51,6 @@ ATTN_WIDE_MIN_ROWS = 64
 ATTN_WIDE_CONFIG = dict(block_n=128, num_stages=2)
 # session 14: ATTN_WIDE_CONFIG also where the attention reads whole K rows (an option; see kernels/NOTES.md v16)
 ATTN_WIDE_ROWS = False
-# session 15, bracket path (an option, 0 = off): the batch cut into this many chunks of sequences, q rotated once,
-# then the bandwidth-bound passes on the caller's stream (every chunk's scoring pass, then every chunk's attention)
-# and the latency-bound selection (classify + band select) of each chunk on a stream of priority STREAM_PRIORITY
-# (-1: high), each chunk's selection after its scoring pass and before its attention.  The block scheduler then
-# dispatches the selection's programs first as SM slots free up, beside the next chunk's bandwidth-bound pass.  No
-# PDL across the streams (no rotation PDL, no scoring flow, no early attention start).  On CPU tensors the same
-# launches run in order on one stream (for the interpreter tests)
-STREAM_CHUNKS = 0
-STREAM_PRIORITY = -1
-_SIDE_STREAMS: dict = {}
 
 
 def choose_path(forced: bool = False) -> str:
@@ -128,10 +118,6 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
             attn_cfg = dict(ATTN_WIDE_CONFIG)
         if FOLD_COMBINE if fold_combine is None else fold_combine:
             counters = torch.empty(B * R, dtype=torch.int32, device=q.device)
-        if STREAM_CHUNKS > 1 and B > 1:
-            return _bracket_chunked(q, P, k_sc, k_lr, k_rest, v, lengths, k_budget, mode, reduce, scaling, k_max,
-                                    num_splits, sink_tokens, local_window, out, counters is not None, attn_cfg,
-                                    return_indices)
         ws = None
         if ATTN_EARLY and bracket_mod.BRACKET_CLASSIFY == "split":  # (the band select runs last: split only)
             ws = torch.empty(bracket_workspace_size(B, R, S), dtype=torch.int32, device=q.device)
@@ -156,68 +142,3 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
     out = sparse_decode_attention(q_rot, k_lr, k_rest, v, idx, scaling=scaling, num_splits=num_splits, out=out,
                                   counters=counters, ready=ready, pdl=ready is not None, config=attn_cfg)
     return (out, idx) if return_indices else out
-
-
-def _side_stream(device: torch.device):
-    key = (device.index, STREAM_PRIORITY)
-    if key not in _SIDE_STREAMS:
-        _SIDE_STREAMS[key] = torch.cuda.Stream(device=device, priority=STREAM_PRIORITY)
-    return _SIDE_STREAMS[key]
-
-
-def _bracket_chunked(q, P, k_sc, k_lr, k_rest, v, lengths, k_budget, mode, reduce, scaling, k_max, num_splits,
-                     sink_tokens, local_window, out, fold, attn_cfg, return_indices):
-    """The bracket path in STREAM_CHUNKS chunks of sequences on two streams (see STREAM_CHUNKS)."""
-    B, H, D = q.shape
-    n = min(STREAM_CHUNKS, B)
-    bounds = [(B * i // n, B * (i + 1) // n) for i in range(n)]
-    R = H if mode == "head" else P.shape[0]
-    S = k_lr.shape[2]
-    cuda = q.is_cuda
-    main = torch.cuda.current_stream(q.device) if cuda else None
-    side = _side_stream(q.device) if cuda else None
-    q_rot = rotate_q(q, P)
-    if out is None:
-        out = torch.empty(B, H, D, dtype=v.dtype, device=q.device)
-    if side is not None:
-        side.wait_stream(main)
-    args = []
-    for b0, b1 in bounds:  # every chunk's scoring pass (and its bracket programs) on the caller's stream
-        kb = k_budget[b0:b1] if isinstance(k_budget, torch.Tensor) else k_budget
-        ws = torch.empty(bracket_workspace_size(b1 - b0, R, S), dtype=torch.int32, device=q.device)
-        ctr = torch.empty((b1 - b0) * R, dtype=torch.int32, device=q.device) if fold else None
-        kw = dict(mode=mode, reduce=reduce, scaling=scaling, strict=False, k_max=k_max, sink_tokens=sink_tokens,
-                  local_window=local_window, attn_counters=ctr, workspace=ws)
-        a = (q_rot[b0:b1], k_sc[b0:b1], lengths[b0:b1], kb)
-        idx, _ = loki_select_bracket(*a, stages=2, **kw)
-        ev = None
-        if side is not None:
-            ev = torch.cuda.Event()
-            ev.record(main)
-        args.append((a, kw, idx, ctr, ev))
-    done = []
-    for a, kw, idx, ctr, ev in args:  # each chunk's classify + band select on the high-priority stream
-        if side is None:
-            loki_select_bracket(*a, first_stage=3, idx_out=idx, **kw)
-            done.append(None)
-            continue
-        side.wait_event(ev)
-        with torch.cuda.stream(side):
-            loki_select_bracket(*a, first_stage=3, idx_out=idx, **kw)
-            ev2 = torch.cuda.Event()
-            ev2.record(side)
-        done.append(ev2)
-    for (b0, b1), (a, kw, idx, ctr, ev), ev2 in zip(bounds, args, done):  # each chunk's attention, caller's stream
-        if ev2 is not None:
-            main.wait_event(ev2)
-        sparse_decode_attention(q_rot[b0:b1], k_lr[b0:b1], k_rest[b0:b1], v[b0:b1], idx, scaling=scaling,
-                                num_splits=num_splits, out=out[b0:b1], counters=ctr, config=attn_cfg)
-    if side is not None:
-        main.wait_stream(side)
-    if return_indices:
-        kmax = max(x[2].shape[2] for x in args)
-        idx = torch.full((B, R, kmax), -1, dtype=torch.int32, device=q.device)
-        for (b0, b1), x in zip(bounds, args):
-            idx[b0:b1, :, :x[2].shape[2]] = x[2]
-        return out, idx
-    return out

@@ -176,47 +176,6 @@ def test_loki_decode_attention_early_start(dtype, mode, k, monkeypatch):
         assert rel_err(outs[e][0], ref) <= TOL[dtype]
 
 
-@pytest.mark.parametrize("chunks,mode,k,sinks", [(2, "group", 0.4, 0), (3, "group", "whole", 0), (2, "head", 7, 0),
-                                                  (5, "group", 0.25, 2)])
-def test_loki_decode_stream_chunks(dtype, chunks, mode, k, sinks, monkeypatch):
-    """kernels.loki.STREAM_CHUNKS (session 15, an option): the batch in chunks of sequences, each chunk's scoring
-    pass and attention on the caller's stream and its classify + band select on a high-priority stream (on the
-    GPU; in order under the interpreter).  The same selections and outputs as the one-chunk path, and the float64
-    reference's top-k; more chunks than sequences, per-sequence budgets, head mode and sink tokens included."""
-    import kernels.loki as loki
-    torch.manual_seed(31 + chunks)
-    S = 300 if DEV == "cpu" else 2400
-    B, KVH, g, D, d = 4, 2, 2, 64, 16
-    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, dtype, DEV, lengths=[S, S - 20, 90, 1])
-    q = torch.randn(B, KVH * g, D, device=DEV)
-    P = random_orthonormal(KVH, D, DEV)
-    if k == "whole":
-        k = lengths.clone()
-    outs = {}
-    for n in (0, chunks):
-        monkeypatch.setattr(loki, "STREAM_CHUNKS", n)
-        outs[n] = loki_decode(q, P, k_lr, k_rest, v, lengths, k, mode=mode, strict=False, path="bracket",
-                              return_indices=True, sink_tokens=sinks)
-    big = torch.iinfo(torch.int32).max
-    sel = {n: torch.where(o[1] < 0, big, o[1]).sort(dim=-1).values for n, o in outs.items()}
-    assert torch.equal(sel[chunks], sel[0])
-    assert (outs[chunks][0] - outs[0][0]).abs().max().item() <= TOL[dtype] * outs[0][0].abs().max().item()
-    idx = outs[chunks][1].cpu()
-    ref = sparse_attention_ref(rotate_q_ref(q.cpu(), P.cpu()), k_lr.cpu(), k_rest.cpu(), v.cpu(), idx)
-    assert rel_err(outs[chunks][0], ref) <= TOL[dtype]
-    if not sinks:
-        kk = k.cpu() if isinstance(k, torch.Tensor) else k
-        if isinstance(kk, float):
-            from kernels.bracket import fraction_budget
-            kk = fraction_budget(kk, lengths.cpu())
-        _, _, ref_scores = loki_decode_ref(q.cpu(), P.cpu(), k_lr.cpu(), k_rest.cpu(), v.cpu(), lengths.cpu(), kk,
-                                           mode=mode)
-        fin = torch.isfinite(ref_scores)
-        n, exact = check_selection(idx, ref_scores, lengths.cpu(), budgets_ref(kk, lengths.cpu()),
-                                   2e-5 * ref_scores[fin].abs().max().item())
-        assert exact >= n - 1
-
-
 def test_loki_decode_lowrank_waves_rule(monkeypatch):
     """kernels.loki.ATTN_LOWRANK_* (session 12): two waves of attention programs exactly where d <= ATTN_LOWRANK_D,
     S_max >= ATTN_LOWRANK_MIN_S and there are >= ATTN_LOWRANK_MIN_ROWS score rows; ATTN_WIDE_* (session 13): 128-token
