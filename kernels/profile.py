@@ -40,13 +40,14 @@ def run(configs, dk=DK, warmup=3):
             d, k = D // dfrac, S // kfrac
             case = Case(B, S, d, 1)  # the benchmark's random cache, q and P
             (k_lr, k_rest, v), L, q, P, q_rot = case.copies[0], case.lengths, case.q, case.P, case.q_rot
+            sl = case.slab(k_lr)
             for _ in range(warmup):
-                loki_decode(q, P, k_lr, k_rest, v, L, k, strict=False)
+                loki_decode(q, P, k_lr, k_rest, v, L, k, strict=False, slab=sl)
                 dense_decode_attention(q_rot, k_lr, k_rest, v, L)
             torch.cuda.synchronize()
             print(f"point B={B} S={S} d={d} k={k}: loki step, then dense", file=sys.stderr)
             cudart.cudaProfilerStart()
-            loki_decode(q, P, k_lr, k_rest, v, L, k, strict=False)
+            loki_decode(q, P, k_lr, k_rest, v, L, k, strict=False, slab=sl)
             dense_decode_attention(q_rot, k_lr, k_rest, v, L)
             torch.cuda.synchronize()
             cudart.cudaProfilerStop()
@@ -105,13 +106,14 @@ def timeline(configs, dk=DK, steps=4, replays=5):
             d, k = D // dfrac, S // kfrac
             case = Case(B, S, d, 1)
             (k_lr, k_rest, v), L, q, P = case.copies[0], case.lengths, case.q, case.P
+            sl = case.slab(k_lr)  # (a row layout's slab copy, which the scoring pass reads; None in "split")
             for _ in range(3):
-                loki_decode(q, P, k_lr, k_rest, v, L, k, strict=False)
+                loki_decode(q, P, k_lr, k_rest, v, L, k, strict=False, slab=sl)
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
                 for _ in range(steps):
-                    loki_decode(q, P, k_lr, k_rest, v, L, k, strict=False)
+                    loki_decode(q, P, k_lr, k_rest, v, L, k, strict=False, slab=sl)
             g.replay()
             torch.cuda.synchronize()
             per_replay = []
@@ -129,19 +131,26 @@ def timeline(configs, dk=DK, steps=4, replays=5):
             for rr in range(replays):
                 step = ev[(rr * steps + steps - 1) * n_step:(rr * steps + steps) * n_step]
                 t0 = step[0]["ts"]
-                per_replay.append([(e["name"], e["ts"] - t0, e["ts"] + e["dur"] - t0) for e in step])
+                # (the kernel's name and, where a step uses more than one stream, its stream)
+                per_replay.append([(e["name"].split("(")[0][:40] + _stream_tag(e, step), e["ts"] - t0,
+                                    e["ts"] + e["dur"] - t0) for e in step])
             rows = []
             for i, (name, _, _) in enumerate(per_replay[0]):
-                rows.append((name.split("(")[0][:40], statistics.median(r[i][1] for r in per_replay),
+                rows.append((name, statistics.median(r[i][1] for r in per_replay),
                              statistics.median(r[i][2] for r in per_replay)))
             key = f"B={B} S={S} d={d} k={k}"
             out[key] = rows
             print(f"{key}: {len(rows)} kernels per step", flush=True)
             for name, a, b in rows:
-                print(f"  {name:40s} start {a:8.1f}  end {b:8.1f}  dur {b - a:8.1f} us", flush=True)
+                print(f"  {name:48s} start {a:8.1f}  end {b:8.1f}  dur {b - a:8.1f} us", flush=True)
             del g, case, k_lr, k_rest, v
             torch.cuda.empty_cache()
     return out
+
+
+def _stream_tag(e, step) -> str:
+    streams = {x.get("args", {}).get("stream") for x in step}
+    return f" [s{e.get('args', {}).get('stream')}]" if len(streams) > 1 else ""
 
 
 def main(argv=None):
