@@ -309,6 +309,18 @@ def _combine_kernel(mp_ptr, lp_ptr, op_ptr, o_ptr, so_b, so_h, H, NSPLIT,
 SPARSE_CONFIG = dict(block_n=64, num_warps=4, num_stages=3, waves=1, ahead=True, hilo=False)
 FOLD_VECTOR_MAX = 8192  # folded combine: all of a row's heads in one tile when HPR x splits x D fits, else a loop
 DENSE_CONFIG = dict(block_n=128, num_warps=4, num_stages=3, waves=1, hilo=True)
+# session 15: where a launch has few rows (B x KV heads, or B x heads in head mode, at most FEW_ROWS_FRACTION of the
+# SMs: batch <= 8 at 8 KV heads on the H200) and no config is given, the split-K grid takes more, shorter programs.
+# Measured (bench_results/h200_{dense_cfg,attn_b1,attn_rule}_probe_s15, rows layout): the dense kernel at batch 1 /
+# 128K 180 -> 125 us (71% -> 101% of copy bandwidth; SDPA 124), batch 2 / 64K 201 -> 126, batch 4 / 64K 354 -> 248,
+# batch 8 / 16K 155 -> 128, batch 1 / 4K-64K equal or faster; the sparse kernel (two waves) at batch 1 / 128K
+# (k = 32768) 53.1 -> 40.5, batch 4 / 64K (k = 16384) 89.4 -> 71.7, batch 8 / 64K 151.8 -> 132.8, within +-0.6 us
+# where it does not gain.  At batch 16 (128 rows) the defaults above stay: there the dense kernel is at 105-110%.
+# FEW_ROWS_DENSE rounds q' and p to the cache dtype (one 16-bit dot each, as SDPA and the sparse kernel): with the
+# split halves (hilo) the same grid is 10-30% slower at batches 2-8
+FEW_ROWS_FRACTION = 0.5
+FEW_ROWS_DENSE = dict(block_n=64, num_stages=2, waves=4, hilo=False)
+FEW_ROWS_SPARSE = dict(waves=2)
 
 
 # session 13: where k_rest continues k_lr's rows in memory (a row layout, `kv_cache.allocate_cache_rows`), the kernels
@@ -360,6 +372,8 @@ def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_spli
     cfg = dict(SPARSE_CONFIG if not dense else DENSE_CONFIG)
     if config:
         cfg.update(config)
+    elif B * R <= FEW_ROWS_FRACTION * num_sms(k_lr.device):
+        cfg.update(FEW_ROWS_DENSE if dense else FEW_ROWS_SPARSE)
     BLOCK_N = 16 if interp else cfg["block_n"]
     n_tiles = max(1, triton.cdiv(n_items, BLOCK_N))
     if num_splits is None:  # waves = 0: no split-K when the rows alone fill the GPU

@@ -103,6 +103,52 @@ def test_dense_attention(dtype, D, d, g, splits):
     assert (o[2].float() == 0).all()  # empty sequence -> zeros
 
 
+_GPU_ONLY = pytest.mark.skipif(DEV == "cpu", reason="the H200's boundary (64 / 128 rows); the CPU's is 2 / 4 rows")
+
+
+@pytest.mark.parametrize("B,KVH", [(1, 2), (2, 2), pytest.param(8, 8, marks=_GPU_ONLY),
+                                   pytest.param(16, 8, marks=_GPU_ONLY)])
+def test_attention_few_rows_rule(dtype, B, KVH, monkeypatch):
+    """attention.FEW_ROWS_* (session 15): launches of at most FEW_ROWS_FRACTION x SMs rows without a config take
+    FEW_ROWS_DENSE / FEW_ROWS_SPARSE (more split-K programs; single 16-bit dots in the dense kernel), others the
+    defaults, and an explicit config always wins; the outputs match the float64 references either way."""
+    import kernels.attention as A
+    from kernels._utils import num_sms
+    launches = []
+    real = A._flash_decode_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launches.append((grid, kw["HILO"], kw["BLOCK_N"]))
+                return real[grid](*args, **kw)
+            return launch
+    monkeypatch.setattr(A, "_flash_decode_kernel", Spy())
+    torch.manual_seed(B + KVH)
+    g, D, d, S = 2, 64, 16, 300
+    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, dtype, DEV, lengths=[S] + [S - 37] * (B - 1))
+    q = torch.randn(B, KVH * g, D, device=DEV)
+    few = B * KVH <= A.FEW_ROWS_FRACTION * num_sms(k_lr.device)
+
+    def splits(n_items, block_n, waves):  # (_launch's split-K grid)
+        n_tiles = -(-n_items // (16 if DEV == "cpu" else block_n))
+        tps = -(-n_tiles // min(n_tiles, max(1, -(-waves * num_sms(k_lr.device) // (B * KVH)))))
+        return -(-n_tiles // tps)
+    o = dense_decode_attention(q, k_lr, k_rest, v, lengths)
+    assert rel_err(o, dense_attention_ref(q.cpu(), k_lr.cpu(), k_rest.cpu(), v.cpu(), lengths.cpu())) <= TOL[dtype]
+    cfg = dict(A.DENSE_CONFIG, **(A.FEW_ROWS_DENSE if few else {}))
+    grid, hilo, _ = launches.pop()
+    assert hilo == cfg["hilo"]
+    assert grid[1] == splits(S, cfg["block_n"], cfg["waves"])
+    idx = topk_select_ref(torch.randn(B, KVH, S), lengths.cpu(), 40).to(torch.int32).to(DEV)
+    o = sparse_decode_attention(q, k_lr, k_rest, v, idx)
+    assert rel_err(o, sparse_attention_ref(q.cpu(), k_lr.cpu(), k_rest.cpu(), v.cpu(), idx.cpu())) <= TOL[dtype]
+    waves = dict(A.SPARSE_CONFIG, **(A.FEW_ROWS_SPARSE if few else {}))["waves"]
+    assert launches.pop()[0][1] == splits(40, A.SPARSE_CONFIG["block_n"], waves)
+    dense_decode_attention(q, k_lr, k_rest, v, lengths, config=dict(hilo=True))  # a given config: no rule
+    assert launches.pop()[1] is True
+
+
 def test_attention_bad_inputs():
     B, KVH, S, D, d = 2, 2, 16, 64, 16
     k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.float32, DEV)
