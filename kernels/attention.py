@@ -317,7 +317,9 @@ DENSE_CONFIG = dict(block_n=128, num_warps=4, num_stages=3, waves=1, hilo=True)
 # (k = 32768) 53.1 -> 40.5, batch 4 / 64K (k = 16384) 89.4 -> 71.7, batch 8 / 64K 151.8 -> 132.8, within +-0.6 us
 # where it does not gain.  At batch 16 (128 rows) the defaults above stay: there the dense kernel is at 105-110%.
 # FEW_ROWS_DENSE rounds q' and p to the cache dtype (one 16-bit dot each, as SDPA and the sparse kernel): with the
-# split halves (hilo) the same grid is 10-30% slower at batches 2-8
+# split halves (hilo) the same grid is 10-30% slower at batches 2-8.  Not for the sparse kernel's early start (`ready`,
+# inside loki_decode): there the two waves made the whole step 2.5-4 us slower at batch 1 although the attention alone
+# was 0-11 us faster (h200_bench_s15f_full_rows against s15b)
 FEW_ROWS_FRACTION = 0.5
 FEW_ROWS_DENSE = dict(block_n=64, num_stages=2, waves=4, hilo=False)
 FEW_ROWS_SPARSE = dict(waves=2)
@@ -372,7 +374,7 @@ def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_spli
     cfg = dict(SPARSE_CONFIG if not dense else DENSE_CONFIG)
     if config:
         cfg.update(config)
-    elif B * R <= FEW_ROWS_FRACTION * num_sms(k_lr.device):
+    elif B * R <= FEW_ROWS_FRACTION * num_sms(k_lr.device) and (dense or ready is None):
         cfg.update(FEW_ROWS_DENSE if dense else FEW_ROWS_SPARSE)
     BLOCK_N = 16 if interp else cfg["block_n"]
     n_tiles = max(1, triton.cdiv(n_items, BLOCK_N))

@@ -147,6 +147,10 @@ def test_attention_few_rows_rule(dtype, B, KVH, monkeypatch):
     assert launches.pop()[0][1] == splits(40, A.SPARSE_CONFIG["block_n"], waves)
     dense_decode_attention(q, k_lr, k_rest, v, lengths, config=dict(hilo=True))  # a given config: no rule
     assert launches.pop()[1] is True
+    ready = torch.zeros(B * KVH * A.BRACKET_RECORD.value, dtype=torch.int32, device=DEV)  # the early start: no rule
+    o = sparse_decode_attention(q, k_lr, k_rest, v, idx, ready=ready)
+    assert rel_err(o, sparse_attention_ref(q.cpu(), k_lr.cpu(), k_rest.cpu(), v.cpu(), idx.cpu())) <= TOL[dtype]
+    assert launches.pop()[0][1] == splits(40, A.SPARSE_CONFIG["block_n"], A.SPARSE_CONFIG["waves"])
 
 
 def test_attention_bad_inputs():
