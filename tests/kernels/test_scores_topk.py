@@ -39,6 +39,22 @@ def test_scores(dtype, D, d, g, mode, reduce):
     assert (s.double()[fin] - ref[fin]).abs().max().item() <= _rel_score_tol(ref)
 
 
+@pytest.mark.parametrize("D,g", [(64, 3), (128, 4), (96, 1)])
+@pytest.mark.parametrize("chunk,warps", [(0, 4), (16, 4), (32, 8)])
+def test_rotate_q_chunks(D, g, chunk, warps, monkeypatch):
+    """scores.ROTATE_CHUNK / ROTATE_WARPS (session 15): the rotation's reduction over the input dimension in chunks
+    (and more warps) gives q @ P[kvh] as the float64 reference does, to fp32 rounding, for D not a power of 2 too."""
+    import kernels.scores as sc
+    monkeypatch.setattr(sc, "ROTATE_CHUNK", chunk)
+    monkeypatch.setattr(sc, "ROTATE_WARPS", warps)
+    torch.manual_seed(D + g + chunk)
+    B, KVH = 3, 2
+    q = torch.randn(B, KVH * g, D, device=DEV)
+    P = random_orthonormal(KVH, D, DEV)
+    err = (rotate_q(q, P).double().cpu() - rotate_q_ref(q.cpu(), P.cpu())).abs().max().item()
+    assert err < 1e-5 * q.abs().max().item() * D ** 0.5
+
+
 @pytest.mark.parametrize("k", [1, 13, 77])
 def test_topk_select(k):
     torch.manual_seed(k)
