@@ -500,7 +500,8 @@ _S12_D16 = dict(_S12, BRACKET_ROTATE_PDL=1, BRACKET_ROTATE_PDL_MAX_D=16, BRACKET
 _S13 = dict(_S12_D16, BRACKET_FLOW="auto", BRACKET_FLOW_PDL=True, LAYOUT="split", ATTN_LOWRANK_WAVES=2,
             ATTN_WIDE_MIN_D=0, WIDEN_ROWS=False)
 _S13_WIDE = dict(_S13, ATTN_WIDE_MIN_D=17, WIDEN_ROWS=True)  # the module defaults since round 7
-_S14 = dict(_S13_WIDE, ATTN_WIDE_ROWS=False, ROTATE_CHUNK=0, ROTATE_WARPS=4)  # (every setting named)
+_S14 = dict(_S13_WIDE, ATTN_WIDE_ROWS=False, ROTATE_WARPS=4)  # (the session-14 defaults, every setting named)
+_S15 = dict(_S14, ROTATE_WARPS=2)  # (the session-15 defaults)
 VARIANTS = {
     "v6": dict(BRACKET_OVERLAP=False, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
     "overlap": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
@@ -698,15 +699,14 @@ VARIANTS = {
     "s14_rows_wide": dict(_S14, LAYOUT="rows", ATTN_WIDE_ROWS=True),
     "s14_rows_noearly": dict(_S14, LAYOUT="rows", ATTN_EARLY=False),
     "s14_rows_wide_noearly": dict(_S14, LAYOUT="rows", ATTN_WIDE_ROWS=True, ATTN_EARLY=False),
-    # session 15: the rotation kernel's reduction in chunks of the input dimension (scores.ROTATE_CHUNK), its warps and
-    # output columns per program, in the rows layout (the session's chunked streams, kernels.loki.STREAM_CHUNKS, were
-    # measured with variants of their own and removed: cc0aecc, h200_variants_s15a)
-    "s15_rk32": dict(_S14, LAYOUT="rows", ROTATE_CHUNK=32),
-    "s15_rk16": dict(_S14, LAYOUT="rows", ROTATE_CHUNK=16),
+    # session 15 (the chunked streams of round 1, kernels.loki.STREAM_CHUNKS, had variants of their own and were
+    # removed: cc0aecc, h200_variants_s15a; round 2's rotation in chunks of the input dimension likewise: 2e3cf06,
+    # h200_variants_s15h).  Round 3 (h200_variants_s15i): the two fastest rotations alone (h200_rotate_probe_s15), 2
+    # warps (the default since) or 64 output columns per program, in the rows layout
+    "s15_base": _S15,
+    "s15_rw2": dict(_S14, LAYOUT="rows", ROTATE_WARPS=2),
+    "s15_c64": dict(_S14, LAYOUT="rows", ROTATE_COLS=64),
     "s15_rw8": dict(_S14, LAYOUT="rows", ROTATE_WARPS=8),
-    "s15_rk32w2": dict(_S14, LAYOUT="rows", ROTATE_CHUNK=32, ROTATE_WARPS=2),
-    "s15_rk16c128": dict(_S14, LAYOUT="rows", ROTATE_CHUNK=16, ROTATE_COLS=128),
-    "s15_rk32c64": dict(_S14, LAYOUT="rows", ROTATE_CHUNK=32, ROTATE_COLS=64),
 }
 
 
@@ -725,7 +725,7 @@ def _variant_modules() -> dict:
                 BRACKET_FINISH_MAXNREG=bracket_mod, ATTN_LOWRANK_D=loki_mod, BRACKET_FLOW=bracket_mod,
                 BRACKET_FLOW_PDL=bracket_mod, LAYOUT=sys.modules[__name__],
                 ATTN_LOWRANK_WAVES=loki_mod, ATTN_WIDE_MIN_D=loki_mod, WIDEN_ROWS=attn_mod, ATTN_WIDE_ROWS=loki_mod,
-                ROTATE_CHUNK=scores_mod, ROTATE_WARPS=scores_mod)
+                ROTATE_WARPS=scores_mod)
 
 
 def apply_variant(name: str) -> dict:

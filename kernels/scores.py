@@ -134,13 +134,12 @@ def rot_chunks(block_d: int, whole_rows: bool = False) -> dict:
 def _rotate_q_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, out_ptr, so_b, so_h, KVH, zero_ptr,
                      G: tl.constexpr, G_ROT: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                      ROT_C: tl.constexpr, PDL: tl.constexpr = False, ZERO_ROWS: tl.constexpr = 0,
-                     ZERO_STRIDE: tl.constexpr = 1, ZERO_P2: tl.constexpr = 1, ROT_K: tl.constexpr = 0):
+                     ZERO_STRIDE: tl.constexpr = 1, ZERO_P2: tl.constexpr = 1):
     """One program per (sequence, KV head, chunk of ROT_C output columns): out = q @ P[kvh][:, chunk], fp32 FMAs,
     whole input rows in one load (one memory round trip per program).  PDL (session 11, an option): the next kernel,
     launched with launch_pdl=True, may start at once (it waits for q' itself).  ZERO_ROWS > 0 (session 13, the
     bracket path's row flow): the column-0 program of (sequence, KV head) p zeroes zero_ptr[(p * ZERO_ROWS + j) *
-    ZERO_STRIDE] for j < ZERO_ROWS (the per-row counters the next kernels count their finished programs in).
-    ROT_K (session 15; 0: BLOCK_D): the input dimension taken ROT_K at a time (fewer live products per thread)."""
+    ZERO_STRIDE] for j < ZERO_ROWS (the per-row counters the next kernels count their finished programs in)."""
     pdl_trigger(PDL)
     pid = tl.program_id(0)
     if ZERO_ROWS > 0:
@@ -152,25 +151,25 @@ def _rotate_q_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, out_ptr, so_b, so_h, 
     kvh = (pid % KVH).to(tl.int64)
     hh = tl.arange(0, G_ROT)
     hv = hh < G
+    ii = tl.arange(0, BLOCK_D)
+    im = ii < D
     cols = tl.program_id(1) * ROT_C + tl.arange(0, ROT_C)
     cm = cols < D
     q_rows = q_ptr + b * sq_b + (kvh * G + hh) * sq_h
-    RK: tl.constexpr = BLOCK_D if ROT_K == 0 else ROT_K
-    acc = tl.zeros([G_ROT, ROT_C], dtype=tl.float32)
-    for k0 in tl.static_range(0, BLOCK_D, RK):
-        ii = k0 + tl.arange(0, RK)
-        im = ii < D
-        qc = tl.load(q_rows[:, None] + ii[None, :], mask=hv[:, None] & im[None, :], other=0.0).to(tl.float32)
-        pc = tl.load(P_ptr + kvh * sp_h + ii[:, None] * sp_r + cols[None, :], mask=im[:, None] & cm[None, :],
-                     other=0.0).to(tl.float32)
-        acc += tl.sum(qc[:, :, None] * pc[None, :, :], axis=1)
+    qc = tl.load(q_rows[:, None] + ii[None, :], mask=hv[:, None] & im[None, :], other=0.0).to(tl.float32)
+    pc = tl.load(P_ptr + kvh * sp_h + ii[:, None] * sp_r + cols[None, :], mask=im[:, None] & cm[None, :],
+                 other=0.0).to(tl.float32)
+    acc = tl.sum(qc[:, :, None] * pc[None, :, :], axis=1)
     tl.store(out_ptr + b * so_b + (kvh * G + hh)[:, None] * so_h + cols[None, :], acc, mask=hv[:, None] & cm[None, :])
 
 
 ROTATE_COLS = 0  # output columns per rotation program; 0: 128 // next_pow2(g), at least 8 (session 11: 32 at g = 4
 #                  measured 0.4-1 us faster per step than the 16 of sessions 5-10, h200_variants_s11b)
-ROTATE_CHUNK = 0  # session 15: input dimensions per step of the rotation's reduction (0: all of D at once)
-ROTATE_WARPS = 4
+# session 15: 2 warps per rotation program (was 4): the rotation alone 4.41 -> 3.36 us at batch 16 (2.46 -> 2.56 at
+# batch 1), the step 0.1-3.9 us faster at 8 of 9 batch-16 points, 0.4 slower at one (h200_rotate_probe_s15,
+# h200_variants_s15i).  Measured slower: 8 warps (+3.4 us alone) and the reduction over the input dimension in chunks
+# of 16-64 (ROTATE_CHUNK, 2e3cf06: the step 4-11 us slower, h200_variants_s15h)
+ROTATE_WARPS = 2
 
 
 def launch_rotate_q(q: torch.Tensor, P: torch.Tensor, out: torch.Tensor, KVH: int, g: int, D: int, pdl: bool = False,
@@ -184,7 +183,6 @@ def launch_rotate_q(q: torch.Tensor, P: torch.Tensor, out: torch.Tensor, KVH: in
         q, q.stride(0), q.stride(1), P, P.stride(0), P.stride(1), out, out.stride(0), out.stride(1), KVH,
         zero if zero is not None else out, G=g, G_ROT=G_ROT, D=D, BLOCK_D=BLOCK_D, ROT_C=rot_c, PDL=pdl,
         ZERO_ROWS=zero_rows if zero is not None else 0, ZERO_STRIDE=zero_stride, ZERO_P2=next_pow2(max(1, zero_rows)),
-        ROT_K=min(ROTATE_CHUNK, BLOCK_D) if ROTATE_CHUNK else 0,
         num_warps=4 if is_interpreter() else ROTATE_WARPS)
     return out
 
