@@ -1,6 +1,7 @@
 """Session 15 probe 4: the rotation kernel alone (q @ P[kvh], Llama-3-8B shapes) under scores.ROTATE_CHUNK /
 ROTATE_WARPS / ROTATE_COLS, graph-timed like the benchmark, at batch 16 and 1; table on stdout, JSON to argv[1].
     PYTHONPATH=. python kernels/bench_results/s15_probes/rotate_probe.py OUT.json
+(run at 2e3cf06; scores.ROTATE_CHUNK was removed after it, so at later commits the chunk settings do nothing)
 """
 import json
 import sys
