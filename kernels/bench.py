@@ -501,7 +501,7 @@ _S13 = dict(_S12_D16, BRACKET_FLOW="auto", BRACKET_FLOW_PDL=True, LAYOUT="split"
             ATTN_WIDE_MIN_D=0, WIDEN_ROWS=False)
 _S13_WIDE = dict(_S13, ATTN_WIDE_MIN_D=17, WIDEN_ROWS=True)  # the module defaults since round 7
 _S14 = dict(_S13_WIDE, ATTN_WIDE_ROWS=False, ROTATE_WARPS=4)  # (the session-14 defaults, every setting named)
-_S15 = dict(_S14, ROTATE_WARPS=2)  # (the session-15 defaults)
+_S15 = dict(_S14, ROTATE_WARPS=2, BRACKET_NSIG=4.0)  # (the session-15 defaults)
 VARIANTS = {
     "v6": dict(BRACKET_OVERLAP=False, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
     "overlap": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
@@ -707,6 +707,14 @@ VARIANTS = {
     "s15_rw2": dict(_S14, LAYOUT="rows", ROTATE_WARPS=2),
     "s15_c64": dict(_S14, LAYOUT="rows", ROTATE_COLS=64),
     "s15_rw8": dict(_S14, LAYOUT="rows", ROTATE_WARPS=8),
+    # not measured yet (for the next session): the session-15 defaults in the rows layout; the scoring kernel launched
+    # during the (now 2-warp) rotation at d = 32 too (session 12 measured it 2.6-3.7 us slower at 64K with the 4-warp
+    # rotation); a narrower bracket (fewer band keys for the band select, more rows where the bracket misses and the
+    # whole row is selected: ~0.05% / 0.27% of rows at 3.5 / 3 sigma instead of ~0.006%)
+    "s15_rows": dict(_S15, LAYOUT="rows"),
+    "s15_rotpdl32": dict(_S15, LAYOUT="rows", BRACKET_ROTATE_PDL_MAX_D=0),
+    "s15_nsig35": dict(_S15, LAYOUT="rows", BRACKET_NSIG=3.5),
+    "s15_nsig3": dict(_S15, LAYOUT="rows", BRACKET_NSIG=3.0),
 }
 
 
@@ -725,7 +733,7 @@ def _variant_modules() -> dict:
                 BRACKET_FINISH_MAXNREG=bracket_mod, ATTN_LOWRANK_D=loki_mod, BRACKET_FLOW=bracket_mod,
                 BRACKET_FLOW_PDL=bracket_mod, LAYOUT=sys.modules[__name__],
                 ATTN_LOWRANK_WAVES=loki_mod, ATTN_WIDE_MIN_D=loki_mod, WIDEN_ROWS=attn_mod, ATTN_WIDE_ROWS=loki_mod,
-                ROTATE_WARPS=scores_mod)
+                ROTATE_WARPS=scores_mod, BRACKET_NSIG=bracket_mod)
 
 
 def apply_variant(name: str) -> dict:
