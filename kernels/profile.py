@@ -132,8 +132,9 @@ def timeline(configs, dk=DK, steps=4, replays=5):
                 step = ev[(rr * steps + steps - 1) * n_step:(rr * steps + steps) * n_step]
                 t0 = step[0]["ts"]
                 # (the kernel's name and, where a step uses more than one stream, its stream)
-                per_replay.append([(e["name"].split("(")[0][:40] + _stream_tag(e, step), e["ts"] - t0,
-                                    e["ts"] + e["dur"] - t0) for e in step])
+                tagged = len({_stream(e) for e in step}) > 1
+                per_replay.append([(e["name"].split("(")[0][:40] + (f" [s{_stream(e)}]" if tagged else ""),
+                                    e["ts"] - t0, e["ts"] + e["dur"] - t0) for e in step])
             rows = []
             for i, (name, _, _) in enumerate(per_replay[0]):
                 rows.append((name, statistics.median(r[i][1] for r in per_replay),
@@ -148,9 +149,8 @@ def timeline(configs, dk=DK, steps=4, replays=5):
     return out
 
 
-def _stream_tag(e, step) -> str:
-    streams = {x.get("args", {}).get("stream") for x in step}
-    return f" [s{e.get('args', {}).get('stream')}]" if len(streams) > 1 else ""
+def _stream(e):
+    return e.get("args", {}).get("stream")
 
 
 def main(argv=None):
