@@ -412,7 +412,9 @@ def load_kernels(kernels_dir):
 def speed_table(tidy, decode, kernels):
     """Measured speedup per (method, d, k) of the tidy table: decode benchmark first, then the kernel benchmark.
 
-    From several rows for one point, the one at the largest context (then the largest batch) is used.
+    From several decode rows for one point, the one at the largest context (then the largest batch) is used; from
+    several kernel rows, the one at the largest batch (then the largest context): a full kernel grid also holds batch
+    1 at 128K, and batch 16 is the batch its acceptance is set at.
     """
     import pandas as pd
 
@@ -444,7 +446,7 @@ def speed_table(tidy, decode, kernels):
             d_rel = round(dims(p.d, p.head_dim) / p.head_dim, 6)
             m = kernels[(kernels.d_rel == d_rel) & (kernels.k_rel == round(p.k, 6))]
             if len(m):
-                r = m.sort_values(["context", "batch", "source"], ascending=[True, True, False], kind="stable").iloc[-1]
+                r = m.sort_values(["batch", "context", "source"], ascending=[True, True, False], kind="stable").iloc[-1]
                 out.append({"method": p.method, "d": p.d, "k": p.k, "speedup": float(r.speedup), "speed_source": "kernel",
                             "speed_detail": f"kernel vs SDPA, {r.device}, batch {r.batch}, context {r.context}"})
     return pd.DataFrame(out, columns=["method", "d", "k", "speedup", "speed_source", "speed_detail"])

@@ -138,10 +138,10 @@ def make_results(root: Path, experiment_dir: str = f"results/{EXP}", kernels: bo
         kd = root / "kernels" / "measured"
         kd.mkdir(parents=True, exist_ok=True)
         loki = []
-        for S in (4096, 16384):
+        for B, S in ((16, 4096), (16, 16384), (1, 65536)):  # a full grid: batch 1 reaches the largest context
             for dfrac, kfrac in ((4, 4), (4, 8), (8, 16)):
                 d, k = 128 // dfrac, S // kfrac
-                loki.append({"batch": 16, "context": S, "d": d, "k": k, "d_frac": f"D/{dfrac}", "k_frac": f"1/{kfrac}",
+                loki.append({"batch": B, "context": S, "d": d, "k": k, "d_frac": f"D/{dfrac}", "k_frac": f"1/{kfrac}",
                              "total_ms": 0.1, "speedup_vs_sdpa": kernel_speedup(S, dfrac, kfrac),
                              "ideal_ratio": 2 * 128 / (d + 2 * k / S * 128)})
         (kd / "h200.json").write_text(json.dumps({"info": {"device": "NVIDIA H200", "head_dim": 128, "heads": 32,

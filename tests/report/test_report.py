@@ -146,7 +146,8 @@ def test_frontier_speed_sources_and_pareto(built):
     assert by[("dense", "", None, None)].speed_source == "decode" and by[("dense", "", None, None)].speedup == 1.0
     r = by[("loki", "", 8, 0.5)]  # decode benchmark: the largest context (4096), then the largest batch (4)
     assert (r.speed_source, r.speedup) == ("decode", fx.decode_speedup(4, 4096))
-    for variant in ("", "rope=pre"):  # kernel benchmark, matched by d/D = 16/64 = 32/128 and k = 1/4
+    for variant in ("", "rope=pre"):  # kernel benchmark, matched by d/D = 16/64 = 32/128 and k = 1/4; the largest
+        # batch (16) wins over batch 1's larger context
         r = by[("loki", variant, 16, 0.25)]
         assert (r.speed_source, r.speedup) == ("kernel", fx.kernel_speedup(16384, 4, 4))
     for key in (("loki", "", 8, 0.25), ("loki", "", 16, 0.5), ("exact_topk", "", None, 0.25)):
@@ -186,7 +187,7 @@ def test_rank_selection_transfer_speed_data(built):
         assert r.explained_variance == pytest.approx(fx.transfer_ev(r.fit_corpus, r.eval_corpus, r.side, r.d))
 
     kern = fig(report, "kernel_speedup")
-    assert set(kern.source) == {"h200.json"} and len(kern) == 6
+    assert set(kern.source) == {"h200.json"} and len(kern) == 9 and set(kern.batch) == {1, 16}
     dec = fig(report, "decode_speedup")
     assert len(dec) == 8 and set(dec.method) == {"dense", "dense_flash", "loki"} and dec.speedup.notna().all()
     note = report.contents.set_index("figure").loc["decode_speedup.png", "note"]
