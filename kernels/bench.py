@@ -498,10 +498,11 @@ _S12 = dict(_S11, BRACKET_BAND_ASM=True, BRACKET_BAND_IDX_FIRST=8192, ROTATE_COL
 _S12_D16 = dict(_S12, BRACKET_ROTATE_PDL=1, BRACKET_ROTATE_PDL_MAX_D=16, BRACKET_ROTATE_PDL_MIN_S=16384,
                 ATTN_LOWRANK_D=16)
 _S13 = dict(_S12_D16, BRACKET_FLOW="auto", BRACKET_FLOW_PDL=True, LAYOUT="split", ATTN_LOWRANK_WAVES=2,
-            ATTN_WIDE_MIN_D=0, WIDEN_ROWS=False)
+            ATTN_WIDE_MIN_D=0, WIDEN_ROWS=False, ATTN_LOWRANK_ROWS_D=16)
 _S13_WIDE = dict(_S13, ATTN_WIDE_MIN_D=17, WIDEN_ROWS=True)  # the module defaults since round 7
 _S14 = dict(_S13_WIDE, ATTN_WIDE_ROWS=False, ROTATE_WARPS=4)  # (the session-14 defaults, every setting named)
 _S15 = dict(_S14, ROTATE_WARPS=2, BRACKET_NSIG=4.0)  # (the session-15 defaults)
+_S17 = dict(_S15, ATTN_LOWRANK_ROWS_D=32)  # (the session-17 defaults: two attention waves at d <= 32 in a row layout)
 VARIANTS = {
     "v6": dict(BRACKET_OVERLAP=False, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
     "overlap": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
@@ -715,6 +716,16 @@ VARIANTS = {
     "s15_rotpdl32": dict(_S15, LAYOUT="rows", BRACKET_ROTATE_PDL_MAX_D=0),
     "s15_nsig35": dict(_S15, LAYOUT="rows", BRACKET_NSIG=3.5),
     "s15_nsig3": dict(_S15, LAYOUT="rows", BRACKET_NSIG=3.0),
+    # session 17: more, shorter attention programs at d = 32 too (the d <= 16 rule's waves).  In the 16K timeline the
+    # attention takes 77.7 us in the step against 72.9 alone: while the band select holds most of each SM's registers,
+    # half of the 256 one-wave programs wait, and each holds a fixed half of its row.  Session 12 measured two waves at
+    # d = 32 8-55 us slower, in the split layout (three gathers per token)
+    "s17_w2": dict(_S15, LAYOUT="rows", ATTN_LOWRANK_D=32),
+    "s17_w3": dict(_S15, LAYOUT="rows", ATTN_LOWRANK_D=32, ATTN_LOWRANK_WAVES=3),
+    "s17_w4": dict(_S15, LAYOUT="rows", ATTN_LOWRANK_D=32, ATTN_LOWRANK_WAVES=4),
+    # the rule taken (loki.ATTN_LOWRANK_ROWS_D = 32: s17_w2 in a row layout, the d <= 16 rule elsewhere)
+    "s17_base": _S17,
+    "s17_rows": dict(_S17, LAYOUT="rows"),
 }
 
 
@@ -733,7 +744,7 @@ def _variant_modules() -> dict:
                 BRACKET_FINISH_MAXNREG=bracket_mod, ATTN_LOWRANK_D=loki_mod, BRACKET_FLOW=bracket_mod,
                 BRACKET_FLOW_PDL=bracket_mod, LAYOUT=sys.modules[__name__],
                 ATTN_LOWRANK_WAVES=loki_mod, ATTN_WIDE_MIN_D=loki_mod, WIDEN_ROWS=attn_mod, ATTN_WIDE_ROWS=loki_mod,
-                ROTATE_WARPS=scores_mod, BRACKET_NSIG=bracket_mod)
+                ROTATE_WARPS=scores_mod, BRACKET_NSIG=bracket_mod, ATTN_LOWRANK_ROWS_D=loki_mod)
 
 
 def apply_variant(name: str) -> dict:

@@ -38,6 +38,12 @@ AUTO_PATH: str | None = None  # when set, path="auto" resolves to it (benchmarks
 # batch 16 (128 rows) 64K / (D/8, 1/16) 2.7 us faster alone, 8 us with bracket.py's BRACKET_ROTATE_PDL rule, 16K 2 us;
 # at batch 1 (8 rows) 3.3-3.4 us slower at 64K / 128K; two waves at d = 32 were 8-55 us slower at 16K and 64K
 ATTN_LOWRANK_D = 16
+# session 17: where the attention reads whole K rows (a row layout: attention.WIDEN_ROWS and `rows_continue`), the rule
+# applies up to d = ATTN_LOWRANK_ROWS_D.  Measured at batch 16 in the rows layout (h200_variants_s17a, s17b): d = 32 at
+# 16K 2.3 / 0.3 us faster (k = 1/4 / 1/8), at 64K 3.7 / 1.6; the 16K timeline (h200_timeline_s17a_s17_w2) shows the
+# attention 76.4 us in the step against 77.7 with one wave.  Three / four waves were 1-45 us slower.  (Not with the
+# ATTN_WIDE_ROWS option below, which asks for its own tiles there)
+ATTN_LOWRANK_ROWS_D = 32
 ATTN_LOWRANK_MIN_S = 16384
 ATTN_LOWRANK_MIN_ROWS = 64
 ATTN_LOWRANK_WAVES = 2
@@ -111,10 +117,12 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
     counters = ready = attn_cfg = None
     if path == "bracket":
         R = q.shape[1] if mode == "head" else KVH
-        if ATTN_LOWRANK_D and d <= ATTN_LOWRANK_D and S >= ATTN_LOWRANK_MIN_S and B * R >= ATTN_LOWRANK_MIN_ROWS:
+        whole_rows = attn_mod.WIDEN_ROWS and rows_continue(k_lr, k_rest)
+        lowrank_d = max(ATTN_LOWRANK_D, ATTN_LOWRANK_ROWS_D) if whole_rows and not ATTN_WIDE_ROWS else ATTN_LOWRANK_D
+        if lowrank_d and d <= lowrank_d and S >= ATTN_LOWRANK_MIN_S and B * R >= ATTN_LOWRANK_MIN_ROWS:
             attn_cfg = dict(waves=ATTN_LOWRANK_WAVES)
         elif (ATTN_WIDE_MIN_D and d >= ATTN_WIDE_MIN_D and B * R >= ATTN_WIDE_MIN_ROWS
-              and (ATTN_WIDE_ROWS or not (attn_mod.WIDEN_ROWS and rows_continue(k_lr, k_rest)))):
+              and (ATTN_WIDE_ROWS or not whole_rows)):
             attn_cfg = dict(ATTN_WIDE_CONFIG)
         if FOLD_COMBINE if fold_combine is None else fold_combine:
             counters = torch.empty(B * R, dtype=torch.int32, device=q.device)

@@ -31,17 +31,17 @@ def test_apply_variant_sets_module_defaults(monkeypatch):
 
 
 def test_defaults_variant_is_the_module_defaults(monkeypatch):
-    """"s15_base" names every setting at its module default (session 15's code; all but the scan kernel's, which
+    """"s17_base" names every setting at its module default (session 17's code; all but the scan kernel's, which
     only classify="scan" reads), so A/B runs against it compare with what `loki_decode` runs, whatever ran before."""
     mods = bench._variant_modules()
     defaults = {key: getattr(mod, key) for key, mod in mods.items()}
     for key, mod in mods.items():  # restored after the test
         monkeypatch.setattr(mod, key, defaults[key])
-    assert set(mods) - set(bench.VARIANTS["s15_base"]) == {"BRACKET_SCAN_BLOCK", "BRACKET_SCAN_WARPS"}
+    assert set(mods) - set(bench.VARIANTS["s17_base"]) == {"BRACKET_SCAN_BLOCK", "BRACKET_SCAN_WARPS"}
     for key, mod in mods.items():  # scramble what a variant run before would have left
-        if key in bench.VARIANTS["s15_base"]:
+        if key in bench.VARIANTS["s17_base"]:
             monkeypatch.setattr(mod, key, object())
-    bench.apply_variant("s15_base")
+    bench.apply_variant("s17_base")
     assert {key: getattr(mod, key) for key, mod in mods.items()} == defaults
 
 

@@ -177,7 +177,8 @@ def test_loki_decode_attention_early_start(dtype, mode, k, monkeypatch):
 
 
 def test_loki_decode_lowrank_waves_rule(monkeypatch):
-    """kernels.loki.ATTN_LOWRANK_* (session 12): two waves of attention programs exactly where d <= ATTN_LOWRANK_D,
+    """kernels.loki.ATTN_LOWRANK_* (session 12): two waves of attention programs exactly where d <= ATTN_LOWRANK_D
+    (ATTN_LOWRANK_ROWS_D where the attention reads whole K rows, session 17),
     S_max >= ATTN_LOWRANK_MIN_S and there are >= ATTN_LOWRANK_MIN_ROWS score rows; ATTN_WIDE_* (session 13): 128-token
     tiles at 2 stages where d >= ATTN_WIDE_MIN_D and there are >= ATTN_WIDE_MIN_ROWS score rows (thresholds lowered
     here to fit the interpreter); the output is the same attention either way."""
@@ -202,9 +203,17 @@ def test_loki_decode_lowrank_waves_rule(monkeypatch):
         assert configs[-1] == want
         ref = sparse_attention_ref(rotate_q_ref(q.cpu(), P.cpu()), k_lr.cpu(), k_rest.cpu(), v.cpu(), idx.cpu())
         assert rel_err(out, ref) <= TOL[torch.float32]
-    # a row layout whose attention reads whole K rows (attention.WIDEN_ROWS) keeps SPARSE_CONFIG's tiles at d = 32
+    # a row layout whose attention reads whole K rows (attention.WIDEN_ROWS) keeps SPARSE_CONFIG's tiles at d = 32,
+    # in two waves up to d = ATTN_LOWRANK_ROWS_D (session 17), in one beyond it
     monkeypatch.setattr(loki, "ATTN_WIDE_MIN_ROWS", 4)
+    assert loki.ATTN_LOWRANK_ROWS_D == 32
     r_lr, r_rest, r_v, r_len, slab = rows_copy(*random_cache(B, KVH, S, D, 32, torch.float32, DEV, lengths=[S, 150]))
+    out, idx = loki_decode(q, P, r_lr, r_rest, r_v, r_len, 0.25, strict=False, path="bracket", slab=slab,
+                           return_indices=True)
+    assert configs[-1] == dict(waves=loki.ATTN_LOWRANK_WAVES)
+    ref = sparse_attention_ref(rotate_q_ref(q.cpu(), P.cpu()), r_lr.cpu(), r_rest.cpu(), r_v.cpu(), idx.cpu())
+    assert rel_err(out, ref) <= TOL[torch.float32]
+    monkeypatch.setattr(loki, "ATTN_LOWRANK_ROWS_D", 16)
     loki_decode(q, P, r_lr, r_rest, r_v, r_len, 0.25, strict=False, path="bracket", slab=slab)
     assert configs[-1] is None
     # ... unless ATTN_WIDE_ROWS (session 14, an option measured no faster in the whole step) asks for the wide tiles there
