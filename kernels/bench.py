@@ -502,7 +502,8 @@ _S13 = dict(_S12_D16, BRACKET_FLOW="auto", BRACKET_FLOW_PDL=True, LAYOUT="split"
 _S13_WIDE = dict(_S13, ATTN_WIDE_MIN_D=17, WIDEN_ROWS=True)  # the module defaults since round 7
 _S14 = dict(_S13_WIDE, ATTN_WIDE_ROWS=False, ROTATE_WARPS=4)  # (the session-14 defaults, every setting named)
 _S15 = dict(_S14, ROTATE_WARPS=2, BRACKET_NSIG=4.0)  # (the session-15 defaults)
-_S17 = dict(_S15, ATTN_LOWRANK_ROWS_D=32, ATTN_WIDE_CONFIG=dict(block_n=128, num_stages=2))  # (the session-17 defaults: two attention waves at d <= 32 in a row layout)
+# (the session-17 defaults: two attention waves at d <= 32 in a row layout)
+_S17 = dict(_S15, ATTN_LOWRANK_ROWS_D=32, ATTN_WIDE_CONFIG=dict(block_n=128, num_stages=2))
 VARIANTS = {
     "v6": dict(BRACKET_OVERLAP=False, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
     "overlap": dict(BRACKET_OVERLAP=True, FOLD_COMBINE=False, BRACKET_SAMPLE=512, BRACKET_SAMPLE_DIV=0),
@@ -751,7 +752,8 @@ def _variant_modules() -> dict:
                 BRACKET_FINISH_MAXNREG=bracket_mod, ATTN_LOWRANK_D=loki_mod, BRACKET_FLOW=bracket_mod,
                 BRACKET_FLOW_PDL=bracket_mod, LAYOUT=sys.modules[__name__],
                 ATTN_LOWRANK_WAVES=loki_mod, ATTN_WIDE_MIN_D=loki_mod, WIDEN_ROWS=attn_mod, ATTN_WIDE_ROWS=loki_mod,
-                ROTATE_WARPS=scores_mod, BRACKET_NSIG=bracket_mod, ATTN_LOWRANK_ROWS_D=loki_mod, ATTN_WIDE_CONFIG=loki_mod)
+                ROTATE_WARPS=scores_mod, BRACKET_NSIG=bracket_mod, ATTN_LOWRANK_ROWS_D=loki_mod,
+                ATTN_WIDE_CONFIG=loki_mod)
 
 
 def apply_variant(name: str) -> dict:

@@ -39,10 +39,10 @@ AUTO_PATH: str | None = None  # when set, path="auto" resolves to it (benchmarks
 # at batch 1 (8 rows) 3.3-3.4 us slower at 64K / 128K; two waves at d = 32 were 8-55 us slower at 16K and 64K
 ATTN_LOWRANK_D = 16
 # session 17: where the attention reads whole K rows (a row layout: attention.WIDEN_ROWS and `rows_continue`), the rule
-# applies up to d = ATTN_LOWRANK_ROWS_D.  Measured at batch 16 in the rows layout (h200_variants_s17a, s17b): d = 32 at
-# 16K 2.3 / 0.3 us faster (k = 1/4 / 1/8), at 64K 3.7 / 1.6; the 16K timeline (h200_timeline_s17a_s17_w2) shows the
-# attention 76.4 us in the step against 77.7 with one wave.  Three / four waves were 1-45 us slower.  (Not with the
-# ATTN_WIDE_ROWS option below, which asks for its own tiles there)
+# applies up to d = ATTN_LOWRANK_ROWS_D.  Measured at batch 16 in the rows layout (h200_variants_s17a, s17b: three runs
+# each): d = 32 at 16K 1.9-2.3 / 0.3-0.8 us faster (k = 1/4 / 1/8), at 64K 2.5-6.2 / 1.6-2.5; the 16K timeline
+# (h200_timeline_s17a_s17_w2) shows the attention 76.4 us in the step against 77.7 with one wave.  Three / four waves
+# were 1-45 us slower.  (Not with the ATTN_WIDE_ROWS option below, which asks for its own tiles there)
 ATTN_LOWRANK_ROWS_D = 32
 ATTN_LOWRANK_MIN_S = 16384
 ATTN_LOWRANK_MIN_ROWS = 64
