@@ -734,6 +734,11 @@ VARIANTS = {
                                                                                       waves=2)),
     "s17_w2_s2": dict(_S17, LAYOUT="rows", SPARSE_CONFIG=dict(_S17["SPARSE_CONFIG"], num_stages=2)),
     "s17_w2_bn32": dict(_S17, LAYOUT="rows", SPARSE_CONFIG=dict(_S17["SPARSE_CONFIG"], block_n=32)),
+    # round 4 (h200_variants_s17f): with three attention programs per row, register caps on the band select
+    # (BRACKET_FINISH_MAXNREG, session 12's option, then measured beside one-wave attention) or on the attention, so
+    # that two attention programs fit beside the band select on an SM
+    **{f"s17_w2_fr{r}": dict(_S17, LAYOUT="rows", BRACKET_FINISH_MAXNREG=r) for r in (96, 112)},
+    "s17_w2_ar128": dict(_S17, LAYOUT="rows", SPARSE_CONFIG=dict(_S17["SPARSE_CONFIG"], maxnreg=128)),
 }
 
 
