@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python3 kernels/bench_results/s18_probes/mega_probe.py OUT.json      # H200, call s18a
     PYTHONPATH=. python3 kernels/bench_results/s18_probes/mega_probe.py OUT.json --dispatch   # call s18b
+    PYTHONPATH=. python3 kernels/bench_results/s18_probes/mega_probe.py OUT.json --memset     # call s18c
     TRITON_INTERPRET=1 PYTHONPATH=. python kernels/bench_results/s18_probes/mega_probe.py --smoke   # CPU check
 
 kernels/NOTES.md v16 item 2: at 16K the two plainest passes (stream + gather) already take 86-93% of the budgets,
@@ -130,6 +131,7 @@ def _gather_task(r, c, kv_ptr, q_ptr, idx_ptr, mp_ptr, lp_ptr, op_ptr, out_ptr, 
             w = tl.where(cm, tl.exp2(m - tl.max(m, 0)), 0.0)
             o = tl.sum(w[:, None] * a, 0) / tl.sum(w * l, 0)
             tl.store(out_ptr + (r * KG + h) * KD + d, o.to(out_ptr.dtype.element_ty))
+        tl.atomic_xchg(cnt_ptr + r, 0)  # (self-resetting: variant sep2n runs without the per-call memset)
 
 
 @triton.jit
@@ -250,7 +252,8 @@ class Point:
                       DISPATCH=cfg.get("dispatch", 0))
         args = lambda tasks, nt: (tasks, nt, self.sync, self.slabs[copy], self.kvs[copy], self.qlr, self.q, self.thr,
                                   self.sc, idx, mp[0], mp[1], mp[2], self.out)
-        self.sync.zero_()
+        if variant != "sep2n":  # (sep2n: no memset; the gather's counters reset themselves, nothing else waits)
+            self.sync.zero_()
         nw = cfg["warps"]
         if variant.startswith("sep"):
             _kernel[(R * NCH,)](*args(self.sync, 0), MODE=1, num_warps=nw, **common)
@@ -299,7 +302,7 @@ def main():
                     lag_gat=1)
         for R, S, DL, K in pts:
             p = Point(R, S, DL, K, 1, dev, dt)
-            for v, disp in (("sep2", 0), ("sep3", 0), ("mega2", 0), ("mega3", 0), ("mega3", 1)):
+            for v, disp in (("sep2", 0), ("sep2n", 0), ("sep3", 0), ("mega2", 0), ("mega3", 0), ("mega3", 1)):
                 p.out.zero_()
                 p.run(v, dict(base, dispatch=disp))
                 print("smoke", (R, S, DL, K), v, "dispatch", disp, p.check(v), flush=True)
@@ -340,7 +343,16 @@ def main():
         base = dict(nch=32, nchg=2, bs=256, bn=128, sb=2048, st_s=3, st_g=3, warps=4, passes=1, nprog=sms * 2,
                     lag_sel=2, lag_gat=4, dispatch=0)
         res = {}
-        if "--dispatch" in sys.argv:  # second call (s18b): the dispatch's latency; sep at call a's best configuration
+        if "--memset" in sys.argv:  # third call (s18c): the two-pass floor with the combine, with / without the memset
+            cf = [dict(base, nchg=ng, bn=bn, st_g=sg) for ng, bn, sg in itertools.product((1, 2, 4), (64, 128), (2, 3))]
+            res["sep2"] = best("sep2", cf)
+            res["sep2n"] = best("sep2n", cf)
+            if S == pts[0][1] and DL == pts[0][2] and K == pts[0][3]:
+                ms = bench_graph(lambda: [p.sync.zero_() for _ in range(n)], rep=20) * 1e3 / n
+                rows_out.append(dict(variant="memset alone", us=ms))
+                print(f"memset alone (graph node): {ms:.2f} us", flush=True)
+            cfgs = []
+        elif "--dispatch" in sys.argv:  # second call (s18b): the dispatch's latency; sep at call a's best configuration
             sep = dict(base, st_g=2)
             res["sep2"] = best("sep2", [sep])
             res["sep3_p1"] = best("sep3", [sep])
