@@ -81,6 +81,22 @@ def check_float(t: torch.Tensor, name: str) -> None:
     check(t.dtype in FLOAT_DTYPES, f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
 
 
+# what the scoring pass may read (session 19): the cache's float dtypes, or an fp8 (e4m3) slab copy of a 16-bit cache
+SLAB_FP8 = torch.float8_e4m3fn
+
+
+def check_slab_dtype(t: torch.Tensor, name: str) -> None:
+    """The tensor a scoring pass reads: a float cache dtype, or an fp8 e4m3 slab (tiles widened to fp16 exactly;
+    the scores are then exact for the fp8 values, which differ from the cache's by e4m3 rounding)."""
+    check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check(t.dtype in FLOAT_DTYPES or t.dtype == SLAB_FP8,
+          f"{name} must be float32, float16, bfloat16 or (a slab) float8_e4m3fn, got {t.dtype}")
+    if t.dtype == SLAB_FP8 and t.is_cuda:
+        cap = torch.cuda.get_device_capability(t.device)
+        check(cap >= (8, 9), f"an fp8 {name} needs a GPU with fp8 conversions (sm_89+), got sm_{cap[0]}{cap[1]}; "
+                             f"use a 16-bit slab")
+
+
 def check_last_contiguous(t: torch.Tensor, name: str) -> None:
     check(t.stride(-1) == 1 or t.shape[-1] == 1,
           f"{name} must be contiguous in its last dimension (stride {tuple(t.stride())}); call .contiguous()")

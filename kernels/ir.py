@@ -115,10 +115,13 @@ PRESETS["scores_d32_rotate_pdl"] = dict(_SCORES, constexprs=dict(_SCORES["conste
 PRESETS["scores_d32_flow"] = dict(_SCORES, constexprs=dict(_SCORES["constexprs"], FLOW=True, FLOW_PDL=True))
 PRESETS["scores_d16"] = dict(_SCORES, constexprs=dict(_SCORES["constexprs"], D_LR=16, BLOCK_DL=16, BLOCK_N=256,
                                                        TILES=2))
+# session 19: an fp8 (e4m3) slab, widened to fp16 in the tile (`scores._score_tile`), against fp16 halves of q'
+PRESETS["scores_d32_fp8"] = dict(_SCORES, ptr=dict(_SCORES["ptr"], klr_ptr="*fp8e4nv"),
+                                 constexprs=dict(_SCORES["constexprs"], FLOW=True, FLOW_PDL=True))
 PRESETS["classify_vec4_flow"] = dict(_VEC, constexprs=dict(BLOCK_C=1024, KPT=4, ASM=True, FLOW=True))
 GROUPS = {"finish": ("finish_8192", "finish_8192_idx_first", "finish_8192_asm", "finish_8192_idx_first_asm",
                      "finish_8192_idx_first_asm_r112", "finish_8192_idx_first_asm_r96"),
-          "scores": ("scores_d32", "scores_d32_rotate_pdl", "scores_d32_flow", "scores_d16"),
+          "scores": ("scores_d32", "scores_d32_rotate_pdl", "scores_d32_flow", "scores_d16", "scores_d32_fp8"),
           "classify": ("classify_scalar", "classify_blocked", "classify_hints", "classify_vec4", "classify_vec4_2048",
                        "classify_vec4_noasm", "classify_vec4_nb2", "classify_vec4_nb4", "classify_vec4_flow"),
           "attention": ("attention_dense", "attention_sparse", "attention_sparse_s8", "attention_sparse_s7",

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ._utils import (check, check_cache, check_float, check_last_contiguous, check_lengths, check_same_device,
-                     is_interpreter, next_pow2, INDEX_DTYPES)
+                     check_slab_dtype, is_interpreter, next_pow2, INDEX_DTYPES, SLAB_FP8)
 
 
 def allocate_cache(batch: int, kv_heads: int, max_len: int, head_dim: int, d: int, dtype=torch.bfloat16,
@@ -46,32 +46,41 @@ def allocate_cache(batch: int, kv_heads: int, max_len: int, head_dim: int, d: in
 
 
 def allocate_cache_rows(batch: int, kv_heads: int, max_len: int, head_dim: int, d: int, dtype=torch.bfloat16,
-                        device="cuda", kv: bool = True):
+                        device="cuda", kv: bool = True, slab_dtype=None):
     """Allocate an empty rotated cache in a row layout: returns (k_lr, k_rest, v, lengths, slab).  k_lr / k_rest are
     views of whole rotated K rows ((B, KVH, S_max, D), or with kv=True the first D of (B, KVH, S_max, 2 D) rows whose
     last D are v); slab is a contiguous (B, KVH, S_max, d) copy of k_lr for the scoring pass.  Pass slab to
-    `append_kv` / `prefill_kv` (they write it too) and to `kernels.loki_decode`."""
+    `append_kv` / `prefill_kv` (they write it too) and to `kernels.loki_decode`.  slab_dtype (default: dtype) may be
+    torch.float8_e4m3fn for a 16-bit cache (session 19, opt-in; see `check_slab`): keys must then stay within
+    e4m3's +-448 (the writers saturate), and a positive scale of the whole slab leaves the selection unchanged."""
     check(1 <= d <= head_dim, f"d={d} must be in 1..head_dim={head_dim}")
+    slab_dtype = dtype if slab_dtype is None else slab_dtype
+    check(slab_dtype == dtype or (slab_dtype == SLAB_FP8 and dtype in (torch.float16, torch.bfloat16)),
+          f"slab_dtype must be the cache dtype {dtype} or float8_e4m3fn (16-bit caches), got {slab_dtype}")
     if kv:
         rows = torch.empty(batch, kv_heads, max_len, 2 * head_dim, dtype=dtype, device=device)
         k_full, v = rows[..., :head_dim], rows[..., head_dim:]
     else:
         k_full = torch.empty(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
         v = torch.empty(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
-    slab = torch.empty(batch, kv_heads, max_len, d, dtype=dtype, device=device)
+    slab = torch.empty(batch, kv_heads, max_len, d, dtype=slab_dtype, device=device)
     lengths = torch.zeros(batch, dtype=torch.int32, device=device)
     return k_full[..., :d], k_full[..., d:], v, lengths, slab
 
 
 def check_slab(slab: torch.Tensor | None, k_lr: torch.Tensor) -> torch.Tensor:
     """The tensor the scoring pass reads: ``slab`` (a row layout's copy of k_lr, same shape / dtype / device,
-    last dim contiguous) or, where None, k_lr itself."""
+    last dim contiguous) or, where None, k_lr itself.  Session 19 (opt-in): the slab of a 16-bit cache may be
+    float8_e4m3fn (`allocate_cache_rows(slab_dtype=)`): the scoring pass reads half the bytes and scores the fp8 values
+    exactly, so the selection is that of the fp8-rounded keys, not of the cache's (not the issue's method)."""
     if slab is None:
         return k_lr
     check(isinstance(slab, torch.Tensor), f"slab must be a tensor or None, got {type(slab).__name__}")
-    check(slab.shape == k_lr.shape and slab.dtype == k_lr.dtype and slab.device == k_lr.device,
-          f"slab must match k_lr: shape {tuple(k_lr.shape)}, {k_lr.dtype} on {k_lr.device}; got "
-          f"{tuple(slab.shape)}, {slab.dtype} on {slab.device}")
+    fp8_ok = slab.dtype == SLAB_FP8 and k_lr.dtype in (torch.float16, torch.bfloat16)
+    check(slab.shape == k_lr.shape and (slab.dtype == k_lr.dtype or fp8_ok) and slab.device == k_lr.device,
+          f"slab must match k_lr: shape {tuple(k_lr.shape)}, {k_lr.dtype} (or float8_e4m3fn for a 16-bit cache) on "
+          f"{k_lr.device}; got {tuple(slab.shape)}, {slab.dtype} on {slab.device}")
+    check_slab_dtype(slab, "slab")
     check_last_contiguous(slab, "slab")
     return slab
 
@@ -81,6 +90,22 @@ def _check_P(P: torch.Tensor, KVH: int, D: int, device) -> None:
     check(tuple(P.shape) == (KVH, D, D), f"P must have shape (KVH, D, D) = {(KVH, D, D)}, got {tuple(P.shape)}")
     check_last_contiguous(P, "P")
     check(P.device == device, f"P is on {P.device}, expected {device}")
+
+
+@triton.jit
+def _slab_value(x, ptr):
+    """fp32 rotated keys as stored in the slab at `ptr`.  An fp8 (e4m3) slab (session 19): saturated to +-448 and
+    rounded to nearest even in fp32 arithmetic (3 mantissa bits; the 2**-9 grid below 2**-6), so that the final
+    conversion is exact.  (Triton 3.9's interpreter rounds fp32 -> e4m3 wrongly where the mantissa carries into the
+    exponent: 1.97 -> 1.0; the GPU's cvt.rn.satfinite would give the same values as this.)"""
+    if ptr.dtype.element_ty.is_fp8():
+        x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFFF + ((u >> 20) & 1)) & 0xFFF00000
+        nrm = u.to(tl.float32, bitcast=True)
+        sub = (x + 24576.0) - 24576.0  # (24576 = 1.5 * 2**14: its fp32 ulp is 2**-9)
+        x = tl.where(tl.abs(x) < 0.015625, sub, nrm)
+    return x.to(ptr.dtype.element_ty)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -116,7 +141,7 @@ def _append_kv_kernel(kn_ptr, skn_b, skn_h, vn_ptr, svn_b, svn_h,
         tl.store(klr_ptr + b * slr_b + h * slr_h + pos * slr_s + cols,
                  kr.to(klr_ptr.dtype.element_ty), mask=ok & is_lr)
         if SLAB:
-            tl.store(sl_ptr + b * ssl_b + h * ssl_h + pos * ssl_s + cols, kr.to(sl_ptr.dtype.element_ty),
+            tl.store(sl_ptr + b * ssl_b + h * ssl_h + pos * ssl_s + cols, _slab_value(kr, sl_ptr),
                      mask=ok & is_lr)
         rc = tl.where(is_lr, 0, cols - D_LR)
         tl.store(krs_ptr + b * srs_b + h * srs_h + pos * srs_s + rc,
@@ -199,7 +224,7 @@ def _prefill_kv_kernel(k_ptr, sk_b, sk_h, sk_t, vn_ptr, svn_b, svn_h, svn_t,
                  kr.to(klr_ptr.dtype.element_ty), mask=tmask[:, None] & is_lr[None, :])
         if SLAB:
             tl.store(sl_ptr + b * ssl_b + h * ssl_h + pos[:, None] * ssl_s + cols[None, :],
-                     kr.to(sl_ptr.dtype.element_ty), mask=tmask[:, None] & is_lr[None, :])
+                     _slab_value(kr, sl_ptr), mask=tmask[:, None] & is_lr[None, :])
         rc = tl.where(is_lr, 0, cols - D_LR)
         tl.store(krs_ptr + b * srs_b + h * srs_h + pos[:, None] * srs_s + rc[None, :],
                  kr.to(krs_ptr.dtype.element_ty), mask=tmask[:, None] & (cmask & (cols >= D_LR))[None, :])

@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (check, check_cache, check_float, check_last_contiguous, check_lengths, default_scaling,
-                     is_interpreter, next_pow2, pdl_trigger)
+from ._utils import (check, check_cache, check_float, check_last_contiguous, check_lengths, check_slab_dtype,
+                     default_scaling, is_interpreter, next_pow2, pdl_trigger)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -100,6 +100,8 @@ def _score_tile(k_base, s_tok, offs, valid, qT, qT_hi, qT_lo, D_LR: tl.constexpr
     if K_FP32:
         s = tl.dot(kt.to(tl.float32), qT, input_precision="ieee")
     else:
+        if kt.dtype.is_fp8():  # an fp8 slab (session 19, opt-in): exact in fp16, against fp16 halves of q'
+            kt = kt.to(tl.float16)
         s = tl.dot(kt, qT_hi)
         s = tl.dot(kt, qT_lo, s)
     if HPR == 1:
@@ -114,8 +116,14 @@ def _score_tile(k_base, s_tok, offs, valid, qT, qT_hi, qT_lo, D_LR: tl.constexpr
 
 @triton.jit
 def _split_hi_lo(x, dtype: tl.constexpr):
+    """x (fp32) as hi + lo in the 16-bit dtype of the tiles it meets in a dot; for an fp8 slab (whose tiles
+    `_score_tile` widens to fp16, exactly) in fp16."""
     hi = x.to(dtype)
-    lo = (x - hi.to(tl.float32)).to(dtype)
+    if hi.dtype.is_fp8():  # (a tensor's dtype, not the constexpr's: portable across Triton versions)
+        hi = x.to(tl.float16)
+        lo = (x - hi.to(tl.float32)).to(tl.float16)
+    else:
+        lo = (x - hi.to(tl.float32)).to(dtype)
     return hi, lo
 
 
@@ -287,7 +295,7 @@ def loki_scores(q_rot: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tensor, 
     scaling: defaults to 1/sqrt(head_dim) with head_dim = q_rot.shape[-1] unless given.
     Returns fp32 scores (B, KVH, S_max) for mode="group" or (B, H, S_max) for mode="head", -inf beyond lengths.
     """
-    check_float(k_lr, "k_lr")
+    check_slab_dtype(k_lr, "k_lr")
     check(k_lr.dim() == 4, f"k_lr must be (B, KVH, S_max, d), got {tuple(k_lr.shape)}")
     check_last_contiguous(k_lr, "k_lr")
     B, KVH, S, dd = k_lr.shape

@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (check, check_float, check_last_contiguous, check_lengths, default_scaling, is_interpreter,
-                     next_pow2, INDEX_DTYPES)
+from ._utils import (check, check_float, check_last_contiguous, check_lengths, check_slab_dtype, default_scaling,
+                     is_interpreter, next_pow2, INDEX_DTYPES)
 from .scores import (_check_q, _load_q_lr_T, _mode_params, _q_lr_T_from_raw, _rotate_heads, _row_of,
                      _score_tile, _split_hi_lo, rot_chunks)
 
@@ -379,7 +379,7 @@ class SelectArgs(NamedTuple):
 def check_select_inputs(q, k_lr, lengths, k, P, mode, reduce, strict, k_max, q_rot_out) -> SelectArgs:
     """Host-side validation shared by the select launchers (`loki_select`, `bracket.loki_select_bracket`);
     allocates the fp32 q' output when P is given and none was passed."""
-    check_float(k_lr, "k_lr")
+    check_slab_dtype(k_lr, "k_lr")
     check(k_lr.dim() == 4, f"k_lr must be (B, KVH, S_max, d), got {tuple(k_lr.shape)}")
     check_last_contiguous(k_lr, "k_lr")
     B, KVH, S, d = k_lr.shape

@@ -35,6 +35,7 @@ class Loki(Method):
         "basis": "offline",    # offline (pca_path) | online (fitted on the current keys)
         "selection": "head",   # head: top-k per query head (paper) | group: one set per KV group
         "group_reduce": "max",  # how group selection combines the heads' scores: max | sum | mean
+        "slab_dtype": None,    # None | "fp8": score against the rotated keys' first d dims rounded to e4m3
     }
 
     def validate(self):
@@ -43,6 +44,8 @@ class Loki(Method):
             raise fail(f"loki: selection must be head or group, got {self.selection!r}.", "set method.selection.")
         if self.group_reduce not in ("max", "sum", "mean"):
             raise fail(f"loki: unknown group_reduce {self.group_reduce!r}.", "use max, sum or mean.")
+        if self.slab_dtype not in (None, "fp8"):
+            raise fail(f"loki: unknown slab_dtype {self.slab_dtype!r}.", "use method.slab_dtype=null or fp8.")
         self.validate_basis()
 
     def validate_basis(self):
@@ -118,6 +121,10 @@ class Loki(Method):
             qr, kr = qr[..., : self.dims], kr[..., : self.dims]
         else:
             qr = qr * mask.to(qr.dtype)[None, :, None, None, :]
+        if getattr(self, "slab_dtype", None) == "fp8":
+            # the kernels' opt-in fp8 scoring slab (kernels.kv_cache.allocate_cache_rows(slab_dtype=)): the scored key
+            # dims rounded to e4m3 (saturating at +-448, as the kernels' writers), q' kept in full precision
+            kr = kr.to(torch.float8_e4m3fn).to(kr.dtype)
         s = torch.matmul(qr, kr.unsqueeze(2).transpose(-1, -2)) * scaling  # (B, KVH, g, T, S)
         return s.view(B, H, T, -1)
 

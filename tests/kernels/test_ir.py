@@ -88,3 +88,11 @@ def test_sparse_attention_default_keeps_a_tile_in_flight(ir_facts):
     if "registers" in new and "registers" in s8:
         assert new["registers"] < s8["registers"]
         assert new["local_bytes"] == 0 and ir_facts["attention_sparse_r128"]["registers"] <= 128
+
+
+def test_fp8_slab_scores_keep_their_pipeline(ir_facts):
+    """An fp8 slab (session 19, opt-in): the scoring loop widens each tile to fp16 and keeps the 16-bit slab's
+    software pipeline (the same copies in flight), with no spills."""
+    fp8, bf16 = ir_facts["scores_d32_fp8"], ir_facts["scores_d32_flow"]
+    assert fp8["async_wait_num"] == bf16["async_wait_num"] and fp8["async_copy"] == bf16["async_copy"]
+    assert fp8.get("local_bytes", 0) == 0
