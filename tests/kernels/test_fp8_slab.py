@@ -122,3 +122,29 @@ def test_fp8_slab_bad_input(gen):
         loki_decode(q, P, c16[0].to(FP8), *c16[1:], L, 4)
     with pytest.raises(LokiInputError, match=r"k_lr must be .* float8_e4m3fn, got torch.float8_e5m2"):
         loki_scores(rotate_q(q, P), torch.zeros(B, KVH, S, d, dtype=torch.float8_e5m2, device=DEVICE), L)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device (production shape)")
+@pytest.mark.parametrize("d", [32, 16])
+def test_fp8_slab_gpu_16k(d):
+    """A production shape (S_max 16K, 8 KV heads x 4 query heads, bf16): the fp8 slab's step with its rules (the
+    rotation PDL where the slab moves <= 32 bytes per token: d = 32 fp8 too), twice (counters reused): the selection
+    is the exact top-k of the fp8 keys' scores, the output within bf16 tolerance of the float64 attention over it."""
+    torch.manual_seed(71 + d)
+    B, KVH, g, S, D = 2, 8, 4, 16384, 128
+    k_lr, k_rest, v, L = random_cache(B, KVH, S, D, d, torch.bfloat16, "cuda", lengths=[16384, 9001])
+    r_lr, r_rest, r_v, r_len, slab16 = rows_copy(k_lr, k_rest, v, L)
+    slab = slab16.to(FP8)
+    q = torch.randn(B, KVH * g, D, device="cuda", dtype=torch.bfloat16)
+    P = random_orthonormal(KVH, D, "cuda")
+    k = S // 8
+    for _ in range(2):
+        out, idx = loki_decode(q, P, r_lr, r_rest, r_v, r_len, k, strict=False, slab=slab, return_indices=True)
+    torch.cuda.synchronize()
+    q_rot = rotate_q_ref(q.cpu(), P.cpu())
+    scores = loki_scores_ref(q_rot, slab.cpu().double(), L.cpu())
+    tol = 1e-5 * scores[torch.isfinite(scores)].abs().max().item()
+    n, exact = check_selection(idx, scores, L.cpu(), budgets_ref(k, L.cpu()), tol=tol)
+    assert exact >= n - 2
+    ref = sparse_attention_ref(q_rot, k_lr.cpu(), k_rest.cpu(), v.cpu(), idx.cpu())
+    assert rel_err(out, ref) <= TOL[torch.bfloat16]
