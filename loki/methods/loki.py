@@ -44,7 +44,7 @@ class Loki(Method):
             raise fail(f"loki: selection must be head or group, got {self.selection!r}.", "set method.selection.")
         if self.group_reduce not in ("max", "sum", "mean"):
             raise fail(f"loki: unknown group_reduce {self.group_reduce!r}.", "use max, sum or mean.")
-        if self.slab_dtype not in (None, "fp8"):
+        if getattr(self, "slab_dtype", None) not in (None, "fp8"):  # (loki_h2o reuses this without the option)
             raise fail(f"loki: unknown slab_dtype {self.slab_dtype!r}.", "use method.slab_dtype=null or fp8.")
         self.validate_basis()
 

@@ -25,7 +25,7 @@ from loki.methods.loki import Loki
 class LokiH2O(EvictingMethod, Loki):
     name = "loki_h2o"
     options = {
-        **Loki.options,
+        **{k: v for k, v in Loki.options.items() if k != "slab_dtype"},  # (the kernels' fp8 slab: loki only)
         "cache": 0.5,          # KV cache budget, same unit as k (k_mode): must be >= k
         "recent": 0.5,         # fraction of the cache budget kept as the most recent tokens
     }

@@ -30,6 +30,7 @@ def test_every_method_is_registered_with_a_config():
     ({"name": "sparq", "rope": "pre"}, "do not apply to method 'sparq'"),
     ({"name": "dense", "k": 0.5}, "do not apply to method 'dense'"),
     ({"name": "h2o", "recent": 1.5}, "recent must be"),
+    ({"name": "loki", "slab_dtype": "int8"}, "unknown slab_dtype"),
     ({"name": "h2o", "selection": "layer"}, "selection must be"),
     ({"name": "sparq", "r": 0}, "r must be"),
     ({"name": "sparq", "r": 2.5}, "r must be"),

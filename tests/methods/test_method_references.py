@@ -109,3 +109,20 @@ def test_h2o_dense_prefill_then_sparse_decode():
     # the next token: its key enters, one key is evicted, the row attends to ceil(0.5 * 13) = 7 keys
     m.attend(MOD, q[:, :, T:], k, v, causal(1, S), SCALE)
     assert (m.last_selection.sum(-1) == 7).all()
+
+
+def test_loki_fp8_slab_matches_definition():
+    """method.slab_dtype=fp8 (session 19: the kernels' opt-in fp8 scoring slab): Loki's approximate scores with the
+    rotated keys' first d dims rounded to e4m3 (q' exact), so the selection is the top-k of those scores."""
+    d, T = 4, 12
+    q, k, v, m, basis, out = run_method("loki", dict(d=d, k=0.5, slab_dtype="fp8"), 16, T=T)
+    P = basis.components("post")[0].double()
+    want = torch.zeros(B, H, T, T, dtype=torch.float64)
+    for h in range(H):
+        Ph = P[h // G][:, :d]
+        kr = (k[:, h // G].double() @ Ph).float().to(torch.float8_e4m3fn).double()
+        want[:, h] = (q[:, h].double() @ Ph) @ kr.transpose(-1, -2) * SCALE
+    got = m.approx_scores(MOD, q, k, SCALE).double()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # ... and it differs from the 16-bit / fp32 scores (the rounding is real)
+    assert not torch.allclose(got, loki_rank(q, k, P, d), rtol=1e-4, atol=1e-5)
