@@ -49,7 +49,7 @@ import triton.language as tl
 
 from ._utils import (BRACKET_RECORD, SLAB_FP8, check, default_scaling, is_interpreter, next_pow2, pdl_available,
                      pdl_trigger, pdl_wait)
-from .scores import _load_q_lr_T, _rotate_heads, _row_of, _score_tile, _split_hi_lo, launch_rotate_q, rot_chunks
+from .scores import _load_q_lr_T, _q_operands, _rotate_heads, _row_of, _score_tile, launch_rotate_q, rot_chunks
 from .topk import _bit_length, _bracket_of_sample, _key_of, _radix_select, check_select_inputs
 
 
@@ -96,7 +96,7 @@ def _bracket_row(pid, b, h0, kvh, n, kb, qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b,
     hi_key = tl.full([], 0xFFFFFFFF, tl.uint32)
     if (kb < n) & (n >= 4 * SAMPLE):
         qT = _load_q_lr_T(qrot_ptr, sqr_b, sqr_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
-        qT_hi, qT_lo = _split_hi_lo(qT, klr_ptr.dtype.element_ty)
+        qT_hi, qT_lo = _q_operands(qT, klr_ptr.dtype.element_ty, HPR, G_PAD)
         k_base = klr_ptr + b * slr_b + kvh * slr_h
         sbuf = ws_ptr + pid.to(tl.int64) * WS_ROW  # the band's key region: free until the classification
         for c in tl.static_range(0, SAMPLE, SUB):
@@ -192,7 +192,7 @@ def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
                     _prefetch_l2(k_base + offs.to(tl.int64) * slr_s, offs < n)
                 pdl_wait(PDL)  # (q', from the rotation kernel)
             qT = _load_q_lr_T(qrot_ptr, sqr_b, sqr_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
-            qT_hi, qT_lo = _split_hi_lo(qT, klr_ptr.dtype.element_ty)
+            qT_hi, qT_lo = _q_operands(qT, klr_ptr.dtype.element_ty, HPR, G_PAD)
             br = br_ptr + pid * BR_STRIDE
             lo_key = tl.load(br).to(tl.uint32, bitcast=True)
             hi_key = tl.load(br + 1).to(tl.uint32, bitcast=True)
@@ -548,7 +548,7 @@ def _bracket_finish_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
                       HAS_IDX=False, SRC_KEYS=True, BLOCK_S=BLOCK_S)
     else:  # the bracket missed: recompute the row's keys, exact radix select over the whole row
         qT = _load_q_lr_T(qrot_ptr, sqr_b, sqr_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
-        qT_hi, qT_lo = _split_hi_lo(qT, klr_ptr.dtype.element_ty)
+        qT_hi, qT_lo = _q_operands(qT, klr_ptr.dtype.element_ty, HPR, G_PAD)
         k_base = klr_ptr + b * slr_b + kvh * slr_h
         for start in range(0, n, BLOCK_N):
             offs = start + tl.arange(0, BLOCK_N)

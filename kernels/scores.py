@@ -11,6 +11,8 @@ scores within ~1e-5 relative of fp32 for about the cost of one more MMA; fp32 ca
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -102,16 +104,41 @@ def _score_tile(k_base, s_tok, offs, valid, qT, qT_hi, qT_lo, D_LR: tl.constexpr
     else:
         if kt.dtype.is_fp8():  # an fp8 slab (session 19, opt-in): exact in fp16, against fp16 halves of q'
             kt = kt.to(tl.float16)
-        s = tl.dot(kt, qT_hi)
-        s = tl.dot(kt, qT_lo, s)
+        if SCORES_PACK and 2 * HPR <= G_PAD:  # (`_q_operands`: qT_hi holds hi_0, lo_0, hi_1, lo_1, ...)
+            s2 = tl.dot(kt, qT_hi)
+            s_hi, s_lo = tl.split(tl.reshape(s2, (s2.shape[0], G_PAD // 2, 2)))
+            s = s_hi + s_lo
+        else:
+            s = tl.dot(kt, qT_hi)
+            s = tl.dot(kt, qT_lo, s)
     if HPR == 1:
         sc = tl.sum(s, axis=1)  # padded head columns are exactly 0
     elif REDUCE_MAX:
-        hh = tl.arange(0, G_PAD)
+        hh = tl.arange(0, s.shape[1])
         sc = tl.max(tl.where((hh < HPR)[None, :], s, float("-inf")), axis=1)
     else:
         sc = tl.sum(s, axis=1)
     return sc
+
+
+# session 19: the hi and lo halves of q' interleaved in one MMA operand where both fit the G_PAD (>= 16) columns the
+# MMA needs anyway (2 * heads per row <= G_PAD: GQA groups of up to 8 heads), so each score tile takes one dot instead
+# of two.  KERNELS_SCORES_PACK=0 in the environment (at import): two dots, as before (for A/B runs)
+SCORES_PACK = tl.constexpr(os.environ.get("KERNELS_SCORES_PACK", "1") != "0")
+
+
+@triton.jit
+def _q_operands(qT, dtype: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr):
+    """(qT_hi, qT_lo): the 16-bit operands `_score_tile` multiplies each key tile by, from the scaled fp32 qT
+    (BLOCK_DL, G_PAD; zero beyond HPR columns).  Packed (SCORES_PACK, 2 * HPR <= G_PAD): qT_hi's columns are
+    hi_0, lo_0, hi_1, lo_1, ... of the first G_PAD / 2 heads (qT_lo the same tensor, unused)."""
+    if SCORES_PACK and 2 * HPR <= G_PAD:
+        first, _ = tl.split(tl.permute(tl.reshape(qT, (qT.shape[0], 2, G_PAD // 2)), (0, 2, 1)))
+        hi, lo = _split_hi_lo(first, dtype)
+        packed = tl.reshape(tl.join(hi, lo), (qT.shape[0], G_PAD))
+        return packed, packed
+    else:
+        return _split_hi_lo(qT, dtype)
 
 
 @triton.jit
@@ -253,7 +280,7 @@ def _scores_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h,
                           HPR, G_ROT, D, BLOCK_D, ROT_C, ROT_I)
     else:
         qT = _load_q_lr_T(q_ptr, sq_b, sq_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
-    qT_hi, qT_lo = _split_hi_lo(qT, klr_ptr.dtype.element_ty)
+    qT_hi, qT_lo = _q_operands(qT, klr_ptr.dtype.element_ty, HPR, G_PAD)
     k_base = klr_ptr + b * slr_b + kvh * slr_h
     o_base = out_ptr + b * so_b + r * so_r
     for i in tl.static_range(TILES):

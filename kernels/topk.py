@@ -30,8 +30,8 @@ import triton.language as tl
 
 from ._utils import (check, check_float, check_last_contiguous, check_lengths, check_slab_dtype, default_scaling,
                      is_interpreter, next_pow2, INDEX_DTYPES)
-from .scores import (_check_q, _load_q_lr_T, _mode_params, _q_lr_T_from_raw, _rotate_heads, _row_of,
-                     _score_tile, _split_hi_lo, rot_chunks)
+from .scores import (_check_q, _load_q_lr_T, _mode_params, _q_lr_T_from_raw, _q_operands, _rotate_heads, _row_of,
+                     _score_tile, rot_chunks)
 
 
 @triton.jit
@@ -252,7 +252,7 @@ def _loki_select_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, s
     else:
         qT = _load_q_lr_T(q_ptr, sq_b, sq_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL)
     qT = qT * scale
-    qT_hi, qT_lo = _split_hi_lo(qT, klr_ptr.dtype.element_ty)
+    qT_hi, qT_lo = _q_operands(qT, klr_ptr.dtype.element_ty, HPR, G_PAD)
     k_base = klr_ptr + b * slr_b + kvh * slr_h
     key_base = ws_ptr + pid.to(tl.int64) * (3 * S_MAX)
     for start in range(0, n, BLOCK_N):
