@@ -7,7 +7,9 @@ mode="head": one row per query head (the paper's per-head selection).
 Positions j >= lengths[b] get -inf.
 
 16-bit caches: the dot runs on tensor cores with q split in two 16-bit halves (q = q_hi + q_lo), which keeps the
-scores within ~1e-5 relative of fp32 for about the cost of one more MMA; fp32 caches use an IEEE fp32 dot.
+scores within ~1e-5 relative of fp32; since session 19 both halves share one MMA operand where they fit its 16
+columns (`_q_operands`), so it costs no extra MMA there.  fp32 caches use an IEEE fp32 dot.  An fp8 (e4m3) slab
+(session 19, opt-in) is widened to fp16 in the tile, against fp16 halves of q.
 """
 from __future__ import annotations
 
