@@ -45,6 +45,11 @@ def allocate_cache(batch: int, kv_heads: int, max_len: int, head_dim: int, d: in
     return k_lr, k_rest, v, lengths
 
 
+def _slab_dtype_ok(slab_dtype: torch.dtype, cache_dtype: torch.dtype) -> bool:
+    """A slab holds the cache's dtype, or (session 19, opt-in) e4m3 beside a 16-bit cache."""
+    return slab_dtype == cache_dtype or (slab_dtype == SLAB_FP8 and cache_dtype in (torch.float16, torch.bfloat16))
+
+
 def allocate_cache_rows(batch: int, kv_heads: int, max_len: int, head_dim: int, d: int, dtype=torch.bfloat16,
                         device="cuda", kv: bool = True, slab_dtype=None):
     """Allocate an empty rotated cache in a row layout: returns (k_lr, k_rest, v, lengths, slab).  k_lr / k_rest are
@@ -55,7 +60,7 @@ def allocate_cache_rows(batch: int, kv_heads: int, max_len: int, head_dim: int, 
     e4m3's +-448 (the writers saturate), and a positive scale of the whole slab leaves the selection unchanged."""
     check(1 <= d <= head_dim, f"d={d} must be in 1..head_dim={head_dim}")
     slab_dtype = dtype if slab_dtype is None else slab_dtype
-    check(slab_dtype == dtype or (slab_dtype == SLAB_FP8 and dtype in (torch.float16, torch.bfloat16)),
+    check(_slab_dtype_ok(slab_dtype, dtype),
           f"slab_dtype must be the cache dtype {dtype} or float8_e4m3fn (16-bit caches), got {slab_dtype}")
     if kv:
         rows = torch.empty(batch, kv_heads, max_len, 2 * head_dim, dtype=dtype, device=device)
@@ -76,8 +81,7 @@ def check_slab(slab: torch.Tensor | None, k_lr: torch.Tensor) -> torch.Tensor:
     if slab is None:
         return k_lr
     check(isinstance(slab, torch.Tensor), f"slab must be a tensor or None, got {type(slab).__name__}")
-    fp8_ok = slab.dtype == SLAB_FP8 and k_lr.dtype in (torch.float16, torch.bfloat16)
-    check(slab.shape == k_lr.shape and (slab.dtype == k_lr.dtype or fp8_ok) and slab.device == k_lr.device,
+    check(slab.shape == k_lr.shape and _slab_dtype_ok(slab.dtype, k_lr.dtype) and slab.device == k_lr.device,
           f"slab must match k_lr: shape {tuple(k_lr.shape)}, {k_lr.dtype} (or float8_e4m3fn for a 16-bit cache) on "
           f"{k_lr.device}; got {tuple(slab.shape)}, {slab.dtype} on {slab.device}")
     check_slab_dtype(slab, "slab")
