@@ -425,6 +425,11 @@ def _max_rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
 
 
+# bf16 whole-model tolerances of the GPU acceptance (relative L2 of the logits, worst step): see acceptance()
+GPU_REF_TOL = 4e-2
+GPU_GRAPH_TOL = 3e-2
+
+
 def acceptance(device="cuda", steps: int = 32, seed: int = 0, shape: dict | None = None, batch: int = 4,
                prompt: int = 2048, log=print) -> dict:
     """Kernel path vs torch reference path on a random-weight bf16 Llama: greedy tokens and logits.
@@ -432,13 +437,15 @@ def acceptance(device="cuda", steps: int = 32, seed: int = 0, shape: dict | None
     The kernel path decodes greedily; the reference path is teacher-forced on the same tokens, so each
     step compares the two paths on identical inputs: argmax equality wherever the reference's top-2
     logits are not tied (margin above 4x the 99.9th percentile of the two paths' logit differences), and
-    logits within bf16 tolerance (relative L2 error per step below 2e-2). A CUDA-graph replay of the kernel path,
-    teacher-forced on the eager kernel path's tokens, must agree with it in the same way (same untied tokens, logits
-    within 2e-2): the bracket path's atomics leave the summation order unspecified, so bitwise equality of free-running
-    greedy sequences is not expected.  On the GPU the kernel-vs-reference tolerance is max(2e-2, 1.5x the graph
-    replay's own error): measured on the H200 (session 13, kernels/bench_results/h200_accept_flow_s13k.log) the
-    kernel path differs from itself by 1.3-1.7% (relative L2, over 32 steps of this 4-layer model) from the summation
-    order alone, and from the reference by 1.6-2.0%, so a fixed 2e-2 failed by chance.
+    logits within tolerance (relative L2 error per step; 2e-2 on the CPU's float32 model). A CUDA-graph replay of the
+    kernel path, teacher-forced on the eager kernel path's tokens, must agree with it in the same way (same untied
+    tokens, logits within GPU_GRAPH_TOL): the bracket path's atomics leave the summation order unspecified, so bitwise
+    equality of free-running greedy sequences is not expected.  On the GPU the bf16 model's own noise sets the
+    tolerances (GPU_REF_TOL, GPU_GRAPH_TOL), measured on the H200 over 11 seeds (session 20,
+    kernels/bench_results/h200_accept_seeds_s20.jsonl): kernel vs reference 1.4-3.2% (the group variant the largest),
+    graph replay vs eager 0.9-2.1%, with every untied token equal in every run.  The earlier 2e-2 floor (session 13:
+    1.6-2.0% at seed 0) failed by chance in 5 of the 11 seeds.  A wrong selection or attention shows as
+    untied tokens that differ; the kernels' own float64-reference tests (tests/kernels) hold the numerics tight.
     """
     from loki.cache import LokiCache
     from loki.generation import GraphDecoder, attach_cached_loki, fit_basis
@@ -509,9 +516,8 @@ def acceptance(device="cuda", steps: int = 32, seed: int = 0, shape: dict | None
             res["graph_untied_agree"] = f"{int((agree_g & untied_g).sum())}/{int(untied_g.sum())}"
             res["graph_logit_rel_err"] = _max_rel_l2(log_g, log_k[:, 2:])
             graph_ok = (res["graph_prefill_token_equal"] and bool((agree_g | ~untied_g).all())
-                        and res["graph_logit_rel_err"] < 2e-2)
-        # (on the GPU: at least 1.5x the kernel path's own replay-vs-eager error, its summation-order noise)
-        tol = max(2e-2, 1.5 * res["graph_logit_rel_err"]) if log_g is not None else 2e-2
+                        and res["graph_logit_rel_err"] < GPU_GRAPH_TOL)
+        tol = GPU_REF_TOL if on_gpu else 2e-2
         res.update({
             "tokens_equal_all": bool(agree.all()),
             "untied_steps": int(untied.sum()), "untied_agree": int((agree & untied).sum()),
