@@ -749,10 +749,10 @@ VARIANTS = {
     # that two attention programs fit beside the band select on an SM
     **{f"s17_w2_fr{r}": dict(_S17, LAYOUT="rows", BRACKET_FINISH_MAXNREG=r) for r in (96, 112)},
     "s17_w2_ar128": dict(_S17, LAYOUT="rows", SPARSE_CONFIG=dict(_S17["SPARSE_CONFIG"], maxnreg=128)),
-    # session 20: the scoring programs computing q'[:d] on tensor cores (bracket.BRACKET_ROT_MMA), the rotation kernel
-    # still run (a probe of what the in-program rotation costs)
+    # session 20 (h200_variants_s20d_r{1,2}): the scoring programs computing q'[:d] from q and P on tensor cores
+    # (bracket.BRACKET_ROT_MMA, 8722895, removed since: 3.4-9.5 us slower per step with the rotation kernel still run,
+    # more than the 3.6 us that kernel takes), against "s20_rows", the defaults in the rows layout
     "s20_rows": dict(_S17, LAYOUT="rows"),
-    "s20_rotmma": dict(_S17, LAYOUT="rows", BRACKET_ROT_MMA=True),
 }
 
 
@@ -772,7 +772,7 @@ def _variant_modules() -> dict:
                 BRACKET_FLOW_PDL=bracket_mod, LAYOUT=sys.modules[__name__],
                 ATTN_LOWRANK_WAVES=loki_mod, ATTN_WIDE_MIN_D=loki_mod, WIDEN_ROWS=attn_mod, ATTN_WIDE_ROWS=loki_mod,
                 ROTATE_WARPS=scores_mod, BRACKET_NSIG=bracket_mod, ATTN_LOWRANK_ROWS_D=loki_mod,
-                ATTN_WIDE_CONFIG=loki_mod, BRACKET_ROT_MMA=bracket_mod)
+                ATTN_WIDE_CONFIG=loki_mod)
 
 
 def apply_variant(name: str) -> dict:

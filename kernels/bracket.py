@@ -49,7 +49,7 @@ import triton.language as tl
 
 from ._utils import (BRACKET_RECORD, SLAB_FP8, check, default_scaling, is_interpreter, next_pow2, pdl_available,
                      pdl_trigger, pdl_wait)
-from .scores import _load_q_lr_T, _q_lr_T_mma, _q_operands, _rotate_heads, _row_of, _score_tile, launch_rotate_q, rot_chunks
+from .scores import _load_q_lr_T, _q_operands, _rotate_heads, _row_of, _score_tile, launch_rotate_q, rot_chunks
 from .topk import _bit_length, _bracket_of_sample, _key_of, _radix_select, check_select_inputs
 
 
@@ -149,8 +149,7 @@ def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
                            REDUCE_MAX: tl.constexpr, CLASSIFY: tl.constexpr, OVERLAP: tl.constexpr,
                            SAMPLE: tl.constexpr, SUB: tl.constexpr, STAGES: tl.constexpr, HINTS: tl.constexpr = False,
                            PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, FLOW: tl.constexpr = False,
-                           FLOW_PDL: tl.constexpr = False, q_ptr=None, sq_b=0, sq_h=0, P_ptr=None, sp_h=0, sp_r=0,
-                           ROT_MMA: tl.constexpr = False, D: tl.constexpr = 128, BLOCK_D: tl.constexpr = 128):
+                           FLOW_PDL: tl.constexpr = False):
     """Grid (rows, tiles [+ 1]).  OVERLAP (= 1): the programs of grid column 0, dispatched first, write the rows'
     brackets (`_bracket_row`) while the others score, so the bracket's latency hides under the scoring pass.
     Each scoring program takes TILES tiles of BLOCK_N tokens, unrolled (STAGES = 0), or (STAGES > 0, session 7) TPP
@@ -192,11 +191,7 @@ def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
                     offs = start0 + t * BLOCK_N + tl.arange(0, BLOCK_N)
                     _prefetch_l2(k_base + offs.to(tl.int64) * slr_s, offs < n)
                 pdl_wait(PDL)  # (q', from the rotation kernel)
-            if ROT_MMA:  # (session 20, BRACKET_ROT_MMA: q'[:d] from q and P on tensor cores, not read from q')
-                qT = _q_lr_T_mma(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, b, h0, kvh, HPR, G_PAD, D, D_LR, BLOCK_D,
-                                 BLOCK_DL) * scale
-            else:
-                qT = _load_q_lr_T(qrot_ptr, sqr_b, sqr_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
+            qT = _load_q_lr_T(qrot_ptr, sqr_b, sqr_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
             qT_hi, qT_lo = _q_operands(qT, klr_ptr.dtype.element_ty, HPR, G_PAD)
             br = br_ptr + pid * BR_STRIDE
             lo_key = tl.load(br).to(tl.uint32, bitcast=True)
@@ -716,9 +711,6 @@ BRACKET_FINISH_MAXNREG = 0
 # programs waiting on its row's count of finished scoring programs; the scoring grid runs row after row (brackets
 # first), so the classification of the rows already scored overlaps the scoring pass's last wave.  Only with
 # overlap, a rotation (P given), classify="split" and the vec classify kernel
-# session 20 (a probe): the scoring programs compute q'[:d] from q and P on tensor cores (`scores._q_lr_T_mma`) instead
-# of reading the rotation kernel's q' (16-bit q and slab of one dtype)
-BRACKET_ROT_MMA = False
 BRACKET_FLOW = "auto"  # "auto": where the rotation PDL (BRACKET_ROTATE_PDL's rule) is off; True / False: always / never
 BRACKET_FLOW_PDL = True  # (False: the same grids and waits, the classify kernel launched after the scoring kernel)
 BRACKET_BAND_SD = 3.0  # band registers >= the expected band + this many standard deviations (`band_registers`)
@@ -925,10 +917,6 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         tpp = max(TILES, triton.cdiv(n_tiles, triton.cdiv(int(cfg["programs"]), B * R)))
     hints = cache_hints(B * R, S)
     ncol = triton.cdiv(n_tiles, tpp)  # scoring programs per row
-    rot_mma = {}
-    if BRACKET_ROT_MMA and rotate and q.dtype in (torch.bfloat16, torch.float16) and k_lr.dtype == q.dtype:
-        rot_mma = dict(q_ptr=q, sq_b=q.stride(0), sq_h=q.stride(1), P_ptr=P, sp_h=P.stride(0), sp_r=P.stride(1),
-                       ROT_MMA=True, D=D, BLOCK_D=max(16, next_pow2(D)))
     _bracket_scores_kernel[((ncol + 1) * B * R,) if flow else (B * R, ncol + int(overlap))](
         qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br, ac,
         idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, scale, R, G, S, KMAX, nsig,
@@ -937,7 +925,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         CLASSIFY=not split,
         OVERLAP=int(overlap), SAMPLE=sample, SUB=sub if interp else min(sample, cfg.get("bracket_sub", BLOCK_N)),
         STAGES=pipe, HINTS=hints and split, PDL=rot_pdl, PREFETCH=int(BRACKET_ROTATE_PDL) if rot_pdl else 0,
-        FLOW=flow, FLOW_PDL=flow_pdl, num_warps=nw, **rot_mma, **(dict(launch_pdl=True) if rot_pdl else {}))
+        FLOW=flow, FLOW_PDL=flow_pdl, num_warps=nw, **(dict(launch_pdl=True) if rot_pdl else {}))
     if stages < 3:
         return idx, (q_rot_out if rotate else None)
     block_s = 64 if interp else BRACKET_BLOCK_S

@@ -118,14 +118,10 @@ PRESETS["scores_d16"] = dict(_SCORES, constexprs=dict(_SCORES["constexprs"], D_L
 # session 19: an fp8 (e4m3) slab, widened to fp16 in the tile (`scores._score_tile`), against fp16 halves of q'
 PRESETS["scores_d32_fp8"] = dict(_SCORES, ptr=dict(_SCORES["ptr"], klr_ptr="*fp8e4nv"),
                                  constexprs=dict(_SCORES["constexprs"], FLOW=True, FLOW_PDL=True))
-# session 20 (BRACKET_ROT_MMA): the scoring programs compute q'[:d] from q and P on tensor cores
-PRESETS["scores_d32_flow_rotmma"] = dict(_SCORES, ptr=dict(_SCORES["ptr"], q_ptr="*bf16", P_ptr="*fp32"),
-                                         constexprs=dict(_SCORES["constexprs"], FLOW=True, FLOW_PDL=True, ROT_MMA=True))
 PRESETS["classify_vec4_flow"] = dict(_VEC, constexprs=dict(BLOCK_C=1024, KPT=4, ASM=True, FLOW=True))
 GROUPS = {"finish": ("finish_8192", "finish_8192_idx_first", "finish_8192_asm", "finish_8192_idx_first_asm",
                      "finish_8192_idx_first_asm_r112", "finish_8192_idx_first_asm_r96"),
-          "scores": ("scores_d32", "scores_d32_rotate_pdl", "scores_d32_flow", "scores_d16", "scores_d32_fp8",
-                     "scores_d32_flow_rotmma"),
+          "scores": ("scores_d32", "scores_d32_rotate_pdl", "scores_d32_flow", "scores_d16", "scores_d32_fp8"),
           "classify": ("classify_scalar", "classify_blocked", "classify_hints", "classify_vec4", "classify_vec4_2048",
                        "classify_vec4_noasm", "classify_vec4_nb2", "classify_vec4_nb4", "classify_vec4_flow"),
           "attention": ("attention_dense", "attention_sparse", "attention_sparse_s8", "attention_sparse_s7",
@@ -148,11 +144,8 @@ def compile_preset(name: str):
     sig, attrs = {}, {}
     constexprs = dict(p["constexprs"])
     for i, (arg, par) in enumerate(inspect.signature(kern.fn).parameters.items()):
-        if (arg not in constexprs and par.default is not inspect.Parameter.empty
-                and "constexpr" in str(par.annotation)):
+        if arg not in constexprs and par.default is not inspect.Parameter.empty:
             constexprs[arg] = par.default  # a constexpr with a default (e.g. a session's optional flag)
-        if par.default is None and not (isinstance(p["ptr"], dict) and arg in p["ptr"]):
-            constexprs[arg] = None  # an optional pointer the preset does not use
         if arg in constexprs:
             sig[arg] = "constexpr"
             continue

@@ -80,32 +80,6 @@ def _q_lr_T_from_raw(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, b, h0, kvh, HPR: tl.c
 
 
 @triton.jit
-def _q_lr_T_mma(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, b, h0, kvh, HPR: tl.constexpr, G_PAD: tl.constexpr,
-                D: tl.constexpr, D_LR: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DL: tl.constexpr,
-                ROT_K: tl.constexpr = 32):
-    """(q[b, h0:h0+HPR] @ P[kvh][:, :d])^T as a (BLOCK_DL, G_PAD) fp32 tile (zero beyond d / HPR), on tensor cores
-    (session 20, BRACKET_ROT_MMA): q is 16-bit (exact in the MMA), P fp32 split in three 16-bit terms of q's dtype
-    (P = hi + mid + lo, each the rounding of what the others leave), accumulated in fp32, ROT_K input dims at a time."""
-    hh = tl.arange(0, G_PAD)
-    dl = tl.arange(0, BLOCK_DL)
-    acc = tl.zeros([G_PAD, BLOCK_DL], dtype=tl.float32)
-    for i0 in tl.static_range(0, BLOCK_D, ROT_K):
-        dd = i0 + tl.arange(0, ROT_K)
-        qt = tl.load(q_ptr + b * sq_b + (h0 + hh)[:, None] * sq_h + dd[None, :],
-                     mask=(hh < HPR)[:, None] & (dd < D)[None, :], other=0.0)
-        pt = tl.load(P_ptr + kvh * sp_h + dd[:, None] * sp_r + dl[None, :],
-                     mask=(dd < D)[:, None] & (dl < D_LR)[None, :], other=0.0).to(tl.float32)
-        p_hi = pt.to(qt.dtype)
-        r = pt - p_hi.to(tl.float32)
-        p_mid = r.to(qt.dtype)
-        p_lo = (r - p_mid.to(tl.float32)).to(qt.dtype)
-        acc = tl.dot(qt, p_hi, acc)
-        acc = tl.dot(qt, p_mid, acc)
-        acc = tl.dot(qt, p_lo, acc)
-    return tl.trans(acc)
-
-
-@triton.jit
 def _load_q_lr_T(q_ptr, sq_b, sq_h, b, h0, HPR: tl.constexpr, G_PAD: tl.constexpr, D_LR: tl.constexpr,
                  BLOCK_DL: tl.constexpr):
     hh = tl.arange(0, G_PAD)
