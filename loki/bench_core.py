@@ -469,12 +469,16 @@ def acceptance(device="cuda", steps: int = 32, seed: int = 0, shape: dict | None
         "group_dD/4_k1/8_sink4_local16_dense1": dict(d=0.25, k=0.125, selection="group", sink_tokens=4,
                                                      local_window=16, dense_layers=1),
     }
+    if on_gpu:  # session 20: the opt-in e4m3 scoring slab (a 16-bit cache, layout "rows"), both paths scoring on it
+        variants["group_dD/4_k1/8_fp8_rows"] = dict(d=0.25, k=0.125, selection="group", group_reduce="max",
+                                                    slab_dtype="fp8")
     report = {"device": torch.cuda.get_device_name() if on_gpu else str(device),
               "model": shape, "batch": B, "prompt_lengths": am.sum(-1).tolist(), "steps": steps, "variants": {}}
     for name, opts in variants.items():
         res = {}
         m = attach_cached_loki(model, dict(opts, backend="kernels"), basis=basis)
-        cache = LokiCache(model, batch_size=B, max_cache_len=T + steps + 8)
+        layout = "rows" if opts.get("slab_dtype") else "split"
+        cache = LokiCache(model, batch_size=B, max_cache_len=T + steps + 8, layout=layout)
         tok_k, log_k = greedy_loop(model, cache, ids, am, steps)
         assert m.kernel_calls > 0
         log_g = None
@@ -493,7 +497,7 @@ def acceptance(device="cuda", steps: int = 32, seed: int = 0, shape: dict | None
             del dec
         # reference path, teacher-forced on the kernel path's tokens
         mr = attach_cached_loki(model, dict(opts, backend="reference"), basis=basis)
-        cache_r = LokiCache(model, batch_size=B, max_cache_len=T + steps + 8)
+        cache_r = LokiCache(model, batch_size=B, max_cache_len=T + steps + 8, layout=layout)
         tok_r, log_r = greedy_loop(model, cache_r, ids, am, steps, forced=tok_k)
         assert mr.kernel_calls == 0 and mr.decode_calls > 0
         diff = (log_k - log_r).abs()

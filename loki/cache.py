@@ -14,6 +14,9 @@ P (L, KVH, D, D) fp32 and ``lengths``.
 their views, plus ``slab``, a contiguous copy of k_lr that the scoring pass reads (``kernels.allocate_cache_rows``
 with kv=False).  It costs d / (2D) more cache memory and makes the sparse attention gather one K row per token
 instead of two: on the H200 the kernel step at batch 16 / 64K is 1-5% faster so (kernels/README.md, sessions 13-14).
+With the method's ``slab_dtype: fp8`` (opt-in, not the paper's method) that copy is held in e4m3 (half its bytes for
+the scoring pass, 16-bit caches; kernels/README.md, session 19): both decode paths then score against it, the writers
+round the fp32 rotated keys to it, saturating at +-448.  It needs ``layout="rows"``.
 
 Everything is allocated once, so a decode step has static shapes and can be captured in a CUDA graph
 (:class:`loki.generation.GraphDecoder`).
@@ -105,7 +108,8 @@ class LokiLayer(CacheLayerMixin):
     supports_early_init = False  # allocated eagerly
 
     def __init__(self, cache: "LokiCache", layer_idx: int, P: torch.Tensor, d: int, batch_size: int,
-                 max_cache_len: int, dtype: torch.dtype, device, use_kernels: bool, layout: str = "split"):
+                 max_cache_len: int, dtype: torch.dtype, device, use_kernels: bool, layout: str = "split",
+                 slab_dtype: torch.dtype | None = None):
         super().__init__()
         KVH, D = P.shape[0], P.shape[-1]
         self.method, self.layer_idx = cache.method, layer_idx  # no reference to the cache itself (no cycle)
@@ -120,7 +124,7 @@ class LokiLayer(CacheLayerMixin):
         if layout == "rows":  # whole rotated key rows, k_lr / k_rest views (kernels.allocate_cache_rows, kv=False)
             rows = self.kbuf.view(batch_size, KVH, max_cache_len, D)
             self.k_lr, self.k_rest = rows[..., :d], rows[..., d:]
-            self.slab = torch.zeros(batch_size, KVH, max_cache_len, d, dtype=dtype, device=device)
+            self.slab = torch.zeros(batch_size, KVH, max_cache_len, d, dtype=slab_dtype or dtype, device=device)
         else:  # k_lr | k_rest, back to back (kernels.allocate_cache)
             self.k_lr = self.kbuf[: n * d].view(batch_size, KVH, max_cache_len, d)
             self.k_rest = self.kbuf[n * d:].view(batch_size, KVH, max_cache_len, D - d)
@@ -213,8 +217,8 @@ class LokiLayer(CacheLayerMixin):
                 kr = self._rotate(key_states)
                 self.k_lr[:, :, :T] = kr[..., : self.d].to(self.dtype)
                 self.k_rest[:, :, :T] = kr[..., self.d:].to(self.dtype)
-                if self.slab is not None:
-                    self.slab[:, :, :T] = self.k_lr[:, :, :T]
+                if self.slab is not None:  # (from fp32, as the kernels' writers: one rounding, also to e4m3)
+                    self.slab[:, :, :T] = kr[..., : self.d]
                 self.v[:, :, :T] = value_states.to(self.dtype)
                 self.lengths.fill_(T)
             self.seen = T
@@ -242,7 +246,7 @@ class LokiLayer(CacheLayerMixin):
                 self.k_lr[rows, :, pos] = kr[..., : self.d].to(self.dtype)
                 self.k_rest[rows, :, pos] = kr[..., self.d:].to(self.dtype)
                 if self.slab is not None:
-                    self.slab[rows, :, pos] = self.k_lr[rows, :, pos]
+                    self.slab[rows, :, pos] = kr[..., : self.d].to(self.slab.dtype)
                 self.v[rows, :, pos] = value_states[:, :, 0].to(self.dtype)
                 self.lengths += 1
             self.seen += 1
@@ -266,6 +270,8 @@ class LokiLayer(CacheLayerMixin):
                 w = buf.shape[-1]
                 if w == 0:
                     continue
+                if buf.element_size() == 1:  # (an e4m3 slab: torch's gather has no float8 kernels; move the bytes)
+                    buf = buf.view(torch.uint8)
                 buf[:, :, :T] = buf[:, :, :T].gather(2, order[:, None, :, None].expand(B, self.kv_heads, T, w))
             self.lengths.copy_(valid.sum(-1).to(torch.int32))
         self.state = "ready"
@@ -321,8 +327,19 @@ class LokiCache(Cache):
         self.batch_size_, self.max_len = int(batch_size), int(max_cache_len)
         self.k_max = max_budget(self.max_len, method.k, method.k_mode, method.sink_tokens, method.local_window)
         self.layout = layout
+        slab_dtype = None
+        if getattr(method, "slab_dtype", None) == "fp8":
+            if layout != "rows":
+                raise fail("slab_dtype=fp8 keeps an e4m3 copy of the scored key dims beside the key rows: it needs "
+                           f"LokiCache(..., layout='rows'), got layout={layout!r}.",
+                           "build the cache with layout='rows', or set method.slab_dtype=null.")
+            if self.dtype not in (torch.float16, torch.bfloat16):
+                raise fail(f"slab_dtype=fp8 is for 16-bit caches (bfloat16 / float16), the cache is {self.dtype}.",
+                           "run the model in bfloat16 or float16, or set method.slab_dtype=null.")
+            slab_dtype = torch.float8_e4m3fn
         layers = [LokiLayer(self, i, method.P[i], method.dims, self.batch_size_, self.max_len, self.dtype,
-                            self.device, self.use_kernels, layout) for i in range(method.model_info["num_layers"])]
+                            self.device, self.use_kernels, layout, slab_dtype)
+                  for i in range(method.model_info["num_layers"])]
         super().__init__(layers=layers)
 
     def nbytes(self) -> int:
@@ -367,7 +384,8 @@ def reference_decode(method: "CachedLoki", layer: LokiLayer, q: torch.Tensor, sc
     if dense:
         keep = visible.expand(B, H, 1, S)
     else:
-        approx = (torch.matmul(qr[..., :d], kr[..., :d].unsqueeze(2).transpose(-1, -2)) * scaling).view(B, H, 1, S)
+        kd = kr[..., :d] if layer.slab is None else layer.slab[:, :, :S].float()  # (what the scoring pass reads)
+        approx = (torch.matmul(qr[..., :d], kd.unsqueeze(2).transpose(-1, -2)) * scaling).view(B, H, 1, S)
         budget = decode_budget(n, method.k, method.k_mode).view(B, 1, 1)
         forced = forced_mask(visible, method.sink_tokens, method.local_window)
         if method.selection == "group" and g > 1:

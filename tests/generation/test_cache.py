@@ -240,3 +240,66 @@ def test_rows_layout_matches_split(tiny, tiny_basis):
     assert cr.nbytes() - cs.nbytes() == n_layers * 2 * 2 * 24 * 5 * 4  # L x (B KVH S_max d) x fp32
     with pytest.raises(LokiError, match="unknown layout"):
         LokiCache(tiny, batch_size=1, max_cache_len=8, layout="padded")
+
+
+def _bf16(model):
+    import copy
+
+    return copy.deepcopy(model).to(torch.bfloat16)
+
+
+def test_fp8_slab_cache_reference_path(tiny, tiny_basis):
+    """method slab_dtype=fp8 (the kernels' opt-in e4m3 scoring slab, session 19): the rows-layout cache holds the
+    scored dims rounded to e4m3 from the fp32 rotated keys, ragged prefill and decode steps keep it in step with
+    k_lr, and the reference decode scores against it (negating the slab turns the top-k into the bottom-k)."""
+    from loki.bench_core import greedy_loop
+    from loki.cache import reference_decode
+
+    model = _bf16(tiny)
+    d = 5
+    m = attach_cached_loki(model, {"d": d, "k": 0.25, "slab_dtype": "fp8"}, basis=tiny_basis)
+    m.record_selections = True
+    ids, am = left_pad([_ids(1, 22, seed=3)[0], _ids(1, 15, seed=4)[0]])
+    cache = LokiCache(model, batch_size=2, max_cache_len=30, layout="rows")
+    greedy_loop(model, cache, ids, am, 4)
+    n = [22 + 3, 15 + 3]
+    assert sum(len(v) for v in m.selections.values()) > 0
+    for layer in cache.layers:
+        assert layer.slab.dtype == torch.float8_e4m3fn and layer.lengths.tolist() == n
+        for i, ni in enumerate(n):  # e4m3 of the bf16 keys' fp32 values: within e4m3's half ulp (2**-4 relative)
+            ref = layer.k_lr[i, :, :ni].float()
+            got = layer.slab[i, :, :ni].float()
+            assert torch.all((got - ref).abs() <= ref.abs() * 2 ** -4 + 2 ** -10)
+    # the reference decode reads the slab: its selection is the top-k of q'[:d] . slab
+    layer = cache.layers[1]
+    q = torch.randn(2, 4, 16, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    scaling = 16 ** -0.5
+    m.selections = {}
+
+    def manual():
+        qr = torch.matmul(q.float().view(2, 2, 2, 16), layer.P[None])[..., :d]
+        s = torch.einsum("bkgd,bksd->bkgs", qr, layer.slab[:, :, :max(n)].float()).reshape(2, 4, -1)
+        want = torch.zeros_like(s, dtype=torch.bool)
+        for b, nb in enumerate(n):
+            kb = int(decode_budget(torch.tensor([nb]), 0.25, "prefix")[0])
+            want[b].scatter_(-1, s[b, :, :nb].topk(kb, -1).indices, True)
+        return want
+
+    reference_decode(m, layer, q, scaling, dense=False)
+    keep1 = m.selections[layer.layer_idx][-1]
+    assert torch.equal(keep1[..., :max(n)], manual())
+    layer.slab.copy_((-layer.slab.float()).to(torch.float8_e4m3fn))
+    reference_decode(m, layer, q, scaling, dense=False)
+    keep2 = m.selections[layer.layer_idx][-1]
+    assert torch.equal(keep2[..., :max(n)], manual()) and not torch.equal(keep1, keep2)
+
+
+def test_fp8_slab_cache_errors(tiny, tiny_basis):
+    """slab_dtype=fp8 needs the rows layout and a 16-bit cache: one clear error each, naming the fix."""
+    attach_cached_loki(tiny, {"d": 5, "k": 0.25, "slab_dtype": "fp8"}, basis=tiny_basis)
+    with pytest.raises(LokiError, match="16-bit caches"):
+        LokiCache(tiny, batch_size=1, max_cache_len=16, layout="rows")
+    model = _bf16(tiny)
+    attach_cached_loki(model, {"d": 5, "k": 0.25, "slab_dtype": "fp8"}, basis=tiny_basis)
+    with pytest.raises(LokiError, match="layout='rows'"):
+        LokiCache(model, batch_size=1, max_cache_len=16)
