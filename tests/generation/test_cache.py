@@ -5,7 +5,7 @@ import torch
 from gen_helpers import dense_generate, eval_time_generate, left_pad, selection_mismatch
 from loki.cache import LokiCache, decode_budget, max_budget
 from loki.common import LokiError
-from loki.generation import attach_cached_loki, cache_kwarg, generate
+from loki.generation import attach_cached_loki, cache_kwarg, generate, make_cache
 
 V = 300
 
@@ -303,3 +303,6 @@ def test_fp8_slab_cache_errors(tiny, tiny_basis):
     attach_cached_loki(model, {"d": 5, "k": 0.25, "slab_dtype": "fp8"}, basis=tiny_basis)
     with pytest.raises(LokiError, match="layout='rows'"):
         LokiCache(model, batch_size=1, max_cache_len=16)
+    assert make_cache(model, 1, 16).layout == "rows"  # (what generate() makes: the layout the fp8 slab needs)
+    out = generate(model, _ids(1, 6), max_new_tokens=3)
+    assert out.shape == (1, 3)
