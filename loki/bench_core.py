@@ -18,7 +18,9 @@ What is timed, per (method, batch, context):
 Methods: ``dense`` (transformers' SDPA attention over its StaticCache: the baseline asked for),
 ``dense_flash`` (the LokiCache with every layer dense: Triton flash-decoding over the same layout,
 a stronger dense baseline), ``loki`` (the configured (d, k)), ``loki_rows`` (the same in the LokiCache's "rows"
-layout: whole key rows plus a copy of the low-rank slab, d / (2D) more cache memory, ``loki.cache``).
+layout: whole key rows plus a copy of the low-rank slab, d / (2D) more cache memory, ``loki.cache``),
+``loki_rows_fp8`` (the same with that copy in e4m3, the method's opt-in ``slab_dtype: fp8``: not the paper's
+method, half the scoring pass's bytes; 16-bit models).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch
 
 from loki.common import fail
 
-METHODS = ("dense", "dense_flash", "loki", "loki_rows")
+METHODS = ("dense", "dense_flash", "loki", "loki_rows", "loki_rows_fp8")
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -164,6 +166,8 @@ def _setup_method(model, method: str, loki_opts: dict, basis):
     opts = dict(loki_opts)
     if method == "dense_flash":
         opts["dense_layers"] = fingerprint(model)["num_layers"]
+    if method == "loki_rows_fp8":
+        opts["slab_dtype"] = "fp8"
     return attach_cached_loki(model, opts, basis=basis)
 
 
@@ -173,7 +177,7 @@ def _make_cache(model, method: str, B: int, S_max: int):
 
     if method == "dense":
         return dense_static_cache(model, B, S_max)
-    return LokiCache(model, batch_size=B, max_cache_len=S_max, layout="rows" if method == "loki_rows" else "split")
+    return LokiCache(model, batch_size=B, max_cache_len=S_max, layout="rows" if method.startswith("loki_rows") else "split")
 
 
 def _attention_fn(model, method: str, cache, lm, B: int, ctx: int, S_max: int, device, dtype):
@@ -298,6 +302,7 @@ def bench_point(model, method: str, B: int, ctx: int, cfg: dict, loki_opts: dict
         "graphs": use_graphs,
         "backend": "sdpa" if method == "dense" else ("kernels" if cache.use_kernels else "reference"),
         "layout": None if method == "dense" else cache.layout,
+        "slab_dtype": "fp8" if method == "loki_rows_fp8" else None,
         "dtype": str(dtype).replace("torch.", ""),
     }
     del cache

@@ -38,6 +38,25 @@ def test_run_bench_rows(tiny):
     assert "ms_per_token" in table(rows)
 
 
+def test_run_bench_fp8_slab(tiny):
+    """loki_rows_fp8 (session 20): the rows layout with its slab copy in e4m3 (a 16-bit model): the slab costs
+    d bytes per key instead of 2 d, and the row says which slab it timed."""
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(tiny).to(torch.bfloat16)
+    cfg = {"batch": [2], "context": [24], "methods": ["loki_rows", "loki_rows_fp8"], "new_tokens": 2, "warmup": 1,
+           "graphs": False, "fill": "prefill", "prefill_max_tokens": 4096, "calib_tokens": 32}
+    rows = run_bench(model, cfg, {"d": 4, "k": 0.25, "selection": "group"}, "cpu", log=lambda s: None)
+    bf, f8 = rows
+    assert (bf["method"], f8["method"]) == ("loki_rows", "loki_rows_fp8")
+    assert (bf["layout"], f8["layout"], bf["slab_dtype"], f8["slab_dtype"]) == ("rows", "rows", None, "fp8")
+    S = 24 + 2 + 1 + 8
+    assert bf["cache_bytes"] - f8["cache_bytes"] == 2 * (2 * 2 * S * 4)  # layers x (B KVH S d) x (2 - 1) bytes
+    assert f8["ms_per_token"] > 0 and f8["dtype"] == "bfloat16"
+
+
 def test_speedups():
     rows = [{"batch": 1, "context": 8, "method": m, "tokens_per_s": t} for m, t in
             (("dense", 10.0), ("dense_flash", 20.0), ("loki", 30.0))]
