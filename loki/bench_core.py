@@ -302,7 +302,7 @@ def bench_point(model, method: str, B: int, ctx: int, cfg: dict, loki_opts: dict
         "graphs": use_graphs,
         "backend": "sdpa" if method == "dense" else ("kernels" if cache.use_kernels else "reference"),
         "layout": None if method == "dense" else cache.layout,
-        "slab_dtype": "fp8" if method == "loki_rows_fp8" else None,
+        "slab_dtype": None if lm is None else lm.slab_dtype,
         "dtype": str(dtype).replace("torch.", ""),
     }
     del cache
@@ -449,9 +449,9 @@ def acceptance(device="cuda", steps: int = 32, seed: int = 0, shape: dict | None
     tolerances (GPU_REF_TOL, GPU_GRAPH_TOL), measured on the H200 over 11 seeds (session 20,
     kernels/bench_results/h200_accept_seeds_s20.jsonl): kernel vs reference 1.4-3.2% (the group variant the largest),
     graph replay vs eager 0.9-2.1%, with every untied token equal in every run (the fp8-slab variant, GPU only, over 8
-    more seeds: 2.1-2.4% and 1.4-1.8%).  The earlier 2e-2 floor (session 13:
-    1.6-2.0% at seed 0) failed by chance in 5 of the 11 seeds.  A wrong selection or attention shows as
-    untied tokens that differ; the kernels' own float64-reference tests (tests/kernels) hold the numerics tight.
+    more seeds: 2.1-2.4% and 1.4-1.8%).  The earlier 2e-2 floor (session 13: 1.6-2.0% at seed 0) failed by chance in 5
+    of the 11 seeds.  A wrong selection or attention shows as untied tokens that differ; the kernels' own
+    float64-reference tests (tests/kernels) hold the numerics tight.
     """
     from loki.cache import LokiCache
     from loki.generation import GraphDecoder, attach_cached_loki, fit_basis
@@ -483,8 +483,7 @@ def acceptance(device="cuda", steps: int = 32, seed: int = 0, shape: dict | None
     for name, opts in variants.items():
         res = {}
         m = attach_cached_loki(model, dict(opts, backend="kernels"), basis=basis)
-        layout = "rows" if opts.get("slab_dtype") else "split"
-        cache = LokiCache(model, batch_size=B, max_cache_len=T + steps + 8, layout=layout)
+        cache = LokiCache(model, batch_size=B, max_cache_len=T + steps + 8)  # (fp8 slab: the rows layout)
         tok_k, log_k = greedy_loop(model, cache, ids, am, steps)
         assert m.kernel_calls > 0
         log_g = None
@@ -503,7 +502,7 @@ def acceptance(device="cuda", steps: int = 32, seed: int = 0, shape: dict | None
             del dec
         # reference path, teacher-forced on the kernel path's tokens
         mr = attach_cached_loki(model, dict(opts, backend="reference"), basis=basis)
-        cache_r = LokiCache(model, batch_size=B, max_cache_len=T + steps + 8, layout=layout)
+        cache_r = LokiCache(model, batch_size=B, max_cache_len=T + steps + 8)
         tok_r, log_r = greedy_loop(model, cache_r, ids, am, steps, forced=tok_k)
         assert mr.kernel_calls == 0 and mr.decode_calls > 0
         diff = (log_k - log_r).abs()

@@ -16,7 +16,7 @@ with kv=False).  It costs d / (2D) more cache memory and makes the sparse attent
 instead of two: on the H200 the kernel step at batch 16 / 64K is 1-5% faster so (kernels/README.md, sessions 13-14).
 With the method's ``slab_dtype: fp8`` (opt-in, not the paper's method) that copy is held in e4m3 (half its bytes for
 the scoring pass, 16-bit caches; kernels/README.md, session 19): both decode paths then score against it, the writers
-round the fp32 rotated keys to it, saturating at +-448.  It needs ``layout="rows"``.
+round the fp32 rotated keys to it, saturating at +-448.  It needs ``layout="rows"`` (the default layout then).
 
 Everything is allocated once, so a decode step has static shapes and can be captured in a CUDA graph
 (:class:`loki.generation.GraphDecoder`).
@@ -297,11 +297,12 @@ class LokiCache(Cache):
     transformers >= 5.18, ``past_key_values=`` before; :func:`loki.generation.generate` picks the name).
     ``max_cache_len`` must cover the padded prompt plus the generated tokens.  ``layout``: "split" (k_lr and k_rest
     in slabs of their own: no memory beyond a dense cache) or "rows" (whole key rows plus a copy of k_lr: d / (2D)
-    more; see the module docstring).
+    more; see the module docstring); None: "rows" where the method scores an fp8 slab (``slab_dtype: fp8``, whose
+    e4m3 copy lives beside the key rows), else "split".
     """
 
     def __init__(self, model, batch_size: int, max_cache_len: int, dtype: torch.dtype | None = None,
-                 device=None, layout: str = "split"):
+                 device=None, layout: str | None = None):
         from loki.modeling import attention_modules
 
         mods = attention_modules(model)
@@ -312,6 +313,9 @@ class LokiCache(Cache):
             got = type(method).__name__ if method is not None else "none"
             raise fail(f"LokiCache needs the model to run the cached Loki method (attached: {got}).",
                        "attach it first: loki.generation.attach_cached_loki(model, {'d': ..., 'k': ...}, basis=...).")
+        fp8 = getattr(method, "slab_dtype", None) == "fp8"
+        if layout is None:
+            layout = "rows" if fp8 else "split"
         if layout not in LAYOUTS:
             raise fail(f"LokiCache: unknown layout {layout!r}.", f"use one of {list(LAYOUTS)}.")
         if int(batch_size) < 1 or int(max_cache_len) < 1:
@@ -328,7 +332,7 @@ class LokiCache(Cache):
         self.k_max = max_budget(self.max_len, method.k, method.k_mode, method.sink_tokens, method.local_window)
         self.layout = layout
         slab_dtype = None
-        if getattr(method, "slab_dtype", None) == "fp8":
+        if fp8:
             if layout != "rows":
                 raise fail("slab_dtype=fp8 keeps an e4m3 copy of the scored key dims beside the key rows: it needs "
                            f"LokiCache(..., layout='rows'), got layout={layout!r}.",

@@ -74,14 +74,8 @@ def fit_basis(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
 
 
 def make_cache(model, batch_size: int, max_cache_len: int, layout: str | None = None):
-    """A LokiCache for the attached method; layout None: "rows" where the method scores an fp8 slab (slab_dtype=fp8
-    keeps its e4m3 copy beside the key rows), else "split"."""
     from loki.cache import LokiCache
-    from loki.modeling import attention_modules
 
-    if layout is None:
-        method = getattr(attention_modules(model)[0], "_loki_method", None)
-        layout = "rows" if getattr(method, "slab_dtype", None) == "fp8" else "split"
     return LokiCache(model, batch_size=batch_size, max_cache_len=max_cache_len, layout=layout)
 
 

@@ -295,14 +295,16 @@ def test_fp8_slab_cache_reference_path(tiny, tiny_basis):
 
 
 def test_fp8_slab_cache_errors(tiny, tiny_basis):
-    """slab_dtype=fp8 needs the rows layout and a 16-bit cache: one clear error each, naming the fix."""
+    """slab_dtype=fp8 needs the rows layout (the LokiCache's default then) and a 16-bit cache: one clear error each,
+    naming the fix."""
     attach_cached_loki(tiny, {"d": 5, "k": 0.25, "slab_dtype": "fp8"}, basis=tiny_basis)
     with pytest.raises(LokiError, match="16-bit caches"):
         LokiCache(tiny, batch_size=1, max_cache_len=16, layout="rows")
     model = _bf16(tiny)
     attach_cached_loki(model, {"d": 5, "k": 0.25, "slab_dtype": "fp8"}, basis=tiny_basis)
     with pytest.raises(LokiError, match="layout='rows'"):
-        LokiCache(model, batch_size=1, max_cache_len=16)
-    assert make_cache(model, 1, 16).layout == "rows"  # (what generate() makes: the layout the fp8 slab needs)
+        LokiCache(model, batch_size=1, max_cache_len=16, layout="split")
+    assert LokiCache(model, batch_size=1, max_cache_len=16).layout == "rows"  # (the default then: what it needs)
+    assert make_cache(model, 1, 16).layout == "rows"
     out = generate(model, _ids(1, 6), max_new_tokens=3)
     assert out.shape == (1, 3)
