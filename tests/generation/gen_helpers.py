@@ -17,6 +17,13 @@ def tiny_llama(seed: int = 0, **over):
     return model.eval().requires_grad_(False)
 
 
+def cast_copy(model, dtype, device=None):
+    """A copy of ``model`` in ``dtype`` (on ``device``), leaving the shared fixture as it is (16-bit runs)."""
+    import copy
+
+    return copy.deepcopy(model).to(device=device, dtype=dtype)
+
+
 def eval_time_generate(model, opts: dict, basis, ids, attention_mask=None, n: int = 16, record: bool = False):
     """Greedy generation with the evaluation-time loki method (sparse_prefill: false) and a DynamicCache.
 

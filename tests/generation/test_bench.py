@@ -41,11 +41,10 @@ def test_run_bench_rows(tiny):
 def test_run_bench_fp8_slab(tiny):
     """loki_rows_fp8 (session 20): the rows layout with its slab copy in e4m3 (a 16-bit model): the slab costs
     d bytes per key instead of 2 d, and the row says which slab it timed."""
-    import copy
-
     import torch
+    from gen_helpers import cast_copy
 
-    model = copy.deepcopy(tiny).to(torch.bfloat16)
+    model = cast_copy(tiny, torch.bfloat16)
     cfg = {"batch": [2], "context": [24], "methods": ["loki_rows", "loki_rows_fp8"], "new_tokens": 2, "warmup": 1,
            "graphs": False, "fill": "prefill", "prefill_max_tokens": 4096, "calib_tokens": 32}
     rows = run_bench(model, cfg, {"d": 4, "k": 0.25, "selection": "group"}, "cpu", log=lambda s: None)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from gen_helpers import dense_generate, eval_time_generate, left_pad, selection_mismatch
+from gen_helpers import cast_copy, dense_generate, eval_time_generate, left_pad, selection_mismatch
 from loki.cache import LokiCache, decode_budget, max_budget
 from loki.common import LokiError
 from loki.generation import attach_cached_loki, cache_kwarg, generate, make_cache
@@ -242,12 +242,6 @@ def test_rows_layout_matches_split(tiny, tiny_basis):
         LokiCache(tiny, batch_size=1, max_cache_len=8, layout="padded")
 
 
-def _bf16(model):
-    import copy
-
-    return copy.deepcopy(model).to(torch.bfloat16)
-
-
 def test_fp8_slab_cache_reference_path(tiny, tiny_basis):
     """method slab_dtype=fp8 (the kernels' opt-in e4m3 scoring slab, session 19): the rows-layout cache holds the
     scored dims rounded to e4m3 from the fp32 rotated keys, ragged prefill and decode steps keep it in step with
@@ -255,7 +249,7 @@ def test_fp8_slab_cache_reference_path(tiny, tiny_basis):
     from loki.bench_core import greedy_loop
     from loki.cache import reference_decode
 
-    model = _bf16(tiny)
+    model = cast_copy(tiny, torch.bfloat16)
     d = 5
     m = attach_cached_loki(model, {"d": d, "k": 0.25, "slab_dtype": "fp8"}, basis=tiny_basis)
     m.record_selections = True
@@ -300,7 +294,7 @@ def test_fp8_slab_cache_errors(tiny, tiny_basis):
     attach_cached_loki(tiny, {"d": 5, "k": 0.25, "slab_dtype": "fp8"}, basis=tiny_basis)
     with pytest.raises(LokiError, match="16-bit caches"):
         LokiCache(tiny, batch_size=1, max_cache_len=16, layout="rows")
-    model = _bf16(tiny)
+    model = cast_copy(tiny, torch.bfloat16)
     attach_cached_loki(model, {"d": 5, "k": 0.25, "slab_dtype": "fp8"}, basis=tiny_basis)
     with pytest.raises(LokiError, match="layout='rows'"):
         LokiCache(model, batch_size=1, max_cache_len=16, layout="split")

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from gen_helpers import left_pad, selection_mismatch
+from gen_helpers import cast_copy, left_pad, selection_mismatch
 from loki.cache import LokiCache
 from loki.generation import attach_cached_loki
 
@@ -61,9 +61,7 @@ def test_kernels_match_reference(tiny, tiny_basis, opts, layout):
 def test_fp8_slab_kernels_match_reference(tiny, tiny_basis, opts):
     """slab_dtype=fp8 (the kernels' opt-in e4m3 scoring slab) in a 16-bit model: the kernel path writes the e4m3 slab
     and scores against it exactly as the reference path does (same selections, same tokens, equal slabs)."""
-    import copy
-
-    model = copy.deepcopy(tiny).to(device=DEV, dtype=torch.float16)
+    model = cast_copy(tiny, torch.float16, DEV)
     opts = {**opts, "slab_dtype": "fp8"}
     seqs = [torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n)) for n in (20, 13)]
     ids, am = left_pad(seqs)
