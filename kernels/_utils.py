@@ -103,12 +103,40 @@ def check_last_contiguous(t: torch.Tensor, name: str) -> None:
 
 
 def check_same_device(name_tensors) -> None:
-    devs = {(n, t.device) for n, t in name_tensors if t is not None}
+    """All given tensors (None skipped) on one device; the error names the first that differs from the first."""
     first = None
-    for n, d in devs:
+    for n, t in name_tensors:
+        if t is None:
+            continue
         if first is None:
-            first = (n, d)
-        check(d == first[1], f"{n} is on {d} but {first[0]} is on {first[1]}; all inputs must share a device")
+            first = (n, t.device)
+        check(t.device == first[1], f"{n} is on {t.device} but {first[0]} is on {first[1]}; all inputs must share a "
+                                    f"device")
+
+
+def check_pow2(x, name: str, minimum: int = 1, zero_ok: bool = False) -> None:
+    """A tuning argument that becomes a tile size (None: the default)."""
+    if x is None or (zero_ok and x == 0):
+        return
+    check(isinstance(x, int) and not isinstance(x, bool) and x >= minimum and x & (x - 1) == 0,
+          f"{name} must be a power of 2 >= {minimum}{' (or 0)' if zero_ok else ''}, got {x!r}")
+
+
+def check_lengths_range(lengths: torch.Tensor, S: int, what: str = "S_max") -> None:
+    """lengths in 0..S (reads them on the host: one device sync; callers do it only with strict=True)."""
+    check(bool((lengths >= 0).all()), f"lengths must be >= 0, got {lengths.tolist()}")
+    check(bool((lengths <= S).all()), f"lengths exceed {what}={S}: {lengths.tolist()}")
+
+
+def check_out(t: torch.Tensor, name: str, shape: tuple, dtypes: tuple, device) -> None:
+    """A caller-supplied output buffer: the exact shape, an allowed dtype, the device, a contiguous last dimension
+    (the kernels write through its other strides).  A wrong one would be written out of bounds, so it is refused."""
+    check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check(tuple(t.shape) == tuple(shape), f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    check(t.dtype in dtypes, f"{name} must be {' or '.join(str(x).replace('torch.', '') for x in dtypes)}, "
+                             f"got {t.dtype}")
+    check(t.device == torch.device(device), f"{name} is on {t.device}, expected {device}")
+    check_last_contiguous(t, name)
 
 
 def check_cache(k_lr: torch.Tensor, k_rest: torch.Tensor, v: torch.Tensor):
@@ -122,9 +150,9 @@ def check_cache(k_lr: torch.Tensor, k_rest: torch.Tensor, v: torch.Tensor):
     B, KVH, S, d = k_lr.shape
     D = v.shape[-1]
     check(tuple(v.shape[:3]) == (B, KVH, S), f"v shape {tuple(v.shape)} does not match k_lr {tuple(k_lr.shape)}")
+    check(1 <= d <= D, f"low-rank dim d={d} (k_lr's last dim) must be in 1..D={D} (v's last dim)")
     check(tuple(k_rest.shape) == (B, KVH, S, D - d),
           f"k_rest must have shape {(B, KVH, S, D - d)} (D - d = {D} - {d}), got {tuple(k_rest.shape)}")
-    check(1 <= d <= D, f"low-rank dim d={d} must be in 1..D={D}")
     check_same_device([("k_lr", k_lr), ("k_rest", k_rest), ("v", v)])
     return B, KVH, S, D, d
 
@@ -139,8 +167,3 @@ def check_lengths(lengths: torch.Tensor, B: int, device) -> None:
 
 def default_scaling(D: int, scaling):
     return float(D) ** -0.5 if scaling is None else float(scaling)
-
-
-def tl_dtype(dtype: torch.dtype):
-    import triton.language as tl
-    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]

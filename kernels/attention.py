@@ -23,14 +23,13 @@ select triggers it, `gdc_wait` before the rest) and attends to the rest.  Progra
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from ._utils import (BRACKET_RECORD, check, check_cache, check_float, check_last_contiguous, check_lengths,
-                     default_scaling, is_interpreter, next_pow2, num_sms, pdl_available, pdl_wait, INDEX_DTYPES)
+                     check_out, default_scaling, is_interpreter, next_pow2, num_sms, pdl_available, pdl_wait,
+                     FLOAT_DTYPES, INDEX_DTYPES)
 from .scores import _split_hi_lo
 
 LOG2E = 1.4426950408889634
@@ -369,7 +368,7 @@ def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_spli
     if out is None:
         out = torch.empty(B, H, D, dtype=v.dtype, device=v.device)
     else:
-        check(out.shape == (B, H, D) and out.stride(-1) == 1, f"out must be ({B}, {H}, {D}) with a contiguous last dim")
+        check_out(out, "out", (B, H, D), FLOAT_DTYPES, v.device)
     interp = is_interpreter()
     cfg = dict(SPARSE_CONFIG if not dense else DENSE_CONFIG)
     if config:

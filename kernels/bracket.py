@@ -988,12 +988,14 @@ def bracket_ready(workspace: torch.Tensor, B: int, R: int) -> torch.Tensor:
 
 def fraction_k_max(frac: float, S_max: int, sink_tokens: int = 0, local_window: int = 0) -> int:
     """The largest budget a float k can mean on a cache of S_max positions (the default index width)."""
+    _check_fraction(frac, sink_tokens, local_window)
     return min(S_max, max(math.ceil(frac * S_max), sink_tokens + local_window))
 
 
 def fraction_budget(frac: float, lengths: torch.Tensor, sink_tokens: int = 0, local_window: int = 0) -> torch.Tensor:
     """The per-sequence budget a float k means (torch ops; the bracket kernels compute it on the device):
     ceil(frac * n) in float64, at least min(n, sink_tokens + local_window), clipped to 1..n.  (B,) int32."""
+    _check_fraction(frac, sink_tokens, local_window)
     n = lengths.long()
     want = torch.ceil(n.double() * float(frac)).long()
     want = torch.maximum(want, forced_count(lengths, sink_tokens, local_window))
@@ -1002,5 +1004,17 @@ def fraction_budget(frac: float, lengths: torch.Tensor, sink_tokens: int = 0, lo
 
 def forced_count(lengths: torch.Tensor, sink_tokens: int, local_window: int) -> torch.Tensor:
     """Number of always-selected positions per sequence (sinks and local window may overlap in short ones)."""
+    _check_forced(sink_tokens, local_window)
     n = lengths.long()
     return torch.clamp(n, max=int(sink_tokens) + int(local_window)) if sink_tokens + local_window else n * 0
+
+
+def _check_forced(sink_tokens, local_window) -> None:
+    for n, x in (("sink_tokens", sink_tokens), ("local_window", local_window)):
+        check(isinstance(x, int) and not isinstance(x, bool) and x >= 0, f"{n} must be an int >= 0, got {x!r}")
+
+
+def _check_fraction(frac, sink_tokens, local_window) -> None:
+    check(isinstance(frac, float) and 0.0 < frac <= 1.0,
+          f"a float budget is a fraction of each sequence and must be in (0, 1], got {frac!r}")
+    _check_forced(sink_tokens, local_window)

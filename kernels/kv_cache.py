@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ._utils import (check, check_cache, check_float, check_last_contiguous, check_lengths, check_same_device,
-                     check_slab_dtype, is_interpreter, next_pow2, INDEX_DTYPES, SLAB_FP8)
+                     check_slab_dtype, next_pow2, SLAB_FP8)
 
 
 def allocate_cache(batch: int, kv_heads: int, max_len: int, head_dim: int, d: int, dtype=torch.bfloat16,
@@ -175,6 +175,7 @@ def append_kv(k_new: torch.Tensor, v_new: torch.Tensor, P: torch.Tensor, k_lr: t
     check_lengths(lengths, B, k_lr.device)
     sl = check_slab(slab, k_lr)
     if strict:
+        check(bool((lengths >= 0).all()), f"append_kv: negative lengths {lengths.tolist()}")
         check(bool((lengths < S).all()), f"append_kv: a sequence is full (lengths >= S_max={S})")
     BLOCK_D = next_pow2(D)
     _append_kv_kernel[(B * KVH,)](
@@ -262,10 +263,11 @@ def prefill_kv(k: torch.Tensor, v_new: torch.Tensor, P: torch.Tensor, k_lr: torc
     if n_new is not None:
         check_lengths(n_new, B, k_lr.device)
     if strict:
+        check(bool((lengths >= 0).all()), f"prefill_kv: negative lengths {lengths.tolist()}")
+        if n_new is not None:
+            check(bool(((n_new >= 0) & (n_new <= T)).all()), f"n_new must be in 0..T={T}, got {n_new.tolist()}")
         cnt = n_new.to(lengths.dtype) if n_new is not None else T
         check(bool(((lengths + cnt) <= S).all()), f"prefill_kv: writing would exceed S_max={S}")
-        if n_new is not None:
-            check(bool(((n_new >= 0) & (n_new <= T)).all()), f"n_new must be in 0..T={T}")
     if T > 0:
         BLOCK_D = next_pow2(D)
         BLOCK_T = 16
@@ -280,7 +282,8 @@ def prefill_kv(k: torch.Tensor, v_new: torch.Tensor, P: torch.Tensor, k_lr: torc
             HAS_CNT=n_new is not None, D=D, D_LR=d, BLOCK_D=BLOCK_D, BLOCK_T=BLOCK_T,
             BLOCK_C=min(BLOCK_D, 32), SLAB=slab is not None, num_warps=4)
     if advance:
-        lengths += (n_new.to(lengths.dtype) if n_new is not None else T)
+        # (n_new clamped to what the kernel writes, 0..T: with strict=False nothing above was checked)
+        lengths += (n_new.clamp(0, T).to(lengths.dtype) if n_new is not None else T)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import LokiInputError, check, check_cache, check_float, check_lengths
+from ._utils import (FLOAT_DTYPES, LokiInputError, check, check_cache, check_float, check_lengths, check_lengths_range,
+                     check_out)
 from . import attention as attn_mod
 from .attention import rows_continue, sparse_decode_attention
 from . import bracket as bracket_mod
@@ -96,14 +97,19 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
     check(q.dim() == 3 and q.shape[0] == B and q.shape[2] == D,
           f"q must be (B, H, D) with B={B}, D={D}, got {tuple(q.shape)}")
     check(q.shape[1] % KVH == 0, f"H={q.shape[1]} must be a multiple of KVH={KVH}")
+    check_float(P, "P")
+    check(tuple(P.shape) == (KVH, D, D), f"P must be (KVH, D, D) = {(KVH, D, D)} (one basis per KV head of the "
+                                         f"cache), got {tuple(P.shape)}")
     check_lengths(lengths, B, k_lr.device)
     check(mode in ("group", "head"), f"mode must be 'group' or 'head', got {mode!r}")
+    if out is not None:  # (checked again by the attention launcher; here before the selection's launches)
+        check_out(out, "out", tuple(q.shape), FLOAT_DTYPES, k_lr.device)
     check(path in PATHS, f"unknown path {path!r} (one of {', '.join(PATHS)})")
     frac = isinstance(k_budget, float)
     if frac:
         check(0.0 < k_budget <= 1.0, f"k_budget as a float is a fraction of each sequence, in (0, 1]; got {k_budget}")
     if strict:
-        check(bool((lengths <= S).all()), f"lengths exceed S_max={S}")
+        check_lengths_range(lengths, S)
         if not frac:
             _budget_args(k_budget, lengths, B, True, k_max)
     if path == "auto":
@@ -143,7 +149,8 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
         if path == "split":
             idx = topk_select(scores, lengths, k_budget, strict=False, k_max=k_max)
         else:
-            check(isinstance(k_budget, int), "path='torch_topk' needs an int budget")
+            check(isinstance(k_budget, int) and not isinstance(k_budget, bool) and k_budget >= 1,
+                  f"path='torch_topk' needs an int budget >= 1, got {k_budget!r}")
             kk = min(k_budget, S)
             vals, idx = torch.topk(scores, kk, dim=-1, sorted=False)
             idx = torch.where(torch.isinf(vals), torch.full_like(idx, -1), idx)

@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (check, check_cache, check_float, check_last_contiguous, check_lengths, check_slab_dtype,
-                     default_scaling, is_interpreter, next_pow2, pdl_trigger)
+from ._utils import (check, check_float, check_last_contiguous, check_lengths, check_out,
+                     check_slab_dtype, default_scaling, is_interpreter, next_pow2, pdl_trigger)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -246,6 +246,8 @@ def rotate_q(q: torch.Tensor, P: torch.Tensor, out: torch.Tensor | None = None) 
     B = q.shape[0]
     if out is None:
         out = torch.empty(B, H, D, dtype=torch.float32, device=q.device)
+    else:
+        check_out(out, "out", (B, H, D), (torch.float32,), q.device)
     return launch_rotate_q(q, P, out, KVH, H // KVH, D)
 
 
@@ -349,11 +351,12 @@ def loki_scores(q_rot: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tensor, 
         check(P.device == k_lr.device, f"P is on {P.device}, expected {k_lr.device}")
         if q_rot_out is None:
             q_rot_out = torch.empty(B, H, Dq, dtype=torch.float32, device=k_lr.device)
+        else:
+            check_out(q_rot_out, "q_rot_out", (B, H, Dq), (torch.float32,), k_lr.device)
     if out is None:
         out = torch.empty(B, R, S, dtype=torch.float32, device=k_lr.device)
     else:
-        check(out.shape == (B, R, S) and out.dtype == torch.float32 and out.stride(-1) == 1,
-              f"out must be a float32 ({B}, {R}, {S}) tensor")
+        check_out(out, "out", (B, R, S), (torch.float32,), k_lr.device)
     if is_interpreter():
         BLOCK_N, TILES, nw = 32, 1, 4
     else:

@@ -28,9 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (check, check_float, check_last_contiguous, check_lengths, check_slab_dtype, default_scaling,
-                     is_interpreter, next_pow2, INDEX_DTYPES)
-from .scores import (_check_q, _load_q_lr_T, _mode_params, _q_lr_T_from_raw, _q_operands, _rotate_heads, _row_of,
+from ._utils import (check, check_float, check_last_contiguous, check_lengths, check_lengths_range, check_out,
+                     check_pow2, check_slab_dtype, default_scaling, is_interpreter, next_pow2, INDEX_DTYPES)
+from .scores import (_check_q, _load_q_lr_T, _mode_params, _q_operands, _rotate_heads, _row_of,
                      _score_tile, rot_chunks)
 
 
@@ -284,15 +284,27 @@ def _budget_args(k, lengths, B: int, strict: bool, k_max: int | None):
                                        f"{bad.nonzero().flatten().tolist()} (pass strict=False to clip)")
         if k_max is None:
             k_max = int(k.max().item()) if k.numel() else 1
-        check(k_max >= 1, "k_max must be >= 1")
+        _check_k_max(k_max)
+        if strict:
+            check(not bool((k > k_max).any()), f"k_max={k_max} is smaller than the budgets {k.tolist()}: the "
+                                               f"selection would be cut to k_max (pass strict=False to clip)")
         return 0, k, int(k_max)
     check(isinstance(k, int) and not isinstance(k, bool), f"k must be an int or a (B,) int tensor, got {type(k)}")
     check(k >= 1, f"k must be >= 1, got {k}")
+    if k_max is not None:
+        _check_k_max(k_max)
+        check(k_max >= k or not strict, f"k_max={k_max} is smaller than k={k}: the selection would be cut to k_max "
+                                        f"(pass strict=False to clip)")
     if strict:
         bad = lengths < k
         check(not bool(bad.any()), f"k={k} is larger than the length of sequences "
                                    f"{bad.nonzero().flatten().tolist()} (pass strict=False to clip)")
     return int(k), None, int(k if k_max is None else k_max)
+
+
+def _check_k_max(k_max) -> None:
+    check(isinstance(k_max, int) and not isinstance(k_max, bool) and k_max >= 1,
+          f"k_max (the index output's width) must be an int >= 1, got {k_max!r}")
 
 
 # GPU defaults (see kernels/NOTES.md)
@@ -343,14 +355,16 @@ def topk_select(scores: torch.Tensor, lengths: torch.Tensor, k, strict: bool = T
     B, G, S = scores.shape
     check_lengths(lengths, B, scores.device)
     check(index_dtype in INDEX_DTYPES, f"index_dtype must be int32 or int64, got {index_dtype}")
+    check_pow2(block_s, "block_s", 16)
+    check_pow2(sample, "sample", 16, zero_ok=True)
+    check_pow2(num_warps, "num_warps")
     if strict:
-        check(bool((lengths <= S).all()), f"lengths exceed the scores' S_max={S}")
+        check_lengths_range(lengths, S, "the scores' S_max")
     K_INT, kb, KMAX = _budget_args(k, lengths, B, strict, k_max)
     if out is None:
         out = torch.empty(B, G, KMAX, dtype=index_dtype, device=scores.device)
     else:
-        check(out.shape == (B, G, KMAX) and out.dtype in INDEX_DTYPES and out.stride(-1) == 1,
-              f"out must be an int ({B}, {G}, {KMAX}) tensor")
+        check_out(out, "out", (B, G, KMAX), INDEX_DTYPES, scores.device)
     ws = _workspace(workspace, B * G * 2 * S, scores.device)
     _topk_kernel[(B * G,)](scores, scores.stride(0), scores.stride(1), out, out.stride(0), out.stride(1), ws,
                            lengths, kb if kb is not None else lengths, K_INT, G, S, KMAX,
@@ -391,7 +405,7 @@ def check_select_inputs(q, k_lr, lengths, k, P, mode, reduce, strict, k_max, q_r
     check_lengths(lengths, B, k_lr.device)
     R, HPR = _mode_params(mode, reduce, H, KVH)
     if strict:
-        check(bool((lengths <= S).all()), f"lengths exceed S_max={S}")
+        check_lengths_range(lengths, S)
     K_INT, kb, KMAX = _budget_args(k, lengths, B, strict, k_max)
     rotate = P is not None
     if rotate:
@@ -401,6 +415,8 @@ def check_select_inputs(q, k_lr, lengths, k, P, mode, reduce, strict, k_max, q_r
         check(P.device == k_lr.device, f"P is on {P.device}, expected {k_lr.device}")
         if q_rot_out is None:
             q_rot_out = torch.empty(B, H, D, dtype=torch.float32, device=q.device)
+        else:
+            check_out(q_rot_out, "q_rot_out", (B, H, D), (torch.float32,), q.device)
     return SelectArgs(B, KVH, S, d, D, H, R, HPR, K_INT, kb, KMAX, rotate, q_rot_out)
 
 
@@ -417,6 +433,10 @@ def loki_select(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tensor, k, P
     """
     B, KVH, S, d, D, H, R, HPR, K_INT, kb, KMAX, rotate, q_rot_out = check_select_inputs(
         q, k_lr, lengths, k, P, mode, reduce, strict, k_max, q_rot_out)
+    check_pow2(block_n, "block_n", 16)
+    check_pow2(block_s, "block_s", 16)
+    check_pow2(sample, "sample", 16, zero_ok=True)
+    check_pow2(num_warps, "num_warps")
     scale = default_scaling(D, scaling)
     ws = _workspace(workspace, B * R * 3 * S, k_lr.device)
     idx = torch.empty(B, R, KMAX, dtype=torch.int32, device=k_lr.device)

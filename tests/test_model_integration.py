@@ -70,11 +70,29 @@ def test_generate_with_cache_uses_method(model):
 
 
 def test_hf_kernels_package_not_confused_with_ours():
-    """Our top-level `kernels` package must not be taken for Hugging Face's `kernels` hub package."""
+    """Our top-level `kernels` package must not be taken for Hugging Face's `kernels` hub package.
+
+    What protects us (checked here, so that a change on either side fails this test, not a user's import):
+    transformers finds a top-level `kernels` and maps it to *our* distribution (`loki-pipeline`), then accepts it
+    only inside its version window (`KERNELS_MIN_VERSION`, 0.18.2 in transformers 5.x).  Our version is far below
+    it, so `is_kernels_available()` is False and `hub_kernels` never runs `from kernels import LayerRepository, ...`
+    (which our package would fail with an ImportError inside transformers).  Installing HF's `kernels` beside this
+    project is not supported: both are the top-level name `kernels`, and whichever comes first on sys.path wins."""
+    import importlib.metadata as md
+
     import transformers.utils.import_utils as iu
+    from packaging.version import Version
 
     ours = importlib.import_module("kernels")
     assert not hasattr(ours, "__version__")
+    assert not hasattr(ours, "LayerRepository")  # none of HF kernels' API
+    dists = md.packages_distributions().get("kernels", [])
+    assert dists == ["loki-pipeline"], f"top-level `kernels` comes from {dists}: is HF's kernels installed too?"
+    available, version = iu._is_package_available("kernels", return_version=True)
+    assert available and version == md.version("loki-pipeline")
+    assert Version(version) < Version(iu.KERNELS_MIN_VERSION), (
+        f"loki-pipeline {version} is inside transformers' window for HF kernels (>= {iu.KERNELS_MIN_VERSION}): "
+        f"transformers would import our kernels/ as HF's package")
     assert iu.is_kernels_available() is False
     import transformers.integrations.hub_kernels as hk
 

@@ -89,7 +89,7 @@ def test_sparse_attention_ready_split(dtype, splits, pdl):
         sparse_decode_attention(q, k_lr, k_rest, v, idx, ready=ready[:2].to(DEV))
 
 
-@pytest.mark.parametrize("D,d,g", [(64, 8, 3), (128, 32, 4)])
+@pytest.mark.parametrize("D,d,g", [(64, 8, 3), (128, 32, 4), (64, 16, 1), (32, 32, 4)])
 @pytest.mark.parametrize("splits", [1, 4])
 def test_dense_attention(dtype, D, d, g, splits):
     torch.manual_seed(D + g)

@@ -24,6 +24,8 @@ TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
     (128, 32, 4, "head", "max", "fused", 12),
     (64, 16, 4, "group", "sum", "torch_topk", 12),
     (64, 16, 3, "group", "max", "bracket", 12),
+    (64, 16, 3, "group", "max", "bracket", 1),
+    (64, 16, 1, "group", "max", "fused", 12),
     (128, 32, 4, "head", "sum", "bracket", "whole"),
 ])
 def test_loki_decode(dtype, D, d, g, mode, reduce, path, k):
