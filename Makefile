@@ -7,7 +7,7 @@ VENV       ?= .venv
 BIN        := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 CORES      ?= 2
-SNAKEMAKE_ARGS ?=
+SNAKEMAKE_ARGS ?= --show-failed-logs   # a failed job prints its log, not only "check log file(s)"
 PYTEST_ARGS ?=
 # test files are spread over this many pytest-xdist workers (whole files, heaviest first: tests/conftest.py);
 # 0 runs them in this process

@@ -18,6 +18,14 @@ def output_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
+def _stage_name(fn: Callable) -> str:
+    """``loki.evaluate``, also when it runs as ``python -m loki.evaluate`` (module ``__main__``)."""
+    if fn.__module__ != "__main__":
+        return fn.__module__
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    return spec.name if spec is not None else Path(sys.argv[0]).stem
+
+
 def stage(fn: Callable) -> Callable[[], None]:
     """Decorate ``fn(cfg)``; returns a ``main()`` for ``if __name__ == "__main__"``."""
     import hydra
@@ -30,7 +38,7 @@ def stage(fn: Callable) -> Callable[[], None]:
         try:
             return fn(cfg)
         except LokiError as e:
-            print(f"\nerror ({fn.__module__}): {e}", file=sys.stderr, flush=True)
+            print(f"\nerror ({_stage_name(fn)}): {e}", file=sys.stderr, flush=True)
             if os.environ.get("LOKI_TRACEBACK"):
                 raise
             sys.exit(2)

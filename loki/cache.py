@@ -447,6 +447,7 @@ class CachedLoki(Loki):
 
     name = "loki_cache"
     options = {**Loki.options, "backend": "auto"}
+    all_layers_dense_ok = True  # dense_layers = every layer: the decode benchmark's dense_flash baseline
 
     def __init__(self, opts: dict | None = None, **resources):
         super().__init__(opts, **resources)

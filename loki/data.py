@@ -18,8 +18,12 @@ def load_text(corpus_cfg: Any) -> str:
     if path:
         p = Path(path)
         if not p.exists():
-            hint = (f"run `snakemake --cores 2 resources/corpora/{name}.txt` (or `python -m loki.prepare corpus@data={name}`)"
-                    if corpus_cfg.get("source") else "point corpus.path at an existing text file")
+            if corpus_cfg.get("source") and (p.parent.name, p.name) == ("corpora", f"{name}.txt"):  # embedded, not made
+                hint = (f"run `snakemake --cores 2 {p}` (or `python -m loki.prepare prepare_target=data "
+                        f"corpus@data={name}`)")
+            else:
+                hint = ("point data.path (the evaluation corpus) or calib.path (the calibration corpus) at an existing "
+                        "text file")
             raise fail(f"corpus '{name}': file {p} does not exist.", hint + ".")
         ds = datasets.load_dataset("text", data_files=str(p), split="train", sample_by="document")
         text = "\n\n".join(ds["text"]).replace("\r\n", "\n")
@@ -29,14 +33,15 @@ def load_text(corpus_cfg: Any) -> str:
                                        split=corpus_cfg.get("split") or "train")
         except Exception as e:  # datasets raises many types for offline / missing
             raise fail(f"corpus '{name}': could not load hub dataset {corpus_cfg.hf_dataset} ({type(e).__name__}: {e}).",
-                       "this needs internet access; or download it once and set corpus.path to a local text file.") from e
+                       "this needs internet access; or download it once and set data.path (or calib.path) to a local text "
+                       "file.") from e
         col = corpus_cfg.get("text_column") or "text"
         max_rows = corpus_cfg.get("max_rows")
         if max_rows:
             ds = ds.select(range(min(int(max_rows), len(ds))))
         text = str(corpus_cfg.get("join", "\n\n")).join(ds[col])
     else:
-        raise fail(f"corpus '{name}' has neither path nor hf_dataset.", "set corpus.path or corpus.hf_dataset.")
+        raise fail(f"corpus '{name}' has neither path nor hf_dataset.", "set data.path / calib.path, or data.hf_dataset / calib.hf_dataset.")
     if not text.strip():
         raise fail(f"corpus '{name}' is empty.", "point it at a file or dataset with text in it.")
     return text

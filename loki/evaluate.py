@@ -69,13 +69,22 @@ def run_tag(cfg) -> str:
     return "-".join([opts.pop("name")] + [f"{k}{v}" for k, v in sorted(opts.items()) if k in ("d", "k")])
 
 
+def wandb_name(cfg, out: Path, tag: str) -> str:
+    """The W&B run's name: the eval and the point.  Under Snakemake (``.../evaluate/<eval>/<point>``) the point is the
+    rule's folder, which names every grid option (runs of one (d, k) with other options stay apart); else the
+    method with its d and k."""
+    if out.parent.name == cfg.eval.name and out.parent.parent.name == "evaluate":
+        return f"evaluate-{cfg.eval.name}-{out.name}"
+    return f"evaluate-{cfg.eval.name}-{tag}"
+
+
 @stage
 def main(cfg) -> None:
     from loki.tracking import wandb_run
 
     out = output_dir()
     tag = run_tag(cfg)
-    with wandb_run(cfg, "evaluate", name=f"evaluate-{tag}") as run:
+    with wandb_run(cfg, "evaluate", name=wandb_name(cfg, out, tag)) as run:
         metrics = run_eval(cfg)
         write_json(out / "metrics.json", metrics)
         if run is not None:

@@ -83,10 +83,18 @@ def extract(cfg, out_dir: Path, progress: bool = True) -> dict:
         old = read_json(man_path, "key manifest")
         if _same_job(old, want):
             manifest = old
-            for sh in manifest["shards"]:
-                if not (out_dir / sh["file"]).exists():
-                    raise fail(f"shard {out_dir / sh['file']} is listed in {man_path} but missing.",
-                               f"delete {out_dir} and rerun extract_keys.")
+            good = _valid_prefix(out_dir, manifest["shards"], shard_tokens, total)
+            if good < len(manifest["shards"]):  # a shard missing, corrupt, truncated or out of order
+                bad = manifest["shards"][good]["file"]
+                print(f"[extract_keys] {out_dir / bad} is missing, corrupt or out of order: re-extracting it and the "
+                      f"{len(manifest['shards']) - good - 1} shard(s) after it")
+                for sh in manifest["shards"][good:]:
+                    (out_dir / sh["file"]).unlink(missing_ok=True)
+                manifest["shards"] = manifest["shards"][:good]
+                manifest["complete"] = False
+                write_json(man_path, manifest)
+            if manifest.get("complete") and sum(sh["tokens"] for sh in manifest["shards"]) != manifest["num_tokens"]:
+                manifest["complete"] = False  # (shards dropped from the manifest by hand)
             if manifest.get("complete"):
                 print(f"[extract_keys] {out_dir} is complete ({manifest['num_tokens']} tokens); nothing to do")
                 return manifest
@@ -124,9 +132,11 @@ def extract(cfg, out_dir: Path, progress: bool = True) -> dict:
 
     t0 = time.time()
     with torch.inference_mode():
-        for b0 in range(start, seqs.shape[0], bs):
-            # never let a batch straddle a shard boundary
-            b1 = min(b0 + bs, seqs.shape[0], (b0 // seqs_per_shard + 1) * seqs_per_shard)
+        b1 = start
+        while b1 < seqs.shape[0]:
+            # never let a batch straddle a shard boundary (the next batch starts where this one ends: a batch_size
+            # that does not divide shard_tokens / seq_len once skipped the sequences after each shortened batch)
+            b0, b1 = b1, min(b1 + bs, seqs.shape[0], (b1 // seqs_per_shard + 1) * seqs_per_shard)
             batch = seqs[b0:b1].to(device)
             model(input_ids=batch, use_cache=False)
             for s in sides:
@@ -146,6 +156,18 @@ def extract(cfg, out_dir: Path, progress: bool = True) -> dict:
     return manifest
 
 
+def _valid_prefix(out_dir: Path, shards: list[dict], shard_tokens: int, total: int) -> int:
+    """How many of the manifest's shards, from the first, are in place: named by their index, holding the tokens
+    their index implies, present, with the recorded checksum."""
+    for i, sh in enumerate(shards):
+        p = out_dir / sh["file"]
+        want_tokens = min(shard_tokens, total - i * shard_tokens)
+        if (sh["file"] != f"shard_{i:05d}.safetensors" or sh["tokens"] != want_tokens or not p.exists()
+                or sha256_file(p) != sh["sha256"]):
+            return i
+    return len(shards)
+
+
 def verify_shards(keys_dir: Path, model_info: dict | None = None, check_hash: bool = True) -> dict:
     """Read and check a key folder's manifest (and the shards' checksums); return the manifest."""
     from loki.modeling import check_fingerprint
@@ -162,12 +184,17 @@ def verify_shards(keys_dir: Path, model_info: dict | None = None, check_hash: bo
                    "rerun extract_keys with the same settings: it resumes after the last complete shard.")
     if model_info is not None:
         check_fingerprint(man["model"], model_info, "key manifest", str(man_path), "extract keys with the model you fit for.")
+    rerun = (f"rerun extract_keys with the same settings (it checks every shard and re-extracts from the first bad "
+             f"one), or delete {keys_dir} and rerun it")
+    held = sum(sh["tokens"] for sh in man["shards"])
+    if held != man["num_tokens"]:
+        raise fail(f"{man_path} lists shards of {held} tokens, not the {man['num_tokens']} it was written for.", rerun + ".")
     if check_hash:
         for sh in man["shards"]:
             p = keys_dir / sh["file"]
             if not p.exists() or sha256_file(p) != sh["sha256"]:
                 raise fail(f"key shard {p} is missing, corrupt or truncated (checksum does not match {man_path}).",
-                           f"delete {p} and its entry, or the whole folder {keys_dir}, and rerun extract_keys.")
+                           rerun + ".")
     return man
 
 
@@ -186,7 +213,8 @@ def iter_shards(keys_dir: Path, man: dict, side: str):
                 yield f.get_tensor(side)
         except (SafetensorError, OSError) as e:
             raise fail(f"key shard {p} is corrupt or truncated ({e}).",
-                       f"delete {keys_dir} (or the shard and its manifest entry) and rerun extract_keys.") from e
+                       "rerun extract_keys with the same settings (it re-extracts from the first bad shard), or delete "
+                       f"{keys_dir} and rerun it.") from e
 
 
 @stage

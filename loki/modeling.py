@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,11 @@ def model_source(model_cfg: Any) -> tuple[str, dict]:
     if path:
         p = Path(path)
         if not (p / "config.json").exists():
-            hint = ("run `snakemake --cores 2 prepare_model` (or `python -m loki.prepare model=" f"{model_cfg.name}`)"
-                    if model_cfg.get("source") else "point model.path at a transformers model folder, or set model.id")
+            if model_cfg.get("source") and (p.parent.name, p.name) == ("models", str(model_cfg.name)):  # not made yet
+                hint = (f"run `snakemake --cores 2 {p / 'loki_resource.json'}` (or `python -m loki.prepare "
+                        f"prepare_target=model model={model_cfg.name}`)")
+            else:
+                hint = "point model.path at a transformers model folder, or set model.id (a hub id) and model.path=null"
             raise fail(f"model '{model_cfg.name}': no transformers model folder at {p} (config.json missing).", hint + ".")
         return str(p), {}
     if model_cfg.get("id"):
@@ -65,6 +69,7 @@ def load_model(model_cfg: Any, device: str = "cpu", attn_implementation: str = "
                    "check model.id / model.path; hub ids need internet access (or a local copy in model.path).") from e
     model.eval().to(device)
     model.requires_grad_(False)
+    model.loki_model_name = str(model_cfg.name)  # what fingerprint() records and PCA files / key shards are checked by
     return model
 
 
@@ -75,6 +80,7 @@ def text_config(config: Any) -> Any:
 def fingerprint(model_or_config: Any, name: str | None = None) -> dict:
     """What a key shard or a PCA basis must agree on with the model it is used with."""
     config = getattr(model_or_config, "config", model_or_config)
+    name = name or getattr(model_or_config, "loki_model_name", None)  # the config's model.name (load_model)
     c = text_config(config)
     num_heads = int(c.num_attention_heads)
     head_dim = int(getattr(c, "head_dim", None) or c.hidden_size // num_heads)
@@ -99,6 +105,13 @@ def check_fingerprint(expected: dict, got: dict, what: str, path: str, fix: str)
     if diffs:
         raise fail(f"{what} {path} was made for model '{expected.get('name')}', not for '{got.get('name')}' ("
                    + "; ".join(diffs) + ").", fix)
+    # same shapes, another model (e.g. a base model's basis on its instruct variant): allowed, but said
+    if not expected:
+        warnings.warn(f"{what} {path} records no model fingerprint: it cannot be checked against "
+                      f"'{got.get('name')}' beyond its tensor shapes.", stacklevel=2)
+    elif expected.get("name") and got.get("name") and expected["name"] != got["name"]:
+        warnings.warn(f"{what} {path} was made for model '{expected['name']}', this model is '{got['name']}' (same "
+                      f"shapes): using it anyway. {fix}", stacklevel=2)
 
 
 def attention_modules(model) -> list:

@@ -17,7 +17,8 @@ def main(cfg) -> None:
     from loki.tracking import wandb_run
 
     target = cfg.prepare_target
-    with wandb_run(cfg, "prepare", name=f"prepare-{target}") as run:
+    what = cfg.model.name if target == "model" else cfg.get(target, {}).get("name", target)
+    with wandb_run(cfg, "prepare", name=f"prepare-{target}-{what}") as run:
         out = prepare(cfg, target)
         if run is not None:
             run.summary.update({"output": str(out)})

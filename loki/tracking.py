@@ -35,7 +35,8 @@ def _mode(cfg) -> str:
 
 @contextlib.contextmanager
 def wandb_run(cfg, stage: str, name: str | None = None, extra_config: dict | None = None) -> Iterator[Any]:
-    """Start a W&B run for one job and always finish it (so multirun jobs never share a run)."""
+    """Start a W&B run for one job and always finish it (so multirun jobs never share a run); a job that raises
+    finishes its run with exit code 1 (W&B state "failed") and the error in the run's summary."""
     from omegaconf import OmegaConf
 
     mode = _mode(cfg)
@@ -67,7 +68,12 @@ def wandb_run(cfg, stage: str, name: str | None = None, extra_config: dict | Non
     )
     try:
         yield run
-    finally:
+    except BaseException as e:  # the job failed: the run says so (state "failed", the error in its summary)
+        with contextlib.suppress(Exception):
+            run.summary["error"] = f"{type(e).__name__}: {e}"[:1000]
+        wandb.finish(exit_code=130 if isinstance(e, KeyboardInterrupt) else 1)
+        raise
+    else:
         wandb.finish()
 
 
@@ -136,6 +142,8 @@ def read_offline_run(run_dir: str | Path) -> dict:
             for item in rec.summary.update:
                 key = item.key or "/".join(item.nested_key)
                 out["summary"][key] = json.loads(item.value_json)
+        elif kind == "exit":
+            out["run"]["exit_code"] = rec.exit.exit_code
         elif kind == "history":
             out["history"].append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
     return out

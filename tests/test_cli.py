@@ -42,6 +42,25 @@ def test_wandb_offline_run_read_back(tmp_path, tiny_model_dir, text_file):
     assert rec["config"]["method.name"] == "exact_topk" and rec["config"]["method.k"] == 0.5
 
 
+def test_wandb_run_of_a_failed_job_is_marked_failed(tmp_path, tiny_model_dir, text_file):
+    """A job that fails (here: d above the head dim) leaves no metrics, and its offline run says it failed (exit
+    code 1, the error in the summary), so a `wandb sync` never shows it as a finished result."""
+    from loki.tracking import read_offline_run
+
+    out = tmp_path / "run"
+    res = run_py(["-m", "loki.evaluate", *tiny_overrides(tiny_model_dir, text_file), "method=loki",
+                  "method.basis=online", "method.d=17", f"hydra.run.dir={out}", f"wandb.dir={tmp_path}"],
+                 env={"WANDB_MODE": "offline"}, check=False)
+    assert res.returncode == 2 and not (out / "metrics.json").exists()
+    assert "error (loki.evaluate): loki: d=17 is larger than the head dim" in res.stderr  # the stage, not __main__
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    rec = read_offline_run(runs[0])
+    assert rec["run"]["exit_code"] == 1
+    assert "larger than the head dim" in rec["summary"]["error"]
+    assert "ppl" not in rec["summary"]
+
+
 def _fails(args, tmp_path, *needles):
     out = tmp_path / "err"
     res = run_py(["-m", "loki.evaluate", *args, f"hydra.run.dir={out}"], check=False)

@@ -90,6 +90,22 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, tiny_model_dir
             assert torch.equal(a, b)
 
 
+def test_batch_size_not_dividing_a_shard_keeps_every_sequence(tmp_path, tiny_model_dir, text_file):
+    """batch_size 3 with 4 sequences per shard: batches are cut at shard ends and none is skipped (the keys equal
+    batch_size 1's; they once skipped the sequences after each shortened batch)."""
+    from loki.extract_keys import extract, iter_shards, verify_shards
+
+    got = {}
+    for bs in (1, 3):
+        keys = tmp_path / f"bs{bs}"
+        extract(extract_cfg(tiny_model_dir, text_file, keys, num_tokens=512, shard_tokens=256, batch_size=bs), keys,
+                progress=False)
+        man = verify_shards(keys)
+        assert man["num_tokens"] == 512 and [sh["tokens"] for sh in man["shards"]] == [256, 256]
+        got[bs] = torch.cat(list(iter_shards(keys, man, "post")), dim=2)
+    torch.testing.assert_close(got[3], got[1], rtol=1e-5, atol=1e-6)
+
+
 def test_kill_midway_and_rerun_subprocess(tmp_path, tiny_model_dir, text_file):
     """A real interruption (the process dies after one shard), then a plain rerun."""
     ov = [f"model.path={tiny_model_dir}", "model.name=tiny", "model.source=null", f"calib.path={text_file}",
@@ -109,8 +125,22 @@ def test_corrupt_shard_and_wrong_model_are_named(tmp_path, tiny_model_dir, text_
     extract(extract_cfg(tiny_model_dir, text_file, keys), keys, progress=False)
     shard = keys / "shard_00001.safetensors"
     shard.write_bytes(shard.read_bytes()[:100])
-    with pytest.raises(LokiError, match="shard_00001.safetensors.*(corrupt|truncated)"):
+    with pytest.raises(LokiError, match="(?s)shard_00001.safetensors.*(corrupt|truncated).*rerun extract_keys"):
         verify_shards(keys)
+    # the fix the message gives: a rerun re-extracts the bad shard (and keeps the good one), to the same bytes
+    good = (keys / "shard_00000.safetensors").stat().st_mtime_ns
+    man = extract(extract_cfg(tiny_model_dir, text_file, keys), keys, progress=False)
+    assert man["complete"] and len(man["shards"]) == 2
+    assert (keys / "shard_00000.safetensors").stat().st_mtime_ns == good
+    assert verify_shards(keys)["num_tokens"] == 256
+    # a shard dropped from the manifest by hand: the manifest no longer adds up, and a rerun restores it
+    m = json.loads((keys / "manifest.json").read_text())
+    m["shards"] = m["shards"][:1]
+    (keys / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(LokiError, match="lists shards of 128 tokens, not the 256"):
+        verify_shards(keys)
+    extract(extract_cfg(tiny_model_dir, text_file, keys), keys, progress=False)
+    assert verify_shards(keys)["num_tokens"] == 256
     other = {"name": "other", "model_type": "llama", "num_layers": 5, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16,
              "hidden_size": 64, "vocab_size": 300}
     keys2 = tmp_path / "keys2"
@@ -173,6 +203,12 @@ def test_basis_roundtrip_and_checks(tmp_path):
         b.components("pre")
     with pytest.raises(LokiError, match="(?s)num_kv_heads.*fit a basis for this model"):
         load_basis(tmp_path / "pca.safetensors", {**fp, "name": "other", "num_kv_heads": 4})
+    # same shapes, another model's name: used, with a warning naming both; no fingerprint at all: a warning too
+    with pytest.warns(UserWarning, match="was made for model 'm', this model is 'other' .same shapes"):
+        load_basis(tmp_path / "pca.safetensors", {**fp, "name": "other"})
+    save_basis(tmp_path / "nofp.safetensors", t, {})
+    with pytest.warns(UserWarning, match="records no model fingerprint"):
+        load_basis(tmp_path / "nofp.safetensors", fp)
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file at all")
     with pytest.raises(LokiError, match="corrupt"):
         load_basis(tmp_path / "bad.safetensors")

@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from loki.attention import attach
+from loki.common import LokiError
 from loki.methods import build_method
 from loki.modeling import load_model
 
@@ -51,9 +52,14 @@ def test_dense_layers_and_decode_only_options(model):
     x = torch.randint(3, 300, (1, 40), generator=torch.Generator().manual_seed(1))
     attach(model, build_method({"name": "dense"}))
     ref = logits(model, x)
-    for opts in ({"dense_layers": 2}, {"sparse_prefill": False}):
-        attach(model, build_method({"name": "exact_topk", "k": 0.1, **opts}))
-        torch.testing.assert_close(logits(model, x), ref, rtol=1e-9, atol=1e-9)
+    attach(model, build_method({"name": "exact_topk", "k": 0.1, "sparse_prefill": False}))
+    torch.testing.assert_close(logits(model, x), ref, rtol=1e-9, atol=1e-9)
+    m = build_method({"name": "exact_topk", "k": 0.1, "dense_layers": 1})  # layer 0 dense, layer 1 sparse
+    attach(model, m)
+    out = logits(model, x)
+    assert not torch.allclose(out, ref), "layer 1 is sparse: the logits move"
+    with pytest.raises(LokiError, match="makes all 2 layers of this model dense"):
+        attach(model, build_method({"name": "exact_topk", "k": 0.1, "dense_layers": 2}))
 
 
 def test_generate_with_cache_uses_method(model):

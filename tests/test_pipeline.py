@@ -23,11 +23,20 @@ def test_snakemake_lint_and_dry_run():
         assert res.returncode == 0, res.stderr[-3000:]
 
 
-def test_config_schema_rejects_bad_config(tmp_path):
+@pytest.mark.parametrize("change,needle", [
+    (lambda c: c.update(threads=0), "0 is less than the minimum of 1"),
+    (lambda c: c.update(trasnfer_corpora=[]), "'trasnfer_corpora' was unexpected"),  # a misspelt key: a skipped stage
+    (lambda c: c["grid"]["loki"].append({"dd": [8], "k": 0.25}), "option(s) ['dd'] are not options of 'loki'"),
+])
+def test_config_schema_rejects_bad_config(tmp_path, change, needle):
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "conf" / "sweep" / "smoke.yaml").read_text())  # a whole config, one thing wrong
+    change(cfg)
     bad = tmp_path / "bad.yaml"
-    bad.write_text("threads: 0\n")  # merged over conf/sweep/default.yaml
+    bad.write_text(yaml.safe_dump(cfg))
     res = run_py([*SNAKEMAKE, "-n", "--configfile", str(bad)], check=False)
-    assert res.returncode != 0 and "threads" in (res.stdout + res.stderr)
+    assert res.returncode != 0 and needle in (res.stdout + res.stderr), (res.stdout + res.stderr)[-2000:]
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +79,10 @@ def test_smoke_dag_end_to_end(smoke_repo):
     assert stages.count("evaluate") == n_eval and {"extract_keys", "fit_pca", "report"} <= set(stages)
     assert all(r["run"]["group"] == "smoke" for r in runs)
     by_name = {r["run"]["name"]: r for r in runs}
+    assert len(by_name) == len(runs), "every job's run has a name of its own"
+    assert all(r["run"].get("exit_code") == 0 for r in runs), "every job's run finished"
     m = json.loads((res_dir / "evaluate" / "perplexity" / "loki-d8-k0.25" / "metrics.json").read_text())
-    assert by_name["evaluate-loki-d8-k0.25"]["summary"]["ppl"] == pytest.approx(m["ppl"], rel=1e-12)
+    assert by_name["evaluate-perplexity-loki-d8-k0.25"]["summary"]["ppl"] == pytest.approx(m["ppl"], rel=1e-12)
 
     # rerunning does nothing
     again = run_py([*SNAKEMAKE, "--cores", "2", "--configfile", "conf/sweep/smoke.yaml"], cwd=smoke_repo, env=env)

@@ -25,6 +25,9 @@ class Method:
 
     name: ClassVar[str] = "base"
     options: ClassVar[dict[str, Any]] = {}
+    # dense_layers >= the model's layers: an error (the method would never run under its name), unless a subclass
+    # has a use for it (CachedLoki: the dense flash-decoding baseline of the decode benchmark)
+    all_layers_dense_ok: ClassVar[bool] = False
 
     def __init__(self, opts: dict | None = None, **resources):
         opts = dict(opts or {})
@@ -36,7 +39,19 @@ class Method:
         self.calls = 0
         self.resources = resources
         self.reset_stats()
+        self._validate_shared()
         self.validate()
+
+    def _validate_shared(self) -> None:
+        """The options several methods share (sinks, local window, dense layers, sparse prefill)."""
+        for opt in ("sink_tokens", "local_window", "dense_layers"):
+            if opt in self.opts:
+                x = self.opts[opt]
+                if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+                    raise fail(f"{self.name}: {opt} must be an int >= 0, got {x!r}.", f"set method.{opt}=0 or more.")
+        if "sparse_prefill" in self.opts and not isinstance(self.opts["sparse_prefill"], bool):
+            raise fail(f"{self.name}: sparse_prefill must be true or false, got {self.opts['sparse_prefill']!r}.",
+                       "set method.sparse_prefill=true (the prompt goes through the method) or false (decode only).")
 
     def __getattr__(self, item):  # options read as attributes
         opts = self.__dict__.get("opts", {})
@@ -52,6 +67,10 @@ class Method:
         from loki.modeling import fingerprint
 
         self.model_info = fingerprint(model)
+        n = self.model_info["num_layers"]
+        if self.opts.get("dense_layers", 0) >= n and not self.all_layers_dense_ok:
+            raise fail(f"{self.name}: dense_layers={self.dense_layers} makes all {n} layers of this model dense (the "
+                       f"method would never run).", f"set method.dense_layers below {n}, or use method=dense.")
 
     def attend(self, module, q, k, v, visible, scaling) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError

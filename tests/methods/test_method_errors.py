@@ -46,6 +46,26 @@ def test_bad_options(opts, msg):
         build_method(opts, basis=random_basis())
 
 
+@pytest.mark.parametrize("opts,msg", [
+    ({"name": "loki", "sink_tokens": -3}, "sink_tokens must be an int >= 0"),
+    ({"name": "exact_topk", "local_window": 2.5}, "local_window must be an int >= 0"),
+    ({"name": "quest", "dense_layers": "two"}, "dense_layers must be an int >= 0"),
+    ({"name": "h2o", "sink_tokens": True}, "sink_tokens must be an int >= 0"),
+    ({"name": "loki", "sparse_prefill": "maybe"}, "sparse_prefill must be true or false"),
+])
+def test_bad_shared_options(opts, msg):
+    with pytest.raises(LokiError, match=msg):
+        build_method(opts, basis=random_basis())
+
+
+@pytest.mark.parametrize("name", ["loki", "exact_topk", "pca_attn"])
+def test_dense_layers_covering_the_model(name):
+    """dense_layers >= the model's layers would silently be dense attention under the method's name."""
+    m = build_method({"name": name, "dense_layers": 1}, basis=random_basis())
+    with pytest.raises(LokiError, match="makes all 1 layers of this model dense"):
+        m.bind(fake_model())
+
+
 def test_sparq_r_larger_than_head_dim():
     m = build_method({"name": "sparq", "r": D + 1})
     with pytest.raises(LokiError, match="larger than the head dim"):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from method_refs import B, D, G, KVH, MOD, SCALE, causal, make, qkv
+from loki_testutils import make_method
+from method_refs import B, D, G, KVH, MOD, SCALE, causal, fake_model, make, qkv, random_basis
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 T = 20
@@ -122,7 +123,8 @@ def test_dense_layers_are_dense(name, opts):
     q, k, v = qkv(26, T=T)
     vis = causal(T)
     dense, _ = make("dense")
-    m, _ = make(name, dense_layers=1, **opts)
+    # (a 2-layer model: dense_layers may not cover every layer; MOD is layer 0)
+    m, _ = make_method(name, random_basis(layers=2), fake_model(layers=2), dense_layers=1, **opts)
     torch.testing.assert_close(m.attend(MOD, q, k, v, vis, SCALE), dense.attend(MOD, q, k, v, vis, SCALE), **TOL)
 
 

@@ -20,10 +20,15 @@ def test_notebook_runs_and_shows_figures(path, results_ro, monkeypatch):
     nb = nbformat.read(path, as_version=4)
     assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), "notebooks are stored without outputs"
     root = results_ro.parent.parent
-    monkeypatch.setenv("LOKI_RESULTS", str(results_ro))
-    monkeypatch.setenv("LOKI_KERNELS", str(root / "kernels" / "measured"))
+    # as a user runs them: the kernel in notebooks/, the paths relative to the repository root (marked by its
+    # Snakefile), as the README writes them
+    (root / "Snakefile").touch()
+    (root / "notebooks").mkdir(exist_ok=True)
+    monkeypatch.setenv("LOKI_RESULTS", str(results_ro.relative_to(root)))
+    monkeypatch.setenv("LOKI_KERNELS", "kernels/measured")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    nbclient.NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(root)}}).execute()
+    nbclient.NotebookClient(nb, timeout=180, kernel_name="python3",
+                            resources={"metadata": {"path": str(root / "notebooks")}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]

@@ -56,10 +56,14 @@ def grid_points():
     points = {}
     default_evals = config.get("evals", ["perplexity"])
     for method, blocks in config["grid"].items():
-        _conf("method", method)
+        known = set(_conf("method", method)) - {"name"}
         for block in blocks:
             block = dict(block)
             evals = block.pop("evals", default_evals)
+            unknown = sorted(set(block) - known)
+            if unknown:
+                raise ValueError(f"config: grid.{method} option(s) {unknown} are not options of '{method}' "
+                                 f"(conf/method/{method}.yaml: {sorted(known)}), nor `evals`")
             for ev in evals:
                 _conf("eval", ev)
             keys = sorted(block)
