@@ -111,7 +111,8 @@ def test_odd_shapes_through_every_op(dtype, D, d, g):
     want = prefill_kv_ref(kx.cpu(), vx.cpu(), P.cpu(), k_lr.cpu(), k_rest.cpu(), v.cpu(), lengths.cpu(), n_new.cpu())
     prefill_kv(kx, vx, P, k_lr, k_rest, v, lengths, n_new=n_new, advance=True)
     assert lengths.tolist() == [17, 13, 24]
-    tol = 1e-5 if dtype == torch.float32 else 4e-3  # relative: one 16-bit rounding of the rotated keys
+    # relative: the kernel and the reference may round the rotated keys one ulp apart (fp16 2^-10, bf16 2^-7)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     for got, w in zip((k_lr, k_rest, v), want):
         assert ((got.cpu().double() - w.double()).abs() <= tol * (1 + w.double().abs())).all()
     kn, vn = torch.randn(B, KVH, D, device=DEV).to(dtype), torch.randn(B, KVH, D, device=DEV).to(dtype)
