@@ -351,7 +351,7 @@ def fmt_table(rows, dense, copy_bw):
            f"{'x_naive':>7} {'ideal':>5} {'GB/s':>6} {'target':>6}")
     lines.append("times in us (median of do_bench over CUDA-graph replays); x_* = speedup of the best Loki total "
                  "(min of bracket, fused, split) over SDPA / the naive torch pipeline")
-    lines.append("rot: rotate_q alone (not on the pipeline's path); score: Loki scores with q rotation fused (split "
+    lines.append("rot: rotate_q alone (not on the pipeline's path); score: Loki scores on the rotated q (split "
                  "path); topk: Triton selection on those scores; tk_trch: torch.topk(sorted=False) on the same; fsel: "
                  "fused rotate+score+select kernel; bsel: bracket path (rotate q, scores with the brackets alongside, classify, band select: 4 kernels); bsel6: the bracket kernel (rotate + bracket) before the scoring kernel (v6); bsel4: the classification inside the scoring kernel (v4, 3 kernels); attn: sparse flash-decoding incl. split combine; ideal: dense bytes / "
                  "Loki bytes; GB/s: Loki bytes / best total")

@@ -60,26 +60,6 @@ def _row_of(pid, R, HPR: tl.constexpr, G):
 
 
 @triton.jit
-def _q_lr_T_from_raw(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, b, h0, kvh, HPR: tl.constexpr, G_PAD: tl.constexpr,
-                     D: tl.constexpr, D_LR: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DL: tl.constexpr,
-                     BLOCK_I: tl.constexpr):
-    """(q[b, h0:h0+HPR] @ P[kvh][:, :d])^T as a (BLOCK_DL, G_PAD) fp32 tile (zero beyond d / HPR)."""
-    hh = tl.arange(0, G_PAD)
-    hv = hh < HPR
-    dl = tl.arange(0, BLOCK_DL)
-    q_rows = q_ptr + b * sq_b + (h0 + hh) * sq_h
-    acc = tl.zeros([G_PAD, BLOCK_DL], dtype=tl.float32)
-    for i0 in tl.static_range(0, BLOCK_D, BLOCK_I):
-        ii = i0 + tl.arange(0, BLOCK_I)
-        im = ii < D
-        qc = tl.load(q_rows[:, None] + ii[None, :], mask=hv[:, None] & im[None, :], other=0.0).to(tl.float32)
-        pc = tl.load(P_ptr + kvh * sp_h + ii[:, None] * sp_r + dl[None, :], mask=im[:, None] & (dl < D_LR)[None, :],
-                     other=0.0).to(tl.float32)
-        acc += tl.sum(qc[:, :, None] * pc[None, :, :], axis=1)
-    return tl.trans(acc)
-
-
-@triton.jit
 def _load_q_lr_T(q_ptr, sq_b, sq_h, b, h0, HPR: tl.constexpr, G_PAD: tl.constexpr, D_LR: tl.constexpr,
                  BLOCK_DL: tl.constexpr):
     hh = tl.arange(0, G_PAD)
@@ -262,13 +242,10 @@ def rotate_q_ref(q: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
 # scores
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _scores_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h,
-                   klr_ptr, slr_b, slr_h, slr_s, out_ptr, so_b, so_r, len_ptr,
+def _scores_kernel(q_ptr, sq_b, sq_h, klr_ptr, slr_b, slr_h, slr_s, out_ptr, so_b, so_r, len_ptr,
                    scale, R, G, S_MAX,
-                   ROTATE: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr, G_ROT: tl.constexpr,
-                   D: tl.constexpr, BLOCK_D: tl.constexpr, D_LR: tl.constexpr, BLOCK_DL: tl.constexpr,
-                   BLOCK_N: tl.constexpr, TILES: tl.constexpr, K_FP32: tl.constexpr, REDUCE_MAX: tl.constexpr,
-                   ROT_C: tl.constexpr, ROT_I: tl.constexpr):
+                   HPR: tl.constexpr, G_PAD: tl.constexpr, D_LR: tl.constexpr, BLOCK_DL: tl.constexpr,
+                   BLOCK_N: tl.constexpr, TILES: tl.constexpr, K_FP32: tl.constexpr, REDUCE_MAX: tl.constexpr):
     pid = tl.program_id(0)
     tb = tl.program_id(1)
     b = (pid // R).to(tl.int64)
@@ -276,14 +253,7 @@ def _scores_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h,
     h0 = r * HPR
     kvh = (h0 // G).to(tl.int64)
     n = tl.minimum(tl.load(len_ptr + b).to(tl.int32), S_MAX)
-    if ROTATE:  # q is raw: every program rotates its (few) heads' first d dims; tile 0 also writes q' in full
-        qT = _q_lr_T_from_raw(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, b, h0, kvh, HPR, G_PAD, D, D_LR, BLOCK_D,
-                              BLOCK_DL, ROT_I) * scale
-        if tb == 0:
-            _rotate_heads(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h, b, h0, kvh,
-                          HPR, G_ROT, D, BLOCK_D, ROT_C, ROT_I)
-    else:
-        qT = _load_q_lr_T(q_ptr, sq_b, sq_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
+    qT = _load_q_lr_T(q_ptr, sq_b, sq_h, b, h0, HPR, G_PAD, D_LR, BLOCK_DL) * scale
     qT_hi, qT_lo = _q_operands(qT, klr_ptr.dtype.element_ty, HPR, G_PAD)
     k_base = klr_ptr + b * slr_b + kvh * slr_h
     o_base = out_ptr + b * so_b + r * so_r
@@ -320,8 +290,10 @@ def loki_scores(q_rot: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tensor, 
     """Approximate Loki scores.
 
     q_rot: (B, H, D') rotated queries (any float dtype; only the first d dims are read, D' >= d).
-    If P (KVH, D, D) is given, q_rot is the *raw* q instead: it is rotated inside the kernel, and the full
-    q' = q @ P (fp32) is written to ``q_rot_out`` (allocated if None; returned as the second value).
+    If P (KVH, D, D) is given, q_rot is the *raw* q instead: it is rotated first (`rotate_q`'s kernel, one more
+    launch) and the full q' = q @ P (fp32) is written to ``q_rot_out`` (allocated if None; returned as the second
+    value).  (A rotation inside the scoring programs was measured slower, kernels/NOTES.md v16 / v22, and its
+    bf16 variant did not compile on Triton 3.6; it was removed in session 21.)
     k_lr: (B, KVH, S_max, d) low-rank key slab.  lengths: (B,) int.  d: must equal k_lr.shape[-1] if given.
     scaling: defaults to 1/sqrt(head_dim) with head_dim = q_rot.shape[-1] unless given.
     Returns fp32 scores (B, KVH, S_max) for mode="group" or (B, H, S_max) for mode="head", -inf beyond lengths.
@@ -363,15 +335,12 @@ def loki_scores(q_rot: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tensor, 
         cfg = dict(scores_config(dd), **(config or {}))
         BLOCK_N, TILES, nw = cfg["block_n"], cfg["tiles"], cfg["num_warps"]
     grid = (B * R, triton.cdiv(S, BLOCK_N * TILES))
-    Pt = P if rotate else q_rot
-    qr = q_rot_out if rotate else q_rot
-    _scores_kernel[grid](q_rot, q_rot.stride(0), q_rot.stride(1), Pt, Pt.stride(0), Pt.stride(1),
-                         qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1),
-                         k_lr.stride(2), out, out.stride(0), out.stride(1), lengths, scale, R, H // KVH, S,
-                         ROTATE=rotate, HPR=HPR, G_PAD=max(16, next_pow2(HPR)), G_ROT=next_pow2(HPR), D=Dq,
-                         BLOCK_D=max(32, next_pow2(Dq)), D_LR=dd, BLOCK_DL=max(16, next_pow2(dd)),
+    qr = launch_rotate_q(q_rot, P, q_rot_out, KVH, H // KVH, Dq) if rotate else q_rot
+    _scores_kernel[grid](qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2),
+                         out, out.stride(0), out.stride(1), lengths, scale, R, H // KVH, S,
+                         HPR=HPR, G_PAD=max(16, next_pow2(HPR)), D_LR=dd, BLOCK_DL=max(16, next_pow2(dd)),
                          BLOCK_N=BLOCK_N, TILES=TILES, K_FP32=k_lr.dtype == torch.float32,
-                         REDUCE_MAX=reduce == "max", **rot_chunks(max(32, next_pow2(Dq))), num_warps=nw)
+                         REDUCE_MAX=reduce == "max", num_warps=nw)
     return (out, q_rot_out) if rotate else out
 
 
