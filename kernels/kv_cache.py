@@ -160,7 +160,8 @@ def append_kv(k_new: torch.Tensor, v_new: torch.Tensor, P: torch.Tensor, k_lr: t
     """Rotate and write one token per sequence at position ``lengths[b]`` (in place); with ``slab`` (a row layout,
     `allocate_cache_rows`) its first d rotated dims go to the slab too.
 
-    k_new, v_new: (B, KVH, D).  P: (KVH, D, D) (rotation done in fp32).  The op does NOT increment ``lengths``
+    k_new, v_new: (B, KVH, D), any float dtype (written rounded to the cache's).  P: (KVH, D, D) (rotation done in
+    fp32).  The op does NOT increment ``lengths``
     unless ``advance=True`` (then ``lengths += 1`` after the write).  With ``strict=True`` a sequence whose
     cache is full raises (this reads ``lengths`` on the host: one device sync); with ``strict=False`` such a
     write is silently dropped (no sync, CUDA-graph safe).
