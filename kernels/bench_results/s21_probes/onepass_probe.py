@@ -14,8 +14,6 @@ the design cannot meet the 16K budgets (120.6 / 80.4 / 48.3 us at SDPA 241.2).
 import argparse
 import itertools
 import json
-import math
-import os
 import sys
 
 import torch
