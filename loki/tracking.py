@@ -1,7 +1,8 @@
 """W&B for every stage: one run per job, ``group`` = experiment, ``job_type`` = stage.
 
 Offline by default (files under the results folder, no account, no server); ``WANDB_MODE=online`` (or
-``wandb.mode=online``) syncs; ``disabled`` turns it off (tests). Config keys are flattened with dots and
+``wandb.mode=online``) syncs; ``disabled`` turns it off (tests).  Jobs of the Snakemake DAG carry the tag
+``snakemake`` (ad-hoc Hydra runs of the same experiment land in the same group without it). Config keys are flattened with dots and
 are the same across stages, so parallel-coordinates panels over method.d, method.k... work.
 """
 
@@ -62,7 +63,7 @@ def wandb_run(cfg, stage: str, name: str | None = None, extra_config: dict | Non
         config=flat,
         dir=str(wdir),
         mode=mode,
-        tags=list(cfg.wandb.get("tags") or []),
+        tags=list(cfg.wandb.get("tags") or []) + (["snakemake"] if os.environ.get("LOKI_SNAKEMAKE") else []),
         reinit="finish_previous",
         settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
     )
@@ -132,7 +133,7 @@ def read_offline_run(run_dir: str | Path) -> dict:
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             out["run"] = {"id": rec.run.run_id, "group": rec.run.run_group, "job_type": rec.run.job_type,
-                          "name": rec.run.display_name, "project": rec.run.project}
+                          "name": rec.run.display_name, "project": rec.run.project, "tags": list(rec.run.tags)}
             for item in rec.run.config.update:
                 out["config"][item.key] = json.loads(item.value_json)
         elif kind == "config":

@@ -38,6 +38,7 @@ def test_wandb_offline_run_read_back(tmp_path, tiny_model_dir, text_file):
     assert len(runs) == 1, "one offline run per job"
     rec = read_offline_run(runs[0])
     assert rec["run"]["group"] == "wbtest" and rec["run"]["job_type"] == "evaluate"
+    assert rec["run"]["name"] == "evaluate-perplexity-exact_topk-k0.5" and "snakemake" not in rec["run"]["tags"]
     assert rec["summary"]["ppl"] == pytest.approx(metrics["ppl"], rel=1e-12)
     assert rec["config"]["method.name"] == "exact_topk" and rec["config"]["method.k"] == 0.5
 

@@ -81,6 +81,7 @@ def test_smoke_dag_end_to_end(smoke_repo):
     by_name = {r["run"]["name"]: r for r in runs}
     assert len(by_name) == len(runs), "every job's run has a name of its own"
     assert all(r["run"].get("exit_code") == 0 for r in runs), "every job's run finished"
+    assert all("snakemake" in r["run"]["tags"] for r in runs), "DAG runs are tagged (ad-hoc runs are not)"
     m = json.loads((res_dir / "evaluate" / "perplexity" / "loki-d8-k0.25" / "metrics.json").read_text())
     assert by_name["evaluate-perplexity-loki-d8-k0.25"]["summary"]["ppl"] == pytest.approx(m["ppl"], rel=1e-12)
 

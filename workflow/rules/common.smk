@@ -9,7 +9,17 @@ from snakemake.utils import validate
 
 validate(config, "../schemas/config.schema.yaml")
 
-PY = sys.executable
+# The rules' interpreter: this Snakemake's own Python (the project's virtualenv), or, under `--use-conda`, the
+# `python` of the rule's conda environment (environment.yml; the `loki` package imports from the working directory)
+try:
+    from snakemake.settings.types import DeploymentMethod
+
+    _USE_CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+except (ImportError, AttributeError):  # (other Snakemake versions: the virtualenv's Python)
+    _USE_CONDA = False
+PY = "python" if _USE_CONDA else sys.executable
+# the jobs' W&B runs carry the tag "snakemake" (loki.tracking), so a dashboard can tell DAG runs from ad-hoc ones
+shell.prefix("export LOKI_SNAKEMAKE=1; ")
 CONF = Path(workflow.basedir) / "conf" if (Path(workflow.basedir) / "conf").exists() else Path("conf")
 SHARED_WIKITEXT = Path("../shared/data/wikitext-2-raw/wiki.test.raw")
 
