@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (BRACKET_RECORD, SLAB_FP8, check, default_scaling, is_interpreter, next_pow2, pdl_available,
+from ._utils import (BRACKET_RECORD, SLAB_FP8, check, check_pow2, default_scaling, is_interpreter, next_pow2, pdl_available,
                      pdl_trigger, pdl_wait)
 from .scores import _load_q_lr_T, _q_operands, _rotate_heads, _row_of, _score_tile, launch_rotate_q, rot_chunks
 from .topk import _bit_length, _bracket_of_sample, _key_of, _radix_select, check_select_inputs
@@ -834,7 +834,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     if sample is None:
         sample = 64 if interp else default_sample(S)
     sample = int(sample)
-    check(sample >= 16 and sample & (sample - 1) == 0, f"sample must be a power of 2 >= 16, got {sample}")
+    check_pow2(sample, "sample", 16)
     nsig = float(BRACKET_NSIG if nsig is None else nsig)
     classify = BRACKET_CLASSIFY if classify is None else classify
     check(classify in CLASSIFY_MODES, f"classify must be one of {', '.join(CLASSIFY_MODES)}; got {classify!r}")

@@ -293,8 +293,9 @@ def _budget_args(k, lengths, B: int, strict: bool, k_max: int | None):
     check(k >= 1, f"k must be >= 1, got {k}")
     if k_max is not None:
         _check_k_max(k_max)
-        check(k_max >= k or not strict, f"k_max={k_max} is smaller than k={k}: the selection would be cut to k_max "
-                                        f"(pass strict=False to clip)")
+        if strict:
+            check(k_max >= k, f"k_max={k_max} is smaller than k={k}: the selection would be cut to k_max (pass "
+                              f"strict=False to clip)")
     if strict:
         bad = lengths < k
         check(not bool(bad.any()), f"k={k} is larger than the length of sequences "

@@ -168,6 +168,11 @@ def _valid_prefix(out_dir: Path, shards: list[dict], shard_tokens: int, total: i
     return len(shards)
 
 
+def _rerun_hint(keys_dir) -> str:
+    return (f"rerun extract_keys with the same settings (it checks every shard and re-extracts from the first bad "
+            f"one), or delete {keys_dir} and rerun it")
+
+
 def verify_shards(keys_dir: Path, model_info: dict | None = None, check_hash: bool = True) -> dict:
     """Read and check a key folder's manifest (and the shards' checksums); return the manifest."""
     from loki.modeling import check_fingerprint
@@ -184,8 +189,7 @@ def verify_shards(keys_dir: Path, model_info: dict | None = None, check_hash: bo
                    "rerun extract_keys with the same settings: it resumes after the last complete shard.")
     if model_info is not None:
         check_fingerprint(man["model"], model_info, "key manifest", str(man_path), "extract keys with the model you fit for.")
-    rerun = (f"rerun extract_keys with the same settings (it checks every shard and re-extracts from the first bad "
-             f"one), or delete {keys_dir} and rerun it")
+    rerun = _rerun_hint(keys_dir)
     held = sum(sh["tokens"] for sh in man["shards"])
     if held != man["num_tokens"]:
         raise fail(f"{man_path} lists shards of {held} tokens, not the {man['num_tokens']} it was written for.", rerun + ".")
@@ -212,9 +216,7 @@ def iter_shards(keys_dir: Path, man: dict, side: str):
                                f"extract with extract.sides including {side}.")
                 yield f.get_tensor(side)
         except (SafetensorError, OSError) as e:
-            raise fail(f"key shard {p} is corrupt or truncated ({e}).",
-                       "rerun extract_keys with the same settings (it re-extracts from the first bad shard), or delete "
-                       f"{keys_dir} and rerun it.") from e
+            raise fail(f"key shard {p} is corrupt or truncated ({e}).", _rerun_hint(keys_dir) + ".") from e
 
 
 @stage
