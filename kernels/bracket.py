@@ -816,9 +816,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     overlap, P (the rotation kernel zeroes the rows' counters), classify="split" and BRACKET_CLASSIFY_VEC.  flow=True
     runs the same grids under the interpreter / without PDL (the classify kernel then starts after the scoring kernel).
     """
-    check(isinstance(sink_tokens, int) and sink_tokens >= 0, f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
-    check(isinstance(local_window, int) and local_window >= 0,
-          f"local_window must be an int >= 0, got {local_window!r}")
+    _check_forced(sink_tokens, local_window)
     frac = None
     if isinstance(k, float):  # a fraction of each sequence, computed on the device (no host sync, graph safe)
         check(0.0 < k <= 1.0, f"k as a float is a fraction of each sequence and must be in (0, 1], got {k}")
