@@ -1,5 +1,10 @@
 """The shape every stage shares: a Hydra app over ``conf/config.yaml`` that turns LokiError into one
-clear message (exit code 2) instead of a traceback, and knows its output folder."""
+clear message (exit code 2) instead of a traceback, and knows its output folder.
+
+In a multirun (``-m``) a point that fails with a LokiError (say ``method.d=128`` on a model with head dim 64)
+does not stop the sweep: its message is printed and written to ``error.txt`` in that job's folder, the other
+points run, and the sweep ends with a list of the failed points and exit code 2. Any other exception stops
+the sweep as before (it is a bug, not a bad point)."""
 
 from __future__ import annotations
 
@@ -26,9 +31,31 @@ def _stage_name(fn: Callable) -> str:
     return spec.name if spec is not None else Path(sys.argv[0]).stem
 
 
+def _multirun_job() -> tuple[int, str, Path] | None:
+    """(job number, its overrides, its output folder) when this job is one point of a ``-m`` sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    return int(hc.job.num), " ".join(hc.overrides.task), Path(hc.runtime.output_dir)
+
+
+def _write_error(folder: Path, text: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "error.txt.tmp"
+    tmp.write_text(text + "\n")
+    os.replace(tmp, folder / "error.txt")
+
+
 def stage(fn: Callable) -> Callable[[], None]:
     """Decorate ``fn(cfg)``; returns a ``main()`` for ``if __name__ == "__main__"``."""
     import hydra
+
+    failed: list[tuple[int, str, str]] = []  # the sweep's failed points: (job number, overrides, message)
 
     @functools.wraps(fn)
     def job(cfg):
@@ -41,6 +68,27 @@ def stage(fn: Callable) -> Callable[[], None]:
             print(f"\nerror ({_stage_name(fn)}): {e}", file=sys.stderr, flush=True)
             if os.environ.get("LOKI_TRACEBACK"):
                 raise
-            sys.exit(2)
+            point = _multirun_job()
+            if point is None:
+                sys.exit(2)
+            num, overrides, folder = point
+            _write_error(folder, f"error ({_stage_name(fn)}): {e}")
+            failed.append((num, overrides, str(e).splitlines()[0]))
+            print(f"(sweep point #{num} failed; the sweep goes on: {folder / 'error.txt'})", file=sys.stderr, flush=True)
+            return None
 
-    return hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(job)
+    app = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(job)
+
+    @functools.wraps(app)
+    def main(*args, **kwargs):
+        failed.clear()
+        out = app(*args, **kwargs)
+        if failed:
+            lines = [f"\nerror ({_stage_name(fn)}): {len(failed)} point(s) of the sweep failed:"]
+            lines += [f"  #{num} {overrides}: {msg}" for num, overrides, msg in sorted(failed)]
+            lines.append("  Each message is in error.txt in that point's folder; fix the overrides and rerun those points.")
+            print("\n".join(lines), file=sys.stderr, flush=True)
+            sys.exit(2)
+        return out
+
+    return main

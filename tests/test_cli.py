@@ -27,6 +27,21 @@ def test_hydra_multirun_two_d_values_writes_two_results(tmp_path, tiny_model_dir
     assert ms[0]["ppl"] != ms[1]["ppl"]
 
 
+def test_hydra_multirun_goes_on_past_a_bad_point_and_fails_at_the_end(tmp_path, tiny_model_dir, text_file):
+    """A bad point (d above the tiny model's head dim 16) in the middle of a sweep: the points after it still run,
+    the bad one leaves error.txt and no metrics, and the sweep exits 2 naming it."""
+    sweep = tmp_path / "sweep"
+    res = run_py(["-m", "loki.evaluate", "-m", *tiny_overrides(tiny_model_dir, text_file), "method=loki",
+                  "method.basis=online", "method.d=2,17,8", "method.k=0.25", f"hydra.sweep.dir={sweep}"], check=False)
+    assert res.returncode == 2
+    assert sorted(p.parent.name for p in sweep.glob("*/metrics.json")) == ["0", "2"]
+    assert not (sweep / "1" / "metrics.json").exists()
+    assert "d=17 is larger than the head dim" in (sweep / "1" / "error.txt").read_text()
+    assert not list(sweep.glob("*/*.tmp"))
+    assert "1 point(s) of the sweep failed" in res.stderr and "#1 " in res.stderr and "method.d=17" in res.stderr
+    assert "#0 " not in res.stderr.split("point(s) of the sweep failed")[1]
+
+
 def test_wandb_offline_run_read_back(tmp_path, tiny_model_dir, text_file):
     from loki.tracking import read_offline_run
 
