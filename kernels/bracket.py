@@ -819,7 +819,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     _check_forced(sink_tokens, local_window)
     frac = None
     if isinstance(k, float):  # a fraction of each sequence, computed on the device (no host sync, graph safe)
-        check(0.0 < k <= 1.0, f"k as a float is a fraction of each sequence and must be in (0, 1], got {k}")
+        check_fraction(k, "k")
         frac, k = k, 1
         if k_max is None:
             k_max = fraction_k_max(frac, k_lr.shape[2], sink_tokens, local_window)
@@ -1012,7 +1012,12 @@ def _check_forced(sink_tokens, local_window) -> None:
         check(isinstance(x, int) and not isinstance(x, bool) and x >= 0, f"{n} must be an int >= 0, got {x!r}")
 
 
-def _check_fraction(frac, sink_tokens, local_window) -> None:
+def check_fraction(frac, name: str = "k") -> None:
+    """The one check of a float budget (every entry point that takes one calls it, naming its own argument)."""
     check(isinstance(frac, float) and 0.0 < frac <= 1.0,
-          f"a float budget is a fraction of each sequence and must be in (0, 1], got {frac!r}")
+          f"{name} as a float is a fraction of each sequence and must be in (0, 1], got {frac!r}")
+
+
+def _check_fraction(frac, sink_tokens, local_window) -> None:
+    check_fraction(frac, "frac")
     _check_forced(sink_tokens, local_window)

@@ -21,7 +21,7 @@ from . import attention as attn_mod
 from .attention import rows_continue, sparse_decode_attention
 from . import bracket as bracket_mod
 from .kv_cache import check_slab
-from .bracket import (bracket_ready, bracket_workspace_size, fraction_budget, fraction_k_max,
+from .bracket import (bracket_ready, bracket_workspace_size, check_fraction, fraction_budget, fraction_k_max,
                       loki_select_bracket)
 from .scores import loki_scores, rotate_q
 from .topk import _budget_args, loki_select, topk_select
@@ -107,7 +107,7 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
     check(path in PATHS, f"unknown path {path!r} (one of {', '.join(PATHS)})")
     frac = isinstance(k_budget, float)
     if frac:
-        check(0.0 < k_budget <= 1.0, f"k_budget as a float is a fraction of each sequence, in (0, 1]; got {k_budget}")
+        check_fraction(k_budget, "k_budget")
     if strict:
         check_lengths_range(lengths, S)
         if not frac:

@@ -219,9 +219,13 @@ def test_bad_inputs_are_refused_before_launch():
         prefill_kv(kx, kx, P, k_lr, k_rest, v, torch.zeros(B, dtype=torch.int32, device=DEV),
                    n_new=torch.tensor([-2, 1], dtype=torch.int32, device=DEV))
     # the float budget helpers
-    for frac in (2.0, -1.0, 0.0):
-        with pytest.raises(LokiInputError, match="fraction"):
+    for frac in (2.0, -1.0, 0.0):  # one check, one message, naming the argument the caller passed
+        with pytest.raises(LokiInputError, match=r"frac as a float is a fraction of each sequence and must be in \(0, 1\]"):
             fraction_budget(frac, lengths)
+        with pytest.raises(LokiInputError, match=r"k_budget as a float is a fraction .* in \(0, 1\], got"):
+            loki_decode(q, P, k_lr, k_rest, v, lengths, frac)
+        with pytest.raises(LokiInputError, match=r"k as a float is a fraction .* in \(0, 1\], got"):
+            loki_select_bracket(q, k_lr, lengths, frac, P=P)
     with pytest.raises(LokiInputError, match="sink_tokens must be an int >= 0"):
         forced_count(lengths, -3, 0)
     # tuning arguments that become tile sizes
