@@ -7,10 +7,12 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
-# The default sweep, unless --configfile/--config names another: a `configfile:` directive would be
-# deep-merged with the user's file (its grid entries would leak into, e.g., the smoke grid).
-if not config:
-    config.update(load_configfile("conf/sweep/default.yaml"))
+# The default sweep, unless --configfile names another: a `configfile:` directive would be deep-merged
+# with the user's file (its grid entries would leak into, e.g., the smoke grid).  `--config key=value` alone
+# replaces that top-level key of the default sweep (e.g. `--config bench=h200`).
+_configfiles = getattr(getattr(workflow, "config_settings", None), "configfiles", None)
+if not config or not _configfiles:
+    config.update({**load_configfile("conf/sweep/default.yaml"), **config})
 
 
 include: "workflow/rules/common.smk"

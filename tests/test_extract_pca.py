@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from loki_testutils import REPO, TEXT, run_py, save_tiny_model
 
-from loki.common import LokiError, CONF_DIR
+from loki.common import LokiError
 
 
 def compose(overrides):
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
+    from loki.common import compose_config
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hcompose(config_name="config", overrides=overrides)
+    return compose_config(overrides)
 
 
 def extract_cfg(model_dir, text_file, keys_dir, **ex):

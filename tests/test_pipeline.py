@@ -21,6 +21,11 @@ def test_snakemake_lint_and_dry_run():
     for extra in ([], ["--configfile", "conf/sweep/smoke.yaml"]):
         res = run_py([*SNAKEMAKE, "-n", "--quiet", *extra], check=False)
         assert res.returncode == 0, res.stderr[-3000:]
+    # `--config key=value` alone sets one key of the default sweep (docs/generation.md's `--config bench=h200`); it
+    # used to replace the whole config and fail validation ("'experiment' is a required property")
+    res = run_py([*SNAKEMAKE, "-n", "bench_decode", "--config", "bench=h200"], check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "results/default/bench/decode.json" in res.stdout and "gpu=1" in res.stdout, res.stdout[-2000:]
 
 
 @pytest.mark.parametrize("change,needle", [
