@@ -3,7 +3,8 @@ clear message (exit code 2) instead of a traceback, and knows its output folder.
 
 In a multirun (``-m``) a point that fails with a LokiError (say ``method.d=128`` on a model with head dim 64)
 does not stop the sweep: its message is printed and written to ``error.txt`` in that job's folder, the other
-points run, and the sweep ends with a list of the failed points and exit code 2. Any other exception stops
+points run, and the sweep ends with a list of the failed points and exit code 2 (with Hydra's basic launcher; under
+a cluster launcher the point's job exits 2 and the launcher reports it). Any other exception stops
 the sweep as before (it is a bug, not a bad point)."""
 
 from __future__ import annotations
@@ -31,8 +32,13 @@ def _stage_name(fn: Callable) -> str:
     return spec.name if spec is not None else Path(sys.argv[0]).stem
 
 
-def _multirun_job() -> tuple[int, str, Path] | None:
-    """(job number, its overrides, its output folder) when this job is one point of a ``-m`` sweep."""
+_BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+
+
+def _multirun_job() -> tuple[int, str, Path, bool] | None:
+    """(job number, its overrides, its output folder, whether it runs in this process) when this job is one point of
+    a ``-m`` sweep.  Only the basic launcher runs the points here; under another (submitit / SLURM) a failed point
+    must still exit non-zero, or the launcher would report it as done."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -41,7 +47,8 @@ def _multirun_job() -> tuple[int, str, Path] | None:
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         return None
-    return int(hc.job.num), " ".join(hc.overrides.task), Path(hc.runtime.output_dir)
+    in_process = hc.launcher.get("_target_") == _BASIC_LAUNCHER
+    return int(hc.job.num), " ".join(hc.overrides.task), Path(hc.runtime.output_dir), in_process
 
 
 def _write_error(folder: Path, text: str) -> None:
@@ -71,8 +78,10 @@ def stage(fn: Callable) -> Callable[[], None]:
             point = _multirun_job()
             if point is None:
                 sys.exit(2)
-            num, overrides, folder = point
+            num, overrides, folder, in_process = point
             _write_error(folder, f"error ({_stage_name(fn)}): {e}")
+            if not in_process:
+                sys.exit(2)
             failed.append((num, overrides, str(e).splitlines()[0]))
             print(f"(sweep point #{num} failed; the sweep goes on: {folder / 'error.txt'})", file=sys.stderr, flush=True)
             return None

@@ -127,3 +127,29 @@ def test_pca_from_another_model_is_rejected(tmp_path, tiny_model_dir, text_file)
     assert pca.exists() and (pca.parent / "rank.csv").exists() and (pca.parent / "rank.png").exists()
     _fails([*tiny_overrides(tiny_model_dir, text_file), "method=loki", f"pca_path={pca}"], tmp_path,
            "was made for model 'other'", "num_layers", "How to fix")
+
+
+@pytest.mark.parametrize("in_process", [True, False])
+def test_sweep_point_failure_by_launcher(monkeypatch, tmp_path, capsys, in_process):
+    """Hydra's basic launcher runs the points in this process: a failed point returns, the sweep goes on and exits 2
+    at the end. Under a cluster launcher (submitit) the point's own job must exit 2, or it would be reported done."""
+    import sys
+
+    import loki.app as app
+    from loki.common import LokiError
+
+    monkeypatch.setattr(app, "_multirun_job", lambda: (3, "method.d=99", tmp_path / "3", in_process))
+    calls = []
+
+    def bad(cfg):
+        calls.append(1)
+        raise LokiError("d=99 is too large")
+
+    main = app.stage(bad)
+    monkeypatch.setattr(sys, "argv", ["loki.bad", f"hydra.run.dir={tmp_path / 'run'}", "hydra.output_subdir=null"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2 and calls == [1]
+    assert "d=99 is too large" in (tmp_path / "3" / "error.txt").read_text()
+    err = capsys.readouterr().err
+    assert ("1 point(s) of the sweep failed" in err and "#3 method.d=99: d=99 is too large" in err) == in_process
