@@ -90,7 +90,7 @@ def _fails(args, tmp_path, *needles):
 
 def test_errors_are_clear_cli(tmp_path, tiny_model_dir, text_file):
     base = tiny_overrides(tiny_model_dir, text_file)
-    _fails([*base, "method=nope"], tmp_path, "method/nope", "loki")  # Hydra lists the available methods
+    _fails([*base, "method=nope"], tmp_path, "method/nope", "Available options in 'method'", "exact_topk")  # the list
     _fails([*base, "method=loki", "method.basis=online", "method.d=17"], tmp_path, "larger than the head dim 16",
            "How to fix")
     _fails([*base, "model.path=/nonexistent/model"], tmp_path, "/nonexistent/model", "How to fix")
@@ -152,3 +152,32 @@ def test_sweep_point_failure_by_launcher(monkeypatch, tmp_path, capsys, in_proce
     assert "d=99 is too large" in (tmp_path / "3" / "error.txt").read_text()
     err = capsys.readouterr().err
     assert ("1 point(s) of the sweep failed" in err and "#3 method.d=99: d=99 is too large" in err) == in_process
+
+
+@pytest.mark.parametrize("launcher,in_process", [(None, True), ("slurm", False), ("slurm_local_test", False)])
+def test_multirun_job_knows_whether_its_launcher_runs_points_in_process(tmp_path, launcher, in_process):
+    """The detection behind the test above, on real composed launcher configs: only Hydra's basic launcher runs the
+    points in this process (so a failed point may return); submitit's must exit non-zero."""
+    if launcher is not None:
+        pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher not installed")
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    import loki.app as app
+    from loki.common import CONF_DIR
+
+    def hydra_config(mode):
+        ov = [f"hydra.mode={mode}", "hydra.job.num=4", f"hydra.runtime.output_dir={tmp_path}", "seed=3"]
+        ov += [f"hydra/launcher={launcher}"] if launcher else []
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=ov, return_hydra_config=True)
+        cfg.hydra.overrides.task = ["seed=3"]
+        return cfg
+
+    try:
+        HydraConfig.instance().set_config(hydra_config("MULTIRUN"))
+        assert app._multirun_job() == (4, "seed=3", tmp_path, in_process)
+        HydraConfig.instance().set_config(hydra_config("RUN"))
+        assert app._multirun_job() is None
+    finally:
+        HydraConfig.instance().cfg = None

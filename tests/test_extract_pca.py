@@ -109,9 +109,14 @@ def test_kill_midway_and_rerun_subprocess(tmp_path, tiny_model_dir, text_file):
           "extract.seq_len=64", "extract.shard_tokens=128", f"hydra.run.dir={tmp_path / 'h'}", "device=cpu"]
     res = run_py(["-m", "loki.extract_keys", *ov, "extract.stop_after_shards=1"], check=False)
     assert res.returncode != 0
+    man = json.loads((tmp_path / "k" / "manifest.json").read_text())  # it died after writing shard 0, not at start
+    assert not man["complete"] and len(man["shards"]) == 1, (res.stderr[-2000:], man)
+    shard0 = tmp_path / "k" / "shard_00000.safetensors"
+    ino, data = shard0.stat().st_ino, shard0.read_bytes()
     run_py(["-m", "loki.extract_keys", *ov])
     man = json.loads((tmp_path / "k" / "manifest.json").read_text())
     assert man["complete"] and len(man["shards"]) == 2
+    assert shard0.stat().st_ino == ino and shard0.read_bytes() == data  # resumed: shard 0 kept, not written again
 
 
 def test_corrupt_shard_and_wrong_model_are_named(tmp_path, tiny_model_dir, text_file):

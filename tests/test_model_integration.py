@@ -58,6 +58,8 @@ def test_dense_layers_and_decode_only_options(model):
     attach(model, m)
     out = logits(model, x)
     assert not torch.allclose(out, ref), "layer 1 is sparse: the logits move"
+    attach(model, build_method({"name": "exact_topk", "k": 0.1}))  # both layers sparse
+    assert not torch.allclose(out, logits(model, x)), "dense_layers=1 keeps layer 0 dense: not the all-sparse logits"
     with pytest.raises(LokiError, match="makes all 2 layers of this model dense"):
         attach(model, build_method({"name": "exact_topk", "k": 0.1, "dense_layers": 2}))
 

@@ -34,6 +34,7 @@ def test_sparse_attention(dtype, D, d, g, mode, splits, ahead, index_dtype):
     idx = _random_idx(B, R, S, lengths, 21, D * g).to(index_dtype).to(DEV)  # ragged: -1 padded rows
     out = torch.full((B, H, D), float("nan"), dtype=dtype, device=DEV)  # poisoned
     o = sparse_decode_attention(q, k_lr, k_rest, v, idx, num_splits=splits, out=out, config=dict(ahead=ahead))
+    assert o is out
     ref = sparse_attention_ref(q.cpu(), k_lr.cpu(), k_rest.cpu(), v.cpu(), idx.cpu())
     assert o.dtype == dtype
     assert rel_err(o, ref) <= TOL[dtype]
@@ -98,6 +99,7 @@ def test_dense_attention(dtype, D, d, g, splits):
     q = torch.randn(B, KVH * g, D, device=DEV)
     out = torch.full((B, KVH * g, D), float("nan"), dtype=dtype, device=DEV)
     o = dense_decode_attention(q, k_lr, k_rest, v, lengths, num_splits=splits, out=out)
+    assert o is out
     ref = dense_attention_ref(q.cpu(), k_lr.cpu(), k_rest.cpu(), v.cpu(), lengths.cpu())
     assert rel_err(o, ref) <= TOL[dtype]
     assert (o[2].float() == 0).all()  # empty sequence -> zeros

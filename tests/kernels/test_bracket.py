@@ -7,8 +7,9 @@ import triton.language as tl
 from kernels import LokiInputError, forced_count, fraction_budget, loki_decode, loki_select_bracket
 from kernels._utils import is_interpreter
 from kernels.bracket import _kth_key, _select_in_registers, _select_in_registers3
+from kernels.attention import sparse_attention_ref
 from kernels.scores import loki_scores_ref, rotate_q_ref
-from kernels.testing import check_selection, random_cache, random_orthonormal
+from kernels.testing import check_selection, random_cache, random_orthonormal, rel_err
 from kernels.topk import budgets_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -116,8 +117,21 @@ def test_bracket_sinks_and_local_window(sink, local, classify, overlap):
         must = set(range(min(sink, n))) | set(range(max(n - local, 0), n))
         for r in range(KVH):
             assert must <= set(idx[b, r, :kbs[b]].tolist())
-    out = loki_decode(q, P, k_lr, k_rest, v, lengths, budget, strict=False, sink_tokens=sink, local_window=local)
-    assert out.shape == (B, KVH * g, D) and torch.isfinite(out).all()
+    # the whole step with sinks and a local window: its own selection keeps them too, and its output is exact
+    # attention over that selection (float64)
+    out, idx2 = loki_decode(q, P, k_lr, k_rest, v, lengths, budget, strict=False, sink_tokens=sink,
+                            local_window=local, return_indices=True)
+    assert out.shape == (B, KVH * g, D)
+    check_selection(idx2, ref.clamp(max=1e30), lengths.cpu(), kbs, tol=_tol(ref))
+    idx_ref = idx2.cpu().clone()
+    for b in range(B):
+        n = int(lengths[b])
+        must = set(range(min(sink, n))) | set(range(max(n - local, 0), n))
+        for r in range(KVH):
+            assert must <= set(idx_ref[b, r, :kbs[b]].tolist())
+        idx_ref[b, :, kbs[b]:] = -1
+    want = sparse_attention_ref(rotate_q_ref(q.cpu(), P.cpu()), k_lr.cpu(), k_rest.cpu(), v.cpu(), idx_ref)
+    assert rel_err(out.cpu(), want) <= 1e-4
 
 
 def _tied_case(seed, lens):

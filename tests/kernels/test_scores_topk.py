@@ -32,6 +32,7 @@ def test_scores(dtype, D, d, g, mode, reduce):
     R = KVH if mode == "group" else KVH * g
     out = torch.full((B, R, S), float("nan"), device=DEV)  # poisoned
     s = loki_scores(q_rot, k_lr, lengths, d=d, mode=mode, reduce=reduce, out=out)
+    assert s is out  # written into the caller's (poisoned) buffer
     ref = loki_scores_ref(q_rot_ref, k_lr.cpu(), lengths.cpu(), mode=mode, reduce=reduce)
     s = s.cpu()
     assert torch.equal(torch.isinf(s), torch.isinf(ref)), "-inf tail beyond lengths"
@@ -64,6 +65,7 @@ def test_topk_select(k):
     scores[0, 1] = -scores[0, 1].abs()  # all negative
     out = torch.full((B, G, k), 12345, dtype=torch.int32, device=DEV)  # poisoned
     idx = topk_select(scores, lengths, k, strict=False, out=out)
+    assert idx is out
     n, exact = check_selection(idx, scores.cpu(), lengths.cpu(), budgets_ref(k, lengths.cpu()), tol=0.0)
     assert exact == n
     assert torch.equal(idx.long().cpu().sort(-1).values, topk_select_ref(scores.cpu(), lengths.cpu(), k).sort(-1).values)

@@ -3,11 +3,13 @@ shared by the heads of a group, sinks and the local window are always selected, 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from loki_testutils import make_method
-from method_refs import B, D, G, KVH, MOD, SCALE, causal, fake_model, make, qkv, random_basis
+from method_refs import B, D, G, H, KVH, MOD, SCALE, causal, dot, fake_model, make, qkv, random_basis
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 T = 20
@@ -60,12 +62,20 @@ def test_loki_with_full_head_dim_selects_what_exact_topk_selects(seed, selection
         o_ex = ex.attend(MOD, q, k, v, vis, SCALE)
         assert torch.equal(lk.last_selection, ex.last_selection)
         torch.testing.assert_close(o_lk, o_ex, **TOL)
-    else:  # group: the exact scores, max over the group's heads
-        from loki.methods.base import exact_scores, group_reduce, select_topk, token_budget
-
-        s = group_reduce(exact_scores(q, k, SCALE), G, "max")
-        want = select_topk(s, vis, token_budget(vis, 0.3, "prefix")).repeat_interleave(G, 1)
-        assert torch.equal(lk.last_selection, want)
+    else:  # group: each query head's exact q.k, max over the heads h // G == g of KV head g; the top ceil(0.3 n)
+        # of each row's n-token prefix. Written from scratch (loops), not with the method's own helpers.
+        assert k.shape[1] == KVH and lk.last_selection.shape == (B, H, T, T)
+        want = torch.zeros(B, H, T, T, dtype=torch.bool)
+        for b in range(B):
+            for g in range(KVH):
+                heads = range(g * G, (g + 1) * G)
+                for i in range(T):
+                    n = i + 1
+                    s = [max(dot(q[b, h, i], k[b, g, j]) for h in heads) for j in range(n)]
+                    keep = sorted(range(n), key=lambda j: -s[j])[:math.ceil(0.3 * n)]
+                    for h in heads:
+                        want[b, h, i, keep] = True
+        assert torch.equal(lk.last_selection.cpu(), want)
 
 
 @pytest.mark.parametrize("name,opts", [("loki", dict(d=4, k=0.2, selection="group")),

@@ -131,6 +131,7 @@ def test_heatmap_cells_are_the_table_values(built):
         sparse = tidy[(tidy["eval"] == ev) & tidy.k.notna()]
         assert len(data) == len(sparse) and set(data.tag) == set(sparse.tag)
         merged = data.merge(sparse, on=["method", "variant", "tag"], suffixes=("", "_t"))
+        assert len(merged) == len(data) > 0, "every heatmap cell matched to its table row"
         np.testing.assert_allclose(merged.value, merged[metric])
         np.testing.assert_allclose(merged.d, merged.d_t, equal_nan=True)
     ppl = fig(report, "heatmap_perplexity")
