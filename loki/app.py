@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from loki.common import CONF_DIR, LokiError
+from loki.common import CONF_DIR, LokiError, atomic_path
 
 
 def output_dir() -> Path:
@@ -51,13 +51,6 @@ def _multirun_job() -> tuple[int, str, Path, bool] | None:
     return int(hc.job.num), " ".join(hc.overrides.task), Path(hc.runtime.output_dir), in_process
 
 
-def _write_error(folder: Path, text: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "error.txt.tmp"
-    tmp.write_text(text + "\n")
-    os.replace(tmp, folder / "error.txt")
-
-
 def stage(fn: Callable) -> Callable[[], None]:
     """Decorate ``fn(cfg)``; returns a ``main()`` for ``if __name__ == "__main__"``."""
     import hydra
@@ -79,7 +72,8 @@ def stage(fn: Callable) -> Callable[[], None]:
             if point is None:
                 sys.exit(2)
             num, overrides, folder, in_process = point
-            _write_error(folder, f"error ({_stage_name(fn)}): {e}")
+            with atomic_path(folder / "error.txt") as tmp:
+                tmp.write_text(f"error ({_stage_name(fn)}): {e}\n")
             if not in_process:
                 sys.exit(2)
             failed.append((num, overrides, str(e).splitlines()[0]))

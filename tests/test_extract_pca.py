@@ -226,14 +226,12 @@ def test_basis_roundtrip_and_checks(tmp_path):
 
 PEAK_SCRIPT = r"""
 import json, resource, sys
-from hydra import compose, initialize_config_dir
-from loki.common import CONF_DIR
+from loki.common import compose_config
 stage, n, model, text, keys, pca = sys.argv[1:7]
 ov = [f"model.path={model}", "model.name=wide", "model.source=null", f"calib.path={text}", "calib.name=text",
       "calib.source=null", f"keys_dir={keys}", f"pca_path={pca}", f"extract.num_tokens={n}", "extract.seq_len=256",
       "extract.shard_tokens=1024", "extract.batch_size=8", "device=cpu", "threads=1"]
-with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-    cfg = compose(config_name="config", overrides=ov)
+cfg = compose_config(ov)
 import torch
 torch.set_num_threads(1)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
