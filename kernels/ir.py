@@ -176,16 +176,21 @@ def ptx_instructions(ptx: str) -> int:
                if ln.strip() and not re.match(r"\s*(//|\.|\$L|[{})])", ln))
 
 
-def _cuobjdump(cubin: bytes | None, flag: str) -> str | None:
-    """`cuobjdump <flag>` of a cubin (the tool from Triton's NVIDIA backend, or PATH's), or None where it is not
-    available or fails."""
+def cuobjdump_tool() -> str | None:
+    """PATH's cuobjdump, or the one Triton's NVIDIA backend ships; None where there is neither."""
     import shutil
-    import subprocess
-    import tempfile
 
     import triton
     bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    tool = shutil.which("cuobjdump") or (bundled if os.path.isfile(bundled) else None)
+    return shutil.which("cuobjdump") or (bundled if os.path.isfile(bundled) else None)
+
+
+def _cuobjdump(cubin: bytes | None, flag: str) -> str | None:
+    """`cuobjdump <flag>` of a cubin (`cuobjdump_tool`), or None where it is not available or fails."""
+    import subprocess
+    import tempfile
+
+    tool = cuobjdump_tool()
     if not cubin or not tool:
         return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:

@@ -21,14 +21,14 @@ class LokiError(RuntimeError):
     """A user-facing error: the message names what is wrong and how to fix it."""
 
 
-def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> Any:
+def compose_config(overrides: list[str] | tuple[str, ...] = (), return_hydra_config: bool = False) -> Any:
     """The config a stage sees, outside a Hydra app (the Python API, notebooks), with the same overrides as on the
     command line: ``compose_config(["model=smollm2-135m", "method=loki", "method.d=16"])``.  Relative paths in it
     (``resources_dir``, ``results_dir``) are relative to the working directory, as for the stages."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 def fail(what: str, fix: str) -> "LokiError":

@@ -160,17 +160,14 @@ def test_multirun_job_knows_whether_its_launcher_runs_points_in_process(tmp_path
     points in this process (so a failed point may return); submitit's must exit non-zero."""
     if launcher is not None:
         pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher not installed")
-    from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
     import loki.app as app
-    from loki.common import CONF_DIR
+    from loki.common import compose_config
 
     def hydra_config(mode):
         ov = [f"hydra.mode={mode}", "hydra.job.num=4", f"hydra.runtime.output_dir={tmp_path}", "seed=3"]
-        ov += [f"hydra/launcher={launcher}"] if launcher else []
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=ov, return_hydra_config=True)
+        cfg = compose_config(ov + ([f"hydra/launcher={launcher}"] if launcher else []), return_hydra_config=True)
         cfg.hydra.overrides.task = ["seed=3"]
         return cfg
 

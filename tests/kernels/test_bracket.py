@@ -111,24 +111,24 @@ def test_bracket_sinks_and_local_window(sink, local, classify, overlap):
                                  classify=classify, overlap=overlap)
     ref = _ref(q, P, k_lr, lengths, "group", "max", sink, local)
     kbs = budgets_ref(budget.cpu(), lengths.cpu())
-    check_selection(idx, ref.clamp(max=1e30), lengths.cpu(), kbs, tol=_tol(ref))
-    for b in range(B):
-        n = int(lengths[b])
-        must = set(range(min(sink, n))) | set(range(max(n - local, 0), n))
-        for r in range(KVH):
-            assert must <= set(idx[b, r, :kbs[b]].tolist())
+
+    def check_forced_kept(idx):  # a valid selection that holds every sink and every local-window position
+        check_selection(idx, ref.clamp(max=1e30), lengths.cpu(), kbs, tol=_tol(ref))
+        for b in range(B):
+            n = int(lengths[b])
+            must = set(range(min(sink, n))) | set(range(max(n - local, 0), n))
+            for r in range(KVH):
+                assert must <= set(idx[b, r, :kbs[b]].tolist())
+
+    check_forced_kept(idx)
     # the whole step with sinks and a local window: its own selection keeps them too, and its output is exact
     # attention over that selection (float64)
     out, idx2 = loki_decode(q, P, k_lr, k_rest, v, lengths, budget, strict=False, sink_tokens=sink,
                             local_window=local, return_indices=True)
     assert out.shape == (B, KVH * g, D)
-    check_selection(idx2, ref.clamp(max=1e30), lengths.cpu(), kbs, tol=_tol(ref))
+    check_forced_kept(idx2)
     idx_ref = idx2.cpu().clone()
     for b in range(B):
-        n = int(lengths[b])
-        must = set(range(min(sink, n))) | set(range(max(n - local, 0), n))
-        for r in range(KVH):
-            assert must <= set(idx_ref[b, r, :kbs[b]].tolist())
         idx_ref[b, :, kbs[b]:] = -1
     want = sparse_attention_ref(rotate_q_ref(q.cpu(), P.cpu()), k_lr.cpu(), k_rest.cpu(), v.cpu(), idx_ref)
     assert rel_err(out.cpu(), want) <= 1e-4

@@ -57,15 +57,11 @@ def test_vec_classify_stores_keep_their_layout(ir_facts):
 def test_instruction_counts_are_reported(ir_facts):
     """Every preset reports its PTX instruction count and, where the Triton wheel's cuobjdump runs, its SASS count
     (what the SM issues; session 9 found PTX a poor proxy for it: kernels/NOTES.md "v11")."""
-    import os
-    import shutil
-
-    import triton
+    from kernels.ir import cuobjdump_tool
 
     # where cuobjdump exists (it ships with Triton's NVIDIA backend), the SASS / register facts the other tests guard
     # with `if "registers" in ...` must be there, so those guards cannot silently skip their claims
-    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    has_tool = bool(shutil.which("cuobjdump")) or os.path.isfile(bundled)
+    has_tool = cuobjdump_tool() is not None
     for name, f in ir_facts.items():
         assert f["ptx_instructions"] > 50, name
         if has_tool:
