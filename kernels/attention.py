@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ._utils import (BRACKET_RECORD, check, check_cache, check_float, check_last_contiguous, check_lengths,
                      check_out, default_scaling, is_interpreter, next_pow2, num_sms, pdl_available, pdl_wait,
-                     FLOAT_DTYPES, INDEX_DTYPES)
+                     FLOAT_DTYPES, INDEX_DTYPES, LokiInputError)
 from .scores import _split_hi_lo
 
 LOG2E = 1.4426950408889634
@@ -337,8 +337,25 @@ def rows_continue(k_lr: torch.Tensor, k_rest: torch.Tensor) -> bool:
             and k_rest.data_ptr() == k_lr.data_ptr() + k_lr.shape[-1] * k_lr.element_size())
 
 
+def check_idx_values(idx: torch.Tensor, S: int) -> None:
+    """A caller's selected positions (reads them on the host: one device sync; strict=True only): every non-negative
+    entry below S_max, none repeated within a row (a repeated position would be attended to twice)."""
+    bad = idx >= S
+    if bool(bad.any()):
+        b, r, j = (int(x) for x in bad.nonzero()[0])
+        raise LokiInputError(f"idx[{b}, {r}, {j}] = {int(idx[b, r, j])} is not a cache position: positions must be "
+                             f"< S_max={S} (negative entries are padding)")
+    if idx.shape[-1] > 1:
+        srt = idx.sort(dim=-1).values
+        dup = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
+        if bool(dup.any()):
+            b, r, j = (int(x) for x in dup.nonzero()[0])
+            raise LokiInputError(f"idx[{b}, {r}] selects position {int(srt[b, r, j + 1])} more than once: each row "
+                                 f"must hold distinct positions (pad with -1)")
+
+
 def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_splits, out, config, counters=None,
-            ready=None, pdl=False):
+            ready=None, pdl=False, strict=False):
     B, KVH, S, D, d = check_cache(k_lr, k_rest, v)
     if WIDEN_ROWS and d < D and rows_continue(k_lr, k_rest):  # whole rows: one (B, KVH, S, D) view, d = D
         k_lr = k_lr.as_strided((B, KVH, S, D), k_lr.stride())
@@ -361,6 +378,8 @@ def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_spli
               f"idx must be (B, KVH, k) (group mode) or (B, H, k) (head mode), got {tuple(idx.shape)}")
         check_last_contiguous(idx, "idx")
         check(idx.device == k_lr.device, f"idx is on {idx.device}, cache on {k_lr.device}")
+        if strict:
+            check_idx_values(idx, S)
         R = idx.shape[1]
         HPR = g if R == KVH else 1
         n_items = idx.shape[2]
@@ -447,12 +466,15 @@ def sparse_decode_attention(q_rot: torch.Tensor, k_lr: torch.Tensor, k_rest: tor
                             idx: torch.Tensor, scaling: float | None = None, num_splits: int | None = None,
                             out: torch.Tensor | None = None, config: dict | None = None,
                             counters: torch.Tensor | None = None, ready: torch.Tensor | None = None,
-                            pdl: bool = False) -> torch.Tensor:
+                            pdl: bool = False, strict: bool = True) -> torch.Tensor:
     """Exact softmax attention of the rotated queries over the selected cache rows only.
 
     q_rot: (B, H, D) (q' = q @ P, any float dtype).  idx: (B, KVH, k) in group mode (one selection per KV head,
     shared by its g query heads; each selected K/V row is read once for the group) or (B, H, k) in head mode;
-    entries < 0 are padding.  Indices must be < S_max and should be < lengths[b] (not checked on the device).
+    entries < 0 are padding.  Indices must be < S_max and distinct within a row, and should be < lengths[b]:
+    strict=True (the default) checks the first two on the host (one device sync; `LokiInputError`); pass
+    strict=False inside CUDA graphs and in decode loops (then an index >= S_max reads outside the cache, and a
+    repeated one is attended to twice).
     scaling defaults to 1/sqrt(D).  Returns (B, H, D) in the cache dtype.  Rows without any selected token
     give zeros.  counters: an int32 tensor of >= B * idx.shape[1] zeros (the caller zeroes them, e.g. inside an
     earlier kernel): then the last program of each row to finish combines the split-K partials itself instead of
@@ -462,7 +484,8 @@ def sparse_decode_attention(q_rot: torch.Tensor, k_lr: torch.Tensor, k_rest: tor
     programmatic dependent launch after a kernel that triggers it (the band select), waiting for that kernel only
     before the rest.  Where PDL is not available the split is kept and nothing waits (stream order holds).
     """
-    return _launch(q_rot, k_lr, k_rest, v, idx, None, scaling, False, num_splits, out, config, counters, ready, pdl)
+    return _launch(q_rot, k_lr, k_rest, v, idx, None, scaling, False, num_splits, out, config, counters, ready, pdl,
+                   strict)
 
 
 def dense_decode_attention(q_rot: torch.Tensor, k_lr: torch.Tensor, k_rest: torch.Tensor, v: torch.Tensor,

@@ -182,7 +182,8 @@ def run_case(B, S, dfrac, kfrac, rep, stage_times=True):
                 case, lambda a, b_, c, st=st: loki_select_bracket(q, sc(a), L, k, P=P, strict=False, stages=st),
                 rep)
         idx = topk_select(scores, L, k, strict=False)
-        res["attention_ms"] = timed(case, lambda a, b_, c: sparse_decode_attention(q_rot, a, b_, c, idx), rep)
+        res["attention_ms"] = timed(
+            case, lambda a, b_, c: sparse_decode_attention(q_rot, a, b_, c, idx, strict=False), rep)
     for path in ("bracket", "fused", "split", "torch_topk"):
         res[f"total_{path}_ms"] = timed(case, lambda a, b_, c, path=path: loki_decode(
             q, P, a, b_, c, L, k, path=path, strict=False, slab=sl(a)), rep)
@@ -289,7 +290,7 @@ def tune(rep, log, light=False, context=16384):
     def attn(c, cs):
         cc = cs["case"]
         k_lr, k_rest, v = cc.copies[0]
-        return lambda: sparse_decode_attention(cc.q_rot, k_lr, k_rest, v, cs["idx"], config=c)
+        return lambda: sparse_decode_attention(cc.q_rot, k_lr, k_rest, v, cs["idx"], config=c, strict=False)
     if light == "attention":  # the sparse attention kernel only
         best = sweep("sparse_attention", [dict(block_n=bn, num_warps=4, num_stages=ns, waves=wv)
                                           for bn in (32, 64, 128) for ns in (2, 3, 4) for wv in (1, 2, 3)],
@@ -430,7 +431,8 @@ def layout_probe(rep, log, points=((16, 65536, 16, 4096), (16, 65536, 32, 8192),
             try:
                 outs.append(sparse_decode_attention(q_rot, *copies[0], idx))
                 case.copies = copies
-                t = timed(case, lambda a, b_, c: sparse_decode_attention(q_rot, a, b_, c, idx), rep)
+                t = timed(case, lambda a, b_, c: sparse_decode_attention(q_rot, a, b_, c, idx, strict=False),
+                          rep)
             finally:
                 attn_mod.WIDEN_ROWS = widen
             r[f"{name}_us"] = t * 1e3
@@ -459,7 +461,8 @@ def attention_probe(rep, log, copy_bw):
         nbytes = B * KVH * k * 2 * D * DTYPE.itemsize
         for order, ix in orders.items():
             for cfg in [None] + (PROBE_CONFIGS if order == "selected" and not SMOKE else []):
-                t = timed(case, lambda kl, kr, v: sparse_decode_attention(case.q_rot, kl, kr, v, ix, config=cfg), rep)
+                t = timed(case, lambda kl, kr, v: sparse_decode_attention(case.q_rot, kl, kr, v, ix, config=cfg,
+                                                                          strict=False), rep)
                 r = dict(batch=B, context=S, d=d, k=k, order=order, config=cfg, us=t * 1e3,
                          pct_copy=100 * nbytes / (t * 1e-3) / 1e9 / copy_bw)
                 rows.append(r)

@@ -155,5 +155,6 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
             vals, idx = torch.topk(scores, kk, dim=-1, sorted=False)
             idx = torch.where(torch.isinf(vals), torch.full_like(idx, -1), idx)
     out = sparse_decode_attention(q_rot, k_lr, k_rest, v, idx, scaling=scaling, num_splits=num_splits, out=out,
-                                  counters=counters, ready=ready, pdl=ready is not None, config=attn_cfg)
+                                  counters=counters, ready=ready, pdl=ready is not None, config=attn_cfg,
+                                  strict=False)  # (its own selection: in range and distinct)
     return (out, idx) if return_indices else out

@@ -196,3 +196,29 @@ def test_attention_whole_rows(dtype, kv, monkeypatch):
         monkeypatch.setattr(attention, "WIDEN_ROWS", widen)
         assert rel_err(sparse_decode_attention(q, r_lr, r_rest, r_v, idx), want_s) <= TOL[dtype]
         assert rel_err(dense_decode_attention(q, r_lr, r_rest, r_v, lengths), want_d) <= TOL[dtype]
+
+
+def test_sparse_attention_refuses_positions_outside_the_cache_or_repeated():
+    """strict=True (the default) reads a caller's idx on the host: a position >= S_max (a read outside the cache) and
+    a position repeated in a row (attended to twice) are refused with the entry named; strict=False (for CUDA graphs
+    and decode loops) does not look, and a repeat then counts twice, as documented."""
+    B, KVH, S, D, d, g = 2, 2, 16, 64, 16, 2
+    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.float32, DEV)
+    q = torch.randn(B, KVH * g, D, device=DEV)
+    idx = torch.tensor([[[0, 3, 5, -1], [1, 2, -1, -1]], [[15, 0, 7, 8], [4, -1, -1, -1]]], dtype=torch.int32,
+                       device=DEV)
+    ok = sparse_decode_attention(q, k_lr, k_rest, v, idx)  # padding (-1) repeated is fine
+    assert rel_err(ok, sparse_attention_ref(q.cpu(), k_lr.cpu(), k_rest.cpu(), v.cpu(), idx.cpu())) <= TOL[torch.float32]
+    far = idx.clone()
+    far[1, 0, 2] = S
+    with pytest.raises(LokiInputError, match=r"idx\[1, 0, 2\] = 16 is not a cache position: positions must be < "
+                                             r"S_max=16"):
+        sparse_decode_attention(q, k_lr, k_rest, v, far)
+    rep = idx.clone()
+    rep[0, 1, 2] = 2
+    with pytest.raises(LokiInputError, match=r"idx\[0, 1\] selects position 2 more than once"):
+        sparse_decode_attention(q, k_lr, k_rest, v, rep.long())
+    twice = sparse_decode_attention(q, k_lr, k_rest, v, rep, strict=False)
+    ref = sparse_attention_ref(q.cpu(), k_lr.cpu(), k_rest.cpu(), v.cpu(), rep.cpu())  # (the reference counts it twice)
+    assert rel_err(twice, ref) <= TOL[torch.float32]
+    assert rel_err(twice, ok) > 1e-3  # the repeat really changed the output

@@ -47,7 +47,7 @@ for B, S in ((1, 131072), (1, 65536)):
     for waves, bn, st in itertools.product((1, 2, 3, 4), (64, 128), (2, 3)):
         cfg = dict(SPARSE_CONFIG, waves=waves, block_n=bn, num_stages=st)
         try:
-            t = kb.timed(case, lambda a, b_, c: sparse_decode_attention(q_rot, a, b_, c, idx, config=cfg), 20)
+            t = kb.timed(case, lambda a, b_, c: sparse_decode_attention(q_rot, a, b_, c, idx, config=cfg, strict=False), 20)
         except Exception as e:  # noqa: BLE001
             print(f"sparse B={B} S={S} {cfg} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
             continue
