@@ -128,6 +128,23 @@ def check_lengths_range(lengths: torch.Tensor, S: int, what: str = "S_max") -> N
     check(bool((lengths <= S).all()), f"lengths exceed {what}={S}: {lengths.tolist()}")
 
 
+def check_basis(P: torch.Tensor, KVH: int, D: int, device) -> None:
+    """A PCA basis for a cache of KVH heads of dim D: float, (KVH, D, D), contiguous last dim, on the cache's device."""
+    check_float(P, "P")
+    check(tuple(P.shape) == (KVH, D, D), f"P must have shape (KVH, D, D) = {(KVH, D, D)} (one basis per KV head of "
+                                         f"the cache), got {tuple(P.shape)}")
+    check_last_contiguous(P, "P")
+    check(P.device == torch.device(device), f"P is on {P.device}, expected {device}")
+
+
+def rotation_out(out: torch.Tensor | None, name: str, B: int, H: int, D: int, device) -> torch.Tensor:
+    """The fp32 (B, H, D) buffer q' = q @ P is written to: a caller's (checked) or a new one."""
+    if out is None:
+        return torch.empty(B, H, D, dtype=torch.float32, device=device)
+    check_out(out, name, (B, H, D), (torch.float32,), device)
+    return out
+
+
 def check_out(t: torch.Tensor, name: str, shape: tuple, dtypes: tuple, device) -> None:
     """A caller-supplied output buffer: the exact shape, an allowed dtype, the device, a contiguous last dimension
     (the kernels write through its other strides).  A wrong one would be written out of bounds, so it is refused."""

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (check, check_cache, check_float, check_last_contiguous, check_lengths, check_same_device,
+from ._utils import (check, check_basis, check_cache, check_float, check_last_contiguous, check_lengths, check_same_device,
                      check_slab_dtype, next_pow2, SLAB_FP8)
 
 
@@ -87,13 +87,6 @@ def check_slab(slab: torch.Tensor | None, k_lr: torch.Tensor) -> torch.Tensor:
     check_slab_dtype(slab, "slab")
     check_last_contiguous(slab, "slab")
     return slab
-
-
-def _check_P(P: torch.Tensor, KVH: int, D: int, device) -> None:
-    check_float(P, "P")
-    check(tuple(P.shape) == (KVH, D, D), f"P must have shape (KVH, D, D) = {(KVH, D, D)}, got {tuple(P.shape)}")
-    check_last_contiguous(P, "P")
-    check(P.device == device, f"P is on {P.device}, expected {device}")
 
 
 @triton.jit
@@ -172,7 +165,7 @@ def append_kv(k_new: torch.Tensor, v_new: torch.Tensor, P: torch.Tensor, k_lr: t
         check(tuple(t.shape) == (B, KVH, D), f"{n} must have shape (B, KVH, D) = {(B, KVH, D)}, got {tuple(t.shape)}")
         check_last_contiguous(t, n)
     check_same_device([("k_lr", k_lr), ("k_new", k_new), ("v_new", v_new)])
-    _check_P(P, KVH, D, k_lr.device)
+    check_basis(P, KVH, D, k_lr.device)
     check_lengths(lengths, B, k_lr.device)
     sl = check_slab(slab, k_lr)
     if strict:
@@ -257,7 +250,7 @@ def prefill_kv(k: torch.Tensor, v_new: torch.Tensor, P: torch.Tensor, k_lr: torc
         check_last_contiguous(t, n)
     check(k.shape == v_new.shape, f"k {tuple(k.shape)} and v_new {tuple(v_new.shape)} differ")
     check_same_device([("k_lr", k_lr), ("k", k), ("v_new", v_new)])
-    _check_P(P, KVH, D, k_lr.device)
+    check_basis(P, KVH, D, k_lr.device)
     check_lengths(lengths, B, k_lr.device)
     T = k.shape[2]
     sl = check_slab(slab, k_lr)

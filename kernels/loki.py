@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ._utils import (FLOAT_DTYPES, LokiInputError, check, check_cache, check_float, check_lengths, check_lengths_range,
-                     check_out)
+from ._utils import (FLOAT_DTYPES, LokiInputError, check, check_basis, check_cache, check_float, check_lengths,
+                     check_lengths_range, check_out)
 from . import attention as attn_mod
 from .attention import rows_continue, sparse_decode_attention
 from . import bracket as bracket_mod
@@ -97,9 +97,7 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
     check(q.dim() == 3 and q.shape[0] == B and q.shape[2] == D,
           f"q must be (B, H, D) with B={B}, D={D}, got {tuple(q.shape)}")
     check(q.shape[1] % KVH == 0, f"H={q.shape[1]} must be a multiple of KVH={KVH}")
-    check_float(P, "P")
-    check(tuple(P.shape) == (KVH, D, D), f"P must be (KVH, D, D) = {(KVH, D, D)} (one basis per KV head of the "
-                                         f"cache), got {tuple(P.shape)}")
+    check_basis(P, KVH, D, k_lr.device)
     check_lengths(lengths, B, k_lr.device)
     check(mode in ("group", "head"), f"mode must be 'group' or 'head', got {mode!r}")
     if out is not None:  # (checked again by the attention launcher; here before the selection's launches)

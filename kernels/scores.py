@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (check, check_float, check_last_contiguous, check_lengths, check_out,
-                     check_slab_dtype, default_scaling, is_interpreter, next_pow2, pdl_trigger)
+from ._utils import (check, check_basis, check_float, check_last_contiguous, check_lengths, check_out,
+                     check_slab_dtype, default_scaling, is_interpreter, next_pow2, pdl_trigger, rotation_out)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -224,10 +224,7 @@ def rotate_q(q: torch.Tensor, P: torch.Tensor, out: torch.Tensor | None = None) 
     check(q.dim() == 3, f"q must be (B, H, D), got {tuple(q.shape)}")
     H = _check_q(q, "q", q.shape[0], D, KVH, P.device)
     B = q.shape[0]
-    if out is None:
-        out = torch.empty(B, H, D, dtype=torch.float32, device=q.device)
-    else:
-        check_out(out, "out", (B, H, D), (torch.float32,), q.device)
+    out = rotation_out(out, "out", B, H, D, q.device)
     return launch_rotate_q(q, P, out, KVH, H // KVH, D)
 
 
@@ -317,14 +314,8 @@ def loki_scores(q_rot: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tensor, 
     Dq = q_rot.shape[2]
     rotate = P is not None
     if rotate:
-        check_float(P, "P")
-        check(tuple(P.shape) == (KVH, Dq, Dq), f"P must have shape {(KVH, Dq, Dq)}, got {tuple(P.shape)}")
-        check_last_contiguous(P, "P")
-        check(P.device == k_lr.device, f"P is on {P.device}, expected {k_lr.device}")
-        if q_rot_out is None:
-            q_rot_out = torch.empty(B, H, Dq, dtype=torch.float32, device=k_lr.device)
-        else:
-            check_out(q_rot_out, "q_rot_out", (B, H, Dq), (torch.float32,), k_lr.device)
+        check_basis(P, KVH, Dq, k_lr.device)
+        q_rot_out = rotation_out(q_rot_out, "q_rot_out", B, H, Dq, k_lr.device)
     if out is None:
         out = torch.empty(B, R, S, dtype=torch.float32, device=k_lr.device)
     else:

@@ -28,8 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (check, check_float, check_last_contiguous, check_lengths, check_lengths_range, check_out,
-                     check_pow2, check_slab_dtype, default_scaling, is_interpreter, next_pow2, INDEX_DTYPES)
+from ._utils import (check, check_basis, check_float, check_last_contiguous, check_lengths, check_lengths_range,
+                     check_out, check_pow2, check_slab_dtype, default_scaling, is_interpreter, next_pow2, rotation_out,
+                     INDEX_DTYPES)
 from .scores import (_check_q, _load_q_lr_T, _mode_params, _q_operands, _rotate_heads, _row_of,
                      _score_tile, rot_chunks)
 
@@ -91,11 +92,7 @@ def _radix_select(key_ptr, idx_ptr, n, r, out_ptr, hb0, prefix0, HAS_IDX: tl.con
         for start in range(0, n, BLOCK_S):
             offs = start + ar
             valid = offs < n
-            if SRC_KEYS:
-                kl = tl.load(key_ptr + offs, mask=valid, other=0).to(tl.uint32, bitcast=True) >> lbu
-            else:
-                kl = tl.load(key_ptr + offs, mask=valid, other=0.0).to(tl.uint32, bitcast=True)
-                kl = tl.where((kl >> 31) != 0, ~kl, kl | 0x80000000) >> lbu
+            kl = _load_key(key_ptr, offs, valid, SRC_KEYS) >> lbu
             cand = valid & ((kl >> wu) == prefix)
             h += tl.histogram((kl & dmask).to(tl.int32), NB, mask=cand)
         t, cnt, above = _pick_bin(h, r, NB)
@@ -111,11 +108,7 @@ def _radix_select(key_ptr, idx_ptr, n, r, out_ptr, hb0, prefix0, HAS_IDX: tl.con
     for start in range(0, n, BLOCK_S):
         offs = start + ar
         valid = offs < n
-        if SRC_KEYS:
-            hi = tl.load(key_ptr + offs, mask=valid, other=0).to(tl.uint32, bitcast=True) >> hbu
-        else:
-            hi = tl.load(key_ptr + offs, mask=valid, other=0.0).to(tl.uint32, bitcast=True)
-            hi = tl.where((hi >> 31) != 0, ~hi, hi | 0x80000000) >> hbu
+        hi = _load_key(key_ptr, offs, valid, SRC_KEYS) >> hbu
         # (block-bool op scalar-bool promotes to int32 in the interpreter: combine through integers)
         gt = valid & (((hi > prefix).to(tl.int32) + take_all) > 0)
         eq = valid & (((hi == prefix).to(tl.int32) * (1 - take_all)) > 0)
@@ -410,14 +403,8 @@ def check_select_inputs(q, k_lr, lengths, k, P, mode, reduce, strict, k_max, q_r
     K_INT, kb, KMAX = _budget_args(k, lengths, B, strict, k_max)
     rotate = P is not None
     if rotate:
-        check_float(P, "P")
-        check(tuple(P.shape) == (KVH, D, D), f"P must have shape {(KVH, D, D)}, got {tuple(P.shape)}")
-        check_last_contiguous(P, "P")
-        check(P.device == k_lr.device, f"P is on {P.device}, expected {k_lr.device}")
-        if q_rot_out is None:
-            q_rot_out = torch.empty(B, H, D, dtype=torch.float32, device=q.device)
-        else:
-            check_out(q_rot_out, "q_rot_out", (B, H, D), (torch.float32,), q.device)
+        check_basis(P, KVH, D, k_lr.device)
+        q_rot_out = rotation_out(q_rot_out, "q_rot_out", B, H, D, q.device)
     return SelectArgs(B, KVH, S, d, D, H, R, HPR, K_INT, kb, KMAX, rotate, q_rot_out)
 
 

@@ -174,7 +174,7 @@ def test_bad_inputs_are_refused_before_launch():
     # a basis for another number of KV heads, on every path (the split paths once rotated with it silently)
     for path in ("bracket", "fused", "split", "torch_topk"):
         for bad in (P[:1].contiguous(), random_orthonormal(4, D, DEV)):
-            with pytest.raises(LokiInputError, match=r"P must be \(KVH, D, D\)"):
+            with pytest.raises(LokiInputError, match=r"P must have shape \(KVH, D, D\)"):
                 loki_decode(q, bad, *cache, 3, path=path)
     # output buffers: shape, dtype, device (a short one would be written out of bounds)
     with pytest.raises(LokiInputError, match="out must have shape"):
