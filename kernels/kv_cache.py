@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (check, check_basis, check_cache, check_float, check_last_contiguous, check_lengths, check_same_device,
-                     check_slab_dtype, next_pow2, SLAB_FP8)
+from ._utils import (check, check_basis, check_cache, check_float, check_last_contiguous, check_lengths,
+                     check_same_device, check_slab_dtype, next_pow2, SLAB_FP8)
 
 
 def allocate_cache(batch: int, kv_heads: int, max_len: int, head_dim: int, d: int, dtype=torch.bfloat16,
