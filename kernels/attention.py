@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ._utils import (BRACKET_RECORD, check, check_cache, check_float, check_last_contiguous, check_lengths,
-                     check_out, default_scaling, is_interpreter, next_pow2, num_sms, pdl_available, pdl_wait,
+                     check_lengths_range, check_out, default_scaling, is_interpreter, next_pow2, num_sms, pdl_available, pdl_wait,
                      FLOAT_DTYPES, INDEX_DTYPES, LokiInputError)
 from .scores import _split_hi_lo
 
@@ -370,6 +370,8 @@ def _launch(q_rot, k_lr, k_rest, v, idx, lengths, scaling, dense: bool, num_spli
     g = H // KVH
     if dense:
         check_lengths(lengths, B, k_lr.device)
+        if strict:
+            check_lengths_range(lengths, S)
         R, HPR, n_items = KVH, g, S
     else:
         check(isinstance(idx, torch.Tensor) and idx.dtype in INDEX_DTYPES,
@@ -490,9 +492,12 @@ def sparse_decode_attention(q_rot: torch.Tensor, k_lr: torch.Tensor, k_rest: tor
 
 def dense_decode_attention(q_rot: torch.Tensor, k_lr: torch.Tensor, k_rest: torch.Tensor, v: torch.Tensor,
                            lengths: torch.Tensor, scaling: float | None = None, num_splits: int | None = None,
-                           out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
-    """Flash-decoding over all valid tokens (positions < lengths[b]) of the rotated cache; (B, H, D)."""
-    return _launch(q_rot, k_lr, k_rest, v, None, lengths, scaling, True, num_splits, out, config)
+                           out: torch.Tensor | None = None, config: dict | None = None,
+                           strict: bool = True) -> torch.Tensor:
+    """Flash-decoding over all valid tokens (positions < lengths[b]) of the rotated cache; (B, H, D).
+    strict=True (the default) reads lengths on the host (one device sync) and refuses one outside 0..S_max; pass
+    strict=False inside CUDA graphs and in decode loops (then lengths are clipped to S_max on the device)."""
+    return _launch(q_rot, k_lr, k_rest, v, None, lengths, scaling, True, num_splits, out, config, strict=strict)
 
 
 # ----------------------------------------------------------------------------------------------------------

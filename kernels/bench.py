@@ -211,7 +211,8 @@ def run_dense(B, S, rep):
     n = len(kfull)
     res = dict(batch=B, context=S)
     res["sdpa_ms"] = bench_graph(sdpa, rep=rep) / n
-    res["dense_triton_ms"] = timed(case, lambda a, b_, c: dense_decode_attention(case.q_rot, a, b_, c, L), rep)
+    res["dense_triton_ms"] = timed(
+        case, lambda a, b_, c: dense_decode_attention(case.q_rot, a, b_, c, L, strict=False), rep)
     o1 = dense_decode_attention(case.q_rot, *case.copies[0], L).float()
     o2 = dense_sdpa(q_rot_b, kfull[0], vs[0]).float()
     res["check_dense_vs_sdpa"] = ((o1 - o2).norm() / o2.norm()).item()

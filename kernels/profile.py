@@ -43,12 +43,12 @@ def run(configs, dk=DK, warmup=3):
             sl = case.slab(k_lr)
             for _ in range(warmup):
                 loki_decode(q, P, k_lr, k_rest, v, L, k, strict=False, slab=sl)
-                dense_decode_attention(q_rot, k_lr, k_rest, v, L)
+                dense_decode_attention(q_rot, k_lr, k_rest, v, L, strict=False)
             torch.cuda.synchronize()
             print(f"point B={B} S={S} d={d} k={k}: loki step, then dense", file=sys.stderr)
             cudart.cudaProfilerStart()
             loki_decode(q, P, k_lr, k_rest, v, L, k, strict=False, slab=sl)
-            dense_decode_attention(q_rot, k_lr, k_rest, v, L)
+            dense_decode_attention(q_rot, k_lr, k_rest, v, L, strict=False)
             torch.cuda.synchronize()
             cudart.cudaProfilerStop()
             del case, k_lr, k_rest, v

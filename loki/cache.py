@@ -408,7 +408,8 @@ def kernel_decode(method: "CachedLoki", layer: LokiLayer, q: torch.Tensor, scali
     q = q.contiguous()
     if dense:
         q_rot = K.rotate_q(q, layer.P)
-        return K.dense_decode_attention(q_rot, layer.k_lr, layer.k_rest, layer.v, layer.lengths, scaling=scaling)
+        return K.dense_decode_attention(q_rot, layer.k_lr, layer.k_rest, layer.v, layer.lengths, scaling=scaling,
+                                        strict=False)
     B, H, _ = q.shape
     g = H // layer.kv_heads
     mode = "group" if method.selection == "group" and g > 1 else "head"

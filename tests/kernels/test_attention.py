@@ -222,3 +222,17 @@ def test_sparse_attention_refuses_positions_outside_the_cache_or_repeated():
     ref = sparse_attention_ref(q.cpu(), k_lr.cpu(), k_rest.cpu(), v.cpu(), rep.cpu())  # (the reference counts it twice)
     assert rel_err(twice, ref) <= TOL[torch.float32]
     assert rel_err(twice, ok) > 1e-3  # the repeat really changed the output
+
+
+def test_dense_attention_refuses_lengths_outside_the_cache():
+    """strict=True (the default) reads lengths on the host and refuses one above S_max or below 0; strict=False (CUDA
+    graphs, decode loops) clips a length to S_max on the device: the same output as the full cache."""
+    B, KVH, S, D, d = 2, 2, 16, 64, 16
+    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.float32, DEV, lengths=[16, 9])
+    q = torch.randn(B, 4, D, device=DEV)
+    for bad in ([17, 9], [16, -1]):
+        with pytest.raises(LokiInputError, match="lengths"):
+            dense_decode_attention(q, k_lr, k_rest, v, torch.tensor(bad, dtype=lengths.dtype, device=DEV))
+    over = torch.tensor([40, 9], dtype=lengths.dtype, device=DEV)
+    assert torch.equal(dense_decode_attention(q, k_lr, k_rest, v, over, strict=False),
+                       dense_decode_attention(q, k_lr, k_rest, v, lengths))
