@@ -164,9 +164,9 @@ def run_case(B, S, dfrac, kfrac, rep, stage_times=True):
     res["check_fused_vs_split"] = ((o_f.float() - o_s.float()).norm() / o_s.float().norm()).item()
     res["check_fused_vs_naive"] = ((o_f.float() - o_n.float()).norm() / o_n.float().norm()).item()
     if stage_times:
-        scores = loki_scores(q_rot, sc(k_lr), L, d=d)
+        scores = loki_scores(q_rot, sc(k_lr), L, d=d, strict=False)
         res["rotate_ms"] = bench_graph(lambda: rotate_q(q, P), rep=rep)
-        res["scores_ms"] = timed(case, lambda a, b_, c: loki_scores(q_rot, sc(a), L, d=d), rep)
+        res["scores_ms"] = timed(case, lambda a, b_, c: loki_scores(q_rot, sc(a), L, d=d, strict=False), rep)
         res["topk_triton_ms"] = bench_graph(lambda: topk_select(scores, L, k, strict=False), rep=rep)
         res["topk_torch_ms"] = bench_graph(lambda: torch.topk(scores, k, dim=-1, sorted=False), rep=rep)
         res["select_fused_ms"] = timed(case, lambda a, b_, c: loki_select(q, sc(a), L, k, P=P, strict=False), rep)
@@ -235,7 +235,7 @@ def tune(rep, log, light=False, context=16384):
         d, k = D // dfrac, S // kfrac
         case = Case(B, S, d, 1, layout="split")
         k_lr, k_rest, v = case.copies[0]
-        scores = loki_scores(case.q_rot, k_lr, case.lengths, d=d)
+        scores = loki_scores(case.q_rot, k_lr, case.lengths, d=d, strict=False)
         idx = topk_select(scores, case.lengths, k, strict=False)
         cases.append(dict(case=case, d=d, k=k, scores=scores, idx=idx))
     out = {}
@@ -338,7 +338,7 @@ def tune(rep, log, light=False, context=16384):
 
     def sc(c, cs_):
         cc = cs_["case"]
-        return lambda: loki_scores(cc.q_rot, cc.copies[0][0], cc.lengths, d=cs_["d"], config=c)
+        return lambda: loki_scores(cc.q_rot, cc.copies[0][0], cc.lengths, d=cs_["d"], config=c, strict=False)
     sweep_per_d("scores", [dict(block_n=bn, tiles=t, num_warps=4) for bn in (128, 256, 512) for t in (2, 4, 8)], sc,
                 scores_mod.SCORES_CONFIG)
     del cases

@@ -143,7 +143,7 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
                                  strict=False, k_max=k_max)
     else:
         q_rot = rotate_q(q, P)
-        scores = loki_scores(q_rot, k_sc, lengths, d=d, mode=mode, reduce=reduce, scaling=scaling)
+        scores = loki_scores(q_rot, k_sc, lengths, d=d, mode=mode, reduce=reduce, scaling=scaling, strict=False)
         if path == "split":
             idx = topk_select(scores, lengths, k_budget, strict=False, k_max=k_max)
         else:

@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (check, check_basis, check_float, check_last_contiguous, check_lengths, check_out,
-                     check_slab_dtype, default_scaling, is_interpreter, next_pow2, pdl_trigger, rotation_out)
+from ._utils import (check, check_basis, check_float, check_last_contiguous, check_lengths, check_lengths_range,
+                     check_out, check_slab_dtype, default_scaling, is_interpreter, next_pow2, pdl_trigger, rotation_out)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -283,7 +283,7 @@ def _mode_params(mode: str, reduce: str, H: int, KVH: int):
 def loki_scores(q_rot: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tensor, d: int | None = None,
                 mode: str = "group", reduce: str = "max", scaling: float | None = None, head_dim: int | None = None,
                 out: torch.Tensor | None = None, config: dict | None = None, P: torch.Tensor | None = None,
-                q_rot_out: torch.Tensor | None = None) -> torch.Tensor:
+                q_rot_out: torch.Tensor | None = None, strict: bool = True) -> torch.Tensor:
     """Approximate Loki scores.
 
     q_rot: (B, H, D') rotated queries (any float dtype; only the first d dims are read, D' >= d).
@@ -294,6 +294,8 @@ def loki_scores(q_rot: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tensor, 
     k_lr: (B, KVH, S_max, d) low-rank key slab.  lengths: (B,) int.  d: must equal k_lr.shape[-1] if given.
     scaling: defaults to 1/sqrt(head_dim) with head_dim = q_rot.shape[-1] unless given.
     Returns fp32 scores (B, KVH, S_max) for mode="group" or (B, H, S_max) for mode="head", -inf beyond lengths.
+    strict=True (the default) reads lengths on the host (one device sync) and refuses one outside 0..S_max; pass
+    strict=False inside CUDA graphs and in decode loops (then lengths are clipped to S_max on the device).
     """
     check_slab_dtype(k_lr, "k_lr")
     check(k_lr.dim() == 4, f"k_lr must be (B, KVH, S_max, d), got {tuple(k_lr.shape)}")
@@ -309,6 +311,8 @@ def loki_scores(q_rot: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tensor, 
     H = q_rot.shape[1]
     check(H % KVH == 0, f"H={H} must be a multiple of KVH={KVH}")
     check_lengths(lengths, B, k_lr.device)
+    if strict:
+        check_lengths_range(lengths, S)
     R, HPR = _mode_params(mode, reduce, H, KVH)
     scale = default_scaling(head_dim if head_dim is not None else q_rot.shape[2], scaling)
     Dq = q_rot.shape[2]

@@ -163,5 +163,9 @@ def test_select_bad_inputs():
         loki_scores(q, k_lr, lengths, reduce="mean")
     with pytest.raises(LokiInputError, match="lengths"):
         loki_scores(q, k_lr, lengths[:1])
+    with pytest.raises(LokiInputError, match=f"lengths exceed S_max={S}"):  # strict=True, the default
+        loki_scores(q, k_lr, lengths + S)
+    clipped = loki_scores(q, k_lr, torch.full_like(lengths, S + 7), strict=False)  # clipped to S_max on the device
+    assert torch.equal(clipped, loki_scores(q, k_lr, torch.full_like(lengths, S)))
     with pytest.raises(LokiInputError, match="P must have shape"):
         loki_select(q, k_lr, lengths, 2, P=random_orthonormal(KVH, 32, DEV))
