@@ -28,8 +28,8 @@ import triton
 import triton.language as tl
 
 from ._utils import (BRACKET_RECORD, check, check_cache, check_float, check_last_contiguous, check_lengths,
-                     check_lengths_range, check_out, default_scaling, is_interpreter, next_pow2, num_sms, pdl_available, pdl_wait,
-                     FLOAT_DTYPES, INDEX_DTYPES, LokiInputError)
+                     check_lengths_range, check_out, default_scaling, is_interpreter, next_pow2, num_sms,
+                     pdl_available, pdl_wait, FLOAT_DTYPES, INDEX_DTYPES, LokiInputError)
 from .scores import _split_hi_lo
 
 LOG2E = 1.4426950408889634
