@@ -3,7 +3,9 @@
 Keys per layer and KV head, pre- and post-RoPE, in fixed-size shards (``shard_00000.safetensors``:
 tensors ``pre`` / ``post`` of shape (layers, kv_heads, tokens, head_dim)) with a ``manifest.json``.
 Memory is bounded by one shard whatever the token count. Each shard is written under a temporary name
-and renamed when complete; an interrupted run resumes after the last complete shard.
+and renamed when complete, then listed in ``progress.json``; an interrupted run resumes after the last complete
+shard. ``manifest.json`` (the stage's output for Snakemake) is written once, when every shard is done: Snakemake
+deletes a failed job's declared outputs, so the progress must live in a file it does not know about.
 
     python -m loki.extract_keys model=smollm2-135m corpus@calib=lee_news extract.num_tokens=16384
 """
@@ -46,6 +48,24 @@ def _same_job(a: dict, b: dict) -> bool:
         and a["model"].get("name") == b["model"].get("name") and a["corpus"].get("name") == b["corpus"].get("name")
 
 
+# positive whole numbers, with the value to suggest (conf/extract/default.yaml)
+_COUNTS = {"num_tokens": 16384, "seq_len": 1024, "shard_tokens": 8192, "batch_size": 1}
+
+
+def check_settings(ex) -> None:
+    """Refuse extraction settings that would crash (a division by zero) or silently do nothing, before any work."""
+    for key, example in _COUNTS.items():
+        v = ex.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v).is_integer() or v < 1:
+            raise fail(f"extract.{key} must be a positive whole number, got {v!r}.", f"e.g. extract.{key}={example}.")
+    sides = list(ex.sides) if ex.get("sides") is not None else []
+    if not sides or any(s not in ("pre", "post") for s in sides):
+        raise fail(f"extract.sides must be a non-empty subset of [pre, post], got {sides}.", "e.g. extract.sides=[pre,post].")
+    if int(ex.shard_tokens) % int(ex.seq_len):
+        raise fail(f"extract.shard_tokens={ex.shard_tokens} is not a multiple of extract.seq_len={ex.seq_len}.",
+                   "pick shard_tokens = n * seq_len so shards hold whole sequences.")
+
+
 def extract(cfg, out_dir: Path, progress: bool = True) -> dict:
     from tqdm import tqdm
 
@@ -56,13 +76,9 @@ def extract(cfg, out_dir: Path, progress: bool = True) -> dict:
     from loki.modeling import fingerprint, load_model, load_tokenizer, max_positions, torch_dtype
 
     ex = cfg.extract
+    check_settings(ex)
     seq_len, shard_tokens = int(ex.seq_len), int(ex.shard_tokens)
     sides = tuple(ex.sides)
-    if not sides or any(s not in ("pre", "post") for s in sides):
-        raise fail(f"extract.sides must be a non-empty subset of [pre, post], got {list(sides)}.", "e.g. extract.sides=[pre,post].")
-    if shard_tokens % seq_len:
-        raise fail(f"extract.shard_tokens={shard_tokens} is not a multiple of extract.seq_len={seq_len}.",
-                   "pick shard_tokens = n * seq_len so shards hold whole sequences.")
     device = resolve_device(cfg.device)
     model = load_model(cfg.model, device=device, attn_implementation="sdpa")
     fp = fingerprint(model, cfg.model.name)
@@ -77,31 +93,39 @@ def extract(cfg, out_dir: Path, progress: bool = True) -> dict:
         print(f"[extract_keys] corpus '{cfg.calib.name}' gives {total} tokens (< {ex.num_tokens} asked): using all of them")
 
     want = expected_manifest(cfg, model, fp, total)
-    man_path = out_dir / "manifest.json"
+    man_path, prog_path = out_dir / "manifest.json", out_dir / "progress.json"
     manifest = want
-    if man_path.exists():
-        old = read_json(man_path, "key manifest")
-        if _same_job(old, want):
-            manifest = old
-            good = _valid_prefix(out_dir, manifest["shards"], shard_tokens, total)
-            if good < len(manifest["shards"]):  # a shard missing, corrupt, truncated or out of order
-                bad = manifest["shards"][good]["file"]
-                print(f"[extract_keys] {out_dir / bad} is missing, corrupt or out of order: re-extracting it and the "
-                      f"{len(manifest['shards']) - good - 1} shard(s) after it")
-                for sh in manifest["shards"][good:]:
-                    (out_dir / sh["file"]).unlink(missing_ok=True)
-                manifest["shards"] = manifest["shards"][:good]
-                manifest["complete"] = False
-                write_json(man_path, manifest)
-            if manifest.get("complete") and sum(sh["tokens"] for sh in manifest["shards"]) != manifest["num_tokens"]:
-                manifest["complete"] = False  # (shards dropped from the manifest by hand)
-            if manifest.get("complete"):
-                print(f"[extract_keys] {out_dir} is complete ({manifest['num_tokens']} tokens); nothing to do")
-                return manifest
-            print(f"[extract_keys] resuming after {len(manifest['shards'])} complete shard(s)")
-        else:
-            raise fail(f"{man_path} was written for another extraction (model, corpus, lengths or sides differ).",
+    # resume from the complete manifest (a rerun with a shard damaged since), else from progress.json (an incomplete
+    # manifest.json is an older version's progress file)
+    state = man_path if man_path.exists() else prog_path if prog_path.exists() else None
+    if state is not None:
+        old = read_json(state, "key manifest")
+        if not _same_job(old, want):
+            raise fail(f"{state} was written for another extraction (model, corpus, lengths or sides differ).",
                        f"delete {out_dir} or choose another keys_dir.")
+        manifest = old
+        good = _valid_prefix(out_dir, manifest["shards"], shard_tokens, total)
+        if good < len(manifest["shards"]):  # a shard missing, corrupt, truncated or out of order
+            bad = manifest["shards"][good]["file"]
+            print(f"[extract_keys] {out_dir / bad} is missing, corrupt or out of order: re-extracting it and the "
+                  f"{len(manifest['shards']) - good - 1} shard(s) after it")
+            for sh in manifest["shards"][good:]:
+                (out_dir / sh["file"]).unlink(missing_ok=True)
+            manifest["shards"] = manifest["shards"][:good]
+            manifest["complete"] = False
+        if manifest.get("complete") and sum(sh["tokens"] for sh in manifest["shards"]) != manifest["num_tokens"]:
+            manifest["complete"] = False  # (shards dropped from the manifest by hand)
+        if manifest.get("complete"):
+            prog_path.unlink(missing_ok=True)  # (killed between writing the manifest and removing it)
+            print(f"[extract_keys] {out_dir} is complete ({manifest['num_tokens']} tokens); nothing to do")
+            return manifest
+        # from here on the state is in progress.json alone: no manifest.json until every shard is in place
+        write_json(prog_path, manifest)
+        man_path.unlink(missing_ok=True)
+        print(f"[extract_keys] resuming after {len(manifest['shards'])} complete shard(s)")
+    elif out_dir.exists():
+        for p in out_dir.glob("shard_*.safetensors"):  # an earlier extraction's (Snakemake removed its manifest)
+            p.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
 
     capture = KeyCapture(sides)
@@ -126,7 +150,7 @@ def extract(cfg, out_dir: Path, progress: bool = True) -> dict:
             # one metadata key: safetensors writes several in random order (non-reproducible bytes)
             save_file(tensors, str(tmp), metadata={"loki": json.dumps({"format": FORMAT, "model": fp["name"], "index": i})})
         manifest["shards"].append({"file": name, "tokens": n, "sha256": sha256_file(out_dir / name)})
-        write_json(man_path, manifest)
+        write_json(prog_path, manifest)
         for s in sides:
             buf[s].clear()
 
@@ -153,6 +177,7 @@ def extract(cfg, out_dir: Path, progress: bool = True) -> dict:
     manifest["complete"] = True
     manifest["seconds"] = round(time.time() - t0, 2)
     write_json(man_path, manifest)
+    prog_path.unlink(missing_ok=True)
     return manifest
 
 
@@ -179,6 +204,9 @@ def verify_shards(keys_dir: Path, model_info: dict | None = None, check_hash: bo
 
     keys_dir = Path(keys_dir)
     man_path = keys_dir / "manifest.json"
+    if not man_path.exists() and (keys_dir / "progress.json").exists():
+        raise fail(f"key extraction in {keys_dir} is incomplete (progress.json, no manifest.json).",
+                   "rerun extract_keys with the same settings: it resumes after the last complete shard.")
     if not man_path.exists():
         raise fail(f"no key manifest at {man_path}.", "run extract_keys first (or set keys_dir).")
     man = read_json(man_path, "key manifest")
@@ -224,6 +252,7 @@ def main(cfg) -> None:
     from loki.tracking import wandb_run
 
     out_dir = Path(cfg.keys_dir)
+    check_settings(cfg.extract)  # before the W&B run: bad settings write nothing
     with wandb_run(cfg, "extract_keys", name=f"extract_keys-{cfg.model.name}-{cfg.calib.name}") as run:
         man = extract(cfg, out_dir)
         if run is not None:

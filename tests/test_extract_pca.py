@@ -80,14 +80,17 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, tiny_model_dir
     part = tmp_path / "part"
     with pytest.raises(KeyboardInterrupt):
         extract(extract_cfg(tiny_model_dir, text_file, part, stop_after_shards=1), part, progress=False)
-    man = json.loads((part / "manifest.json").read_text())
+    # the progress is in progress.json; manifest.json (Snakemake's output, deleted when a job fails) only once complete
+    assert not (part / "manifest.json").exists()
+    man = json.loads((part / "progress.json").read_text())
     assert len(man["shards"]) == 1 and not man["complete"]
     first = _stamp(part / "shard_00000.safetensors")
     assert not list(part.glob(".*tmp")), "no half-written files left"
     extract(extract_cfg(tiny_model_dir, text_file, part), part, progress=False)
     assert _stamp(part / "shard_00000.safetensors") == first, "complete shard was redone"
+    assert not (part / "progress.json").exists()
     m1, m2 = json.loads((full / "manifest.json").read_text()), json.loads((part / "manifest.json").read_text())
-    assert [s["sha256"] for s in m1["shards"]] == [s["sha256"] for s in m2["shards"]]
+    assert {**m1, "seconds": 0} == {**m2, "seconds": 0}
     for side in ("pre", "post"):
         for a, b in zip(iter_shards(full, m1, side), iter_shards(part, m2, side)):
             assert torch.equal(a, b)
@@ -116,14 +119,28 @@ def test_kill_midway_and_rerun_subprocess(tmp_path, tiny_model_dir, text_file):
           "extract.seq_len=64", "extract.shard_tokens=128", f"hydra.run.dir={tmp_path / 'h'}", "device=cpu"]
     res = run_py(["-m", "loki.extract_keys", *ov, "extract.stop_after_shards=1"], check=False)
     assert res.returncode != 0
-    man = json.loads((tmp_path / "k" / "manifest.json").read_text())  # it died after writing shard 0, not at start
+    man = json.loads((tmp_path / "k" / "progress.json").read_text())  # it died after writing shard 0, not at start
     assert not man["complete"] and len(man["shards"]) == 1, (res.stderr[-2000:], man)
+    assert not (tmp_path / "k" / "manifest.json").exists()  # what Snakemake would delete holds no progress
     shard0 = tmp_path / "k" / "shard_00000.safetensors"
     stamp = _stamp(shard0)
-    run_py(["-m", "loki.extract_keys", *ov])
+    res = run_py(["-m", "loki.extract_keys", *ov])
+    assert "resuming after 1 complete shard(s)" in res.stdout, res.stdout[-2000:]
     man = json.loads((tmp_path / "k" / "manifest.json").read_text())
     assert man["complete"] and len(man["shards"]) == 2
     assert _stamp(shard0) == stamp  # resumed: shard 0 kept, not written again
+    assert not (tmp_path / "k" / "progress.json").exists()
+    # a truncated last shard (killed while the file system was writing it) is not trusted: re-extracted
+    prog = {**man, "complete": False}
+    (tmp_path / "k" / "manifest.json").unlink()
+    (tmp_path / "k" / "progress.json").write_text(json.dumps(prog))
+    shard1 = tmp_path / "k" / "shard_00001.safetensors"
+    good1 = shard1.read_bytes()
+    shard1.write_bytes(good1[: len(good1) // 2])
+    res = run_py(["-m", "loki.extract_keys", *ov])
+    assert "shard_00001.safetensors is missing, corrupt" in res.stdout and "resuming after 1 complete" in res.stdout
+    again = json.loads((tmp_path / "k" / "manifest.json").read_text())
+    assert shard1.read_bytes() == good1 and {**again, "seconds": 0} == {**man, "seconds": 0}
 
 
 def test_corrupt_shard_and_wrong_model_are_named(tmp_path, tiny_model_dir, text_file):
@@ -168,6 +185,29 @@ def test_extract_bad_inputs(tmp_path, tiny_model_dir, text_file):
         extract(extract_cfg(tiny_model_dir, text_file, tmp_path / "b", seq_len=1024, shard_tokens=1024), tmp_path / "b",
                 progress=False)
     assert not (tmp_path / "a" / "manifest.json").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("key,value", [("seq_len", 0), ("shard_tokens", 0), ("batch_size", 0), ("num_tokens", -5),
+                                       ("seq_len", 1.5), ("num_tokens", "null")])
+def test_extract_bad_counts_are_named(tmp_path, tiny_model_dir, text_file, key, value):
+    """Counts that once crashed (ZeroDivisionError, a RuntimeError from torch) or ran silently (num_tokens=-5):
+    one message naming the key, before the model is loaded, nothing written."""
+    from loki.extract_keys import extract
+
+    keys = tmp_path / "keys"
+    with pytest.raises(LokiError, match=rf"(?s)extract\.{key} must be a positive whole number.*How to fix: e\.g\. "
+                                        rf"extract\.{key}=\d+"):
+        extract(extract_cfg(tiny_model_dir, text_file, keys, **{key: value}), keys, progress=False)
+    assert not keys.exists()
+
+
+def test_extract_bad_count_cli_exit_code(tmp_path, tiny_model_dir, text_file):
+    ov = [f"model.path={tiny_model_dir}", "model.name=tiny", "model.source=null", f"calib.path={text_file}",
+          "calib.name=text", "calib.source=null", f"keys_dir={tmp_path / 'k'}", f"hydra.run.dir={tmp_path / 'h'}",
+          "device=cpu", "extract.seq_len=0"]
+    res = run_py(["-m", "loki.extract_keys", *ov], check=False)
+    assert res.returncode == 2 and "extract.seq_len must be a positive whole number" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and not (tmp_path / "k").exists()
 
 
 def test_incremental_pca_matches_full_pca():
