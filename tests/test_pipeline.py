@@ -100,3 +100,111 @@ def test_smoke_dag_end_to_end(smoke_repo):
             "method.k=0.25", "threads=1", f"hydra.sweep.dir={sweep}"], cwd=smoke_repo, env={"WANDB_MODE": "disabled"})
     m2 = json.loads(next(sweep.glob("*/metrics.json")).read_text())
     assert m2["ppl"] == m["ppl"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dry runs on a copy of the workflow and its config (no job runs)
+
+
+def _dag_copy(tmp_path):
+    dst = tmp_path / "repo"
+    dst.mkdir()
+    for name in ("Snakefile", "workflow", "conf", "environment.yml"):
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst / name)
+    return dst
+
+
+def _smk(repo, *args):
+    res = run_py([*SNAKEMAKE, *args], cwd=repo, check=False)
+    assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
+    return res.stdout + res.stderr
+
+
+def _job_counts(out):
+    """{rule: count} from a dry run's 'Job stats' table ({} when there is nothing to do)."""
+    import re
+
+    if "Job stats:" not in out:
+        return {}
+    table = out.split("Job stats:")[1].split("\n\n")[0]
+    return {rule: int(n) for rule, n in re.findall(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+def _sweep(repo, grid, transfer=()):
+    import yaml
+
+    cfg = {"experiment": "smoke", "model": "smollm2-135m", "calib_corpus": "lee_news", "eval_corpus": "enwiki_sample",
+           "transfer_corpora": list(transfer), "grid": grid}
+    path = repo / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return ["--configfile", str(path)]
+
+
+def test_config_edit_reruns_the_jobs_that_read_it(tmp_path):
+    """The rules pass `experiment=<name>`, not the config, so an edit under conf/ once left `snakemake -n` at "Nothing
+    to be done". Each job's params now hash the config its stage reads: an edit reruns those jobs and what depends
+    on them, and nothing else."""
+    repo = _dag_copy(tmp_path)
+    sweep = ["--configfile", "conf/sweep/smoke.yaml"]
+    for line in _smk(repo, "--summary", *sweep).splitlines()[1:]:  # every output in place...
+        f = repo / line.split("\t")[0]
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.mkdir() if f.parent.name == "report" else f.touch()
+    _smk(repo, "--touch", "--forceall", "--cores", "1", *sweep)  # ...recorded as made with this config
+    assert _job_counts(_smk(repo, "-n", *sweep)) == {}
+
+    exp = repo / "conf" / "experiment" / "smoke.yaml"
+    text = exp.read_text()
+    exp.write_text(text.replace("num_windows: 2", "num_windows: 3"))  # an eval setting: the evaluations only
+    assert _job_counts(_smk(repo, "-n", *sweep)) == {"evaluate": 6, "report": 1, "all": 1, "total": 8}
+    # an extraction setting: both corpora's keys and PCA, the transfer matrix, the Loki points (dense and exact_topk
+    # read no basis)
+    exp.write_text(text.replace("num_tokens: 1024", "num_tokens: 2048"))
+    assert _job_counts(_smk(repo, "-n", *sweep)) == {"extract_keys": 2, "fit_pca": 2, "transfer": 1, "evaluate": 4,
+                                                     "report": 1, "all": 1, "total": 11}
+    exp.write_text(text + "# a comment\n")
+    loki = repo / "conf" / "method" / "loki.yaml"
+    loki_text = loki.read_text()
+    loki.write_text(loki_text.replace("sink_tokens: 0", "sink_tokens: 1"))  # a method's default: its points only
+    assert _job_counts(_smk(repo, "-n", *sweep)) == {"evaluate": 4, "report": 1, "all": 1, "total": 6}
+    loki.write_text(loki_text)
+    # what never changes a result: comments (above), W&B, the hydra run dir
+    main = repo / "conf" / "config.yaml"
+    main.write_text(main.read_text().replace("mode: offline", "mode: disabled").replace("outputs/${experiment_name}",
+                                                                                       "elsewhere/${experiment_name}"))
+    assert _job_counts(_smk(repo, "-n", *sweep)) == {}
+
+
+def test_grid_values_reach_hydra_as_typed(tmp_path):
+    """A grid's null once reached Hydra as `None` (a string); lists, floats and booleans in Hydra's own syntax."""
+    from loki.common import compose_config
+
+    repo = _dag_copy(tmp_path)
+    grid = {"loki": [{"d": 8, "d_variance": None, "k": 0.125, "sparse_prefill": False, "dense_layers": [[0, 1]]}]}
+    out = _smk(repo, "-n", "-p", *_sweep(repo, grid))
+    cmd = next(line for line in out.splitlines() if "-m loki.evaluate" in line)
+    assert "method.d_variance=null" in cmd and "'method.dense_layers=[0,1]'" in cmd, cmd
+    import shlex
+
+    args = shlex.split(cmd.split("-m loki.evaluate", 1)[1].split(">")[0])
+    method = compose_config([a for a in args if not a.startswith(("hydra.", "threads="))]).method
+    assert (method.d, method.d_variance, method.k, method.sparse_prefill) == (8, None, 0.125, False)
+    assert list(method.dense_layers) == [0, 1]
+
+
+def test_baselines_alone_need_no_keys_nor_pca(tmp_path):
+    """Only methods that read the basis (loki, loki_h2o, pca_attn with basis=offline) wait for extract_keys and
+    fit_pca; a grid of baselines (and Loki's online basis) schedules neither."""
+    repo = _dag_copy(tmp_path)
+    grid = {"dense": [{}], "h2o": [{"k": 0.25}], "sparq": [{"k": 0.25}], "quest": [{"k": 0.25}],
+            "exact_topk": [{"k": 0.25}], "loki": [{"d": 8, "basis": "online"}]}
+    jobs = _job_counts(_smk(repo, "-n", *_sweep(repo, grid)))
+    assert jobs["evaluate"] == 6 and "extract_keys" not in jobs and "fit_pca" not in jobs, jobs
+    grid["pca_attn"] = [{"d": 8}]
+    jobs = _job_counts(_smk(repo, "-n", *_sweep(repo, grid)))
+    assert jobs["evaluate"] == 7 and jobs["extract_keys"] == 1 and jobs["fit_pca"] == 1, jobs
+

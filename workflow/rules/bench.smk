@@ -20,6 +20,7 @@ rule bench_decode:
         py=PY,
         hydra_common=HYDRA_COMMON,
         bench=f"bench={BENCH}",
+        cfg=lambda wc: config_hash("bench_decode", HYDRA_COMMON.split() + [f"bench={BENCH}"]),
         run_dir=lambda wildcards, output: os.path.join(os.path.dirname(output[0]), "run"),
     conda:
         "../../environment.yml"

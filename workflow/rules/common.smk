@@ -1,6 +1,11 @@
+import copy
+import functools
+import hashlib
 import itertools
+import json
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -54,7 +59,16 @@ HYDRA_COMMON = f"experiment={EXP} model={MODEL} corpus@calib={CALIB} corpus@data
 
 
 def _fmt(v):
-    return str(v).lower() if isinstance(v, bool) else str(v)
+    """A grid value as Hydra's override grammar reads it (None -> null: Hydra reads `None` as a string)."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_fmt(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ",".join(f"{k}:{_fmt(x)}" for k, x in v.items()) + "}"
+    return str(v)
 
 
 def grid_points():
@@ -91,9 +105,96 @@ EVALS = sorted({ev for ev, _ in POINTS})
 TAGS = sorted({tag for _, tag in POINTS})
 
 
+def point_groups(ev, tag):
+    method, _ = POINTS[(ev, tag)]
+    return [f"eval={ev}", f"method={method}"]
+
+
+def point_options(ev, tag):
+    """The `method.<option>=<value>` overrides of a grid point."""
+    _, opts = POINTS[(ev, tag)]
+    return [f"method.{k}={_fmt(v)}" for k, v in opts.items()]
+
+
 def point_overrides(wildcards):
-    method, opts = POINTS[(wildcards.eval, wildcards.tag)]
-    return " ".join([f"eval={wildcards.eval}", f"method={method}"] + [f"method.{k}={_fmt(v)}" for k, v in opts.items()])
+    # quoted: a list value ([0,1]) is a shell glob, a string may hold a space
+    ev, tag = wildcards.eval, wildcards.tag
+    return " ".join(shlex.quote(o) for o in point_groups(ev, tag) + point_options(ev, tag))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rerun on config edits. The rules pass `experiment=<name>` and a few overrides, so an edit under conf/ changes no
+# file Snakemake knows about. Each job's params therefore carry `cfg`, a hash of the config its stage reads, composed
+# by Hydra with the rule's overrides: Snakemake reruns a job whose params changed (rerun trigger `params`, on by
+# default), and its dependents through their inputs. The shared keys (model, device, seed, paths, and any new
+# top-level key) count for every stage; a stage's own sections only for the stages that read them (loki/<stage>.py),
+# so an eval edit reruns evaluations, not extraction. Never hashed: where a job logs, its threads, W&B.
+STAGE_SECTIONS = {
+    "extract_keys": ["calib", "extract"],
+    "fit_pca": ["calib", "pca"],
+    "transfer": ["transfer"],
+    "evaluate": ["data", "method", "eval"],
+    "report": ["calib", "data", "report"],
+    "bench_decode": ["method", "bench"],
+}
+_OWN_SECTIONS = {s for sections in STAGE_SECTIONS.values() for s in sections}
+_NOT_HASHED = {"hydra", "threads", "wandb", "prepare_target"}
+
+
+@functools.cache
+def _compose(overrides):
+    """Hydra's config for a tuple of overrides, once per distinct tuple (~0.1 s each)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF.resolve()), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@functools.cache
+def job_config(overrides, options=()):
+    """The resolved config (a dict) of a job: `overrides` (groups and experiment) composed once and cached; the
+    point's `options` (key=value) applied to a copy as Hydra applies value overrides, so 100 grid points of a few
+    methods compose a few times, not 100."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    cfg = _compose(tuple(overrides))
+    if options:
+        cfg = copy.deepcopy(cfg)
+        for o in OverridesParser.create().parse_overrides(list(options)):
+            OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def config_hash(stage, overrides, options=()):
+    cfg = job_config(tuple(overrides), tuple(options))
+    used = {k: v for k, v in cfg.items()
+            if k not in _NOT_HASHED and (k not in _OWN_SECTIONS or k in STAGE_SECTIONS[stage])}
+    return hashlib.sha256(json.dumps(used, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_overrides(model, calib):
+    return [f"experiment={EXP}", f"model={model}", f"corpus@calib={calib}"]
+
+
+def point_config(ev, tag):
+    return job_config(tuple(HYDRA_COMMON.split() + point_groups(ev, tag)), tuple(point_options(ev, tag)))
+
+
+def point_hash(wildcards):
+    ev, tag = wildcards.eval, wildcards.tag
+    return config_hash("evaluate", HYDRA_COMMON.split() + point_groups(ev, tag), point_options(ev, tag))
+
+
+def needs_basis(ev, tag):
+    """Whether a point's method reads the PCA file (pca_path): loki, loki_h2o and pca_attn with `basis: offline`;
+    the baselines and `basis: online` do not, so a grid of them alone needs no key extraction nor PCA fit."""
+    method = point_config(ev, tag)["method"]
+    return "basis" in method and method["basis"] != "online"
+
+
+def point_pca(wildcards):
+    return [f"{PCA}/pca.safetensors"] if needs_basis(wildcards.eval, wildcards.tag) else []
 
 
 def all_metrics():
@@ -112,7 +213,10 @@ def resource_for_model(name):
 
 
 def final_targets():
-    out = [f"{RES}/summary.csv", f"{RES}/heatmap.png", f"{PCA}/rank.csv"]
+    out = [f"{RES}/summary.csv", f"{RES}/heatmap.png"]
+    # the key-rank analysis comes with the PCA fit: where a grid point needs the basis, or the transfer matrix fits it
+    if any(needs_basis(ev, tag) for ev, tag in sorted(POINTS)) or (len(TRANSFER_CORPORA) >= 2 and CALIB in TRANSFER_CORPORA):
+        out.append(f"{PCA}/rank.csv")
     if len(TRANSFER_CORPORA) >= 2:
         out.append(f"{RES}/transfer/transfer.csv")
     return out

@@ -3,7 +3,7 @@ rule evaluate:
     input:
         resource_for_model(MODEL),
         resource_for_corpus(DATA),
-        pca=f"{PCA}/pca.safetensors",
+        pca=point_pca,  # only methods that read the basis (needs_basis): baselines need no extraction nor fit
     output:
         f"{RES}/evaluate/{{eval}}/{{tag}}/metrics.json",
     log:
@@ -13,6 +13,7 @@ rule evaluate:
         hydra_common=HYDRA_COMMON,
         run_dir=lambda wildcards, output: os.path.dirname(output[0]),
         point=point_overrides,
+        cfg=point_hash,
     wildcard_constraints:
         eval="|".join(EVALS),
         tag="|".join(re.escape(t) for t in TAGS),

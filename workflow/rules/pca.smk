@@ -1,5 +1,8 @@
 rule extract_keys:
-    """Keys per layer and KV head, pre- and post-RoPE, as safetensors shards + manifest."""
+    """Keys per layer and KV head, pre- and post-RoPE, as safetensors shards + manifest.
+
+    Resumable: the shards done so far are listed in progress.json, not an output (Snakemake deletes a failed job's
+    outputs); manifest.json is written once every shard is in place."""
     input:
         lambda wc: resource_for_model(wc.model) + resource_for_corpus(wc.calib),
     output:
@@ -8,6 +11,7 @@ rule extract_keys:
         py=PY,
         exp=EXP,
         run_dir=lambda wc: f"{LOGS}/hydra/extract_keys/{wc.model}/{wc.calib}",
+        cfg=lambda wc: config_hash("extract_keys", stage_overrides(wc.model, wc.calib)),
     log:
         f"{LOGS}/extract_keys/{{model}}/{{calib}}.log",
     conda:
@@ -33,6 +37,7 @@ rule fit_pca:
         py=PY,
         exp=EXP,
         run_dir=lambda wc: f"{LOGS}/hydra/fit_pca/{wc.model}/{wc.calib}",
+        cfg=lambda wc: config_hash("fit_pca", stage_overrides(wc.model, wc.calib)),
     log:
         f"{LOGS}/fit_pca/{{model}}/{{calib}}.log",
     conda:
@@ -58,6 +63,8 @@ rule transfer:
         model=MODEL,
         corpora=",".join(TRANSFER_CORPORA),
         run_dir=f"{LOGS}/hydra/transfer",
+        cfg=lambda wc: config_hash("transfer", [f"experiment={EXP}", f"model={MODEL}",
+                                                f"transfer.corpora=[{','.join(TRANSFER_CORPORA)}]"]),
     log:
         f"{LOGS}/transfer.log",
     conda:

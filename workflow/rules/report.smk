@@ -81,6 +81,7 @@ rule report:
         model=MODEL,
         calib=CALIB,
         data=DATA,
+        cfg=lambda wc: config_hash("report", HYDRA_COMMON.split()),
     log:
         f"{LOGS}/report.log",
     conda:
