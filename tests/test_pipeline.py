@@ -208,3 +208,42 @@ def test_baselines_alone_need_no_keys_nor_pca(tmp_path):
     jobs = _job_counts(_smk(repo, "-n", *_sweep(repo, grid)))
     assert jobs["evaluate"] == 7 and jobs["extract_keys"] == 1 and jobs["fit_pca"] == 1, jobs
 
+
+def test_extract_keys_job_resumes_under_snakemake(tmp_path, tiny_model_dir, text_file):
+    """Snakemake deletes a failed job's outputs: extract_keys once kept its progress in manifest.json, its output,
+    so a killed job restarted from scratch. Now the progress is in progress.json and the rerun resumes."""
+    from loki.common import compose_config
+    from loki.extract_keys import extract
+
+    repo = _dag_copy(tmp_path)
+    shutil.copytree(REPO / "loki", repo / "loki", ignore=shutil.ignore_patterns("__pycache__"))  # (reads ./conf)
+    conf = repo / "conf"
+    (conf / "model" / "tiny.yaml").write_text(f"name: tiny\nid: null\nrevision: null\npath: {tiny_model_dir}\n"
+                                              "dtype: float32\ntrust_remote_code: false\nsource: null\n")
+    (conf / "corpus" / "text.yaml").write_text(f"name: text\npath: {text_file}\nhf_dataset: null\nsource: null\n")
+    exp = conf / "experiment" / "tiny.yaml"
+    settings = "extract: {num_tokens: 256, seq_len: 64, shard_tokens: 128}\ndevice: cpu\n"
+    exp.write_text("# @package _global_\nexperiment_name: tiny\n" + settings.replace("}", ", stop_after_shards: 1}"))
+    import yaml
+
+    (repo / "sweep.yaml").write_text(yaml.safe_dump({"experiment": "tiny", "model": "tiny", "calib_corpus": "text",
+                                                     "eval_corpus": "text", "grid": {"dense": [{}]}}))
+    keys = repo / "results" / "tiny" / "keys" / "tiny" / "text"
+    job = [str(keys.relative_to(repo) / "manifest.json"), "--cores", "1", "--configfile", "sweep.yaml"]
+    res = run_py([*SNAKEMAKE, *job], cwd=repo, check=False)  # the job dies after its first shard
+    assert res.returncode != 0 and not (keys / "manifest.json").exists(), res.stderr[-3000:]
+    assert len(json.loads((keys / "progress.json").read_text())["shards"]) == 1
+    first = (keys / "shard_00000.safetensors").stat().st_ino
+    exp.write_text("# @package _global_\nexperiment_name: tiny\n" + settings)
+    _smk(repo, *job)
+    log = (repo / "results" / "tiny" / "logs" / "extract_keys" / "tiny" / "text.log").read_text()
+    assert "resuming after 1 complete shard(s)" in log, log[-2000:]
+    assert (keys / "shard_00000.safetensors").stat().st_ino == first and not (keys / "progress.json").exists()
+    # the same manifest as an uninterrupted extraction
+    fresh = tmp_path / "fresh"
+    cfg = compose_config(["experiment=smoke", f"model.path={tiny_model_dir}", "model.name=tiny", "model.source=null",
+                          f"calib.path={text_file}", "calib.name=text", "calib.source=null", "device=cpu",
+                          "extract.num_tokens=256", "extract.seq_len=64", "extract.shard_tokens=128"])
+    want = extract(cfg, fresh, progress=False)
+    got = json.loads((keys / "manifest.json").read_text())
+    assert {**got, "seconds": 0} == {**json.loads(json.dumps(want)), "seconds": 0}
