@@ -49,11 +49,31 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield target
         if not target.exists():
             raise RuntimeError(f"nothing was written to {target}")
+        _umask_modes(target)
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def _umask_modes(target: Path) -> None:
+    """Give ``target`` (and what is under it) the modes a plain ``open`` would: 0o666 (0o777 for folders and
+    executables) less the umask.  Writers such as safetensors' ``save_file`` create 0o600 files, which
+    collaborators on a shared filesystem could not read."""
+    mask = _umask()
+    paths = [target] + (sorted(target.rglob("*")) if target.is_dir() else [])
+    for p in paths:
+        if p.is_symlink():
+            continue
+        full = 0o777 if p.is_dir() or p.stat().st_mode & 0o111 else 0o666
+        os.chmod(p, full & ~mask)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
