@@ -51,6 +51,18 @@ def _multirun_job() -> tuple[int, str, Path, bool] | None:
     return int(hc.job.num), " ".join(hc.overrides.task), Path(hc.runtime.output_dir), in_process
 
 
+def start(cfg) -> None:
+    """What every stage does first, so that bad shared keys fail before any work: check ``device``, set
+    ``threads``, seed python's, numpy's and torch's global generators from ``seed``.  The stages' own draws use
+    explicit seeds (eval.seed, bench.seed); this covers whatever else draws from the global ones (weights missing
+    from a checkpoint, which transformers initialises at random; a method or eval that samples)."""
+    from loki.common import resolve_device, seed_everything, set_threads
+
+    resolve_device(cfg.get("device", "auto"))
+    set_threads(cfg.get("threads"))
+    seed_everything(cfg.get("seed", 0))
+
+
 def stage(fn: Callable) -> Callable[[], None]:
     """Decorate ``fn(cfg)``; returns a ``main()`` for ``if __name__ == "__main__"``."""
     import hydra
@@ -59,10 +71,8 @@ def stage(fn: Callable) -> Callable[[], None]:
 
     @functools.wraps(fn)
     def job(cfg):
-        from loki.common import set_threads
-
-        set_threads(cfg.get("threads"))
         try:
+            start(cfg)
             return fn(cfg)
         except LokiError as e:
             print(f"\nerror ({_stage_name(fn)}): {e}", file=sys.stderr, flush=True)

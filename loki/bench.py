@@ -63,10 +63,11 @@ def main(cfg) -> None:
     from loki.tracking import wandb_run
 
     bench = bench_config(cfg)
-    device = resolve_device(bench.get("device") or cfg.device)
-    if device == "cuda" and not torch.cuda.is_available():
+    want = bench.get("device") or cfg.device
+    if str(want).startswith("cuda") and not torch.cuda.is_available():
         raise fail(f"bench '{bench.get('name')}' wants a GPU but CUDA is not available here.",
                    "run it on a GPU machine, or use bench=cpu.")
+    device = resolve_device(want, "bench.device" if bench.get("device") else "device")
     out = Path(bench.get("out") or Path(cfg.results_dir) / "bench" / "decode.json")
     opts = loki_opts(cfg, bench)
     name = f"bench-{bench.get('name', 'decode')}"

@@ -102,17 +102,23 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def set_threads(n: int | None) -> None:
     import torch
 
-    if n:
-        torch.set_num_threads(int(n))
+    if n is None:
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise fail(f"threads={n!r} is not a thread count.", "set threads to an integer >= 1, or threads=null (torch's default).")
+    torch.set_num_threads(n)
 
 
 def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's global generators (every stage does, from the config's ``seed``)."""
     import numpy as np
     import torch
 
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise fail(f"seed={seed!r} is not a seed.", "set seed to an integer in [0, 2**32), e.g. seed=0.")
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # (all devices)
 
 
 def git_commit() -> str:
@@ -126,9 +132,23 @@ def git_commit() -> str:
         return "unknown"
 
 
-def resolve_device(name: str) -> str:
+def resolve_device(name: str, key: str = "device") -> str:
+    """``auto`` -> cuda when there is a GPU, else cpu; ``cpu``, ``cuda`` and ``cuda:N`` are checked against this
+    machine (``key``: the config key named in the error)."""
     import torch
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    fix = f"set {key}=auto (a GPU when there is one), {key}=cpu, or {key}=cuda / cuda:N on a machine with a GPU."
+    try:
+        dev = torch.device(name) if isinstance(name, str) else None
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise fail(f"{key}={name!r} is not a device this pipeline runs on (auto, cpu, cuda, cuda:N).", fix)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise fail(f"{key}={name} asks for a GPU, but CUDA is not available here.", fix)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise fail(f"{key}={name}: this machine has {torch.cuda.device_count()} GPU(s).", fix)
     return name
