@@ -74,7 +74,8 @@ def main(cfg) -> None:
     with wandb_run(cfg, "bench", name=name, extra_config={f"bench.loki.{k}": v for k, v in opts.items()}) as run:
         model, model_name = build_model(cfg, bench, device)
         pca = cfg.get("pca_path") if model_name != "random_llama" else None  # a random model has no PCA file
-        rows = run_bench(model, bench, opts, device, pca_path=pca)
+        rows = run_bench(model, bench, opts, device, pca_path=pca,
+                         allow_foreign_basis=bool(cfg.get("allow_foreign_basis", False)))
         for r in rows:
             r["model"] = model_name
             r["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"

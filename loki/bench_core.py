@@ -326,15 +326,16 @@ def _add_speedups(rows: list[dict]) -> None:
         r["speedup_vs_flash"] = None if not flash else round(r["tokens_per_s"] / flash, 3)
 
 
-def resolve_basis(model, cfg: dict, device, pca_path: str | None = None, log=print):
-    """The bench's basis: the PCA file if it exists (and fits the model), else one fitted on the model's keys."""
+def resolve_basis(model, cfg: dict, device, pca_path: str | None = None, log=print, allow_foreign_basis: bool = False):
+    """The bench's basis: the PCA file if it exists (and fits the model; ``allow_foreign_basis``: or another model
+    of the same shapes), else one fitted on the model's keys."""
     from loki.generation import fit_basis
     from loki.modeling import fingerprint
     from loki.pca import load_basis
 
     if pca_path and Path(pca_path).exists():
         log(f"[bench] basis: {pca_path}")
-        return load_basis(pca_path, fingerprint(model)), str(pca_path)
+        return load_basis(pca_path, fingerprint(model), allow_foreign_basis), str(pca_path)
     n = int(cfg.get("calib_tokens", 512))
     g = torch.Generator().manual_seed(int(cfg.get("seed", 0)) + 7)
     ids = torch.randint(0, fingerprint(model)["vocab_size"], (1, n), generator=g).to(device)
@@ -343,7 +344,7 @@ def resolve_basis(model, cfg: dict, device, pca_path: str | None = None, log=pri
 
 
 def run_bench(model, cfg: dict, loki_opts: dict, device, pca_path: str | None = None, log=print,
-              on_row=None, errors: list | None = None) -> list[dict]:
+              on_row=None, errors: list | None = None, allow_foreign_basis: bool = False) -> list[dict]:
     """Every (method, batch, context) of ``cfg``; returns the rows (with speedups).
 
     With ``errors`` (a list), a point that fails on the device (e.g. out of memory) is recorded there and
@@ -352,7 +353,7 @@ def run_bench(model, cfg: dict, loki_opts: dict, device, pca_path: str | None = 
     bad = sorted(set(methods) - set(METHODS))
     if bad:
         raise fail(f"bench: unknown method(s) {bad}.", f"use {list(METHODS)}.")
-    basis, basis_src = resolve_basis(model, cfg, device, pca_path, log)
+    basis, basis_src = resolve_basis(model, cfg, device, pca_path, log, allow_foreign_basis)
     glue = bool(cfg.get("compile_glue")) and torch.device(device).type == "cuda"
     if glue:
         compile_glue(model)

@@ -25,7 +25,11 @@ def build_model_and_method(cfg):
     from loki.modeling import load_model
 
     device = resolve_device(cfg.device)
-    method = build_method(cfg.method, pca_path=cfg.get("pca_path"))
+    allow = cfg.get("allow_foreign_basis", False)
+    if not isinstance(allow, bool):
+        raise fail(f"allow_foreign_basis must be true or false, got {allow!r}.",
+                   "set allow_foreign_basis=true only to use a PCA basis fitted for another model of the same shapes.")
+    method = build_method(cfg.method, pca_path=cfg.get("pca_path"), allow_foreign_basis=allow)
     model = load_model(cfg.model, device=device, attn_implementation="sdpa")
     attach(model, method)
     return model, method, device
@@ -56,6 +60,8 @@ def run_eval(cfg) -> dict:
         "k": opts.get("k"),
         **res,
         "attention_calls": method.calls,
+        # the model the PCA basis was fitted for: another model than "model" only with allow_foreign_basis=true
+        "basis_model": basis.model_name if (basis := getattr(method, "basis_obj", None)) is not None else None,
         "seconds": round(time.time() - t0, 2),
         "git_commit": git_commit(),
         "config": OmegaConf.to_container(cfg, resolve=True),

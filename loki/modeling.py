@@ -99,19 +99,27 @@ def fingerprint(model_or_config: Any, name: str | None = None) -> dict:
 _SHAPE_KEYS = ("model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_size")
 
 
-def check_fingerprint(expected: dict, got: dict, what: str, path: str, fix: str) -> None:
+def check_fingerprint(expected: dict, got: dict, what: str, path: str, fix: str, allow_other_model: bool = False,
+                      opt_in: str = "") -> None:
+    """Refuse a file (PCA basis, key manifest) made for another model: other shapes always; the same shapes under
+    another model name unless ``allow_other_model`` (the config key ``opt_in``, named in the message)."""
     diffs = [f"{k}: file has {expected.get(k)!r}, model has {got.get(k)!r}" for k in _SHAPE_KEYS
              if k in expected and expected.get(k) != got.get(k)]
     if diffs:
         raise fail(f"{what} {path} was made for model '{expected.get('name')}', not for '{got.get('name')}' ("
                    + "; ".join(diffs) + ").", fix)
-    # same shapes, another model (e.g. a base model's basis on its instruct variant): allowed, but said
     if not expected:
+        # no fingerprint: a file written by hand or by another tool (fit_pca always writes one). Its tensor shapes are
+        # still checked against the model by the caller, and there is no name to compare, so it is said, not refused
         warnings.warn(f"{what} {path} records no model fingerprint: it cannot be checked against "
                       f"'{got.get('name')}' beyond its tensor shapes.", stacklevel=2)
-    elif expected.get("name") and got.get("name") and expected["name"] != got["name"]:
-        warnings.warn(f"{what} {path} was made for model '{expected['name']}', this model is '{got['name']}' (same "
-                      f"shapes): using it anyway. {fix}", stacklevel=2)
+    elif expected.get("name") and got.get("name") and expected["name"] != got["name"] and not allow_other_model:
+        # same shapes, another model: numbers that look fine and are wrong, unless meant (a base model's basis on its
+        # instruct variant), which the opt-in says and the results record
+        hint = (f" If it is meant (e.g. a base model's basis on its instruct variant), set {opt_in}=true."
+                if opt_in else "")
+        raise fail(f"{what} {path} was made for model '{expected['name']}', this model is '{got['name']}' (same "
+                   f"shapes, another model).", fix + hint)
 
 
 def attention_modules(model) -> list:

@@ -25,6 +25,7 @@ class Basis:
         self.meta = meta
         self.path = str(path)
         self.fingerprint = meta.get("fingerprint", {})
+        self.accepted_for = None  # a model of another name this basis was let through for (allow_foreign_basis)
 
     @property
     def sides(self) -> list[str]:
@@ -52,12 +53,23 @@ class Basis:
         d = (cum < threshold - 1e-9).sum(-1) + 1
         return d.clamp(max=cum.shape[-1]).long()
 
-    def check(self, model_info: dict, path: str | None = None) -> None:
+    @property
+    def model_name(self) -> str | None:
+        """The model this basis was fitted for (its fingerprint), what metrics.json records as ``basis_model``."""
+        return self.fingerprint.get("name") or None
+
+    def check(self, model_info: dict, path: str | None = None, allow_other_model: bool = False) -> None:
+        """Refuse a basis of another model (``allow_other_model``: the same shapes under another name are let
+        through, and later checks for that model pass too)."""
         from loki.modeling import check_fingerprint
 
+        allow = allow_other_model or (self.accepted_for is not None and self.accepted_for == model_info.get("name"))
         check_fingerprint(self.fingerprint, model_info, "PCA file", path or self.path,
-                          "fit a basis for this model (run extract_keys and fit_pca with the same model=...), "
-                          "or point pca_path at one that was.")
+                          f"fit a basis for '{model_info.get('name')}' (`make run` for the default model; else "
+                          "extract_keys and fit_pca with this run's model overrides), or point pca_path at one that was.",
+                          allow, "allow_foreign_basis")
+        if allow and self.model_name and self.model_name != model_info.get("name"):
+            self.accepted_for = model_info.get("name")
         for side in self.sides:
             P = self.t[f"{side}.components"]
             want = (model_info["num_layers"], model_info["num_kv_heads"], model_info["head_dim"], model_info["head_dim"])
@@ -80,7 +92,7 @@ def save_basis(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -
     write_json(path.with_suffix(".json"), meta)
 
 
-def load_basis(path: str | Path, model_info: dict | None = None) -> Basis:
+def load_basis(path: str | Path, model_info: dict | None = None, allow_other_model: bool = False) -> Basis:
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
@@ -103,7 +115,7 @@ def load_basis(path: str | Path, model_info: dict | None = None) -> Basis:
                    "point pca_path at a pca.safetensors written by fit_pca.")
     basis = Basis(tensors, meta, str(path))
     if model_info is not None:
-        basis.check(model_info, str(path))
+        basis.check(model_info, str(path), allow_other_model)
     return basis
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from loki_testutils import run_py, save_tiny_model
 
 
@@ -113,6 +114,42 @@ def test_errors_are_clear_in_process(extra, needle, tiny_model_dir, text_file):
     with pytest.raises(LokiError, match=needle) as e:
         run_eval(cfg)
     assert "How to fix" in str(e.value)
+
+
+def test_num_windows_null_is_the_whole_corpus(tiny_model_dir, text_file):
+    from test_extract_pca import compose
+
+    from loki.evaluate import run_eval
+
+    m = run_eval(compose([*tiny_overrides(tiny_model_dir, text_file), "eval.num_windows=null"]))
+    assert m["num_windows"] > 2 and m["tokens"] == m["num_windows"] * 63
+
+
+def test_basis_of_another_model_same_shapes_needs_the_opt_in(tmp_path, tiny_model_dir, text_file):
+    """A basis fitted for another model of the same shapes (here: the tiny model's own keys, fingerprinted as
+    'tiny-base') is refused with both names and the fix; allow_foreign_basis=true runs it, and metrics.json
+    records which model the basis was fitted for."""
+    from test_extract_pca import compose
+
+    from loki.common import LokiError
+    from loki.evaluate import run_eval
+    from loki.generation import fit_basis
+    from loki.modeling import load_model
+    from loki.pca import save_basis
+
+    model = load_model(compose(tiny_overrides(tiny_model_dir, text_file)).model)
+    basis = fit_basis(model, torch.randint(0, 300, (1, 64), generator=torch.Generator().manual_seed(0)))
+    foreign, own = tmp_path / "base" / "pca.safetensors", tmp_path / "own" / "pca.safetensors"
+    save_basis(foreign, basis.t, {"fingerprint": {**basis.fingerprint, "name": "tiny-base"}})
+    save_basis(own, basis.t, {"fingerprint": basis.fingerprint})
+    base = [*tiny_overrides(tiny_model_dir, text_file), "method=loki", "method.d=4", "eval.num_windows=1"]
+    with pytest.raises(LokiError, match="(?s)made for model 'tiny-base', this model is 'tiny'.*allow_foreign_basis=true"):
+        run_eval(compose([*base, f"pca_path={foreign}"]))
+    m = run_eval(compose([*base, f"pca_path={foreign}", "allow_foreign_basis=true"]))
+    assert (m["model"], m["basis_model"]) == ("tiny", "tiny-base") and m["config"]["allow_foreign_basis"] is True
+    m_own = run_eval(compose([*base, f"pca_path={own}"]))
+    assert m_own["basis_model"] == "tiny" and m_own["ppl"] == m["ppl"]  # the same tensors
+    assert run_eval(compose([*base, "method.basis=online"]))["basis_model"] is None
 
 
 def test_pca_from_another_model_is_rejected(tmp_path, tiny_model_dir, text_file):

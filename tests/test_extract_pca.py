@@ -249,11 +249,20 @@ def test_basis_roundtrip_and_checks(tmp_path):
     assert torch.equal(b.components("post"), P)
     with pytest.raises(LokiError, match="no 'pre' basis"):
         b.components("pre")
-    with pytest.raises(LokiError, match="(?s)num_kv_heads.*fit a basis for this model"):
+    with pytest.raises(LokiError, match="(?s)num_kv_heads.*fit a basis for 'other'"):
         load_basis(tmp_path / "pca.safetensors", {**fp, "name": "other", "num_kv_heads": 4})
-    # same shapes, another model's name: used, with a warning naming both; no fingerprint at all: a warning too
-    with pytest.warns(UserWarning, match="was made for model 'm', this model is 'other' .same shapes"):
+    # same shapes, another model's name: refused, naming both models, the refit and the opt-in ...
+    with pytest.raises(LokiError, match="(?s)was made for model 'm', this model is 'other' .same shapes.*"
+                                        "fit a basis for 'other'.*allow_foreign_basis=true") as e:
         load_basis(tmp_path / "pca.safetensors", {**fp, "name": "other"})
+    assert "How to fix" in str(e.value)
+    # ... unless opted in; then later checks of that basis for that model pass too (Loki.bind checks again)
+    b = load_basis(tmp_path / "pca.safetensors", {**fp, "name": "other"}, allow_other_model=True)
+    assert b.model_name == "m"
+    b.check({**fp, "name": "other"})
+    with pytest.raises(LokiError, match="this model is 'third'"):
+        b.check({**fp, "name": "third"})
+    # no fingerprint at all: a warning (its shapes are still checked, there is no name to compare)
     save_basis(tmp_path / "nofp.safetensors", t, {})
     with pytest.warns(UserWarning, match="records no model fingerprint"):
         load_basis(tmp_path / "nofp.safetensors", fp)

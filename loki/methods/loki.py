@@ -76,14 +76,15 @@ class Loki(Method):
         self.basis_obj = None
         if self.basis == "offline":
             basis = self.resources.get("basis")
+            allow = self.resources.get("allow_foreign_basis", False)  # the config's opt-in (evaluate, bench)
             if basis is None:
                 from loki.pca import load_basis
 
                 path = self.resources.get("pca_path")
                 if not path:
                     raise fail("loki with basis=offline needs a PCA file.", "set pca_path (run the fit_pca stage) or method.basis=online.")
-                basis = load_basis(path, self.model_info)
-            basis.check(self.model_info, self.resources.get("pca_path", "<basis>"))
+                basis = load_basis(path, self.model_info, allow)
+            basis.check(self.model_info, self.resources.get("pca_path", "<basis>"), allow)
             self.basis_obj = basis
             self.P = basis.components(self.rope)  # (L, KVH, D, D)
             if self.d_variance is not None:
