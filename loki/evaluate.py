@@ -35,6 +35,31 @@ def build_model_and_method(cfg):
     return model, method, device
 
 
+def _overridden(key: str) -> bool:
+    """Whether ``key`` was set on the command line (Hydra's task overrides); False outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    return any(o.lstrip("+~").split("=", 1)[0] == key for o in HydraConfig.get().overrides.task)
+
+
+def apply_decode_only(cfg) -> None:
+    """A ``decode_only`` eval prefills densely: set the method's ``sparse_prefill`` to false in ``cfg`` itself, so
+    metrics.json records what ran; an explicit ``method.sparse_prefill=true`` contradicts the eval and is refused."""
+    from omegaconf import open_dict
+
+    if not cfg.eval.get("decode_only") or "sparse_prefill" not in cfg.method or not cfg.method.sparse_prefill:
+        return
+    if _overridden("method.sparse_prefill"):
+        raise fail(f"eval={cfg.eval.name} is decode_only (the prompt is prefilled densely), but "
+                   "method.sparse_prefill=true asks for a sparse prompt.",
+                   f"drop method.sparse_prefill=true, or use the eval without decode_only (e.g. "
+                   f"eval={cfg.eval.name.removesuffix('_decode')}, or eval.decode_only=false).")
+    with open_dict(cfg):
+        cfg.method.sparse_prefill = False
+
+
 def run_eval(cfg) -> dict:
     """Build the model with the configured method attached, run the configured eval, add provenance."""
     from omegaconf import OmegaConf
@@ -42,6 +67,7 @@ def run_eval(cfg) -> dict:
     from loki.evals import get_eval
 
     eval_fn = get_eval(cfg.eval.name)
+    apply_decode_only(cfg)
     model, method, device = build_model_and_method(cfg)
     t0 = time.time()
     res = eval_fn(cfg, model, method, device)
@@ -89,6 +115,7 @@ def main(cfg) -> None:
     from loki.tracking import wandb_run
 
     out = output_dir()
+    apply_decode_only(cfg)  # before W&B records the config
     tag = run_tag(cfg)
     with wandb_run(cfg, "evaluate", name=wandb_name(cfg, out, tag)) as run:
         metrics = run_eval(cfg)

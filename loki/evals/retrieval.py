@@ -6,8 +6,9 @@ the filler, 1 = its end), followed by a question; the model generates greedily (
 ``DynamicCache``, so every generated token goes through the method's decode path: one query over the cache),
 and the case is correct when the first number in the generated text equals the key.
 
-``decode_only: true`` prefills the prompt densely (the method's ``sparse_prefill`` is set to false) so only the
-generated tokens attend sparsely, the generation-time sparsity of a deployed decoder; ``false`` runs the
+``decode_only: true`` prefills the prompt densely (the method's ``sparse_prefill`` is set to false: by
+``loki.evaluate`` in the config, so metrics.json records what ran, and refused when given explicitly as true) so
+only the generated tokens attend sparsely, the generation-time sparsity of a deployed decoder; ``false`` runs the
 prompt through the method too.
 """
 

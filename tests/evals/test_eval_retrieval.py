@@ -83,7 +83,9 @@ def test_passkey_decode_only_runs_the_decode_path(tiny_model_dir, text_file):
     m = run(tiny_model_dir, text_file, ["eval=passkey", "eval.lengths=[200]", "eval.depths=[0,1]", "eval.max_new_tokens=3",
                                         "eval.decode_only=true", "method=h2o", "method.k=0.25"])
     json.dumps(m)
-    assert m["decode_only"] is True and m["options"]["sparse_prefill"] is True  # the eval switched it off itself
+    # what ran: the decode_only eval prefilled densely, and the options (and the resolved config) say so
+    assert m["decode_only"] is True and m["options"]["sparse_prefill"] is False
+    assert m["config"]["method"]["sparse_prefill"] is False
     assert len(m["per_case"]) == 2 and {c["depth"] for c in m["per_case"]} == {0.0, 1.0}
     assert all(set(c) >= {"length", "depth", "correct"} for c in m["per_case"])
     assert m["accuracy"] == sum(c["correct"] for c in m["per_case"]) / 2  # the mean of its cases
@@ -91,6 +93,33 @@ def test_passkey_decode_only_runs_the_decode_path(tiny_model_dir, text_file):
     assert m["cache_fraction"] < 0.3  # the cache was cut after the dense prompt
     assert 0.25 <= m["kept_fraction_decode"] < 0.27  # each generated token attended to ceil(n / 4) keys
     assert m["kept_fraction"] > 0.9  # ... while the dense prompt attended to all of them
+
+
+@pytest.mark.parametrize("given,refused", [("method.sparse_prefill=true", True), ("+method.sparse_prefill=true", True),
+                                            ("method.k=0.25", False)])
+def test_decode_only_with_an_explicit_sparse_prefill_is_refused(tiny_model_dir, text_file, given, refused):
+    """eval=passkey_decode prefills densely: an explicit method.sparse_prefill=true on the command line contradicts
+    it (refused before the model loads); the config's default true is set to false, as it runs."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from loki.common import compose_config
+    from loki.evaluate import apply_decode_only
+
+    cfg = compose_cfg(tiny_model_dir, text_file, ["eval=passkey_decode", "method=loki", "method.sparse_prefill=true"])
+    hc = compose_config(return_hydra_config=True)
+    hc.hydra.overrides.task = [given]
+    try:
+        HydraConfig.instance().set_config(hc)
+        if refused:
+            with pytest.raises(LokiError, match="(?s)eval=passkey_decode is decode_only.*method.sparse_prefill=true.*"
+                                                "How to fix: drop method.sparse_prefill=true.*eval=passkey"):
+                apply_decode_only(cfg)
+            assert cfg.method.sparse_prefill is True
+        else:
+            apply_decode_only(cfg)
+            assert cfg.method.sparse_prefill is False
+    finally:
+        HydraConfig.instance().cfg = None
 
 
 def test_length_above_the_model_limit_is_an_error(tiny_model_dir, text_file):
