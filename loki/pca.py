@@ -99,7 +99,8 @@ def load_basis(path: str | Path, model_info: dict | None = None, allow_other_mod
     path = Path(path)
     if not path.exists():
         raise fail(f"PCA file {path} does not exist.",
-                   "run the fit_pca stage first (`snakemake --cores 2` or `python -m loki.fit_pca`), or set pca_path.")
+                   "run the fit_pca stage first (`snakemake --cores 2` or `python -m loki.fit_pca`), or point pca_path "
+                   "(loki.evaluate, loki.bench) at an existing pca.safetensors.")
     try:
         with safe_open(str(path), "pt") as f:
             raw_meta = f.metadata() or {}

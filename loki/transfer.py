@@ -53,15 +53,34 @@ def transfer_table(cfg):
     corpora = list(cfg.transfer.corpora)
     if len(corpora) < 2:
         raise fail(f"transfer needs at least two corpora, got {corpora}.", "set transfer.corpora=[a,b].")
+    raw = list(cfg.transfer.dims or [])
+    if not raw or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in raw):
+        raise fail(f"transfer.dims must be a non-empty list of ints >= 1 (PCA dims), got {raw}.",
+                   "e.g. 'transfer.dims=[4,8,16,32]' (each at most the model's head dim).")
     res = Path(cfg.results_dir)
     keys = {c: res / "keys" / cfg.model.name / c for c in corpora}
-    bases = {c: load_basis(res / "pca" / cfg.model.name / c / "pca.safetensors") for c in corpora}
+    pcas = {c: res / "pca" / cfg.model.name / c / "pca.safetensors" for c in corpora}
+    for c in corpora:  # transfer reads these fixed places (not keys_dir / pca_path): name how to fill them
+        missing = [str(p) for p in (keys[c] / "manifest.json", pcas[c]) if not p.exists()]
+        if missing:
+            raise fail(f"transfer: the keys or PCA basis of corpus '{c}' are missing ({', '.join(missing)}).",
+                       f"make them with `python -m loki.extract_keys corpus@calib={c}`, then `python -m loki.fit_pca "
+                       f"corpus@calib={c}`, each with this run's experiment= and model overrides (or `snakemake --cores 2 "
+                       f"{pcas[c]}`); transfer reads <results_dir>/keys|pca/<model>/<corpus>/ and ignores keys_dir and "
+                       "pca_path.")
+    bases = {c: load_basis(pcas[c]) for c in corpora}
     fp0 = bases[corpora[0]].fingerprint
     for c in corpora[1:]:
         check_fingerprint(fp0, bases[c].fingerprint, "PCA file", bases[c].path, "fit every corpus's basis with the same model.")
     sides = [s for s in bases[corpora[0]].sides if all(s in b.sides for b in bases.values())]
-    D = int(fp0["head_dim"])
-    dims = sorted({int(d) for d in cfg.transfer.dims if 0 < int(d) <= D})
+    if not sides:
+        raise fail(f"transfer: the PCA files of {corpora} have no RoPE side (pre / post) in common.",
+                   "refit them with the same extract.sides.")
+    D = int(bases[corpora[0]].components(sides[0]).shape[-1])
+    if max(raw) > D:
+        raise fail(f"transfer.dims={raw}: {[d for d in raw if d > D]} above the head dim {D} of model '{cfg.model.name}'.",
+                   f"use dims between 1 and {D}, e.g. 'transfer.dims=[4,8,16,32]'.")
+    dims = sorted(set(raw))
     rows, per_layer = [], []
     for side in sides:
         for b in corpora:
@@ -79,6 +98,7 @@ def transfer_table(cfg):
 
 
 def plot_transfer(df, path: Path, d: int) -> None:
+    """Write the transfer matrices at d to ``path`` (the caller makes it atomic)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,8 +117,7 @@ def plot_transfer(df, path: Path, d: int) -> None:
         ax.set(xlabel="keys of corpus", ylabel="basis fitted on", title=f"{side}-RoPE, d={d}")
     fig.colorbar(im, ax=axes[0].tolist(), label="explained variance")
     fig.suptitle("Calibration transfer: variance captured by another corpus's top-d basis")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png", metadata={"Software": None})
+    fig.savefig(path, dpi=110, format="png", metadata={"Software": None})
     plt.close(fig)
 
 
@@ -109,14 +128,15 @@ def main(cfg) -> None:
     out = Path(cfg.results_dir) / "transfer"
     with wandb_run(cfg, "transfer", name="transfer") as run:
         df, per_layer = transfer_table(cfg)
-        with atomic_path(out / "transfer.csv") as tmp:
-            df.to_csv(tmp, index=False)
-        with atomic_path(out / "transfer_per_layer.csv") as tmp:
-            per_layer.to_csv(tmp, index=False)
         d = int(cfg.transfer.plot_d)
         if d not in set(df.d):
             d = int(df.d.iloc[0])
-        plot_transfer(df, out / "transfer.png", d)
+        # all three or none: each is renamed into place only once every one of them is written
+        with atomic_path(out / "transfer.csv") as t1, atomic_path(out / "transfer_per_layer.csv") as t2, \
+                atomic_path(out / "transfer.png") as t3:
+            df.to_csv(t1, index=False)
+            per_layer.to_csv(t2, index=False)
+            plot_transfer(df, t3, d)
         if run is not None:
             import wandb
 

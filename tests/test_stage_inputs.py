@@ -104,3 +104,96 @@ def test_outputs_get_the_umask_modes_not_safetensors_0600(tmp_path, umask, mask,
     for p in ("shard.safetensors", "pca/pca.safetensors", "pca/pca.json", "model/model.safetensors"):
         assert oct((tmp_path / p).stat().st_mode & 0o777) == oct(mode), p
     assert oct((tmp_path / "model").stat().st_mode & 0o777) == oct(0o777 & ~mask)
+
+
+# ------------------------------------------------------------------------------------------------ transfer
+
+
+def _transfer_results(tmp_path, head_dim=8):
+    """results/<model>/{pca,keys}/<corpus> for two corpora: PCA files (and a manifest stand-in) of a head-dim-8
+    model, and previous transfer outputs that a refused run must leave as they were."""
+    from loki.pca import save_basis
+
+    fp = {"name": "m", "model_type": "llama", "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
+          "head_dim": head_dim, "hidden_size": 16, "vocab_size": 10}
+    for c in ("a", "b"):
+        P = torch.linalg.qr(torch.randn(1, 1, head_dim, head_dim))[0]
+        save_basis(tmp_path / "pca" / "m" / c / "pca.safetensors", {"post.components": P}, {"fingerprint": fp})
+        (tmp_path / "keys" / "m" / c).mkdir(parents=True)
+        (tmp_path / "keys" / "m" / c / "manifest.json").write_text("{}")
+    out = tmp_path / "transfer"
+    out.mkdir()
+    before = {n: f"previous {n}" for n in ("transfer.csv", "transfer_per_layer.csv", "transfer.png")}
+    for n, text in before.items():
+        (out / n).write_text(text)
+    ov = [f"results_dir={tmp_path}", "model.name=m", "transfer.corpora=[a,b]"]
+    return ov, out, before
+
+
+@pytest.mark.parametrize("dims,needle", [
+    ("[128]", r"transfer.dims=\[128\]: \[128\] above the head dim 8"),
+    ("[4,9]", r"\[9\] above the head dim 8"),
+    ("[]", r"transfer.dims must be a non-empty list of ints >= 1"),
+    ("[0,4]", r"transfer.dims must be a non-empty list of ints >= 1"),
+    ("[2.5]", r"transfer.dims must be a non-empty list of ints >= 1"),
+])
+def test_transfer_dims_are_checked_before_anything_is_written(tmp_path, dims, needle):
+    from loki.transfer import transfer_table
+
+    ov, out, before = _transfer_results(tmp_path)
+    with pytest.raises(LokiError, match=needle):
+        transfer_table(compose_config([*ov, f"transfer.dims={dims}"]))
+    assert {n: (out / n).read_text() for n in before} == before
+
+
+def test_transfer_cli_bad_dims_exit_2_and_outputs_untouched(tmp_path):
+    from loki_testutils import run_py
+
+    ov, out, before = _transfer_results(tmp_path)
+    res = run_py(["-m", "loki.transfer", *ov, "transfer.dims=[128]", f"hydra.run.dir={tmp_path / 'h'}"], check=False,
+                 env={"WANDB_MODE": "disabled"})
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "transfer.dims=[128]" in res.stderr and "How to fix" in res.stderr
+    assert {n: (out / n).read_text() for n in before} == before
+
+
+def test_transfer_missing_basis_names_what_makes_it(tmp_path):
+    from loki.transfer import transfer_table
+
+    ov, _, _ = _transfer_results(tmp_path)
+    (tmp_path / "pca" / "m" / "b" / "pca.safetensors").unlink()
+    with pytest.raises(LokiError, match="(?s)corpus 'b' are missing.*loki.extract_keys corpus@calib=b.*"
+                                        "loki.fit_pca corpus@calib=b.*ignores keys_dir and pca_path") as e:
+        transfer_table(compose_config([*ov, f"pca_path={tmp_path}/elsewhere.safetensors"]))
+    assert "or set pca_path" not in str(e.value)
+
+
+def test_transfer_writes_all_three_outputs_readable(tmp_path, tiny_model_dir, text_file, umask):
+    """The happy path on the tiny model (head dim 16): keys and bases of two corpora, then the stage; its three
+    outputs replace the previous ones together, with the umask's modes."""
+    import pandas as pd
+    from loki_testutils import run_py
+
+    from loki.extract_keys import extract
+    from loki.fit_pca import fit
+
+    ov, out, before = _transfer_results(tmp_path / "old")  # (only its stale outputs are used, copied below)
+    model = [f"model.path={tiny_model_dir}", "model.name=tiny", "model.source=null", "device=cpu", "threads=1"]
+    for c in ("a", "b"):
+        keys, pca = tmp_path / "keys" / "tiny" / c, tmp_path / "pca" / "tiny" / c / "pca.safetensors"
+        cfg = compose_config([*model, f"calib.path={text_file}", f"calib.name={c}", "calib.source=null",
+                              f"keys_dir={keys}", f"pca_path={pca}", "extract.num_tokens=256", "extract.seq_len=64",
+                              "extract.shard_tokens=128"])
+        extract(cfg, keys, progress=False)
+        fit(cfg, keys, pca, progress=False)
+    (tmp_path / "transfer").mkdir()
+    for n in before:
+        (tmp_path / "transfer" / n).write_text((out / n).read_text())
+    run_py(["-m", "loki.transfer", *model, f"results_dir={tmp_path}", "transfer.corpora=[a,b]", "transfer.dims=[2,16]",
+            "transfer.plot_d=2", f"hydra.run.dir={tmp_path / 'h'}"], env={"WANDB_MODE": "disabled"})
+    df = pd.read_csv(tmp_path / "transfer" / "transfer.csv")
+    assert sorted(set(df.d)) == [2, 16] and len(df) == 2 * 2 * 2 * len(set(df.side))
+    assert df[df.d == 16].explained_variance.round(6).eq(1.0).all()  # all dims: all the variance
+    assert (tmp_path / "transfer" / "transfer.png").read_bytes()[:4] == b"\x89PNG"
+    for n in before:
+        assert oct((tmp_path / "transfer" / n).stat().st_mode & 0o777) == oct(0o644), n
