@@ -67,6 +67,10 @@ def run_eval(cfg) -> dict:
     from loki.evals import get_eval
 
     eval_fn = get_eval(cfg.eval.name)
+    if "window" in cfg.eval:
+        from loki.evals.perplexity import check_windows
+
+        check_windows(cfg.eval)
     apply_decode_only(cfg)
     model, method, device = build_model_and_method(cfg)
     t0 = time.time()

@@ -103,6 +103,16 @@ def test_errors_are_clear_cli(tmp_path, tiny_model_dir, text_file):
     (["data.path=/nonexistent/corpus.txt"], "/nonexistent/corpus.txt"),
     (["eval.window=4096"], "above the model's limit"),
     (["eval.num_windows=1000"], "lower the number of windows"),
+    (["eval.window=0"], "eval.window must be an int >= 2, got 0"),
+    (["eval.num_windows=-1"], "eval.num_windows must be an int >= 1 or null, got -1"),
+    (["eval.num_windows=0"], "eval.num_windows must be an int >= 1 or null, got 0"),  # null is the whole corpus
+    (["eval=selection", "eval.window=64", "eval.max_windows=0"], "eval.max_windows must be an int >= 1 or null"),
+    (["method=loki", "method.basis=online", "method.d_variance=abc"], "d_variance must be a number in .0, 1., got 'abc'"),
+    (["method=loki", "method.basis=online", "method.d=1.0"], "d must be an int >= 1 .dims. or a float in .0, 1."),
+    (["method=loki", "method.basis=online", "method.d=16.0"], "d must be an int >= 1 .dims. or a float in .0, 1."),
+    (["method=loki", "method.basis=online", "method.d=0.001"], "d=0.001 of the head dim 16 rounds to 0 dims"),
+    (["method=loki", "method.basis=online", "method.slab_dtype=None"], "slab_dtype='None' is a string, not null"),
+    (["method=loki", "allow_foreign_basis=maybe"], "allow_foreign_basis must be true or false"),
 ])
 def test_errors_are_clear_in_process(extra, needle, tiny_model_dir, text_file):
     from test_extract_pca import compose

@@ -102,7 +102,7 @@ def selection_eval(cfg, model, method, device) -> dict:
 
     seqs = eval_windows(cfg, model)
     cap = cfg.eval.get("max_windows")
-    if cap:  # the experiment's num_windows is for perplexity; selection measures on fewer (it costs more per window)
+    if cap is not None:  # the experiment's num_windows is for perplexity; selection measures on fewer (it costs more per window)
         seqs = seqs[: int(cap)]
     bs = int(cfg.eval.get("batch_size", 1))
     with SelectionProbe(method) as probe, torch.inference_mode():

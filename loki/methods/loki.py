@@ -28,7 +28,7 @@ def online_basis(k: torch.Tensor) -> torch.Tensor:
 class Loki(Method):
     name = "loki"
     options = {
-        "d": 16,               # int: dims; float in (0, 1): fraction of the head dim
+        "d": 16,               # int >= 1: dims; float in (0, 1): fraction of the head dim (rounded, >= 1 dim)
         "d_variance": None,    # float in (0, 1]: per (layer, KV head) d reaching this explained variance
         **SELECTION_OPTIONS,
         "rope": "post",        # which basis: fitted on post-RoPE (default) or pre-RoPE keys
@@ -44,8 +44,12 @@ class Loki(Method):
             raise fail(f"loki: selection must be head or group, got {self.selection!r}.", "set method.selection.")
         if self.group_reduce not in ("max", "sum", "mean"):
             raise fail(f"loki: unknown group_reduce {self.group_reduce!r}.", "use max, sum or mean.")
-        if getattr(self, "slab_dtype", None) not in (None, "fp8"):  # (loki_h2o reuses this without the option)
-            raise fail(f"loki: unknown slab_dtype {self.slab_dtype!r}.", "use method.slab_dtype=null or fp8.")
+        slab = getattr(self, "slab_dtype", None)  # (loki_h2o reuses this without the option)
+        if isinstance(slab, str) and slab.lower() in ("none", "null", ""):  # Hydra reads `None` as a string
+            raise fail(f"loki: slab_dtype={slab!r} is a string, not null.",
+                       "write method.slab_dtype=null (Hydra's spelling of None) for the full-precision slab, or fp8.")
+        if slab not in (None, "fp8"):
+            raise fail(f"loki: unknown slab_dtype {slab!r}.", "use method.slab_dtype=null or fp8.")
         self.validate_basis()
 
     def validate_basis(self):
@@ -55,24 +59,31 @@ class Loki(Method):
         if self.basis not in ("offline", "online"):
             raise fail(f"loki: basis must be offline or online, got {self.basis!r}.", "set method.basis.")
         dv = self.d_variance
-        if dv is not None and not (0 < float(dv) <= 1):
-            raise fail(f"loki: d_variance must be in (0, 1], got {dv}.", "e.g. method.d_variance=0.9.")
+        if dv is not None and (isinstance(dv, bool) or not isinstance(dv, (int, float)) or not 0 < dv <= 1):
+            raise fail(f"{self.name}: d_variance must be a number in (0, 1], got {dv!r}.",
+                       "e.g. method.d_variance=0.9 (or null for a fixed method.d).")
         d = self.d
-        if dv is None and (d is None or isinstance(d, bool) or not isinstance(d, (int, float)) or d <= 0):
-            raise fail(f"loki: d must be a positive int (dims) or a fraction in (0, 1), got {d!r}.", "set method.d.")
-        if isinstance(d, float) and d >= 1 and int(d) != d:
-            raise fail(f"loki: d={d} is neither a whole number of dims nor a fraction < 1.", "set method.d.")
+        # an int counts dims, a float is a fraction of the head dim; a float >= 1 is refused: 1.0 could mean one dim
+        # or the whole head dim, and the report reads d < 1 as a fraction, d >= 1 as dims
+        if dv is None and (d is None or isinstance(d, bool) or not isinstance(d, (int, float)) or d <= 0
+                           or (isinstance(d, float) and d >= 1)):
+            raise fail(f"{self.name}: d must be an int >= 1 (dims) or a float in (0, 1) (a fraction of the head dim), "
+                       f"got {d!r}.", "write dims as an int (method.d=16; the whole head dim is method.d=<head dim>) "
+                       "and a fraction as a float below 1 (method.d=0.25).")
 
     def bind(self, model):
         super().bind(model)
         D = self.model_info["head_dim"]
         d = self.d
         if self.d_variance is None:
-            dims = int(round(d * D)) if isinstance(d, float) and d < 1 else int(d)
+            dims = int(round(d * D)) if isinstance(d, float) else d
             if dims > D:
-                raise fail(f"loki: d={dims} is larger than the head dim {D} of this model.",
+                raise fail(f"{self.name}: d={dims} is larger than the head dim {D} of this model.",
                            f"set method.d to at most {D} (or a fraction such as 0.25).")
-            self.dims = max(1, dims)
+            if dims < 1:
+                raise fail(f"{self.name}: d={d} of the head dim {D} rounds to 0 dims.",
+                           f"set method.d to a fraction >= 1/{D} = {1 / D:.3g}, or to a number of dims >= 1.")
+            self.dims = dims
         self.basis_obj = None
         if self.basis == "offline":
             basis = self.resources.get("basis")

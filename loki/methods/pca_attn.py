@@ -15,7 +15,7 @@ from loki.methods.loki import Loki
 class PcaAttn(Loki):
     name = "pca_attn"
     options = {
-        "d": 16,               # int: dims; float in (0, 1): fraction of the head dim
+        "d": 16,               # int >= 1: dims; float in (0, 1): fraction of the head dim
         "d_variance": None,    # float in (0, 1]: per (layer, KV head) d reaching this explained variance
         "rope": "post",        # basis fitted on post- (default) or pre-RoPE keys
         "basis": "offline",    # offline (pca_path) | online (PCA of the current keys)

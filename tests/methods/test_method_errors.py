@@ -87,3 +87,38 @@ def test_evicting_method_without_its_earlier_state():
     m, _ = make("h2o", k=0.5)
     with pytest.raises(LokiError, match="holds no cache state"):
         m.attend(MOD, q, k, v, causal(1, 6), SCALE)
+
+
+@pytest.mark.parametrize("name", ["loki", "pca_attn"])
+@pytest.mark.parametrize("d,dims", [(16, 16), (1, 1), (0.25, 4), (0.0625, 1), (0.99, 16)])
+def test_d_is_an_int_of_dims_or_a_fraction_below_one(name, d, dims):
+    """The rule of conf/method/loki.yaml: an int counts dims, a float in (0, 1) is a fraction of the head dim (16)."""
+    m = build_method({"name": name, "d": d}, basis=random_basis())
+    m.bind(fake_model())
+    assert m.dims == dims
+
+
+@pytest.mark.parametrize("d", [1.0, 16.0, 2.5, 0, -0.5, True, "16"])
+def test_d_ambiguous_or_not_a_number_is_refused(d):
+    """1.0 could mean one dim or the whole head dim, 16.0 is dims written as a fraction: refused, with the rule."""
+    with pytest.raises(LokiError, match=r"(?s)loki: d must be an int >= 1 \(dims\) or a float in \(0, 1\).*"
+                                        r"How to fix: write dims as an int"):
+        build_method({"name": "loki", "d": d}, basis=random_basis())
+
+
+def test_d_fraction_that_rounds_to_no_dims_is_refused():
+    m = build_method({"name": "loki", "d": 0.01}, basis=random_basis())
+    with pytest.raises(LokiError, match=r"(?s)d=0.01 of the head dim 16 rounds to 0 dims.*fraction >= 1/16"):
+        m.bind(fake_model())
+
+
+@pytest.mark.parametrize("dv", ["abc", 0, 1.5, True])
+def test_d_variance_must_be_a_number_in_0_1(dv):
+    with pytest.raises(LokiError, match=f"loki: d_variance must be a number in \\(0, 1\\], got {dv!r}"):
+        build_method({"name": "loki", "d_variance": dv}, basis=random_basis())
+
+
+@pytest.mark.parametrize("slab", ["None", "none", "null"])
+def test_slab_dtype_none_as_a_string_says_write_null(slab):
+    with pytest.raises(LokiError, match=f"(?s)slab_dtype='{slab}' is a string, not null.*method.slab_dtype=null"):
+        build_method({"name": "loki", "slab_dtype": slab}, basis=random_basis())
