@@ -86,7 +86,7 @@ def run_eval(cfg) -> dict:
         "eval": cfg.eval.name,
         "method": method.name,
         "options": {k: v for k, v in opts.items() if k != "name"},
-        "d": opts.get("d"),
+        "d": scored_dims(method, opts.get("d")),
         "k": opts.get("k"),
         **res,
         "attention_calls": method.calls,
@@ -96,6 +96,17 @@ def run_eval(cfg) -> dict:
         "git_commit": git_commit(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+
+
+def scored_dims(method, d):
+    """The ``d`` a result records: the PCA dims the method scored (a fraction of the head dim resolved to dims; with
+    ``d_variance``, the mean over layers and KV heads, since each has its own d), else the option as given."""
+    if d is None:  # (a method without a d option, e.g. sparq's r)
+        return None
+    counts = getattr(method, "dim_counts", None)
+    if getattr(method, "d_variance", None) is not None and counts is not None:
+        return round(float(counts.float().mean()), 2)
+    return getattr(method, "dims", None) or d
 
 
 def run_tag(cfg) -> str:

@@ -146,7 +146,9 @@ def _variants(rows: list[dict]) -> None:
             keys = sorted({k for r in rs for k in r["_options"]})
         for r in rs:
             opts = r["_options"]
-            diff = [k for k in keys if k not in ("d", "k", "name") and k in opts
+            # (a decode_only eval prefills densely whatever the method's sparse_prefill: not a variant of the method)
+            fixed = ("d", "k", "name") + (("sparse_prefill",) if r["_decode_only"] else ())
+            diff = [k for k in keys if k not in fixed and k in opts
                     and (k not in defaults or _jv(opts[k]) != _jv(defaults[k]))]
             r["variant"] = ",".join(f"{k}={_jv(opts[k])}" for k in diff)
 
@@ -251,6 +253,7 @@ def collect(results_dir, expect=None):
             "calib": (cfg.get("calib") or {}).get("name"), "corpus": m["corpus"], "eval": m["eval"],
             "method": m["method"], "d": m["d"], "k": m["k"], "k_mode": m["options"].get("k_mode"),
             "tag": f.parent.name, "_options": m["options"],
+            "_decode_only": bool((cfg.get("eval") or {}).get("decode_only")),
         }
         for key, v in m.items():
             if key in row or key in ("options", "config", "git_commit", "per_layer", "per_case", "k_mode"):
@@ -276,7 +279,7 @@ def collect(results_dir, expect=None):
             raise fail(f"two result files for the same point ({r['eval']}, {r['method']}, {r['options']}): "
                        f"{seen[key]} and {r['result']}.", "delete the stale one.")
         seen[key] = r["result"]
-        del r["_options"]
+        del r["_options"], r["_decode_only"]
     extra = sorted({k for r in rows for k in r} - set(ID_COLS) - set(METRIC_COLS) - set(TAIL_COLS))
     cols = ID_COLS + METRIC_COLS + extra + TAIL_COLS
     df = pd.DataFrame(rows, columns=cols)

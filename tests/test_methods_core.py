@@ -198,3 +198,20 @@ def test_d_variance_picks_per_head_dims():
     for h in range(KVH):
         d = int(m.dim_counts[0, h])
         assert evr[h, :d].sum() >= 0.5 - 1e-12 and (d == 1 or evr[h, : d - 1].sum() < 0.5)
+
+
+def test_results_record_the_dims_scored():
+    """metrics.json's d (loki.evaluate.scored_dims) is what was scored: with d_variance the mean of the per-(layer,
+    head) dims, not the unused d option; a fraction resolved to dims; a method without a d option records none."""
+    from loki.evaluate import scored_dims
+
+    basis = random_basis()
+    m = build_method({"name": "loki", "d_variance": 0.5, "k": 0.5}, basis=basis)
+    m.bind(fake_model())
+    assert scored_dims(m, 16) == pytest.approx(float(m.dim_counts.float().mean()), abs=0.005)
+    m = build_method({"name": "loki", "d": 0.25, "k": 0.5}, basis=basis)
+    m.bind(fake_model())
+    assert scored_dims(m, 0.25) == round(0.25 * D)
+    m = build_method({"name": "sparq", "r": 4, "k": 0.5})
+    m.bind(fake_model())
+    assert scored_dims(m, None) is None

@@ -68,6 +68,23 @@ def test_tidy_table_one_row_per_result_with_provenance(results):
         assert r.head_dim == fx.HEAD_DIM
 
 
+def test_decode_only_evals_forced_dense_prefill_is_no_variant(results):
+    """A decode_only eval prefills densely whatever the method's sparse_prefill, and its metrics record
+    sparse_prefill=false (loki.evaluate.apply_decode_only): that is the eval's protocol, not a variant of the method,
+    so those rows keep variant '' (and land in the plain method's figures)."""
+    f = results / "evaluate" / "passkey" / "loki-d16-k0.25" / "metrics.json"
+    m = json.loads(f.read_text())
+    m["options"]["sparse_prefill"] = m["config"]["method"]["sparse_prefill"] = False
+    m["config"]["eval"]["decode_only"] = True
+    f.write_text(json.dumps(m))
+    t = collect(results)
+    assert t[(t["eval"] == "passkey") & (t.method == "loki")].variant.tolist() == [""]
+    m["config"]["eval"]["decode_only"] = False  # the same options in an eval that honours them: a variant
+    f.write_text(json.dumps(m))
+    t = collect(results)
+    assert t[(t["eval"] == "passkey") & (t.method == "loki")].variant.tolist() == ["sparse_prefill=false"]
+
+
 def test_byte_ratio_is_2D_over_d_plus_2kD():
     D = 128
     # by hand: dense reads 2D per cached token; Loki d + 2kD
