@@ -194,6 +194,22 @@ def test_grid_values_reach_hydra_as_typed(tmp_path):
     method = compose_config([a for a in args if not a.startswith(("hydra.", "threads="))]).method
     assert (method.d, method.d_variance, method.k, method.sparse_prefill) == (8, None, 0.125, False)
     assert list(method.dense_layers) == [0, 1]
+    # the job's folder (hydra.run.dir, the log's name) holds no list brackets: `hydra.run.dir=...[0,1]` is a Hydra
+    # parse error, and `> ...[0,1].log` a shell glob that wrote into an existing `...0.log`
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    run_dir = OverridesParser.create().parse_override(next(a for a in args if a.startswith("hydra.run.dir="))).value()
+    assert run_dir.endswith("loki-d8-d_variancenull-dense_layers0_1-k0.125-sparse_prefillfalse"), run_dir
+    log = shlex.split(cmd.split(">", 1)[1])[0]
+    assert log.endswith("/loki-d8-d_variancenull-dense_layers0_1-k0.125-sparse_prefillfalse.log"), log
+
+
+def test_grid_points_sharing_a_folder_are_refused(tmp_path):
+    """Two points whose values print alike in a folder name ([0,1] and '0_1') would write one result."""
+    repo = _dag_copy(tmp_path)
+    grid = {"loki": [{"dense_layers": [[0, 1]]}, {"dense_layers": "0_1"}]}
+    res = run_py([*SNAKEMAKE, "-n", *_sweep(repo, grid)], cwd=repo, check=False)
+    assert res.returncode != 0 and "share the folder name 'loki-dense_layers0_1'" in res.stdout + res.stderr, res
 
 
 def test_baselines_alone_need_no_keys_nor_pca(tmp_path):

@@ -29,4 +29,4 @@ rule bench_decode:
         gpu=1,
     shell:
         "{params.py} -m loki.bench {params.hydra_common} {params.bench} threads={threads} "
-        "'bench.out={output}' 'hydra.run.dir={params.run_dir}' > {log} 2>&1"
+        "'bench.out={output}' 'hydra.run.dir={params.run_dir}' > {log:q} 2>&1"

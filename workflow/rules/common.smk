@@ -71,6 +71,15 @@ def _fmt(v):
     return str(v)
 
 
+_TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]+")
+
+
+def _tag_part(v):
+    """A grid value in a job's folder name: as `_fmt`, less what a path, a shell or Hydra's grammar would read
+    (a list [0,1] -> 0_1; `hydra.run.dir=...[0,1]` is a Hydra parse error and `> log[0,1]` a shell glob)."""
+    return _TAG_UNSAFE.sub("_", _fmt(v)).strip("_")
+
+
 def grid_points():
     """{(eval, tag): (method, {option: value})} from config['grid'].
 
@@ -94,8 +103,11 @@ def grid_points():
             values = [v if isinstance(v, list) else [v] for v in (block[k] for k in keys)]
             for combo in itertools.product(*values):
                 opts = dict(zip(keys, combo))
-                tag = "-".join([method] + [f"{k}{_fmt(v)}" for k, v in opts.items()])
+                tag = "-".join([method] + [f"{k}{_tag_part(v)}" for k, v in opts.items()])
                 for ev in evals:
+                    if points.get((ev, tag), (method, opts)) != (method, opts):
+                        raise ValueError(f"config: grid.{method} points {points[(ev, tag)][1]} and {opts} share the "
+                                         f"folder name '{tag}'; write one of the values differently")
                     points[(ev, tag)] = (method, opts)
     return points
 

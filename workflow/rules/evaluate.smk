@@ -24,4 +24,4 @@ rule evaluate:
         gpu=1,
     shell:
         "{params.py} -m loki.evaluate {params.hydra_common} {params.point} threads={threads} "
-        "'hydra.run.dir={params.run_dir}' > {log} 2>&1"
+        "'hydra.run.dir={params.run_dir}' > {log:q} 2>&1"

@@ -21,7 +21,7 @@ rule extract_keys:
         gpu=1,
     shell:
         "{params.py} -m loki.extract_keys experiment={params.exp} model={wildcards.model} corpus@calib={wildcards.calib} "
-        "threads={threads} 'hydra.run.dir={params.run_dir}' > {log} 2>&1"
+        "threads={threads} 'hydra.run.dir={params.run_dir}' > {log:q} 2>&1"
 
 
 rule fit_pca:
@@ -45,7 +45,7 @@ rule fit_pca:
     threads: THREADS
     shell:
         "{params.py} -m loki.fit_pca experiment={params.exp} model={wildcards.model} corpus@calib={wildcards.calib} "
-        "threads={threads} 'hydra.run.dir={params.run_dir}' > {log} 2>&1"
+        "threads={threads} 'hydra.run.dir={params.run_dir}' > {log:q} 2>&1"
 
 
 rule transfer:
@@ -71,4 +71,4 @@ rule transfer:
         "../../environment.yml"
     shell:
         "{params.py} -m loki.transfer experiment={params.exp} model={params.model} "
-        "'transfer.corpora=[{params.corpora}]' 'hydra.run.dir={params.run_dir}' > {log} 2>&1"
+        "'transfer.corpora=[{params.corpora}]' 'hydra.run.dir={params.run_dir}' > {log:q} 2>&1"

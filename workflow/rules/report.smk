@@ -88,4 +88,4 @@ rule report:
         "../../environment.yml"
     shell:
         "{params.py} -m loki.report {params.hydra_common} '++report.expect={input.metrics}' "
-        "'++report.kernels_dir={params.kernels}' 'hydra.run.dir={params.logs}/hydra/report' > {log} 2>&1"
+        "'++report.kernels_dir={params.kernels}' 'hydra.run.dir={params.logs}/hydra/report' > {log:q} 2>&1"
