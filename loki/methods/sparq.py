@@ -37,7 +37,7 @@ def sparq_approx_scores(q: torch.Tensor, k: torch.Tensor, r: int, scaling: float
 class SparQ(Method):
     name = "sparq"
     options = {
-        "r": 16,               # query components used for the approximate scores: int, or a fraction of the head dim
+        "r": 16,               # query components for the approximate scores: int >= 1, or a float in (0, 1) of the head dim
         **SELECTION_OPTIONS,
         "reallocation": True,  # mean-value reallocation: alpha * y + (1 - alpha) * mean(V)
     }
@@ -45,9 +45,11 @@ class SparQ(Method):
     def validate(self):
         validate_budget(self.name, self.k, self.k_mode)
         r = self.r
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or r <= 0 or (r >= 1 and int(r) != r):
-            raise fail(f"sparq: r must be a positive whole number of components or a fraction in (0, 1), got {r!r}.",
-                       "e.g. method.r=16 or method.r=0.25.")
+        # as loki's d: an int counts components, a float is a fraction of the head dim; a float >= 1 is refused
+        # (1.0 could mean one component or all of them)
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or r <= 0 or (isinstance(r, float) and r >= 1):
+            raise fail(f"sparq: r must be an int >= 1 (query components) or a float in (0, 1) (a fraction of the head "
+                       f"dim), got {r!r}.", "e.g. method.r=16 or method.r=0.25 (all components: method.r=<head dim>).")
         if not isinstance(self.reallocation, bool):
             raise fail(f"sparq: reallocation must be true or false, got {self.reallocation!r}.", "set method.reallocation.")
 
@@ -55,10 +57,13 @@ class SparQ(Method):
         super().bind(model)
         D = self.model_info["head_dim"]
         r = self.r
-        dims = int(round(r * D)) if isinstance(r, float) and r < 1 else int(r)
+        dims = int(round(r * D)) if isinstance(r, float) else r
         if dims > D:
             raise fail(f"sparq: r={dims} is larger than the head dim {D} of this model.", f"set method.r to at most {D}.")
-        self.dims = max(1, dims)
+        if dims < 1:
+            raise fail(f"sparq: r={r} is {r * D:.2f} of this model's {D} head dims, which rounds to 0 components.",
+                       f"set method.r to at least {1 / D:.4g} (one component), or an int.")
+        self.dims = dims
 
     def attend(self, module, q, k, v, visible, scaling):
         if is_dense_here(self, module, q):

@@ -112,6 +112,26 @@ def test_d_fraction_that_rounds_to_no_dims_is_refused():
         m.bind(fake_model())
 
 
+@pytest.mark.parametrize("r", [1.0, 16.0, 2.5, 0, True, "16"])
+def test_sparq_r_follows_the_d_rule(r):
+    """sparq's r once read 1.0 as one component and 16.0 as 16: refused as loki's d is, with the rule."""
+    with pytest.raises(LokiError, match=r"(?s)sparq: r must be an int >= 1 \(query components\) or a float in \(0, 1\)"):
+        build_method({"name": "sparq", "r": r})
+
+
+@pytest.mark.parametrize("r, dims", [(16, 16), (1, 1), (0.25, 4), (0.5, 8)])
+def test_sparq_r_dims(r, dims):
+    m = build_method({"name": "sparq", "r": r})
+    m.bind(fake_model())
+    assert m.dims == dims
+
+
+def test_sparq_r_fraction_that_rounds_to_no_components_is_refused():
+    m = build_method({"name": "sparq", "r": 0.01})
+    with pytest.raises(LokiError, match=r"(?s)r=0.01 is 0.16 of this model's 16 head dims, which rounds to 0"):
+        m.bind(fake_model())
+
+
 @pytest.mark.parametrize("dv", ["abc", 0, 1.5, True])
 def test_d_variance_must_be_a_number_in_0_1(dv):
     with pytest.raises(LokiError, match=f"loki: d_variance must be a number in \\(0, 1\\], got {dv!r}"):
