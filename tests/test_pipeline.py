@@ -172,6 +172,11 @@ def test_config_edit_reruns_the_jobs_that_read_it(tmp_path):
     loki.write_text(loki_text.replace("sink_tokens: 0", "sink_tokens: 1"))  # a method's default: its points only
     assert _job_counts(_smk(repo, "-n", *sweep)) == {"evaluate": 4, "report": 1, "all": 1, "total": 6}
     loki.write_text(loki_text)
+    main = repo / "conf" / "config.yaml"
+    main_text = main.read_text()
+    main.write_text(main_text.replace("allow_foreign_basis: false", "allow_foreign_basis: true"))  # evaluate, bench
+    assert _job_counts(_smk(repo, "-n", *sweep)) == {"evaluate": 6, "report": 1, "all": 1, "total": 8}
+    main.write_text(main_text)
     # what never changes a result: comments (above), W&B, the hydra run dir
     main = repo / "conf" / "config.yaml"
     main.write_text(main.read_text().replace("mode: offline", "mode: disabled").replace("outputs/${experiment_name}",

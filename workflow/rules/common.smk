@@ -140,14 +140,15 @@ def point_overrides(wildcards):
 # by Hydra with the rule's overrides: Snakemake reruns a job whose params changed (rerun trigger `params`, on by
 # default), and its dependents through their inputs. The shared keys (model, device, seed, paths, and any new
 # top-level key) count for every stage; a stage's own sections only for the stages that read them (loki/<stage>.py),
-# so an eval edit reruns evaluations, not extraction. Never hashed: where a job logs, its threads, W&B.
+# so an eval edit reruns evaluations, not extraction (a top-level key only some stages read is listed
+# with them). Never hashed: where a job logs, its threads, W&B.
 STAGE_SECTIONS = {
     "extract_keys": ["calib", "extract"],
     "fit_pca": ["calib", "pca"],
     "transfer": ["transfer"],
-    "evaluate": ["data", "method", "eval"],
+    "evaluate": ["data", "method", "eval", "allow_foreign_basis"],
     "report": ["calib", "data", "report"],
-    "bench_decode": ["method", "bench"],
+    "bench_decode": ["method", "bench", "allow_foreign_basis"],
 }
 _OWN_SECTIONS = {s for sections in STAGE_SECTIONS.values() for s in sections}
 _NOT_HASHED = {"hydra", "threads", "wandb", "prepare_target"}
