@@ -87,6 +87,8 @@ def run_eval(cfg) -> dict:
         "method": method.name,
         "options": {k: v for k, v in opts.items() if k != "name"},
         "d": scored_dims(method, opts.get("d")),
+        # what the report's byte ratio needs: head dim and query heads per KV head (GQA)
+        "model_shape": {key: method.model_info[key] for key in ("head_dim", "num_heads", "num_kv_heads")},
         "k": opts.get("k"),
         **res,
         "attention_calls": method.calls,

@@ -15,6 +15,12 @@ e.g. D=128, d=32, k=1/4: 256 / (32 + 64) = 2.67. Exact top-k scores with the ful
 2 / (1 + 2k). Dense is 1. The ratio ignores the query, the (B, H, S) score buffer, the top-k indices,
 sink/local tokens and dense layers (all O(S) or smaller, not O(S*D)), so it is an upper bound on a
 memory-bound kernel's speedup. It equals ``kernels/bench.py``'s ``ideal_ratio`` (dense_bytes / loki_bytes).
+
+GQA (G query heads share a KV head): a method that selects per query head (loki / h2o / loki_h2o with
+``selection=head``, and exact_topk, sparq and quest, which always do) gives each of the G heads its own k
+rows, so a kernel gathering each head's rows reads G*k rows of K and V per KV head: ``d + 2GkD`` (the group's
+union lies between k and G*k rows; G*k is what is counted, and for G = 1 the two agree). ``selection=group``
+picks one set per KV head (what ``kernels/``' GQA-native kernels run): ``d + 2kD``.
 """
 
 from __future__ import annotations
@@ -150,12 +156,24 @@ def _dims(v, D: float) -> float:
     return v * D if 0 < v < 1 else v
 
 
-def byte_ratio(method: str, d, k, head_dim, options: dict | None = None) -> float:
+def per_head_selection(method: str, options: dict | None = None) -> bool:
+    """Whether the method picks its kept keys per query head (else one set per KV head, or none)."""
+    opts = options or {}
+    if method in ("exact_topk", "sparq", "quest"):
+        return True
+    if method in ("loki", "h2o", "loki_h2o"):
+        return opts.get("selection", "head") == "head"
+    return False
+
+
+def byte_ratio(method: str, d, k, head_dim, options: dict | None = None, groups=1) -> float:
     """Ideal decode-step speedup over dense from bytes read (see the module docstring); nan where unknown.
 
-    Elements read per cached token, dense = 2D: exact_topk D + 2kD; loki d + 2kD; sparq r + 2kD;
-    quest 2D/page_size + 2kD (page min/max keys); pca_attn d + D (every value); h2o 2kD (the cache is k);
-    loki_h2o cache*d + 2kD (Loki scores the cached keys only). k (and cache) as fractions of the context.
+    Elements read per cached token and KV head, dense = 2D: exact_topk D + 2GkD; loki d + 2kD (selection=group) or
+    d + 2GkD (selection=head); sparq min(Gr, D) + 2GkD (each head its own r components); quest 2D/page_size + 2GkD
+    (page min/max keys); pca_attn d + D (every value); h2o 2kD or 2GkD (one cache per KV head / per query head);
+    loki_h2o cache*d + 2kD or 2GkD (Loki scores the cached keys only). k (and cache) as fractions of the context;
+    G = ``groups``, query heads per KV head (1: MHA, or unknown).
     """
     opts = options or {}
     if method == "dense":
@@ -164,22 +182,51 @@ def byte_ratio(method: str, d, k, head_dim, options: dict | None = None) -> floa
         return float("nan")
     D = float(head_dim)
     try:
+        G = 1.0 if groups is None or pd.isna(groups) else float(groups)
         if method == "pca_attn":
             return 2 * D / (_dims(d, D) + D)
         if k is None or pd.isna(k):
             return float("nan")
-        k = float(k)
+        rows = float(k) * (G if per_head_selection(method, opts) else 1.0)
         read = {
-            "exact_topk": lambda: D + 2 * k * D,
-            "loki": lambda: _dims(d, D) + 2 * k * D,
-            "sparq": lambda: _dims(opts["r"], D) + 2 * k * D,
-            "quest": lambda: 2 * D / float(opts["page_size"]) + 2 * k * D,
-            "h2o": lambda: 2 * k * D,
-            "loki_h2o": lambda: float(opts["cache"]) * _dims(d, D) + 2 * k * D,
+            "exact_topk": lambda: D,
+            "loki": lambda: _dims(d, D),
+            "sparq": lambda: min(G * _dims(opts["r"], D), D),
+            "quest": lambda: 2 * D / float(opts["page_size"]),
+            "h2o": lambda: 0.0,
+            "loki_h2o": lambda: float(opts["cache"]) * _dims(d, D),
         }.get(method)
-        return 2 * D / read() if read else float("nan")
+        return 2 * D / (read() + 2 * rows * D) if read else float("nan")
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         return float("nan")
+
+
+def json_opts(options) -> dict:
+    import json
+
+    return json.loads(options) if isinstance(options, str) and options else (options or {})
+
+
+def selection_of(method: str, options) -> str | None:
+    """'head' or 'group' for a method that selects keys (``options`` a dict or its JSON), None for dense/pca_attn."""
+    if method in ("dense", "pca_attn"):
+        return None
+    return "head" if per_head_selection(method, json_opts(options)) else "group"
+
+
+def byte_formula(method: str, options: dict | None = None, groups=1) -> str:
+    """The byte-ratio formula ``byte_ratio`` applies to the method (for captions and table cells)."""
+    if method == "dense":
+        return "1"
+    G = 1 if groups is None or pd.isna(groups) else int(groups)
+    kept = f"2*{G}*kD" if per_head_selection(method, options) and G > 1 else "2kD"
+    score = {"exact_topk": "D", "loki": "d", "sparq": f"min({G}r, D)" if G > 1 else "r", "quest": "2D/page_size",
+             "h2o": "", "loki_h2o": "cache*d"}
+    if method == "pca_attn":
+        return "2D/(d+D)"
+    if method not in score:
+        return "unknown"
+    return f"2D/({score[method] + '+' if score[method] else ''}{kept})"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -292,13 +339,22 @@ def frontier_data(tidy: pd.DataFrame, speed: pd.DataFrame, eval_name: str, metri
     """One row per result of the eval: metric value, speedup and where the speedup comes from."""
     t = tidy[(tidy["eval"] == eval_name) & tidy[metric].notna()]
     cols = ["method", "variant", "d", "k", "tag"]
-    out = t[cols].assign(value=t[metric].astype(float), byte_ratio=t.byte_ratio.astype(float))
-    out = out.merge(speed, on=["method", "d", "k"], how="left") if len(speed) else \
-        out.assign(speedup=np.nan, speed_source=None, speed_detail=None)
+    groups = t["kv_groups"] if "kv_groups" in t else pd.Series(np.nan, index=t.index)
+    opts = t["options"] if "options" in t else pd.Series("{}", index=t.index)
+    out = t[cols].assign(value=t[metric].astype(float), byte_ratio=t.byte_ratio.astype(float),
+                         selection=[selection_of(m, o) or "" for m, o in zip(t.method, opts)],
+                         formula=[byte_formula(m, json_opts(o), g) for m, o, g in zip(t.method, opts, groups)])
+    if len(speed):
+        sel = speed.selection if "selection" in speed else pd.Series(None, index=speed.index, dtype=object)
+        sp = speed.assign(selection=[v if isinstance(v, str) else "" for v in sel])
+        out = out.merge(sp, on=["method", "d", "k", "selection"], how="left")
+    else:
+        out = out.assign(speedup=np.nan, speed_source=None, speed_detail=None)
     ideal = out.speedup.isna()
     out.loc[ideal, "speedup"] = out.loc[ideal, "byte_ratio"]
     out.loc[ideal, "speed_source"] = "ideal"
-    out.loc[ideal, "speed_detail"] = "2D/(d+2kD)"
+    out.loc[ideal, "speed_detail"] = out.loc[ideal, "formula"]
+    out = out.drop(columns="formula")
     ref = out.method == "dense"
     out.loc[ref & ideal, "speed_source"] = "reference"
     out = out[out.speedup.notna()].copy()
@@ -346,7 +402,7 @@ def draw_frontier(data: pd.DataFrame, direction: str, label: str, title: str, fo
     n_meas = int(data.speed_source.isin(["decode", "kernel"]).sum())
     xlab = "speedup over dense attention"
     if n_ideal and not n_meas:
-        xlab += " (NO GPU FIGURE: ideal byte ratio 2D/(d+2kD))"
+        xlab += " (NO GPU FIGURE: ideal byte ratio, formula per point in the table)"
     elif n_ideal:
         xlab += " (filled: measured; hollow: ideal byte ratio, no GPU figure)"
     ax.set(xlabel=xlab, ylabel=label + (" (lower is better)" if direction == "lower" else " (higher is better)"))
@@ -478,7 +534,7 @@ def draw_kernel_speed(kern: pd.DataFrame, title: str, footer: str = ""):
             c = cmap(configs.index((df_, kf)) % 10)
             ax.plot(h.context, h.speedup, marker="o", color=c, label=f"d={df_}, k={kf} (measured)")
             ax.plot(h.context, h.ideal_ratio, ls="--", color=c, alpha=0.6, label=f"d={df_}, k={kf} (ideal bytes)")
-        _speed_panel(ax, pyplot, f"{device}, batch {batch}")
+        _speed_panel(ax, pyplot, f"{device}, batch {batch}, group selection")
     axes[0][0].set_ylabel("speedup over SDPA (attention only)")
     _title(fig, title, footer)
     return fig, data

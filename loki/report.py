@@ -50,7 +50,7 @@ CATEGORIES = {  # folder under report/ -> category name in the HTML report
 }
 ID_COLS = ["experiment", "model", "calib", "corpus", "eval", "method", "variant", "d", "k", "k_mode", "tag"]
 METRIC_COLS = ["ppl", "nll", "tokens", "recall", "attention_mass", "output_rel_error", "accuracy"]
-TAIL_COLS = ["head_dim", "byte_ratio", "seconds", "git_commit", "options", "per_layer", "per_case", "config", "result"]
+TAIL_COLS = ["head_dim", "kv_groups", "byte_ratio", "seconds", "git_commit", "options", "per_layer", "per_case", "config", "result"]
 REQUIRED = {"experiment": str, "model": str, "corpus": str, "eval": str, "method": str, "options": dict,
             "git_commit": str, "config": dict}
 EVAL_REQUIRED = {"perplexity": ("ppl", "nll", "tokens"),
@@ -153,14 +153,22 @@ def _variants(rows: list[dict]) -> None:
             r["variant"] = ",".join(f"{k}={_jv(opts[k])}" for k in diff)
 
 
-def _head_dim(cfg: dict, results_dir: Path, cache: dict):
-    """Head dim of the row's model: pca.json fingerprint, else rank.csv, else the model's config.json."""
+def _shape(m: dict, results_dir: Path, cache: dict) -> tuple[float, float]:
+    """(head dim, query heads per KV head) of the row's model: metrics.json's ``model_shape``, else the pca.json
+    fingerprint, else rank.csv (head dim only), else the model's config.json; nan where none says."""
+    if isinstance(m.get("model_shape"), dict):
+        ms = m["model_shape"]
+        try:
+            return float(ms["head_dim"]), float(ms["num_heads"]) / float(ms["num_kv_heads"])
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            pass
+    cfg = m["config"]
     pca = cfg.get("pca_path")
     model = cfg.get("model") or {}
     key = (pca, model.get("path"))
     if key in cache:
         return cache[key]
-    hd = None
+    hd = groups = None
     if pca:
         p = Path(pca)
         if not p.is_absolute() and not p.exists() and (results_dir / "pca").exists():
@@ -171,21 +179,25 @@ def _head_dim(cfg: dict, results_dir: Path, cache: dict):
         meta, rank = p.with_name("pca.json"), p.with_name("rank.csv")
         try:
             if meta.exists():
-                hd = json.loads(meta.read_text()).get("fingerprint", {}).get("head_dim")
+                fp = json.loads(meta.read_text()).get("fingerprint", {})
+                hd = fp.get("head_dim")
+                if fp.get("num_heads") and fp.get("num_kv_heads"):
+                    groups = fp["num_heads"] / fp["num_kv_heads"]
             if hd is None and rank.exists():
                 import pandas as pd
 
                 hd = int(pd.read_csv(rank, usecols=["head_dim"]).head_dim.max())
-        except (OSError, ValueError, KeyError):
-            hd = None
-    if hd is None and model.get("path"):
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+            hd = groups = None
+    if (hd is None or groups is None) and model.get("path"):
         c = Path(model["path"]) / "config.json"
         try:
             mc = json.loads(c.read_text())
-            hd = mc.get("head_dim") or mc["hidden_size"] // mc["num_attention_heads"]
+            hd = hd or mc.get("head_dim") or mc["hidden_size"] // mc["num_attention_heads"]
+            groups = groups or mc["num_attention_heads"] / (mc.get("num_key_value_heads") or mc["num_attention_heads"])
         except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
-            hd = None
-    cache[key] = float(hd) if hd else float("nan")
+            pass
+    cache[key] = (float(hd) if hd else float("nan"), float(groups) if groups else float("nan"))
     return cache[key]
 
 
@@ -256,13 +268,14 @@ def collect(results_dir, expect=None):
             "_decode_only": bool((cfg.get("eval") or {}).get("decode_only")),
         }
         for key, v in m.items():
-            if key in row or key in ("options", "config", "git_commit", "per_layer", "per_case", "k_mode"):
+            if key in row or key in ("options", "config", "git_commit", "per_layer", "per_case", "k_mode", "model_shape"):
                 continue
             row[key] = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
-        hd = _head_dim(cfg, results_dir, hd_cache)
+        hd, groups = _shape(m, results_dir, hd_cache)
         row.update({
             "head_dim": hd,
-            "byte_ratio": byte_ratio(m["method"], m["d"], _as_fraction(m["k"], m), hd, _ratio_options(m)),
+            "kv_groups": groups,
+            "byte_ratio": byte_ratio(m["method"], m["d"], _as_fraction(m["k"], m), hd, _ratio_options(m), groups),
             "git_commit": m["git_commit"],
             "options": json.dumps(m["options"], sort_keys=True),
             "per_layer": json.dumps(m["per_layer"], sort_keys=True) if "per_layer" in m else None,
@@ -283,7 +296,7 @@ def collect(results_dir, expect=None):
     extra = sorted({k for r in rows for k in r} - set(ID_COLS) - set(METRIC_COLS) - set(TAIL_COLS))
     cols = ID_COLS + METRIC_COLS + extra + TAIL_COLS
     df = pd.DataFrame(rows, columns=cols)
-    for c in ["d", "k", "head_dim", "byte_ratio"] + METRIC_COLS:
+    for c in ["d", "k", "head_dim", "kv_groups", "byte_ratio"] + METRIC_COLS:
         df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
     for c in extra:
         if all(v is None or _is_num(v) for v in df[c]):
@@ -368,7 +381,10 @@ def load_decode(results_dir):
             raise _bad(p, f"row {i}: batch/context/tokens_per_s must be numbers", producer)
         if not all(r[k] is None or _is_num(r[k]) for k in ("d", "k", "speedup", "head_dim") if k in r):
             raise _bad(p, f"row {i}: d/k/speedup must be numbers or null", producer)
-    df = pd.DataFrame([{k: r[k] for k in DECODE_KEYS} | {"variant": r.get("variant", "") or "",
+    # variant: the line's label beside method, d, k (the selection: a head and a group run of one (d, k) differ)
+    df = pd.DataFrame([{k: r[k] for k in DECODE_KEYS} | {"variant": r.get("variant", "") or (
+                                                             f"{r['selection']} selection" if r.get("selection") else ""),
+                                                         "selection": r.get("selection"),
                                                          "head_dim": r.get("head_dim")} for r in rows])
     for c in ("d", "k", "speedup", "tokens_per_s", "head_dim"):
         df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
@@ -413,7 +429,10 @@ def load_kernels(kernels_dir):
 
 
 def speed_table(tidy, decode, kernels):
-    """Measured speedup per (method, d, k) of the tidy table: decode benchmark first, then the kernel benchmark.
+    """Measured speedup per (method, d, k, selection) of the tidy table: decode benchmark first, then the kernel
+    benchmark.  A point matches a measurement of the same selection only (``head``: one top-k per query head, reading
+    up to G*k rows per KV head; ``group``: one per KV head): the kernel benchmark's Loki rows are group selection
+    (``kernels/``' GQA-native path), so a ``selection=head`` point keeps its ideal byte ratio.
 
     From several decode rows for one point, the one at the largest context (then the largest batch) is used; from
     several kernel rows, the one at the largest batch (then the largest context): a full kernel grid also holds batch
@@ -421,12 +440,17 @@ def speed_table(tidy, decode, kernels):
     """
     import pandas as pd
 
+    from loki.figures import selection_of
+
     out = []
-    points = tidy[["method", "d", "k", "head_dim"]].drop_duplicates()
+    points = tidy[["method", "d", "k", "head_dim", "options"]].drop_duplicates()
+    points = points.assign(selection=[selection_of(m, o) for m, o in zip(points.method, points.options)])
+    points = points.drop(columns="options").drop_duplicates()
     same = lambda a, b: (pd.isna(a) and pd.isna(b)) or (not pd.isna(a) and not pd.isna(b) and abs(a - b) < 1e-9)
     dims = lambda d, D: d * D if (not pd.isna(d) and 0 < d < 1 and not pd.isna(D)) else d
     dec = decode[decode.speedup.notna()] if decode is not None else None
     for _, p in points.iterrows():
+        sel = p.selection if isinstance(p.selection, str) else None  # (a missing one reads back as NaN)
         if dec is not None:
             d_t = dims(p.d, p.head_dim)
 
@@ -437,22 +461,27 @@ def speed_table(tidy, decode, kernels):
                     return abs(r.d / r.head_dim - d_t / p.head_dim) < 1e-9
                 return abs(r.d - d_t) < 1e-9
 
-            m = dec[(dec.method == p.method) & dec.k.apply(lambda v: same(v, p.k))]
+            sel_ok = dec.selection.apply(lambda v: (v if isinstance(v, str) else None) == sel)
+            m = dec[(dec.method == p.method) & dec.k.apply(lambda v: same(v, p.k)) & sel_ok]
             m = m[[d_match(r) for r in m.itertuples()]] if len(m) else m
             if len(m):
                 r = m.sort_values(["context", "batch"], kind="stable").iloc[-1]
-                out.append({"method": p.method, "d": p.d, "k": p.k, "speedup": float(r.speedup), "speed_source": "decode",
-                            "speed_detail": f"decode, batch {int(r.batch)}, context {int(r.context)}"})
+                out.append({"method": p.method, "d": p.d, "k": p.k, "selection": sel,
+                            "speedup": float(r.speedup), "speed_source": "decode",
+                            "speed_detail": f"decode, {sel + ' selection, ' if sel else ''}"
+                                            f"batch {int(r.batch)}, context {int(r.context)}"})
                 continue
-        if kernels is not None and p.method == "loki" and not pd.isna(p.d) and not pd.isna(p.k) \
-                and not pd.isna(p.head_dim):
+        if kernels is not None and p.method == "loki" and sel == "group" and not pd.isna(p.d) \
+                and not pd.isna(p.k) and not pd.isna(p.head_dim):
             d_rel = round(dims(p.d, p.head_dim) / p.head_dim, 6)
             m = kernels[(kernels.d_rel == d_rel) & (kernels.k_rel == round(p.k, 6))]
             if len(m):
                 r = m.sort_values(["batch", "context", "source"], ascending=[True, True, False], kind="stable").iloc[-1]
-                out.append({"method": p.method, "d": p.d, "k": p.k, "speedup": float(r.speedup), "speed_source": "kernel",
-                            "speed_detail": f"kernel vs SDPA, {r.device}, batch {r.batch}, context {r.context}"})
-    return pd.DataFrame(out, columns=["method", "d", "k", "speedup", "speed_source", "speed_detail"])
+                out.append({"method": p.method, "d": p.d, "k": p.k, "selection": sel,
+                            "speedup": float(r.speedup), "speed_source": "kernel",
+                            "speed_detail": f"kernel vs SDPA (group selection), {r.device}, batch {r.batch}, "
+                                            f"context {r.context}"})
+    return pd.DataFrame(out, columns=["method", "d", "k", "selection", "speedup", "speed_source", "speed_detail"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -681,13 +710,17 @@ def write(rep: Report, results_dir, staged: Path) -> list[str]:
     t["git_commit"] = t.git_commit.str.slice(0, 7) + t.git_commit.str.endswith("-dirty").map({True: "-dirty", False: ""})
     tables = {("tables", "results"): (f"{exp}: every result ({len(tidy)} rows)",
                                       t, "One row per (model, corpus, eval, method, options); byte_ratio = ideal "
-                                         "decode speedup 2D/(d+2kD). Full table with options and resolved config: "
+                                         "decode speedup from bytes read, e.g. Loki 2D/(d+2kD) with selection=group, "
+                                         "2D/(d+2GkD) with selection=head (G query heads per KV head, kv_groups). "
+                                         "Full table with options and resolved config: "
                                          "summary.csv / summary.parquet."),
               ("tables", "contents"): (f"{exp}: report contents",
                                        rep.contents, "; ".join(rep.notes) if rep.notes else "")}
     for (cat, name), (title, df) in rep.tables.items():
-        tables[(cat, name)] = (title, df, "speed_source: decode / kernel = measured on a GPU; ideal = byte ratio "
-                                          "2D/(d+2kD), no GPU figure; reference = dense")
+        tables[(cat, name)] = (title, df, "speed_source: decode / kernel = measured on a GPU (matched by method, d, k "
+                                          "and selection; the kernel figures are group selection); ideal = byte "
+                                          "ratio, no GPU figure (speed_detail: the formula, G = query heads per KV "
+                                          "head); reference = dense")
     for (cat, name), (title, df, note) in tables.items():
         p = staged / "report" / cat / f"{name}.html"
         p.parent.mkdir(parents=True, exist_ok=True)

@@ -157,6 +157,8 @@ def test_basis_of_another_model_same_shapes_needs_the_opt_in(tmp_path, tiny_mode
         run_eval(compose([*base, f"pca_path={foreign}"]))
     m = run_eval(compose([*base, f"pca_path={foreign}", "allow_foreign_basis=true"]))
     assert (m["model"], m["basis_model"]) == ("tiny", "tiny-base") and m["config"]["allow_foreign_basis"] is True
+    fp = basis.fingerprint  # the shape the report's byte ratio reads (head dim, GQA groups)
+    assert m["model_shape"] == {"head_dim": fp["head_dim"], "num_heads": fp["num_heads"], "num_kv_heads": fp["num_kv_heads"]}
     m_own = run_eval(compose([*base, f"pca_path={own}"]))
     assert m_own["basis_model"] == "tiny" and m_own["ppl"] == m["ppl"]  # the same tensors
     assert run_eval(compose([*base, "method.basis=online"]))["basis_model"] is None

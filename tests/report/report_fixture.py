@@ -12,7 +12,7 @@ from pathlib import Path
 
 EXP = "smoke"
 MODEL, CALIB, CORPUS = "smollm2-135m", "lee_news", "enwiki_sample"
-HEAD_DIM, LAYERS, KV_HEADS = 64, 4, 3
+HEAD_DIM, LAYERS, KV_HEADS, HEADS = 64, 4, 3, 9  # GQA: G = 3 query heads per KV head
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 LOKI_DEFAULTS = {"basis": "offline", "d": 16, "d_variance": None, "dense_layers": 0, "group_reduce": "max",
                  "k": 0.25, "k_mode": "prefix", "local_window": 0, "rope": "post", "selection": "head",
@@ -25,6 +25,7 @@ POINTS = [("perplexity", "dense", "dense", {})]
 POINTS += [("perplexity", f"exact_topk-k{k}", "exact_topk", {"k": k}) for k in (0.25, 0.5)]
 POINTS += [("perplexity", f"loki-d{d}-k{k}", "loki", {"d": d, "k": k}) for d in (8, 16) for k in (0.25, 0.5)]
 POINTS += [("perplexity", "loki-d16-k0.25-ropepre", "loki", {"d": 16, "k": 0.25, "rope": "pre"})]
+POINTS += [("perplexity", "loki-d16-k0.25-selectiongroup", "loki", {"d": 16, "k": 0.25, "selection": "group"})]
 POINTS += [("selection", "exact_topk-k0.25", "exact_topk", {"k": 0.25})]
 POINTS += [("selection", f"loki-d{d}-k{k}", "loki", {"d": d, "k": k}) for d in (8, 16) for k in (0.25, 0.5)]
 POINTS += [("passkey", "dense", "dense", {}), ("passkey", "loki-d16-k0.25", "loki", {"d": 16, "k": 0.25})]
@@ -111,7 +112,8 @@ def make_results(root: Path, experiment_dir: str = f"results/{EXP}", kernels: bo
     pca.mkdir(parents=True, exist_ok=True)
     (pca / "rank.csv").write_text("side,layer,head,threshold,rank,head_dim\n"
                                   + "".join(f"{s},{l},{h},{t},{r},{D}\n" for s, l, h, t, r, D in rank_rows()))
-    (pca / "pca.json").write_text(json.dumps({"fingerprint": {"head_dim": HEAD_DIM, "name": MODEL},
+    (pca / "pca.json").write_text(json.dumps({"fingerprint": {"head_dim": HEAD_DIM, "name": MODEL, "num_heads": HEADS,
+                                                              "num_kv_heads": KV_HEADS},
                                               "fitted_on": {"corpus": CALIB, "tokens": 1024, "seq_len": 256}}))
     if transfer:
         (res / "transfer").mkdir(parents=True, exist_ok=True)
@@ -127,7 +129,10 @@ def make_results(root: Path, experiment_dir: str = f"results/{EXP}", kernels: bo
         rows = [{"method": "dense", "d": None, "k": None, "batch": 1, "context": c, "tokens_per_s": 50.0,
                  "speedup": 1.0} for c in (1024, 4096)]
         rows += [{"method": "loki", "d": 8, "k": 0.5, "batch": b, "context": c, "tokens_per_s": 60.0 + c / 1024,
-                  "speedup": decode_speedup(b, c)} for b in (1, 4) for c in (1024, 4096)]
+                  "speedup": decode_speedup(b, c), "selection": "head"} for b in (1, 4) for c in (1024, 4096)]
+        # the same (d, k) with group selection, faster: a head-selection result must not take its figure
+        rows += [{"method": "loki", "d": 8, "k": 0.5, "batch": 4, "context": 4096, "tokens_per_s": 99.0,
+                  "speedup": 9.0, "selection": "group"}]
         # as loki.bench writes them: a dense_flash line; a batch without a dense reference (speedup null)
         rows += [{"method": "dense_flash", "d": None, "k": None, "batch": 1, "context": c, "tokens_per_s": 55.0,
                   "speedup": 1.1} for c in (1024, 4096)]
@@ -182,6 +187,7 @@ grid:
   loki:
     - {d: [8, 16], k: [0.25, 0.5], evals: [perplexity, selection]}
     - {d: 16, k: 0.25, rope: pre}
+    - {d: 16, k: 0.25, selection: group}
     - {d: 16, k: 0.25, evals: [passkey]}
 """
 # run Snakemake with these: only the report (and `all`) may run; every other input is the fixture's

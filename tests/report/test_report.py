@@ -55,7 +55,7 @@ def test_tidy_table_one_row_per_result_with_provenance(results):
         assert json.loads(r.config) == m["config"], "the resolved config of each row"
         assert json.loads(r.options) == m["options"]
         assert r.result == f"evaluate/{ev}/{tag}/metrics.json"
-        assert r.variant == ("rope=pre" if opts.get("rope") == "pre" else "")
+        assert r.variant == ",".join(f"{o}={opts[o]}" for o in ("rope", "selection") if o in opts)
         if ev == "perplexity":
             assert r.ppl == pytest.approx(expected_ppl(method, r.d, r.k, r.variant), rel=1e-12)
             assert r.nll == pytest.approx(math.log(r.ppl)) and r.tokens == 254
@@ -101,7 +101,31 @@ def test_byte_ratio_is_2D_over_d_plus_2kD():
         KVH, k_tokens = 8, S // kfrac
         dense_bytes = B * KVH * S * 2 * D * 2
         loki_bytes = B * KVH * (S * d + k_tokens * 2 * D) * 2
-        assert F.byte_ratio("loki", d, k_tokens / S, D) == pytest.approx(dense_bytes / loki_bytes)
+        assert F.byte_ratio("loki", d, k_tokens / S, D, {"selection": "group"}, 4) == \
+            pytest.approx(dense_bytes / loki_bytes), "the kernels' group selection"
+
+
+def test_byte_ratio_counts_per_query_head_selection_under_gqa():
+    """G query heads per KV head: a per-head top-k reads each head's k rows (G*k per KV head); group selection k."""
+    D, G = 128, 4
+    assert F.byte_ratio("loki", 32, 0.25, D, {"selection": "head"}, G) == pytest.approx(256 / (32 + 2 * G * 0.25 * D))
+    assert F.byte_ratio("loki", 32, 0.25, D, {}, G) == F.byte_ratio("loki", 32, 0.25, D, {"selection": "head"}, G), \
+        "loki's default selection is head"
+    assert F.byte_ratio("loki", 32, 0.25, D, {"selection": "group"}, G) == pytest.approx(256 / (32 + 64))
+    assert F.byte_ratio("exact_topk", None, 0.25, D, {}, G) == pytest.approx(256 / (D + 2 * G * 0.25 * D))
+    assert F.byte_ratio("sparq", None, 0.125, D, {"r": 16}, G) == pytest.approx(256 / (G * 16 + 2 * G * 0.125 * D))
+    assert F.byte_ratio("sparq", None, 0.125, D, {"r": 64}, G) == pytest.approx(256 / (D + 2 * G * 0.125 * D)), \
+        "the heads' components cover at most the whole key"
+    assert F.byte_ratio("h2o", None, 0.25, D, {"selection": "group"}, G) == pytest.approx(256 / 64)
+    assert F.byte_ratio("h2o", None, 0.25, D, {"selection": "head"}, G) == pytest.approx(256 / (G * 64))
+    assert F.byte_ratio("loki_h2o", 32, 0.25, D, {"selection": "group", "cache": 0.5}, G) == pytest.approx(256 / 80)
+    assert F.byte_ratio("pca_attn", 32, None, D, {}, G) == pytest.approx(256 / 160), "no selection"
+    for method, opts in (("loki", {"selection": "head"}), ("exact_topk", {}), ("quest", {"page_size": 16})):
+        assert F.byte_ratio(method, 32, 0.25, D, opts, 1) == F.byte_ratio(method, 32, 0.25, D, opts), "MHA: G = 1"
+        assert F.byte_ratio(method, 32, 0.25, D, opts, float("nan")) == F.byte_ratio(method, 32, 0.25, D, opts)
+    assert F.byte_formula("loki", {"selection": "head"}, 3) == "2D/(d+2*3*kD)"
+    assert F.byte_formula("loki", {"selection": "group"}, 3) == "2D/(d+2kD)"
+    assert F.byte_formula("loki", {}, 1) == "2D/(d+2kD)"
 
 
 def test_tidy_table_files_csv_and_parquet_agree(built):
@@ -164,14 +188,20 @@ def test_frontier_speed_sources_and_pareto(built):
     assert by[("dense", "", None, None)].speed_source == "decode" and by[("dense", "", None, None)].speedup == 1.0
     r = by[("loki", "", 8, 0.5)]  # decode benchmark: the largest context (4096), then the largest batch (4)
     assert (r.speed_source, r.speedup) == ("decode", fx.decode_speedup(4, 4096))
-    for variant in ("", "rope=pre"):  # kernel benchmark, matched by d/D = 16/64 = 32/128 and k = 1/4; the largest
-        # batch (16) wins over batch 1's larger context
-        r = by[("loki", variant, 16, 0.25)]
-        assert (r.speed_source, r.speedup) == ("kernel", fx.kernel_speedup(16384, 4, 4))
-    for key in (("loki", "", 8, 0.25), ("loki", "", 16, 0.5), ("exact_topk", "", None, 0.25)):
-        r = by[key]  # no GPU figure: the ideal byte ratio 2D/(d+2kD)
-        D, d = 64.0, (key[2] if key[2] is not None else 64.0)
-        assert r.speed_source == "ideal" and r.speedup == pytest.approx(2 * D / (d + 2 * key[3] * D))
+    # kernel benchmark (group selection, as kernels/ runs it), matched by d/D = 16/64 = 32/128 and k = 1/4; the
+    # largest batch (16) wins over batch 1's larger context
+    r = by[("loki", "selection=group", 16, 0.25)]
+    assert (r.speed_source, r.speedup) == ("kernel", fx.kernel_speedup(16384, 4, 4))
+    assert "group selection" in r.speed_detail
+    G, D = fx.HEADS / fx.KV_HEADS, 64.0
+    for key in (("loki", "", 16, 0.25), ("loki", "rope=pre", 16, 0.25), ("loki", "", 8, 0.25), ("loki", "", 16, 0.5),
+                ("exact_topk", "", None, 0.25)):
+        # per-query-head selection: no GPU figure of that mode (the kernel's is group), so the ideal byte ratio,
+        # with each of the G query heads reading its own k rows: 2D/(d+2GkD)
+        r = by[key]
+        d = key[2] if key[2] is not None else D
+        assert r.speed_source == "ideal" and r.speedup == pytest.approx(2 * D / (d + 2 * G * key[3] * D))
+        assert r.speed_detail == ("2D/(D+2*3*kD)" if key[0] == "exact_topk" else "2D/(d+2*3*kD)")
     for r in data.itertuples():
         assert r.value == pytest.approx(expected_ppl(r.method, r.d, r.k, r.variant))
     x, y = data.speedup.to_numpy(), data.value.to_numpy()
@@ -207,7 +237,8 @@ def test_rank_selection_transfer_speed_data(built):
     kern = fig(report, "kernel_speedup")
     assert set(kern.source) == {"h200.json"} and len(kern) == 9 and set(kern.batch) == {1, 16}
     dec = fig(report, "decode_speedup")
-    assert len(dec) == 8 and set(dec.method) == {"dense", "dense_flash", "loki"} and dec.speedup.notna().all()
+    assert len(dec) == 9 and set(dec.method) == {"dense", "dense_flash", "loki"} and dec.speedup.notna().all()
+    assert set(dec[dec.method == "loki"].variant) == {"head selection", "group selection"}, "one line per selection"
     note = report.contents.set_index("figure").loc["decode_speedup.png", "note"]
     assert note == "1 rows without a dense reference (speedup null) not shown"
 
