@@ -506,16 +506,32 @@ class Report:
     changed: list = field(default_factory=list)
 
 
+def _values(col) -> list[str]:
+    """The distinct values of a column, as short strings (ints without '.0'), sorted."""
+    vals = sorted({float(v) for v in col.dropna()}) if all(_is_num(v) for v in col.dropna()) else \
+        sorted({str(v) for v in col.dropna()})
+    return [(str(int(v)) if v.is_integer() else f"{v:g}") if isinstance(v, float) else v for v in vals]
+
+
 def protocol(tidy, eval_name=None) -> str:
     t = tidy if eval_name is None else tidy[tidy["eval"] == eval_name]
     if t.empty:
         return ""
-    r = t.iloc[0]
-    cfg = json.loads(r.config)
-    ev = cfg.get("eval") or {}
     parts = [f"model {', '.join(sorted(t.model.unique()))}", f"eval corpus {', '.join(sorted(t.corpus.unique()))}"]
-    if ev.get("window"):
-        parts.append(f"window {ev['window']}" + (f" x {ev['num_windows']}" if ev.get("num_windows") else ""))
+    # what the runs recorded in metrics.json (not the config: the selection eval caps the windows, retrieval evals
+    # have none), every distinct value where the rows differ
+    if "window" in t and t.window.notna().any():
+        wins = "/".join(_values(t.window))
+        n = "/".join(_values(t.num_windows)) if "num_windows" in t and t.num_windows.notna().any() else ""
+        parts.append(f"window {wins}" + (f" x {n}" if n else ""))
+    if "cases" in t and t.cases.notna().any():
+        parts.append(f"{'/'.join(_values(t.cases))} cases"
+                     + (f" up to {'/'.join(_values(t.max_length))} tokens"
+                        if "max_length" in t and t.max_length.notna().any() else ""))
+    if "decode_only" in t and t.decode_only.notna().any():
+        flags = {bool(v) for v in t.decode_only.dropna()}
+        parts.append("decode-only sparsity (prompt prefilled densely)" if flags == {True} else
+                     "sparse prefill" if flags == {False} else "decode-only and sparse-prefill runs")
     if "tokens" in t and t.tokens.notna().any():
         parts.append(f"{int(t.tokens.max())} tokens")
     calib = sorted(c for c in t.calib.dropna().unique())

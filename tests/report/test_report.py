@@ -85,6 +85,19 @@ def test_decode_only_evals_forced_dense_prefill_is_no_variant(results):
     assert t[(t["eval"] == "passkey") & (t.method == "loki")].variant.tolist() == ["sparse_prefill=false"]
 
 
+def test_protocol_line_says_what_each_eval_ran(built):
+    """The figures' protocol line takes windows / cases from metrics.json, per eval (not from the config: the
+    selection eval ran 1 window where the config says 2, and a retrieval eval has no windows)."""
+    from loki.report import protocol
+
+    t = built.tidy
+    ppl, sel, pk = protocol(t, "perplexity"), protocol(t, "selection"), protocol(t, "passkey")
+    assert "window 128 x 2" in ppl and "254 tokens" in ppl
+    assert "window 128 x 1" in sel and "x 2" not in sel
+    assert "window" not in pk and "1 cases up to 512 tokens" in pk and "sparse prefill" in pk
+    assert f"PCA on {fx.CALIB}" in ppl and "git 0123456" in ppl
+
+
 def test_byte_ratio_is_2D_over_d_plus_2kD():
     D = 128
     # by hand: dense reads 2D per cached token; Loki d + 2kD
