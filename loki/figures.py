@@ -38,6 +38,9 @@ MAIN_METRIC = {
     "selection": ("recall", "higher", "top-k recall (vs exact top-k)"),
     "passkey": ("accuracy", "higher", "passkey accuracy"),
     "needle": ("accuracy", "higher", "needle accuracy"),
+    "passkey_decode": ("accuracy", "higher", "passkey accuracy (decode-only sparsity)"),
+    "needle_decode": ("accuracy", "higher", "needle accuracy (decode-only sparsity)"),
+    "lm_eval": ("accuracy", "higher", "lm-eval accuracy (mean acc over tasks)"),
 }
 FALLBACK_METRICS = (("accuracy", "higher", "accuracy"), ("recall", "higher", "recall"), ("ppl", "lower", "perplexity"))
 LEGEND = {"decode": "measured (decode)", "kernel": "measured (kernel)", "reference": "reference",

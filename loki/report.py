@@ -55,7 +55,9 @@ REQUIRED = {"experiment": str, "model": str, "corpus": str, "eval": str, "method
             "git_commit": str, "config": dict}
 EVAL_REQUIRED = {"perplexity": ("ppl", "nll", "tokens"),
                  "selection": ("recall", "attention_mass", "output_rel_error", "per_layer"),
-                 "passkey": ("accuracy",), "needle": ("accuracy",)}
+                 "passkey": ("accuracy",), "needle": ("accuracy",),
+                 "passkey_decode": ("accuracy",), "needle_decode": ("accuracy",),
+                 "lm_eval": ("results",)}  # (lm_eval's accuracy is null where no task reports acc)
 RANK_COLS = ["side", "layer", "head", "threshold", "rank", "head_dim"]
 TRANSFER_COLS = ["fit_corpus", "eval_corpus", "side", "d", "explained_variance"]
 DECODE_KEYS = ["method", "d", "k", "batch", "context", "tokens_per_s", "speedup"]
@@ -95,7 +97,7 @@ def load_metrics(path: Path) -> dict:
     for key in EVAL_REQUIRED.get(m["eval"], ()):
         if key not in m:
             raise _bad(path, f"eval '{m['eval']}' result has no '{key}'", producer)
-        if key != "per_layer" and not _is_num(m[key]):
+        if key not in ("per_layer", "results") and not _is_num(m[key]):
             raise _bad(path, f"'{key}' = {m[key]!r} is not a number", producer)
     if "per_layer" in m:
         pl = m["per_layer"]

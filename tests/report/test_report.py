@@ -310,6 +310,25 @@ BAD = {
 }
 
 
+def test_every_eval_has_a_required_metric_and_a_headline():
+    """A new eval must say what its metrics.json holds (else a corrupt value silently reads as NaN) and which metric
+    the frontier plots."""
+    from loki.evals import EVALS
+    from loki.report import EVAL_REQUIRED
+
+    assert set(EVALS) <= set(EVAL_REQUIRED) and set(EVALS) <= set(F.MAIN_METRIC)
+
+
+@pytest.mark.parametrize("ev", ["passkey_decode", "needle_decode"])
+def test_corrupt_decode_only_accuracy_is_named(results, ev):
+    src = results / "evaluate/passkey/dense/metrics.json"
+    dst = results / "evaluate" / ev / "dense" / "metrics.json"
+    dst.parent.mkdir(parents=True)
+    dst.write_text(json.dumps({**json.loads(src.read_text()), "eval": ev, "accuracy": "n/a"}))
+    with pytest.raises(LokiError, match=r"(?s)metrics.json is malformed.*'accuracy' = 'n/a' is not a number"):
+        collect(results)
+
+
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_malformed_file_is_named(results, case):
     rel, change, problem = BAD[case]
