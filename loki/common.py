@@ -31,6 +31,26 @@ def compose_config(overrides: list[str] | tuple[str, ...] = (), return_hydra_con
         return compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
+def method_defaults(method: str) -> dict | None:
+    """The method's default options: conf/method/<method>.yaml (what a run of ``method=<name>`` gets), else the
+    class defaults in the registry (imports torch), else None."""
+    import yaml
+
+    p = CONF_DIR / "method" / f"{method}.yaml"
+    if p.exists():
+        d = yaml.safe_load(p.read_text()) or {}
+        d.pop("name", None)
+        return d
+    try:
+        from loki.methods import METHODS
+
+        if method in METHODS and isinstance(getattr(METHODS[method], "options", None), dict):
+            return dict(METHODS[method].options)
+    except ImportError:
+        pass
+    return None
+
+
 def fail(what: str, fix: str) -> "LokiError":
     return LokiError(f"{what}\n  How to fix: {fix}")
 

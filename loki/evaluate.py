@@ -8,6 +8,7 @@ Writes ``metrics.json`` into the job's output folder (``hydra.run.dir``, set by 
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -112,10 +113,23 @@ def scored_dims(method, d):
 
 
 def run_tag(cfg) -> str:
+    """The point's name: the method, its d and k, then every option that differs from conf/method/<method>.yaml
+    (``loki-d16-k0.25-rope_pre``), so multirun points that differ in another option get their own W&B names.  A
+    decode_only eval's sparse_prefill=false is not named (the eval sets it)."""
+    import re
+
     from omegaconf import OmegaConf
 
+    from loki.common import method_defaults
+
     opts = OmegaConf.to_container(cfg.method, resolve=True)
-    return "-".join([opts.pop("name")] + [f"{k}{v}" for k, v in sorted(opts.items()) if k in ("d", "k")])
+    name = opts.pop("name")
+    defaults = method_defaults(name) or {}
+    skip = {"d", "k"} | ({"sparse_prefill"} if cfg.eval.get("decode_only") else set())
+    parts = [name] + [f"{k}{opts[k]}" for k in ("d", "k") if k in opts]
+    parts += [f"{k}_{v}" for k, v in sorted(opts.items())
+              if k not in skip and (k not in defaults or json.dumps(v) != json.dumps(defaults[k]))]
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", "-".join(parts))
 
 
 def wandb_name(cfg, out: Path, tag: str) -> str:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loki.app import stage
-from loki.common import CONF_DIR, atomic_path, fail
+from loki.common import CONF_DIR, atomic_path, fail, method_defaults
 
 CATEGORIES = {  # folder under report/ -> category name in the HTML report
     "tables": "Results",
@@ -109,26 +109,6 @@ def load_metrics(path: Path) -> dict:
     return m
 
 
-def _method_defaults(method: str) -> dict | None:
-    """The method's default options: conf/method/<method>.yaml (what a run of ``method=<name>`` gets), else the
-    class defaults in the registry (imports torch), else None."""
-    import yaml
-
-    p = CONF_DIR / "method" / f"{method}.yaml"
-    if p.exists():
-        d = yaml.safe_load(p.read_text()) or {}
-        d.pop("name", None)
-        return d
-    try:
-        from loki.methods import METHODS
-
-        if method in METHODS and isinstance(getattr(METHODS[method], "options", None), dict):
-            return dict(METHODS[method].options)
-    except ImportError:
-        pass
-    return None
-
-
 def _jv(v) -> str:
     return json.dumps(v) if not isinstance(v, str) else v
 
@@ -139,7 +119,7 @@ def _variants(rows: list[dict]) -> None:
     for r in rows:
         by_method.setdefault(r["method"], []).append(r)
     for method, rs in by_method.items():
-        defaults = _method_defaults(method)
+        defaults = method_defaults(method)
         if defaults is None:  # unknown method: the options that vary between its rows
             keys = sorted({k for r in rs for k in r["_options"]})
             keys = [k for k in keys if len({_jv(r["_options"].get(k)) for r in rs}) > 1]

@@ -42,6 +42,31 @@ def test_hydra_multirun_goes_on_past_a_bad_point_and_fails_at_the_end(tmp_path, 
     assert "#0 " not in res.stderr.split("point(s) of the sweep failed")[1]
 
 
+def test_multirun_points_that_differ_in_another_option_get_their_own_wandb_names(tmp_path):
+    """Outside Snakemake a run is named after the eval and the point: the method, d, k and every option that
+    differs from conf/method/<method>.yaml (two points of one (d, k) with rope=post / pre were one name)."""
+    from loki.common import compose_config
+    from loki.evaluate import apply_decode_only, run_tag, wandb_name
+
+    def name(*ov):
+        cfg = compose_config(list(ov))
+        apply_decode_only(cfg)
+        return wandb_name(cfg, tmp_path / "multirun" / "3", run_tag(cfg))
+
+    assert name("method=loki") == "evaluate-perplexity-loki-d16-k0.25"
+    assert name("method=loki", "method.rope=pre") == "evaluate-perplexity-loki-d16-k0.25-rope_pre"
+    assert name("method=loki", "method.selection=group", "method.dense_layers=2") == \
+        "evaluate-perplexity-loki-d16-k0.25-dense_layers_2-selection_group"
+    assert name("method=sparq", "method.r=32") == "evaluate-perplexity-sparq-k0.25-r_32"
+    assert name("method=dense") == "evaluate-perplexity-dense"
+    assert name("method=loki", "eval=passkey_decode") == "evaluate-passkey_decode-loki-d16-k0.25", \
+        "the eval's own sparse_prefill=false is not a variant"
+    assert name("method=loki", "method.local_window=[0,1]").endswith("-local_window__0__1_"), "a safe name"
+    cfg = compose_config(["method=loki", "method.rope=pre"])  # under Snakemake: the rule's folder names the point
+    assert wandb_name(cfg, tmp_path / "evaluate" / "perplexity" / "loki-d16-k0.25-ropepre", run_tag(cfg)) == \
+        "evaluate-perplexity-loki-d16-k0.25-ropepre"
+
+
 def test_wandb_offline_run_read_back(tmp_path, tiny_model_dir, text_file):
     from loki.tracking import read_offline_run
 
