@@ -114,6 +114,10 @@ def make_results(root: Path, experiment_dir: str = f"results/{EXP}", kernels: bo
     pca.mkdir(parents=True, exist_ok=True)
     (pca / "rank.csv").write_text("side,layer,head,threshold,rank,head_dim\n"
                                   + "".join(f"{s},{l},{h},{t},{r},{D}\n" for s, l, h, t, r, D in rank_rows()))
+    if transfer:  # the transfer stage fits a basis on each of its corpora: a second rank figure
+        other = res / "pca" / MODEL / CORPUS
+        other.mkdir(parents=True, exist_ok=True)
+        (other / "rank.csv").write_text((pca / "rank.csv").read_text())
     (pca / "pca.json").write_text(json.dumps({"fingerprint": {"head_dim": HEAD_DIM, "name": MODEL, "num_heads": HEADS,
                                                               "num_kv_heads": KV_HEADS},
                                               "fitted_on": {"corpus": CALIB, "tokens": 1024, "seq_len": 256}}))

@@ -158,7 +158,7 @@ def test_tidy_table_files_csv_and_parquet_agree(built):
 def test_every_figure_drawn_and_listed(built):
     report, results = built, built.root / built.results
     names = {f"{f.category}/{f.name}" for f in report.figures}
-    assert names == {"rank/rank_smollm2-135m_lee_news", "quality/heatmap_perplexity", "quality/heatmap_selection",
+    assert names == {"rank/rank_smollm2-135m_lee_news", "rank/rank_smollm2-135m_enwiki_sample", "quality/heatmap_perplexity", "quality/heatmap_selection",
                      "quality/heatmap_passkey", "frontier/frontier_perplexity", "frontier/frontier_selection",
                      "frontier/frontier_passkey", "selection/selection_per_layer", "transfer/transfer",
                      "speed/kernel_speedup", "speed/decode_speedup"}

@@ -90,8 +90,9 @@ def test_every_figure_and_table_is_in_the_report(report_html):
     work, results, cats = report_html["work"], report_html["results"], report_html["categories"]
     res = work / "results" / fx.EXP
     files = sorted(p for p in (res / "report").rglob("*") if p.suffix in (".png", ".html"))
-    assert len([f for f in files if f.suffix == ".png"]) == 11
+    assert len([f for f in files if f.suffix == ".png"]) == 12  # (two rank figures: calib and transfer corpus)
     where = {path: cat for cat, subs in cats.items() for paths in subs.values() for path in paths}
+    seen_rank = set()
     for f in files + [res / "summary.csv"]:
         rel = str(f.relative_to(work))
         assert rel in results, f"{rel} is not in report.html"
@@ -104,9 +105,16 @@ def test_every_figure_and_table_is_in_the_report(report_html):
         assert len(caption) > 150, f"{rel}: caption too short: {caption!r}"
         if f.suffix == ".png" and f.parent.name in ("quality", "frontier", "selection", "rank"):
             assert fx.MODEL in caption, f"{rel}: the caption states the protocol (model, corpora)"
+        if f.parent.name == "rank":  # each rank figure names its own calibration corpus
+            calib, caption = f.stem.removeprefix(f"rank_{fx.MODEL}_"), " ".join(caption.split())
+            other = ({fx.CALIB, fx.CORPUS} - {calib}).pop()
+            assert f"corpus {calib} (token count" in caption and f"pca/{fx.MODEL}/{calib}/rank.csv" in caption
+            assert other not in caption, (rel, caption)
+            seen_rank.add(calib)
+    assert seen_rank == {fx.CALIB, fx.CORPUS}
     assert set(cats) == set(CATEGORIES.values())
     status = html_table(payload(report_html["by_name"]["contents.html"][1]).decode())
-    assert len(status) == 11 and (status.status == "drawn").all()
+    assert len(status) == 12 and (status.status == "drawn").all()
 
 
 def test_results_table_in_the_report_holds_every_result(report_html):

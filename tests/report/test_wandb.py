@@ -60,7 +60,7 @@ def test_run_holds_the_tidy_table(wandb_run):
 def test_run_holds_every_figure(wandb_run):
     res = wandb_run["work"] / "results" / fx.EXP / "report"
     pngs = sorted(res.glob("*/*.png"))
-    assert len(pngs) == 11 and wandb_run["summary"]["report/figures"] == 11
+    assert len(pngs) == 12 and wandb_run["summary"]["report/figures"] == 12
     for png in pngs:
         key = f"figures/{png.parent.name}/{png.stem}"
         entry = logged(wandb_run["history"], key)
