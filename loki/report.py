@@ -290,6 +290,37 @@ def collect(results_dir, expect=None):
     return df
 
 
+def load_tidy(results_dir):
+    """The tidy table for notebooks and ad-hoc analysis.
+
+    ``summary.parquet`` where it exists: the table the report stage wrote from exactly the results its DAG expects, so
+    it agrees with ``summary.csv`` and the figures, leaves out result folders of points no longer in the sweep, and
+    reads while a rerun of the DAG has jobs in flight. Else ``collect`` over every ``evaluate/<eval>/<tag>/
+    metrics.json`` (checked). ``attrs['source']`` says which; ``attrs['stale']`` lists result files written after the
+    parquet (rerun the report stage to take them in)."""
+    import pandas as pd
+
+    results_dir = Path(results_dir)
+    pq = results_dir / "summary.parquet"
+    if not pq.is_file():
+        df = collect(results_dir)
+        df.attrs.update(source=f"{results_dir}/evaluate/*/*/metrics.json (no summary.parquet: the report stage has "
+                               "not run here)", stale=[])
+        return df
+    try:
+        df = pd.read_parquet(pq)
+    except Exception as e:  # (pyarrow raises its own types)
+        raise _bad(pq, f"not readable ({type(e).__name__}: {e})", "the report stage (snakemake report)") from e
+    missing = [c for c in ID_COLS if c not in df.columns]
+    if missing:
+        raise _bad(pq, f"columns {missing} are missing", "the report stage (snakemake report)")
+    written = pq.stat().st_mtime
+    df.attrs = {"source": str(pq),
+                "stale": sorted(str(f.relative_to(results_dir)) for f in results_dir.glob("evaluate/*/*/metrics.json")
+                                if f.stat().st_mtime > written)}
+    return df
+
+
 # ----------------------------------------------------------------------------------------------------------
 # optional inputs
 

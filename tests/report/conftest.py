@@ -50,9 +50,16 @@ def built(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def results_ro(tmp_path_factory):
-    """A fixture results folder for read-only use (notebooks)."""
+    """A fixture results folder for read-only use (notebooks), as a DAG leaves it: the report stage has written
+    summary.parquet, and a rerun has a job in flight (a folder without metrics.json, which ``collect`` refuses)."""
+    from loki.report import make_report
+
     root = tmp_path_factory.mktemp("fixture_ro")
-    return fx.make_results(root)
+    res = fx.make_results(root)
+    with cwd(root):
+        make_report(res.relative_to(root), kernels_dir="kernels/measured")
+    (res / "evaluate" / "perplexity" / "loki-d32-k0.25").mkdir()
+    return res
 
 
 @pytest.fixture(scope="session")

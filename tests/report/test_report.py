@@ -85,6 +85,34 @@ def test_decode_only_evals_forced_dense_prefill_is_no_variant(results):
     assert t[(t["eval"] == "passkey") & (t.method == "loki")].variant.tolist() == ["sparse_prefill=false"]
 
 
+def test_load_tidy_reads_the_reports_table_else_every_result(results):
+    """Notebooks read summary.parquet (exactly the DAG's results) where the report wrote it, else every metrics.json;
+    both give the same table. Results written after the parquet are listed, not mixed in; a job in flight does not
+    break the parquet path."""
+    import os
+
+    from loki.report import load_tidy
+
+    fresh = load_tidy(results)
+    assert "no summary.parquet" in fresh.attrs["source"] and fresh.attrs["stale"] == []
+    make_report(results, kernels_dir=KERNELS)
+    t = load_tidy(results)
+    assert t.attrs["source"].endswith("summary.parquet") and t.attrs["stale"] == []
+    same = lambda df: df.reset_index(drop=True).astype(object).where(df.reset_index(drop=True).notna(), None)
+    pd.testing.assert_frame_equal(same(t), same(fresh))  # (a missing value: None or NaN, as the dtype has it)
+    new = results / "evaluate/perplexity/loki-d32-k0.25/metrics.json"  # a later job, and one in flight
+    new.parent.mkdir()
+    new.write_text((results / "evaluate/perplexity/loki-d8-k0.25/metrics.json").read_text())
+    later = (results / "summary.parquet").stat().st_mtime + 5
+    os.utime(new, (later, later))
+    (results / "evaluate/perplexity/loki-d64-k0.25").mkdir()
+    t = load_tidy(results)
+    assert len(t) == len(fresh) and t.attrs["stale"] == ["evaluate/perplexity/loki-d32-k0.25/metrics.json"]
+    (results / "summary.parquet").write_bytes(b"PAR1 broken")
+    with pytest.raises(LokiError, match="summary.parquet is malformed"):
+        load_tidy(results)
+
+
 def test_protocol_line_says_what_each_eval_ran(built):
     """The figures' protocol line takes windows / cases from metrics.json, per eval (not from the config: the
     selection eval ran 1 window where the config says 2, and a retrieval eval has no windows)."""
