@@ -200,10 +200,22 @@ def _ratio_options(m: dict) -> dict:
     return opts
 
 
-def collect(results_dir, expect=None):
-    """The tidy table of every ``evaluate/<eval>/<tag>/metrics.json`` (or exactly ``expect``).
+def _tag(f: Path, results_dir: Path) -> str:
+    """The result's name in the table: its job folder (``evaluate/<eval>/<tag>``), or in a Hydra multirun folder the
+    job folder's path under it (``3``, ``<time>/3``)."""
+    if f.parent.parent.parent.name == "evaluate":
+        return f.parent.name
+    try:
+        return str(f.parent.resolve().relative_to(results_dir.resolve()))
+    except ValueError:
+        return f.parent.name
 
-    Returns the table; ``table.attrs['ignored']`` lists result folders that were not expected.
+
+def collect(results_dir, expect=None):
+    """The tidy table of every ``evaluate/<eval>/<tag>/metrics.json`` (or exactly ``expect``); a Hydra multirun folder
+    (``multirun/<exp>/<time>``: job folders ``<n>/`` with ``.hydra/``) is read too, its failed points skipped.
+
+    Returns the table; ``table.attrs['ignored']`` lists result folders that were not expected (or failed).
     """
     import pandas as pd
 
@@ -213,6 +225,14 @@ def collect(results_dir, expect=None):
     found = sorted(results_dir.glob("evaluate/*/*/metrics.json"))
     job_dirs = sorted(p for p in results_dir.glob("evaluate/*/*") if p.is_dir())
     ignored = []
+    if not found and expect is None and not (results_dir / "evaluate").is_dir():
+        # a Hydra multirun folder: multirun/<exp>/<time>/<n>/ (or multirun/<exp>/, several sweeps), each job folder
+        # holding .hydra/ and metrics.json, or error.txt where the point failed (the sweep reported it)
+        job_dirs = sorted(p.parent for pat in ("*/.hydra", "*/*/.hydra") for p in results_dir.glob(pat))
+        failed = [p for p in job_dirs if (p / "error.txt").is_file() and not (p / "metrics.json").is_file()]
+        ignored = [f"{p.relative_to(results_dir)} (failed point: {p / 'error.txt'})" for p in failed]
+        job_dirs = [p for p in job_dirs if p not in failed]
+        found = [p / "metrics.json" for p in job_dirs if (p / "metrics.json").is_file()]
     if expect is not None:
         files = [Path(p) for p in expect]
         files = [p if p.is_absolute() or p.exists() else results_dir / p for p in files]
@@ -232,8 +252,10 @@ def collect(results_dir, expect=None):
                        + "; its evaluate job failed or has not finished.",
                        "rerun it (snakemake --cores 2), or delete the folder if the point is no longer wanted.")
     if not files:
-        raise fail(f"no evaluation results under {results_dir}/evaluate/<eval>/<tag>/metrics.json.",
-                   "run the evaluate stage first.")
+        raise fail(f"no evaluation results under {results_dir}: neither evaluate/<eval>/<tag>/metrics.json (the DAG's "
+                   "layout) nor <n>/metrics.json job folders of a Hydra multirun (multirun/<experiment>/<time>/).",
+                   "run the evaluate stage first, and pass the folder that holds them (results_dir=results/<exp>, or "
+                   "results_dir=multirun/<exp>/<time> for a sweep).")
     rows, hd_cache = [], {}
     for f in sorted(set(files)):
         m = load_metrics(f)
@@ -246,7 +268,7 @@ def collect(results_dir, expect=None):
             "experiment": m["experiment"], "model": m["model"],
             "calib": (cfg.get("calib") or {}).get("name"), "corpus": m["corpus"], "eval": m["eval"],
             "method": m["method"], "d": m["d"], "k": m["k"], "k_mode": m["options"].get("k_mode"),
-            "tag": f.parent.name, "_options": m["options"],
+            "tag": _tag(f, results_dir), "_options": m["options"],
             "_decode_only": bool((cfg.get("eval") or {}).get("decode_only")),
         }
         for key, v in m.items():

@@ -40,6 +40,14 @@ def test_hydra_multirun_goes_on_past_a_bad_point_and_fails_at_the_end(tmp_path, 
     assert not list(sweep.glob("*/*.tmp"))
     assert "1 point(s) of the sweep failed" in res.stderr and "#1 " in res.stderr and "method.d=17" in res.stderr
     assert "#0 " not in res.stderr.split("point(s) of the sweep failed")[1]
+    # the report reads the sweep folder as it is: its job folders are the results, the failed point is listed
+    from loki.report import make_report
+
+    rep = make_report(sweep, kernels_dir=None)
+    t = rep.tidy
+    assert sorted(t.tag) == ["0", "2"] and sorted(t.d) == [2, 8] and (t.method == "loki").all()
+    assert t.attrs["ignored"] == [f"1 (failed point: {sweep / '1' / 'error.txt'})"]
+    assert (sweep / "summary.csv").is_file() and (sweep / "report" / "quality" / "heatmap_perplexity.png").is_file()
 
 
 def test_multirun_points_that_differ_in_another_option_get_their_own_wandb_names(tmp_path):

@@ -113,6 +113,13 @@ def test_load_tidy_reads_the_reports_table_else_every_result(results):
         load_tidy(results)
 
 
+def test_a_folder_without_results_names_both_layouts(tmp_path):
+    (tmp_path / "0").mkdir()  # neither evaluate/<eval>/<tag>/ nor a Hydra job folder (.hydra/)
+    with pytest.raises(LokiError, match=r"(?s)no evaluation results under .*evaluate/<eval>/<tag>/metrics.json.*"
+                                        r"Hydra multirun.*results_dir=multirun/<exp>/<time>"):
+        collect(tmp_path)
+
+
 def test_protocol_line_says_what_each_eval_ran(built):
     """The figures' protocol line takes windows / cases from metrics.json, per eval (not from the config: the
     selection eval ran 1 window where the config says 2, and a retrieval eval has no windows)."""
