@@ -272,10 +272,16 @@ def draw_rank(ranks: pd.DataFrame, title: str, footer: str = ""):
 # quality over (d, k)
 
 def heatmap_data(tidy: pd.DataFrame, eval_name: str, metric: str) -> pd.DataFrame:
-    """Rows of one eval with a k (sparse methods): method, variant, d, k, value, tag."""
+    """Rows of one eval with a k (sparse methods): method, variant, k_mode, d, k, value, tag."""
     t = tidy[(tidy["eval"] == eval_name) & tidy.k.notna() & tidy[metric].notna()]
-    out = t[["method", "variant", "d", "k", "tag"]].assign(value=t[metric].astype(float))
+    k_mode = t["k_mode"].fillna("prefix") if "k_mode" in t else pd.Series("prefix", index=t.index)
+    out = t[["method", "variant", "d", "k", "tag"]].assign(k_mode=k_mode, value=t[metric].astype(float))
+    out = out[["method", "variant", "k_mode", "d", "k", "tag", "value"]]
     return out.sort_values(["method", "variant", "d", "k", "tag"], na_position="first").reset_index(drop=True)
+
+
+K_LABEL = {"prefix": "k (kept fraction of each query's prefix)", "window": "k (kept fraction of the window)",
+           "tokens": "k (kept tokens)"}
 
 
 def draw_heatmaps(tidy: pd.DataFrame, eval_name: str, metric: str, direction: str, label: str, title: str,
@@ -285,7 +291,8 @@ def draw_heatmaps(tidy: pd.DataFrame, eval_name: str, metric: str, direction: st
     panels = list(data.groupby(["method", "variant"], sort=True))
     if not panels:
         raise ValueError(f"no sparse results for eval {eval_name}")
-    ks = sorted(data.k.unique())
+    # each panel its own k columns (a k_mode=tokens variant counts tokens, the others fractions)
+    n_cols = max(g.k.nunique() for _, g in panels)
     log = metric == "ppl"
     vals = np.log(data.value) if log else data.value
     vmin, vmax = float(vals.min()), float(vals.max())
@@ -293,34 +300,45 @@ def draw_heatmaps(tidy: pd.DataFrame, eval_name: str, metric: str, direction: st
         vmin, vmax = vmin - 0.5, vmax + 0.5
     cmap = "viridis_r" if direction == "lower" else "viridis"
     n_rows = [max(1, g.d.nunique(dropna=False)) for _, g in panels]
-    fig, axes = subplots(pyplot, 1, len(panels), figsize=(max(4.5, 0.95 * len(ks) + 1.6) * len(panels) + 1.2,
+    fig, axes = subplots(pyplot, 1, len(panels), figsize=(max(4.5, 0.95 * n_cols + 1.6) * len(panels) + 1.2,
                                                          max(3.4, 0.55 * max(n_rows) + 2.2)), squeeze=False)
-    im = None
+    im, shared = None, []
     for ax, ((method, variant), g) in zip(axes[0], panels):
-        ds = sorted(g.d.dropna().unique())
+        ds, ks = sorted(g.d.dropna().unique()), sorted(g.k.unique())
         rows = ds if ds else [np.nan]
+        cells: dict = {}
+        for _, r in g.iterrows():  # (two results in one cell, e.g. d=0.25 and d=16 of a 64-dim head: both shown)
+            cells.setdefault((0 if pd.isna(r.d) else ds.index(r.d), ks.index(r.k)), []).append(r)
         grid = np.full((len(rows), len(ks)), np.nan)
-        for _, r in g.iterrows():
-            i = 0 if pd.isna(r.d) else ds.index(r.d)
-            grid[i, ks.index(r.k)] = r.value
+        text = {}
+        for (i, j), rs in cells.items():
+            vals = [r.value for r in rs]
+            grid[i, j] = float(np.mean(vals))
+            if len(rs) > 1:
+                shared.append(f"{method}{f' [{variant}]' if variant else ''} d={fmt_num(rows[i])} k={fmt_num(ks[j])}: "
+                              + ", ".join(r.tag for r in rs))
+            text[i, j] = "\n".join(f"{v:.4g}" for v in dict.fromkeys(vals))  # equal values once
         shown = np.log(grid) if log else grid
         im = ax.imshow(np.ma.masked_invalid(shown), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
         ax.set_xticks(range(len(ks)), [fmt_num(k) for k in ks])
         ax.set_yticks(range(len(rows)), [fmt_num(d) if not pd.isna(d) else ("full D" if method == "exact_topk" else "-")
                                          for d in rows])
         mid = (vmin + vmax) / 2
-        for i in range(len(rows)):
-            for j in range(len(ks)):
-                if not np.isnan(grid[i, j]):
-                    light = (shown[i, j] > mid) == (direction == "higher")  # viridis: high = yellow
-                    ax.text(j, i, f"{grid[i, j]:.4g}", ha="center", va="center", fontsize=9,
-                            color="black" if light else "white")
-        ax.set(xlabel="k (kept fraction of keys)", ylabel="d (PCA dims scored)" if ds else "",
-               title=method + (f"\n[{variant}]" if variant else ""))
+        for (i, j), txt in text.items():
+            light = (shown[i, j] > mid) == (direction == "higher")  # viridis: high = yellow
+            ax.text(j, i, txt, ha="center", va="center", fontsize=9 if "\n" not in txt else 7,
+                    color="black" if light else "white")
+        modes = sorted(set(g.k_mode))
+        ax.set(xlabel=K_LABEL.get(modes[0], "k") if len(modes) == 1 else "k (" + " / ".join(modes) + ")",
+               ylabel="d (PCA dims scored)" if ds else "", title=method + (f"\n[{variant}]" if variant else ""))
     cb = fig.colorbar(im, ax=list(axes[0]), shrink=0.9)
     cb.set_label(f"log {label}" if log else label)
     dense = tidy[(tidy["eval"] == eval_name) & (tidy.method == "dense")][metric].dropna()
     sub = f"; dense {label}: {dense.iloc[0]:.4g}" if len(dense) else ""
+    if shared:
+        axes[0][0].text(0, -0.28, "cells holding more than one result (values listed, colour = mean): "
+                        + "; ".join(shared[:4]) + (f"; {len(shared) - 4} more" if len(shared) > 4 else ""),
+                        transform=axes[0][0].transAxes, fontsize=7.5, color="firebrick", va="top")
     _title(fig, f"{title}{sub}", footer)
     return fig, data
 

@@ -113,6 +113,39 @@ def test_load_tidy_reads_the_reports_table_else_every_result(results):
         load_tidy(results)
 
 
+def test_heatmap_keeps_tokens_k_apart_and_shows_both_results_of_one_cell(results):
+    """A k_mode=tokens variant gets its own panel with its own k columns (tokens, not fractions, on its axis); two
+    results that land in one cell (d=0.25 and d=16 of a 64-dim head both score 16 dims) are both shown and named."""
+    src = json.loads((results / "evaluate/perplexity/loki-d16-k0.25/metrics.json").read_text())
+
+    def add(tag, ppl, **opts):
+        m = json.loads(json.dumps(src))
+        m["options"].update(opts)
+        m["config"]["method"].update(opts)
+        m["ppl"], m["k"] = ppl, opts.get("k", m["k"])
+        p = results / "evaluate/perplexity" / tag / "metrics.json"
+        p.parent.mkdir()
+        p.write_text(json.dumps(m))
+
+    add("loki-d0.25-k0.25", 31.0, d=0.25)  # metrics.json d: the 16 dims it scored
+    add("loki-d16-k64-tokens", 33.0, k=64, k_mode="tokens")
+    tidy = collect(results)
+    fig, data = F.draw_heatmaps(tidy, "perplexity", "ppl", "lower", "perplexity", "t")
+    cell = data[(data.method == "loki") & (data.variant == "") & (data.d == 16) & (data.k == 0.25)]
+    assert sorted(cell.tag) == ["loki-d0.25-k0.25", "loki-d16-k0.25"]
+    tok = data[data.variant == "k_mode=tokens"]
+    assert list(tok.k) == [64] and set(tok.k_mode) == {"tokens"}
+    axes = {a.get_title(): a for a in fig.axes if a.get_title()}
+    assert axes["loki\n[k_mode=tokens]"].get_xlabel() == "k (kept tokens)"
+    assert [t.get_text() for t in axes["loki\n[k_mode=tokens]"].get_xticklabels()] == ["64"], "its own k columns"
+    assert axes["loki"].get_xlabel() == "k (kept fraction of each query's prefix)"
+    assert "64" not in [t.get_text() for t in axes["loki"].get_xticklabels()]
+    texts = [t.get_text() for a in fig.axes for t in a.texts]
+    want = f"31\n{fx.ppl_of('loki', 16, 0.25):.4g}"  # (in tag order)
+    assert want in texts, "both values in the shared cell"
+    assert any("more than one result" in t and "loki-d0.25-k0.25, loki-d16-k0.25" in t for t in texts)
+
+
 def test_a_folder_without_results_names_both_layouts(tmp_path):
     (tmp_path / "0").mkdir()  # neither evaluate/<eval>/<tag>/ nor a Hydra job folder (.hydra/)
     with pytest.raises(LokiError, match=r"(?s)no evaluation results under .*evaluate/<eval>/<tag>/metrics.json.*"
