@@ -98,14 +98,15 @@ def test_wandb_run_of_a_failed_job_is_marked_failed(tmp_path, tiny_model_dir, te
 
     out = tmp_path / "run"
     res = run_py(["-m", "loki.evaluate", *tiny_overrides(tiny_model_dir, text_file), "method=loki",
-                  "method.basis=online", "method.d=17", f"hydra.run.dir={out}", f"wandb.dir={tmp_path}"],
-                 env={"WANDB_MODE": "offline"}, check=False)
+                  "method.basis=online", "method.d=17", f"hydra.run.dir={out}", f"wandb.dir={tmp_path}",
+                  "wandb.group=resources"], env={"WANDB_MODE": "offline"}, check=False)
     assert res.returncode == 2 and not (out / "metrics.json").exists()
     assert "error (loki.evaluate): loki: d=17 is larger than the head dim" in res.stderr  # the stage, not __main__
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     rec = read_offline_run(runs[0])
     assert rec["run"]["exit_code"] == 1
+    assert rec["run"]["group"] == "resources", "wandb.group overrides the experiment (the DAG's prepare jobs)"
     assert "larger than the head dim" in rec["summary"]["error"]
     assert "ppl" not in rec["summary"]
 

@@ -11,7 +11,7 @@ rule prepare_model:
     threads: 2
     shell:
         "{params.py} -m loki.prepare prepare_target=model model={wildcards.model} threads={threads} "
-        "wandb.dir=resources 'hydra.run.dir=resources/logs/hydra/prepare_model/{wildcards.model}' > {log:q} 2>&1"
+        "wandb.dir=resources wandb.group=resources 'hydra.run.dir=resources/logs/hydra/prepare_model/{wildcards.model}' > {log:q} 2>&1"
 
 
 rule prepare_corpus:
@@ -26,4 +26,4 @@ rule prepare_corpus:
         "../../environment.yml"
     shell:
         "{params.py} -m loki.prepare prepare_target=data corpus@data={wildcards.corpus} "
-        "wandb.dir=resources 'hydra.run.dir=resources/logs/hydra/prepare_corpus/{wildcards.corpus}' > {log:q} 2>&1"
+        "wandb.dir=resources wandb.group=resources 'hydra.run.dir=resources/logs/hydra/prepare_corpus/{wildcards.corpus}' > {log:q} 2>&1"
