@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loki.app import stage
-from loki.common import CONF_DIR, atomic_path, fail, method_defaults
+from loki.common import atomic_path, fail, method_defaults
 
 CATEGORIES = {  # folder under report/ -> category name in the HTML report
     "tables": "Results",
