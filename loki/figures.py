@@ -399,7 +399,7 @@ def draw_frontier(data: pd.DataFrame, direction: str, label: str, title: str, fo
         for _, r in g.iterrows():
             if r.method != "dense":
                 txt = " ".join(p for p in (f"d{fmt_num(r.d)}" if not pd.isna(r.d) else "",
-                                           f"k{fmt_num(r.k)}", r.variant) if p)
+                                           f"k{fmt_num(r.k)}" if not pd.isna(r.k) else "", r.variant) if p)
                 ax.annotate(txt, (r.speedup, r.value), textcoords="offset points", xytext=(4, 3), fontsize=7,
                             color="0.3")
     meas = data[data.speed_source.isin(["decode", "kernel"]) & data.byte_ratio.notna()]
