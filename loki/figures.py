@@ -169,6 +169,22 @@ def per_head_selection(method: str, options: dict | None = None) -> bool:
     return False
 
 
+# per method: the elements of every cached key it reads to score it, as f(d, D, G, options), and that term's formula
+# (G = query heads per KV head: SparQ picks r components per query head)
+_SCORE_READ = {
+    "exact_topk": (lambda d, D, G, o: D, "D"),
+    "loki": (lambda d, D, G, o: _dims(d, D), "d"),
+    "sparq": (lambda d, D, G, o: min(G * _dims(o["r"], D), D), "min(Gr, D)"),
+    "quest": (lambda d, D, G, o: 2 * D / float(o["page_size"]), "2D/page_size"),
+    "h2o": (lambda d, D, G, o: 0.0, ""),
+    "loki_h2o": (lambda d, D, G, o: float(o["cache"]) * _dims(d, D), "cache*d"),
+}
+
+
+def _groups(groups) -> float:
+    return 1.0 if groups is None or pd.isna(groups) else float(groups)
+
+
 def byte_ratio(method: str, d, k, head_dim, options: dict | None = None, groups=1) -> float:
     """Ideal decode-step speedup over dense from bytes read (see the module docstring); nan where unknown.
 
@@ -183,23 +199,14 @@ def byte_ratio(method: str, d, k, head_dim, options: dict | None = None, groups=
         return 1.0
     if head_dim is None or pd.isna(head_dim):
         return float("nan")
-    D = float(head_dim)
+    D, G = float(head_dim), _groups(groups)
     try:
-        G = 1.0 if groups is None or pd.isna(groups) else float(groups)
         if method == "pca_attn":
             return 2 * D / (_dims(d, D) + D)
-        if k is None or pd.isna(k):
+        if k is None or pd.isna(k) or method not in _SCORE_READ:
             return float("nan")
         rows = float(k) * (G if per_head_selection(method, opts) else 1.0)
-        read = {
-            "exact_topk": lambda: D,
-            "loki": lambda: _dims(d, D),
-            "sparq": lambda: min(G * _dims(opts["r"], D), D),
-            "quest": lambda: 2 * D / float(opts["page_size"]),
-            "h2o": lambda: 0.0,
-            "loki_h2o": lambda: float(opts["cache"]) * _dims(d, D),
-        }.get(method)
-        return 2 * D / (read() + 2 * rows * D) if read else float("nan")
+        return 2 * D / (_SCORE_READ[method][0](d, D, G, opts) + 2 * rows * D)
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         return float("nan")
 
@@ -219,17 +226,14 @@ def selection_of(method: str, options) -> str | None:
 
 def byte_formula(method: str, options: dict | None = None, groups=1) -> str:
     """The byte-ratio formula ``byte_ratio`` applies to the method (for captions and table cells)."""
-    if method == "dense":
-        return "1"
-    G = 1 if groups is None or pd.isna(groups) else int(groups)
-    kept = f"2*{G}*kD" if per_head_selection(method, options) and G > 1 else "2kD"
-    score = {"exact_topk": "D", "loki": "d", "sparq": f"min({G}r, D)" if G > 1 else "r", "quest": "2D/page_size",
-             "h2o": "", "loki_h2o": "cache*d"}
-    if method == "pca_attn":
-        return "2D/(d+D)"
-    if method not in score:
+    if method in ("dense", "pca_attn"):
+        return {"dense": "1", "pca_attn": "2D/(d+D)"}[method]
+    if method not in _SCORE_READ:
         return "unknown"
-    return f"2D/({score[method] + '+' if score[method] else ''}{kept})"
+    G = int(_groups(groups))
+    kept = f"2*{G}*kD" if per_head_selection(method, options) and G > 1 else "2kD"
+    score = _SCORE_READ[method][1].replace("G", str(G) if G > 1 else "")
+    return f"2D/({score + '+' if score else ''}{kept})"
 
 
 # ----------------------------------------------------------------------------------------------------------
