@@ -51,6 +51,14 @@ def method_defaults(method: str) -> dict | None:
     return None
 
 
+def changed_options(opts: dict, defaults: dict, decode_only: bool = False, among=None) -> list[str]:
+    """The method options besides d and k that differ from ``defaults`` (sorted; only those in ``among`` if given):
+    what names a variant of a method. A decode_only eval's sparse_prefill is not one (the eval sets it)."""
+    fixed = {"d", "k", "name"} | ({"sparse_prefill"} if decode_only else set())
+    return [k for k in sorted(opts) if k not in fixed and (among is None or k in among)
+            and (k not in defaults or json.dumps(opts[k]) != json.dumps(defaults[k]))]
+
+
 def fail(what: str, fix: str) -> "LokiError":
     return LokiError(f"{what}\n  How to fix: {fix}")
 

@@ -8,7 +8,6 @@ Writes ``metrics.json`` into the job's output folder (``hydra.run.dir``, set by 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -120,15 +119,13 @@ def run_tag(cfg) -> str:
 
     from omegaconf import OmegaConf
 
-    from loki.common import method_defaults
+    from loki.common import changed_options, method_defaults
 
     opts = OmegaConf.to_container(cfg.method, resolve=True)
     name = opts.pop("name")
-    defaults = method_defaults(name) or {}
-    skip = {"d", "k"} | ({"sparse_prefill"} if cfg.eval.get("decode_only") else set())
     parts = [name] + [f"{k}{opts[k]}" for k in ("d", "k") if k in opts]
-    parts += [f"{k}_{v}" for k, v in sorted(opts.items())
-              if k not in skip and (k not in defaults or json.dumps(v) != json.dumps(defaults[k]))]
+    parts += [f"{k}_{opts[k]}" for k in changed_options(opts, method_defaults(name) or {},
+                                                         bool(cfg.eval.get("decode_only")))]
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", "-".join(parts))
 
 

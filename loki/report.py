@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loki.app import stage
-from loki.common import atomic_path, fail, method_defaults
+from loki.common import atomic_path, changed_options, fail, method_defaults
 
 CATEGORIES = {  # folder under report/ -> category name in the HTML report
     "tables": "Results",
@@ -119,19 +119,14 @@ def _variants(rows: list[dict]) -> None:
     for r in rows:
         by_method.setdefault(r["method"], []).append(r)
     for method, rs in by_method.items():
-        defaults = method_defaults(method)
+        defaults, among = method_defaults(method), None
         if defaults is None:  # unknown method: the options that vary between its rows
-            keys = sorted({k for r in rs for k in r["_options"]})
-            keys = [k for k in keys if len({_jv(r["_options"].get(k)) for r in rs}) > 1]
-            defaults = {}
-        else:
-            keys = sorted({k for r in rs for k in r["_options"]})
+            keys = {k for r in rs for k in r["_options"]}
+            defaults, among = {}, {k for k in keys if len({_jv(r["_options"].get(k)) for r in rs}) > 1}
         for r in rs:
             opts = r["_options"]
             # (a decode_only eval prefills densely whatever the method's sparse_prefill: not a variant of the method)
-            fixed = ("d", "k", "name") + (("sparse_prefill",) if r["_decode_only"] else ())
-            diff = [k for k in keys if k not in fixed and k in opts
-                    and (k not in defaults or _jv(opts[k]) != _jv(defaults[k]))]
+            diff = changed_options(opts, defaults, r["_decode_only"], among)
             r["variant"] = ",".join(f"{k}={_jv(opts[k])}" for k in diff)
 
 
