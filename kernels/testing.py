@@ -1,6 +1,8 @@
 """Helpers for tests and benchmarks: random caches, orthonormal P, selection checks."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -93,3 +95,101 @@ def capture_graph(fn, n_calls: int = 1) -> "torch.cuda.CUDAGraph":
         for _ in range(n_calls):
             fn()
     return g
+
+
+_PLAIN: dict = {}   # (object, attribute) -> triton's own, replaced by fast_interpreter
+
+
+@contextlib.contextmanager
+def plain_interpreter():
+    """Triton's interpreter as shipped, for the duration (undoes fast_interpreter; tests compare the two)."""
+    fast = {key: getattr(*key) for key in _PLAIN}
+    for (obj, name), value in _PLAIN.items():
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for (obj, name), value in fast.items():
+            setattr(obj, name, value)
+
+
+def fast_interpreter() -> bool:
+    """Make ``TRITON_INTERPRET=1`` skip redundant work on every call of a ``@triton.jit`` helper from a kernel.
+
+    The interpreter patches ``triton.language`` (``inspect.getmembers`` over the module, ~1.5 ms) once per kernel
+    launch, and again on *every* device-function call inside the kernel, where the modules are already patched (the
+    nested patch finds no builtin left to wrap and resets the same stateless attributes; triton 3.9
+    ``interpreter.py``: ``InterpretedFunction.__call__`` -> ``_patch_lang``). In this project's kernels that is
+    ~40% of the interpreter's time. This skips the nested patch when every ``triton.language`` module the helper
+    sees is already patched by the launch in progress; the launch's own patch and restore are unchanged. It also
+    memoizes ``_get_np_dtype`` (a pure function of the triton dtype that builds a dict on every call).
+
+    Only for the test suite (tests/conftest.py calls it). Returns False, changing nothing, where the interpreter
+    does not have the expected functions (another triton version). A device function called from Python outside a
+    launch is patched as before; a helper whose module sees a ``triton.language`` module the kernel's does not
+    (``tl.core`` in triton's own combine functions) is patched as before the first time in each launch.
+    """
+    try:
+        from triton.runtime import interpreter as interp
+    except ImportError:  # pragma: no cover
+        return False
+    orig = getattr(interp, "_patch_lang", None)
+    grid_cls = getattr(interp, "GridExecutor", None)
+    if orig is None or grid_cls is None or not all(hasattr(interp, a) for a in ("tl", "_LangPatchScope")):
+        return False
+    if getattr(orig, "_loki_fast", False):
+        return True
+    tl, launch_call = interp.tl, grid_cls.__call__
+    state = {"starting": False, "patched": None}    # patched: ids of the modules the launch in progress patched
+
+    seen: dict = {}
+
+    def langs_of(fn) -> frozenset:
+        got = seen.get(fn)
+        if got is None:
+            got = seen[fn] = frozenset(id(v) for v in fn.__globals__.values() if v is tl or v is tl.core)
+        return got
+
+    def _patch_lang(fn):
+        langs = langs_of(fn)
+        if state["starting"]:                       # the launch's own patch (GridExecutor.__call__)
+            state["starting"] = False
+            scope = orig(fn)
+            state["patched"] = set(langs)
+            return scope
+        if state["patched"] is None:
+            return orig(fn)                         # outside a launch: as triton does
+        if langs <= state["patched"]:
+            return interp._LangPatchScope()         # a device-function call, already patched: nothing to do
+        scope = orig(fn)                            # a helper that sees another module (triton's own combine
+        state["patched"] |= langs                   # functions see tl.core): patched as triton does, never undone
+        return scope
+
+    def launch(self, *args, **kwargs):
+        state["starting"], state["patched"] = True, None
+        try:
+            return launch_call(self, *args, **kwargs)
+        finally:
+            state["starting"], state["patched"] = False, None
+
+    _patch_lang._loki_fast = True
+    _PLAIN.update({(interp, "_patch_lang"): orig, (grid_cls, "__call__"): launch_call})
+    interp._patch_lang = _patch_lang
+    grid_cls.__call__ = launch
+
+    np_dtype = getattr(interp, "_get_np_dtype", None)
+    if np_dtype is not None:                        # it builds a 19-entry dict on every call (~30 us): memoize
+        cache: dict = {}
+
+        def _get_np_dtype(tt_dtype):
+            try:
+                return cache[tt_dtype]
+            except KeyError:
+                cache[tt_dtype] = got = np_dtype(tt_dtype)
+                return got
+            except TypeError:                       # unhashable: as is
+                return np_dtype(tt_dtype)
+
+        _PLAIN[(interp, "_get_np_dtype")] = np_dtype
+        interp._get_np_dtype = _get_np_dtype
+    return True

@@ -20,6 +20,11 @@ try:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:  # pragma: no cover
     pass
+if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("LOKI_PLAIN_INTERPRETER") != "1":
+    from kernels.testing import fast_interpreter
+
+    # no re-patching of triton.language on every helper call (kernels/testing.py); LOKI_PLAIN_INTERPRETER=1: as is
+    fast_interpreter()
 
 import pytest
 
