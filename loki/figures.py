@@ -20,7 +20,9 @@ GQA (G query heads share a KV head): a method that selects per query head (loki 
 ``selection=head``, and exact_topk, sparq and quest, which always do) gives each of the G heads its own k
 rows, so a kernel gathering each head's rows reads G*k rows of K and V per KV head: ``d + 2GkD`` (the group's
 union lies between k and G*k rows; G*k is what is counted, and for G = 1 the two agree). ``selection=group``
-picks one set per KV head (what ``kernels/``' GQA-native kernels run): ``d + 2kD``.
+picks one set per KV head (what ``kernels/``' GQA-native kernels run): ``d + 2kD``. The tidy table's
+``byte_ratio_measured`` puts the measured rows instead (``kv_rows_fraction``: each KV head's union, counted by the
+method while it ran): what a kernel that reads a row once for its whole group would read.
 """
 
 from __future__ import annotations
@@ -185,7 +187,7 @@ def _groups(groups) -> float:
     return 1.0 if groups is None or pd.isna(groups) else float(groups)
 
 
-def byte_ratio(method: str, d, k, head_dim, options: dict | None = None, groups=1) -> float:
+def byte_ratio(method: str, d, k, head_dim, options: dict | None = None, groups=1, rows=None) -> float:
     """Ideal decode-step speedup over dense from bytes read (see the module docstring); nan where unknown.
 
     Elements read per cached token and KV head, dense = 2D: exact_topk D + 2GkD; loki d + 2kD (selection=group) or
@@ -193,6 +195,10 @@ def byte_ratio(method: str, d, k, head_dim, options: dict | None = None, groups=
     (page min/max keys); pca_attn d + D (every value); h2o 2kD or 2GkD (one cache per KV head / per query head);
     loki_h2o cache*d + 2kD or 2GkD (Loki scores the cached keys only). k (and cache) as fractions of the context;
     G = ``groups``, query heads per KV head (1: MHA, or unknown).
+
+    ``rows``: the K/V rows a KV head read, measured, as a fraction of the context (an eval's ``kv_rows_fraction``:
+    the union of the group's sets, forced tokens and dense layers included); it replaces k (or G*k) for the
+    ``byte_ratio_measured`` column. The scoring read is unchanged.
     """
     opts = options or {}
     if method == "dense":
@@ -203,9 +209,12 @@ def byte_ratio(method: str, d, k, head_dim, options: dict | None = None, groups=
     try:
         if method == "pca_attn":
             return 2 * D / (_dims(d, D) + D)
-        if k is None or pd.isna(k) or method not in _SCORE_READ:
+        if (k is None or pd.isna(k)) and (rows is None or pd.isna(rows)) or method not in _SCORE_READ:
             return float("nan")
-        rows = float(k) * (G if per_head_selection(method, opts) else 1.0)
+        if rows is not None and not pd.isna(rows):
+            rows = float(rows)
+        else:
+            rows = float(k) * (G if per_head_selection(method, opts) else 1.0)
         return 2 * D / (_SCORE_READ[method][0](d, D, G, opts) + 2 * rows * D)
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         return float("nan")

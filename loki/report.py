@@ -50,7 +50,7 @@ CATEGORIES = {  # folder under report/ -> category name in the HTML report
 }
 ID_COLS = ["experiment", "model", "calib", "corpus", "eval", "method", "variant", "d", "k", "k_mode", "tag"]
 METRIC_COLS = ["ppl", "nll", "tokens", "recall", "attention_mass", "output_rel_error", "accuracy"]
-TAIL_COLS = ["head_dim", "kv_groups", "byte_ratio", "seconds", "git_commit", "options", "per_layer", "per_case", "config", "result"]
+TAIL_COLS = ["head_dim", "kv_groups", "byte_ratio", "byte_ratio_measured", "seconds", "git_commit", "options", "per_layer", "per_case", "config", "result"]
 REQUIRED = {"experiment": str, "model": str, "corpus": str, "eval": str, "method": str, "options": dict,
             "git_commit": str, "config": dict}
 EVAL_REQUIRED = {"perplexity": ("ppl", "nll", "tokens"),
@@ -188,6 +188,16 @@ def _as_fraction(v, m: dict) -> float | None:
     return float(v)
 
 
+def _measured_rows(m: dict) -> float | None:
+    """The K/V rows each KV head read / visible keys, as the method counted them (``kv_rows_fraction``; the decode
+    steps' where the eval ran any); None for results written before it was counted."""
+    for key in ("kv_rows_fraction_decode", "kv_rows_fraction"):
+        v = m.get(key)
+        if _is_num(v):
+            return float(v)
+    return None
+
+
 def _ratio_options(m: dict) -> dict:
     opts = dict(m["options"])
     if "cache" in opts:
@@ -275,6 +285,10 @@ def collect(results_dir, expect=None):
             "head_dim": hd,
             "kv_groups": groups,
             "byte_ratio": byte_ratio(m["method"], m["d"], _as_fraction(m["k"], m), hd, _ratio_options(m), groups),
+            # the same with the K/V rows each KV head read, measured (decode steps where the eval has any)
+            "byte_ratio_measured": (float("nan") if _measured_rows(m) is None else
+                                    byte_ratio(m["method"], m["d"], _as_fraction(m["k"], m), hd, _ratio_options(m),
+                                               groups, rows=_measured_rows(m))),
             "git_commit": m["git_commit"],
             "options": json.dumps(m["options"], sort_keys=True),
             "per_layer": json.dumps(m["per_layer"], sort_keys=True) if "per_layer" in m else None,
@@ -295,7 +309,7 @@ def collect(results_dir, expect=None):
     extra = sorted({k for r in rows for k in r} - set(ID_COLS) - set(METRIC_COLS) - set(TAIL_COLS))
     cols = ID_COLS + METRIC_COLS + extra + TAIL_COLS
     df = pd.DataFrame(rows, columns=cols)
-    for c in ["d", "k", "head_dim", "kv_groups", "byte_ratio"] + METRIC_COLS:
+    for c in ["d", "k", "head_dim", "kv_groups", "byte_ratio", "byte_ratio_measured"] + METRIC_COLS:
         df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
     for c in extra:
         if all(v is None or _is_num(v) for v in df[c]):
@@ -704,7 +718,7 @@ HTML_STYLE = ("body{font-family:system-ui,sans-serif;font-size:13px;margin:12px;
               "th{background:#f0f0f0;position:sticky;top:0}td.l,th.l{text-align:left}"
               "tr:nth-child(even){background:#fafafa}p{color:#555}")
 TABLE_COLS = ["eval", "model", "corpus", "method", "variant", "d", "k", "k_mode"] + METRIC_COLS + \
-             ["byte_ratio", "seconds", "git_commit", "tag"]
+             ["kv_rows_fraction", "byte_ratio", "byte_ratio_measured", "seconds", "git_commit", "tag"]
 
 
 def html_table(df, title: str, note: str = "") -> str:
@@ -757,7 +771,11 @@ def write(rep: Report, results_dir, staged: Path) -> list[str]:
     tables = {("tables", "results"): (f"{exp}: every result ({len(tidy)} rows)",
                                       t, "One row per (model, corpus, eval, method, options); byte_ratio = ideal "
                                          "decode speedup from bytes read, e.g. Loki 2D/(d+2kD) with selection=group, "
-                                         "2D/(d+2GkD) with selection=head (G query heads per KV head, kv_groups). "
+                                         "2D/(d+2GkD) with selection=head (G query heads per KV head, kv_groups); "
+                                         "kv_rows_fraction = K/V rows each KV head read / context, measured (a row "
+                                         "kept by several heads of a group counted once, dense layers and forced "
+                                         "tokens included), and byte_ratio_measured the same ratio with those rows "
+                                         "in place of k or Gk. "
                                          "Full table with options and resolved config: "
                                          "summary.csv / summary.parquet."),
               ("tables", "contents"): (f"{exp}: report contents",

@@ -2,8 +2,9 @@
 
 An eval is ``fn(cfg, model, method, device) -> dict`` of metrics (JSON-serialisable, the headline scalars at
 the top level); ``evaluate`` adds the provenance. Every registered eval also returns what the method kept
-(``method_stats``: ``kept_fraction``, ``kept_fraction_decode`` over decode steps, and for evicting methods the
-cache size they save; these are also copied to the top level). Register new ones in ``EVALS``.
+(``method_stats``: ``kept_fraction``, ``kept_fraction_decode`` over decode steps, ``kv_rows_fraction`` (``_decode``):
+the K/V rows each KV head reads, a row kept by several query heads of its group counted once, and for evicting
+methods the cache size they save; these are also copied to the top level). Register new ones in ``EVALS``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from loki.evals.passkey import passkey_eval
 from loki.evals.perplexity import perplexity_eval
 from loki.evals.selection import selection_eval
 
-HEADLINE_STATS = ("kept_fraction", "kept_fraction_decode", "cache_fraction", "cache_saved")
+HEADLINE_STATS = ("kept_fraction", "kept_fraction_decode", "kv_rows_fraction", "kv_rows_fraction_decode",
+                  "cache_fraction", "cache_saved")
 
 
 def json_safe(x):

@@ -83,12 +83,17 @@ class Method:
     def reset_stats(self) -> None:
         self._stats = {"kept": 0.0, "visible": 0.0, "kept_decode": 0.0, "visible_decode": 0.0, "cache": 0.0,
                        "cache_visible": 0.0, "cache_last": 0.0, "cache_last_visible": 0.0, "cache_peak": 0,
-                       "context_peak": 0}
+                       "context_peak": 0, "rows": 0.0, "rows_visible": 0.0, "rows_decode": 0.0,
+                       "rows_visible_decode": 0.0}
 
     def record(self, keep: torch.Tensor | None, visible: torch.Tensor, heads: int,
-               cache: torch.Tensor | None = None, cache_peak: int | None = None) -> None:
+               cache: torch.Tensor | None = None, cache_peak: int | None = None, kv_heads: int | None = None) -> None:
         """Count attended keys (``keep`` (B, H, T, S) bool; None = every visible key) against the visible ones,
-        and, for methods that evict, the keys held in the cache (``cache`` (B, Hc, T, S) bool, one per cache)."""
+        and, for methods that evict, the keys held in the cache (``cache`` (B, Hc, T, S) bool, one per cache).
+
+        With ``kv_heads`` (the KV heads of the layer, H a multiple of it) also the K/V rows each KV head must read:
+        the union of its G = H / kv_heads query heads' sets (G x a head's set at most, one set with group
+        selection)."""
         st = self._stats
         B = keep.shape[0] if keep is not None else visible.shape[0]
         rep = B // visible.shape[0]
@@ -96,9 +101,21 @@ class Method:
         n_kept = float(keep.count_nonzero()) if keep is not None else n_vis * heads
         st["visible"] += n_vis * heads
         st["kept"] += n_kept
-        if visible.shape[-2] == 1:  # one query per sequence: a decode step
+        decode = visible.shape[-2] == 1  # one query per sequence: a decode step
+        if decode:
             st["visible_decode"] += n_vis * heads
             st["kept_decode"] += n_kept
+        if kv_heads:
+            if keep is None:
+                n_rows = n_vis * kv_heads
+            else:
+                b, h, t, s = keep.shape
+                n_rows = float(keep.reshape(b, kv_heads, h // kv_heads, t, s).any(2).count_nonzero())
+            st["rows"] += n_rows
+            st["rows_visible"] += n_vis * kv_heads
+            if decode:
+                st["rows_decode"] += n_rows
+                st["rows_visible_decode"] += n_vis * kv_heads
         last_vis = visible[..., -1, :].sum(-1)  # (B|1, 1): keys visible to the last row
         st["context_peak"] = max(st["context_peak"], int(last_vis.max()))
         if cache is not None:
@@ -118,13 +135,20 @@ class Method:
         single-query calls (decode steps) only. Evicting methods add
         ``cache_fraction_mean`` (cached / visible keys, averaged over rows), ``cache_fraction`` (the cache
         after the last row of each call / the keys seen by then: the memory a decoder holds at the end, over
-        layers and KV heads), ``cache_saved`` = 1 - ``cache_fraction``, and the peak cache / context sizes."""
+        layers and KV heads), ``cache_saved`` = 1 - ``cache_fraction``, and the peak cache / context sizes.
+        ``kv_rows_fraction`` (``_decode``): K/V rows a KV head reads / visible keys, where a row selected by
+        several query heads of the group counts once (the union of their sets; = ``kept_fraction`` with group
+        selection or without GQA, at most G x it with per-head selection)."""
         st = self._stats
         out = {}
         if st["visible"]:
             out["kept_fraction"] = st["kept"] / st["visible"]
         if st["visible_decode"]:
             out["kept_fraction_decode"] = st["kept_decode"] / st["visible_decode"]
+        if st["rows_visible"]:
+            out["kv_rows_fraction"] = st["rows"] / st["rows_visible"]
+        if st["rows_visible_decode"]:
+            out["kv_rows_fraction_decode"] = st["rows_decode"] / st["rows_visible_decode"]
         if st["cache_visible"]:
             out["cache_fraction_mean"] = st["cache"] / st["cache_visible"]
             out["cache_fraction"] = st["cache_last"] / st["cache_last_visible"]

@@ -30,11 +30,11 @@ class ExactTopK(Method):
 
     def attend(self, module, q, k, v, visible, scaling):
         if is_dense_here(self, module, q):
-            self.record(None, visible, q.shape[1])
+            self.record(None, visible, q.shape[1], kv_heads=k.shape[1])
             return dense_attention(q, k, v, visible, scaling)
         scores = exact_scores(q, k, scaling)
         budget = token_budget(visible, self.k, self.k_mode)
         keep = select_topk(scores, visible, budget, forced_mask(visible, self.sink_tokens, self.local_window))
         self.last_selection = keep
-        self.record(keep, visible, q.shape[1])
+        self.record(keep, visible, q.shape[1], kv_heads=k.shape[1])
         return kept_attention(q, k, v, keep, scaling)

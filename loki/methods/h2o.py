@@ -177,7 +177,7 @@ class EvictingMethod(Method):
                 held[:, :, -1, :] = self._state[layer]["cache"]  # ... and is cut to the budget after it
             else:  # a dense chunk after earlier keys: no policy state to continue from
                 self._state.pop(layer, None)
-        self.record(None, visible, q.shape[1], cache=held, cache_peak=peak)
+        self.record(None, visible, q.shape[1], cache=held, cache_peak=peak, kv_heads=k.shape[1])
         return dense_attention(q, k, v, visible, scaling)
 
 
@@ -206,6 +206,6 @@ class H2O(EvictingMethod):
         keep, held, self._state[layer] = simulate(scores, visible, budget, float(self.recent), forced, groups,
                                                   self._state.get(layer))
         self.last_selection = keep
-        self.record(keep, visible, q.shape[1], cache=held)
+        self.record(keep, visible, q.shape[1], cache=held, kv_heads=k.shape[1])
         return masked_attention(scores, keep, v)
 

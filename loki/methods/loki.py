@@ -142,7 +142,7 @@ class Loki(Method):
 
     def attend(self, module, q, k, v, visible, scaling):
         if is_dense_here(self, module, q):
-            self.record(None, visible, q.shape[1])
+            self.record(None, visible, q.shape[1], kv_heads=k.shape[1])
             return dense_attention(q, k, v, visible, scaling)
         approx = self.approx_scores(module, q, k, scaling)
         budget = token_budget(visible, self.k, self.k_mode)
@@ -154,5 +154,5 @@ class Loki(Method):
         else:
             keep = select_topk(approx, visible, budget, forced)
         self.last_selection = keep
-        self.record(keep, visible, q.shape[1])
+        self.record(keep, visible, q.shape[1], kv_heads=k.shape[1])
         return kept_attention(q, k, v, keep, scaling)

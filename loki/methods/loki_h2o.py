@@ -59,5 +59,5 @@ class LokiH2O(EvictingMethod, Loki):
         keep, held, self._state[layer] = simulate(scores, visible, cache_budget, float(self.recent), forced, g,
                                                   self._state.get(layer), rank=approx, sel_budget=budget)
         self.last_selection = keep
-        self.record(keep, visible, q.shape[1], cache=held)
+        self.record(keep, visible, q.shape[1], cache=held, kv_heads=k.shape[1])
         return masked_attention(scores, keep, v)

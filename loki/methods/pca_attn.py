@@ -28,7 +28,7 @@ class PcaAttn(Loki):
 
     def attend(self, module, q, k, v, visible, scaling):
         self.last_selection = None  # every visible key (nothing is selected)
-        self.record(None, visible, q.shape[1])
+        self.record(None, visible, q.shape[1], kv_heads=k.shape[1])
         if is_dense_here(self, module, q):
             return dense_attention(q, k, v, visible, scaling)
         scores = self.approx_scores(module, q, k, scaling)

@@ -106,7 +106,7 @@ class Quest(Method):
 
     def attend(self, module, q, k, v, visible, scaling):
         if is_dense_here(self, module, q):
-            self.record(None, visible, q.shape[1])
+            self.record(None, visible, q.shape[1], kv_heads=k.shape[1])
             return dense_attention(q, k, v, visible, scaling)
         scores = exact_scores(q, k, scaling)
         ub = page_bounds(q, k, visible, int(self.page_size), scaling)
@@ -114,5 +114,5 @@ class Quest(Method):
         forced = forced_mask(visible, self.sink_tokens, self.local_window)
         keep = select_pages(ub, visible, budget, forced, int(self.page_size))
         self.last_selection = keep
-        self.record(keep, visible, q.shape[1])
+        self.record(keep, visible, q.shape[1], kv_heads=k.shape[1])
         return masked_attention(scores, keep, v)

@@ -67,14 +67,14 @@ class SparQ(Method):
 
     def attend(self, module, q, k, v, visible, scaling):
         if is_dense_here(self, module, q):
-            self.record(None, visible, q.shape[1])
+            self.record(None, visible, q.shape[1], kv_heads=k.shape[1])
             return dense_attention(q, k, v, visible, scaling)
         scores = exact_scores(q, k, scaling)
         approx = sparq_approx_scores(q, k, self.dims, scaling)
         budget = token_budget(visible, self.k, self.k_mode)
         keep = select_topk(approx, visible, budget, forced_mask(visible, self.sink_tokens, self.local_window))
         self.last_selection = keep
-        self.record(keep, visible, q.shape[1])
+        self.record(keep, visible, q.shape[1], kv_heads=k.shape[1])
         y = masked_attention(scores, keep, v)
         if not self.reallocation:
             return y

@@ -150,3 +150,37 @@ def test_float32_inputs_match_float64_selection():
         assert ob.dtype == torch.float32
         assert torch.equal(a.last_selection, b.last_selection), name
         torch.testing.assert_close(ob.double(), oa, rtol=1e-4, atol=1e-5)
+
+
+SELECTING = [("exact_topk", dict(k=0.3)), ("loki", dict(d=4, k=0.3)), ("loki", dict(d=4, k=0.3, selection="group")),
+             ("sparq", dict(r=3, k=0.3)), ("quest", dict(k=0.3, page_size=4)), ("h2o", dict(k=0.3)),
+             ("h2o", dict(k=0.3, selection="group")), ("loki_h2o", dict(d=4, k=0.3, cache=0.6)),
+             ("pca_attn", dict(d=4, basis="online"))]
+
+
+@pytest.mark.parametrize("name,opts", SELECTING, ids=[f"{n}-{i}" for i, (n, _) in enumerate(SELECTING)])
+def test_kv_rows_fraction_is_the_union_of_each_groups_sets(name, opts):
+    """kv_rows_fraction counts the K/V rows a KV head reads: the union over its G query heads of their kept keys
+    (counted here from the last selection, per call), between kept_fraction and min(1, G x kept_fraction); with group
+    selection it equals kept_fraction."""
+    assert G > 1, "the fixture must be GQA for this to test anything"
+    m, _ = make(name, **opts)
+    vis = causal(T)
+    rows = rows_vis = kept = 0.0
+    for seed in (40, 41):
+        q, k, v = qkv(seed, T=T)
+        m.attend(MOD, q, k, v, vis, SCALE)
+        keep = m.last_selection
+        keep = vis.expand(B, H, T, T) if keep is None else keep
+        union = keep.reshape(B, KVH, G, T, T).any(2)
+        rows += float(union.sum())
+        rows_vis += float(vis.sum()) * B * KVH
+        kept += float(keep.sum())
+    st = m.stats()
+    assert st["kv_rows_fraction"] == pytest.approx(rows / rows_vis, rel=1e-12)
+    assert st["kept_fraction"] == pytest.approx(kept / (rows_vis * G), rel=1e-12)
+    assert st["kept_fraction"] - 1e-12 <= st["kv_rows_fraction"] <= min(1.0, G * st["kept_fraction"]) + 1e-12
+    if opts.get("selection") == "group" or name == "pca_attn":
+        assert st["kv_rows_fraction"] == pytest.approx(st["kept_fraction"], rel=1e-12)
+    elif name != "quest":
+        assert st["kv_rows_fraction"] > st["kept_fraction"] * 1.05, "per-head sets of a group should differ here"

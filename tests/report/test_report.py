@@ -204,6 +204,11 @@ def test_byte_ratio_counts_per_query_head_selection_under_gqa():
     for method, opts in (("loki", {"selection": "head"}), ("exact_topk", {}), ("quest", {"page_size": 16})):
         assert F.byte_ratio(method, 32, 0.25, D, opts, 1) == F.byte_ratio(method, 32, 0.25, D, opts), "MHA: G = 1"
         assert F.byte_ratio(method, 32, 0.25, D, opts, float("nan")) == F.byte_ratio(method, 32, 0.25, D, opts)
+    # measured rows (a group's union) in place of k or G*k; the scoring read unchanged
+    assert F.byte_ratio("loki", 32, 0.25, D, {"selection": "head"}, G, rows=0.4) == pytest.approx(256 / (32 + 0.8 * D))
+    assert F.byte_ratio("exact_topk", None, 0.25, D, {}, G, rows=0.5) == pytest.approx(256 / (D + D))
+    assert F.byte_ratio("loki", 32, 0.25, D, {"selection": "head"}, G, rows=float("nan")) == \
+        F.byte_ratio("loki", 32, 0.25, D, {"selection": "head"}, G)
     assert F.byte_formula("loki", {"selection": "head"}, 3) == "2D/(d+2*3*kD)"
     assert F.byte_formula("loki", {"selection": "group"}, 3) == "2D/(d+2kD)"
     assert F.byte_formula("loki", {}, 1) == "2D/(d+2kD)"
@@ -440,3 +445,21 @@ def test_rerun_changes_nothing(built):
         again = make_report(built.results, kernels_dir=KERNELS)
     assert again.changed == [] and hashes(res) == first
     # the Snakemake run of the same fixture in another folder gives the same bytes: test_snakemake_report.py
+
+
+def test_byte_ratio_measured_uses_the_rows_each_kv_head_read(built):
+    """byte_ratio_measured: the byte ratio with the measured K/V rows per KV head (kv_rows_fraction) in place of k or
+    G*k; NaN where the result holds no count (here: the selection eval), 1 for dense."""
+    t = built.tidy
+    assert "kv_rows_fraction" in t.columns and "byte_ratio_measured" in t.columns
+    ppl = t[t["eval"] == "perplexity"]
+    assert len(ppl) >= 4 and ppl.kv_rows_fraction.notna().all()
+    for _, r in ppl.iterrows():
+        want = F.byte_ratio(r.method, r.d, r.k, r.head_dim, json.loads(r.options), r.kv_groups, rows=r.kv_rows_fraction)
+        assert r.byte_ratio_measured == pytest.approx(want), r.tag
+    dense = ppl[ppl.method == "dense"]
+    assert (dense.byte_ratio_measured == 1.0).all()
+    head = ppl[(ppl.method == "loki") & ~ppl.options.str.contains('"selection": "group"')]
+    # the fixture's union (1.8 k) is below G*k = 3k: a group-aware gather reads less than the G*k bound
+    assert (head.byte_ratio_measured > head.byte_ratio).all()
+    assert t[t["eval"] == "selection"].byte_ratio_measured.isna().all()
