@@ -79,9 +79,9 @@ def metrics_for(ev, method, opts):
         ppl = ppl_of(method, d, k, options.get("rope", "post"))
         m.update(ppl=ppl, nll=math.log(ppl), tokens=254, window=128, num_windows=2)
         if k is not None:  # the K/V rows each KV head read, as the methods count them (a group's union)
-            m.update(kv_rows_fraction=min(1.0, k * (1.0 if options.get("selection") == "group" else 1.8)))
+            m.update(kept_fraction=k, kv_rows_fraction=min(1.0, k * (1.0 if options.get("selection") == "group" else 1.8)))
         elif method == "dense":
-            m.update(kv_rows_fraction=1.0)
+            m.update(kept_fraction=1.0, kv_rows_fraction=1.0)
     elif ev == "selection":
         per_layer = [{"layer": i, "recall": recall_of(method, d, k, i), "attention_mass": 0.9 - 0.01 * i,
                       "output_rel_error": 0.01 * (i + 1)} for i in range(LAYERS)]

@@ -39,3 +39,5 @@ def test_notebook_runs_and_shows_figures(path, results_ro, monkeypatch):
     if path.stem != "01_key_rank":  # the report's table (exactly the DAG's results), not a glob that the job in
         # flight (a folder without metrics.json) would stop
         assert "from " in text and "summary.parquet" in text
+    if path.stem == "04_speed":  # the measured rows per KV head (the fixture's perplexity points carry them)
+        assert "union / kept" in text and "byte_ratio_measured" in text
