@@ -281,14 +281,15 @@ def collect(results_dir, expect=None):
                 continue
             row[key] = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
         hd, groups = _shape(m, results_dir, hd_cache)
+        rows_read = _measured_rows(m)
         row.update({
             "head_dim": hd,
             "kv_groups": groups,
             "byte_ratio": byte_ratio(m["method"], m["d"], _as_fraction(m["k"], m), hd, _ratio_options(m), groups),
             # the same with the K/V rows each KV head read, measured (decode steps where the eval has any)
-            "byte_ratio_measured": (float("nan") if _measured_rows(m) is None else
+            "byte_ratio_measured": (float("nan") if rows_read is None else
                                     byte_ratio(m["method"], m["d"], _as_fraction(m["k"], m), hd, _ratio_options(m),
-                                               groups, rows=_measured_rows(m))),
+                                               groups, rows=rows_read)),
             "git_commit": m["git_commit"],
             "options": json.dumps(m["options"], sort_keys=True),
             "per_layer": json.dumps(m["per_layer"], sort_keys=True) if "per_layer" in m else None,
