@@ -209,12 +209,10 @@ def byte_ratio(method: str, d, k, head_dim, options: dict | None = None, groups=
     try:
         if method == "pca_attn":
             return 2 * D / (_dims(d, D) + D)
-        if (k is None or pd.isna(k)) and (rows is None or pd.isna(rows)) or method not in _SCORE_READ:
+        measured = rows is not None and not pd.isna(rows)
+        if method not in _SCORE_READ or not measured and (k is None or pd.isna(k)):
             return float("nan")
-        if rows is not None and not pd.isna(rows):
-            rows = float(rows)
-        else:
-            rows = float(k) * (G if per_head_selection(method, opts) else 1.0)
+        rows = float(rows) if measured else float(k) * (G if per_head_selection(method, opts) else 1.0)
         return 2 * D / (_SCORE_READ[method][0](d, D, G, opts) + 2 * rows * D)
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         return float("nan")
