@@ -22,7 +22,8 @@ rows, so a kernel gathering each head's rows reads G*k rows of K and V per KV he
 union lies between k and G*k rows; G*k is what is counted, and for G = 1 the two agree). ``selection=group``
 picks one set per KV head (what ``kernels/``' GQA-native kernels run): ``d + 2kD``. The tidy table's
 ``byte_ratio_measured`` puts the measured rows instead (``kv_rows_fraction``: each KV head's union, counted by the
-method while it ran): what a kernel that reads a row once for its whole group would read.
+method while it ran): what a kernel that reads a row once for its whole group would read. The frontier's ideal x
+is that measured ratio where a result has it, else ``byte_ratio``.
 """
 
 from __future__ import annotations
@@ -231,14 +232,15 @@ def selection_of(method: str, options) -> str | None:
     return "head" if per_head_selection(method, json_opts(options)) else "group"
 
 
-def byte_formula(method: str, options: dict | None = None, groups=1) -> str:
-    """The byte-ratio formula ``byte_ratio`` applies to the method (for captions and table cells)."""
+def byte_formula(method: str, options: dict | None = None, groups=1, measured: bool = False) -> str:
+    """The byte-ratio formula ``byte_ratio`` applies to the method (for captions and table cells); ``measured``: the
+    one ``byte_ratio_measured`` applies (r = the measured K/V rows per KV head in place of k or G*k)."""
     if method in ("dense", "pca_attn"):
         return {"dense": "1", "pca_attn": "2D/(d+D)"}[method]
     if method not in _SCORE_READ:
         return "unknown"
     G = int(_groups(groups))
-    kept = f"2*{G}*kD" if per_head_selection(method, options) and G > 1 else "2kD"
+    kept = "2rD" if measured else f"2*{G}*kD" if per_head_selection(method, options) and G > 1 else "2kD"
     score = _SCORE_READ[method][1].replace("G", str(G) if G > 1 else "")
     return f"2D/({score + '+' if score else ''}{kept})"
 
@@ -368,14 +370,22 @@ def pareto(x: np.ndarray, y: np.ndarray, lower_better: bool) -> np.ndarray:
 
 
 def frontier_data(tidy: pd.DataFrame, speed: pd.DataFrame, eval_name: str, metric: str, direction: str):
-    """One row per result of the eval: metric value, speedup and where the speedup comes from."""
+    """One row per result of the eval: metric value, speedup and where the speedup comes from.
+
+    Without a GPU figure the speedup is the ideal byte ratio: with the K/V rows the method measured while it ran
+    (``byte_ratio_measured``) where the result has them, else with the counted k or G*k rows (``byte_ratio``)."""
     t = tidy[(tidy["eval"] == eval_name) & tidy[metric].notna()]
     cols = ["method", "variant", "d", "k", "tag"]
     groups = t["kv_groups"] if "kv_groups" in t else pd.Series(np.nan, index=t.index)
     opts = t["options"] if "options" in t else pd.Series("{}", index=t.index)
+    measured = (t["byte_ratio_measured"] if "byte_ratio_measured" in t else pd.Series(np.nan, index=t.index)).astype(float)
+    has_rows = measured.notna() & (t.method != "dense")
+    formula = [byte_formula(m, json_opts(o), g, measured=r) + (f" (measured rows; counted: {byte_formula(m, json_opts(o), g)})"
+                                                               if r else "")
+               for m, o, g, r in zip(t.method, opts, groups, has_rows)]
     out = t[cols].assign(value=t[metric].astype(float), byte_ratio=t.byte_ratio.astype(float),
-                         selection=[selection_of(m, o) or "" for m, o in zip(t.method, opts)],
-                         formula=[byte_formula(m, json_opts(o), g) for m, o, g in zip(t.method, opts, groups)])
+                         byte_ratio_measured=measured, selection=[selection_of(m, o) or "" for m, o in zip(t.method, opts)],
+                         ideal=np.where(has_rows, measured, t.byte_ratio.astype(float)), formula=formula)
     if len(speed):
         sel = speed.selection if "selection" in speed else pd.Series(None, index=speed.index, dtype=object)
         sp = speed.assign(selection=[v if isinstance(v, str) else "" for v in sel])
@@ -383,10 +393,10 @@ def frontier_data(tidy: pd.DataFrame, speed: pd.DataFrame, eval_name: str, metri
     else:
         out = out.assign(speedup=np.nan, speed_source=None, speed_detail=None)
     ideal = out.speedup.isna()
-    out.loc[ideal, "speedup"] = out.loc[ideal, "byte_ratio"]
+    out.loc[ideal, "speedup"] = out.loc[ideal, "ideal"]
     out.loc[ideal, "speed_source"] = "ideal"
     out.loc[ideal, "speed_detail"] = out.loc[ideal, "formula"]
-    out = out.drop(columns="formula")
+    out = out.drop(columns=["formula", "ideal"])
     ref = out.method == "dense"
     out.loc[ref & ideal, "speed_source"] = "reference"
     out = out[out.speedup.notna()].copy()

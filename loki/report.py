@@ -784,8 +784,9 @@ def write(rep: Report, results_dir, staged: Path) -> list[str]:
     for (cat, name), (title, df) in rep.tables.items():
         tables[(cat, name)] = (title, df, "speed_source: decode / kernel = measured on a GPU (matched by method, d, k "
                                           "and selection; the kernel figures are group selection); ideal = byte "
-                                          "ratio, no GPU figure (speed_detail: the formula, G = query heads per KV "
-                                          "head); reference = dense")
+                                          "ratio, no GPU figure: with the K/V rows the method measured where the "
+                                          "result has them, r in the formula, else with k or Gk (speed_detail: the "
+                                          "formula, G = query heads per KV head); reference = dense")
     for (cat, name), (title, df, note) in tables.items():
         p = staged / "report" / cat / f"{name}.html"
         p.parent.mkdir(parents=True, exist_ok=True)

@@ -282,12 +282,15 @@ def test_frontier_speed_sources_and_pareto(built):
     G, D = fx.HEADS / fx.KV_HEADS, 64.0
     for key in (("loki", "", 16, 0.25), ("loki", "rope=pre", 16, 0.25), ("loki", "", 8, 0.25), ("loki", "", 16, 0.5),
                 ("exact_topk", "", None, 0.25)):
-        # per-query-head selection: no GPU figure of that mode (the kernel's is group), so the ideal byte ratio,
-        # with each of the G query heads reading its own k rows: 2D/(d+2GkD)
+        # per-query-head selection: no GPU figure of that mode (the kernel's is group), so the ideal byte ratio with
+        # the rows the method measured (the fixture's union of the group's sets: 1.8 k), not the counted G*k rows
         r = by[key]
         d = key[2] if key[2] is not None else D
-        assert r.speed_source == "ideal" and r.speedup == pytest.approx(2 * D / (d + 2 * G * key[3] * D))
-        assert r.speed_detail == ("2D/(D+2*3*kD)" if key[0] == "exact_topk" else "2D/(d+2*3*kD)")
+        assert r.speed_source == "ideal" and r.speedup == pytest.approx(2 * D / (d + 2 * 1.8 * key[3] * D))
+        assert r.speedup == pytest.approx(r.byte_ratio_measured) and r.speedup > r.byte_ratio
+        assert r.byte_ratio == pytest.approx(2 * D / (d + 2 * G * key[3] * D))
+        assert r.speed_detail == ("2D/(D+2rD) (measured rows; counted: 2D/(D+2*3*kD))" if key[0] == "exact_topk"
+                                  else "2D/(d+2rD) (measured rows; counted: 2D/(d+2*3*kD))")
     for r in data.itertuples():
         assert r.value == pytest.approx(expected_ppl(r.method, r.d, r.k, r.variant))
     x, y = data.speedup.to_numpy(), data.value.to_numpy()
@@ -445,6 +448,32 @@ def test_rerun_changes_nothing(built):
         again = make_report(built.results, kernels_dir=KERNELS)
     assert again.changed == [] and hashes(res) == first
     # the Snakemake run of the same fixture in another folder gives the same bytes: test_snakemake_report.py
+
+
+def test_frontier_ideal_speed_falls_back_to_the_counted_rows():
+    """A result written before the rows were counted (no byte_ratio_measured) keeps the counted ratio 2D/(d+2GkD) on
+    the frontier; one with them gets 2D/(d+2rD); a measured speed wins over both."""
+    D, G = 64.0, 3
+    tidy = pd.DataFrame([
+        {"eval": "perplexity", "method": "dense", "variant": "", "d": np.nan, "k": np.nan, "tag": "dense", "ppl": 10.0,
+         "kv_groups": G, "options": "{}", "byte_ratio": 1.0, "byte_ratio_measured": 1.0},
+        {"eval": "perplexity", "method": "loki", "variant": "", "d": 16, "k": 0.25, "tag": "old", "ppl": 11.0,
+         "kv_groups": G, "options": "{}", "byte_ratio": F.byte_ratio("loki", 16, 0.25, D, {}, G),
+         "byte_ratio_measured": np.nan},
+        {"eval": "perplexity", "method": "loki", "variant": "", "d": 8, "k": 0.25, "tag": "new", "ppl": 12.0,
+         "kv_groups": G, "options": "{}", "byte_ratio": F.byte_ratio("loki", 8, 0.25, D, {}, G),
+         "byte_ratio_measured": F.byte_ratio("loki", 8, 0.25, D, {}, G, rows=0.4)},
+    ])
+    data = F.frontier_data(tidy, pd.DataFrame(), "perplexity", "ppl", "lower").set_index("tag")
+    assert data.loc["old", "speedup"] == pytest.approx(2 * D / (16 + 2 * G * 0.25 * D))
+    assert data.loc["old", "speed_detail"] == "2D/(d+2*3*kD)"
+    assert data.loc["new", "speedup"] == pytest.approx(2 * D / (8 + 2 * 0.4 * D))
+    assert data.loc["new", "speed_detail"].startswith("2D/(d+2rD)")
+    assert (data.loc["dense", "speed_source"], data.loc["dense", "speedup"]) == ("reference", 1.0)
+    speed = pd.DataFrame([{"method": "loki", "d": 8, "k": 0.25, "selection": "head", "speedup": 1.5,
+                           "speed_source": "decode", "speed_detail": "decode"}])
+    data = F.frontier_data(tidy, speed, "perplexity", "ppl", "lower").set_index("tag")
+    assert (data.loc["new", "speed_source"], data.loc["new", "speedup"]) == ("decode", 1.5)
 
 
 def test_byte_ratio_measured_uses_the_rows_each_kv_head_read(built):
