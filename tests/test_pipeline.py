@@ -4,13 +4,11 @@ and a Hydra run of the same point reproduces the DAG's number."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 
 import pandas as pd
 import pytest
-from loki_testutils import REPO, run_py
+from loki_testutils import REPO, SMOKE_DAG_ARGS, run_py
 
 SNAKEMAKE = ["-m", "snakemake"]
 
@@ -44,26 +42,11 @@ def test_config_schema_rejects_bad_config(tmp_path, change, needle):
     assert res.returncode != 0 and needle in (res.stdout + res.stderr), (res.stdout + res.stderr)[-2000:]
 
 
-@pytest.fixture(scope="module")
-def smoke_repo(tmp_path_factory, embedded_model_dir):
-    """A copy of the tracked tree (resources/ shared with the checkout, so the model is prepared once)."""
-    dst = tmp_path_factory.mktemp("clone") / "repo"
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for f in filter(None, files):
-        src = REPO / f
-        if src.is_file():
-            (dst / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / f)
-    os.symlink(REPO / "resources", dst / "resources")
-    return dst
-
-
 @pytest.mark.slow
-def test_smoke_dag_end_to_end(smoke_repo):
-    env = {"WANDB_MODE": "offline"}
-    run_py([*SNAKEMAKE, "--cores", "2", "--configfile", "conf/sweep/smoke.yaml"], cwd=smoke_repo, env=env, timeout=1800)
-    res_dir = smoke_repo / "results" / "smoke"
+def test_smoke_dag_end_to_end(smoke_dag):
+    """conf/sweep/smoke.yaml through workflow/profiles/local with W&B offline (the `smoke_dag` fixture,
+    tests/conftest.py: run once, tests/slurm compares its SLURM run with it)."""
+    res_dir = smoke_dag / "results" / "smoke"
     df = pd.read_csv(res_dir / "summary.csv")
     ppl = df[df["eval"] == "perplexity"]
     assert set(ppl.method) >= {"dense", "exact_topk", "loki"}
@@ -91,13 +74,13 @@ def test_smoke_dag_end_to_end(smoke_repo):
     assert by_name["evaluate-perplexity-loki-d8-k0.25"]["summary"]["ppl"] == pytest.approx(m["ppl"], rel=1e-12)
 
     # rerunning does nothing
-    again = run_py([*SNAKEMAKE, "--cores", "2", "--configfile", "conf/sweep/smoke.yaml"], cwd=smoke_repo, env=env)
+    again = run_py(SMOKE_DAG_ARGS, cwd=smoke_dag, env={"WANDB_MODE": "offline"})
     assert "Nothing to be done" in again.stdout + again.stderr
 
     # the same point by hand through a Hydra multirun gives the same number
-    sweep = smoke_repo / "multirun-check"
+    sweep = smoke_dag / "multirun-check"
     run_py(["-m", "loki.evaluate", "-m", "experiment=smoke", "corpus@data=enwiki_sample", "method=loki", "method.d=8",
-            "method.k=0.25", "threads=1", f"hydra.sweep.dir={sweep}"], cwd=smoke_repo, env={"WANDB_MODE": "disabled"})
+            "method.k=0.25", "threads=1", f"hydra.sweep.dir={sweep}"], cwd=smoke_dag, env={"WANDB_MODE": "disabled"})
     m2 = json.loads(next(sweep.glob("*/metrics.json")).read_text())
     assert m2["ppl"] == m["ppl"]
 

@@ -6,7 +6,9 @@ A single-node cluster on this machine (.ci/slurm-up.sh, see conftest.py) runs
    Snakemake's SLURM executor (workflow/profiles/slurm), once
    with its final stage forced to fail -- Snakemake must name the failed job's log --
    and once more, which must resume: only the failed job is run again;
-2. the same smoke DAG locally (workflow/profiles/local); the outputs must be equal;
+2. the smoke DAG locally (workflow/profiles/local): the test session's run of the full smoke grid
+   (tests/conftest.py ``smoke_dag``, run once for this file and tests/test_pipeline.py); every output of
+   the SLURM run must be among its outputs and equal to it;
 3. a two-point Hydra sweep through submitit (conf/hydra/launcher/slurm_local_test.yaml) of
    two points the DAG also computed, whose metrics must equal the DAG's;
 
@@ -17,7 +19,9 @@ The profile/launcher checks at the top need no cluster.
 The embedded model is prepared once for the whole test session (tests/conftest.py) and put into both
 runs' resources/ (hard links), so ``prepare_model`` -- a pinned download and de-quantization, ~1 min of
 CPU each -- does not run twice more; everything downstream of it (``prepare_corpus`` included) runs
-in both. LOKI_SLURM_TEST_PREPARE_MODEL=1 prepares it inside both runs instead.
+in both. LOKI_SLURM_TEST_PREPARE_MODEL=1 prepares it inside the SLURM run instead, and then (as with
+another LOKI_SLURM_TEST_REPO or _CONFIGFILE) the local reference is this file's config run here, whose
+outputs must then equal the SLURM run's exactly.
 
 Knobs (environment): LOKI_SLURM_TEST_FULL_SMOKE=1 (the full smoke grid; slower),
 LOKI_SLURM_TEST_CONFIGFILE (conf/sweep/smoke.yaml),
@@ -44,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from loki_testutils import seed_model
 
 SMOKE = os.environ.get("LOKI_SLURM_TEST_CONFIGFILE", "conf/sweep/smoke.yaml")
 # The smoke DAG with a smaller grid (written next to it in the test's copy): every stage of the
@@ -86,6 +91,9 @@ CLUSTER_ENV = {
 HERE = Path(__file__).resolve().parent
 CHECKOUT = HERE.parents[1]                       # profiles and launcher configs under test
 REPO = Path(os.environ.get("LOKI_SLURM_TEST_REPO") or CHECKOUT).resolve()   # pipeline whose DAG runs
+# the local reference is the test session's smoke DAG (tests/conftest.py `smoke_dag`) where it runs the same pipeline
+# and config file with the same seeded model; otherwise test_slurm_outputs_equal_local_outputs runs its own
+SHARED_REFERENCE = REPO == CHECKOUT.resolve() and SMOKE == "conf/sweep/smoke.yaml" and not PREPARE_MODEL
 PROFILES = CHECKOUT / "workflow" / "profiles"
 _TOP_IGNORE = {".git", ".venv", "venv", "results", "resources", ".snakemake", "outputs", "multirun", "wandb",
                "logs", "build", "dist", ".whl", ".gl", "shared"}
@@ -363,20 +371,6 @@ def work(tmp_path_factory):
     return tmp_path_factory.mktemp("slurm")
 
 
-def seed_model(model_dir: Path, wd: Path) -> None:
-    """Put the prepared embedded model into ``wd``'s resources/ (hard links where possible), as a finished
-    ``prepare_model`` would have: Snakemake then has nothing to do for it."""
-    dst = wd / "resources" / "models" / model_dir.name
-
-    def link(a, b):
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-
-    shutil.copytree(model_dir, dst, copy_function=link)
-
-
 @pytest.fixture(scope="module")
 def prepared_model(request):
     """The embedded model folder to seed the runs with (None: each run prepares it)."""
@@ -385,7 +379,8 @@ def prepared_model(request):
 
 @pytest.fixture(scope="module")
 def snapshot(pipeline_repo, work) -> Path:
-    """One copy of the pipeline's sources, from which both DAG runs are copied (same code)."""
+    """One copy of the pipeline's sources, from which the SLURM run (and a local reference run here, see
+    ``local_dag``) are copied (same code)."""
     src = copy_pipeline(pipeline_repo, work / "src")
     if not FULL_SMOKE:
         import yaml
@@ -399,19 +394,7 @@ def snapshot(pipeline_repo, work) -> Path:
 
 
 @pytest.fixture(scope="module")
-def local_dag_started(snapshot, work, prepared_model):
-    """The same smoke DAG locally (workflow/profiles/local), started in the background so that it
-    runs while the SLURM jobs do (each DAG alone keeps ~1 of the 2 cores busy on average)."""
-    wd = copy_pipeline(snapshot, work / "local")
-    if prepared_model:
-        seed_model(prepared_model, wd)
-    bg = Background(snakemake_cmd("local"), wd, clean_env(), work / "local.log")
-    yield bg
-    bg.stop()
-
-
-@pytest.fixture(scope="module")
-def slurm_dag(slurm_cluster, snapshot, work, local_dag_started, prepared_model) -> DagRuns:
+def slurm_dag(slurm_cluster, snapshot, work, prepared_model) -> DagRuns:
     """The smoke DAG through SLURM: first with FAIL_RULE failing, then resumed."""
     wd = copy_pipeline(snapshot, work / "slurm")
     if prepared_model:
@@ -433,10 +416,19 @@ def slurm_dag(slurm_cluster, snapshot, work, local_dag_started, prepared_model) 
 
 
 @pytest.fixture(scope="module")
-def local_dag(local_dag_started) -> Run:
-    r = local_dag_started.wait()
+def local_dag(request, work) -> Path:
+    """The folder of the local reference run (workflow/profiles/local): the session's smoke DAG (tests/conftest.py
+    ``smoke_dag``, the full smoke grid, which tests/test_pipeline.py checks too) where it is the same pipeline and
+    config file; else (LOKI_SLURM_TEST_REPO / _CONFIGFILE / _PREPARE_MODEL set) this test's config run here."""
+    if SHARED_REFERENCE:
+        return request.getfixturevalue("smoke_dag")
+    snap, model = request.getfixturevalue("snapshot"), request.getfixturevalue("prepared_model")
+    wd = copy_pipeline(snap, work / "local")
+    if model:
+        seed_model(model, wd)
+    r = run(snakemake_cmd("local"), wd, clean_env(), work / "local.log")
     assert r.returncode == 0, r.tail()
-    return r
+    return wd
 
 
 @pytest.mark.slurm
@@ -510,26 +502,6 @@ def test_dag_jobs_went_through_slurm(slurm_dag):
 
 
 @pytest.mark.slurm
-def test_slurm_outputs_equal_local_outputs(slurm_dag, local_dag):
-    s_sum, l_sum = slurm_dag.workdir / SUMMARY, local_dag.workdir / SUMMARY
-    assert s_sum.is_file() and l_sum.is_file()
-    s_rows, l_rows = read_csv(s_sum), read_csv(l_sum)
-    assert s_rows, f"{SUMMARY} is empty"
-    diffs = diff_values(s_rows, l_rows, SUMMARY)
-    assert not diffs, "SLURM and local summaries differ:\n" + "\n".join(diffs[:40])
-    # every per-job metrics.json too
-    s_metrics = {p.relative_to(slurm_dag.workdir): p for p in (slurm_dag.workdir / "results").rglob("metrics.json")}
-    l_metrics = {p.relative_to(local_dag.workdir): p for p in (local_dag.workdir / "results").rglob("metrics.json")}
-    assert set(s_metrics) == set(l_metrics)
-    for rel in sorted(s_metrics):
-        d = diff_values(json.loads(s_metrics[rel].read_text()), json.loads(l_metrics[rel].read_text()), str(rel))
-        assert not d, "\n".join(d[:40])
-    # the same set of outputs
-    s_files, l_files = set(slurm_dag.after_resume), set(output_files(local_dag.workdir))
-    assert s_files == l_files, sorted(s_files ^ l_files)[:40]
-
-
-@pytest.mark.slurm
 def test_hydra_sweep_through_submitit(slurm_dag, work):
     """A two-point `-m` sweep, one SLURM job per point; its points equal the DAG's."""
     assert slurm_dag.resumed.returncode == 0, "the smoke DAG (resources for the sweep) did not complete"
@@ -572,3 +544,38 @@ def test_hydra_sweep_through_submitit(slurm_dag, work):
         assert not d, "the sweep and the DAG disagree on the same configuration:\n" + "\n".join(d[:40])
     if os.environ.get("LOKI_SLURM_TEST_SWEEP_ARGS") is None:
         assert matched == 2, f"sweep points {[json.loads(p.read_text()).get('d') for p in metrics]} not in the DAG"
+
+
+@pytest.mark.slurm
+def test_slurm_outputs_equal_local_outputs(slurm_dag, local_dag):
+    """Every output of the SLURM run equals the local run's: its summary rows, its metrics.json files, the set of
+    its files. The local reference may be the full smoke grid (``smoke_dag``), a superset of the SLURM run's
+    TEST_GRID: then the SLURM run's rows, metrics and files must be among the local run's and equal to them; with
+    the same config file (LOKI_SLURM_TEST_FULL_SMOKE=1, or a reference run here), the two sets must be equal.
+    Last in this file: the shared reference may still be running on another xdist worker."""
+    same = FULL_SMOKE or not SHARED_REFERENCE
+    s_sum, l_sum = slurm_dag.workdir / SUMMARY, local_dag / SUMMARY
+    assert s_sum.is_file() and l_sum.is_file()
+    s_rows, l_rows = read_csv(s_sum), read_csv(l_sum)
+    assert s_rows, f"{SUMMARY} is empty"
+    if not same:   # the local rows of the SLURM run's points, in its order
+        by_point = {(r.get("eval"), r.get("tag")): r for r in l_rows}
+        missing = [(r.get("eval"), r.get("tag")) for r in s_rows if (r.get("eval"), r.get("tag")) not in by_point]
+        assert not missing, f"points of the SLURM run missing from the local {SUMMARY}: {missing}"
+        l_rows = [by_point[(r.get("eval"), r.get("tag"))] for r in s_rows]
+    diffs = diff_values(s_rows, l_rows, SUMMARY)
+    assert not diffs, "SLURM and local summaries differ:\n" + "\n".join(diffs[:40])
+    # every per-job metrics.json too
+    s_metrics = {p.relative_to(slurm_dag.workdir): p for p in (slurm_dag.workdir / "results").rglob("metrics.json")}
+    l_metrics = {p.relative_to(local_dag): p for p in (local_dag / "results").rglob("metrics.json")}
+    assert set(s_metrics) == set(l_metrics) if same else set(s_metrics) <= set(l_metrics), \
+        sorted(set(s_metrics) ^ set(l_metrics))
+    for rel in sorted(s_metrics):
+        d = diff_values(json.loads(s_metrics[rel].read_text()), json.loads(l_metrics[rel].read_text()), str(rel))
+        assert not d, "\n".join(d[:40])
+    # the same set of outputs (or a subset of the full grid's)
+    s_files, l_files = set(slurm_dag.after_resume), set(output_files(local_dag))
+    if same:
+        assert s_files == l_files, sorted(s_files ^ l_files)[:40]
+    else:
+        assert s_files <= l_files, sorted(s_files - l_files)[:40]
