@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 
@@ -122,7 +123,8 @@ def fast_interpreter() -> bool:
     ``interpreter.py``: ``InterpretedFunction.__call__`` -> ``_patch_lang``). In this project's kernels that is
     ~40% of the interpreter's time. This skips the nested patch when every ``triton.language`` module the helper
     sees is already patched by the launch in progress; the launch's own patch and restore are unchanged. It also
-    memoizes ``_get_np_dtype`` (a pure function of the triton dtype that builds a dict on every call).
+    memoizes ``_get_np_dtype`` (a pure function of the triton dtype that builds a dict on every call), and turns off
+    the integer-overflow check whose only consumer, ``device_assert``, does nothing while ``options.debug`` is off.
 
     Only for the test suite (tests/conftest.py calls it). Returns False, changing nothing, where the interpreter
     does not have the expected functions (another triton version). A device function called from Python outside a
@@ -192,4 +194,14 @@ def fast_interpreter() -> bool:
 
         _PLAIN[(interp, "_get_np_dtype")] = np_dtype
         interp._get_np_dtype = _get_np_dtype
+
+    builder = getattr(interp, "interpreter_builder", None)
+    opts = getattr(builder, "options", None)
+    if dataclasses.is_dataclass(opts) and getattr(opts, "sanitize_overflow", False) and getattr(opts, "debug", None) is False:
+        # the overflow check of every integer add / sub / mul (semantic.binary_op_sanitize_overflow_impl: int64
+        # copies, two compares and an and, ~25% of the interpreter's time in the bracket kernels) ends in
+        # device_assert, which returns at once without options.debug (never set by the interpreter): its result is
+        # thrown away. Off while debug is off; the compiled kernels have it off too unless debugging.
+        _PLAIN[(builder, "options")] = opts
+        builder.options = dataclasses.replace(opts, sanitize_overflow=False)
     return True

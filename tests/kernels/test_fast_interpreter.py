@@ -2,6 +2,7 @@
 against triton's interpreter as shipped) and leaves triton.language as it found it."""
 import os
 
+import numpy as np
 import pytest
 import torch
 import triton
@@ -36,6 +37,42 @@ def test_installed_by_the_test_suite():
     assert getattr(interpreter._patch_lang, "_loki_fast", False), "tests/conftest.py did not install it"
     assert fast_interpreter() is True                   # idempotent
     assert getattr(interpreter._patch_lang, "_loki_fast", False)
+
+
+def test_overflow_check_off_only_while_its_assert_is_a_no_op():
+    """The integer-overflow check feeds device_assert only, which returns at once without options.debug: off under
+    fast_interpreter, as shipped (on) under plain_interpreter."""
+    from triton.runtime import interpreter
+
+    if os.environ.get("LOKI_PLAIN_INTERPRETER") == "1":
+        pytest.skip("LOKI_PLAIN_INTERPRETER=1: the speed-up is off")
+    opts = interpreter.interpreter_builder.options
+    assert opts.debug is False and opts.sanitize_overflow is False
+    with plain_interpreter():
+        assert interpreter.interpreter_builder.options.sanitize_overflow is True
+    assert interpreter.interpreter_builder.options.sanitize_overflow is False
+    # what makes it safe: without debug, device_assert builds nothing and raises nothing, even on a false condition
+    sem = interpreter.interpreter_semantic
+    assert sem.device_assert(tl.tensor(interpreter.TensorHandle(np.zeros(4, bool), tl.int1), tl.block_type(tl.int1, [4])),
+                             "never raised", None) is None
+
+
+@triton.jit
+def _int_kernel(X, Y, N, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    m = offs < N
+    x = tl.load(X + offs, mask=m, other=0)
+    tl.store(Y + offs, x * 3 + (x - 7) * x, mask=m)    # int32 arithmetic that wraps around at these values
+
+
+def test_integer_arithmetic_equal_with_and_without_the_overflow_check():
+    x = torch.tensor([2**30, -2**30, 46341, -46341, 12345, 0, 1, -1], dtype=torch.int32)
+    y_fast = torch.zeros_like(x)
+    _int_kernel[(1,)](x, y_fast, x.numel(), BLOCK=8)
+    y_plain = torch.zeros_like(x)
+    with plain_interpreter():
+        _int_kernel[(1,)](x, y_plain, x.numel(), BLOCK=8)
+    assert torch.equal(y_fast, y_plain)
 
 
 def _run_helper_kernel(x):
