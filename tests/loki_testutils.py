@@ -50,12 +50,14 @@ def seed_model(model_dir: Path, wd: Path) -> None:
     import shutil
 
     def link(a, b):
+        if os.path.lexists(b):       # a second seeding (an earlier attempt stopped half-way): replace
+            os.unlink(b)
         try:
             os.link(a, b)
         except OSError:
             shutil.copy2(a, b)
 
-    shutil.copytree(model_dir, wd / "resources" / "models" / model_dir.name, copy_function=link)
+    shutil.copytree(model_dir, wd / "resources" / "models" / model_dir.name, copy_function=link, dirs_exist_ok=True)
 
 
 def build_tokenizer(out_dir: Path):
