@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from loki.common import fail
+from loki.common import MEASURED_AT, fail
 
 METHODS = ("dense", "dense_flash", "loki", "loki_rows", "loki_rows_fp8")
 
@@ -290,6 +290,8 @@ def bench_point(model, method: str, B: int, ctx: int, cfg: dict, loki_opts: dict
         "k": None if method == "dense" else float(loki_opts.get("k")),
         "k_mode": None if method == "dense" else loki_opts.get("k_mode", "prefix"),
         "selection": None if method == "dense" else loki_opts.get("selection", "head"),
+        # the options a result must share to be credited with this speed (report.speed_table)
+        "options": None if lm is None else {k: lm.opts.get(k, v) for k, v in MEASURED_AT.items()},
         "head_dim": info["head_dim"],
         "batch": B,
         "context": ctx,

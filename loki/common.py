@@ -13,6 +13,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+# Options a measured speed holds for, at these values: the kernel benchmark (kernels/bench.py) always runs them, the
+# decode benchmark (loki.bench) records its own (``options`` in its rows; rows without it ran these). A result with
+# another value reads other rows (dense layers, forced sink / local tokens) or runs what the kernels do not (an
+# online basis, pre-RoPE keys, a d per head, an fp8 slab), so a measurement of the plain method is not its speed
+# (loki.report.speed_table, figures.speed_key).
+MEASURED_AT = {"dense_layers": 0, "sink_tokens": 0, "local_window": 0, "basis": "offline", "rope": "post",
+               "d_variance": None, "slab_dtype": None}
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO_ROOT / "conf"
 

@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from loki.common import MEASURED_AT
+
 # eval -> (headline metric, "lower" | "higher" is better, axis label)
 MAIN_METRIC = {
     "perplexity": ("ppl", "lower", "perplexity"),
@@ -232,6 +234,13 @@ def selection_of(method: str, options) -> str | None:
     return "head" if per_head_selection(method, json_opts(options)) else "group"
 
 
+def speed_key(options) -> str:
+    """The options (``loki.common.MEASURED_AT``) that differ from what a measured speed ran, e.g. 'dense_layers=4,sink_tokens=4';
+    '' where none does. A result and a measurement match only with equal keys."""
+    o = json_opts(options)
+    return ",".join(f"{k}={o[k]}" for k, v in MEASURED_AT.items() if k in o and o[k] != v)
+
+
 def byte_formula(method: str, options: dict | None = None, groups=1, measured: bool = False) -> str:
     """The byte-ratio formula ``byte_ratio`` applies to the method (for captions and table cells); ``measured``: the
     one ``byte_ratio_measured`` applies (r = the measured K/V rows per KV head in place of k or G*k)."""
@@ -389,7 +398,9 @@ def frontier_data(tidy: pd.DataFrame, speed: pd.DataFrame, eval_name: str, metri
     if len(speed):
         sel = speed.selection if "selection" in speed else pd.Series(None, index=speed.index, dtype=object)
         sp = speed.assign(selection=[v if isinstance(v, str) else "" for v in sel])
-        out = out.merge(sp, on=["method", "d", "k", "selection"], how="left")
+        sp = sp.assign(speed_key=sp.speed_key.fillna("") if "speed_key" in sp else "")
+        out = out.assign(speed_key=[speed_key(o) for o in opts])
+        out = out.merge(sp, on=["method", "d", "k", "selection", "speed_key"], how="left").drop(columns="speed_key")
     else:
         out = out.assign(speedup=np.nan, speed_source=None, speed_detail=None)
     ideal = out.speedup.isna()

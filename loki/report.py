@@ -409,6 +409,8 @@ def load_decode(results_dir):
     speedup over dense at the same batch and context (null where dense was not run: kept, not plotted)."""
     import pandas as pd
 
+    from loki.figures import speed_key
+
     p = Path(results_dir) / "bench" / "decode.json"
     if not p.exists():
         return None
@@ -430,6 +432,7 @@ def load_decode(results_dir):
     df = pd.DataFrame([{k: r[k] for k in DECODE_KEYS} | {"variant": r.get("variant", "") or (
                                                              f"{r['selection']} selection" if r.get("selection") else ""),
                                                          "selection": r.get("selection"),
+                                                         "speed_key": speed_key(r.get("options")),
                                                          "head_dim": r.get("head_dim")} for r in rows])
     for c in ("d", "k", "speedup", "tokens_per_s", "head_dim"):
         df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
@@ -479,17 +482,22 @@ def speed_table(tidy, decode, kernels):
     up to G*k rows per KV head; ``group``: one per KV head): the kernel benchmark's Loki rows are group selection
     (``kernels/``' GQA-native path), so a ``selection=head`` point keeps its ideal byte ratio.
 
+    A point matches a measurement only where its options of ``figures.MEASURED_AT`` (dense layers, sink / local
+    tokens, basis, RoPE side, d per head, slab dtype) are those the measurement ran (``speed_key``): the kernel
+    benchmark runs none of them, a decode row records its own. Other points keep their ideal byte ratio.
+
     From several decode rows for one point, the one at the largest context (then the largest batch) is used; from
     several kernel rows, the one at the largest batch (then the largest context): a full kernel grid also holds batch
     1 at 128K, and batch 16 is the batch its acceptance is set at.
     """
     import pandas as pd
 
-    from loki.figures import selection_of
+    from loki.figures import selection_of, speed_key
 
     out = []
     points = tidy[["method", "d", "k", "head_dim", "options"]].drop_duplicates()
-    points = points.assign(selection=[selection_of(m, o) for m, o in zip(points.method, points.options)])
+    points = points.assign(selection=[selection_of(m, o) for m, o in zip(points.method, points.options)],
+                           speed_key=[speed_key(o) for o in points.options])
     points = points.drop(columns="options").drop_duplicates()
     same = lambda a, b: (pd.isna(a) and pd.isna(b)) or (not pd.isna(a) and not pd.isna(b) and abs(a - b) < 1e-9)
     dims = lambda d, D: d * D if (not pd.isna(d) and 0 < d < 1 and not pd.isna(D)) else d
@@ -507,26 +515,28 @@ def speed_table(tidy, decode, kernels):
                 return abs(r.d - d_t) < 1e-9
 
             sel_ok = dec.selection.apply(lambda v: (v if isinstance(v, str) else None) == sel)
-            m = dec[(dec.method == p.method) & dec.k.apply(lambda v: same(v, p.k)) & sel_ok]
+            m = dec[(dec.method == p.method) & dec.k.apply(lambda v: same(v, p.k)) & sel_ok
+                    & (dec.speed_key == p.speed_key)]
             m = m[[d_match(r) for r in m.itertuples()]] if len(m) else m
             if len(m):
                 r = m.sort_values(["context", "batch"], kind="stable").iloc[-1]
-                out.append({"method": p.method, "d": p.d, "k": p.k, "selection": sel,
+                out.append({"method": p.method, "d": p.d, "k": p.k, "selection": sel, "speed_key": p.speed_key,
                             "speedup": float(r.speedup), "speed_source": "decode",
                             "speed_detail": f"decode, {sel + ' selection, ' if sel else ''}"
                                             f"batch {int(r.batch)}, context {int(r.context)}"})
                 continue
-        if kernels is not None and p.method == "loki" and sel == "group" and not pd.isna(p.d) \
+        if kernels is not None and p.method == "loki" and sel == "group" and not p.speed_key and not pd.isna(p.d) \
                 and not pd.isna(p.k) and not pd.isna(p.head_dim):
             d_rel = round(dims(p.d, p.head_dim) / p.head_dim, 6)
             m = kernels[(kernels.d_rel == d_rel) & (kernels.k_rel == round(p.k, 6))]
             if len(m):
                 r = m.sort_values(["batch", "context", "source"], ascending=[True, True, False], kind="stable").iloc[-1]
-                out.append({"method": p.method, "d": p.d, "k": p.k, "selection": sel,
+                out.append({"method": p.method, "d": p.d, "k": p.k, "selection": sel, "speed_key": "",
                             "speedup": float(r.speedup), "speed_source": "kernel",
                             "speed_detail": f"kernel vs SDPA (group selection), {r.device}, batch {r.batch}, "
                                             f"context {r.context}"})
-    return pd.DataFrame(out, columns=["method", "d", "k", "selection", "speedup", "speed_source", "speed_detail"])
+    return pd.DataFrame(out, columns=["method", "d", "k", "selection", "speed_key", "speedup", "speed_source",
+                                      "speed_detail"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -782,8 +792,10 @@ def write(rep: Report, results_dir, staged: Path) -> list[str]:
               ("tables", "contents"): (f"{exp}: report contents",
                                        rep.contents, "; ".join(rep.notes) if rep.notes else "")}
     for (cat, name), (title, df) in rep.tables.items():
-        tables[(cat, name)] = (title, df, "speed_source: decode / kernel = measured on a GPU (matched by method, d, k "
-                                          "and selection; the kernel figures are group selection); ideal = byte "
+        tables[(cat, name)] = (title, df, "speed_source: decode / kernel = measured on a GPU (matched by method, d, k, "
+                                          "selection and the options the measurement ran: dense layers, sink / "
+                                          "local tokens, basis, RoPE side; the kernel figures are group selection "
+                                          "with none of them); ideal = byte "
                                           "ratio, no GPU figure: with the K/V rows the method measured where the "
                                           "result has them, r in the formula, else with k or Gk (speed_detail: the "
                                           "formula, G = query heads per KV head); reference = dense")

@@ -116,4 +116,8 @@ def test_stage_writes_json(tmp_path, embedded_model_dir):
     rows = json.loads((tmp_path / "decode.json").read_text())
     assert [r["method"] for r in rows] == ["dense", "loki"]
     assert all(r["model"] == "smollm2-135m" and r["context"] == 32 for r in rows)
+    # the options the report matches a result on (loki.common.MEASURED_AT): conf/bench/cpu.yaml's, as the method ran
+    from loki.common import MEASURED_AT
+
+    assert rows[0]["options"] is None and rows[1]["options"] == MEASURED_AT
     assert "tokens_per_s" in res.stdout

@@ -476,6 +476,34 @@ def test_frontier_ideal_speed_falls_back_to_the_counted_rows():
     assert (data.loc["new", "speed_source"], data.loc["new", "speedup"]) == ("decode", 1.5)
 
 
+def test_measured_speed_only_for_the_options_it_ran():
+    """A GPU figure of plain Loki is not the speed of a point with dense layers, forced tokens, an online basis...
+    (figures.speed_key): such a point keeps its ideal byte ratio; a decode row that records the same options
+    matches it."""
+    from loki.report import speed_table
+
+    D, G = 64.0, 3
+    plain = {"d": 16, "k": 0.25, "selection": "group", "dense_layers": 0, "sink_tokens": 0, "basis": "offline"}
+    rows = [("plain", plain), ("dense4", {**plain, "dense_layers": 4}), ("sink4", {**plain, "sink_tokens": 4}),
+            ("online", {**plain, "basis": "online"})]
+    tidy = pd.DataFrame([{"eval": "perplexity", "method": "loki", "variant": "", "d": 16, "k": 0.25, "tag": tag,
+                          "ppl": 11.0 + i, "head_dim": D, "kv_groups": G, "options": json.dumps(o),
+                          "byte_ratio": F.byte_ratio("loki", 16, 0.25, D, o, G), "byte_ratio_measured": np.nan}
+                         for i, (tag, o) in enumerate(rows)])
+    assert [F.speed_key(o) for _, o in rows] == ["", "dense_layers=4", "sink_tokens=4", "basis=online"]
+    kernels = pd.DataFrame([{"source": "h200.json", "device": "H200", "head_dim": 128.0, "batch": 16, "context": 16384,
+                             "d_rel": 0.25, "k_rel": 0.25, "speedup": 1.9}])
+    decode = pd.DataFrame([{"method": "loki", "d": 16.0, "k": 0.25, "selection": "group", "speed_key": "sink_tokens=4",
+                            "speedup": 1.3, "batch": 1, "context": 4096, "head_dim": D}])
+    speed = speed_table(tidy, decode, kernels)
+    data = F.frontier_data(tidy, speed, "perplexity", "ppl", "lower").set_index("tag")
+    assert (data.loc["plain", "speed_source"], data.loc["plain", "speedup"]) == ("kernel", 1.9)
+    assert (data.loc["sink4", "speed_source"], data.loc["sink4", "speedup"]) == ("decode", 1.3)
+    for tag in ("dense4", "online"):
+        assert data.loc[tag, "speed_source"] == "ideal", tag
+        assert data.loc[tag, "speedup"] == pytest.approx(2 * D / (16 + 2 * 0.25 * D))
+
+
 def test_byte_ratio_measured_uses_the_rows_each_kv_head_read(built):
     """byte_ratio_measured: the byte ratio with the measured K/V rows per KV head (kv_rows_fraction) in place of k or
     G*k; NaN where the result holds no count (here: the selection eval), 1 for dense."""
