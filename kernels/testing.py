@@ -197,7 +197,8 @@ def fast_interpreter() -> bool:
 
     builder = getattr(interp, "interpreter_builder", None)
     opts = getattr(builder, "options", None)
-    if dataclasses.is_dataclass(opts) and getattr(opts, "sanitize_overflow", False) and getattr(opts, "debug", None) is False:
+    if dataclasses.is_dataclass(opts) and getattr(opts, "sanitize_overflow", False) \
+            and getattr(opts, "debug", None) is False:
         # the overflow check of every integer add / sub / mul (semantic.binary_op_sanitize_overflow_impl: int64
         # copies, two compares and an and, ~25% of the interpreter's time in the bracket kernels) ends in
         # device_assert, which returns at once without options.debug (never set by the interpreter): its result is

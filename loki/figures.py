@@ -235,8 +235,8 @@ def selection_of(method: str, options) -> str | None:
 
 
 def speed_key(options) -> str:
-    """The options (``loki.common.MEASURED_AT``) that differ from what a measured speed ran, e.g. 'dense_layers=4,sink_tokens=4';
-    '' where none does. A result and a measurement match only with equal keys."""
+    """The options (``loki.common.MEASURED_AT``) that differ from what a measured speed ran, e.g.
+    'dense_layers=4,sink_tokens=4'; '' where none does. A result and a measurement match only with equal keys."""
     o = json_opts(options)
     return ",".join(f"{k}={o[k]}" for k, v in MEASURED_AT.items() if k in o and o[k] != v)
 
@@ -387,13 +387,15 @@ def frontier_data(tidy: pd.DataFrame, speed: pd.DataFrame, eval_name: str, metri
     cols = ["method", "variant", "d", "k", "tag"]
     groups = t["kv_groups"] if "kv_groups" in t else pd.Series(np.nan, index=t.index)
     opts = t["options"] if "options" in t else pd.Series("{}", index=t.index)
-    measured = (t["byte_ratio_measured"] if "byte_ratio_measured" in t else pd.Series(np.nan, index=t.index)).astype(float)
+    measured = t["byte_ratio_measured"] if "byte_ratio_measured" in t else pd.Series(np.nan, index=t.index)
+    measured = measured.astype(float)
     has_rows = measured.notna() & (t.method != "dense")
-    formula = [byte_formula(m, json_opts(o), g, measured=r) + (f" (measured rows; counted: {byte_formula(m, json_opts(o), g)})"
-                                                               if r else "")
-               for m, o, g, r in zip(t.method, opts, groups, has_rows)]
+    counted = [byte_formula(m, json_opts(o), g) for m, o, g in zip(t.method, opts, groups)]
+    formula = [f"{byte_formula(m, json_opts(o), g, measured=True)} (measured rows; counted: {c})" if r else c
+               for m, o, g, r, c in zip(t.method, opts, groups, has_rows, counted)]
     out = t[cols].assign(value=t[metric].astype(float), byte_ratio=t.byte_ratio.astype(float),
-                         byte_ratio_measured=measured, selection=[selection_of(m, o) or "" for m, o in zip(t.method, opts)],
+                         byte_ratio_measured=measured,
+                         selection=[selection_of(m, o) or "" for m, o in zip(t.method, opts)],
                          ideal=np.where(has_rows, measured, t.byte_ratio.astype(float)), formula=formula)
     if len(speed):
         sel = speed.selection if "selection" in speed else pd.Series(None, index=speed.index, dtype=object)

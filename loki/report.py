@@ -482,7 +482,7 @@ def speed_table(tidy, decode, kernels):
     up to G*k rows per KV head; ``group``: one per KV head): the kernel benchmark's Loki rows are group selection
     (``kernels/``' GQA-native path), so a ``selection=head`` point keeps its ideal byte ratio.
 
-    A point matches a measurement only where its options of ``figures.MEASURED_AT`` (dense layers, sink / local
+    A point matches a measurement only where its options of ``loki.common.MEASURED_AT`` (dense layers, sink / local
     tokens, basis, RoPE side, d per head, slab dtype) are those the measurement ran (``speed_key``): the kernel
     benchmark runs none of them, a decode row records its own. Other points keep their ideal byte ratio.
 

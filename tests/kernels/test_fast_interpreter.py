@@ -53,8 +53,8 @@ def test_overflow_check_off_only_while_its_assert_is_a_no_op():
     assert interpreter.interpreter_builder.options.sanitize_overflow is False
     # what makes it safe: without debug, device_assert builds nothing and raises nothing, even on a false condition
     sem = interpreter.interpreter_semantic
-    assert sem.device_assert(tl.tensor(interpreter.TensorHandle(np.zeros(4, bool), tl.int1), tl.block_type(tl.int1, [4])),
-                             "never raised", None) is None
+    false = tl.tensor(interpreter.TensorHandle(np.zeros(4, bool), tl.int1), tl.block_type(tl.int1, [4]))
+    assert sem.device_assert(false, "never raised", None) is None
 
 
 @triton.jit
