@@ -243,13 +243,13 @@ def speed_key(options) -> str:
 
 def byte_formula(method: str, options: dict | None = None, groups=1, measured: bool = False) -> str:
     """The byte-ratio formula ``byte_ratio`` applies to the method (for captions and table cells); ``measured``: the
-    one ``byte_ratio_measured`` applies (r = the measured K/V rows per KV head in place of k or G*k)."""
+    one ``byte_ratio_measured`` applies (rows = the measured K/V rows per KV head / context, in place of k or G*k)."""
     if method in ("dense", "pca_attn"):
         return {"dense": "1", "pca_attn": "2D/(d+D)"}[method]
     if method not in _SCORE_READ:
         return "unknown"
     G = int(_groups(groups))
-    kept = "2rD" if measured else f"2*{G}*kD" if per_head_selection(method, options) and G > 1 else "2kD"
+    kept = "2*rows*D" if measured else f"2*{G}*kD" if per_head_selection(method, options) and G > 1 else "2kD"
     score = _SCORE_READ[method][1].replace("G", str(G) if G > 1 else "")
     return f"2D/({score + '+' if score else ''}{kept})"
 
@@ -391,8 +391,10 @@ def frontier_data(tidy: pd.DataFrame, speed: pd.DataFrame, eval_name: str, metri
     measured = measured.astype(float)
     has_rows = measured.notna() & (t.method != "dense")
     counted = [byte_formula(m, json_opts(o), g) for m, o, g in zip(t.method, opts, groups)]
-    formula = [f"{byte_formula(m, json_opts(o), g, measured=True)} (measured rows; counted: {c})" if r else c
-               for m, o, g, r, c in zip(t.method, opts, groups, has_rows, counted)]
+    with_rows = [byte_formula(m, json_opts(o), g, measured=True) for m, o, g in zip(t.method, opts, groups)]
+    # (a ratio that reads no kept rows, PCA-Attn's, is the same either way: its formula alone)
+    formula = [f"{w} (measured rows; counted: {c})" if r and w != c else c
+               for w, c, r in zip(with_rows, counted, has_rows)]
     out = t[cols].assign(value=t[metric].astype(float), byte_ratio=t.byte_ratio.astype(float),
                          byte_ratio_measured=measured,
                          selection=[selection_of(m, o) or "" for m, o in zip(t.method, opts)],

@@ -289,8 +289,8 @@ def test_frontier_speed_sources_and_pareto(built):
         assert r.speed_source == "ideal" and r.speedup == pytest.approx(2 * D / (d + 2 * 1.8 * key[3] * D))
         assert r.speedup == pytest.approx(r.byte_ratio_measured) and r.speedup > r.byte_ratio
         assert r.byte_ratio == pytest.approx(2 * D / (d + 2 * G * key[3] * D))
-        assert r.speed_detail == ("2D/(D+2rD) (measured rows; counted: 2D/(D+2*3*kD))" if key[0] == "exact_topk"
-                                  else "2D/(d+2rD) (measured rows; counted: 2D/(d+2*3*kD))")
+        assert r.speed_detail == ("2D/(D+2*rows*D) (measured rows; counted: 2D/(D+2*3*kD))" if key[0] == "exact_topk"
+                                  else "2D/(d+2*rows*D) (measured rows; counted: 2D/(d+2*3*kD))")
     for r in data.itertuples():
         assert r.value == pytest.approx(expected_ppl(r.method, r.d, r.k, r.variant))
     x, y = data.speedup.to_numpy(), data.value.to_numpy()
@@ -452,7 +452,7 @@ def test_rerun_changes_nothing(built):
 
 def test_frontier_ideal_speed_falls_back_to_the_counted_rows():
     """A result written before the rows were counted (no byte_ratio_measured) keeps the counted ratio 2D/(d+2GkD) on
-    the frontier; one with them gets 2D/(d+2rD); a measured speed wins over both."""
+    the frontier; one with them gets 2D/(d+2*rows*D); a measured speed wins over both."""
     D, G = 64.0, 3
     tidy = pd.DataFrame([
         {"eval": "perplexity", "method": "dense", "variant": "", "d": np.nan, "k": np.nan, "tag": "dense", "ppl": 10.0,
@@ -463,12 +463,17 @@ def test_frontier_ideal_speed_falls_back_to_the_counted_rows():
         {"eval": "perplexity", "method": "loki", "variant": "", "d": 8, "k": 0.25, "tag": "new", "ppl": 12.0,
          "kv_groups": G, "options": "{}", "byte_ratio": F.byte_ratio("loki", 8, 0.25, D, {}, G),
          "byte_ratio_measured": F.byte_ratio("loki", 8, 0.25, D, {}, G, rows=0.4)},
+        {"eval": "perplexity", "method": "pca_attn", "variant": "", "d": 16, "k": np.nan, "tag": "pca", "ppl": 13.0,
+         "kv_groups": G, "options": "{}", "byte_ratio": F.byte_ratio("pca_attn", 16, None, D),
+         "byte_ratio_measured": F.byte_ratio("pca_attn", 16, None, D, rows=1.0)},
     ])
     data = F.frontier_data(tidy, pd.DataFrame(), "perplexity", "ppl", "lower").set_index("tag")
     assert data.loc["old", "speedup"] == pytest.approx(2 * D / (16 + 2 * G * 0.25 * D))
     assert data.loc["old", "speed_detail"] == "2D/(d+2*3*kD)"
     assert data.loc["new", "speedup"] == pytest.approx(2 * D / (8 + 2 * 0.4 * D))
-    assert data.loc["new", "speed_detail"].startswith("2D/(d+2rD)")
+    assert data.loc["new", "speed_detail"] == "2D/(d+2*rows*D) (measured rows; counted: 2D/(d+2*3*kD))"
+    # PCA-Attn reads every value row whatever it measured: one formula, no "measured rows"
+    assert (data.loc["pca", "speedup"], data.loc["pca", "speed_detail"]) == (pytest.approx(2 * D / (16 + D)), "2D/(d+D)")
     assert (data.loc["dense", "speed_source"], data.loc["dense", "speedup"]) == ("reference", 1.0)
     speed = pd.DataFrame([{"method": "loki", "d": 8, "k": 0.25, "selection": "head", "speedup": 1.5,
                            "speed_source": "decode", "speed_detail": "decode"}])
