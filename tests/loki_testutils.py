@@ -57,7 +57,8 @@ def seed_model(model_dir: Path, wd: Path) -> None:
         except OSError:
             shutil.copy2(a, b)
 
-    shutil.copytree(model_dir, wd / "resources" / "models" / model_dir.name, copy_function=link, dirs_exist_ok=True)
+    dst = wd / "resources" / "models" / model_dir.name
+    shutil.copytree(model_dir, dst, copy_function=link, dirs_exist_ok=True)
 
 
 def build_tokenizer(out_dir: Path):

@@ -559,10 +559,11 @@ def test_slurm_outputs_equal_local_outputs(slurm_dag, local_dag):
     s_rows, l_rows = read_csv(s_sum), read_csv(l_sum)
     assert s_rows, f"{SUMMARY} is empty"
     if not same:   # the local rows of the SLURM run's points, in its order
-        by_point = {(r.get("eval"), r.get("tag")): r for r in l_rows}
-        missing = [(r.get("eval"), r.get("tag")) for r in s_rows if (r.get("eval"), r.get("tag")) not in by_point]
+        point = lambda r: (r.get("eval"), r.get("tag"))  # noqa: E731
+        by_point = {point(r): r for r in l_rows}
+        missing = [point(r) for r in s_rows if point(r) not in by_point]
         assert not missing, f"points of the SLURM run missing from the local {SUMMARY}: {missing}"
-        l_rows = [by_point[(r.get("eval"), r.get("tag"))] for r in s_rows]
+        l_rows = [by_point[point(r)] for r in s_rows]
     diffs = diff_values(s_rows, l_rows, SUMMARY)
     assert not diffs, "SLURM and local summaries differ:\n" + "\n".join(diffs[:40])
     # every per-job metrics.json too
