@@ -182,5 +182,29 @@ def check_lengths(lengths: torch.Tensor, B: int, device) -> None:
     check(lengths.is_contiguous(), "lengths must be contiguous")
 
 
+def fraction_ratio(frac: float) -> tuple[int, int]:
+    """A fractional budget as num / den (den < 2^31): the nearest such fraction to the float, which for a fraction
+    written in decimal is that decimal (0.56 -> 14 / 25).  Budgets are ceil(n * num / den) in integers
+    (``ceil_fraction``): in float64, 0.56 * 25 = 14.000000000000002 would round up to 15."""
+    from fractions import Fraction  # noqa: PLC0415
+
+    r = Fraction(float(frac)).limit_denominator((1 << 31) - 1)
+    return r.numerator, r.denominator
+
+
+def ceil_fraction(n, frac: float):
+    """ceil(frac * n) for an int or an integer tensor n, exact (``fraction_ratio``); a tensor comes back int64."""
+    num, den = fraction_ratio(frac)
+    if isinstance(n, torch.Tensor):
+        return torch.div(n.long() * num + (den - 1), den, rounding_mode="floor")
+    return (int(n) * num + den - 1) // den
+
+
+def fraction_arg(frac: float) -> int:
+    """``fraction_ratio`` packed into one int64 kernel argument, num << 32 | den (``_budget_of`` unpacks it)."""
+    num, den = fraction_ratio(frac)
+    return (num << 32) | den
+
+
 def default_scaling(D: int, scaling):
     return float(D) ** -0.5 if scaling is None else float(scaling)

@@ -41,14 +41,13 @@ value are broken by band order, not by position.
 from __future__ import annotations
 
 import math
-import struct
 
 import torch
 import triton
 import triton.language as tl
 
-from ._utils import (BRACKET_RECORD, SLAB_FP8, check, check_pow2, default_scaling, is_interpreter, next_pow2, pdl_available,
-                     pdl_trigger, pdl_wait)
+from ._utils import (BRACKET_RECORD, SLAB_FP8, ceil_fraction, check, check_pow2, default_scaling, fraction_arg,
+                     is_interpreter, next_pow2, pdl_available, pdl_trigger, pdl_wait)
 from .scores import _load_q_lr_T, _q_operands, _rotate_heads, _row_of, _score_tile, launch_rotate_q, rot_chunks
 from .topk import _bit_length, _bracket_of_sample, _key_of, _radix_select, check_select_inputs
 
@@ -69,15 +68,17 @@ def _forced(sc, offs, n, SINK, LOCAL):
 
 
 @triton.jit
-def _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_BITS, FORCED, S_MAX, KMAX, KB_MODE: tl.constexpr):
-    """(n, budget) of sequence b.  KB_MODE 0: K_INT; 1: kb_ptr[b]; 2: a fraction of the sequence, ceil(n * frac) in
-    float64 (frac's bits in FRAC_BITS), raised to the forced count min(n, FORCED).  Clipped to 1..n and KMAX."""
+def _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_Q, FORCED, S_MAX, KMAX, KB_MODE: tl.constexpr):
+    """(n, budget) of sequence b.  KB_MODE 0: K_INT; 1: kb_ptr[b]; 2: a fraction of the sequence, ceil(n * num / den)
+    in int64 (FRAC_Q = num << 32 | den, `fraction_arg`), raised to the forced count min(n, FORCED).  Clipped to 1..n
+    and KMAX."""
     n = tl.maximum(tl.minimum(tl.load(len_ptr + b).to(tl.int32), S_MAX), 0)
     if KB_MODE == 1:
         K = tl.load(kb_ptr + b).to(tl.int32)
     elif KB_MODE == 2:
-        frac = FRAC_BITS.to(tl.float64, bitcast=True)
-        K = tl.ceil(n.to(tl.float64) * frac).to(tl.int32)
+        num = FRAC_Q.to(tl.int64) >> 32
+        den = FRAC_Q.to(tl.int64) & 0xFFFFFFFF
+        K = ((n.to(tl.int64) * num + den - 1) // den).to(tl.int32)
         K = tl.maximum(K, tl.minimum(n, FORCED))
     else:
         K = K_INT
@@ -121,7 +122,7 @@ def _bracket_row(pid, b, h0, kvh, n, kb, qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b,
 
 @triton.jit
 def _bracket_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h,
-                    klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, ac_ptr, len_ptr, kb_ptr, K_INT, FRAC_BITS, FORCED,
+                    klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, ac_ptr, len_ptr, kb_ptr, K_INT, FRAC_Q, FORCED,
                     scale, R, G, S_MAX, KMAX, nsig, SINK, LOCAL, WS_ROW,
                     ZERO_AC: tl.constexpr, ROTATE: tl.constexpr, KB_MODE: tl.constexpr, HPR: tl.constexpr,
                     G_PAD: tl.constexpr, G_ROT: tl.constexpr, D: tl.constexpr, D_LR: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -130,7 +131,7 @@ def _bracket_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h
     """overlap=False: rotate q (one program per row) and write the row's bracket, before the scoring kernel."""
     pid = tl.program_id(0)
     b, r, h0, kvh = _row_of(pid, R, HPR, G)
-    n, kb = _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_BITS, FORCED, S_MAX, KMAX, KB_MODE)
+    n, kb = _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_Q, FORCED, S_MAX, KMAX, KB_MODE)
     if ROTATE:
         _rotate_heads(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h, b, h0, kvh,
                       HPR, G_ROT, D, BLOCK_D, ROT_C, ROT_I)
@@ -142,7 +143,7 @@ def _bracket_kernel(q_ptr, sq_b, sq_h, P_ptr, sp_h, sp_r, qrot_ptr, sqr_b, sqr_h
 
 @triton.jit
 def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, ac_ptr, out_ptr,
-                           so_b, so_r, len_ptr, kb_ptr, K_INT, FRAC_BITS, FORCED, scale, R, G, S_MAX, KMAX, nsig, SINK,
+                           so_b, so_r, len_ptr, kb_ptr, K_INT, FRAC_Q, FORCED, scale, R, G, S_MAX, KMAX, nsig, SINK,
                            LOCAL, WS_ROW, TPP, NCOL, ZERO_AC: tl.constexpr, KB_MODE: tl.constexpr, HPR: tl.constexpr,
                            G_PAD: tl.constexpr, D_LR: tl.constexpr,
                            BLOCK_DL: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, K_FP32: tl.constexpr,
@@ -174,7 +175,7 @@ def _bracket_scores_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
     b, r, h0, kvh = _row_of(pid, R, HPR, G)
     if tb < 0:
         pdl_wait(PDL)  # (q', from the rotation kernel)
-        n, kb = _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_BITS, FORCED, S_MAX, KMAX, KB_MODE)
+        n, kb = _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_Q, FORCED, S_MAX, KMAX, KB_MODE)
         _bracket_row(pid, b, h0, kvh, n, kb, qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr,
                      br_ptr, ac_ptr, scale, nsig, SINK, LOCAL, WS_ROW, ZERO_AC, HPR, G_PAD, D_LR, BLOCK_DL, SAMPLE,
                      SUB, K_FP32, REDUCE_MAX)
@@ -502,7 +503,7 @@ def _select_in_registers(bkey_ptr, bidx_ptr, m, r, out_ptr, hb, prefix, BAND: tl
 
 @triton.jit
 def _bracket_finish_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s, ws_ptr, br_ptr, out_ptr, so_b,
-                           so_r, len_ptr, kb_ptr, K_INT, FRAC_BITS, FORCED, scale, R, G, S_MAX, KMAX, SINK, LOCAL,
+                           so_r, len_ptr, kb_ptr, K_INT, FRAC_Q, FORCED, scale, R, G, S_MAX, KMAX, SINK, LOCAL,
                            WS_ROW,
                            KB_MODE: tl.constexpr, HPR: tl.constexpr, G_PAD: tl.constexpr, D_LR: tl.constexpr,
                            BLOCK_DL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -517,7 +518,7 @@ def _bracket_finish_kernel(qrot_ptr, sqr_b, sqr_h, klr_ptr, slr_b, slr_h, slr_s,
     pdl_trigger(PDL)
     pid = tl.program_id(0)
     b, r, h0, kvh = _row_of(pid, R, HPR, G)
-    n, kb = _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_BITS, FORCED, S_MAX, KMAX, KB_MODE)
+    n, kb = _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_Q, FORCED, S_MAX, KMAX, KB_MODE)
     br = br_ptr + pid * BR_STRIDE
     lo_key = tl.load(br).to(tl.uint32, bitcast=True)
     hi_key = tl.load(br + 1).to(tl.uint32, bitcast=True)
@@ -598,7 +599,7 @@ def _threshold_in_registers(bkey_ptr, bidx_ptr, m, r, hb, prefix, BAND: tl.const
 
 
 @triton.jit
-def _bracket_scan_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, kb_ptr, K_INT, FRAC_BITS, FORCED, R, S_MAX,
+def _bracket_scan_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, kb_ptr, K_INT, FRAC_Q, FORCED, R, S_MAX,
                          KMAX, WS_ROW, KB_MODE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
                          BAND_REG: tl.constexpr, EARLY: tl.constexpr):
     """classify="scan" (session 6): one program per score row replaces the classify and band-select kernels.
@@ -611,7 +612,7 @@ def _bracket_scan_kernel(ws_ptr, br_ptr, out_ptr, so_b, so_r, len_ptr, kb_ptr, K
     pid = tl.program_id(0)
     b = pid // R
     r = pid % R
-    n, kb = _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_BITS, FORCED, S_MAX, KMAX, KB_MODE)
+    n, kb = _budget_of(len_ptr, kb_ptr, b, K_INT, FRAC_Q, FORCED, S_MAX, KMAX, KB_MODE)
     br = br_ptr + pid * BR_STRIDE
     lo_key = tl.load(br).to(tl.uint32, bitcast=True)
     hi_key = tl.load(br + 1).to(tl.uint32, bitcast=True)
@@ -791,7 +792,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     computed and returned), else already rotated; k_lr (B, KVH, S_max, d); k an int or (B,) int budget (clipped
     to 1..lengths[b]; strict=True raises instead, with one host sync), or a float in (0, 1]: the fraction
     ceil(k * lengths[b]) of each sequence, at least the forced count min(lengths[b], sink_tokens + local_window),
-    computed on the device in float64 (`fraction_budget` is the torch equivalent; no host sync).
+    computed on the device, exactly in int64 (`fraction_budget` is the torch equivalent; no host sync).
     sink_tokens / local_window: the first / last positions of each sequence are always selected (they count
     towards the budget).  Returns
     (idx (B, R, k_max) int32 padded with -1, q_rot (B, H, D) fp32 or None).  ``workspace``: optional int32
@@ -826,7 +827,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     B, KVH, S, d, D, H, R, HPR, K_INT, kb, KMAX, rotate, q_rot_out = check_select_inputs(
         q, k_lr, lengths, k, P, mode, reduce, strict and frac is None, k_max, q_rot_out)
     kb_mode = 2 if frac is not None else int(kb is not None)
-    frac_bits = struct.unpack("<q", struct.pack("<d", frac))[0] if frac is not None else 0
+    frac_q = fraction_arg(frac) if frac is not None else 0
     forced = sink_tokens + local_window if frac is not None else 0
     interp = is_interpreter()
     if sample is None:
@@ -898,7 +899,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         BLOCK_D = max(32, next_pow2(D))
         _bracket_kernel[(B * R,)](
             q, q.stride(0), q.stride(1), Pt, Pt.stride(0), Pt.stride(1), qr, qr.stride(0), qr.stride(1),
-            k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br, ac, lengths, kbt, K_INT, frac_bits, forced,
+            k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br, ac, lengths, kbt, K_INT, frac_q, forced,
             scale, R, G, S, KMAX, nsig, sink_tokens, local_window, ws_row, ZERO_AC=zero_ac,
             ROTATE=rotate, KB_MODE=kb_mode, G_ROT=next_pow2(HPR), D=D, BLOCK_D=BLOCK_D, SAMPLE=sample,
             SUB=sub, **rot_chunks(BLOCK_D, True), **common, num_warps=4 if interp else BRACKET_WARPS)
@@ -917,7 +918,7 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     ncol = triton.cdiv(n_tiles, tpp)  # scoring programs per row
     _bracket_scores_kernel[((ncol + 1) * B * R,) if flow else (B * R, ncol + int(overlap))](
         qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br, ac,
-        idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, scale, R, G, S, KMAX, nsig,
+        idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_q, forced, scale, R, G, S, KMAX, nsig,
         sink_tokens, local_window, ws_row, tpp, ncol, ZERO_AC=zero_ac, KB_MODE=kb_mode, BLOCK_N=BLOCK_N, TILES=TILES,
         **common,
         CLASSIFY=not split,
@@ -947,14 +948,14 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
         return idx, (q_rot_out if rotate else None)
     if classify == "scan":
         _bracket_scan_kernel[(B * R,)](
-            ws, br, idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, R, S, KMAX, ws_row,
+            ws, br, idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_q, forced, R, S, KMAX, ws_row,
             KB_MODE=kb_mode, BLOCK_C=64 if interp else cfg.get("scan_block", BRACKET_SCAN_BLOCK),
             BLOCK_S=block_s, BAND_REG=band_reg, EARLY=BRACKET_EARLY_EXIT,
             num_warps=4 if interp else cfg.get("scan_warps", BRACKET_SCAN_WARPS))
         return idx, (q_rot_out if rotate else None)
     _bracket_finish_kernel[(B * R,)](
         qr, qr.stride(0), qr.stride(1), k_lr, k_lr.stride(0), k_lr.stride(1), k_lr.stride(2), ws, br,
-        idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_bits, forced, scale, R, G, S, KMAX, sink_tokens,
+        idx, idx.stride(0), idx.stride(1), lengths, kbt, K_INT, frac_q, forced, scale, R, G, S, KMAX, sink_tokens,
         local_window,
         ws_row, KB_MODE=kb_mode, BLOCK_N=32 if interp else 256, BLOCK_S=block_s,
         **common, KEYS_WRITTEN=split, BAND_REG=band_reg, EARLY=BRACKET_EARLY_EXIT, BAND3=band_parts == 3,
@@ -987,15 +988,15 @@ def bracket_ready(workspace: torch.Tensor, B: int, R: int) -> torch.Tensor:
 def fraction_k_max(frac: float, S_max: int, sink_tokens: int = 0, local_window: int = 0) -> int:
     """The largest budget a float k can mean on a cache of S_max positions (the default index width)."""
     _check_fraction(frac, sink_tokens, local_window)
-    return min(S_max, max(math.ceil(frac * S_max), sink_tokens + local_window))
+    return min(S_max, max(ceil_fraction(S_max, frac), sink_tokens + local_window))
 
 
 def fraction_budget(frac: float, lengths: torch.Tensor, sink_tokens: int = 0, local_window: int = 0) -> torch.Tensor:
     """The per-sequence budget a float k means (torch ops; the bracket kernels compute it on the device):
-    ceil(frac * n) in float64, at least min(n, sink_tokens + local_window), clipped to 1..n.  (B,) int32."""
+    ceil(frac * n) (exact: `ceil_fraction`), at least min(n, sink_tokens + local_window), clipped to 1..n.  (B,) int32."""
     _check_fraction(frac, sink_tokens, local_window)
     n = lengths.long()
-    want = torch.ceil(n.double() * float(frac)).long()
+    want = ceil_fraction(n, frac)
     want = torch.maximum(want, forced_count(lengths, sink_tokens, local_window))
     return torch.minimum(want.clamp(min=1), n).to(torch.int32)
 

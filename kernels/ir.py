@@ -90,8 +90,8 @@ _FINISH = dict(kernel=("kernels.bracket", "_bracket_finish_kernel"),
                     "len_ptr": "*i32", "kb_ptr": "*i32"},
                constexprs=dict(KB_MODE=2, HPR=4, G_PAD=16, D_LR=32, BLOCK_DL=32, BLOCK_N=256, BLOCK_S=2048,
                                K_FP32=False, REDUCE_MAX=True, KEYS_WRITTEN=True, BAND_REG=8192, EARLY=True),
-               num_warps=8, num_stages=3, odd=("R", "G", "FRAC_BITS", "K_INT", "FORCED", "SINK", "LOCAL"),
-               fp32=("scale",), i64=("FRAC_BITS",))
+               num_warps=8, num_stages=3, odd=("R", "G", "FRAC_Q", "K_INT", "FORCED", "SINK", "LOCAL"),
+               fp32=("scale",), i64=("FRAC_Q",))
 PRESETS["finish_8192"] = _FINISH
 PRESETS["finish_8192_idx_first"] = dict(_FINISH, constexprs=dict(_FINISH["constexprs"], IDX_FIRST=True))
 PRESETS["finish_8192_asm"] = dict(_FINISH, constexprs=dict(_FINISH["constexprs"], ASM=True))
@@ -107,8 +107,8 @@ _SCORES = dict(kernel=("kernels.bracket", "_bracket_scores_kernel"),
                constexprs=dict(ZERO_AC=True, KB_MODE=2, HPR=4, G_PAD=16, D_LR=32, BLOCK_DL=32, BLOCK_N=128, TILES=4,
                                K_FP32=False, REDUCE_MAX=True, CLASSIFY=False, OVERLAP=1, SAMPLE=1024, SUB=128,
                                STAGES=3),
-               num_warps=4, num_stages=3, odd=("R", "G", "FRAC_BITS", "K_INT", "FORCED", "SINK", "LOCAL", "TPP", "NCOL"),
-               fp32=("scale", "nsig"), i64=("FRAC_BITS",))
+               num_warps=4, num_stages=3, odd=("R", "G", "FRAC_Q", "K_INT", "FORCED", "SINK", "LOCAL", "TPP", "NCOL"),
+               fp32=("scale", "nsig"), i64=("FRAC_Q",))
 PRESETS["scores_d32"] = _SCORES
 PRESETS["scores_d32_rotate_pdl"] = dict(_SCORES, constexprs=dict(_SCORES["constexprs"], PDL=True, PREFETCH=2))
 # session 13: BRACKET_FLOW (a one-dimensional grid in row order, each program counting itself in its row's record)

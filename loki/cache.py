@@ -40,7 +40,6 @@ greedy outputs match the evaluation-time method. Not cacheable, hence refused: `
 
 from __future__ import annotations
 
-import math
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -51,6 +50,12 @@ from loki.methods.loki import Loki
 
 BACKENDS = ("auto", "kernels", "reference")
 LAYOUTS = ("split", "rows")
+
+
+def _kernels_utils():
+    from kernels import _utils  # noqa: PLC0415  (ceil_fraction: the budgets the kernels compute)
+
+    return _utils
 
 
 def _kernels():
@@ -73,13 +78,13 @@ def decode_budget(lengths: torch.Tensor, k, k_mode: str) -> torch.Tensor:
     if k_mode == "tokens":
         want = torch.full_like(n, int(k))
     else:
-        want = torch.ceil(n.to(torch.float64) * float(k)).to(torch.long)
+        want = _kernels_utils().ceil_fraction(n, float(k))
     return torch.minimum(want.clamp(min=1), n)
 
 
 def max_budget(S_max: int, k, k_mode: str, sink: int, local: int) -> int:
     """Static upper bound of a step's selection size (index buffers have this width under CUDA graphs)."""
-    base = int(k) if k_mode == "tokens" else math.ceil(float(k) * S_max)
+    base = int(k) if k_mode == "tokens" else _kernels_utils().ceil_fraction(S_max, float(k))
     return max(1, min(S_max, base + int(sink) + int(local)))
 
 

@@ -215,3 +215,20 @@ def test_results_record_the_dims_scored():
     m = build_method({"name": "sparq", "r": 4, "k": 0.5})
     m.bind(fake_model())
     assert scored_dims(m, None) is None
+
+
+def test_fractional_budgets_are_exact():
+    """ceil(k n) of the decimal k: 0.56 of 25 keys is 14 (float64's 0.56 * 25 = 14.000000000000002 rounds up to 15),
+    in the evaluation-time methods (prefix and window budgets), the LokiCache decode budget and the kernels' one."""
+    from kernels import fraction_budget
+    from loki.cache import decode_budget, max_budget
+    from loki.methods.base import token_budget
+
+    vis = causal(25)
+    assert token_budget(vis, 0.56, "prefix")[0, 0, -1] == 14 and token_budget(vis, 0.56, "window")[0, 0, -1] == 14
+    assert token_budget(vis, 0.56, "prefix")[0, 0, 9] == 6  # 5.6 -> 6 where the product is not whole
+    n = torch.tensor([25, 300, 10, 1])
+    assert decode_budget(n, 0.56, "prefix").tolist() == [14, 168, 6, 1]
+    assert fraction_budget(0.56, n.int()).tolist() == [14, 168, 6, 1]
+    assert max_budget(300, 0.56, "prefix", 0, 0) == 168
+    assert token_budget(causal(300), 1 / 3, "prefix")[0, 0, -1] == 100

@@ -5,7 +5,6 @@ Shapes: q (B, H, T, D); k, v (B, KVH, S, D); ``visible`` bool (B|1, 1, T, S). Sc
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import torch
@@ -179,15 +178,20 @@ def token_budget(visible: torch.Tensor, k: float, k_mode: str) -> torch.Tensor:
     """Tokens to keep per query row, (B|1, 1, T) int64, each within [1, visible count] (0 if none visible).
 
     prefix: ceil(k * n_i) of the row's own visible prefix (what a decoder sees);
-    window: ceil(k * S) of the whole window, as in the paper's evaluation code (early rows keep all);
+    window: ceil(k * S) of the whole window (its S non-padding keys), as in the paper's evaluation code (early rows
+    keep all);
     tokens: an absolute count.
     """
     n = visible.sum(-1)
     S = visible.shape[-1]
+    from kernels._utils import ceil_fraction  # noqa: PLC0415  (exact: 0.56 of 25 keys is 14, not float64's 15)
+
     if k_mode == "prefix":
-        want = torch.ceil(n.to(torch.float64) * k).to(torch.long)
+        want = ceil_fraction(n, k)
     elif k_mode == "window":
-        want = torch.full_like(n, math.ceil(k * S))
+        # the window's own keys: padding columns (seen by no row of the sequence) are not part of it
+        S_seq = visible.any(-2).sum(-1, keepdim=True)  # (B|1, 1, 1)
+        want = ceil_fraction(S_seq, k).expand_as(n)
     else:
         if k > S:
             raise fail(f"token budget k={int(k)} is larger than the context ({S} tokens).",
@@ -204,7 +208,9 @@ def forced_mask(visible: torch.Tensor, sink_tokens: int, local_window: int) -> t
     pos = torch.arange(S, device=visible.device)
     forced = torch.zeros_like(visible)
     if sink_tokens:
-        forced |= pos < sink_tokens
+        # counted over the row's visible keys, so that a left-padded sequence's sinks are its own first tokens (as
+        # LokiCache's, which drops the padding), not padding positions masked away
+        forced |= visible.cumsum(-1) <= sink_tokens
     if local_window:
         last = torch.where(visible, pos, -1).amax(-1, keepdim=True)  # last visible key per row
         forced |= (pos > last - local_window) & (pos <= last)

@@ -25,6 +25,43 @@ def online_basis(k: torch.Tensor) -> torch.Tensor:
     return vecs.flip(-1)
 
 
+def online_row_bases(k: torch.Tensor, visible: torch.Tensor, every: int) -> torch.Tensor:
+    """Causal online bases: for each query row, the uncentred PCA of the sequence's keys it can see, refitted every
+    ``every`` keys.  (B, KVH, T, D, D) float64, columns by decreasing variance.
+
+    A row that sees n keys of its sequence (padding excluded; masks causal, as in prefill and decode) uses the fit
+    of the sequence's first m keys, m = n while n <= every, else every * floor(n / every): never a key the row
+    cannot see, and a decoder refitting its cache's PCA every ``every`` tokens computes the same basis.  With every
+    = 1 each row has its own fit (one eigendecomposition per row: slow in long prefills)."""
+    B, KVH, S, D = k.shape
+    T = visible.shape[-2]
+    vis = visible.expand(B, 1, T, S)[:, 0]  # (B, T, S)
+    ok = vis.any(1)  # (B, S): the sequence's keys (not padding)
+    n_row = (vis & ok[:, None]).sum(-1)  # (B, T) keys each row sees
+    out = torch.empty(B, KVH, T, D, D, dtype=torch.float64, device=k.device)
+    R = max(1, int(every))
+    for b in range(B):
+        kb = k[b][:, ok[b]].double()  # (KVH, n, D): the sequence's keys in order
+        n = kb.shape[1]
+        if n == 0:
+            out[b] = torch.eye(D, dtype=torch.float64, device=k.device)
+            continue
+        first = min(R, n)  # fits over the first 1..first keys: one per count
+        outer = kb[:, :first, :, None] * kb[:, :first, None, :]  # (KVH, first, D, D)
+        covs = [outer.cumsum(1)]
+        blocks = n // R
+        if blocks > 1:  # then every R keys: counts 2R, 3R, ...
+            kbl = kb[:, :blocks * R].view(KVH, blocks, R, D)
+            covs.append((kbl.transpose(-1, -2) @ kbl).cumsum(1)[:, 1:])
+        cov = torch.cat(covs, 1)  # (KVH, F, D, D): fit i covers the first i + 1 keys (i < first), then (i - first + 2) * R
+        _, vecs = torch.linalg.eigh(cov)
+        vecs = vecs.flip(-1)
+        nr = n_row[b].clamp(min=1)
+        fit = torch.where(nr <= R, nr - 1, R - 1 + torch.div(nr, R, rounding_mode="floor") - 1)
+        out[b] = vecs[:, fit.clamp(max=vecs.shape[1] - 1)]
+    return out
+
+
 class Loki(Method):
     name = "loki"
     options = {
@@ -32,7 +69,8 @@ class Loki(Method):
         "d_variance": None,    # float in (0, 1]: per (layer, KV head) d reaching this explained variance
         **SELECTION_OPTIONS,
         "rope": "post",        # which basis: fitted on post-RoPE (default) or pre-RoPE keys
-        "basis": "offline",    # offline (pca_path) | online (fitted on the current keys)
+        "basis": "offline",    # offline (pca_path) | online (fitted on the keys each row sees)
+        "online_every": 16,    # basis=online: refit every N keys (1: every row its own fit)
         "selection": "head",   # head: top-k per query head (paper) | group: one set per KV group
         "group_reduce": "max",  # how group selection combines the heads' scores: max | sum | mean
         "slab_dtype": None,    # None | "fp8": score against the rotated keys' first d dims rounded to e4m3
@@ -50,6 +88,9 @@ class Loki(Method):
                        "write method.slab_dtype=null (Hydra's spelling of None) for the full-precision slab, or fp8.")
         if slab not in (None, "fp8"):
             raise fail(f"loki: unknown slab_dtype {slab!r}.", "use method.slab_dtype=null or fp8.")
+        if slab == "fp8" and self.basis == "online":
+            raise fail("loki: slab_dtype=fp8 models the kernels' rotated-key slab, which needs one fixed basis; "
+                       "basis=online fits one per row.", "use method.basis=offline with slab_dtype=fp8.")
         self.validate_basis()
 
     def validate_basis(self):
@@ -58,6 +99,10 @@ class Loki(Method):
             raise fail(f"loki: rope must be 'pre' or 'post', got {self.rope!r}.", "set method.rope=post or pre.")
         if self.basis not in ("offline", "online"):
             raise fail(f"loki: basis must be offline or online, got {self.basis!r}.", "set method.basis.")
+        every = self.online_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise fail(f"{self.name}: online_every must be a whole number of keys >= 1, got {every!r}.",
+                       "e.g. method.online_every=16 (1 refits the online basis for every row).")
         dv = self.d_variance
         if dv is not None and (isinstance(dv, bool) or not isinstance(dv, (int, float)) or not 0 < dv <= 1):
             raise fail(f"{self.name}: d_variance must be a number in (0, 1], got {dv!r}.",
@@ -114,12 +159,22 @@ class Loki(Method):
             self._dim_mask_cache[key] = (torch.arange(D, device=device)[None, :] < counts[:, None]).float()
         return self._dim_mask_cache[key]
 
-    def approx_scores(self, module, q, k, scaling) -> torch.Tensor:
-        """Scores of every query head against every key from the first d rotated dims, (B, H, T, S) fp32."""
+    def approx_scores(self, module, q, k, scaling, visible=None) -> torch.Tensor:
+        """Scores of every query head against every key from the first d rotated dims, (B, H, T, S) fp32.
+
+        With ``basis=online`` and ``visible`` given, each row's basis is fitted causally on the keys it can see
+        (``online_row_bases``); without ``visible``, one basis of all the keys at hand."""
         B, H, T, D = q.shape
         KVH = k.shape[1]
         g = H // KVH
         layer = module.layer_idx
+        if self.basis == "online" and visible is not None:
+            Pd = online_row_bases(k, visible, self.online_every)[..., : self.dims].to(acc(q).dtype)  # (B,KVH,T,D,d)
+            qf = acc(q).view(B, KVH, g, T, 1, D)
+            # q P_d P_d^T . k = q'[:d] . k'[:d] with the row's own basis
+            qproj = ((qf @ Pd.unsqueeze(2)) @ Pd.unsqueeze(2).transpose(-1, -2)).squeeze(-2)  # (B, KVH, g, T, D)
+            s = torch.matmul(qproj, acc(k).unsqueeze(2).transpose(-1, -2)) * scaling
+            return s.view(B, H, T, -1)
         if self.basis == "online":
             P = online_basis(k)  # (B, KVH, D, D)
         else:
@@ -144,7 +199,7 @@ class Loki(Method):
         if is_dense_here(self, module, q):
             self.record(None, visible, q.shape[1], kv_heads=k.shape[1])
             return dense_attention(q, k, v, visible, scaling)
-        approx = self.approx_scores(module, q, k, scaling)
+        approx = self.approx_scores(module, q, k, scaling, visible)
         budget = token_budget(visible, self.k, self.k_mode)
         forced = forced_mask(visible, self.sink_tokens, self.local_window)
         g = q.shape[1] // k.shape[1]

@@ -51,7 +51,7 @@ class LokiH2O(EvictingMethod, Loki):
         if is_dense_here(self, module, q):
             return self._dense(module, q, k, v, visible, scaling, cache_budget, forced, g)
         scores = exact_scores(q, k, scaling)
-        approx = self.approx_scores(module, q, k, scaling)
+        approx = self.approx_scores(module, q, k, scaling, visible)
         if self.selection == "group" and g > 1:
             approx = group_reduce(approx, g, self.group_reduce)
         budget = token_budget(visible, self.k, self.k_mode)

@@ -18,7 +18,8 @@ class PcaAttn(Loki):
         "d": 16,               # int >= 1: dims; float in (0, 1): fraction of the head dim
         "d_variance": None,    # float in (0, 1]: per (layer, KV head) d reaching this explained variance
         "rope": "post",        # basis fitted on post- (default) or pre-RoPE keys
-        "basis": "offline",    # offline (pca_path) | online (PCA of the current keys)
+        "basis": "offline",    # offline (pca_path) | online (PCA of the keys each row sees)
+        "online_every": 16,    # basis=online: refit every N keys (1: every row its own fit)
         "dense_layers": 0,     # the first N layers attend densely
         "sparse_prefill": True,  # False: rows of a multi-token forward attend densely (decode-only approximation)
     }
@@ -31,5 +32,5 @@ class PcaAttn(Loki):
         self.record(None, visible, q.shape[1], kv_heads=k.shape[1])
         if is_dense_here(self, module, q):
             return dense_attention(q, k, v, visible, scaling)
-        scores = self.approx_scores(module, q, k, scaling)
+        scores = self.approx_scores(module, q, k, scaling, visible)
         return masked_attention(scores, visible.expand(q.shape[0], q.shape[1], *visible.shape[2:]), v)

@@ -10,7 +10,8 @@ window) are taken first, and the rest of the budget is rounded up to whole pages
 ``ceil(max(budget - forced, 0) / page_size)`` pages (so a row may attend up to page_size - 1 keys more than
 its budget; ``stats()['kept_fraction']`` shows the realised fraction). Bounds are computed over the keys the
 row can see: for a causal row the page holding its own position is partial, and its min/max cover only
-the keys up to that position, as a decoder's page metadata would.
+the keys up to that position, as a decoder's page metadata would. Pages start at each sequence's first key
+(left padding is not part of the grid), so a padded sequence in a batch selects what it selects alone.
 """
 
 from __future__ import annotations
@@ -69,6 +70,32 @@ def page_bounds(q: torch.Tensor, k: torch.Tensor, visible: torch.Tensor, page_si
     return ub * scaling
 
 
+def roll_out_left_padding(k: torch.Tensor, visible: torch.Tensor, forced: torch.Tensor | None):
+    """Each batch row's keys rotated left by its leading padding (the keys no row sees before the first one a row
+    sees), so that position 0 is the sequence's first key.  Returns (k, visible, forced) rotated and ``unroll``,
+    which rotates a (B, H, T, S) selection back.  Without left padding, the inputs themselves and the identity."""
+    B, S = k.shape[0], k.shape[2]
+    seen = visible.expand(B, *visible.shape[1:]).any(-2)[:, 0]  # (B, S): keys some row of the sequence sees
+    off = torch.where(seen.any(-1), seen.to(torch.int8).argmax(-1), 0)  # (B,) leading padding
+    if not bool(off.any()):
+        return k, visible, forced, lambda keep: keep
+    cols = torch.arange(S, device=k.device)
+    src = (cols[None] + off[:, None]) % S  # (B, S): rotated column j reads column src[j]
+    back = (cols[None] - off[:, None]) % S  # its inverse
+
+    def take(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
+        x = x.expand(B, *x.shape[1:])
+        shape = [B] + [1] * (x.dim() - 1)
+        shape[dim] = S
+        view = idx.view(shape).expand(*x.shape[:dim], S, *x.shape[dim + 1:])
+        return x.gather(dim, view)
+
+    k_r = take(k, src, 2)
+    vis_r = take(visible, src, 3)
+    forced_r = take(forced, src, 3) if forced is not None else None
+    return k_r, vis_r, forced_r, lambda keep: take(keep, back, 3)
+
+
 def select_pages(ub: torch.Tensor, visible: torch.Tensor, budget: torch.Tensor, forced: torch.Tensor | None,
                  page_size: int) -> torch.Tensor:
     """(B, H, T, S) keys of each row's best pages: ceil((budget - forced) / page_size) pages, plus forced keys."""
@@ -109,10 +136,13 @@ class Quest(Method):
             self.record(None, visible, q.shape[1], kv_heads=k.shape[1])
             return dense_attention(q, k, v, visible, scaling)
         scores = exact_scores(q, k, scaling)
-        ub = page_bounds(q, k, visible, int(self.page_size), scaling)
         budget = token_budget(visible, self.k, self.k_mode)
         forced = forced_mask(visible, self.sink_tokens, self.local_window)
-        keep = select_pages(ub, visible, budget, forced, int(self.page_size))
+        # pages start at each sequence's first key: left padding is rolled to the end for the page grid (a
+        # decoder's cache holds no padding), so a padded sequence selects what it selects alone
+        k_r, vis_r, forced_r, unroll = roll_out_left_padding(k, visible, forced)
+        ub = page_bounds(q, k_r, vis_r, int(self.page_size), scaling)
+        keep = unroll(select_pages(ub, vis_r, budget, forced_r, int(self.page_size)))
         self.last_selection = keep
         self.record(keep, visible, q.shape[1], kv_heads=k.shape[1])
         return masked_attention(scores, keep, v)

@@ -1,4 +1,7 @@
 """The bracket path (kernels/bracket.py): scores with the selection pass fused in, band select, exact fallback."""
+
+import math
+
 import pytest
 import torch
 import triton
@@ -162,20 +165,25 @@ def test_bracket_heavy_ties(variant):
 
 
 @pytest.mark.parametrize("frac,sink,local,classify", [(0.1, 0, 0, None), (0.125, 0, 0, None), (1 / 3, 4, 16, None),
-                                                     (1.0, 0, 0, None), (0.01, 40, 200, None), (1 / 3, 4, 16, "scan")])
+                                                     (1.0, 0, 0, None), (0.01, 40, 200, None), (1 / 3, 4, 16, "scan"),
+                                                     (0.56, 0, 0, None)])
 def test_bracket_fraction_budget(frac, sink, local, classify):
-    """A float budget is ceil(frac * n_b) per sequence (float64, raised to the forced count), computed inside the
-    kernels: the same selections as the int tensor `fraction_budget` gives, on ragged lengths (incl. 1 and 0)."""
+    """A float budget is ceil(frac * n_b) per sequence, exact (0.56 of 25 is 14 where float64 says 15; 1/3 of 300 is
+    100), raised to the forced count, computed inside the kernels: the same selections as the int tensor
+    `fraction_budget` gives, on ragged lengths (incl. 1 and 0)."""
+    from fractions import Fraction
+
     torch.manual_seed(int(frac * 1000) + sink)
-    B, KVH, g, S, D, d = 5, 2, 2, 300, 64, 8
-    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.float32, DEV, lengths=[300, 257, 10, 1, 0])
+    B, KVH, g, S, D, d = 6, 2, 2, 300, 64, 8
+    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.float32, DEV, lengths=[300, 257, 25, 10, 1, 0])
     q = torch.randn(B, KVH * g, D, device=DEV)
     P = random_orthonormal(KVH, D, DEV)
     kb = fraction_budget(frac, lengths, sink, local)
-    n = lengths.long().cpu()
-    want = torch.minimum(torch.maximum(torch.ceil(n.double() * frac).long(),
-                                       torch.clamp(n, max=sink + local)).clamp(min=1), n)
-    assert kb.cpu().long().tolist() == want.tolist()
+    exact = Fraction(frac).limit_denominator(10**6)  # the decimal (or third) the float stands for
+    want = [min(max(math.ceil(exact * n), min(n, sink + local), 1), n) for n in lengths.tolist()]
+    assert kb.cpu().long().tolist() == want
+    if frac == 0.56:
+        assert want[:3] == [168, 144, 14]  # float64 ceil(0.56 * n): 169, 144, 15
     k_max = int(kb.max())
     i_f, _ = loki_select_bracket(q, k_lr, lengths, frac, P=P, strict=False, sink_tokens=sink, local_window=local,
                                  k_max=k_max, classify=classify)

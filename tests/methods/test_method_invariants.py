@@ -184,3 +184,64 @@ def test_kv_rows_fraction_is_the_union_of_each_groups_sets(name, opts):
         assert st["kv_rows_fraction"] == pytest.approx(st["kept_fraction"], rel=1e-12)
     elif name != "quest":
         assert st["kv_rows_fraction"] > st["kept_fraction"] * 1.05, "per-head sets of a group should differ here"
+
+
+# A left-padded sequence in a batch must select and attend exactly as it does alone: sinks are its own first keys,
+# Quest's pages start at its first key, a window budget counts its keys, an online basis sees its keys only.
+PADDED = [
+    ("exact_topk", dict(k=0.3, sink_tokens=3, local_window=2)),
+    ("loki", dict(d=4, k=0.3, sink_tokens=2, local_window=4)),
+    ("loki", dict(d=4, k=0.3, k_mode="window")),
+    ("loki", dict(d=4, k=0.3, basis="online")),
+    ("loki", dict(d=4, k=0.3, basis="online", online_every=1, selection="group")),
+    ("pca_attn", dict(d=4, basis="online", online_every=5)),
+    ("h2o", dict(k=0.3, sink_tokens=3)),
+    ("sparq", dict(r=4, k=0.3, sink_tokens=2)),
+    ("quest", dict(k=0.3, page_size=4)),
+    ("quest", dict(k=0.3, page_size=4, sink_tokens=2, local_window=3)),
+    ("loki_h2o", dict(d=4, k=0.2, cache=0.4, sink_tokens=2, basis="online")),
+]
+
+
+@pytest.mark.parametrize("name,opts", PADDED, ids=[f"{n}-{i}" for i, (n, _) in enumerate(PADDED)])
+def test_left_padding_changes_nothing(name, opts):
+    T, pad = 24, 7  # 7: not a multiple of Quest's page
+    q, k, v = qkv(40, T=T)
+    qj, kj, vj = qkv(41, T=pad)  # whatever the model computes at padding positions
+    qp, kp, vp = (torch.cat([a, b], 2) for a, b in ((qj, q), (kj, k), (vj, v)))
+    vis_p = causal(T + pad).repeat(B, 1, 1, 1)
+    vis_p[0, ..., :pad] = False  # sequence 0 is left-padded; sequence 1 is a full one of T + pad tokens
+    alone, _ = make(name, **opts)
+    want = alone.attend(MOD, q[:1], k[:1], v[:1], causal(T), SCALE)
+    padded, _ = make(name, **opts)
+    got = padded.attend(MOD, qp, kp, vp, vis_p, SCALE)[:1, :, pad:]
+    torch.testing.assert_close(got, want, **TOL)
+    if alone.last_selection is not None:
+        assert torch.equal(padded.last_selection[:1, :, pad:, pad:], alone.last_selection)
+        assert not padded.last_selection[:1, :, :, :pad].any()
+
+
+@pytest.mark.parametrize("name", ["loki", "pca_attn"])
+@pytest.mark.parametrize("every", [1, 3, 16])
+def test_online_basis_is_causal_and_refitted_every_n_keys(name, every):
+    """basis=online: row i's approximate scores use the uncentred PCA of the first m keys, m = n_i (its visible
+    keys) while n_i <= online_every, else online_every * floor(n_i / online_every) (float64 reference); so keys
+    after row i never change row i."""
+    T, d = 20, 3
+    q, k, v = qkv(42, T=T)
+    m, _ = make(name, d=d, basis="online", online_every=every, **({"k": 0.3} if name == "loki" else {}))
+    got = m.approx_scores(MOD, q, k, SCALE, causal(T)).double()
+    for i in range(T):
+        n = i + 1
+        mk = n if n <= every else every * (n // every)
+        for h in range(H):
+            kk = k[:, h // G, :mk].double()  # (B, mk, D)
+            _, vecs = torch.linalg.eigh(kk.transpose(-1, -2) @ kk)
+            Pd = vecs.flip(-1)[..., :d]  # (B, D, d)
+            want = ((q[:, h, i:i + 1].double() @ Pd) @ (k[:, h // G, :n].double() @ Pd).transpose(-1, -2))[:, 0]
+            torch.testing.assert_close(got[:, h, i, :n], want * SCALE, rtol=1e-9, atol=1e-9)
+    k2 = k.clone()
+    k2[:, :, T // 2:] *= torch.linspace(1, 20, D, dtype=k.dtype)  # change only keys at rows >= T/2
+    o1 = m.attend(MOD, q, k, v, causal(T), SCALE)
+    o2 = m.attend(MOD, q, k2, v, causal(T), SCALE)
+    torch.testing.assert_close(o1[:, :, : T // 2], o2[:, :, : T // 2], rtol=0, atol=0)
