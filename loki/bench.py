@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from loki.app import stage
-from loki.common import CONF_DIR, fail, git_commit, resolve_device, write_json
+from loki.common import CONF_DIR, LokiError, fail, git_commit, resolve_device, write_json
 
 
 def bench_config(cfg) -> dict:
@@ -74,8 +74,13 @@ def main(cfg) -> None:
     with wandb_run(cfg, "bench", name=name, extra_config={f"bench.loki.{k}": v for k, v in opts.items()}) as run:
         model, model_name = build_model(cfg, bench, device)
         pca = cfg.get("pca_path") if model_name != "random_llama" else None  # a random model has no PCA file
-        rows = run_bench(model, bench, opts, device, pca_path=pca,
-                         allow_foreign_basis=bool(cfg.get("allow_foreign_basis", False)))
+        try:
+            rows = run_bench(model, bench, opts, device, pca_path=pca,
+                             allow_foreign_basis=bool(cfg.get("allow_foreign_basis", False)))
+        except LokiError as e:  # Loki's checks name its options method.*; here they come from bench.loki.*
+            if cfg.method.name == "loki":
+                raise
+            raise LokiError(str(e).replace("method.", "bench.loki.")) from e
         for r in rows:
             r["model"] = model_name
             r["device"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"

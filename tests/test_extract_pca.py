@@ -315,3 +315,28 @@ def test_peak_memory_flat_in_token_count(tmp_path):
         assert growth < 0.25 * per_token_mb * (16384 - 4096), (stage, peaks)
     (REPO / "results").mkdir(exist_ok=True)
     print("peak MiB:", {f"{s}@{n}": round(v) for (s, n), v in peaks.items()})
+
+
+def test_keys_of_another_corpus_file_or_model_folder_are_not_reused(tmp_path, tiny_model_dir, text_file, monkeypatch):
+    """A finished keys_dir is reused only for the same job: another corpus file or model folder under the same names
+    is refused with the differing setting named (not 'complete; nothing to do' and a PCA of the wrong text), and the
+    keys are left as they were; the same file named by a relative path is the same job."""
+    import shutil
+
+    from loki.extract_keys import extract
+
+    keys = tmp_path / "keys"
+    extract(extract_cfg(tiny_model_dir, text_file, keys), keys, progress=False)
+    before = _stamp(keys / "manifest.json")
+    other_text = tmp_path / "other.txt"
+    other_text.write_text(text_file.read_text()[::-1])
+    with pytest.raises(LokiError, match=r"(?s)another extraction \(it differs in corpus\.path\).*delete"):
+        extract(extract_cfg(tiny_model_dir, other_text, keys), keys, progress=False)
+    other_model = tmp_path / "other_model"
+    shutil.copytree(tiny_model_dir, other_model)
+    with pytest.raises(LokiError, match=r"differs in model\.path\)"):
+        extract(extract_cfg(other_model, text_file, keys), keys, progress=False)
+    assert _stamp(keys / "manifest.json") == before
+    monkeypatch.chdir(text_file.parent)
+    man = extract(extract_cfg(tiny_model_dir, text_file.name, keys), keys, progress=False)  # relative: same file
+    assert man["complete"] and _stamp(keys / "manifest.json") == before

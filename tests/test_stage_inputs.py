@@ -197,3 +197,47 @@ def test_transfer_writes_all_three_outputs_readable(tmp_path, tiny_model_dir, te
     assert (tmp_path / "transfer" / "transfer.png").read_bytes()[:4] == b"\x89PNG"
     for n in before:
         assert oct((tmp_path / "transfer" / n).stat().st_mode & 0o777) == oct(0o644), n
+
+
+@pytest.mark.parametrize("target", ["model", "data", "calib"])
+def test_prepare_never_replaces_the_users_own_files(tmp_path, target):
+    """A config pointed at the user's own model folder or corpus file (model.path=..., data.path=...) still carries
+    the embedded source; preparing it must refuse, not replace the user's files with the embedded resource."""
+    from loki.prepare import prepare
+
+    key = "model" if target == "model" else target
+    mine = tmp_path / ("mymodel" if target == "model" else "my.txt")
+    if target == "model":
+        mine.mkdir()
+        (mine / "my_weights.bin").write_bytes(b"precious")
+    else:
+        mine.write_text("my precious corpus\n")
+    cfg = compose_config([f"resources_dir={tmp_path}/resources", f"{key}.path={mine}", f"{key}.name=mine"])
+    with pytest.raises(LokiError, match=rf"(?s){mine} exists and is not where the embedded {key} is prepared.*"
+                                        rf"set {key}.source=null"):
+        prepare(cfg, target)
+    if target == "model":
+        assert [p.name for p in mine.iterdir()] == ["my_weights.bin"]
+    else:
+        assert mine.read_text() == "my precious corpus\n"
+    assert not (tmp_path / "resources").exists() or not any((tmp_path / "resources").rglob("*.txt"))
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "tokenizer.json", "config.json"])
+def test_a_damaged_model_file_is_one_clear_error(tmp_path, tiny_model_dir, damaged):
+    """A truncated weights file, tokenizer or config (an interrupted copy or download) is a LokiError naming the
+    file's folder, the underlying error and what to do, not a traceback from safetensors or json."""
+    import shutil
+
+    from loki.modeling import load_model, load_tokenizer
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    f = folder / damaged
+    assert f.exists(), sorted(p.name for p in folder.iterdir())
+    f.write_bytes(f.read_bytes()[: max(1, f.stat().st_size // 3)])
+    cfg = compose_config([f"model.path={folder}", "model.name=tiny", "model.source=null"])
+    load = load_tokenizer if damaged == "tokenizer.json" else load_model
+    with pytest.raises(LokiError, match=rf"(?s)could not load the (model|tokenizer) of 'tiny' from {folder}: "
+                                        r"\w+(Error|Exception).*damaged or truncated.*copy or download"):
+        load(cfg.model)

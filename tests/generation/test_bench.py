@@ -121,3 +121,38 @@ def test_stage_writes_json(tmp_path, embedded_model_dir):
 
     assert rows[0]["options"] is None and rows[1]["options"] == MEASURED_AT
     assert "tokens_per_s" in res.stdout
+
+
+@pytest.mark.parametrize("over,needle", [
+    ({"batch": [0]}, r"bench.batch must be a non-empty list of whole numbers >= 1, got \[0\]"),
+    ({"batch": []}, r"bench.batch must be a non-empty list"),
+    ({"context": [16, 2.5]}, r"bench.context must be a non-empty list of whole numbers >= 1"),
+    ({"new_tokens": 0}, r"bench.new_tokens must be a whole number >= 1, got 0"),
+    ({"warmup": -1}, r"bench.warmup must be a whole number >= 0"),
+    ({"context": [32, 100000]}, r"\(100006\) is beyond the model's 128 positions.*use contexts <= 122"),
+])
+def test_bench_grid_refused_before_any_work(over, needle):
+    """A grid that would crash mid-run (batch 0) or run past the model's positions is one clear error, raised before
+    the basis is fitted or any point runs."""
+    from gen_helpers import tiny_llama
+
+    from loki.common import LokiError
+
+    model = tiny_llama(max_position_embeddings=128)
+    cfg = {"batch": [1], "context": [32], "new_tokens": 4, "warmup": 2, "methods": ["dense"], **over}
+    with pytest.raises(LokiError, match=f"(?s){needle}"):
+        run_bench(model, cfg, {}, "cpu", log=lambda *_: pytest.fail("work started"))
+
+
+def test_bench_names_its_own_loki_keys(tmp_path, embedded_model_dir):
+    """bench.loki.d=128 on a head dim of 64: the message names bench.loki.d (what to set), not method.d."""
+    defaults = yaml.safe_load((REPO / "conf" / "config.yaml").read_text())["defaults"]
+    group = "bench" if any(isinstance(d, dict) and "bench" in d for d in defaults) else "+bench"
+    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "loki.bench", f"{group}=cpu", "bench.batch=[1]", "bench.context=[16]",
+           "bench.new_tokens=1", "bench.calib_tokens=32", "bench.loki.d=128", f"bench.out={tmp_path}/decode.json",
+           f"results_dir={tmp_path}", f"hydra.run.dir={tmp_path}/run", "threads=1"]
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "set bench.loki.d to at most 64" in res.stderr and "method.d" not in res.stderr
+    assert not (tmp_path / "decode.json").exists()

@@ -153,6 +153,15 @@ def test_a_folder_without_results_names_both_layouts(tmp_path):
         collect(tmp_path)
 
 
+def test_a_missing_results_folder_is_one_clear_error(tmp_path):
+    """A mistyped results_dir (multirun/default/typo): one message, and nothing created there."""
+    from loki.report import make_report
+
+    with pytest.raises(LokiError, match=r"(?s)results_dir=.*typo is not a folder.*point results_dir at"):
+        make_report(tmp_path / "typo")
+    assert not (tmp_path / "typo").exists()
+
+
 def test_protocol_line_says_what_each_eval_ran(built):
     """The figures' protocol line takes windows / cases from metrics.json, per eval (not from the config: the
     selection eval ran 1 window where the config says 2, and a retrieval eval has no windows)."""
