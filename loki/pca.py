@@ -99,8 +99,9 @@ def load_basis(path: str | Path, model_info: dict | None = None, allow_other_mod
     path = Path(path)
     if not path.exists():
         raise fail(f"PCA file {path} does not exist.",
-                   "run the fit_pca stage first (`snakemake --cores 2` or `python -m loki.fit_pca`), or point pca_path "
-                   "(loki.evaluate, loki.bench) at an existing pca.safetensors.")
+                   "run the fit_pca stage first: `snakemake --cores 2`, or `python -m loki.fit_pca` (after "
+                   "loki.extract_keys) with this run's experiment=, model= and corpus@calib= overrides, which writes "
+                   f"{path}; or point pca_path (loki.evaluate, loki.bench) at an existing pca.safetensors.")
     try:
         with safe_open(str(path), "pt") as f:
             raw_meta = f.metadata() or {}
