@@ -79,6 +79,15 @@ def pdl_wait(PDL: tl.constexpr):
 def check_float(t: torch.Tensor, name: str) -> None:
     check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
     check(t.dtype in FLOAT_DTYPES, f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    check_interpretable(t, name)
+
+
+def check_interpretable(t: torch.Tensor, name: str) -> None:
+    """Triton's CPU interpreter (TRITON_INTERPRET=1) has no bfloat16 arithmetic: its tl.dot on bf16 tiles returns
+    garbage (1e10 off on a 16x16 product, triton 3.9), silently.  Refused there; the GPU runs bf16."""
+    check(not (t.dtype == torch.bfloat16 and is_interpreter()),
+          f"{name} is bfloat16, which Triton's CPU interpreter (TRITON_INTERPRET=1) cannot compute with; use float16 "
+          "or float32 on the CPU (bfloat16 runs on the GPU)")
 
 
 # what the scoring pass may read (session 19): the cache's float dtypes, or an fp8 (e4m3) slab copy of a 16-bit cache
@@ -91,6 +100,7 @@ def check_slab_dtype(t: torch.Tensor, name: str) -> None:
     check(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
     check(t.dtype in FLOAT_DTYPES or t.dtype == SLAB_FP8,
           f"{name} must be float32, float16, bfloat16 or (a slab) float8_e4m3fn, got {t.dtype}")
+    check_interpretable(t, name)
     if t.dtype == SLAB_FP8 and t.is_cuda:
         cap = torch.cuda.get_device_capability(t.device)
         check(cap >= (8, 9), f"an fp8 {name} needs a GPU with fp8 conversions (sm_89+), got sm_{cap[0]}{cap[1]}; "
@@ -174,12 +184,12 @@ def check_cache(k_lr: torch.Tensor, k_rest: torch.Tensor, v: torch.Tensor):
     return B, KVH, S, D, d
 
 
-def check_lengths(lengths: torch.Tensor, B: int, device) -> None:
-    check(isinstance(lengths, torch.Tensor), "lengths must be a tensor of shape (B,)")
-    check(lengths.dtype in INDEX_DTYPES, f"lengths must be int32 or int64, got {lengths.dtype}")
-    check(tuple(lengths.shape) == (B,), f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
-    check(lengths.device == device, f"lengths is on {lengths.device}, expected {device}")
-    check(lengths.is_contiguous(), "lengths must be contiguous")
+def check_lengths(lengths: torch.Tensor, B: int, device, name: str = "lengths") -> None:
+    check(isinstance(lengths, torch.Tensor), f"{name} must be a tensor of shape (B,)")
+    check(lengths.dtype in INDEX_DTYPES, f"{name} must be int32 or int64, got {lengths.dtype}")
+    check(tuple(lengths.shape) == (B,), f"{name} must have shape ({B},), got {tuple(lengths.shape)}")
+    check(lengths.device == device, f"{name} is on {lengths.device}, expected {device}")
+    check(lengths.is_contiguous(), f"{name} must be contiguous")
 
 
 def fraction_ratio(frac: float) -> tuple[int, int]:

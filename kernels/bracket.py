@@ -821,6 +821,8 @@ def loki_select_bracket(q: torch.Tensor, k_lr: torch.Tensor, lengths: torch.Tens
     frac = None
     if isinstance(k, float):  # a fraction of each sequence, computed on the device (no host sync, graph safe)
         check_fraction(k, "k")
+        if strict:
+            check_fraction_k_max(k, lengths, sink_tokens, local_window, k_max)
         frac, k = k, 1
         if k_max is None:
             k_max = fraction_k_max(frac, k_lr.shape[2], sink_tokens, local_window)
@@ -989,6 +991,17 @@ def fraction_k_max(frac: float, S_max: int, sink_tokens: int = 0, local_window: 
     """The largest budget a float k can mean on a cache of S_max positions (the default index width)."""
     _check_fraction(frac, sink_tokens, local_window)
     return min(S_max, max(ceil_fraction(S_max, frac), sink_tokens + local_window))
+
+
+def check_fraction_k_max(frac: float, lengths: torch.Tensor, sink_tokens: int, local_window: int, k_max) -> None:
+    """strict=True with a float budget and a caller's k_max: refuse a k_max below a sequence's budget (it would cut
+    the selection to k_max), as an int budget is refused; one host sync, as strict costs for int budgets too."""
+    if k_max is None:
+        return
+    kb = fraction_budget(frac, lengths, sink_tokens, local_window)
+    check(not bool((kb > int(k_max)).any()), f"k_max={k_max} is smaller than the budgets {kb.tolist()} that k={frac} "
+                                             "means for these lengths: the selection would be cut to k_max (pass "
+                                             "strict=False to clip, or a larger k_max)")
 
 
 def fraction_budget(frac: float, lengths: torch.Tensor, sink_tokens: int = 0, local_window: int = 0) -> torch.Tensor:

@@ -255,7 +255,7 @@ def prefill_kv(k: torch.Tensor, v_new: torch.Tensor, P: torch.Tensor, k_lr: torc
     T = k.shape[2]
     sl = check_slab(slab, k_lr)
     if n_new is not None:
-        check_lengths(n_new, B, k_lr.device)
+        check_lengths(n_new, B, k_lr.device, "n_new")
     if strict:
         check(bool((lengths >= 0).all()), f"prefill_kv: negative lengths {lengths.tolist()}")
         if n_new is not None:

@@ -21,8 +21,8 @@ from . import attention as attn_mod
 from .attention import rows_continue, sparse_decode_attention
 from . import bracket as bracket_mod
 from .kv_cache import check_slab
-from .bracket import (bracket_ready, bracket_workspace_size, check_fraction, fraction_budget, fraction_k_max,
-                      loki_select_bracket)
+from .bracket import (bracket_ready, bracket_workspace_size, check_fraction, check_fraction_k_max, fraction_budget,
+                      fraction_k_max, loki_select_bracket)
 from .scores import loki_scores, rotate_q
 from .topk import _budget_args, loki_select, topk_select
 
@@ -110,6 +110,8 @@ def loki_decode(q: torch.Tensor, P: torch.Tensor, k_lr: torch.Tensor, k_rest: to
         check_lengths_range(lengths, S)
         if not frac:
             _budget_args(k_budget, lengths, B, True, k_max)
+        else:
+            check_fraction_k_max(k_budget, lengths, sink_tokens, local_window, k_max)
     if path == "auto":
         path = choose_path(forced=bool(sink_tokens or local_window))
     if frac and path != "bracket":

@@ -333,6 +333,9 @@ class LokiCache(Cache):
         self.dtype = dtype or param.dtype
         self.device = torch.device(device) if device is not None else param.device
         self.use_kernels = method.use_kernels(self.device)
+        if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise fail(f"LokiCache: dtype {self.dtype} is not a cache dtype (float32, float16 or bfloat16).",
+                       "pass dtype=None (the model's) or one of those.")
         self.batch_size_, self.max_len = int(batch_size), int(max_cache_len)
         self.k_max = max_budget(self.max_len, method.k, method.k_mode, method.sink_tokens, method.local_window)
         self.layout = layout
@@ -410,7 +413,7 @@ def reference_decode(method: "CachedLoki", layer: LokiLayer, q: torch.Tensor, sc
 def kernel_decode(method: "CachedLoki", layer: LokiLayer, q: torch.Tensor, scaling: float, dense: bool):
     """One decode step with the Triton kernels (no host sync: CUDA-graph safe): q (B, H, D) -> (B, H, D)."""
     K = _kernels()
-    q = q.contiguous()
+    q = q.to(layer.k_lr.dtype).contiguous()  # the kernels take q in the cache's dtype
     if dense:
         q_rot = K.rotate_q(q, layer.P)
         return K.dense_decode_attention(q_rot, layer.k_lr, layer.k_rest, layer.v, layer.lengths, scaling=scaling,
@@ -513,7 +516,7 @@ class CachedLoki(Loki):
         out = step(self, layer, q[:, :, 0], float(scaling), dense)
         self.decode_calls += 1
         self.kernel_calls += int(layer.use_kernels)
-        return out.unsqueeze(2)
+        return out.unsqueeze(2).to(q.dtype)  # a cache of another dtype (LokiCache(dtype=)): the model's dtype back
 
     @staticmethod
     def _dense_prefill(q, k, v, visible, scaling, fast: bool):

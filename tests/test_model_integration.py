@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
+from loki_testutils import REPO
 from omegaconf import OmegaConf
 
 from loki.attention import attach
@@ -75,6 +78,20 @@ def test_generate_with_cache_uses_method(model):
         ref = model.generate(x, max_new_tokens=5, do_sample=False, pad_token_id=2)
     assert torch.equal(out, ref)
     assert m.calls == 2 * 5, "prefill + 4 decode steps, 2 layers each"
+
+
+def test_plain_pytest_imports_our_kernels_not_the_test_folder():
+    """`pytest tests/kernels/...` (the entry point, not `python -m pytest`): the test folder tests/kernels/ is a
+    namespace package named `kernels` and, without the repository root first on sys.path (pyproject's pytest
+    `pythonpath`), shadowed the package ("cannot import name 'LokiInputError' from 'kernels' (unknown location)")."""
+    import sys
+
+    exe = Path(sys.executable).with_name("pytest")
+    if not exe.exists():
+        pytest.skip(f"no pytest entry point beside {sys.executable}")
+    res = subprocess.run([str(exe), "--collect-only", "-q", "-p", "no:cacheprovider", "tests/kernels/test_kv_cache.py"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "tests collected" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
 
 
 def test_hf_kernels_package_not_confused_with_ours():

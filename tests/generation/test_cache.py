@@ -304,3 +304,23 @@ def test_fp8_slab_cache_errors(tiny, tiny_basis):
     assert make_cache(model, 1, 16).layout == "rows"
     out = generate(model, _ids(1, 6), max_new_tokens=3)
     assert out.shape == (1, 3)
+
+
+def test_cache_of_another_dtype_than_the_model(tiny, tiny_basis):
+    """LokiCache(dtype=float16) under a float32 model: the cache holds fp16, the decode steps hand the model fp32
+    back (they crashed in o_proj), and the logits stay close to the fp32 cache's; a non-float cache dtype is refused
+    before anything is allocated."""
+    from loki.bench_core import greedy_loop
+
+    ids = _ids(1, 20, seed=8)
+    am = torch.ones_like(ids)
+    attach_cached_loki(tiny, {"d": 4, "k": 0.5}, basis=tiny_basis)
+    full = LokiCache(tiny, batch_size=1, max_cache_len=30)
+    tok32, log32 = greedy_loop(tiny, full, ids, am, 4)
+    half = LokiCache(tiny, batch_size=1, max_cache_len=30, dtype=torch.float16)
+    tok16, log16 = greedy_loop(tiny, half, ids, am, 4, forced=tok32)
+    assert all(layer.k_lr.dtype == torch.float16 for layer in half.layers)
+    assert half.lengths.tolist() == [20 + 3]
+    assert (log16 - log32).abs().max() < 5e-2 * log32.abs().max()
+    with pytest.raises(LokiError, match="dtype torch.float64 is not a cache dtype"):
+        LokiCache(tiny, batch_size=1, max_cache_len=30, dtype=torch.float64)

@@ -200,6 +200,13 @@ def test_bad_inputs_are_refused_before_launch():
         loki_decode(q, P, *cache, 4, k_max=2)
     with pytest.raises(LokiInputError, match="k_max=2 is smaller than the budgets"):
         loki_decode(q, P, *cache, torch.tensor([4, 3], dtype=torch.int32, device=DEV), k_max=2)
+    # ... nor a float budget's (strict): 1.0 of lengths 16 and 5 is 16 and 5 keys, not k_max = 2
+    for path in ("bracket", "fused", "split"):
+        with pytest.raises(LokiInputError, match=r"k_max=2 is smaller than the budgets \[16, 5\] that k=1.0 means"):
+            loki_decode(q, P, *cache, 1.0, k_max=2, path=path)
+    with pytest.raises(LokiInputError, match=r"k_max=2 is smaller than the budgets \[8, 3\] that k=0.5 means"):
+        loki_select_bracket(q, k_lr, lengths, 0.5, P=P, k_max=2)
+    loki_select_bracket(q, k_lr, lengths, 0.5, P=P, k_max=2, strict=False)  # strict=False: clipped, as documented
     for km in (0, -1, 2.5):
         with pytest.raises(LokiInputError, match="k_max"):
             topk_select(torch.randn(B, KVH, S, device=DEV), lengths, 3, k_max=km)
@@ -215,6 +222,10 @@ def test_bad_inputs_are_refused_before_launch():
     with pytest.raises(LokiInputError, match="negative lengths"):
         append_kv(q[:, :KVH], q[:, :KVH], P, k_lr, k_rest, v, neg)
     kx = torch.randn(B, KVH, 3, D, device=DEV)
+    with pytest.raises(LokiInputError, match="n_new must be int32 or int64, got torch.float32"):
+        prefill_kv(kx, kx, P, k_lr, k_rest, v, lengths, n_new=torch.ones(B, device=DEV))
+    with pytest.raises(LokiInputError, match=r"n_new must have shape \(2,\), got \(3,\)"):
+        prefill_kv(kx, kx, P, k_lr, k_rest, v, lengths, n_new=torch.ones(3, dtype=torch.int32, device=DEV))
     with pytest.raises(LokiInputError, match="n_new must be in 0..T=3"):
         prefill_kv(kx, kx, P, k_lr, k_rest, v, torch.zeros(B, dtype=torch.int32, device=DEV),
                    n_new=torch.tensor([-2, 1], dtype=torch.int32, device=DEV))
@@ -237,6 +248,24 @@ def test_bad_inputs_are_refused_before_launch():
         loki_select(q, k_lr, lengths, 2, P=P, block_n=24)
     # nothing above touched the cache or the lengths
     assert lengths.tolist() == [16, 5]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter only (the GPU computes in bfloat16)")
+def test_bfloat16_is_refused_under_the_interpreter():
+    """Triton's CPU interpreter has no bfloat16 arithmetic (its bf16 tl.dot is off by ~1e10, silently): every op
+    that computes refuses bf16 there with one message that says what runs instead."""
+    B, KVH, S, D, d = 1, 1, 16, 16, 4
+    k_lr, k_rest, v, lengths = random_cache(B, KVH, S, D, d, torch.bfloat16, DEV, lengths=[16])
+    q = torch.randn(B, 2, D, device=DEV, dtype=torch.bfloat16)
+    P = random_orthonormal(KVH, D, DEV)
+    msg = "is bfloat16, which Triton's CPU interpreter .* cannot compute with; use float16 or float32 on the CPU"
+    with pytest.raises(LokiInputError, match=msg):
+        loki_decode(q, P, k_lr, k_rest, v, lengths, 4)
+    with pytest.raises(LokiInputError, match=msg):
+        dense_decode_attention(q, k_lr, k_rest, v, lengths)
+    with pytest.raises(LokiInputError, match=msg):
+        loki_scores(q.float(), k_lr, lengths, P=P)
+    assert lengths.tolist() == [16]
 
 
 def test_non_strict_writes_are_bounded():
