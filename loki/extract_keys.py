@@ -30,7 +30,8 @@ def expected_manifest(cfg, model, fp: dict, total_tokens: int) -> dict:
     ex = cfg.extract
     return {
         "format": FORMAT,
-        "model": {**fp, "id": cfg.model.get("id"), "path": cfg.model.get("path"), "revision": cfg.model.get("revision")},
+        "model": {**fp, "id": cfg.model.get("id"), "path": cfg.model.get("path"), "revision": cfg.model.get("revision"),
+                  "dtype": str(cfg.model.get("dtype"))},
         "corpus": OmegaConf.to_container(cfg.calib, resolve=True),
         "seq_len": int(ex.seq_len),
         "shard_tokens": int(ex.shard_tokens),
@@ -44,7 +45,7 @@ def expected_manifest(cfg, model, fp: dict, total_tokens: int) -> dict:
 
 def _job_diff(a: dict, b: dict) -> list[str]:
     """The settings in which two manifests' extractions differ (none: the same job): lengths and sides, the model
-    (name, shapes, hub id, folder, revision) and the corpus (every field but how an embedded one is prepared, with
+    (name, shapes, hub id, folder, revision, dtype) and the corpus (every field but how an embedded one is prepared, with
     its file compared as an absolute path), so that keys of another text or model are never reused."""
 
     def norm(v):
@@ -54,6 +55,7 @@ def _job_diff(a: dict, b: dict) -> list[str]:
     ma, mb = a.get("model") or {}, b.get("model") or {}
     out += [f"model.{k}" for k in ("name", "num_layers", "num_kv_heads", "head_dim", "id", "revision")
             if ma.get(k) != mb.get(k)]
+    out += ["model.dtype"] if "dtype" in ma and "dtype" in mb and ma["dtype"] != mb["dtype"] else []  # (older: none)
     out += ["model.path"] if norm(ma.get("path")) != norm(mb.get("path")) else []
     ca, cb = a.get("corpus") or {}, b.get("corpus") or {}
     for k in sorted((set(ca) | set(cb)) - {"source"}):

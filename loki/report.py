@@ -301,10 +301,15 @@ def collect(results_dir, expect=None):
     _variants(rows)
     seen = {}
     for r in rows:
-        key = (r["model"], r["corpus"], r["eval"], r["method"], r["options"])
+        # a point: the model, both corpora, the eval with its settings, the seed, the method with its options (a Hydra
+        # sweep over corpus@calib, eval.window or seed gives distinct points, told apart by their `tag` folders)
+        cfg = json.loads(r["config"])
+        key = (r["model"], r["calib"], r["corpus"], r["eval"], json.dumps(cfg.get("eval"), sort_keys=True),
+               cfg.get("seed"), r["method"], r["options"])
         if key in seen:
-            raise fail(f"two result files for the same point ({r['eval']}, {r['method']}, {r['options']}): "
-                       f"{seen[key]} and {r['result']}.", "delete the stale one.")
+            raise fail(f"two result files for the same point ({r['eval']}, {r['method']}, {r['options']}, calibrated "
+                       f"on {r['calib']}, with the same eval settings and seed): {seen[key]} and {r['result']}.",
+                       "delete the one that is stale, or leave one of them out of results_dir.")
         seen[key] = r["result"]
         del r["_options"], r["_decode_only"]
     extra = sorted({k for r in rows for k in r} - set(ID_COLS) - set(METRIC_COLS) - set(TAIL_COLS))

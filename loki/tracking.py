@@ -25,6 +25,20 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# the config sections only some stages read (workflow/rules/common.smk hashes each job's config with the same map;
+# tests/test_cli.py checks that the two agree); prepare reads the model and corpora (shared keys) only
+STAGE_SECTIONS = {
+    "prepare": ["calib", "data"],
+    "extract_keys": ["calib", "extract"],
+    "fit_pca": ["calib", "pca"],
+    "transfer": ["transfer"],
+    "evaluate": ["data", "method", "eval", "allow_foreign_basis"],
+    "report": ["calib", "data", "report"],
+    "bench": ["method", "bench", "allow_foreign_basis"],
+}
+_OWN_SECTIONS = {s for sections in STAGE_SECTIONS.values() for s in sections}
+
+
 def _mode(cfg) -> str:
     mode = os.environ.get("WANDB_MODE") or cfg.wandb.get("mode", "offline")
     if mode not in ("offline", "online", "disabled"):
@@ -50,6 +64,9 @@ def wandb_run(cfg, stage: str, name: str | None = None, extra_config: dict | Non
     wdir.mkdir(parents=True, exist_ok=True)
     conf = OmegaConf.to_container(cfg, resolve=True)
     conf.pop("hydra", None)
+    # a stage's run records the sections it reads, not another stage's (an extract_keys run with method.name=dense
+    # would match a dashboard filter on the dense points)
+    conf = {k: v for k, v in conf.items() if k not in _OWN_SECTIONS or k in STAGE_SECTIONS.get(stage, _OWN_SECTIONS)}
     flat = flatten(conf)
     if extra_config:
         flat.update(extra_config)

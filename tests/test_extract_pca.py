@@ -26,11 +26,15 @@ def compose(overrides):
 
 
 def extract_cfg(model_dir, text_file, keys_dir, **ex):
+    return compose(_ov(model_dir, text_file, keys_dir, **ex))
+
+
+def _ov(model_dir, text_file, keys_dir, **ex):
     ov = [f"model.path={model_dir}", "model.name=tiny", "model.source=null", f"calib.path={text_file}", "calib.name=text",
           "calib.source=null", f"keys_dir={keys_dir}", "device=cpu", "extract.num_tokens=256", "extract.seq_len=64",
           "extract.shard_tokens=128"]
     ov += [f"extract.{k}={v}" for k, v in ex.items()]
-    return compose(ov)
+    return ov
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
@@ -336,6 +340,8 @@ def test_keys_of_another_corpus_file_or_model_folder_are_not_reused(tmp_path, ti
     shutil.copytree(tiny_model_dir, other_model)
     with pytest.raises(LokiError, match=r"differs in model\.path\)"):
         extract(extract_cfg(other_model, text_file, keys), keys, progress=False)
+    with pytest.raises(LokiError, match=r"differs in model\.dtype\)"):  # keys computed in another precision
+        extract(compose([*_ov(tiny_model_dir, text_file, keys), "model.dtype=float64"]), keys, progress=False)
     assert _stamp(keys / "manifest.json") == before
     monkeypatch.chdir(text_file.parent)
     man = extract(extract_cfg(tiny_model_dir, text_file.name, keys), keys, progress=False)  # relative: same file

@@ -4,6 +4,7 @@ and a Hydra run of the same point reproduces the DAG's number."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pandas as pd
@@ -30,6 +31,7 @@ def test_snakemake_lint_and_dry_run():
     (lambda c: c.update(threads=0), "0 is less than the minimum of 1"),
     (lambda c: c.update(trasnfer_corpora=[]), "'trasnfer_corpora' was unexpected"),  # a misspelt key: a skipped stage
     (lambda c: c["grid"]["loki"].append({"dd": [8], "k": 0.25}), "option(s) ['dd'] are not options of 'loki'"),
+    (lambda c: c.update(calib_corpus="lee_nws"), "no corpus 'lee_nws' (conf/corpus/lee_nws.yaml)"),  # was a traceback
 ])
 def test_config_schema_rejects_bad_config(tmp_path, change, needle):
     import yaml
@@ -72,6 +74,12 @@ def test_smoke_dag_end_to_end(smoke_dag):
     assert all("snakemake" in r["run"]["tags"] for r in runs), "DAG runs are tagged (ad-hoc runs are not)"
     m = json.loads((res_dir / "evaluate" / "perplexity" / "loki-d8-k0.25" / "metrics.json").read_text())
     assert by_name["evaluate-perplexity-loki-d8-k0.25"]["summary"]["ppl"] == pytest.approx(m["ppl"], rel=1e-12)
+    # each run records the config sections its stage reads: a filter on method.name finds evaluations only
+    for r in runs:
+        prefixes = {k.split(".")[0] for k in r["config"]}
+        stage = r["run"]["job_type"]
+        assert ("method" in prefixes) == (stage in ("evaluate", "bench")), (stage, sorted(prefixes))
+        assert ("extract" in prefixes) == (stage == "extract_keys"), (stage, sorted(prefixes))
 
     # rerunning does nothing
     again = run_py(SMOKE_DAG_ARGS, cwd=smoke_dag, env={"WANDB_MODE": "offline"})
@@ -160,7 +168,13 @@ def test_config_edit_reruns_the_jobs_that_read_it(tmp_path):
     main.write_text(main_text.replace("allow_foreign_basis: false", "allow_foreign_basis: true"))  # evaluate, bench
     assert _job_counts(_smk(repo, "-n", *sweep)) == {"evaluate": 6, "report": 1, "all": 1, "total": 8}
     main.write_text(main_text)
-    # what never changes a result: comments (above), W&B, the hydra run dir
+    # what never changes a result: comments (above), speed knobs (parallel PCA layers, extraction batch), W&B, the
+    # hydra run dir
+    for f, a, b in (("pca/default.yaml", "n_jobs: null", "n_jobs: 1"),
+                    ("extract/default.yaml", "batch_size: 1", "batch_size: 2")):
+        p = repo / "conf" / f
+        p.write_text(p.read_text().replace(a, b))
+    assert _job_counts(_smk(repo, "-n", *sweep)) == {}
     main = repo / "conf" / "config.yaml"
     main.write_text(main.read_text().replace("mode: offline", "mode: disabled").replace("outputs/${experiment_name}",
                                                                                        "elsewhere/${experiment_name}"))
@@ -192,12 +206,39 @@ def test_grid_values_reach_hydra_as_typed(tmp_path):
     assert log.endswith("/loki-d8-d_variancenull-dense_layers0_1-k0.125-sparse_prefillfalse.log"), log
 
 
+def test_stage_sections_agree_with_the_runs_they_log():
+    """The config sections each stage reads: one map hashes a job's config (workflow/rules/common.smk) and another
+    trims its W&B run's config (loki/tracking.py); they must name the same sections."""
+    import ast
+
+    from loki.tracking import STAGE_SECTIONS
+
+    src = (REPO / "workflow" / "rules" / "common.smk").read_text()
+    start = src.index("STAGE_SECTIONS = {")
+    dag = ast.literal_eval(src[start + len("STAGE_SECTIONS = "): src.index("}", start) + 1])
+    ours = {("bench_decode" if k == "bench" else k): v for k, v in STAGE_SECTIONS.items() if k != "prepare"}
+    assert dag == ours
+
+
 def test_grid_points_sharing_a_folder_are_refused(tmp_path):
     """Two points whose values print alike in a folder name ([0,1] and '0_1') would write one result."""
     repo = _dag_copy(tmp_path)
     grid = {"loki": [{"dense_layers": [[0, 1]]}, {"dense_layers": "0_1"}]}
     res = run_py([*SNAKEMAKE, "-n", *_sweep(repo, grid)], cwd=repo, check=False)
     assert res.returncode != 0 and "share the folder name 'loki-dense_layers0_1'" in res.stdout + res.stderr, res
+
+
+def test_an_option_written_at_its_default_is_the_same_point(tmp_path):
+    """`rope: post` or `group_reduce: max` (conf/method defaults) written out is the point without them: one job and
+    one folder, as loki.evaluate names it (it ran twice and the report then refused the pair as duplicates); d and
+    k always name a point; a block's `evals` may be one name."""
+    repo = _dag_copy(tmp_path)
+    grid = {"loki": [{"d": 16, "k": 0.25}, {"d": 16, "k": 0.25, "rope": "post", "d_variance": None},
+                     {"d": 16, "k": 0.25, "selection": "group", "group_reduce": ["max", "sum"], "evals": "perplexity"}]}
+    out = _smk(repo, "-n", *_sweep(repo, grid))
+    assert _job_counts(out)["evaluate"] == 3, out[-3000:]
+    tags = set(re.findall(r"evaluate/perplexity/([\w.+-]+)/metrics.json", out))
+    assert tags == {"loki-d16-k0.25", "loki-d16-k0.25-selectiongroup", "loki-d16-group_reducesum-k0.25-selectiongroup"}
 
 
 def test_baselines_alone_need_no_keys_nor_pca(tmp_path):

@@ -435,6 +435,29 @@ def test_duplicate_point_is_an_error(results):
         collect(results)
 
 
+@pytest.mark.parametrize("change", ["calib", "window", "seed"])
+def test_points_of_another_calibration_eval_setting_or_seed_are_distinct(results, change):
+    """A Hydra sweep over corpus@calib, eval.window or seed: the same method and options, yet distinct points (they
+    were refused as duplicates), each row with its own tag and its own calib / config."""
+    src = results / "evaluate/perplexity/loki-d8-k0.25"
+    dst = results / f"evaluate/perplexity/loki-d8-k0.25-{change}"
+    dst.mkdir()
+    m = json.loads((src / "metrics.json").read_text())
+    cfg = m["config"]
+    if change == "calib":
+        cfg["calib"] = {**cfg.get("calib", {}), "name": "enwiki_sample"}
+    elif change == "window":
+        cfg["eval"] = {**cfg["eval"], "window": int(cfg["eval"].get("window") or 64) * 2}
+    else:
+        cfg["seed"] = int(cfg.get("seed") or 0) + 1
+    (dst / "metrics.json").write_text(json.dumps(m))
+    df = collect(results)
+    rows = df[(df.method == "loki") & (df.d == 8) & (df.k == 0.25) & (df["eval"] == "perplexity")]
+    assert sorted(rows.tag) == ["loki-d8-k0.25", f"loki-d8-k0.25-{change}"]
+    if change == "calib":
+        assert sorted(rows.calib) == sorted([json.loads(rows.config.iloc[0])["calib"]["name"], "enwiki_sample"])
+
+
 def test_stage_exits_with_one_clear_message(results, tmp_path):
     p = results / "evaluate/perplexity/dense/metrics.json"
     p.write_text("{")

@@ -47,6 +47,8 @@ DATA = config["eval_corpus"]
 if DATA == "auto":
     DATA = "wikitext2_local" if SHARED_WIKITEXT.exists() else "enwiki_sample"
 _conf("model", MODEL)
+_conf("corpus", CALIB)
+_conf("corpus", DATA)
 THREADS = int(config.get("threads", 2))
 TRANSFER_CORPORA = list(config.get("transfer_corpora") or [])
 for _c in TRANSFER_CORPORA:
@@ -89,10 +91,13 @@ def grid_points():
     points = {}
     default_evals = config.get("evals", ["perplexity"])
     for method, blocks in config["grid"].items():
-        known = set(_conf("method", method)) - {"name"}
+        defaults = _conf("method", method)
+        known = set(defaults) - {"name"}
         for block in blocks:
             block = dict(block)
             evals = block.pop("evals", default_evals)
+            if isinstance(evals, str):
+                evals = [evals]
             unknown = sorted(set(block) - known)
             if unknown:
                 raise ValueError(f"config: grid.{method} option(s) {unknown} are not options of '{method}' "
@@ -102,7 +107,10 @@ def grid_points():
             keys = sorted(block)
             values = [v if isinstance(v, list) else [v] for v in (block[k] for k in keys)]
             for combo in itertools.product(*values):
-                opts = dict(zip(keys, combo))
+                # an option at its conf/method default is not part of the point (as loki.evaluate.run_tag names
+                # it): `rope: post` or `group_reduce: max` written out is the same job as leaving it out
+                opts = {k: v for k, v in zip(keys, combo)
+                        if k in ("d", "k") or json.dumps(v) != json.dumps(defaults.get(k))}
                 tag = "-".join([method] + [f"{k}{_tag_part(v)}" for k, v in opts.items()])
                 for ev in evals:
                     if points.get((ev, tag), (method, opts)) != (method, opts):
@@ -141,7 +149,7 @@ def point_overrides(wildcards):
 # default), and its dependents through their inputs. The shared keys (model, device, seed, paths, and any new
 # top-level key) count for every stage; a stage's own sections only for the stages that read them (loki/<stage>.py),
 # so an eval edit reruns evaluations, not extraction (a top-level key only some stages read is listed
-# with them). Never hashed: where a job logs, its threads, W&B.
+# with them). Never hashed: where a job logs, its threads, W&B, and the speed knobs of _NOT_HASHED_IN.
 STAGE_SECTIONS = {
     "extract_keys": ["calib", "extract"],
     "fit_pca": ["calib", "pca"],
@@ -152,6 +160,8 @@ STAGE_SECTIONS = {
 }
 _OWN_SECTIONS = {s for sections in STAGE_SECTIONS.values() for s in sections}
 _NOT_HASHED = {"hydra", "threads", "wandb", "prepare_target"}
+# keys inside a stage's section that change how fast it runs, not what it writes (like `threads`)
+_NOT_HASHED_IN = {"pca": {"n_jobs"}, "extract": {"batch_size", "stop_after_shards"}}
 
 
 @functools.cache
@@ -183,6 +193,9 @@ def config_hash(stage, overrides, options=()):
     cfg = job_config(tuple(overrides), tuple(options))
     used = {k: v for k, v in cfg.items()
             if k not in _NOT_HASHED and (k not in _OWN_SECTIONS or k in STAGE_SECTIONS[stage])}
+    for section, keys in _NOT_HASHED_IN.items():
+        if isinstance(used.get(section), dict):
+            used[section] = {k: v for k, v in used[section].items() if k not in keys}
     return hashlib.sha256(json.dumps(used, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
