@@ -186,6 +186,9 @@ def test_grid_values_reach_hydra_as_typed(tmp_path):
     from loki.common import compose_config
 
     repo = _dag_copy(tmp_path)
+    # (a null that differs from the method's default: an option at its default is not passed at all)
+    conf = repo / "conf" / "method" / "loki.yaml"
+    conf.write_text(conf.read_text().replace("d_variance: null", "d_variance: 0.9"))
     grid = {"loki": [{"d": 8, "d_variance": None, "k": 0.125, "sparse_prefill": False, "dense_layers": [[0, 1]]}]}
     out = _smk(repo, "-n", "-p", *_sweep(repo, grid))
     cmd = next(line for line in out.splitlines() if "-m loki.evaluate" in line)
