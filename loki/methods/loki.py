@@ -25,9 +25,9 @@ def online_basis(k: torch.Tensor) -> torch.Tensor:
     return vecs.flip(-1)
 
 
-def online_row_bases(k: torch.Tensor, visible: torch.Tensor, every: int) -> torch.Tensor:
+def online_row_bases(k: torch.Tensor, visible: torch.Tensor, every: int, dims: int | None = None) -> torch.Tensor:
     """Causal online bases: for each query row, the uncentred PCA of the sequence's keys it can see, refitted every
-    ``every`` keys.  (B, KVH, T, D, D) float64, columns by decreasing variance.
+    ``every`` keys.  (B, KVH, T, D, dims) float64 (dims: default D), columns by decreasing variance.
 
     A row that sees n keys of its sequence (padding excluded; masks causal, as in prefill and decode) uses the fit
     of the sequence's first m keys, m = n while n <= every, else every * floor(n / every): never a key the row
@@ -38,13 +38,14 @@ def online_row_bases(k: torch.Tensor, visible: torch.Tensor, every: int) -> torc
     vis = visible.expand(B, 1, T, S)[:, 0]  # (B, T, S)
     ok = vis.any(1)  # (B, S): the sequence's keys (not padding)
     n_row = (vis & ok[:, None]).sum(-1)  # (B, T) keys each row sees
-    out = torch.empty(B, KVH, T, D, D, dtype=torch.float64, device=k.device)
+    dims = D if dims is None else int(dims)
+    out = torch.empty(B, KVH, T, D, dims, dtype=torch.float64, device=k.device)
     R = max(1, int(every))
     for b in range(B):
         kb = k[b][:, ok[b]].double()  # (KVH, n, D): the sequence's keys in order
         n = kb.shape[1]
         if n == 0:
-            out[b] = torch.eye(D, dtype=torch.float64, device=k.device)
+            out[b] = torch.eye(D, dtype=torch.float64, device=k.device)[:, :dims]
             continue
         first = min(R, n)  # fits over the first 1..first keys: one per count
         outer = kb[:, :first, :, None] * kb[:, :first, None, :]  # (KVH, first, D, D)
@@ -55,7 +56,7 @@ def online_row_bases(k: torch.Tensor, visible: torch.Tensor, every: int) -> torc
             covs.append((kbl.transpose(-1, -2) @ kbl).cumsum(1)[:, 1:])
         cov = torch.cat(covs, 1)  # (KVH, F, D, D): fit i covers the first i + 1 keys (i < first), then (i - first + 2) * R
         _, vecs = torch.linalg.eigh(cov)
-        vecs = vecs.flip(-1)
+        vecs = vecs.flip(-1)[..., :dims]
         nr = n_row[b].clamp(min=1)
         fit = torch.where(nr <= R, nr - 1, R - 1 + torch.div(nr, R, rounding_mode="floor") - 1)
         out[b] = vecs[:, fit.clamp(max=vecs.shape[1] - 1)]
@@ -169,7 +170,7 @@ class Loki(Method):
         g = H // KVH
         layer = module.layer_idx
         if self.basis == "online" and visible is not None:
-            Pd = online_row_bases(k, visible, self.online_every)[..., : self.dims].to(acc(q).dtype)  # (B,KVH,T,D,d)
+            Pd = online_row_bases(k, visible, self.online_every, self.dims).to(acc(q).dtype)  # (B, KVH, T, D, d)
             qf = acc(q).view(B, KVH, g, T, 1, D)
             # q P_d P_d^T . k = q'[:d] . k'[:d] with the row's own basis
             qproj = ((qf @ Pd.unsqueeze(2)) @ Pd.unsqueeze(2).transpose(-1, -2)).squeeze(-2)  # (B, KVH, g, T, D)
