@@ -1006,7 +1006,8 @@ def check_fraction_k_max(frac: float, lengths: torch.Tensor, sink_tokens: int, l
 
 def fraction_budget(frac: float, lengths: torch.Tensor, sink_tokens: int = 0, local_window: int = 0) -> torch.Tensor:
     """The per-sequence budget a float k means (torch ops; the bracket kernels compute it on the device):
-    ceil(frac * n) (exact: `ceil_fraction`), at least min(n, sink_tokens + local_window), clipped to 1..n.  (B,) int32."""
+    ceil(frac * n) (exact: `ceil_fraction`), at least min(n, sink_tokens + local_window), clipped to 1..n.
+    (B,) int32."""
     _check_fraction(frac, sink_tokens, local_window)
     n = lengths.long()
     want = ceil_fraction(n, frac)

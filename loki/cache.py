@@ -40,7 +40,6 @@ greedy outputs match the evaluation-time method. Not cacheable, hence refused: `
 
 from __future__ import annotations
 
-
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 

@@ -45,8 +45,8 @@ def expected_manifest(cfg, model, fp: dict, total_tokens: int) -> dict:
 
 def _job_diff(a: dict, b: dict) -> list[str]:
     """The settings in which two manifests' extractions differ (none: the same job): lengths and sides, the model
-    (name, shapes, hub id, folder, revision, dtype) and the corpus (every field but how an embedded one is prepared, with
-    its file compared as an absolute path), so that keys of another text or model are never reused."""
+    (name, shapes, hub id, folder, revision, dtype) and the corpus (every field but how an embedded one is prepared,
+    with its file compared as an absolute path), so that keys of another text or model are never reused."""
 
     def norm(v):
         return str(Path(v).resolve()) if isinstance(v, str) and v else v

@@ -26,7 +26,7 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 # the config sections only some stages read (workflow/rules/common.smk hashes each job's config with the same map;
-# tests/test_cli.py checks that the two agree); prepare reads the model and corpora (shared keys) only
+# tests/test_pipeline.py checks that the two agree); prepare reads the model and corpora (shared keys) only
 STAGE_SECTIONS = {
     "prepare": ["calib", "data"],
     "extract_keys": ["calib", "extract"],

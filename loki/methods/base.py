@@ -182,10 +182,10 @@ def token_budget(visible: torch.Tensor, k: float, k_mode: str) -> torch.Tensor:
     keep all);
     tokens: an absolute count.
     """
-    n = visible.sum(-1)
-    S = visible.shape[-1]
     from kernels._utils import ceil_fraction  # noqa: PLC0415  (exact: 0.56 of 25 keys is 14, not float64's 15)
 
+    n = visible.sum(-1)
+    S = visible.shape[-1]
     if k_mode == "prefix":
         want = ceil_fraction(n, k)
     elif k_mode == "window":
